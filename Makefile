@@ -1,0 +1,47 @@
+# Set-up is two commands on a fresh machine: `make demo` and `make test`.
+# Both create .venv if needed and (re)install only when pyproject.toml or the
+# pinned constraints change, so running them again is cheap (idempotent).
+PYTHON ?= python3
+VENV   := .venv
+PY     := $(VENV)/bin/python
+PIP    := $(PY) -m pip
+STAMP  := $(VENV)/.qkvlab-installed
+TORCH  := torch==2.13.0
+
+.PHONY: demo test test-slow lint format bench clean
+
+$(STAMP): pyproject.toml requirements/constraints.txt
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PIP) install --quiet --upgrade pip
+	# torch first, pinned: the CPU wheel on disk. Nothing later may swap it for a CUDA build.
+	$(PIP) install --quiet $(TORCH)
+	$(PIP) install --quiet -c requirements/constraints.txt -e '.[dev]'
+	$(PIP) list 2>/dev/null | grep -E '^torch ' | grep -q '2.13.0' || { echo "torch is not 2.13.0"; exit 1; }
+	touch $(STAMP)
+
+demo: $(STAMP)
+	$(VENV)/bin/qkvlab inspect minilm --plot runs/demo/plots --json runs/demo/inspect.json --csv runs/demo/inspect.csv
+
+test: $(STAMP)
+	$(PY) -m pytest -q
+
+test-slow: $(STAMP)
+	$(PY) -m pytest -q -m slow
+
+lint: $(STAMP)
+	$(VENV)/bin/ruff check src tests benchmarks
+	$(VENV)/bin/ruff format --check src tests benchmarks
+
+format: $(STAMP)
+	$(VENV)/bin/ruff check --fix src tests benchmarks
+	$(VENV)/bin/ruff format src tests benchmarks
+
+# Benchmarks never run in CI. They need the `bench` extra (WeightWatcher, psutil).
+bench: $(STAMP)
+	$(PIP) install --quiet -c requirements/constraints.txt -e '.[dev,bench]'
+	$(PY) benchmarks/bench_spectra.py
+	$(PY) benchmarks/bench_inspect_vs_weightwatcher.py
+	$(PY) benchmarks/bench_streaming.py
+
+clean:
+	rm -rf $(VENV) runs build dist src/*.egg-info

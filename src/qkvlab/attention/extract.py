@@ -1,0 +1,232 @@
+"""Per-head factors of every attention layer, from any ``TensorSource``.
+
+For head h with query/key/value rows W_Q^h, W_K^h, W_V^h (each d_head × d_model, as
+nn.Linear stores them) and P^h the d_head output-projection columns of that head
+(d_model × d_head):
+
+    QK_h = W_K^hᵀ W_Q^h = A Bᵀ,  A = W_K^hᵀ, B = W_Q^hᵀ
+    OV_h = P^h W_V^h    = A Bᵀ,  A = P^h,    B = W_V^hᵀ
+
+The attention score of query token i on key token j is x_iᵀ W_Q^hᵀ W_K^h x_j / √d_head
+= x_iᵀ QK_hᵀ x_j / √d_head, so QK_h carries the score's bilinear form up to transpose
+(same singular values). Biases and the 1/√d_head scale are not part of the products.
+With grouped-query attention query head h uses KV group h // (n_heads / n_kv_heads);
+the shared W_K and W_V factors are decomposed once per group.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Iterator
+from dataclasses import asdict, dataclass
+
+import torch
+
+from qkvlab.attention.families import (
+    CONFIG_KEYS,
+    FAMILIES,
+    Family,
+    Layout,
+    family_by_model_type,
+    family_by_name,
+    supported_families_text,
+)
+from qkvlab.attention.sources import TensorSource
+from qkvlab.errors import UserError
+from qkvlab.spectra import FactoredProduct
+
+__all__ = ["ArchitectureInfo", "AttentionFactors", "LayerFactors"]
+
+
+@dataclass(frozen=True)
+class ArchitectureInfo:
+    family: str
+    n_layers: int
+    n_heads: int
+    n_kv_heads: int
+    d_model: int
+    d_head: int
+
+    def to_dict(self) -> dict[str, int | str]:
+        return asdict(self)
+
+
+@dataclass(frozen=True)
+class LayerFactors:
+    layer: int
+    qk: FactoredProduct
+    ov: FactoredProduct
+
+
+def _natural_key(text: str) -> list[int | str]:
+    return [int(part) if part.isdigit() else part for part in re.split(r"(\d+)", text)]
+
+
+def _config_value(config: dict, name: str) -> int | None:
+    for key in CONFIG_KEYS[name]:
+        value = config.get(key)
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+    return None
+
+
+def _find_layout(source: TensorSource, family: Family) -> tuple[Layout, list[str]] | None:
+    keys = source.keys()
+    for layout in family.layouts:
+        pattern = layout.pattern
+        blocks = [m["block"] for key in keys if (m := pattern.match(key))]
+        if blocks:
+            return layout, sorted(dict.fromkeys(blocks), key=_natural_key)
+    return None
+
+
+class AttentionFactors:
+    """Architecture detection plus lazy, per-layer access to the factors.
+
+    Args:
+        source: where the weights come from (see ``qkvlab.attention.load_source``).
+        family: a family name to skip detection.
+        n_heads, n_kv_heads: override what the config says (needed for a bare
+            ``.safetensors`` of a model whose head count is not stored anywhere).
+    """
+
+    def __init__(
+        self,
+        source: TensorSource,
+        *,
+        family: str | None = None,
+        n_heads: int | None = None,
+        n_kv_heads: int | None = None,
+    ) -> None:
+        self.source = source
+        self.family, self.layout, self.blocks = self._detect(family)
+        self.info = self._architecture(n_heads, n_kv_heads)
+
+    # -- detection -------------------------------------------------------------------
+    def _detect(self, family_name: str | None) -> tuple[Family, Layout, list[str]]:
+        source = self.source
+        if family_name is not None:
+            family = family_by_name(family_name)
+            if family is None:
+                raise UserError(
+                    f"unknown family '{family_name}'; accepted: {', '.join(f.name for f in FAMILIES)}"
+                )
+            candidates: tuple[Family, ...] = (family,)
+        else:
+            model_type = source.config.get("model_type")
+            by_type = family_by_model_type(model_type) if isinstance(model_type, str) else None
+            candidates = (by_type,) if by_type else FAMILIES
+        for family in candidates:
+            found = _find_layout(source, family)
+            if found:
+                return family, *found
+        what = f"model_type '{source.config['model_type']}'" if "model_type" in source.config else "its weights"
+        raise UserError(
+            f"unsupported architecture in {source.name} (judged by {what}); "
+            f"supported families: {supported_families_text()}"
+        )
+
+    def _architecture(self, n_heads: int | None, n_kv_heads: int | None) -> ArchitectureInfo:
+        config, layout = self.source.config, self.layout
+        first = self.blocks[0]
+        n_heads = n_heads or self.source.heads_hint.get(first) or _config_value(config, "n_heads")
+        if not n_heads:
+            raise UserError(
+                f"cannot tell the number of heads of {self.source.name}: no config.json with "
+                f"num_attention_heads beside it; pass --n-heads"
+            )
+        n_kv_heads = n_kv_heads or _config_value(config, "n_kv_heads") or n_heads
+        if n_heads <= 0 or n_kv_heads <= 0 or n_heads % n_kv_heads:
+            raise UserError(
+                f"head counts do not divide: n_heads={n_heads} must be a positive multiple of n_kv_heads={n_kv_heads}"
+            )
+        q_rows, d_model = self._q_shape(first)
+        if layout.fused and n_kv_heads != n_heads:
+            raise UserError(f"a fused qkv projection needs n_kv_heads == n_heads, got {n_kv_heads} and {n_heads}")
+        if q_rows % n_heads:
+            raise UserError(
+                f"head counts do not divide: W_Q has {q_rows} output rows, not a multiple of n_heads={n_heads}"
+            )
+        d_head = _config_value(config, "d_head") or q_rows // n_heads
+        if d_head * n_heads != q_rows:
+            raise UserError(f"head_dim={d_head} × n_heads={n_heads} ≠ {q_rows} rows of W_Q in {self.source.name}")
+        n_layers = len(self.blocks)
+        declared = _config_value(config, "n_layers")
+        if declared is not None and declared != n_layers:
+            raise UserError(
+                f"{self.source.name} has {n_layers} attention blocks but its config declares {declared} layers; "
+                "is a shard missing?"
+            )
+        return ArchitectureInfo(self.family.name, n_layers, n_heads, n_kv_heads, d_model, d_head)
+
+    def _shape(self, key: str) -> tuple[int, ...]:
+        if key not in self._keyset:
+            raise UserError(f"{self.source.name} lacks {key}, which a {self.family.name} attention block needs")
+        shape = self.source.shape(key)
+        if len(shape) != 2:
+            raise UserError(f"{key} in {self.source.name} has shape {shape}; expected a matrix")
+        return tuple(reversed(shape)) if self.layout.transposed else shape
+
+    @property
+    def _keyset(self) -> set[str]:
+        if not hasattr(self, "_keys_cache"):
+            self._keys_cache = set(self.source.keys())
+        return self._keys_cache
+
+    def _q_shape(self, block: str) -> tuple[int, int]:
+        layout = self.layout
+        if layout.fused:
+            rows, cols = self._shape(layout.qkv.format(block=block))
+            if rows % 3:
+                raise UserError(f"fused qkv weight in {block} has {rows} rows, not divisible by 3")
+            return rows // 3, cols
+        rows, cols = self._shape(layout.q.format(block=block))
+        return rows, cols
+
+    # -- factors ---------------------------------------------------------------------
+    def _matrix(self, template: str, block: str) -> torch.Tensor:
+        key = template.format(block=block)
+        self._shape(key)
+        tensor = self.source.get(key)
+        return tensor.t() if self.layout.transposed else tensor
+
+    def _projections(self, block: str) -> tuple[torch.Tensor, ...]:
+        layout, info = self.layout, self.info
+        if layout.fused:
+            w_q, w_k, w_v = self._matrix(layout.qkv, block).chunk(3, dim=0)
+        else:
+            w_q, w_k, w_v = (self._matrix(t, block) for t in (layout.q, layout.k, layout.v))
+        w_o = self._matrix(layout.o, block)
+        hd, kvd = info.n_heads * info.d_head, info.n_kv_heads * info.d_head
+        expected = {"W_Q": (w_q, hd), "W_K": (w_k, kvd), "W_V": (w_v, kvd)}
+        for name, (w, rows) in expected.items():
+            if w.shape[0] != rows:
+                raise UserError(
+                    f"{name} in {block or 'the model'} has {w.shape[0]} output rows; expected "
+                    f"n_heads·d_head = {rows} (n_heads={info.n_heads}, n_kv_heads={info.n_kv_heads}, "
+                    f"d_head={info.d_head})"
+                )
+        if w_o.shape[1] != hd:
+            raise UserError(f"W_O in {block or 'the model'} has {w_o.shape[1]} input columns; expected {hd}")
+        return w_q, w_k, w_v, w_o
+
+    def layer(self, index: int) -> LayerFactors:
+        info = self.info
+        w_q, w_k, w_v, w_o = self._projections(self.blocks[index])
+        h, g, dh = info.n_heads, info.n_kv_heads, info.d_head
+
+        def per_head(w: torch.Tensor, heads: int) -> torch.Tensor:  # (heads·dh, d) → (heads, d, dh)
+            return w.reshape(heads, dh, w.shape[1]).transpose(1, 2)
+
+        group = None if g == h else torch.arange(h) // (h // g)
+        p = w_o.reshape(w_o.shape[0], h, dh).permute(1, 0, 2)  # (heads, d_out, dh)
+        qk = FactoredProduct(per_head(w_k, g), per_head(w_q, h), left_index=group)
+        ov = FactoredProduct(p, per_head(w_v, g), right_index=group)
+        return LayerFactors(index, qk, ov)
+
+    def __iter__(self) -> Iterator[LayerFactors]:
+        for index in range(len(self.blocks)):
+            yield self.layer(index)
+
+    def __len__(self) -> int:
+        return len(self.blocks)

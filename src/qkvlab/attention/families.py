@@ -1,0 +1,183 @@
+"""The architecture table: one entry per family, no if/else chains elsewhere.
+
+Each family lists one or more *layouts*, i.e. naming schemes of its attention weights
+(HF renamed ViT's in transformers 5, and checkpoints on disk keep the old names). A
+layout is found by its ``anchor``: a regex on parameter names whose group ``block`` is
+the attention block's prefix. The other matrices are templates relative to ``block``.
+Any outer prefix (``bert.``, ``model.``, ``transformer.``…) is absorbed by ``block``.
+
+Storage conventions:
+- nn.Linear stores (out, in). Projections with ``transposed=True`` are HF ``Conv1D``
+  (GPT-2), which stores (in, out); we transpose on read.
+- A fused ``qkv`` weight stacks q, k, v along the output dimension (q first), and
+  within each the heads in order: rows [q_h0 … q_h(H−1), k_h0 …, v_h0 …]. That is the
+  layout of GPT-2 ``c_attn`` (after transposing), timm ``attn.qkv`` and torch
+  ``nn.MultiheadAttention.in_proj_weight``.
+- Heads occupy contiguous blocks of d_head output rows of W_Q, W_K, W_V and the same
+  input columns of W_O.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+
+__all__ = ["CONFIG_KEYS", "FAMILIES", "Family", "Layout", "family_by_model_type", "supported_families_text"]
+
+
+@dataclass(frozen=True)
+class Layout:
+    """One naming scheme of an attention block's projection weights."""
+
+    anchor: str
+    o: str
+    q: str | None = None
+    k: str | None = None
+    v: str | None = None
+    qkv: str | None = None
+    transposed: bool = False
+
+    @property
+    def pattern(self) -> re.Pattern[str]:
+        return re.compile(self.anchor)
+
+    @property
+    def fused(self) -> bool:
+        return self.qkv is not None
+
+
+@dataclass(frozen=True)
+class Family:
+    name: str
+    description: str
+    model_types: tuple[str, ...]
+    layouts: tuple[Layout, ...]
+    #: Where the true bilinear form differs from W_KᵀW_Q (documented, reported in JSON).
+    caveat: str = ""
+
+
+_PREFIX = r"(?:.*\.)?"  # any outer prefix, e.g. "bert." or "base_model.model.model."
+
+_BERT = Layout(
+    anchor=rf"^(?P<block>{_PREFIX}encoder\.layer\.\d+\.attention\.)self\.query\.weight$",
+    q="{block}self.query.weight",
+    k="{block}self.key.weight",
+    v="{block}self.value.weight",
+    o="{block}output.dense.weight",
+)
+
+_LLAMA = Layout(
+    anchor=rf"^(?P<block>{_PREFIX}layers\.\d+\.self_attn\.)q_proj\.weight$",
+    q="{block}q_proj.weight",
+    k="{block}k_proj.weight",
+    v="{block}v_proj.weight",
+    o="{block}o_proj.weight",
+)
+
+FAMILIES: tuple[Family, ...] = (
+    Family(
+        name="bert",
+        description="HF BERT / RoBERTa / XLM-R / ELECTRA encoders (incl. MiniLM)",
+        model_types=("bert", "roberta", "xlm-roberta", "camembert", "electra"),
+        layouts=(_BERT,),
+    ),
+    Family(
+        name="gpt2",
+        description="HF GPT-2 (fused, transposed Conv1D c_attn)",
+        model_types=("gpt2",),
+        layouts=(
+            Layout(
+                anchor=rf"^(?P<block>{_PREFIX}h\.\d+\.attn\.)c_attn\.weight$",
+                qkv="{block}c_attn.weight",
+                o="{block}c_proj.weight",
+                transposed=True,
+            ),
+        ),
+    ),
+    Family(
+        name="llama",
+        description="HF LLaMA / Mistral / Mixtral / Qwen2 / Qwen3 (grouped-query attention)",
+        model_types=("llama", "mistral", "mixtral", "qwen2", "qwen2_moe", "qwen3", "qwen3_moe"),
+        layouts=(_LLAMA,),
+        caveat=(
+            "rotary position embeddings: the score bilinear form is W_Qᵀ R(Δ) W_K, so W_KᵀW_Q is "
+            "the relative-offset-0 form; Qwen3's q/k RMSNorm also sits between the factors"
+        ),
+    ),
+    Family(
+        name="vit",
+        description="HF ViT (transformers 5 names and the older checkpoint names)",
+        model_types=("vit",),
+        layouts=(
+            Layout(
+                anchor=rf"^(?P<block>{_PREFIX}layers\.\d+\.attention\.)q_proj\.weight$",
+                q="{block}q_proj.weight",
+                k="{block}k_proj.weight",
+                v="{block}v_proj.weight",
+                o="{block}o_proj.weight",
+            ),
+            Layout(
+                anchor=rf"^(?P<block>{_PREFIX}encoder\.layer\.\d+\.attention\.)attention\.query\.weight$",
+                q="{block}attention.query.weight",
+                k="{block}attention.key.weight",
+                v="{block}attention.value.weight",
+                o="{block}output.dense.weight",
+            ),
+        ),
+    ),
+    Family(
+        name="timm-vit",
+        description="timm VisionTransformer (fused attn.qkv)",
+        model_types=(),
+        layouts=(
+            Layout(
+                anchor=rf"^(?P<block>{_PREFIX}blocks\.\d+\.attn\.)qkv\.weight$",
+                qkv="{block}qkv.weight",
+                o="{block}proj.weight",
+            ),
+        ),
+    ),
+    Family(
+        name="torch-mha",
+        description="torch nn.MultiheadAttention (fused in_proj_weight, or q/k/v_proj_weight when kdim/vdim differ)",
+        model_types=(),
+        layouts=(
+            Layout(
+                anchor=rf"^(?P<block>{_PREFIX})in_proj_weight$",
+                qkv="{block}in_proj_weight",
+                o="{block}out_proj.weight",
+            ),
+            Layout(
+                anchor=rf"^(?P<block>{_PREFIX})q_proj_weight$",
+                q="{block}q_proj_weight",
+                k="{block}k_proj_weight",
+                v="{block}v_proj_weight",
+                o="{block}out_proj.weight",
+            ),
+        ),
+    ),
+)
+
+#: HF config synonyms, read in order. n_kv_heads defaults to n_heads, d_head to d_model / n_heads.
+CONFIG_KEYS: dict[str, tuple[str, ...]] = {
+    "n_layers": ("num_hidden_layers", "n_layer", "num_layers"),
+    "n_heads": ("num_attention_heads", "n_head", "num_heads"),
+    "n_kv_heads": ("num_key_value_heads", "n_kv_heads", "num_kv_heads"),
+    "d_model": ("hidden_size", "n_embd", "d_model"),
+    "d_head": ("head_dim", "d_head"),
+}
+
+
+def family_by_model_type(model_type: str) -> Family | None:
+    for family in FAMILIES:
+        if model_type in family.model_types:
+            return family
+    return None
+
+
+def family_by_name(name: str) -> Family | None:
+    return next((f for f in FAMILIES if f.name == name), None)
+
+
+def supported_families_text() -> str:
+    return "; ".join(f"{f.name} ({f.description})" for f in FAMILIES)

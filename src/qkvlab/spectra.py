@@ -1,0 +1,193 @@
+"""Exact spectra of factored products A·Bᵀ, and the rank measures we report.
+
+Everything here is pure tensor maths: no I/O, no model knowledge.
+
+Convention. A product is stored by its factors, never formed:
+
+    W = A Bᵀ,   A: (m, r),  B: (n, r),   r = d_head ≪ m, n = d_model.
+
+In attention, per head h (see ``qkvlab.attention``):
+
+    QK_h = W_K^hᵀ W_Q^h   → A = W_K^hᵀ, B = W_Q^hᵀ   (both d_model × d_head)
+    OV_h = P^h W_V^h      → A = P^h,    B = W_V^hᵀ   (both d_model × d_head)
+
+Singular values come from thin QR of each factor, A = Q_a R_a, B = Q_b R_b, so
+A Bᵀ = Q_a (R_a R_bᵀ) Q_bᵀ and σ(A Bᵀ) = σ(R_a R_bᵀ), an r × r SVD. All of it runs
+in float64 and is batched over heads. With grouped-query attention several heads
+share one K (or V) factor: each distinct factor is decomposed once and its R reused
+through an index (``left_index`` / ``right_index``).
+
+Weight decay λ on both factors is the gradient of (λ/2)(‖A‖_F² + ‖B‖_F²), and
+
+    ‖A Bᵀ‖_* = min_{A Bᵀ = W} ½(‖A‖_F² + ‖B‖_F²)          (Srebro et al. 2005),
+
+so ``l2_half`` ≥ ``nuclear_norm`` always, with equality iff the factors are balanced
+(AᵀA = BᵀB up to the product's null space). ``gap`` = l2_half − nuclear_norm measures
+how far the L2 penalty is from being the nuclear-norm penalty, and ``imbalance`` =
+‖AᵀA − BᵀB‖_F is the quantity gradient flow drives to 0 at rate 2λ.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+__all__ = [
+    "DEFAULT_RTOL",
+    "FactoredProduct",
+    "ProductSpectrum",
+    "effective_rank",
+    "factored_svdvals",
+    "nuclear_norm",
+    "rank_at",
+    "stable_rank",
+]
+
+#: Default relative threshold for ``rank``: count σᵢ > 1e-3·σ₁.
+#: Why 1e-3: a direction 1000× weaker than the dominant one moves attention logits
+#: (or the residual write) by < 0.1 % of it, so it is functionally negligible; yet the
+#: threshold sits ~250× above the float32 noise floor of a product of float32 factors
+#: (≈ √d_head·eps₃₂ ≈ 1e-6 relative for d_head ≤ 256), so the count reflects training,
+#: not rounding. numpy's default (max(m, n)·eps₆₄) would report full rank for almost
+#: every trained float32 matrix. ``effective_rank`` and ``stable_rank`` need no threshold.
+DEFAULT_RTOL = 1e-3
+
+
+def _as_batch(x: torch.Tensor) -> torch.Tensor:
+    return x.unsqueeze(0) if x.ndim == 2 else x
+
+
+def _qr_r(factor: torch.Tensor) -> torch.Tensor:
+    """R of the thin QR of each (rows, r) factor, float64, shape (..., min(rows, r), r)."""
+    return torch.linalg.qr(factor.to(torch.float64), mode="r").R
+
+
+@dataclass(frozen=True)
+class ProductSpectrum:
+    """Per-head spectrum of a batch of products A_h B_hᵀ, plus factor-level quantities.
+
+    Attributes (all float64, leading dimension = heads):
+        singular_values: (heads, r), descending.
+        l2_half: ½(‖A_h‖_F² + ‖B_h‖_F²), the weight-decay penalty per unit λ.
+        imbalance: ‖A_hᵀA_h − B_hᵀB_h‖_F.
+    """
+
+    singular_values: torch.Tensor
+    l2_half: torch.Tensor
+    imbalance: torch.Tensor
+
+    @property
+    def nuclear_norm(self) -> torch.Tensor:
+        return nuclear_norm(self.singular_values)
+
+    @property
+    def gap(self) -> torch.Tensor:
+        """½(‖A‖² + ‖B‖²) − ‖A Bᵀ‖_* ≥ 0: how far L2 on the factors is from the nuclear norm."""
+        return self.l2_half - self.nuclear_norm
+
+    def rank(self, rtol: float = DEFAULT_RTOL) -> torch.Tensor:
+        return rank_at(self.singular_values, rtol)
+
+    @property
+    def effective_rank(self) -> torch.Tensor:
+        return effective_rank(self.singular_values)
+
+    @property
+    def stable_rank(self) -> torch.Tensor:
+        return stable_rank(self.singular_values)
+
+
+@dataclass(frozen=True)
+class FactoredProduct:
+    """A batch of products W_h = A_{i(h)} B_{j(h)}ᵀ given by their factors.
+
+    Args:
+        left: (n_left, m, r) factors A (or (m, r) for one).
+        right: (n_right, n, r) factors B.
+        left_index: (heads,) which left factor each head uses; None = one per head.
+        right_index: (heads,) which right factor each head uses; None = one per head.
+
+    Shared factors (grouped-query attention) are decomposed once.
+    """
+
+    left: torch.Tensor
+    right: torch.Tensor
+    left_index: torch.Tensor | None = None
+    right_index: torch.Tensor | None = None
+
+    def __post_init__(self) -> None:
+        left, right = _as_batch(self.left), _as_batch(self.right)
+        object.__setattr__(self, "left", left)
+        object.__setattr__(self, "right", right)
+        if left.ndim != 3 or right.ndim != 3:
+            raise ValueError(f"factors must be (batch, rows, r); got {tuple(left.shape)}, {tuple(right.shape)}")
+        if left.shape[-1] != right.shape[-1]:
+            raise ValueError(f"inner dimensions differ: A is {tuple(left.shape)}, B is {tuple(right.shape)}")
+        if self.n_heads != self._resolve(self.right_index, right.shape[0]).numel():
+            raise ValueError("left and right factors describe different numbers of heads")
+
+    @staticmethod
+    def _resolve(index: torch.Tensor | None, n: int) -> torch.Tensor:
+        return torch.arange(n) if index is None else torch.as_tensor(index, dtype=torch.long)
+
+    @property
+    def n_heads(self) -> int:
+        return self._resolve(self.left_index, self.left.shape[0]).numel()
+
+    def full(self) -> torch.Tensor:
+        """The formed products (heads, m, n) in float64. For tests and small matrices only."""
+        a = self.left.to(torch.float64)[self._resolve(self.left_index, self.left.shape[0])]
+        b = self.right.to(torch.float64)[self._resolve(self.right_index, self.right.shape[0])]
+        return a @ b.transpose(-1, -2)
+
+    def spectrum(self) -> ProductSpectrum:
+        r = self.left.shape[-1]
+        li = self._resolve(self.left_index, self.left.shape[0])
+        ri = self._resolve(self.right_index, self.right.shape[0])
+        ra = _qr_r(self.left)[li]  # (heads, ka, r), ka = min(m, r)
+        rb = _qr_r(self.right)[ri]
+        core = ra @ rb.transpose(-1, -2)  # (heads, ka, kb): same nonzero σ as A Bᵀ
+        sv = torch.linalg.svdvals(core)
+        if sv.shape[-1] < r:  # only when d_head > d_model: pad the structural zeros
+            sv = torch.nn.functional.pad(sv, (0, r - sv.shape[-1]))
+        # AᵀA = R_aᵀR_a exactly (Q orthonormal), so both norms come from the small R's.
+        gram_a = ra.transpose(-1, -2) @ ra
+        gram_b = rb.transpose(-1, -2) @ rb
+        l2_half = 0.5 * (ra.square().sum((-1, -2)) + rb.square().sum((-1, -2)))
+        imbalance = torch.linalg.matrix_norm(gram_a - gram_b)
+        return ProductSpectrum(singular_values=sv, l2_half=l2_half, imbalance=imbalance)
+
+
+def factored_svdvals(left: torch.Tensor, right: torch.Tensor) -> torch.Tensor:
+    """Singular values of A Bᵀ (batched), float64, descending, without forming A Bᵀ."""
+    return FactoredProduct(left, right).spectrum().singular_values
+
+
+def nuclear_norm(singular_values: torch.Tensor) -> torch.Tensor:
+    """‖W‖_* = Σσᵢ."""
+    return singular_values.sum(-1)
+
+
+def rank_at(singular_values: torch.Tensor, rtol: float = DEFAULT_RTOL) -> torch.Tensor:
+    """#{σᵢ > rtol·σ₁}. A zero matrix has rank 0."""
+    top = singular_values[..., :1]
+    return ((singular_values > rtol * top) & (top > 0)).sum(-1)
+
+
+def effective_rank(singular_values: torch.Tensor) -> torch.Tensor:
+    """Roy–Vetterli (2007) effective rank exp(−Σ pᵢ log pᵢ), pᵢ = σᵢ/Σσ (σ, not σ²).
+
+    Lies in [1, rank]; 0 for a zero matrix by convention.
+    """
+    total = singular_values.sum(-1, keepdim=True)
+    p = singular_values / total.clamp_min(torch.finfo(singular_values.dtype).tiny)
+    entropy = -torch.special.xlogy(p, p).sum(-1)
+    return torch.where(total.squeeze(-1) > 0, entropy.exp(), torch.zeros_like(entropy))
+
+
+def stable_rank(singular_values: torch.Tensor) -> torch.Tensor:
+    """Σσᵢ²/σ₁² = ‖W‖_F²/‖W‖₂²; 0 for a zero matrix."""
+    top = singular_values[..., 0]
+    ratio = singular_values.square().sum(-1) / top.square().clamp_min(torch.finfo(singular_values.dtype).tiny)
+    return torch.where(top > 0, ratio, torch.zeros_like(ratio))
