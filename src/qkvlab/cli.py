@@ -62,7 +62,10 @@ def _build_parser() -> argparse.ArgumentParser:
     insp.add_argument("--csv", metavar="FILE", help="write one row per (layer, head, product) to FILE")
     insp.add_argument("--plot", metavar="DIR", help="write effective-rank heatmaps and singular-value curves")
     insp.add_argument(
-        "--rtol", type=_rtol, default=DEFAULT_RTOL, help=f"rank counts σᵢ > rtol·σ₁ (default {DEFAULT_RTOL:g})"
+        "--rtol",
+        type=_rtol,
+        default=DEFAULT_RTOL,
+        help=f"rank counts σᵢ > rtol·σ₁ (default {DEFAULT_RTOL:g})",
     )
     insp.add_argument("--family", choices=[f.name for f in FAMILIES], help="skip architecture detection")
     insp.add_argument("--n-heads", type=_positive_int, help="override the config's number of heads")
@@ -106,7 +109,17 @@ def _cmd_inspect(args: argparse.Namespace) -> int:
             f"{report.source}: {arch.family}, {arch.n_layers} layers, {arch.n_heads} heads "
             f"({arch.n_kv_heads} KV), d_model={arch.d_model}, d_head={arch.d_head}, rank rtol={report.rtol:g}"
         )
-        headers = ["layer", "QK erank", "QK min", "QK rank", "QK gap", "OV erank", "OV min", "OV rank", "OV gap"]
+        headers = [
+            "layer",
+            "QK erank",
+            "QK min",
+            "QK rank",
+            "QK gap",
+            "OV erank",
+            "OV min",
+            "OV rank",
+            "OV gap",
+        ]
         rows = [
             [
                 row["layer"],
@@ -122,7 +135,9 @@ def _cmd_inspect(args: argparse.Namespace) -> int:
             for row in report.layer_summary()
         ]
         print(format_table(headers, rows))
-        print("erank: Roy–Vetterli effective rank (mean, min over heads); rank: mean #σᵢ > rtol·σ₁; gap: mean ½(‖A‖²+‖B‖²) − ‖ABᵀ‖_*")
+        print(
+            "erank: Roy–Vetterli effective rank (mean, min over heads); rank: mean #σᵢ > rtol·σ₁; gap: mean ½(‖A‖²+‖B‖²) − ‖ABᵀ‖_*"
+        )
         for path in written:
             print(f"wrote {path}")
     return 0

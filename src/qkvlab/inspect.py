@@ -38,7 +38,9 @@ PRODUCTS = ("qk", "ov")
 METRICS = ("rank", "effective_rank", "stable_rank", "nuclear_norm", "l2_half", "gap", "imbalance")
 
 
-def spectrum_records(layer: int, product: str, spectrum: ProductSpectrum, rtol: float) -> list[dict[str, Any]]:
+def spectrum_records(
+    layer: int, product: str, spectrum: ProductSpectrum, rtol: float
+) -> list[dict[str, Any]]:
     """One JSON-ready record per head of one product of one layer."""
     columns = {
         "rank": spectrum.rank(rtol).tolist(),

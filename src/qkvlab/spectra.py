@@ -121,7 +121,9 @@ class FactoredProduct:
         object.__setattr__(self, "left", left)
         object.__setattr__(self, "right", right)
         if left.ndim != 3 or right.ndim != 3:
-            raise ValueError(f"factors must be (batch, rows, r); got {tuple(left.shape)}, {tuple(right.shape)}")
+            raise ValueError(
+                f"factors must be (batch, rows, r); got {tuple(left.shape)}, {tuple(right.shape)}"
+            )
         if left.shape[-1] != right.shape[-1]:
             raise ValueError(f"inner dimensions differ: A is {tuple(left.shape)}, B is {tuple(right.shape)}")
         if self.n_heads != self._resolve(self.right_index, right.shape[0]).numel():

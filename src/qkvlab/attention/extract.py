@@ -120,7 +120,9 @@ class AttentionFactors:
             found = _find_layout(source, family)
             if found:
                 return family, *found
-        what = f"model_type '{source.config['model_type']}'" if "model_type" in source.config else "its weights"
+        what = (
+            f"model_type '{source.config['model_type']}'" if "model_type" in source.config else "its weights"
+        )
         raise UserError(
             f"unsupported architecture in {source.name} (judged by {what}); "
             f"supported families: {supported_families_text()}"
@@ -132,8 +134,8 @@ class AttentionFactors:
         n_heads = n_heads or self.source.heads_hint.get(first) or _config_value(config, "n_heads")
         if not n_heads:
             raise UserError(
-                f"cannot tell the number of heads of {self.source.name}: no config.json with "
-                f"num_attention_heads beside it; pass --n-heads"
+                f"cannot tell the number of heads of {self.source.name}: no config with "
+                "num_attention_heads and no module attribute num_heads; pass --n-heads (CLI) or n_heads= (Python)"
             )
         n_kv_heads = n_kv_heads or _config_value(config, "n_kv_heads") or n_heads
         if n_heads <= 0 or n_kv_heads <= 0 or n_heads % n_kv_heads:
@@ -142,14 +144,18 @@ class AttentionFactors:
             )
         q_rows, d_model = self._q_shape(first)
         if layout.fused and n_kv_heads != n_heads:
-            raise UserError(f"a fused qkv projection needs n_kv_heads == n_heads, got {n_kv_heads} and {n_heads}")
+            raise UserError(
+                f"a fused qkv projection needs n_kv_heads == n_heads, got {n_kv_heads} and {n_heads}"
+            )
         if q_rows % n_heads:
             raise UserError(
                 f"head counts do not divide: W_Q has {q_rows} output rows, not a multiple of n_heads={n_heads}"
             )
         d_head = _config_value(config, "d_head") or q_rows // n_heads
         if d_head * n_heads != q_rows:
-            raise UserError(f"head_dim={d_head} × n_heads={n_heads} ≠ {q_rows} rows of W_Q in {self.source.name}")
+            raise UserError(
+                f"head_dim={d_head} × n_heads={n_heads} ≠ {q_rows} rows of W_Q in {self.source.name}"
+            )
         n_layers = len(self.blocks)
         declared = _config_value(config, "n_layers")
         if declared is not None and declared != n_layers:
@@ -161,7 +167,9 @@ class AttentionFactors:
 
     def _shape(self, key: str) -> tuple[int, ...]:
         if key not in self._keyset:
-            raise UserError(f"{self.source.name} lacks {key}, which a {self.family.name} attention block needs")
+            raise UserError(
+                f"{self.source.name} lacks {key}, which a {self.family.name} attention block needs"
+            )
         shape = self.source.shape(key)
         if len(shape) != 2:
             raise UserError(f"{key} in {self.source.name} has shape {shape}; expected a matrix")

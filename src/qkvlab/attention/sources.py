@@ -48,7 +48,9 @@ def resolve_packaged(name: str) -> Path:
     try:
         module = importlib.import_module(entry.package)
     except ImportError as exc:  # pragma: no cover - it is a hard dependency
-        raise UserError(f"packaged model '{name}' needs the package {entry.package}: pip install qkvlab") from exc
+        raise UserError(
+            f"packaged model '{name}' needs the package {entry.package}: pip install qkvlab"
+        ) from exc
     return Path(getattr(module, entry.getter)())
 
 
@@ -70,6 +72,9 @@ class TensorSource:
         raise NotImplementedError
 
 
+_HEAD_ATTRS = ("num_heads", "n_heads", "n_head", "num_attention_heads")
+
+
 @dataclass
 class LiveSource(TensorSource):
     """A ``torch.nn.Module`` in memory. Tensors are the module's own (detached, not copied)."""
@@ -85,8 +90,12 @@ class LiveSource(TensorSource):
         if hf_config is not None and hasattr(hf_config, "to_dict"):
             self.config = hf_config.to_dict()
         for prefix, sub in self.module.named_modules():
-            if isinstance(sub, nn.MultiheadAttention):
-                self.heads_hint[f"{prefix}." if prefix else ""] = sub.num_heads
+            # nn.MultiheadAttention, timm's Attention and most hand-written blocks say it themselves.
+            heads = next(
+                (getattr(sub, a) for a in _HEAD_ATTRS if isinstance(getattr(sub, a, None), int)), None
+            )
+            if heads:
+                self.heads_hint[f"{prefix}." if prefix else ""] = heads
         if self.name == "<module>":
             self.name = type(self.module).__name__
 
@@ -115,7 +124,7 @@ class DiskSource(TensorSource):
         self._where: dict[str, Path] = {}
         for file in files:
             handle = self._open(file)
-            for key in handle.keys():
+            for key in handle.keys():  # noqa: SIM118 - safe_open is not iterable
                 self._where[key] = file
         if not self._where:
             raise UserError(f"{path} holds no tensors")
@@ -155,7 +164,9 @@ def _read_config(path: Path) -> dict[str, Any]:
 def _weight_files(path: Path) -> list[Path]:
     if path.is_file():
         if path.suffix != ".safetensors":
-            raise UserError(f"{path} is not a .safetensors file; accepted: a HF model folder, a .safetensors file")
+            raise UserError(
+                f"{path} is not a .safetensors file; accepted: a HF model folder, a .safetensors file"
+            )
         return [path]
     index = path / "model.safetensors.index.json"
     if index.is_file():
@@ -174,7 +185,11 @@ def _weight_files(path: Path) -> list[Path]:
     if len(others) == 1:
         return [path / others[0]]
     found = sorted(p.name for p in path.iterdir() if p.suffix in {".bin", ".pt", ".pth", ".ckpt"})
-    hint = f" (found {', '.join(found)}; qkvlab never unpickles weights, save them as safetensors)" if found else ""
+    hint = (
+        f" (found {', '.join(found)}; qkvlab never unpickles weights, save them as safetensors)"
+        if found
+        else ""
+    )
     raise UserError(
         f"no safetensors weights in {path}{hint}; accepted: model.safetensors or model.safetensors.index.json"
     )
@@ -198,7 +213,9 @@ def _check_safetensors_header(file: Path) -> None:
         raise UserError(f"{file} is not a safetensors file (its header is not a JSON object)")
     end = max((v["data_offsets"][1] for k, v in header.items() if k != "__metadata__"), default=0)
     if 8 + header_len + end > size:
-        raise UserError(f"{file} is truncated: its header needs {8 + header_len + end} bytes, the file has {size}")
+        raise UserError(
+            f"{file} is truncated: its header needs {8 + header_len + end} bytes, the file has {size}"
+        )
 
 
 def load_source(source: nn.Module | str | os.PathLike[str]) -> TensorSource:

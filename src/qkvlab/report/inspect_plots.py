@@ -8,10 +8,10 @@ from pathlib import Path
 import matplotlib
 
 matplotlib.use("Agg")
-import matplotlib.pyplot as plt  # noqa: E402
-import numpy as np  # noqa: E402
+import matplotlib.pyplot as plt
+import numpy as np
 
-from qkvlab.inspect import PRODUCTS, InspectReport  # noqa: E402
+from qkvlab.inspect import PRODUCTS, InspectReport
 
 _TITLES = {"qk": "QK = W_Kᵀ W_Q", "ov": "OV = P W_V"}
 
@@ -52,7 +52,9 @@ def singular_value_curves(report: InspectReport, product: str, path: Path) -> Pa
         for rec in report.select(product, layer):
             sv = np.asarray(rec["singular_values"])
             if sv[0] > 0:
-                ax.semilogy(np.arange(1, len(sv) + 1), np.maximum(sv / sv[0], 1e-12), color=colours[rec["head"]])
+                ax.semilogy(
+                    np.arange(1, len(sv) + 1), np.maximum(sv / sv[0], 1e-12), color=colours[rec["head"]]
+                )
         ax.axhline(report.rtol, color="grey", linestyle=":", linewidth=1)
         ax.set_title(f"layer {layer}")
         ax.set_xlabel("index i")

@@ -1,0 +1,54 @@
+"""Small models built offline from configs, shared by the tests. Nothing is downloaded."""
+
+from __future__ import annotations
+
+import os
+import warnings
+
+import pytest
+import torch
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+warnings.filterwarnings("ignore", message=".*bos_token_id.*")
+
+
+def tiny_hf_model(kind: str) -> torch.nn.Module:
+    """A randomly initialised HF model of one family, with a few layers and heads."""
+    import transformers as tf
+
+    torch.manual_seed(
+        {"bert": 0, "roberta": 1, "gpt2": 2, "llama": 3, "mistral": 4, "qwen2": 5, "vit": 6}[kind]
+    )
+    common = {"hidden_size": 48, "num_attention_heads": 6, "num_hidden_layers": 3, "intermediate_size": 64}
+    if kind == "bert":
+        model = tf.BertModel(tf.BertConfig(vocab_size=64, **common))
+    elif kind == "roberta":
+        model = tf.RobertaModel(tf.RobertaConfig(vocab_size=64, **common))
+    elif kind == "gpt2":
+        model = tf.GPT2LMHeadModel(
+            tf.GPT2Config(n_embd=48, n_head=6, n_layer=3, vocab_size=64, bos_token_id=0, eos_token_id=0)
+        )
+    elif kind == "llama":  # grouped-query attention, head_dim independent of d_model / n_heads
+        model = tf.LlamaForCausalLM(
+            tf.LlamaConfig(vocab_size=64, num_key_value_heads=2, head_dim=12, **common)
+        )
+    elif kind == "mistral":
+        model = tf.MistralModel(tf.MistralConfig(vocab_size=64, num_key_value_heads=3, **common))
+    elif kind == "qwen2":
+        model = tf.Qwen2Model(tf.Qwen2Config(vocab_size=64, num_key_value_heads=2, **common))
+    elif kind == "vit":
+        model = tf.ViTModel(tf.ViTConfig(image_size=16, patch_size=4, **common))
+    else:
+        raise ValueError(kind)
+    return model.eval()
+
+
+HF_KINDS = ("bert", "roberta", "gpt2", "llama", "mistral", "qwen2", "vit")
+
+
+@pytest.fixture(scope="session")
+def minilm_path():
+    from qkvlab.attention.sources import resolve_packaged
+
+    return resolve_packaged("minilm")

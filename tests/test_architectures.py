@@ -1,0 +1,232 @@
+"""Per-head factors of real architectures give the spectra of the products the model computes.
+
+The reference never reuses qkvlab's slicing: it probes each projection module with the
+identity (W x = module(e_i) − module(0)), splits heads the way HF does (``view(..., -1,
+head_dim)``), forms QK_h = W_K^hᵀ W_Q^h and OV_h = P^h W_V^h explicitly, and takes
+``svdvals``. For ``nn.MultiheadAttention`` the check goes through its forward pass.
+"""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+from torch import nn
+
+import qkvlab
+from qkvlab.attention import AttentionFactors, LiveSource
+
+from conftest import HF_KINDS, tiny_hf_model
+
+F64 = torch.float64
+
+
+def _probe(fn, d_in: int) -> torch.Tensor:
+    """(d_in, d_out) matrix Mᵀ of the affine map fn(x) = M x + c, read off by probing."""
+    with torch.no_grad():
+        eye = torch.eye(d_in, dtype=F64)
+        return fn(eye) - fn(torch.zeros(1, d_in, dtype=F64))
+
+
+def _projections(model: nn.Module, kind: str, layer: int, d: int):
+    """Callables for q, k, v (input d) and o (input n_heads·d_head) of one layer, HF style."""
+    if kind in ("bert", "roberta", "minilm"):
+        enc = model.encoder.layer[layer].attention
+        return enc.self.query, enc.self.key, enc.self.value, enc.output.dense
+    if kind == "gpt2":
+        attn = model.transformer.h[layer].attn
+
+        def part(i):
+            return lambda x: attn.c_attn(x).split(d, dim=-1)[i]  # GPT-2's own split
+
+        return part(0), part(1), part(2), attn.c_proj
+    if kind == "llama":
+        attn = model.model.layers[layer].self_attn
+    elif kind in ("mistral", "qwen2"):
+        attn = model.layers[layer].self_attn
+    elif kind == "vit":
+        attn = model.layers[layer].attention
+    else:
+        raise ValueError(kind)
+    return attn.q_proj, attn.k_proj, attn.v_proj, attn.o_proj
+
+
+def _reference_products(model, kind, layer, n_heads, n_kv_heads, d_head, d):
+    q_fn, k_fn, v_fn, o_fn = _projections(model, kind, layer, d)
+    qt = _probe(q_fn, d).reshape(d, n_heads, d_head)  # column block h = W_Q^hᵀ
+    kt = _probe(k_fn, d).reshape(d, n_kv_heads, d_head)
+    vt = _probe(v_fn, d).reshape(d, n_kv_heads, d_head)
+    ot = _probe(o_fn, n_heads * d_head).reshape(n_heads, d_head, -1)  # row block h = P^hᵀ
+    rep = n_heads // n_kv_heads
+    qk, ov, l2 = [], [], []
+    for h in range(n_heads):
+        g = h // rep
+        qk.append(kt[:, g, :] @ qt[:, h, :].T)
+        ov.append(ot[h].T @ vt[:, g, :].T)
+        l2.append(0.5 * (kt[:, g, :].square().sum() + qt[:, h, :].square().sum()))
+    return torch.stack(qk), torch.stack(ov), torch.stack(l2)
+
+
+def _check_model_against_reference(model, kind, report):
+    arch = report.architecture
+    for layer in range(arch.n_layers):
+        qk, ov, l2 = _reference_products(
+            model, kind, layer, arch.n_heads, arch.n_kv_heads, arch.d_head, arch.d_model
+        )
+        for product, formed in (("qk", qk), ("ov", ov)):
+            recs = report.select(product, layer)
+            assert [r["head"] for r in recs] == list(range(arch.n_heads))
+            ours = torch.tensor([r["singular_values"] for r in recs], dtype=F64)
+            naive = torch.linalg.svdvals(formed)[:, : arch.d_head]
+            torch.testing.assert_close(ours, naive, rtol=1e-9, atol=1e-12 * naive.max().item())
+        torch.testing.assert_close(
+            torch.tensor([r["l2_half"] for r in report.select("qk", layer)], dtype=F64), l2
+        )
+
+
+EXPECTED = {
+    "bert": ("bert", 6, 6, 8),
+    "roberta": ("bert", 6, 6, 8),
+    "gpt2": ("gpt2", 6, 6, 8),
+    "llama": ("llama", 6, 2, 12),
+    "mistral": ("llama", 6, 3, 8),
+    "qwen2": ("llama", 6, 2, 8),
+    "vit": ("vit", 6, 6, 8),
+}
+
+
+@pytest.mark.parametrize("kind", HF_KINDS)
+def test_hf_family_spectra_equal_formed_products(kind: str) -> None:
+    model = tiny_hf_model(kind).double()
+    report = qkvlab.inspect(model)
+    family, n_heads, n_kv_heads, d_head = EXPECTED[kind]
+    arch = report.architecture
+    assert (arch.family, arch.n_layers, arch.n_heads, arch.n_kv_heads, arch.d_head, arch.d_model) == (
+        family,
+        3,
+        n_heads,
+        n_kv_heads,
+        d_head,
+        48,
+    )
+    assert len(report.heads) == 3 * 2 * n_heads
+    _check_model_against_reference(model, kind, report)
+
+
+def test_every_head_of_real_minilm(minilm_path) -> None:
+    from transformers import AutoModel
+
+    model = AutoModel.from_pretrained(minilm_path).double().eval()
+    report = qkvlab.inspect(model)
+    assert report.architecture.to_dict() == {
+        "family": "bert",
+        "n_layers": 6,
+        "n_heads": 12,
+        "n_kv_heads": 12,
+        "d_model": 384,
+        "d_head": 32,
+    }
+    _check_model_against_reference(model, "minilm", report)
+
+
+def test_gqa_decomposes_each_shared_factor_once(monkeypatch) -> None:
+    model = tiny_hf_model("llama")
+    factors = AttentionFactors(LiveSource(model))
+    layer = factors.layer(0)
+    assert layer.qk.left.shape == (2, 48, 12)  # 2 K groups, not 6 expanded copies
+    assert layer.qk.right.shape == (6, 48, 12)
+    assert layer.ov.right.shape == (2, 48, 12)  # 2 V groups
+    assert layer.qk.left_index.tolist() == [0, 0, 0, 1, 1, 1]
+
+    calls = []
+    real_qr = torch.linalg.qr
+    monkeypatch.setattr(torch.linalg, "qr", lambda x, mode: calls.append(x.shape[0]) or real_qr(x, mode=mode))
+    layer.qk.spectrum()
+    assert sorted(calls) == [2, 6]
+
+
+@pytest.mark.parametrize("kdim", [None, 20])
+def test_torch_multihead_attention_through_its_forward(kdim) -> None:
+    """The factors reproduce nn.MultiheadAttention's own attention weights and output."""
+    torch.manual_seed(0)
+    d, heads, seq = 24, 4, 7
+    mha = nn.MultiheadAttention(d, heads, bias=False, kdim=kdim, vdim=kdim, batch_first=True).double().eval()
+    x = torch.randn(1, seq, d, dtype=F64)
+    kv = x if kdim is None else torch.randn(1, seq, kdim, dtype=F64)
+    with torch.no_grad():
+        out, weights = mha(x, kv, kv, need_weights=True, average_attn_weights=False)
+
+    factors = AttentionFactors(LiveSource(mha))
+    assert factors.family.name == "torch-mha"
+    assert factors.info.n_heads == heads and factors.info.d_head == d // heads
+    layer = factors.layer(0)
+    qk, ov = layer.qk.full(), layer.ov.full()  # (heads, d_k, d), (heads, d, d_v)
+    # score_ij = q_iᵀ k_j / √d_head = x_iᵀ W_Q^hᵀ W_K^h kv_j / √d_head = kv_jᵀ QK_h x_i / √d_head
+    scores = torch.einsum("jk,hki,il->hlj", kv[0], qk, x[0].T) / math.sqrt(d // heads)
+    torch.testing.assert_close(torch.softmax(scores, -1), weights[0])
+    # out_i = Σ_h Σ_j a^h_ij P^h W_V^h kv_j = Σ_h Σ_j a^h_ij OV_h kv_j
+    expected = torch.einsum("hij,hdv,jv->id", weights[0], ov, kv[0])
+    torch.testing.assert_close(expected, out[0])
+
+    report = qkvlab.inspect(mha)
+    naive = torch.linalg.svdvals(qk)[:, : d // heads]
+    ours = torch.tensor([r["singular_values"] for r in report.select("qk", 0)], dtype=F64)
+    torch.testing.assert_close(ours, naive)
+
+
+def test_torch_transformer_encoder_layers_are_found_in_order() -> None:
+    torch.manual_seed(1)
+    layer = nn.TransformerEncoderLayer(d_model=32, nhead=4, dim_feedforward=64, batch_first=True)
+    encoder = nn.TransformerEncoder(layer, num_layers=12, enable_nested_tensor=False)
+    report = qkvlab.inspect(encoder)
+    assert report.architecture.family == "torch-mha"
+    assert report.architecture.n_layers == 12
+    for i in (0, 2, 11):  # natural order: layer 2 is layers.2, not layers.10
+        w = encoder.layers[i].self_attn.in_proj_weight.detach().double()
+        q, k = w[:8], w[32:40]  # head 0
+        expected = torch.linalg.svdvals(k.T @ q)[:8]
+        got = torch.tensor(report.select("qk", i)[0]["singular_values"], dtype=F64)
+        torch.testing.assert_close(got, expected)
+
+
+def test_timm_style_fused_qkv_follows_its_reshape_convention() -> None:
+    """timm's Attention: qkv(x).reshape(B, N, 3, H, d_head); our table must agree."""
+
+    class Attention(nn.Module):
+        def __init__(self, d: int, heads: int) -> None:
+            super().__init__()
+            self.num_heads, self.qkv, self.proj = heads, nn.Linear(d, 3 * d), nn.Linear(d, d)
+
+        def qkv_heads(self, x: torch.Tensor) -> torch.Tensor:
+            b, n, d = x.shape
+            return self.qkv(x).reshape(b, n, 3, self.num_heads, d // self.num_heads).permute(2, 0, 3, 1, 4)
+
+    class Block(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.attn = Attention(16, 2)
+
+    class Tiny(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.blocks = nn.Sequential(Block(), Block())
+
+    torch.manual_seed(2)
+    model = Tiny().double()
+    report = qkvlab.inspect(model)
+    assert report.architecture.family == "timm-vit"
+    eye = torch.eye(16, dtype=F64)[None]
+    zero = torch.zeros(1, 1, 16, dtype=F64)
+    with torch.no_grad():
+        probe = model.blocks[1].attn.qkv_heads(eye) - model.blocks[1].attn.qkv_heads(zero)  # (3,1,H,16,dh)
+    q, k = probe[0, 0], probe[1, 0]  # (H, d, d_head): W_Q^hᵀ, W_K^hᵀ
+    for h in range(2):
+        expected = torch.linalg.svdvals(k[h] @ q[h].T)[:8]
+        got = torch.tensor(report.select("qk", 1)[h]["singular_values"], dtype=F64)
+        torch.testing.assert_close(got, expected)
+
+
+def test_peft_free_unknown_module_is_rejected_with_supported_list() -> None:
+    with pytest.raises(qkvlab.UserError, match="supported families: bert"):
+        qkvlab.inspect(nn.Sequential(nn.Linear(4, 4), nn.ReLU()))

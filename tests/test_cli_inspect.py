@@ -1,0 +1,237 @@
+"""`qkvlab inspect`: outputs in their fixed shape, and one-line errors with exit code 2."""
+
+from __future__ import annotations
+
+import csv
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+from safetensors.torch import save_file
+
+from qkvlab.cli import main
+from qkvlab.inspect import METRICS
+
+from conftest import tiny_hf_model
+
+
+def test_inspect_minilm_writes_json_csv_and_plots(tmp_path, capsys) -> None:
+    out = tmp_path / "out"
+    rc = main(
+        [
+            "inspect",
+            "minilm",
+            "--json",
+            str(out / "m.json"),
+            "--csv",
+            str(out / "m.csv"),
+            "--plot",
+            str(out / "p"),
+        ]
+    )
+    assert rc == 0
+    printed = capsys.readouterr().out
+    assert "minilm: bert, 6 layers, 12 heads (12 KV), d_model=384, d_head=32" in printed
+    assert (
+        len([line for line in printed.splitlines() if line.strip()[:1].isdigit()]) == 6
+    )  # one row per layer
+
+    data = json.loads((out / "m.json").read_text())
+    assert set(data) == {"schema_version", "source", "architecture", "rtol", "heads"}
+    assert data["architecture"] == {
+        "family": "bert",
+        "n_layers": 6,
+        "n_heads": 12,
+        "n_kv_heads": 12,
+        "d_model": 384,
+        "d_head": 32,
+    }
+    assert data["rtol"] == 1e-3
+    assert len(data["heads"]) == 6 * 12 * 2
+    first = data["heads"][0]
+    assert set(first) == {"layer", "head", "product", "singular_values", *METRICS}
+    assert (first["layer"], first["head"], first["product"]) == (0, 0, "qk")
+    assert {(h["layer"], h["head"], h["product"]) for h in data["heads"]} == {
+        (layer, head, p) for layer in range(6) for head in range(12) for p in ("qk", "ov")
+    }
+    for head in data["heads"]:
+        sv = head["singular_values"]
+        assert len(sv) == 32 and sv == sorted(sv, reverse=True)
+        assert isinstance(head["rank"], int) and 0 <= head["rank"] <= 32
+        assert 1.0 <= head["effective_rank"] <= 32.0
+        assert head["gap"] >= 0 and head["gap"] == pytest.approx(head["l2_half"] - head["nuclear_norm"])
+
+    with open(out / "m.csv") as fh:
+        rows = list(csv.DictReader(fh))
+    assert len(rows) == 144
+    assert float(rows[0]["effective_rank"]) == pytest.approx(first["effective_rank"])
+    assert len(rows[0]["singular_values"].split()) == 32
+
+    for name in ("effective_rank_heatmap.png", "singular_values_qk.png", "singular_values_ov.png"):
+        png = (out / "p" / name).read_bytes()
+        assert png[:8] == b"\x89PNG\r\n\x1a\n" and len(png) > 10_000
+
+
+def test_rtol_changes_rank_only(tmp_path) -> None:
+    model = tiny_hf_model("bert")
+    model.save_pretrained(tmp_path / "m")
+    main(["inspect", str(tmp_path / "m"), "--json", str(tmp_path / "a.json"), "--quiet"])
+    main(["inspect", str(tmp_path / "m"), "--json", str(tmp_path / "b.json"), "--quiet", "--rtol", "0.5"])
+    a, b = (json.loads((tmp_path / f"{n}.json").read_text()) for n in "ab")
+    assert b["rtol"] == 0.5
+    assert sum(h["rank"] for h in b["heads"]) < sum(h["rank"] for h in a["heads"])
+    assert [h["effective_rank"] for h in a["heads"]] == [h["effective_rank"] for h in b["heads"]]
+
+
+# -- bad input: one line, exit code 2, no traceback -------------------------------------
+
+
+def _saved(tmp_path, kind="bert"):
+    folder = tmp_path / kind
+    tiny_hf_model(kind).save_pretrained(folder)
+    return folder
+
+
+def _edit_config(folder, **changes):
+    config = json.loads((folder / "config.json").read_text())
+    config.update(changes)
+    (folder / "config.json").write_text(json.dumps(config))
+
+
+def _bad_missing(tmp_path):
+    return [str(tmp_path / "nope")], "no such file or folder"
+
+
+def _bad_text_file(tmp_path):
+    (tmp_path / "x.safetensors").write_text("this is not a tensor file at all")
+    return [str(tmp_path / "x.safetensors")], "not a safetensors file"
+
+
+def _bad_wrong_suffix(tmp_path):
+    (tmp_path / "w.bin").write_bytes(b"\0" * 100)
+    return [str(tmp_path / "w.bin")], "not a .safetensors file"
+
+
+def _bad_garbage_in_folder(tmp_path):
+    folder = _saved(tmp_path)
+    (folder / "model.safetensors").write_bytes(os.urandom(4096))
+    return [str(folder)], "not a safetensors file"
+
+
+def _bad_truncated(tmp_path):
+    folder = _saved(tmp_path)
+    path = folder / "model.safetensors"
+    path.write_bytes(path.read_bytes()[:-1000])
+    return [str(folder)], "truncated"
+
+
+def _bad_unsupported(tmp_path):
+    import torch
+
+    folder = tmp_path / "t5"
+    folder.mkdir()
+    (folder / "config.json").write_text(json.dumps({"model_type": "t5", "num_heads": 4}))
+    save_file(
+        {"encoder.block.0.layer.0.SelfAttention.q.weight": torch.zeros(8, 8)}, folder / "model.safetensors"
+    )
+    return [str(folder)], "unsupported architecture .* model_type 't5'.*supported families: bert"
+
+
+def _bad_heads_do_not_divide(tmp_path):
+    folder = _saved(tmp_path)
+    _edit_config(folder, num_attention_heads=5)
+    return [str(folder)], "head counts do not divide: W_Q has 48 output rows, not a multiple of n_heads=5"
+
+
+def _bad_kv_heads_do_not_divide(tmp_path):
+    folder = _saved(tmp_path, "llama")
+    _edit_config(folder, num_key_value_heads=4)
+    return [str(folder)], "head counts do not divide: n_heads=6 must be a positive multiple of n_kv_heads=4"
+
+
+def _bad_kv_heads_wrong(tmp_path):
+    folder = _saved(tmp_path, "llama")
+    _edit_config(folder, num_key_value_heads=3)
+    return [str(folder)], "W_K in .* has 24 output rows; expected n_heads·d_head = 36"
+
+
+def _bad_missing_shard(tmp_path):
+    folder = tmp_path / "sharded"
+    tiny_hf_model("llama").save_pretrained(folder, max_shard_size="20KB")
+    sorted(folder.glob("model-*.safetensors"))[1].unlink()
+    return [str(folder)], "lists shards that are missing"
+
+
+def _bad_pickle_only(tmp_path):
+    folder = tmp_path / "pt"
+    folder.mkdir()
+    (folder / "pytorch_model.bin").write_bytes(b"\0" * 10)
+    return [str(folder)], "no safetensors weights .*found pytorch_model.bin.*never unpickles"
+
+
+def _bad_config_json(tmp_path):
+    folder = _saved(tmp_path)
+    (folder / "config.json").write_text("{not json")
+    return [str(folder)], "config.json is not valid JSON"
+
+
+def _bad_rtol(tmp_path):
+    return ["minilm", "--rtol", "1.5"], r"--rtol: expected a number in \[0, 1\)"
+
+
+def _bad_n_heads(tmp_path):
+    return ["minilm", "--n-heads", "0"], "--n-heads: expected a positive integer"
+
+
+def _bad_family(tmp_path):
+    return ["minilm", "--family", "t5"], "invalid choice: 't5'"
+
+
+BAD_INPUTS = [
+    _bad_missing,
+    _bad_text_file,
+    _bad_wrong_suffix,
+    _bad_garbage_in_folder,
+    _bad_truncated,
+    _bad_unsupported,
+    _bad_heads_do_not_divide,
+    _bad_kv_heads_do_not_divide,
+    _bad_kv_heads_wrong,
+    _bad_missing_shard,
+    _bad_pickle_only,
+    _bad_config_json,
+    _bad_rtol,
+    _bad_n_heads,
+    _bad_family,
+]
+
+
+@pytest.mark.parametrize("case", BAD_INPUTS, ids=lambda f: f.__name__[5:])
+def test_bad_input_is_one_line_and_exit_code_2(case, tmp_path, capsys) -> None:
+    import re
+
+    args, expected = case(tmp_path)
+    capsys.readouterr()  # drop what building the fixture printed
+    try:
+        rc = main(["inspect", *args])
+    except SystemExit as exit_:  # argparse-level mistakes exit from the parser
+        rc = exit_.code
+    err = capsys.readouterr().err
+    assert rc == 2
+    assert len(err.strip().splitlines()) == 1, err
+    assert re.search(expected, err), err
+    assert "Traceback" not in err
+
+
+def test_console_script_error_has_no_traceback(tmp_path) -> None:
+    result = subprocess.run(
+        [sys.executable, "-m", "qkvlab", "inspect", str(tmp_path / "missing")],
+        capture_output=True,
+        text=True,
+        check=False,
+    )
+    assert result.returncode == 2
+    assert result.stderr.count("\n") == 1 and "Traceback" not in result.stderr
+    assert "no such file or folder" in result.stderr

@@ -1,0 +1,162 @@
+"""The factored spectra and rank measures, checked against formed products and closed forms."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+from qkvlab.spectra import (
+    FactoredProduct,
+    effective_rank,
+    factored_svdvals,
+    nuclear_norm,
+    rank_at,
+    stable_rank,
+)
+
+
+def _orthonormal(rows: int, cols: int, gen: torch.Generator) -> torch.Tensor:
+    return torch.linalg.qr(torch.randn(rows, cols, generator=gen, dtype=torch.float64)).Q
+
+
+@pytest.mark.parametrize(("m", "n", "r", "heads"), [(64, 64, 8, 4), (96, 40, 16, 3), (33, 70, 5, 1)])
+def test_factored_svdvals_equal_svdvals_of_formed_product(m: int, n: int, r: int, heads: int) -> None:
+    gen = torch.Generator().manual_seed(m + n + r)
+    a = torch.randn(heads, m, r, generator=gen, dtype=torch.float64)
+    b = torch.randn(heads, n, r, generator=gen, dtype=torch.float64)
+    ours = factored_svdvals(a, b)
+    naive = torch.linalg.svdvals(a @ b.transpose(-1, -2))[:, :r]
+    assert ours.shape == (heads, r)
+    torch.testing.assert_close(ours, naive, rtol=1e-10, atol=1e-12)
+    assert torch.all(ours[:, :-1] >= ours[:, 1:]), "descending"
+
+
+def test_ill_conditioned_factors_recover_exact_spectrum() -> None:
+    # A Bᵀ = U diag(s) Vᵀ with s spanning 12 orders of magnitude; factors unbalanced on purpose.
+    gen = torch.Generator().manual_seed(0)
+    r, d = 16, 200
+    s = torch.logspace(0, -12, r, dtype=torch.float64)
+    u, v = _orthonormal(d, r, gen), _orthonormal(d, r, gen)
+    mix = torch.linalg.qr(torch.randn(r, r, generator=gen, dtype=torch.float64)).Q
+    a = u @ torch.diag(s * 1e3) @ mix  # scale 1e3 on A, 1e-3 on B: badly imbalanced
+    b = v @ mix * 1e-3
+    ours = factored_svdvals(a, b)[0]
+    torch.testing.assert_close(ours, s, rtol=0, atol=1e-13)
+    naive = torch.linalg.svdvals(a @ b.T)[:r]
+    torch.testing.assert_close(ours, naive, rtol=0, atol=1e-13)
+
+
+def test_float32_factors_are_computed_in_float64() -> None:
+    gen = torch.Generator().manual_seed(1)
+    a = torch.randn(5, 128, 32, generator=gen)
+    b = torch.randn(5, 128, 32, generator=gen)
+    ours = factored_svdvals(a, b)
+    assert ours.dtype == torch.float64
+    naive = torch.linalg.svdvals(a.double() @ b.double().transpose(-1, -2))[:, :32]
+    torch.testing.assert_close(ours, naive, rtol=1e-10, atol=1e-10)
+
+
+def test_rank_deficient_product_has_structural_zeros() -> None:
+    gen = torch.Generator().manual_seed(2)
+    a = torch.randn(50, 8, generator=gen, dtype=torch.float64)
+    a[:, 5:] = 0.0  # true rank 5
+    b = torch.randn(60, 8, generator=gen, dtype=torch.float64)
+    sv = factored_svdvals(a, b)[0]
+    assert rank_at(sv, 1e-10).item() == 5
+    assert torch.all(sv[5:] < 1e-12 * sv[0])
+
+
+def test_d_head_larger_than_d_model_is_padded_with_zeros() -> None:
+    gen = torch.Generator().manual_seed(3)
+    a = torch.randn(2, 4, 6, generator=gen, dtype=torch.float64)
+    b = torch.randn(2, 5, 6, generator=gen, dtype=torch.float64)
+    sv = factored_svdvals(a, b)
+    assert sv.shape == (2, 6)
+    torch.testing.assert_close(sv[:, :4], torch.linalg.svdvals(a @ b.transpose(-1, -2)))
+    assert torch.all(sv[:, 4:] == 0)
+
+
+def test_shared_factors_via_index_match_explicit_expansion() -> None:
+    # Grouped-query attention: 8 query heads, 2 KV groups; head h uses group h // 4.
+    gen = torch.Generator().manual_seed(4)
+    k = torch.randn(2, 48, 6, generator=gen, dtype=torch.float64)
+    q = torch.randn(8, 48, 6, generator=gen, dtype=torch.float64)
+    group = torch.arange(8) // 4
+    shared = FactoredProduct(k, q, left_index=group).spectrum()
+    expanded = FactoredProduct(k[group], q).spectrum()
+    torch.testing.assert_close(shared.singular_values, expanded.singular_values)
+    torch.testing.assert_close(shared.l2_half, expanded.l2_half)
+    torch.testing.assert_close(shared.imbalance, expanded.imbalance)
+
+
+def test_l2_half_and_imbalance_match_their_definitions() -> None:
+    gen = torch.Generator().manual_seed(5)
+    a = torch.randn(3, 30, 4, generator=gen, dtype=torch.float64)
+    b = torch.randn(3, 20, 4, generator=gen, dtype=torch.float64) * 2
+    spec = FactoredProduct(a, b).spectrum()
+    l2_half = 0.5 * (a.square().sum((1, 2)) + b.square().sum((1, 2)))
+    imbalance = torch.linalg.matrix_norm(a.transpose(1, 2) @ a - b.transpose(1, 2) @ b)
+    torch.testing.assert_close(spec.l2_half, l2_half)
+    torch.testing.assert_close(spec.imbalance, imbalance)
+    nuclear = torch.linalg.matrix_norm(a @ b.transpose(1, 2), ord="nuc")
+    torch.testing.assert_close(spec.nuclear_norm, nuclear)
+    # Variational form: ½(‖A‖² + ‖B‖²) ≥ ‖A Bᵀ‖_*, strictly for generic unbalanced factors.
+    assert torch.all(spec.gap > 1e-6)
+
+
+def test_balanced_factors_have_zero_gap_and_zero_imbalance() -> None:
+    gen = torch.Generator().manual_seed(6)
+    u, v = _orthonormal(40, 5, gen), _orthonormal(30, 5, gen)
+    s = torch.tensor([3.0, 2.0, 1.0, 0.5, 0.1], dtype=torch.float64)
+    rot = torch.linalg.qr(torch.randn(5, 5, generator=gen, dtype=torch.float64)).Q
+    a, b = u @ torch.diag(s.sqrt()) @ rot, v @ torch.diag(s.sqrt()) @ rot  # AᵀA = BᵀB
+    spec = FactoredProduct(a, b).spectrum()
+    assert spec.gap.abs().item() < 1e-12
+    assert spec.imbalance.item() < 1e-12
+    torch.testing.assert_close(spec.nuclear_norm, s.sum().reshape(1))
+
+
+def test_scalar_gap_is_half_squared_difference() -> None:
+    # Scalars (MISSION.md): gap = ½(|a| − |b|)², imbalance = |a² − b²|.
+    a, b = torch.tensor([[[3.0]]], dtype=torch.float64), torch.tensor([[[-0.5]]], dtype=torch.float64)
+    spec = FactoredProduct(a, b).spectrum()
+    assert spec.gap.item() == pytest.approx(0.5 * (3.0 - 0.5) ** 2)
+    assert spec.imbalance.item() == pytest.approx(9.0 - 0.25)
+
+
+def test_rank_measures_on_known_spectra() -> None:
+    flat = torch.ones(1, 8, dtype=torch.float64)
+    assert effective_rank(flat).item() == pytest.approx(8.0)
+    assert stable_rank(flat).item() == pytest.approx(8.0)
+    assert rank_at(flat).item() == 8
+
+    single = torch.tensor([[2.0, 0, 0, 0]], dtype=torch.float64)
+    assert effective_rank(single).item() == pytest.approx(1.0)
+    assert stable_rank(single).item() == pytest.approx(1.0)
+    assert rank_at(single).item() == 1
+
+    sv = torch.tensor([[4.0, 2.0, 1.0, 1e-4]], dtype=torch.float64)
+    p = sv / sv.sum()
+    assert effective_rank(sv).item() == pytest.approx(math.exp(-(p * p.log()).sum().item()))
+    assert stable_rank(sv).item() == pytest.approx((16 + 4 + 1 + 1e-8) / 16)
+    assert nuclear_norm(sv).item() == pytest.approx(7.0001)
+    assert rank_at(sv, 1e-3).item() == 3
+    assert rank_at(sv, 1e-5).item() == 4
+    assert rank_at(sv, 0.3).item() == 2  # strict: 1.0 is not > 0.3·4 = 1.2; 2.0 is
+
+
+def test_zero_product_has_zero_ranks() -> None:
+    spec = FactoredProduct(torch.zeros(2, 10, 3), torch.randn(2, 10, 3)).spectrum()
+    assert torch.all(spec.singular_values == 0)
+    assert torch.all(spec.rank() == 0)
+    assert torch.all(spec.effective_rank == 0)
+    assert torch.all(spec.stable_rank == 0)
+
+
+def test_mismatched_factors_are_rejected() -> None:
+    with pytest.raises(ValueError, match="inner dimensions"):
+        FactoredProduct(torch.zeros(2, 10, 3), torch.zeros(2, 10, 4))
+    with pytest.raises(ValueError, match="numbers of heads"):
+        FactoredProduct(torch.zeros(2, 10, 3), torch.zeros(3, 10, 3))

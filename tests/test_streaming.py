@@ -1,0 +1,79 @@
+"""Checkpoints on disk, read lazily, give the same numbers as the live module."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from safetensors.torch import save_file
+from torch import nn
+
+import qkvlab
+from qkvlab.attention import DiskSource
+
+from conftest import HF_KINDS, tiny_hf_model
+
+
+def _same_report(a: qkvlab.InspectReport, b: qkvlab.InspectReport) -> None:
+    assert a.architecture == b.architecture
+    assert len(a.heads) == len(b.heads)
+    for x, y in zip(a.heads, b.heads, strict=True):
+        assert x == y  # bit-identical: same float32 tensors, same float64 maths
+
+
+@pytest.mark.parametrize("kind", HF_KINDS)
+def test_model_folder_streams_to_the_same_numbers(kind: str, tmp_path) -> None:
+    model = tiny_hf_model(kind)
+    model.save_pretrained(tmp_path)
+    _same_report(qkvlab.inspect(tmp_path), qkvlab.inspect(model))
+
+
+def test_sharded_checkpoint_with_index(tmp_path) -> None:
+    model = tiny_hf_model("llama")
+    model.save_pretrained(tmp_path, max_shard_size="20KB")
+    assert (tmp_path / "model.safetensors.index.json").is_file()
+    assert len(list(tmp_path.glob("*.safetensors"))) > 3
+    _same_report(qkvlab.inspect(tmp_path), qkvlab.inspect(model))
+
+
+def test_bare_safetensors_file_with_head_count(tmp_path) -> None:
+    torch.manual_seed(0)
+    encoder = nn.TransformerEncoder(
+        nn.TransformerEncoderLayer(16, 4, 32, batch_first=True), num_layers=3, enable_nested_tensor=False
+    )
+    save_file({k: v.contiguous() for k, v in encoder.state_dict().items()}, tmp_path / "enc.safetensors")
+    with pytest.raises(qkvlab.UserError, match="--n-heads"):
+        qkvlab.inspect(tmp_path / "enc.safetensors")
+    _same_report(qkvlab.inspect(tmp_path / "enc.safetensors", n_heads=4), qkvlab.inspect(encoder))
+
+
+def test_bare_safetensors_file_picks_up_config_beside_it(tmp_path) -> None:
+    model = tiny_hf_model("bert")
+    model.save_pretrained(tmp_path)
+    _same_report(qkvlab.inspect(tmp_path / "model.safetensors"), qkvlab.inspect(model))
+
+
+def test_packaged_minilm_streams_like_the_loaded_model(minilm_path) -> None:
+    from transformers import AutoModel
+
+    _same_report(qkvlab.inspect("minilm"), qkvlab.inspect(AutoModel.from_pretrained(minilm_path)))
+
+
+def test_disk_source_reads_only_requested_tensors(tmp_path) -> None:
+    model = tiny_hf_model("gpt2")
+    model.save_pretrained(tmp_path)
+    source = DiskSource(tmp_path)
+    asked = []
+    real_get = source.get
+    source.get = lambda key: asked.append(key) or real_get(key)
+    qkvlab.attention.AttentionFactors(source).layer(1)
+    assert sorted(asked) == ["transformer.h.1.attn.c_attn.weight", "transformer.h.1.attn.c_proj.weight"]
+
+
+def test_bf16_checkpoint(tmp_path) -> None:
+    model = tiny_hf_model("qwen2").to(torch.bfloat16)
+    model.save_pretrained(tmp_path)
+    config = json.loads((tmp_path / "config.json").read_text())
+    assert config["model_type"] == "qwen2"
+    _same_report(qkvlab.inspect(tmp_path), qkvlab.inspect(model))
