@@ -8,5 +8,5 @@ code 2, without a traceback. Anything else is our bug and keeps its traceback.
 from __future__ import annotations
 
 
-class UserError(Exception):
+class UserError(ValueError):
     """A mistake in the user's input; the message says what was wrong and what is accepted."""

@@ -36,6 +36,8 @@ class Layout:
     v: str | None = None
     qkv: str | None = None
     transposed: bool = False
+    #: Bias (or other) templates that do not follow "<matrix>.weight" → "<matrix>.bias", as (role, template).
+    extra: tuple[tuple[str, str], ...] = ()
 
     @property
     def pattern(self) -> re.Pattern[str]:
@@ -44,6 +46,16 @@ class Layout:
     @property
     def fused(self) -> bool:
         return self.qkv is not None
+
+    def role_templates(self) -> list[tuple[str, str]]:
+        """(role, template) for every attention parameter of a block: weights, their biases, extras."""
+        pairs = [
+            (role, t)
+            for role, t in (("q", self.q), ("k", self.k), ("v", self.v), ("qkv", self.qkv), ("o", self.o))
+            if t
+        ]
+        biases = [(role, t[: -len("weight")] + "bias") for role, t in pairs if t.endswith(".weight")]
+        return pairs + biases + list(self.extra)
 
 
 @dataclass(frozen=True)
@@ -92,6 +104,14 @@ FAMILIES: tuple[Family, ...] = (
                 o="{block}c_proj.weight",
                 transposed=True,
             ),
+            Layout(  # after qkvlab.split_fused_qkv: c_attn holds three Conv1D children
+                anchor=rf"^(?P<block>{_PREFIX}h\.\d+\.attn\.)c_attn\.q\.weight$",
+                q="{block}c_attn.q.weight",
+                k="{block}c_attn.k.weight",
+                v="{block}c_attn.v.weight",
+                o="{block}c_proj.weight",
+                transposed=True,
+            ),
         ),
     ),
     Family(
@@ -135,6 +155,13 @@ FAMILIES: tuple[Family, ...] = (
                 qkv="{block}qkv.weight",
                 o="{block}proj.weight",
             ),
+            Layout(  # after qkvlab.split_fused_qkv
+                anchor=rf"^(?P<block>{_PREFIX}blocks\.\d+\.attn\.)qkv\.q\.weight$",
+                q="{block}qkv.q.weight",
+                k="{block}qkv.k.weight",
+                v="{block}qkv.v.weight",
+                o="{block}proj.weight",
+            ),
         ),
     ),
     Family(
@@ -146,13 +173,20 @@ FAMILIES: tuple[Family, ...] = (
                 anchor=rf"^(?P<block>{_PREFIX})in_proj_weight$",
                 qkv="{block}in_proj_weight",
                 o="{block}out_proj.weight",
+                extra=(("qkv", "{block}in_proj_bias"),),
             ),
-            Layout(
+            Layout(  # kdim/vdim ≠ embed_dim, or after qkvlab.split_fused_qkv (q_bias/k_bias/v_bias)
                 anchor=rf"^(?P<block>{_PREFIX})q_proj_weight$",
                 q="{block}q_proj_weight",
                 k="{block}k_proj_weight",
                 v="{block}v_proj_weight",
                 o="{block}out_proj.weight",
+                extra=(
+                    ("qkv", "{block}in_proj_bias"),
+                    ("q", "{block}q_bias"),
+                    ("k", "{block}k_bias"),
+                    ("v", "{block}v_bias"),
+                ),
             ),
         ),
     ),

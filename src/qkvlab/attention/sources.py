@@ -85,7 +85,19 @@ class LiveSource(TensorSource):
     heads_hint: dict[str, int] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
+        self.module = _unwrap(self.module)
         self._tensors: dict[str, torch.Tensor] = dict(self.module.state_dict(keep_vars=False))
+        # PEFT LoRA: expose the effective weight W + ΔW under the un-wrapped name, computed on demand.
+        self._adapted: dict[str, nn.Module] = {}
+        for prefix, sub in self.module.named_modules():
+            if (
+                hasattr(sub, "base_layer")
+                and hasattr(sub, "get_delta_weight")
+                and f"{prefix}.base_layer.weight" in self._tensors
+            ):
+                del self._tensors[f"{prefix}.base_layer.weight"]
+                self._adapted[f"{prefix}.weight"] = sub
+                self._tensors[f"{prefix}.weight"] = sub.base_layer.weight
         hf_config = getattr(self.module, "config", None)
         if hf_config is not None and hasattr(hf_config, "to_dict"):
             self.config = hf_config.to_dict()
@@ -106,7 +118,23 @@ class LiveSource(TensorSource):
         return tuple(self._tensors[key].shape)
 
     def get(self, key: str) -> torch.Tensor:
-        return self._tensors[key].detach()
+        adapted = self._adapted.get(key)
+        if adapted is None:
+            return self._tensors[key].detach()
+        with torch.no_grad():
+            weight = adapted.base_layer.weight.detach().clone()
+            if not getattr(adapted, "merged", False):
+                for name in adapted.active_adapters:
+                    if name in getattr(adapted, "lora_A", {}):
+                        weight += adapted.get_delta_weight(name).to(weight.dtype)
+        return weight
+
+
+def _unwrap(module: nn.Module) -> nn.Module:
+    """DistributedDataParallel / FSDP-style wrappers hold the model in ``.module``."""
+    while isinstance(module, nn.parallel.DistributedDataParallel | nn.DataParallel):
+        module = module.module
+    return module
 
 
 class DiskSource(TensorSource):

@@ -1,0 +1,262 @@
+"""Split fused q/k/v projections into separate parameters, and back.
+
+A per-matrix learning rate or weight decay needs q, k and v to be separate tensors.
+``split_fused_qkv(model)`` rewrites, in place and with identical forward outputs:
+
+- HF GPT-2 ``c_attn`` (a transposed ``Conv1D``, weight (d, 3d)) → ``SplitQKV`` holding
+  three ``Conv1D`` children ``c_attn.q``, ``c_attn.k``, ``c_attn.v`` (weights (d, d), still (in, out));
+- timm-style ``attn.qkv`` (``nn.Linear``, weight (3d, d)) → ``SplitQKV`` with ``nn.Linear``
+  children ``qkv.q``, ``qkv.k``, ``qkv.v``;
+- ``nn.MultiheadAttention`` with a fused ``in_proj_weight`` → the same module with
+  ``q_proj_weight``/``k_proj_weight``/``v_proj_weight`` (torch's own separate-projection
+  path) and ``q_bias``/``k_bias``/``v_bias``.
+
+``fuse_split_qkv(model)`` is the inverse. ``split_state_dict`` / ``fuse_state_dict`` convert
+checkpoints between the two naming schemes without a model.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+__all__ = [
+    "SplitMultiheadAttention",
+    "SplitQKV",
+    "fuse_split_qkv",
+    "fuse_state_dict",
+    "split_fused_qkv",
+    "split_state_dict",
+]
+
+
+class SplitQKV(nn.Module):
+    """Drop-in for a fused projection: cat([q(x), k(x), v(x)], -1), as the fused layer returned."""
+
+    def __init__(self, q: nn.Module, k: nn.Module, v: nn.Module) -> None:
+        super().__init__()
+        self.q, self.k, self.v = q, k, v
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.cat([self.q(x), self.k(x), self.v(x)], dim=-1)
+
+
+class SplitMultiheadAttention(nn.MultiheadAttention):
+    """nn.MultiheadAttention on torch's separate-projection path, with separate q/k/v biases.
+
+    ``in_proj_bias`` is a differentiable view (``cat`` of the three biases) that torch's
+    forward reads; only ``q_bias``/``k_bias``/``v_bias`` are parameters.
+    """
+
+    @property
+    def in_proj_bias(self) -> torch.Tensor | None:  # type: ignore[override]
+        if getattr(self, "q_bias", None) is None:
+            return None
+        return torch.cat([self.q_bias, self.k_bias, self.v_bias])
+
+
+@dataclass(frozen=True)
+class _FusedLinear:
+    """A fused module kind: which class, and along which weight dim q|k|v are stacked."""
+
+    name_pattern: str
+    cls_name: str
+    dim: int
+
+
+def _conv1d_cls() -> type[nn.Module] | None:
+    try:
+        from transformers.pytorch_utils import Conv1D
+    except ImportError:  # pragma: no cover - transformers is a dependency
+        return None
+    return Conv1D
+
+
+def _split_module(module: nn.Module) -> SplitQKV:
+    conv1d = _conv1d_cls()
+    weight = module.weight.detach()
+    bias = module.bias.detach() if module.bias is not None else None
+    children = []
+    if conv1d is not None and isinstance(module, conv1d):  # weight (in, 3·out)
+        for w, b in zip(
+            weight.chunk(3, dim=1), bias.chunk(3) if bias is not None else (None,) * 3, strict=True
+        ):
+            child = conv1d(w.shape[1], w.shape[0]).to(device=weight.device, dtype=weight.dtype)
+            child.weight = nn.Parameter(w.clone(), requires_grad=module.weight.requires_grad)
+            child.bias = nn.Parameter(b.clone(), requires_grad=module.bias.requires_grad)
+            children.append(child)
+    else:  # nn.Linear, weight (3·out, in)
+        for i, w in enumerate(weight.chunk(3, dim=0)):
+            child = nn.Linear(
+                w.shape[1], w.shape[0], bias=bias is not None, device=weight.device, dtype=weight.dtype
+            )
+            child.weight = nn.Parameter(w.clone(), requires_grad=module.weight.requires_grad)
+            if bias is not None:
+                child.bias = nn.Parameter(bias.chunk(3)[i].clone(), requires_grad=module.bias.requires_grad)
+            children.append(child)
+    return SplitQKV(*children)
+
+
+def _fuse_module(split: SplitQKV) -> nn.Module:
+    conv1d = _conv1d_cls()
+    q, k, v = split.q, split.k, split.v
+    if conv1d is not None and isinstance(q, conv1d):
+        weight = torch.cat([q.weight, k.weight, v.weight], dim=1).detach()
+        fused = conv1d(weight.shape[1], weight.shape[0]).to(device=weight.device, dtype=weight.dtype)
+    else:
+        weight = torch.cat([q.weight, k.weight, v.weight], dim=0).detach()
+        fused = nn.Linear(
+            weight.shape[1],
+            weight.shape[0],
+            bias=q.bias is not None,
+            device=weight.device,
+            dtype=weight.dtype,
+        )
+    fused.weight = nn.Parameter(weight.clone(), requires_grad=q.weight.requires_grad)
+    if q.bias is not None:
+        fused.bias = nn.Parameter(
+            torch.cat([q.bias, k.bias, v.bias]).detach().clone(), requires_grad=q.bias.requires_grad
+        )
+    return fused
+
+
+def _split_mha(mha: nn.MultiheadAttention) -> None:
+    weight = mha.in_proj_weight
+    bias = mha.in_proj_bias
+    grad = weight.requires_grad
+    del mha._parameters["in_proj_weight"]
+    mha.register_parameter("in_proj_weight", None)
+    for name, w in zip(
+        ("q_proj_weight", "k_proj_weight", "v_proj_weight"), weight.detach().chunk(3), strict=True
+    ):
+        mha.register_parameter(name, nn.Parameter(w.clone(), requires_grad=grad))
+    del mha._parameters["in_proj_bias"]
+    biases = bias.detach().chunk(3) if bias is not None else (None,) * 3
+    for name, b in zip(("q_bias", "k_bias", "v_bias"), biases, strict=True):
+        mha.register_parameter(
+            name, None if b is None else nn.Parameter(b.clone(), requires_grad=bias.requires_grad)
+        )
+    mha._qkv_same_embed_dim = False
+    mha.__class__ = SplitMultiheadAttention
+
+
+def _fuse_mha(mha: SplitMultiheadAttention) -> None:
+    weight = torch.cat([mha.q_proj_weight, mha.k_proj_weight, mha.v_proj_weight]).detach().clone()
+    bias = None if mha.q_bias is None else torch.cat([mha.q_bias, mha.k_bias, mha.v_bias]).detach().clone()
+    grad = mha.q_proj_weight.requires_grad
+    for name in ("q_proj_weight", "k_proj_weight", "v_proj_weight", "q_bias", "k_bias", "v_bias"):
+        del mha._parameters[name]
+    mha.__class__ = nn.MultiheadAttention
+    mha.register_parameter("q_proj_weight", None)
+    mha.register_parameter("k_proj_weight", None)
+    mha.register_parameter("v_proj_weight", None)
+    mha.register_parameter("in_proj_weight", nn.Parameter(weight, requires_grad=grad))
+    mha.register_parameter("in_proj_bias", None if bias is None else nn.Parameter(bias, requires_grad=grad))
+    mha._qkv_same_embed_dim = True
+
+
+def _is_fused_projection(name: str, module: nn.Module) -> bool:
+    last = name.rsplit(".", 1)[-1]
+    conv1d = _conv1d_cls()
+    if last == "c_attn" and conv1d is not None and isinstance(module, conv1d):
+        return True
+    return last == "qkv" and isinstance(module, nn.Linear) and module.out_features % 3 == 0
+
+
+def split_fused_qkv(model: nn.Module) -> list[str]:
+    """Replace every fused q/k/v projection by separate parameters, in place.
+
+    Returns the names of the modules it rewrote. Forward outputs are unchanged (up to
+    float rounding of the split matmuls). Optimiser state built before the split refers
+    to the old tensors: split first, then build the optimiser.
+    """
+    rewritten = []
+    for name, module in list(model.named_modules()):
+        if isinstance(module, nn.MultiheadAttention) and not isinstance(module, SplitMultiheadAttention):
+            if module._qkv_same_embed_dim:
+                _split_mha(module)
+                rewritten.append(name)
+        elif _is_fused_projection(name, module):
+            parent_name, _, child = name.rpartition(".")
+            parent = model.get_submodule(parent_name) if parent_name else model
+            setattr(parent, child, _split_module(module))
+            rewritten.append(name)
+    return rewritten
+
+
+def fuse_split_qkv(model: nn.Module) -> list[str]:
+    """Inverse of ``split_fused_qkv``: restore fused projections, in place."""
+    rewritten = []
+    for name, module in list(model.named_modules()):
+        if isinstance(module, SplitMultiheadAttention):
+            _fuse_mha(module)
+            rewritten.append(name)
+        elif isinstance(module, SplitQKV):
+            parent_name, _, child = name.rpartition(".")
+            parent = model.get_submodule(parent_name) if parent_name else model
+            setattr(parent, child, _fuse_module(module))
+            rewritten.append(name)
+    return rewritten
+
+
+# -- state dicts -------------------------------------------------------------------------
+# (fused key suffix, the three split suffixes, dim along which q|k|v are stacked)
+_STATE_DICT_RULES: tuple[tuple[str, tuple[str, str, str], int | None], ...] = (
+    ("c_attn.weight", ("c_attn.q.weight", "c_attn.k.weight", "c_attn.v.weight"), 1),  # Conv1D (in, 3·out)
+    ("c_attn.bias", ("c_attn.q.bias", "c_attn.k.bias", "c_attn.v.bias"), 0),
+    ("qkv.weight", ("qkv.q.weight", "qkv.k.weight", "qkv.v.weight"), 0),
+    ("qkv.bias", ("qkv.q.bias", "qkv.k.bias", "qkv.v.bias"), 0),
+    ("in_proj_weight", ("q_proj_weight", "k_proj_weight", "v_proj_weight"), 0),
+    ("in_proj_bias", ("q_bias", "k_bias", "v_bias"), 0),
+)
+
+
+def _rule_prefix(key: str, suffix: str) -> str | None:
+    if key == suffix:
+        return ""
+    if key.endswith("." + suffix):
+        return key[: -len(suffix)]
+    return None
+
+
+def split_state_dict(state_dict: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Fused-projection checkpoint → the names and shapes of a ``split_fused_qkv`` model."""
+    out: dict[str, torch.Tensor] = {}
+    for key, tensor in state_dict.items():
+        for fused, parts, dim in _STATE_DICT_RULES:
+            prefix = _rule_prefix(key, fused)
+            if prefix is not None and not _is_gpt2_conflict(fused, tensor):
+                for part, chunk in zip(parts, tensor.chunk(3, dim=dim), strict=True):
+                    out[prefix + part] = chunk.clone()
+                break
+        else:
+            out[key] = tensor
+    return out
+
+
+def fuse_state_dict(state_dict: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Inverse of ``split_state_dict``."""
+    out: dict[str, torch.Tensor] = {}
+    consumed: set[str] = set()
+    for key in state_dict:
+        for fused, parts, dim in _STATE_DICT_RULES:
+            prefix = _rule_prefix(key, parts[0])
+            if prefix is not None and all(prefix + p in state_dict for p in parts):
+                out[prefix + fused] = torch.cat([state_dict[prefix + p] for p in parts], dim=dim)
+                consumed.update(prefix + p for p in parts)
+                break
+    for key, tensor in state_dict.items():
+        if key not in consumed:
+            out[key] = tensor
+    return {k: out[k] for k in sorted(out, key=_natural_key)}
+
+
+def _is_gpt2_conflict(fused: str, tensor: torch.Tensor) -> bool:
+    return fused == "c_attn.weight" and (tensor.ndim != 2 or tensor.shape[1] % 3 != 0)
+
+
+def _natural_key(text: str) -> list[int | str]:
+    return [int(part) if part.isdigit() else part for part in re.split(r"(\d+)", text)]

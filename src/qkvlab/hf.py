@@ -1,0 +1,126 @@
+"""HF Trainer integration: qkvlab parameter groups as the Trainer's optimiser, spectra as its logs.
+
+    trainer = Trainer(model=model, args=args, train_dataset=ds,
+                      optimizers=(create_optimizer(model, args, preset="qv-ratio"), None))
+    SpectraCallback.install(trainer, every_n_steps=50)
+    trainer.train()
+
+``create_optimizer`` takes the learning rate, weight decay and optimiser class (``args.optim``)
+from ``TrainingArguments``, so the Trainer's ``weight_decay`` is honoured (PEFT's
+``create_loraplus_optimizer`` silently uses its own ``loraplus_weight_decay`` instead).
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+from transformers import Trainer, TrainerCallback, TrainingArguments
+
+from qkvlab.inspect import PRODUCTS, inspect
+from qkvlab.optim import param_groups, preset_settings
+from qkvlab.spectra import DEFAULT_RTOL
+
+__all__ = ["SpectraCallback", "create_optimizer"]
+
+
+def create_optimizer(
+    model: nn.Module,
+    args: TrainingArguments,
+    *,
+    preset: str | None = None,
+    preset_args: dict[str, float] | None = None,
+    **settings: Any,
+) -> torch.optim.Optimizer:
+    """An optimiser of the class ``args.optim`` names, over qkvlab parameter groups.
+
+    Args:
+        model: the model the Trainer trains (a PEFT model is fine).
+        args: its ``TrainingArguments``: ``learning_rate`` and ``weight_decay`` are the base
+            values of every group; betas/eps/fused come from ``args.optim``.
+        preset: a named preset (``qkvlab.optim.PRESETS``), with ``preset_args``.
+        **settings: ``overrides``, ``train``, ``lora_ratio``, ``regularization`` as in
+            ``qkvlab.param_groups``; they update the preset's settings.
+
+    The schedule stays the Trainer's: pass ``optimizers=(opt, None)`` and it builds its
+    scheduler around this optimiser, scaling every group's lr by the same factor.
+    """
+    options: dict[str, Any] = preset_settings(preset, **(preset_args or {})) if preset else {}
+    options.update(settings)
+    groups = param_groups(model, lr=args.learning_rate, weight_decay=args.weight_decay, **options)
+    optimizer_cls, optimizer_kwargs = Trainer.get_optimizer_cls_and_kwargs(args, model)
+    optimizer_kwargs = {k: v for k, v in optimizer_kwargs.items() if k not in ("lr", "weight_decay")}
+    return optimizer_cls(groups, lr=args.learning_rate, **optimizer_kwargs)
+
+
+class SpectraCallback(TrainerCallback):
+    """Every ``every_n_steps`` optimiser steps: inspect the model's attention spectra.
+
+    Writes one JSON line per firing to ``{output_dir}/spectra.jsonl``: ``{"step", "epoch",
+    **inspect-report}`` in the ``qkvlab inspect --json`` shape. It also adds per-layer
+    summaries (``spectra/L{layer}/{qk|ov}_{erank_mean,erank_min,rank_mean,gap_mean}`` and
+    model-wide ``spectra/{qk|ov}_erank_mean``) to the Trainer's next log, so TensorBoard,
+    W&B and the console see them.
+
+    The summaries reach the Trainer's loggers only if this callback runs before them: use
+    ``SpectraCallback.install(trainer, ...)``, which puts it first. Passed through
+    ``Trainer(callbacks=[...])`` it lands after the reporting callbacks, and only the JSON
+    lines and ``trainer_state.json`` get the numbers.
+    """
+
+    def __init__(
+        self, every_n_steps: int = 100, *, rtol: float = DEFAULT_RTOL, filename: str = "spectra.jsonl"
+    ) -> None:
+        if every_n_steps <= 0:
+            raise ValueError(f"every_n_steps must be a positive integer, got {every_n_steps}")
+        self.every_n_steps = every_n_steps
+        self.rtol = rtol
+        self.filename = filename
+        self._pending: dict[str, float] | None = None
+
+    @classmethod
+    def install(cls, trainer: Trainer, every_n_steps: int = 100, **kwargs: Any) -> SpectraCallback:
+        callback = cls(every_n_steps, **kwargs)
+        trainer.callback_handler.callbacks.insert(0, callback)
+        return callback
+
+    def on_step_end(self, args, state, control, model=None, **kwargs):  # type: ignore[no-untyped-def]
+        if model is None or state.global_step % self.every_n_steps:
+            return control
+        if not state.is_world_process_zero:
+            return control
+        was_training = model.training
+        report = inspect(model, rtol=self.rtol)
+        model.train(was_training)
+        record = {"step": state.global_step, "epoch": state.epoch, **report.to_dict()}
+        path = Path(args.output_dir) / self.filename
+        path.parent.mkdir(parents=True, exist_ok=True)
+        with path.open("a") as fh:
+            fh.write(json.dumps(record) + "\n")
+        self._pending = summary_metrics(report)
+        control.should_log = True
+        return control
+
+    def on_log(self, args, state, control, logs=None, **kwargs):  # type: ignore[no-untyped-def]
+        if self._pending is not None and logs is not None:
+            logs.update(self._pending)
+            if state.log_history:
+                state.log_history[-1].update(self._pending)
+            self._pending = None
+        return control
+
+
+def summary_metrics(report) -> dict[str, float]:  # type: ignore[no-untyped-def]
+    """Flat scalar summaries of an InspectReport, named for TensorBoard."""
+    metrics: dict[str, float] = {}
+    rows = report.layer_summary()
+    for row in rows:
+        for product in PRODUCTS:
+            for stat in ("erank_mean", "erank_min", "rank_mean", "gap_mean"):
+                metrics[f"spectra/L{row['layer']}/{product}_{stat}"] = float(row[f"{product}_{stat}"])
+    for product in PRODUCTS:
+        metrics[f"spectra/{product}_erank_mean"] = sum(r[f"{product}_erank_mean"] for r in rows) / len(rows)
+    return metrics
