@@ -1,8 +1,10 @@
 """qkvlab: see and control what optimisation does to attention layers."""
 
 from qkvlab.attention import ArchitectureInfo, families, load_source
+from qkvlab.attention.split import fuse_split_qkv, fuse_state_dict, split_fused_qkv, split_state_dict
 from qkvlab.errors import UserError
 from qkvlab.inspect import InspectReport, inspect
+from qkvlab.optim import PRESETS, ROLES, l2_penalty, param_groups, parse_preset, preset_settings, roles
 from qkvlab.spectra import (
     DEFAULT_RTOL,
     FactoredProduct,
@@ -18,6 +20,8 @@ __version__ = "0.1.0"
 
 __all__ = [
     "DEFAULT_RTOL",
+    "PRESETS",
+    "ROLES",
     "ArchitectureInfo",
     "FactoredProduct",
     "InspectReport",
@@ -27,9 +31,18 @@ __all__ = [
     "effective_rank",
     "factored_svdvals",
     "families",
+    "fuse_split_qkv",
+    "fuse_state_dict",
     "inspect",
+    "l2_penalty",
     "load_source",
     "nuclear_norm",
+    "param_groups",
+    "parse_preset",
+    "preset_settings",
     "rank_at",
+    "roles",
+    "split_fused_qkv",
+    "split_state_dict",
     "stable_rank",
 ]

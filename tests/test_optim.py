@@ -1,0 +1,399 @@
+"""Roles, parameter groups, presets, the L2 penalty and fused-projection splitting."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+import transformers as tf
+from torch import nn
+
+import qkvlab
+from qkvlab.optim import l2_penalty, param_groups, parse_preset, preset_settings, roles
+
+from conftest import tiny_hf_model
+
+LR, WD = 1e-3, 0.1
+
+
+def _tiny_bert_classifier(seed: int = 0) -> nn.Module:
+    torch.manual_seed(seed)
+    config = tf.BertConfig(
+        vocab_size=64,
+        hidden_size=32,
+        num_attention_heads=4,
+        num_hidden_layers=2,
+        intermediate_size=48,
+        num_labels=3,
+    )
+    return tf.BertForSequenceClassification(config)
+
+
+def _group_of(groups, name):
+    for group in groups:
+        if name in group["param_names"]:
+            return group
+    raise AssertionError(f"{name} is in no group")
+
+
+# -- roles -----------------------------------------------------------------------------------
+
+
+def test_roles_bert_classifier() -> None:
+    r = roles(_tiny_bert_classifier())
+    layer = "bert.encoder.layer.1."
+    assert r[layer + "attention.self.query.weight"] == "q"
+    assert r[layer + "attention.self.query.bias"] == "q"
+    assert r[layer + "attention.self.key.bias"] == "k"
+    assert r[layer + "attention.self.value.weight"] == "v"
+    assert r[layer + "attention.output.dense.weight"] == "o"
+    assert r[layer + "attention.output.LayerNorm.weight"] == "norm"
+    assert r[layer + "intermediate.dense.weight"] == "mlp"
+    assert r[layer + "output.dense.weight"] == "mlp"  # the FFN output, not the attention output
+    assert r["bert.embeddings.word_embeddings.weight"] == "embed"
+    assert r["bert.embeddings.LayerNorm.bias"] == "norm"
+    assert r["bert.pooler.dense.weight"] == "other"
+    assert r["classifier.weight"] == "head" and r["classifier.bias"] == "head"
+
+
+def test_roles_gpt2_llama_vit() -> None:
+    gpt2 = roles(tiny_hf_model("gpt2"))
+    assert gpt2["transformer.h.0.attn.c_attn.weight"] == "qkv"
+    assert gpt2["transformer.h.0.attn.c_attn.bias"] == "qkv"
+    assert gpt2["transformer.h.0.attn.c_proj.weight"] == "o"
+    assert gpt2["transformer.h.0.mlp.c_proj.weight"] == "mlp"
+    assert gpt2["transformer.h.0.ln_1.weight"] == "norm" and gpt2["transformer.ln_f.bias"] == "norm"
+    assert gpt2["transformer.wte.weight"] == "embed" and gpt2["transformer.wpe.weight"] == "embed"
+    assert "lm_head.weight" not in gpt2  # tied to wte: one parameter, one role
+
+    llama = roles(tiny_hf_model("llama"))
+    assert [llama[f"model.layers.2.self_attn.{m}_proj.weight"] for m in "qkvo"] == ["q", "k", "v", "o"]
+    assert llama["model.layers.2.mlp.gate_proj.weight"] == "mlp"
+    assert llama["model.layers.2.input_layernorm.weight"] == "norm"
+    assert llama["model.embed_tokens.weight"] == "embed"
+    assert llama["lm_head.weight"] == "head"  # untied
+
+    vit = roles(tiny_hf_model("vit"))
+    assert vit["layers.0.attention.q_proj.bias"] == "q"
+    assert vit["embeddings.cls_token"] == "embed"
+    assert vit["embeddings.position_embeddings"] == "embed"
+    assert vit["embeddings.patch_embeddings.projection.weight"] == "embed"
+    assert vit["layers.0.layernorm_before.weight"] == "norm"
+
+
+def test_roles_multihead_attention_and_split() -> None:
+    encoder = nn.TransformerEncoder(
+        nn.TransformerEncoderLayer(16, 4, 32), num_layers=2, enable_nested_tensor=False
+    )
+    r = roles(encoder)
+    assert r["layers.0.self_attn.in_proj_weight"] == "qkv"
+    assert r["layers.0.self_attn.in_proj_bias"] == "qkv"
+    assert r["layers.0.self_attn.out_proj.weight"] == "o"
+    assert r["layers.0.linear1.weight"] == "mlp"
+    assert r["layers.0.norm1.weight"] == "norm"
+    qkvlab.split_fused_qkv(encoder)
+    r = roles(encoder)
+    assert [r[f"layers.1.self_attn.{m}_proj_weight"] for m in "qkv"] == ["q", "k", "v"]
+    assert [r[f"layers.1.self_attn.{m}_bias"] for m in "qkv"] == ["q", "k", "v"]
+    assert "qkv" not in r.values()
+
+
+def test_roles_of_peft_lora_model() -> None:
+    from peft import LoraConfig, get_peft_model
+
+    model = get_peft_model(_tiny_bert_classifier(), LoraConfig(r=4, target_modules=["query", "value"]))
+    r = roles(model)
+    base = "base_model.model.bert.encoder.layer.0.attention.self."
+    assert r[base + "query.lora_A.default.weight"] == "q"
+    assert r[base + "query.lora_B.default.weight"] == "q"
+    assert r[base + "query.base_layer.weight"] == "q"
+    assert r[base + "value.lora_B.default.weight"] == "v"
+    assert r[base + "key.weight"] == "k"
+
+
+# -- groups ----------------------------------------------------------------------------------
+
+
+def test_default_groups_follow_hf_trainer_decay_convention() -> None:
+    model = _tiny_bert_classifier()
+    groups = param_groups(model, lr=LR, weight_decay=WD)
+    assert all(set(g) >= {"params", "param_names", "role", "lr", "weight_decay"} for g in groups)
+    assert sum(len(g["params"]) for g in groups) == len(list(model.parameters()))
+    names = [n for g in groups for n in g["param_names"]]
+    assert len(names) == len(set(names))
+    assert _group_of(groups, "bert.encoder.layer.0.attention.self.query.weight")["weight_decay"] == WD
+    assert _group_of(groups, "bert.encoder.layer.0.attention.self.query.bias")["weight_decay"] == 0.0
+    assert _group_of(groups, "bert.encoder.layer.0.output.LayerNorm.weight")["weight_decay"] == 0.0
+    assert (
+        _group_of(groups, "bert.embeddings.word_embeddings.weight")["weight_decay"] == WD
+    )  # like HF Trainer
+    assert {g["lr"] for g in groups} == {LR}
+    torch.optim.AdamW(groups)  # accepted as is
+
+
+def test_authors_bug_cases_get_the_right_answer() -> None:
+    """Paper 001's code sent every 1-D parameter to the V group, put the classifier in "K",
+    and decayed q/k biases. With qv-ratio (λ = 8):"""
+    model = _tiny_bert_classifier()
+    groups = param_groups(model, lr=LR, weight_decay=WD, **preset_settings("qv-ratio", ratio=8))
+    q_bias = _group_of(groups, "bert.encoder.layer.0.attention.self.query.bias")
+    assert q_bias["lr"] == LR  # q's rate, not v's
+    assert _group_of(groups, "bert.encoder.layer.0.attention.self.value.bias")["lr"] == pytest.approx(8 * LR)
+    assert _group_of(groups, "bert.encoder.layer.0.attention.self.value.weight")["lr"] == pytest.approx(
+        8 * LR
+    )
+    assert _group_of(groups, "classifier.weight")["lr"] == LR  # the base rate
+    assert q_bias["weight_decay"] == 0.0
+    assert _group_of(groups, "bert.encoder.layer.1.attention.self.query.weight")["weight_decay"] == WD
+    # k is frozen (not in any group); its bias is not decayed either way
+    assert not any("key" in n for g in groups for n in g["param_names"])
+    k_bias = dict(model.named_parameters())["bert.encoder.layer.0.attention.self.key.bias"]
+    assert not k_bias.requires_grad
+
+
+def test_overrides_and_decoupled_attention_preset() -> None:
+    model = tiny_hf_model("llama")
+    groups = param_groups(
+        model,
+        lr=LR,
+        weight_decay=WD,
+        **preset_settings("decoupled-attn", attn_weight_decay=0.01, attn_lr_scale=0.5),
+    )
+    for m in "qkvo":
+        g = _group_of(groups, f"model.layers.0.self_attn.{m}_proj.weight")
+        assert (g["role"], g["lr"], g["weight_decay"]) == (m, 0.5 * LR, 0.01)
+    mlp = _group_of(groups, "model.layers.0.mlp.up_proj.weight")
+    assert (mlp["lr"], mlp["weight_decay"]) == (LR, WD)
+
+    groups = param_groups(model, lr=LR, weight_decay=WD, overrides={"embed": {"weight_decay": 0.0}})
+    assert _group_of(groups, "model.embed_tokens.weight")["weight_decay"] == 0.0
+
+
+def test_lora_plus_ratio_on_peft_model() -> None:
+    from peft import LoraConfig, get_peft_model
+
+    model = get_peft_model(
+        _tiny_bert_classifier(), LoraConfig(r=4, target_modules=["query", "value"], task_type="SEQ_CLS")
+    )
+    groups = param_groups(model, lr=LR, weight_decay=WD, lora_ratio=16, overrides={"v": {"lr_scale": 4}})
+    base = "base_model.model.bert.encoder.layer.1.attention.self."
+    assert _group_of(groups, base + "query.lora_A.default.weight")["lr"] == LR
+    assert _group_of(groups, base + "query.lora_B.default.weight")["lr"] == pytest.approx(16 * LR)
+    assert _group_of(groups, base + "value.lora_A.default.weight")["lr"] == pytest.approx(4 * LR)
+    assert _group_of(groups, base + "value.lora_B.default.weight")["lr"] == pytest.approx(64 * LR)
+    # the trainable classifier copy (PEFT modules_to_save) keeps the base rate, its bias is not boosted
+    head = [n for g in groups for n in g["param_names"] if "classifier" in n]
+    assert head and all(_group_of(groups, n)["lr"] == LR for n in head)
+    # frozen base weights stay out, adapters only where PEFT put them
+    names = {n for g in groups for n in g["param_names"]}
+    assert not any("base_layer" in n or "original_module" in n for n in names)
+    assert not any("key" in n for n in names)
+    assert {g["role"] for g in groups if "lora" in "".join(g["param_names"])} == {"q", "v"}
+
+
+def test_train_set_freezes_everything_else_and_keeps_the_head() -> None:
+    model = _tiny_bert_classifier()
+    groups = param_groups(model, lr=LR, weight_decay=WD, train={"o"})
+    assert {g["role"] for g in groups} == {"o", "head"}
+    assert all(
+        p.requires_grad == (r in ("o", "head"))
+        for (n, p), r in zip(model.named_parameters(), roles(model).values(), strict=True)
+    )
+    groups = param_groups(model, lr=LR, weight_decay=WD, train="o,-head")
+    assert {g["role"] for g in groups} == {"o"}
+    assert not dict(model.named_parameters())["classifier.weight"].requires_grad
+
+
+def test_qv_ratio_training_moves_only_q_v_and_head() -> None:
+    model = _tiny_bert_classifier()
+    before = copy.deepcopy(model.state_dict())
+    optimizer = torch.optim.AdamW(
+        param_groups(model, lr=1e-2, weight_decay=0.1, **preset_settings("qv-ratio"))
+    )
+    gen = torch.Generator().manual_seed(0)
+    for _ in range(3):
+        ids = torch.randint(0, 64, (4, 10), generator=gen)
+        loss = model(input_ids=ids, labels=torch.randint(0, 3, (4,), generator=gen)).loss
+        loss.backward()
+        optimizer.step()
+        optimizer.zero_grad()
+    after = model.state_dict()
+    r = roles(model)
+    for name, role in r.items():
+        moved = not torch.equal(before[name], after[name])
+        if role in ("q", "v", "head"):
+            assert moved, name
+        else:
+            assert not moved, f"{name} ({role}) changed"
+
+
+def test_errors_are_clear() -> None:
+    model = _tiny_bert_classifier()
+    with pytest.raises(qkvlab.UserError, match="unknown role query in overrides; accepted: q, k, v"):
+        param_groups(model, lr=LR, weight_decay=WD, overrides={"query": {"lr_scale": 2}})
+    with pytest.raises(qkvlab.UserError, match="unknown role attn in train"):
+        param_groups(model, lr=LR, weight_decay=WD, train={"q", "attn"})
+    with pytest.raises(
+        qkvlab.UserError, match="unknown setting lr for role q; accepted: lr_scale, weight_decay"
+    ):
+        param_groups(model, lr=LR, weight_decay=WD, overrides={"q": {"lr": 2}})
+    with pytest.raises(qkvlab.UserError, match="leaves nothing trainable"):
+        param_groups(model, lr=LR, weight_decay=WD, train={"qkv", "-head"})
+    with pytest.raises(qkvlab.UserError, match="lr_scale'\\] = 0; accepted: a number > 0"):
+        param_groups(model, lr=LR, weight_decay=WD, overrides={"v": {"lr_scale": 0}})
+    with pytest.raises(
+        qkvlab.UserError, match="unknown preset 'qv'; accepted: decoupled-attn, qv-ratio, loraplus"
+    ):
+        preset_settings("qv")
+    with pytest.raises(qkvlab.UserError, match="no argument lam; accepted: ratio"):
+        parse_preset("qv-ratio:lam=2")
+    assert parse_preset("qv-ratio:ratio=8")["overrides"] == {"v": {"lr_scale": 8.0}}
+
+
+def test_fused_qkv_needs_a_split_for_different_settings() -> None:
+    model = tiny_hf_model("gpt2")
+    with pytest.raises(
+        qkvlab.UserError,
+        match=r"share the fused tensor transformer\.h\.0\.attn\.c_attn\.weight.*split_fused_qkv",
+    ):
+        param_groups(model, lr=LR, weight_decay=WD, overrides={"v": {"lr_scale": 4}})
+    with pytest.raises(qkvlab.UserError, match=r"splits q/k/v.*split_fused_qkv"):
+        param_groups(model, lr=LR, weight_decay=WD, train={"q", "v"})
+    # the same setting for all three is fine on the fused tensor
+    same = {r: {"weight_decay": 0.0} for r in "qkv"}
+    groups = param_groups(model, lr=LR, weight_decay=WD, overrides=same)
+    assert _group_of(groups, "transformer.h.0.attn.c_attn.weight")["weight_decay"] == 0.0
+    qkvlab.split_fused_qkv(model)
+    groups = param_groups(model, lr=LR, weight_decay=WD, overrides={"v": {"lr_scale": 4}})
+    assert _group_of(groups, "transformer.h.0.attn.c_attn.v.weight")["lr"] == pytest.approx(4 * LR)
+    assert _group_of(groups, "transformer.h.0.attn.c_attn.q.weight")["lr"] == LR
+
+
+# -- coupled L2 vs decoupled ------------------------------------------------------------------
+
+
+def test_sgd_step_with_l2_penalty_equals_sgd_weight_decay() -> None:
+    lam = 0.3
+    a, b = _tiny_bert_classifier(1), _tiny_bert_classifier(1)
+    ids = torch.randint(0, 64, (4, 8), generator=torch.Generator().manual_seed(1))
+    labels = torch.tensor([0, 1, 2, 0])
+    for m in (a, b):
+        m.eval()  # no dropout: both see the same function
+
+    coupled = param_groups(a, lr=0.1, weight_decay=lam, regularization="l2")
+    assert all(g["weight_decay"] == 0.0 for g in coupled)
+    opt_a = torch.optim.SGD(coupled, lr=0.1)
+    (a(input_ids=ids, labels=labels).loss + l2_penalty(coupled)).backward()
+    opt_a.step()
+
+    decoupled = param_groups(b, lr=0.1, weight_decay=lam)
+    opt_b = torch.optim.SGD(decoupled, lr=0.1)  # SGD's weight_decay adds λθ to the gradient
+    b(input_ids=ids, labels=labels).loss.backward()
+    opt_b.step()
+    for (name, pa), pb in zip(a.named_parameters(), b.parameters(), strict=True):
+        torch.testing.assert_close(pa, pb, rtol=1e-6, atol=1e-7, msg=name)
+
+
+def test_l2_penalty_value() -> None:
+    w = nn.Parameter(torch.tensor([[3.0, 4.0]]))
+    groups = [
+        {"params": [w], "l2": 0.5, "weight_decay": 0.0},
+        {"params": [nn.Parameter(torch.ones(3))], "weight_decay": 0.0},
+    ]
+    assert l2_penalty(groups).item() == pytest.approx(0.25 * 25)
+
+
+# -- splitting fused projections -------------------------------------------------------------
+
+
+def test_split_gpt2_keeps_outputs_and_round_trips() -> None:
+    model = tiny_hf_model("gpt2")
+    ids = torch.randint(0, 64, (2, 9), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        reference = model(ids).logits
+    fused_state = copy.deepcopy(model.state_dict())
+    spectra_before = qkvlab.inspect(model).heads
+    assert qkvlab.split_fused_qkv(model) == [f"transformer.h.{i}.attn.c_attn" for i in range(3)]
+    with torch.no_grad():
+        torch.testing.assert_close(model(ids).logits, reference, rtol=1e-6, atol=1e-6)
+    split_state = model.state_dict()
+    assert split_state["transformer.h.0.attn.c_attn.q.weight"].shape == (48, 48)
+    # state dicts convert both ways without a model
+    converted = qkvlab.split_state_dict(fused_state)
+    assert set(converted) == set(split_state)
+    assert all(torch.equal(converted[k], split_state[k]) for k in converted)
+    back = qkvlab.fuse_state_dict(split_state)
+    assert set(back) == set(fused_state) and all(torch.equal(back[k], fused_state[k]) for k in back)
+    # the spectra are those of the same products
+    after = qkvlab.inspect(model).heads
+    for x, y in zip(spectra_before, after, strict=True):
+        assert x["singular_values"] == pytest.approx(y["singular_values"], rel=1e-12)
+    qkvlab.fuse_split_qkv(model)
+    assert all(torch.equal(model.state_dict()[k], fused_state[k]) for k in fused_state)
+
+
+def test_split_timm_style_qkv_linear() -> None:
+    class Attn(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.num_heads, self.qkv, self.proj = 2, nn.Linear(8, 24), nn.Linear(8, 8)
+
+        def forward(self, x):
+            b, n, _ = x.shape
+            q, k, v = self.qkv(x).reshape(b, n, 3, 2, 4).permute(2, 0, 3, 1, 4).unbind(0)
+            out = torch.softmax(q @ k.transpose(-1, -2) / 2, -1) @ v
+            return self.proj(out.transpose(1, 2).reshape(b, n, 8))
+
+    class Block(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.attn = Attn()
+
+        def forward(self, x):
+            return x + self.attn(x)
+
+    model = nn.Module()
+    model.blocks = nn.Sequential(Block(), Block())
+    x = torch.randn(2, 5, 8)
+    reference = model.blocks(x)
+    state = copy.deepcopy(model.state_dict())
+    qkvlab.split_fused_qkv(model)
+    torch.testing.assert_close(model.blocks(x), reference, rtol=1e-6, atol=1e-6)
+    assert roles(model)["blocks.1.attn.qkv.k.bias"] == "k"
+    converted = qkvlab.split_state_dict(state)
+    assert all(torch.equal(converted[k], v) for k, v in model.state_dict().items())
+
+
+@pytest.mark.parametrize("bias", [True, False])
+def test_split_multihead_attention_in_training_and_eval(bias: bool) -> None:
+    torch.manual_seed(0)
+    encoder = nn.TransformerEncoder(
+        nn.TransformerEncoderLayer(16, 4, 32, dropout=0.0, batch_first=True, bias=bias),
+        num_layers=2,
+        enable_nested_tensor=False,
+    )
+    x = torch.randn(3, 6, 16)
+    encoder.eval()
+    with torch.no_grad():
+        reference = encoder(x)
+    state = copy.deepcopy(encoder.state_dict())
+    qkvlab.split_fused_qkv(encoder)
+    with torch.no_grad():
+        torch.testing.assert_close(encoder(x), reference, rtol=1e-6, atol=1e-6)
+    encoder.train()
+    out = encoder(x)
+    torch.testing.assert_close(out, reference, rtol=1e-6, atol=1e-6)
+    out.square().sum().backward()
+    attn = encoder.layers[0].self_attn
+    assert attn.q_proj_weight.grad is not None and attn.q_proj_weight.grad.abs().sum() > 0
+    if bias:
+        assert attn.v_bias.grad is not None
+    converted = qkvlab.split_state_dict(state)
+    assert set(converted) == set(encoder.state_dict())
+    assert all(torch.equal(converted[k], v) for k, v in encoder.state_dict().items())
+    qkvlab.fuse_split_qkv(encoder)
+    encoder.eval()
+    with torch.no_grad():
+        torch.testing.assert_close(encoder(x), reference, rtol=1e-6, atol=1e-6)
+    assert set(encoder.state_dict()) == set(state)
