@@ -20,8 +20,9 @@ from pathlib import Path
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 sys.path.insert(0, str(Path(__file__).parent))
 import qkvlab
-from _common import machine, median_time, write_section
 from qkvlab.attention.sources import resolve_packaged
+
+from _common import machine, median_time, write_section
 
 REPEATS = 5
 

@@ -17,8 +17,9 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).parent))
-from _common import machine, matmul_gflops_f64, median_time, write_section
 from qkvlab.spectra import FactoredProduct
+
+from _common import machine, matmul_gflops_f64, median_time, write_section
 
 HEADS = 16
 
