@@ -72,6 +72,48 @@ def _build_parser() -> argparse.ArgumentParser:
     insp.add_argument("--n-kv-heads", type=_positive_int, help="override the config's number of KV heads")
     insp.add_argument("--quiet", action="store_true", help="no table, no progress bar")
     insp.set_defaults(handler=_cmd_inspect)
+
+    from qkvlab.optim import PRESETS
+
+    presets = "; ".join(
+        f"{p.name} ({', '.join(f'{k}={v:g}' for k, v in p.defaults.items())})" for p in PRESETS.values()
+    )
+    tr = sub.add_parser(
+        "train",
+        help="train a GPT / ViT / in-context regression model from scratch",
+        description="Train qkvlab's own models on offline data, with per-role optimiser control, a spectral "
+        "monitor, safe checkpoints and bit-identical resume. Under `torchrun --nproc_per_node K -m qkvlab train` "
+        "it runs DDP with the same global batch.",
+    )
+    tr.add_argument(
+        "config", nargs="?", help="YAML config (optional; defaults: char-level GPT on shakespeare)"
+    )
+    tr.add_argument(
+        "overrides", nargs="*", metavar="key=value", help="config overrides, e.g. lr=3e-4 model.n_layer=6"
+    )
+    tr.add_argument("--preset", help=f"optimiser preset NAME[:key=value,...]: {presets}")
+    tr.add_argument(
+        "--resume", metavar="RUN_DIR", help="continue the run in RUN_DIR from its latest checkpoint"
+    )
+    tr.add_argument(
+        "--help-keys", action="store_true", help="list every config key with its default and exit"
+    )
+    tr.set_defaults(handler=_cmd_train)
+
+    sw = sub.add_parser(
+        "sweep",
+        help="run a grid of training runs × seeds; resumable",
+        description="Each grid point × seed is a run folder; completed runs are skipped, interrupted ones resumed.",
+    )
+    sw.add_argument("config", nargs="?", help="YAML config shared by every run")
+    sw.add_argument("overrides", nargs="*", metavar="key=value", help="overrides shared by every run")
+    sw.add_argument(
+        "--grid", action="append", default=[], metavar="KEY=V1,V2,...", help="a grid axis (repeatable)"
+    )
+    sw.add_argument("--seeds", default="0", help="comma-separated seeds (default 0)")
+    sw.add_argument("--jobs", type=_positive_int, default=1, help="runs at a time (default 1)")
+    sw.add_argument("--out", metavar="DIR", help="sweep folder (default runs/sweep-<config name>)")
+    sw.set_defaults(handler=_cmd_sweep)
     return parser
 
 
@@ -141,6 +183,86 @@ def _cmd_inspect(args: argparse.Namespace) -> int:
         for path in written:
             print(f"wrote {path}")
     return 0
+
+
+def _train_overrides(args: argparse.Namespace) -> dict[str, str]:
+    from qkvlab.config import parse_assignments
+
+    items = list(args.overrides)
+    if args.config and "=" in args.config and not args.config.endswith((".yaml", ".yml", ".json")):
+        items.insert(0, args.config)  # `qkvlab train lr=1e-3` with no config file
+        args.config = None
+    overrides = parse_assignments(items)
+    if getattr(args, "preset", None):
+        overrides["preset"] = args.preset
+    return overrides
+
+
+def _cmd_train(args: argparse.Namespace) -> int:
+    import json
+    from pathlib import Path
+
+    from qkvlab.config import TrainConfig, apply_overrides, config_keys, load_config
+    from qkvlab.train import train
+
+    if args.help_keys:
+        defaults = TrainConfig()
+        for key in config_keys():
+            target = defaults.model if key.startswith("model.") else defaults
+            print(f"{key} = {getattr(target, key.removeprefix('model.'))!r}")
+        return 0
+    overrides = _train_overrides(args)
+    if args.resume:
+        run_dir = Path(args.resume)
+        if not (run_dir / "config.json").is_file():
+            raise UserError(f"cannot resume {run_dir}: no config.json there (is it a qkvlab run folder?)")
+        config = TrainConfig.from_dict(json.loads((run_dir / "config.json").read_text()))
+        config.stop_at = None  # an earlier stop_at ended the first leg; give it again to stop again
+        apply_overrides(config, overrides)
+        result = train(config, resume=run_dir)
+    else:
+        config = load_config(args.config, overrides)
+        result = train(config)
+    if int(__import__("os").environ.get("RANK", "0")) == 0:
+        state = (
+            "complete"
+            if result.complete
+            else f"stopped at step {result.step} (resume with --resume {result.run_dir})"
+        )
+        loss = f", train loss {result.final_train_loss:.4f}" if result.final_train_loss is not None else ""
+        evals = "".join(f", val {k} {v:.4f}" for k, v in result.final_eval.items())
+        print(f"{result.run_dir}: {state}{loss}{evals}, {result.wall_seconds:.1f} s")
+    return 0
+
+
+def _cmd_sweep(args: argparse.Namespace) -> int:
+    from pathlib import Path
+
+    from qkvlab.train.sweep import parse_grid, run_sweep
+
+    overrides = _train_overrides(args)
+    if not args.grid:
+        raise UserError("give at least one --grid KEY=V1,V2,...")
+    try:
+        seeds = [int(s) for s in args.seeds.split(",") if s.strip()]
+    except ValueError:
+        raise UserError(f"--seeds {args.seeds!r} must be comma-separated integers") from None
+    stem = Path(args.config).stem if args.config else "default"
+    sweep_dir = Path(args.out) if args.out else Path("runs") / f"sweep-{stem}"
+    results = run_sweep(
+        Path(args.config) if args.config else None,
+        parse_grid(args.grid),
+        seeds,
+        sweep_dir,
+        jobs=args.jobs,
+        extra=overrides,
+    )
+    failed = [r for r in results if r["status"].startswith("failed")]
+    print(
+        f"wrote {sweep_dir / 'sweep.json'}"
+        + (f"; {len(failed)} run(s) failed, see their train.log" if failed else "")
+    )
+    return 1 if failed else 0
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -146,6 +146,20 @@ FAMILIES: tuple[Family, ...] = (
         ),
     ),
     Family(
+        name="qkvlab",
+        description="qkvlab's own GPT, ViT and in-context regression transformers",
+        model_types=("qkvlab-gpt", "qkvlab-vit", "qkvlab-icl"),
+        layouts=(
+            Layout(
+                anchor=rf"^(?P<block>{_PREFIX}blocks\.\d+\.attn\.)q_proj\.weight$",
+                q="{block}q_proj.weight",
+                k="{block}k_proj.weight",
+                v="{block}v_proj.weight",
+                o="{block}o_proj.weight",
+            ),
+        ),
+    ),
+    Family(
         name="timm-vit",
         description="timm VisionTransformer (fused attn.qkv)",
         model_types=(),

@@ -1,0 +1,292 @@
+"""One typed, validated config schema for training runs (``qkvlab train``, ``qkvlab sweep``).
+
+A config is a YAML file with the fields of ``TrainConfig`` (model fields under ``model:``),
+plus ``key=value`` overrides on the command line with dotted names (``model.n_layer=6``).
+Unknown keys get an error that lists the closest valid keys; bad values get an error that
+says the accepted range. Both are ``UserError``s (exit code 2 in the CLI).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import difflib
+import json
+import os
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field, fields
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from qkvlab.errors import UserError
+from qkvlab.models.transformer import ModelConfig
+
+__all__ = ["TrainConfig", "apply_overrides", "config_keys", "load_config"]
+
+
+@dataclass
+class TrainConfig:
+    """Everything a training run needs. Defaults give a small char-level GPT on Shakespeare."""
+
+    name: str = "run"
+    # data
+    data: str = "shakespeare"
+    tokenizer: str = "char"
+    vocab_size: int = 512
+    seq_len: int = 128
+    val_fraction: float = 0.1
+    online: bool = False
+    icl_dim: int = 8
+    icl_points: int = 32
+    icl_noise: float = 0.0
+    # model (kind, sizes; data-dependent fields are filled in by the trainer)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    # optimisation
+    optimizer: str = (
+        "adamw"  # adamw: decoupled decay | adam: coupled L2 in the loss | sgd: L2 in the gradient
+    )
+    lr: float = 1e-3
+    weight_decay: float = 0.1
+    beta1: float = 0.9
+    beta2: float = 0.95
+    momentum: float = 0.0  # sgd
+    preset: str | None = None  # e.g. "decoupled-attn:attn_weight_decay=0"
+    overrides: dict = field(default_factory=dict)  # {role: {lr_scale, weight_decay}}
+    train_roles: list | None = None  # roles that train; None = all
+    schedule: str = "cosine"  # cosine | linear | constant (after warmup)
+    warmup_steps: int = 100
+    min_lr_ratio: float = 0.1
+    grad_clip: float = 1.0  # 0 = off
+    batch_size: int = 32  # global: split across DDP ranks
+    max_steps: int = 1000
+    stop_at: int | None = None  # stop (with a checkpoint) after this step, as if interrupted
+    seed: int = 0
+    precision: str = "fp32"  # fp32 | bf16 (autocast)
+    device: str = "auto"  # auto | cpu | cuda
+    # monitoring and output
+    log_every: int = 10
+    eval_every: int = 200
+    eval_batches: int = 20  # 0 = the whole validation split
+    spectra_every: int = 200  # 0 = off
+    checkpoint_every: int = 500
+    keep_checkpoints: int = 2
+    tensorboard: bool = True
+    progress: bool = True
+    out: str = "runs/{name}"
+
+    def run_dir(self) -> Path:
+        return Path(self.out.format(name=self.name))
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any]) -> TrainConfig:
+        config = cls()
+        flat = _flatten(data)
+        for key in [
+            k for k in flat if k.removeprefix("model.") in _DERIVED_MODEL_FIELDS and k.startswith("model.")
+        ]:
+            setattr(config.model, key[6:], flat.pop(key))  # saved run configs carry the data-derived sizes
+        apply_overrides(config, flat)
+        return config
+
+
+def _flatten(data: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
+    flat: dict[str, Any] = {}
+    for key, value in data.items():
+        if key == "model" and isinstance(value, Mapping) and not prefix:
+            flat.update(_flatten(value, "model."))
+        else:
+            flat[prefix + str(key)] = value
+    return flat
+
+
+def config_keys() -> list[str]:
+    top = [f.name for f in fields(TrainConfig) if f.name != "model"]
+    model = [f"model.{f.name}" for f in fields(ModelConfig) if f.name not in _DERIVED_MODEL_FIELDS]
+    return top + model
+
+
+# Names users bring from other tools, for the "did you mean" hint.
+_ALIASES = {
+    "learning_rate": "lr",
+    "wd": "weight_decay",
+    "steps": "max_steps",
+    "max_iters": "max_steps",
+    "warmup": "warmup_steps",
+    "block_size": "seq_len",
+    "context": "seq_len",
+    "n_layer": "model.n_layer",
+    "n_head": "model.n_head",
+    "d_model": "model.d_model",
+    "n_embd": "model.d_model",
+    "clip": "grad_clip",
+    "max_grad_norm": "grad_clip",
+}
+
+# Filled from the data; a user setting them would be overwritten, so they are not keys.
+_DERIVED_MODEL_FIELDS = {"vocab_size", "seq_len", "image_size", "channels", "n_classes", "input_dim", "extra"}
+
+# Accepted values per key: (predicate, description of what is accepted).
+_pos = (lambda v: v > 0, "> 0")
+_nonneg = (lambda v: v >= 0, "≥ 0")
+_CHECKS: dict[str, tuple[Callable[[Any], bool], str]] = {
+    "tokenizer": (lambda v: v in ("char", "bpe"), "char or bpe"),
+    "vocab_size": (lambda v: v >= 2, "≥ 2"),
+    "seq_len": _pos,
+    "val_fraction": (lambda v: 0 < v <= 0.5, "in (0, 0.5]"),
+    "icl_dim": _pos,
+    "icl_points": (lambda v: v >= 2, "≥ 2"),
+    "icl_noise": _nonneg,
+    "optimizer": (lambda v: v in ("adamw", "adam", "sgd"), "adamw, adam or sgd"),
+    "lr": _pos,
+    "weight_decay": _nonneg,
+    "beta1": (lambda v: 0 <= v < 1, "in [0, 1)"),
+    "beta2": (lambda v: 0 <= v < 1, "in [0, 1)"),
+    "momentum": (lambda v: 0 <= v < 1, "in [0, 1)"),
+    "schedule": (lambda v: v in ("cosine", "linear", "constant"), "cosine, linear or constant"),
+    "warmup_steps": _nonneg,
+    "min_lr_ratio": (lambda v: 0 <= v <= 1, "in [0, 1]"),
+    "grad_clip": _nonneg,
+    "batch_size": _pos,
+    "max_steps": _pos,
+    "stop_at": _pos,
+    "seed": _nonneg,
+    "precision": (lambda v: v in ("fp32", "bf16"), "fp32 or bf16"),
+    "device": (lambda v: v in ("auto", "cpu", "cuda"), "auto, cpu or cuda"),
+    "log_every": _pos,
+    "eval_every": _nonneg,
+    "eval_batches": _nonneg,
+    "spectra_every": _nonneg,
+    "checkpoint_every": _pos,
+    "keep_checkpoints": _pos,
+    "model.kind": (lambda v: v in ("gpt", "vit", "icl"), "gpt, vit or icl"),
+    "model.n_layer": _pos,
+    "model.n_head": _pos,
+    "model.d_model": _pos,
+    "model.d_head": _pos,
+    "model.d_mlp": _nonneg,
+    "model.dropout": (lambda v: 0 <= v < 1, "in [0, 1)"),
+    "model.attention": (lambda v: v in ("softmax", "linear"), "softmax or linear"),
+    "model.patch_size": _pos,
+}
+
+
+def _field_type(key: str) -> Any:
+    cls, name = (ModelConfig, key[6:]) if key.startswith("model.") else (TrainConfig, key)
+    return {f.name: f.type for f in fields(cls)}[name]
+
+
+def _coerce(key: str, value: Any) -> Any:
+    """Parse CLI strings and YAML values into the field's type."""
+    kind = str(_field_type(key))
+    optional = "None" in kind
+    if optional and (value is None or (isinstance(value, str) and value.lower() in ("none", "null", ""))):
+        return None
+    if isinstance(value, str) and not kind.startswith("str"):
+        try:
+            value = yaml.safe_load(value)
+        except yaml.YAMLError:
+            raise UserError(f"{key}={value!r} is not a valid value") from None
+    base = kind.replace(" | None", "")
+    if base == "bool":
+        if not isinstance(value, bool):
+            raise UserError(f"{key}={value!r}; accepted: true or false")
+    elif base == "int":
+        if isinstance(value, bool) or not isinstance(value, int):
+            if isinstance(value, float) and value.is_integer():
+                value = int(value)
+            else:
+                raise UserError(f"{key}={value!r}; accepted: an integer")
+    elif base == "float":
+        if isinstance(value, str):  # YAML 1.1 reads "3e-4" (no dot) as a string
+            with contextlib.suppress(ValueError):
+                value = float(value)
+        if isinstance(value, bool) or not isinstance(value, int | float):
+            raise UserError(f"{key}={value!r}; accepted: a number")
+        value = float(value)
+    elif base == "str":
+        value = str(value)
+    elif base == "dict":
+        if not isinstance(value, Mapping):
+            raise UserError(f"{key} must be a mapping, e.g. {{v: {{lr_scale: 4}}}}; got {value!r}")
+        value = dict(value)
+    elif base == "list":
+        if isinstance(value, str):
+            value = [v.strip() for v in value.split(",") if v.strip()]
+        if not isinstance(value, list | tuple):
+            raise UserError(f"{key} must be a list such as [q, v]; got {value!r}")
+        value = list(value)
+    return value
+
+
+def apply_overrides(config: TrainConfig, overrides: Mapping[str, Any]) -> TrainConfig:
+    """Set dotted keys on ``config`` in place, validating each; returns it."""
+    valid = config_keys()
+    for key, raw in overrides.items():
+        if key not in valid:
+            close = (
+                [_ALIASES[key]] if key in _ALIASES else difflib.get_close_matches(key, valid, n=3, cutoff=0.6)
+            )
+            if close:
+                raise UserError(
+                    f"unknown config key {key!r}; did you mean {' or '.join(close)}? (`qkvlab train --help-keys` lists all)"
+                )
+            raise UserError(f"unknown config key {key!r}; valid keys: {', '.join(valid)}")
+        value = _coerce(key, raw)
+        check = _CHECKS.get(key)
+        if check is not None and value is not None and not check[0](value):
+            raise UserError(f"{key}={value!r} is out of range; accepted: {check[1]}")
+        target, name = (config.model, key[6:]) if key.startswith("model.") else (config, key)
+        setattr(target, name, value)
+    return config
+
+
+def parse_assignments(items: list[str]) -> dict[str, str]:
+    """``["lr=3e-4", "model.n_layer=6"]`` → dict; a malformed item is a UserError."""
+    out = {}
+    for item in items:
+        key, sep, value = item.partition("=")
+        if not sep or not key.strip():
+            raise UserError(f"override {item!r} must look like key=value (e.g. lr=3e-4)")
+        out[key.strip()] = value.strip()
+    return out
+
+
+def load_config(
+    path: str | os.PathLike[str] | None, overrides: Mapping[str, Any] | None = None
+) -> TrainConfig:
+    """A config from YAML (or JSON) plus overrides; ``path=None`` starts from the defaults."""
+    data: Mapping[str, Any] = {}
+    if path is not None:
+        file = Path(path)
+        if not file.is_file():
+            raise UserError(f"no such config file: {path}")
+        try:
+            data = yaml.safe_load(file.read_text()) or {}
+        except yaml.YAMLError as exc:
+            raise UserError(f"{path} is not valid YAML ({str(exc).splitlines()[0]})") from None
+        if not isinstance(data, Mapping):
+            raise UserError(f"{path} must hold a mapping of config keys, found {type(data).__name__}")
+    config = TrainConfig.from_dict(data)
+    if overrides:
+        apply_overrides(config, overrides)
+    _check_consistency(config)
+    return config
+
+
+def _check_consistency(config: TrainConfig) -> None:
+    model = config.model
+    if model.attention == "linear" and model.kind != "icl":
+        raise UserError("model.attention=linear is only for model.kind=icl")
+    if config.stop_at is not None and config.stop_at > config.max_steps:
+        raise UserError(f"stop_at={config.stop_at} is beyond max_steps={config.max_steps}")
+    if config.warmup_steps >= config.max_steps and config.warmup_steps > 0:
+        raise UserError(f"warmup_steps={config.warmup_steps} must be < max_steps={config.max_steps}")
+
+
+def dump_config(config: TrainConfig, path: Path) -> None:
+    path.write_text(json.dumps(config.to_dict(), indent=1))

@@ -1,0 +1,134 @@
+"""qkvlab's own models (registered with the architecture table) and the config schema."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+import qkvlab
+from qkvlab.config import TrainConfig, apply_overrides, load_config
+from qkvlab.models import ModelConfig, build_model
+
+
+def _models():
+    yield "gpt", ModelConfig(kind="gpt", n_layer=2, n_head=3, d_model=24, d_head=5, vocab_size=40, seq_len=12)
+    yield (
+        "vit",
+        ModelConfig(kind="vit", n_layer=2, n_head=2, d_model=16, image_size=8, patch_size=2, n_classes=10),
+    )
+    yield (
+        "icl",
+        ModelConfig(
+            kind="icl", n_layer=2, n_head=2, d_model=16, input_dim=5, attention="linear", norm=False, d_mlp=0
+        ),
+    )
+
+
+@pytest.mark.parametrize(("kind", "cfg"), list(_models()), ids=[k for k, _ in _models()])
+def test_own_models_are_inspectable_with_roles(kind, cfg) -> None:
+    torch.manual_seed(0)
+    model = build_model(cfg)
+    report = qkvlab.inspect(model)
+    assert report.architecture.family == "qkvlab"
+    assert (report.architecture.n_layers, report.architecture.n_heads, report.architecture.d_head) == (
+        2,
+        cfg.n_head,
+        cfg.head_dim,
+    )
+    attn = model.blocks[1].attn
+    for h in range(cfg.n_head):  # QK_h = W_K^hᵀ W_Q^h from the module's own weights
+        sl = slice(h * cfg.head_dim, (h + 1) * cfg.head_dim)
+        w_q, w_k = attn.q_proj.weight[sl].double(), attn.k_proj.weight[sl].double()
+        expected = torch.linalg.svdvals(w_k.T @ w_q)[: cfg.head_dim]
+        got = torch.tensor(report.select("qk", 1)[h]["singular_values"], dtype=torch.float64)
+        torch.testing.assert_close(got, expected)
+    roles = qkvlab.roles(model)
+    assert roles["blocks.0.attn.q_proj.weight"] == "q" and roles["blocks.1.attn.o_proj.weight"] == "o"
+    assert {"q", "k", "v", "o", "embed"} <= set(roles.values())
+    groups = qkvlab.param_groups(model, lr=1e-3, weight_decay=0.1, **qkvlab.preset_settings("decoupled-attn"))
+    assert {g["weight_decay"] for g in groups if g["role"] in "qkvo"} == {0.0}
+
+
+def test_gpt_is_causal_and_vit_is_not() -> None:
+    torch.manual_seed(0)
+    gpt = build_model(dict(_models())["gpt"]).eval()
+    ids = torch.randint(0, 40, (1, 12))
+    changed = ids.clone()
+    changed[0, -1] = (ids[0, -1] + 1) % 40
+    with torch.no_grad():
+        a, b = gpt(ids)["logits"], gpt(changed)["logits"]
+    torch.testing.assert_close(a[:, :-1], b[:, :-1])  # the future does not leak
+    assert not torch.allclose(a[:, -1], b[:, -1])
+    assert gpt.lm_head.weight is gpt.tok_embed.weight  # tied
+
+
+def test_linear_attention_matches_its_formula() -> None:
+    torch.manual_seed(0)
+    cfg = dict(_models())["icl"]
+    model = build_model(cfg)
+    attn = model.blocks[0].attn
+    x = torch.randn(2, 7, 16)
+    q = attn.q_proj(x).view(2, 7, 2, 8).transpose(1, 2)
+    k = attn.k_proj(x).view(2, 7, 2, 8).transpose(1, 2)
+    v = attn.v_proj(x).view(2, 7, 2, 8).transpose(1, 2)
+    expected = attn.o_proj(((q @ k.transpose(-1, -2) / 7) @ v).transpose(1, 2).reshape(2, 7, 16))
+    torch.testing.assert_close(attn(x), expected)
+
+
+# -- config ----------------------------------------------------------------------------------
+
+
+def test_config_from_yaml_and_overrides(tmp_path) -> None:
+    path = tmp_path / "c.yaml"
+    path.write_text(
+        "data: digits\nlr: 3e-4\nmodel:\n  kind: vit\n  n_layer: 3\noverrides:\n  q: {weight_decay: 0}\n"
+    )
+    config = load_config(
+        path, {"model.d_head": "8", "train_roles": "q,v", "stop_at": "none", "online": "true"}
+    )
+    assert (config.data, config.lr, config.model.kind, config.model.n_layer, config.model.d_head) == (
+        "digits",
+        3e-4,
+        "vit",
+        3,
+        8,
+    )
+    assert config.overrides == {"q": {"weight_decay": 0}}
+    assert config.train_roles == ["q", "v"] and config.stop_at is None and config.online is True
+    assert TrainConfig.from_dict(config.to_dict()) == config  # the saved config reloads exactly
+
+
+@pytest.mark.parametrize(
+    ("overrides", "message"),
+    [
+        ({"learning_rate": "1"}, "unknown config key 'learning_rate'; did you mean .*lr"),
+        ({"model.nlayer": "2"}, "did you mean model.n_layer"),
+        ({"lr": "-1"}, r"lr=-1.0 is out of range; accepted: > 0"),
+        ({"val_fraction": "0.9"}, r"accepted: in \(0, 0.5\]"),
+        ({"optimizer": "lion"}, "accepted: adamw, adam or sgd"),
+        ({"max_steps": "ten"}, "accepted: an integer"),
+        ({"online": "maybe"}, "accepted: true or false"),
+        ({"model.attention": "linear"}, "only for model.kind=icl"),
+        ({"warmup_steps": "2000"}, "must be < max_steps"),
+    ],
+)
+def test_bad_config_values_are_user_errors(overrides, message) -> None:
+    with pytest.raises(qkvlab.UserError, match=message):
+        load_config(None, overrides)
+
+
+def test_bad_yaml_file(tmp_path) -> None:
+    path = tmp_path / "bad.yaml"
+    path.write_text("lr: [unclosed\n")
+    with pytest.raises(qkvlab.UserError, match="not valid YAML"):
+        load_config(path)
+    with pytest.raises(qkvlab.UserError, match="no such config file"):
+        load_config(tmp_path / "missing.yaml")
+    path.write_text("- a list\n")
+    with pytest.raises(qkvlab.UserError, match="must hold a mapping"):
+        load_config(path)
+
+
+def test_derived_model_fields_are_not_keys() -> None:
+    with pytest.raises(qkvlab.UserError, match=r"unknown config key 'model\.vocab_size'"):
+        apply_overrides(TrainConfig(), {"model.vocab_size": "10"})
