@@ -186,6 +186,7 @@ class SpectralMonitor:
 
     def __init__(self, path: Path, groups: list[dict]) -> None:
         self.path = path
+        self.seconds = 0.0  # wall time spent here, for the overhead figure in final.json
         self.previous: dict[tuple[int, str], list[float]] | None = None
         self.previous_step: int | None = None
         self.roles_lambda = {}
@@ -213,6 +214,7 @@ class SpectralMonitor:
         return statistics.fmean(rates)
 
     def record(self, step: int, model: nn.Module) -> dict[str, Any]:
+        started = time.perf_counter()
         report = inspect(model)
         current = _imbalances(report.heads)
         measured: dict[str, float | None] = {}
@@ -238,6 +240,7 @@ class SpectralMonitor:
         with self.path.open("a") as fh:
             fh.write(json.dumps(record) + "\n")
         self.previous, self.previous_step = current, step
+        self.seconds += time.perf_counter() - started
         return record
 
 
@@ -416,7 +419,13 @@ def train(config: TrainConfig, *, resume: Path | None = None) -> TrainResult:
         if complete and last_eval is not None and last_eval[0] == step:
             final_eval = last_eval[1]
         if complete:
-            summary = {"step": step, "train_loss": last_loss, "eval": final_eval, "wall_seconds": wall}
+            summary = {
+                "step": step,
+                "train_loss": last_loss,
+                "eval": final_eval,
+                "wall_seconds": wall,
+                "monitor_seconds": monitor.seconds if monitor is not None else 0.0,
+            }
             write_atomic(run_dir / "final.json", json.dumps(summary, indent=1))
     logger.close()
     return TrainResult(run_dir, step, last_loss, final_eval, wall, complete)

@@ -1,0 +1,129 @@
+"""`qkvlab train` throughput against a minimal hand-written torch loop, and the spectral monitor's cost.
+
+    .venv/bin/python benchmarks/bench_train.py [--steps 150] [--repeats 3]
+
+Same model (qkvlab GPT: 4 layers, d = 128, 4 heads), same batches (the real Shakespeare text,
+char-level, batch 32 × 128 tokens), same AdamW settings. The hand loop is what a user writes:
+forward, backward, clip, step, nothing else. `qkvlab train` runs with its defaults for logging
+(every 10 steps, metrics.jsonl + TensorBoard) and a progress bar, evaluation off, one checkpoint at
+the end. Runs alternate (hand, qkvlab, hand, …) and the medians are compared.
+
+Monitor overhead: a separate `qkvlab train` run with the spectral monitor at its default interval
+(every 200 steps, plus step 0); the monitor times itself, so overhead = monitor seconds / wall.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).parent))
+from qkvlab.config import load_config
+from qkvlab.data import load_dataset
+from qkvlab.models import build_model
+from qkvlab.train import train
+
+from _common import machine, write_section
+
+COMMON = {
+    "data": "shakespeare",
+    "seq_len": "128",
+    "batch_size": "32",
+    "lr": "1e-3",
+    "weight_decay": "0.1",
+    "warmup_steps": "10",
+    "model.n_layer": "4",
+    "model.n_head": "4",
+    "model.d_model": "128",
+    "eval_every": "0",
+    "spectra_every": "0",
+}
+
+
+def hand_loop(steps: int) -> float:
+    """Tokens/s of the minimal loop a user would write for the same model and data."""
+    config = load_config(None, {**COMMON, "max_steps": str(steps)})
+    ds = load_dataset("shakespeare", seq_len=128, tokenizer="char", seed=0)
+    cfg = config.model
+    cfg.vocab_size, cfg.seq_len = ds.info["vocab_size"], 128
+    torch.manual_seed(0)
+    model = build_model(cfg)
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-3, betas=(0.9, 0.95), weight_decay=0.1)
+    start = time.perf_counter()
+    for step in range(steps):
+        batch = ds.train_batch(step, 32)
+        loss = model(**batch)["loss"]
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+    return steps * 32 * 128 / (time.perf_counter() - start)
+
+
+def qkvlab_train(steps: int, spectra_every: int = 0) -> tuple[float, dict]:
+    with tempfile.TemporaryDirectory() as tmp:
+        config = load_config(
+            None,
+            {
+                **COMMON,
+                "max_steps": str(steps),
+                "spectra_every": str(spectra_every),
+                "checkpoint_every": str(steps),
+                "out": str(Path(tmp) / "run"),
+                "progress": "true",
+            },
+        )
+        result = train(config)
+        final = json.loads((result.run_dir / "final.json").read_text())
+    return steps * 32 * 128 / result.wall_seconds, final
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--steps", type=int, default=150)
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--monitor-steps", type=int, default=600)
+    args = parser.parse_args()
+    torch.set_num_threads(torch.get_num_threads())
+    hand, ours = [], []
+    for _ in range(args.repeats):
+        hand.append(hand_loop(args.steps))
+        ours.append(qkvlab_train(args.steps)[0])
+        print(f"hand {hand[-1]:,.0f} tok/s   qkvlab {ours[-1]:,.0f} tok/s", flush=True)
+    _, final = qkvlab_train(args.monitor_steps, spectra_every=200)
+    overhead = final["monitor_seconds"] / final["wall_seconds"]
+    firings = args.monitor_steps // 200 + 1
+    h, o = statistics.median(hand), statistics.median(ours)
+    body = f"""## 5. Training throughput: `qkvlab train` vs a hand-written loop; spectral-monitor overhead
+
+Machine: {machine()}.
+Command: `.venv/bin/python benchmarks/bench_train.py --steps {args.steps} --repeats {args.repeats}`.
+Model: qkvlab GPT, 4 layers, d = 128, 4 heads (0.8 M parameters); data: real Shakespeare text, char-level,
+batch 32 × 128 tokens; AdamW (β = 0.9, 0.95), clip 1.0. {args.steps} steps per run, runs alternated, median of {args.repeats}.
+
+| loop | tokens/s (median) | runs | ratio |
+|---|---|---|---|
+| hand-written torch loop (forward, backward, clip, step) | {h:,.0f} | {", ".join(f"{x:,.0f}" for x in hand)} | 1.00 |
+| `qkvlab train` (logging every 10 steps to JSONL + TensorBoard, progress bar, final checkpoint) | {o:,.0f} | {", ".join(f"{x:,.0f}" for x in ours)} | **{o / h:.3f}×** |
+
+Target (issue 4): ≥ 0.95×. Physical limit on this CPU: the step is compute-bound (≈ 6 · 0.8 M · 4096 ≈ 20 GFLOP of
+matmuls per step plus attention), so both loops sit at the same BLAS-bound ceiling and the ratio measures qkvlab's
+own overhead (per-role groups, logging, checkpoint), which is where the difference lives.
+
+Spectral monitor at its default interval (every 200 steps; {firings} firings in a {args.monitor_steps}-step run,
+16 spectra of 32 × 32 products each): {final["monitor_seconds"]:.2f} s of {final["wall_seconds"]:.1f} s wall =
+**{overhead:.2%}** of wall time. Target: ≤ 1%.
+"""
+    print(body)
+    write_section("train", body)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,259 @@
+"""The training engine: resume, checkpoints, spectral monitor, online mode, CLI, sweep, DDP."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+import qkvlab
+from qkvlab.cli import main
+from qkvlab.config import load_config
+from qkvlab.train import train
+from qkvlab.train.checkpoint import latest_checkpoint
+
+TEXT = (
+    "Shall I compare thee to a summer's day? Thou art more lovely and more temperate. "
+    "Rough winds do shake the darling buds of May, and summer's lease hath all too short a date. "
+) * 40
+
+
+@pytest.fixture
+def corpus(tmp_path) -> Path:
+    path = tmp_path / "sonnet.txt"
+    path.write_text(TEXT)
+    return path
+
+
+def _gpt(corpus: Path, out: Path, **extra) -> dict[str, str]:
+    settings = {
+        "data": f"text:{corpus}",
+        "seq_len": "16",
+        "batch_size": "8",
+        "max_steps": "12",
+        "warmup_steps": "2",
+        "lr": "3e-3",
+        "model.n_layer": "2",
+        "model.n_head": "2",
+        "model.d_model": "32",
+        "model.dropout": "0.1",  # dropout: resume must restore the RNG too
+        "log_every": "1",
+        "eval_every": "6",
+        "eval_batches": "2",
+        "spectra_every": "4",
+        "checkpoint_every": "4",
+        "progress": "false",
+        "tensorboard": "false",
+        "out": str(out),
+    }
+    settings.update({k: str(v) for k, v in extra.items()})
+    return settings
+
+
+def _weights(run: Path) -> dict[str, torch.Tensor]:
+    return load_file(str(latest_checkpoint(run) / "model.safetensors"))
+
+
+def test_resume_is_bit_identical(corpus, tmp_path) -> None:
+    straight = train(load_config(None, _gpt(corpus, tmp_path / "straight")))
+    assert straight.complete and straight.step == 12
+
+    first = train(load_config(None, _gpt(corpus, tmp_path / "split", stop_at=6)))
+    assert not first.complete and first.step == 6
+    assert not (tmp_path / "split" / "final.json").exists()
+    config = load_config(None, _gpt(corpus, tmp_path / "split"))  # stop_at cleared, as --resume does
+    second = train(config, resume=tmp_path / "split")
+    assert second.complete and second.step == 12
+
+    a, b = _weights(tmp_path / "straight"), _weights(tmp_path / "split")
+    assert a.keys() == b.keys()
+    for key in a:
+        assert torch.equal(a[key], b[key]), key
+    losses = [
+        [
+            json.loads(line)["loss"]
+            for line in (tmp_path / run / "metrics.jsonl").read_text().splitlines()
+            if '"train"' in line
+        ]
+        for run in ("straight", "split")
+    ]
+    assert losses[0] == losses[1]
+
+
+def test_checkpoint_is_inspectable_and_crash_safe(corpus, tmp_path, monkeypatch) -> None:
+    run = tmp_path / "run"
+    train(load_config(None, _gpt(corpus, run, max_steps=8)))
+    checkpoints = sorted(p.name for p in run.glob("checkpoint-*"))
+    assert checkpoints == ["checkpoint-00000004", "checkpoint-00000008"]
+    assert (run / "latest").read_text().strip() == "checkpoint-00000008"
+    report = qkvlab.inspect(run / "checkpoint-00000008")  # streams it like any HF folder
+    assert report.architecture.family == "qkvlab" and report.architecture.n_layers == 2
+
+    # A crash while the next checkpoint is written leaves the previous one as the latest.
+    from qkvlab.train import checkpoint as ckpt
+
+    def crash(*args, **kwargs):
+        raise OSError("disk full")
+
+    monkeypatch.setattr(ckpt, "save_file", crash)
+    with pytest.raises(OSError, match="disk full"):
+        train(load_config(None, _gpt(corpus, run, max_steps=12)), resume=run)
+    assert latest_checkpoint(run).name == "checkpoint-00000008"
+    assert not list(run.glob(".tmp-*")), "temporary folder left behind"
+
+
+def test_spectral_monitor_records_and_predicts_decay(tmp_path) -> None:
+    # SGD with constant lr η and decay λ: factors shrink by (1 − ηλ) per step, so the imbalance
+    # AᵀA − BᵀB by (1 − ηλ)² — per-step rate −2 ln(1 − ηλ) ≈ 2ηλ. The small ICL loss barely interferes.
+    eta, lam = 0.05, 1.0
+    settings = {
+        "data": "icl-regression",
+        "icl_dim": "4",
+        "icl_points": "8",
+        "batch_size": "16",
+        "max_steps": "20",
+        "warmup_steps": "0",
+        "schedule": "constant",
+        "optimizer": "sgd",
+        "lr": str(eta),
+        "weight_decay": str(lam),
+        "grad_clip": "0",
+        "model.kind": "icl",
+        "model.n_layer": "1",
+        "model.n_head": "2",
+        "model.d_model": "16",
+        "model.d_mlp": "0",
+        "spectra_every": "10",
+        "eval_every": "0",
+        "progress": "false",
+        "tensorboard": "false",
+        "out": str(tmp_path / "icl"),
+    }
+    train(load_config(None, settings))
+    records = [json.loads(line) for line in (tmp_path / "icl" / "spectra.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in records] == [0, 10, 20]
+    assert set(records[0]) >= {"architecture", "heads", "rtol", "imbalance_decay_per_step"}
+    decay = records[-1]["imbalance_decay_per_step"]
+    assert decay["predicted_weight_decay_part"]["qk"] == pytest.approx(2 * eta * lam)
+    for product in ("qk", "ov"):
+        measured = decay["measured"][product]
+        assert measured == pytest.approx(2 * eta * lam, rel=0.15), (product, measured)
+
+
+def test_online_mode_refuses_a_second_pass(corpus, tmp_path) -> None:
+    with pytest.raises(qkvlab.UserError, match="one pass"):
+        train(
+            load_config(None, _gpt(corpus, tmp_path / "online", online="true", max_steps=500, warmup_steps=0))
+        )
+
+
+def test_cli_train_and_errors(corpus, tmp_path, capsys) -> None:
+    args = [f"{k}={v}" for k, v in _gpt(corpus, tmp_path / "cli", max_steps=4).items()]
+    assert main(["train", *args, "--preset", "decoupled-attn:attn_weight_decay=0"]) == 0
+    out = capsys.readouterr().out
+    assert "complete" in out and "val loss" in out
+    saved = json.loads((tmp_path / "cli" / "config.json").read_text())
+    assert saved["preset"] == "decoupled-attn:attn_weight_decay=0"
+    # running into an existing run folder is refused; resuming a finished run is a no-op
+    assert main(["train", *args]) == 2
+    assert "already holds a run" in capsys.readouterr().err
+    assert main(["train", "--resume", str(tmp_path / "nope")]) == 2
+    assert main(["train", *args[:-1], "learning_rate=1"]) == 2
+    err = capsys.readouterr().err
+    assert "did you mean lr" in err and len(err.strip().splitlines()) == 2
+
+
+def test_sweep_skips_complete_and_resumes_partial(corpus, tmp_path, capsys) -> None:
+    base = _gpt(
+        corpus, tmp_path / "unused", max_steps=4, spectra_every=0, eval_every=0, **{"model.dropout": 0.0}
+    )
+    base.pop("out")
+    overrides = [f"{k}={v}" for k, v in base.items()]
+    sweep = tmp_path / "sweep"
+    # one run interrupted half-way before the sweep starts
+    partial = sweep / "weight_decay=0,seed=0"
+    train(load_config(None, {**base, "weight_decay": "0", "seed": "0", "stop_at": "2", "out": str(partial)}))
+    rc = main(
+        [
+            "sweep",
+            *overrides,
+            "--grid",
+            "weight_decay=0,0.5",
+            "--seeds",
+            "0,1",
+            "--jobs",
+            "2",
+            "--out",
+            str(sweep),
+        ]
+    )
+    assert rc == 0
+    summary = json.loads((sweep / "sweep.json").read_text())
+    status = {r["name"]: r["status"] for r in summary["runs"]}
+    assert status == {
+        "weight_decay=0,seed=0": "resumed",
+        "weight_decay=0,seed=1": "ran",
+        "weight_decay=0.5,seed=0": "ran",
+        "weight_decay=0.5,seed=1": "ran",
+    }
+    assert all(r["final"]["step"] == 4 for r in summary["runs"])
+    capsys.readouterr()
+    assert (
+        main(["sweep", *overrides, "--grid", "weight_decay=0,0.5", "--seeds", "0,1", "--out", str(sweep)])
+        == 0
+    )
+    assert {r["status"] for r in json.loads((sweep / "sweep.json").read_text())["runs"]} == {
+        "skipped (complete)"
+    }
+    assert "4 complete" in capsys.readouterr().out
+
+
+def test_ddp_two_processes_match_one(corpus, tmp_path) -> None:
+    common = [
+        f"{k}={v}" for k, v in _gpt(corpus, tmp_path / "x", **{"model.dropout": 0.0}).items() if k != "out"
+    ]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    single = subprocess.run(
+        [sys.executable, "-m", "qkvlab", "train", *common, f"out={tmp_path / 'one'}"],
+        capture_output=True,
+        text=True,
+        env=env,
+        check=False,
+        timeout=240,
+    )
+    assert single.returncode == 0, single.stderr
+    ddp = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "torch.distributed.run",
+            "--standalone",
+            "--nproc_per_node",
+            "2",
+            "-m",
+            "qkvlab",
+            "train",
+            *common,
+            f"out={tmp_path / 'two'}",
+        ],
+        capture_output=True,
+        text=True,
+        env=env,
+        check=False,
+        timeout=240,
+    )
+    assert ddp.returncode == 0, ddp.stderr[-3000:]
+
+    def losses(run: str) -> list[float]:
+        lines = (tmp_path / run / "metrics.jsonl").read_text().splitlines()
+        return [json.loads(line)["loss"] for line in lines if '"train"' in line]
+
+    one, two = losses("one"), losses("two")
+    assert len(one) == len(two) == 12
+    assert two == pytest.approx(one, rel=1e-5)
