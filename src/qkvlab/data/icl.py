@@ -1,0 +1,75 @@
+"""``icl-regression``: in-context linear regression, as in von Oswald et al. (2023).
+
+Each sequence is a fresh task w ~ N(0, I_d / d). Its points are x_i ~ N(0, I_d) and
+y_i = w·x_i + noise·ε_i (ε_i ~ N(0, 1)), for i = 1..N. The tokens are [x_i, y_i] (dimension
+d + 1), except that the query (the last point) shows y = 0. The model must predict y_N from
+the other N − 1 points. No task ever repeats, so the data are infinite and every run is online.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+
+import torch
+
+from qkvlab.data.base import ICL_TRAIN, Dataset, check_batch_position, torch_generator
+from qkvlab.errors import UserError
+
+__all__ = ["EVAL_SEED_OFFSET", "EVAL_SEQUENCES", "ICLDataset"]
+
+EVAL_SEQUENCES = 2048
+EVAL_SEED_OFFSET = 1_000_003  # the fixed validation set is drawn with seed + this
+
+
+class ICLDataset(Dataset):
+    """Batches are ``inputs`` (B, N, d + 1) float32 and ``targets`` (B,) float32 (the query's true y)."""
+
+    kind = "icl"
+
+    def __init__(self, *, dim: int, points: int, noise: float, seed: int) -> None:
+        if dim < 1:
+            raise UserError(f"icl_dim={dim}; accepted: an integer >= 1")
+        if points < 2:
+            raise UserError(f"icl_points={points}; accepted: an integer >= 2 (context points and a query)")
+        if not noise >= 0:
+            raise UserError(f"icl_noise={noise}; accepted: a number >= 0")
+        self.dim, self.points, self.noise, self.seed = dim, points, float(noise), seed
+        self.info = {"dim": dim, "points": points, "noise": float(noise)}
+
+    def sequences(self, count: int, generator: torch.Generator) -> dict[str, torch.Tensor]:
+        """``count`` fresh tasks and their sequences, drawn from ``generator``."""
+        w = torch.randn(count, self.dim, generator=generator) / self.dim**0.5
+        x = torch.randn(count, self.points, self.dim, generator=generator)
+        eps = torch.randn(count, self.points, generator=generator)
+        y = torch.einsum("bnd,bd->bn", x, w) + self.noise * eps
+        inputs = torch.cat([x, y.unsqueeze(-1)], dim=-1)
+        inputs[:, -1, -1] = 0.0  # the query hides its y
+        return {"inputs": inputs, "targets": y[:, -1].clone()}
+
+    def train_batch(
+        self, step: int, batch_size: int, *, online: bool = False, rank: int = 0, world_size: int = 1
+    ) -> dict[str, torch.Tensor]:
+        """Rank ``rank``'s slice of the global batch of step ``step``, drawn from (seed, step).
+
+        Every rank draws the whole global batch (cheap: B·N·(d+1) numbers) and keeps its slice, so
+        the ranks together see exactly what one process with the global batch would. ``online``
+        changes nothing: the data are infinite.
+        """
+        check_batch_position(step, batch_size, rank, world_size)
+        full = self.sequences(batch_size * world_size, torch_generator(self.seed, ICL_TRAIN, step))
+        part = slice(rank * batch_size, (rank + 1) * batch_size)
+        return {key: value[part].contiguous() for key, value in full.items()}
+
+    def eval_batches(self, batch_size: int) -> Iterator[dict[str, torch.Tensor]]:
+        """The same 2,048 sequences every time (a generator seeded with seed + 1,000,003)."""
+        if batch_size < 1:
+            raise UserError(f"batch_size={batch_size}; accepted: an integer >= 1")
+        data = self.sequences(EVAL_SEQUENCES, torch.Generator().manual_seed(self.seed + EVAL_SEED_OFFSET))
+        for start in range(0, EVAL_SEQUENCES, batch_size):
+            yield {key: value[start : start + batch_size] for key, value in data.items()}
+
+    def steps_per_epoch(self, batch_size: int, world_size: int = 1) -> None:
+        return None
+
+    def max_online_steps(self, batch_size: int, world_size: int = 1) -> None:
+        return None
