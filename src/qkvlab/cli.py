@@ -71,6 +71,11 @@ def _build_parser() -> argparse.ArgumentParser:
     insp.add_argument("--n-heads", type=_positive_int, help="override the config's number of heads")
     insp.add_argument("--n-kv-heads", type=_positive_int, help="override the config's number of KV heads")
     insp.add_argument("--quiet", action="store_true", help="no table, no progress bar")
+    insp.add_argument(
+        "--compare",
+        metavar="TUNED",
+        help="spectra of what fine-tuning changed: ΔW_QK, ΔW_OV and each ΔW, from SOURCE (base) to TUNED",
+    )
     insp.set_defaults(handler=_cmd_inspect)
 
     from qkvlab.optim import PRESETS
@@ -114,6 +119,43 @@ def _build_parser() -> argparse.ArgumentParser:
     sw.add_argument("--jobs", type=_positive_int, default=1, help="runs at a time (default 1)")
     sw.add_argument("--out", metavar="DIR", help="sweep folder (default runs/sweep-<config name>)")
     sw.set_defaults(handler=_cmd_sweep)
+
+    from qkvlab.finetune.data import FINETUNE_DATA
+
+    ft = sub.add_parser(
+        "finetune",
+        help="fine-tune chosen attention matrices (full or LoRA) of a pretrained model",
+        description="Fine-tune only the chosen attention matrices of a pretrained HF model on labelled text, "
+        "with η_V = λ·η_QK (paper 001). Targets are roles, mapped to module names per architecture.",
+    )
+    ft.add_argument("--model", default="minilm", help="a packaged name (minilm) or a local HF model folder")
+    ft.add_argument(
+        "--data", default="rotten-tomatoes", help="; ".join(f"{k}: {v}" for k, v in FINETUNE_DATA.items())
+    )
+    ft.add_argument(
+        "--targets", default="q,v", help="roles to train: a subset of q,k,v,o, or all (default q,v)"
+    )
+    ft.add_argument("--method", default="lora", choices=["full", "lora"])
+    ft.add_argument("--rank", type=_positive_int, default=8, help="LoRA rank (default 8)")
+    ft.add_argument("--alpha", type=float, default=16.0, help="LoRA alpha (default 16)")
+    ft.add_argument("--lr", type=float, default=1e-4, help="η_QK, the rate of every trained matrix but V")
+    ft.add_argument("--lr-ratio", type=float, default=1.0, help="λ: η_V = λ·η_QK (default 1)")
+    ft.add_argument("--loraplus-ratio", type=float, default=None, help="LoRA+: lora_B rate × R")
+    ft.add_argument("--weight-decay", type=float, default=0.0)
+    ft.add_argument("--max-steps", type=_positive_int, default=300)
+    ft.add_argument("--epochs", type=float, default=None, help="instead of --max-steps")
+    ft.add_argument("--batch-size", type=_positive_int, default=32)
+    ft.add_argument("--max-length", type=_positive_int, default=64, help="tokens per example (default 64)")
+    ft.add_argument("--eval-every", type=_positive_int, default=25)
+    ft.add_argument(
+        "--max-train-examples", type=_positive_int, default=None, help="subsample the training split"
+    )
+    ft.add_argument("--seed", type=int, default=0)
+    ft.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
+    ft.add_argument("--out", metavar="RUN_DIR", help="write result.json (and the fine-tuned model) here")
+    ft.add_argument("--no-save", action="store_true", help="do not save the fine-tuned model")
+    ft.add_argument("--quiet", action="store_true")
+    ft.set_defaults(handler=_cmd_finetune)
     return parser
 
 
@@ -128,6 +170,8 @@ def _cmd_inspect(args: argparse.Namespace) -> int:
     from qkvlab.inspect import inspect
     from qkvlab.report.tables import format_table
 
+    if args.compare:
+        return _cmd_compare(args)
     report = inspect(
         args.source,
         rtol=args.rtol,
@@ -263,6 +307,84 @@ def _cmd_sweep(args: argparse.Namespace) -> int:
         + (f"; {len(failed)} run(s) failed, see their train.log" if failed else "")
     )
     return 1 if failed else 0
+
+
+def _cmd_compare(args: argparse.Namespace) -> int:
+    import statistics
+
+    from qkvlab.inspect import COMPARE_PRODUCTS, compare
+    from qkvlab.report.tables import format_table
+
+    report = compare(args.source, args.compare, rtol=args.rtol)
+    if args.json:
+        report.to_json(args.json)
+    if args.csv:
+        report.to_csv(args.csv)
+    if not args.quiet:
+        arch = report.architecture
+        print(
+            f"{report.source}: {arch.family}, {arch.n_layers} layers, {arch.n_heads} heads; what fine-tuning changed"
+        )
+        rows = []
+        for layer in range(arch.n_layers):
+            row: list[object] = [layer]
+            for product in COMPARE_PRODUCTS:
+                recs = report.select(product, layer)
+                row += [
+                    statistics.fmean(r["nuclear_norm"] for r in recs),
+                    statistics.fmean(r["rank"] for r in recs),
+                ]
+            rows.append(row)
+        headers = ["layer"] + [f"{p} {m}" for p in COMPARE_PRODUCTS for m in ("‖·‖_*", "rank")]
+        print(format_table(headers, rows))
+        print(
+            "mean over heads; dqk = ΔW_KᵀW_Q, dov = Δ(P·W_V) (rank ≤ 2·d_head), dq/dk/dv/do = per-head ΔW; "
+            f"rank: #σᵢ > {report.rtol:g}·σ₁"
+        )
+    return 0
+
+
+def _cmd_finetune(args: argparse.Namespace) -> int:
+    from qkvlab.finetune import FinetuneConfig, finetune
+
+    config = FinetuneConfig(
+        model=args.model,
+        data=args.data,
+        targets=[t.strip() for t in args.targets.split(",") if t.strip()],
+        method=args.method,
+        rank=args.rank,
+        alpha=args.alpha,
+        lr=args.lr,
+        lr_ratio=args.lr_ratio,
+        loraplus_ratio=args.loraplus_ratio,
+        weight_decay=args.weight_decay,
+        max_steps=None if args.epochs is not None else args.max_steps,
+        epochs=args.epochs,
+        batch_size=args.batch_size,
+        max_length=args.max_length,
+        eval_every=args.eval_every,
+        seed=args.seed,
+        device=args.device,
+        max_train_examples=args.max_train_examples,
+        save_model=not args.no_save,
+        out=args.out,
+    )
+    result = finetune(config, progress=not args.quiet)
+    metric = result["main_metric"]
+    print(result["data"])
+    print(
+        f"{config.method} {','.join(config.targets)} λ={config.lr_ratio:g}: {result['trainable_parameters']:,} of "
+        f"{result['total_parameters']:,} parameters trained; {result['seconds_per_step'] * 1e3:.0f} ms/step; "
+        f"peak RSS {result['peak_rss_gib']:.2f} GiB"
+    )
+    print(
+        f"val {metric}: best {result['best_val']:.4f}, final {result['final_val']:.4f}, 95% of best at step "
+        f"{result['steps_to_95pct_of_best']}; test: "
+        + ", ".join(f"{k} {v:.4f}" for k, v in result["test"].items())
+    )
+    if config.out:
+        print(f"wrote {config.out}/result.json" + (f" and {config.out}/model" if config.save_model else ""))
+    return 0
 
 
 def main(argv: Sequence[str] | None = None) -> int:

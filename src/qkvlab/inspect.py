@@ -31,7 +31,7 @@ from qkvlab.attention import ArchitectureInfo, AttentionFactors, load_source
 from qkvlab.errors import UserError
 from qkvlab.spectra import DEFAULT_RTOL, ProductSpectrum
 
-__all__ = ["METRICS", "PRODUCTS", "InspectReport", "inspect", "spectrum_records"]
+__all__ = ["METRICS", "PRODUCTS", "InspectReport", "compare", "inspect", "spectrum_records"]
 
 SCHEMA_VERSION = 1
 PRODUCTS = ("qk", "ov")
@@ -145,3 +145,87 @@ def inspect(
         records += spectrum_records(layer.layer, "qk", layer.qk.spectrum(), rtol)
         records += spectrum_records(layer.layer, "ov", layer.ov.spectrum(), rtol)
     return InspectReport(tensors.name, factors.info, rtol, records)
+
+
+COMPARE_PRODUCTS = ("dqk", "dov", "dq", "dk", "dv", "do")
+
+
+def compare(
+    base: nn.Module | str | os.PathLike[str],
+    tuned: nn.Module | str | os.PathLike[str],
+    *,
+    rtol: float = DEFAULT_RTOL,
+) -> InspectReport:
+    """Per-head spectra of what fine-tuning changed, from the factors of both models.
+
+    Products (``product`` field): ``dqk`` = W_K'ᵀW_Q' − W_KᵀW_Q, ``dov`` = P'W_V' − PW_V (each the
+    product of concatenated factors [A' | −A][B' | B]ᵀ, rank ≤ 2·d_head, never formed), and the
+    per-head weight changes ``dq``, ``dk``, ``dv`` (ΔW^h, d_head × d_model) and ``do`` (ΔP^h).
+    ``l2_half``/``gap``/``imbalance`` describe the concatenated factors and have no
+    weight-decay meaning here; they are reported as null.
+    """
+    import torch
+
+    from qkvlab.spectra import FactoredProduct
+
+    if not (0.0 <= rtol < 1.0):
+        raise UserError(f"rtol must be in [0, 1), got {rtol}")
+    a_src, b_src = load_source(base), load_source(tuned)
+    a, b = AttentionFactors(a_src), AttentionFactors(b_src)
+    if a.info != b.info:
+        raise UserError(f"the two models differ in architecture: {a.info} vs {b.info}")
+    records: list[dict[str, Any]] = []
+    for index in range(len(a)):
+        la, lb = a.layer(index), b.layer(index)
+        for name, (fa, fb) in (("dqk", (la.qk, lb.qk)), ("dov", (la.ov, lb.ov))):
+            left = torch.cat([fb.left.double(), -fa.left.double()], dim=-1)
+            right = torch.cat([fb.right.double(), fa.right.double()], dim=-1)
+            product = FactoredProduct(left, right, fa.left_index, fa.right_index)
+            scale = _scale(fa) + _scale(fb)
+            records += _null_factor_fields(
+                spectrum_records(index, name, _clean(product.spectrum(), scale), rtol)
+            )
+        # single weights: ΔW^h as the product ΔW^hᵀ · I (d_head columns): σ(ΔW^h) directly
+        deltas = {
+            "dq": (lb.qk.right - la.qk.right, None),
+            "dk": (lb.qk.left - la.qk.left, la.qk.left_index),
+            "dv": (lb.ov.right - la.ov.right, la.ov.right_index),
+            "do": (lb.ov.left - la.ov.left, None),
+        }
+        for name, (delta, head_index) in deltas.items():
+            d_head = delta.shape[-1]
+            eye = torch.eye(d_head, dtype=torch.float64).expand(delta.shape[0], d_head, d_head)
+            product = FactoredProduct(delta.double(), eye, head_index, head_index)
+            scale = torch.linalg.matrix_norm(delta.double())
+            scale = (scale if head_index is None else scale[head_index]) + 1e-300
+            records += _null_factor_fields(
+                spectrum_records(index, name, _clean(product.spectrum(), scale), rtol)
+            )
+    source = f"{a_src.name} -> {b_src.name}"
+    order = {p: i for i, p in enumerate(COMPARE_PRODUCTS)}
+    records.sort(key=lambda r: (r["layer"], order[r["product"]], r["head"]))
+    return InspectReport(source, a.info, rtol, records)
+
+
+def _scale(product: Any) -> Any:
+    """‖A‖_F‖B‖_F per head: an upper bound on σ₁ of the product, the scale of its rounding noise."""
+    import torch
+
+    a = torch.linalg.matrix_norm(product.left.double())
+    b = torch.linalg.matrix_norm(product.right.double())
+    a = a if product.left_index is None else a[product.left_index]
+    b = b if product.right_index is None else b[product.right_index]
+    return a * b
+
+
+def _clean(spectrum: ProductSpectrum, scale: Any) -> ProductSpectrum:
+    """A difference of equal products is 0 up to float64 rounding: zero σ below 1e-12 × its scale."""
+    sv = spectrum.singular_values.clone()
+    sv[sv < 1e-12 * scale[:, None]] = 0.0
+    return ProductSpectrum(sv, spectrum.l2_half, spectrum.imbalance)
+
+
+def _null_factor_fields(records: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    for rec in records:
+        rec["l2_half"] = rec["gap"] = rec["imbalance"] = None
+    return records

@@ -130,17 +130,18 @@ class FiniteDataset(Dataset):
             steps = self.max_online_steps(batch_size, world_size)
             if step >= steps:
                 raise UserError(
-                    f"online step {step} is past the single pass over the data: {self.n_train} training samples "
+                    f"online step {step} is past the one pass over the data: {self.n_train} training samples "
                     f"at global batch {global_batch} ({batch_size} × {world_size} ranks) allow {steps} online "
                     f"steps; train at most {steps} steps, use a smaller batch, or turn online off"
                 )
-            return self._permutation(ONLINE, 0)[k]
-        epochs = k // self.n_train
-        out = torch.empty_like(k)
-        for epoch in epochs.unique().tolist():
-            mask = epochs == epoch
-            out[mask] = self._permutation(EPOCH, epoch)[k[mask] % self.n_train]
-        return out
+            return self._permutation(ONLINE, 0).index_select(0, k)
+        first_epoch, last_epoch = first // self.n_train, (first + batch_size - 1) // self.n_train
+        return torch.cat(  # a batch spans one epoch, or the end of one and the start of the next (or more)
+            [
+                self._permutation(EPOCH, epoch).index_select(0, k[k // self.n_train == epoch] % self.n_train)
+                for epoch in range(first_epoch, last_epoch + 1)
+            ]
+        )
 
     def train_batch(
         self, step: int, batch_size: int, *, online: bool = False, rank: int = 0, world_size: int = 1

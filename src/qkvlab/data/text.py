@@ -123,7 +123,7 @@ class LMDataset(FiniteDataset):
         return {"input_ids": windows[:, :-1].contiguous(), "labels": windows[:, 1:].contiguous()}
 
     def _train_samples(self, indices: torch.Tensor) -> dict[str, torch.Tensor]:
-        return self._pairs(self.train_windows[indices])
+        return self._pairs(self.train_windows.index_select(0, indices))
 
     def _val_samples(self, start: int, stop: int) -> dict[str, torch.Tensor]:
         return self._pairs(self.val_windows[start:stop])

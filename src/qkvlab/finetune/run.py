@@ -1,0 +1,325 @@
+"""Fine-tune chosen attention matrices of a pretrained HF model: ``qkvlab finetune``.
+
+Targets are roles (q, k, v, o; or "all" for the whole model), mapped to module names per
+architecture by ``qkvlab.roles``. ``method=full`` trains those matrices (and their biases) plus the
+task head; ``method=lora`` puts PEFT LoRA adapters on exactly those modules (head trained in full,
+as PEFT's SEQ_CLS task does). ``lr`` is η_QK; ``lr_ratio`` λ gives η_V = λ·η_QK (paper 001).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import resource
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from qkvlab.errors import UserError
+from qkvlab.finetune.data import LabelledData, load_labelled
+from qkvlab.finetune.metrics import classification_metrics, regression_metrics, steps_to_fraction_of_best
+from qkvlab.optim import param_groups, roles
+
+__all__ = ["FinetuneConfig", "finetune"]
+
+TARGET_ROLES = ("q", "k", "v", "o")
+
+
+@dataclass
+class FinetuneConfig:
+    model: str = "minilm"
+    data: str = "rotten-tomatoes"
+    targets: list[str] = field(default_factory=lambda: ["q", "v"])
+    method: str = "lora"  # full | lora
+    rank: int = 8
+    alpha: float = 16.0
+    lora_dropout: float = 0.0
+    lr: float = 1e-4  # η_QK: the rate of every trained matrix except V
+    lr_ratio: float = 1.0  # λ: η_V = λ · η_QK
+    loraplus_ratio: float | None = None
+    weight_decay: float = 0.0
+    max_steps: int | None = 300
+    epochs: float | None = None
+    batch_size: int = 32
+    max_length: int = 64
+    warmup_ratio: float = 0.06
+    eval_every: int = 25
+    seed: int = 0
+    device: str = "auto"
+    max_train_examples: int | None = None  # subsample the training split (quick runs, tests)
+    save_model: bool = True
+    out: str | None = None
+
+    def validate(self) -> None:
+        targets = list(self.targets)
+        if targets != ["all"]:
+            bad = sorted(set(targets) - set(TARGET_ROLES))
+            if bad or not targets:
+                raise UserError(
+                    f"unknown target {', '.join(bad) or '(none)'}; accepted: a subset of q,k,v,o, or all"
+                )
+        if self.method not in ("full", "lora"):
+            raise UserError(f"--method {self.method!r}; accepted: full, lora")
+        if self.method == "lora" and targets == ["all"]:
+            raise UserError("--targets all is full fine-tuning of everything; use --method full")
+        if not self.lr_ratio > 0:
+            raise UserError(f"--lr-ratio λ = {self.lr_ratio}; accepted: λ > 0 (η_V = λ·η_QK)")
+        if not self.lr > 0:
+            raise UserError(f"--lr {self.lr}; accepted: > 0")
+        if self.loraplus_ratio is not None and not self.loraplus_ratio > 0:
+            raise UserError(f"--loraplus-ratio {self.loraplus_ratio}; accepted: > 0")
+        if self.rank <= 0:
+            raise UserError(f"--rank {self.rank}; accepted: a positive integer")
+        if (self.max_steps is None) == (self.epochs is None):
+            raise UserError("give exactly one of --max-steps and --epochs")
+
+
+def _model_path(name: str) -> Path:
+    from qkvlab.attention.sources import PACKAGED_MODELS, resolve_packaged
+
+    if name in PACKAGED_MODELS:
+        return resolve_packaged(name)
+    path = Path(name).expanduser()
+    if not (path / "config.json").is_file():
+        raise UserError(
+            f"--model {name}: not a packaged name ({', '.join(PACKAGED_MODELS)}) nor a HF model folder with config.json"
+        )
+    return path
+
+
+def _device(kind: str) -> torch.device:
+    if kind == "auto":
+        kind = "cuda" if torch.cuda.is_available() else "cpu"
+    if kind == "cuda" and not torch.cuda.is_available():
+        raise UserError("--device cuda but no CUDA device is available")
+    return torch.device(kind)
+
+
+def _target_modules(model: torch.nn.Module, targets: set[str]) -> list[str]:
+    role_of = roles(model)
+    if any(r == "qkv" for r in role_of.values()):
+        raise UserError(
+            "this model fuses q/k/v in one projection; LoRA on a subset of them needs them split "
+            "(qkvlab.split_fused_qkv) — use --method full, or a model with separate projections"
+        )
+    modules = sorted(
+        {n.removesuffix(".weight") for n, r in role_of.items() if r in targets and n.endswith(".weight")}
+    )
+    if not modules:
+        raise UserError(f"no module of this model has role {', '.join(sorted(targets))}")
+    return modules
+
+
+def _encode(
+    tokenizer: Any, texts: list[str], pairs: list[str] | None, max_length: int
+) -> dict[str, torch.Tensor]:
+    encoded = tokenizer(
+        texts, pairs, truncation=True, max_length=max_length, padding="max_length", return_tensors="pt"
+    )
+    return {k: v for k, v in encoded.items() if k in ("input_ids", "attention_mask", "token_type_ids")}
+
+
+def _peak_memory(device: torch.device) -> dict[str, float]:
+    rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # KiB → GiB (Linux)
+    out = {"peak_rss_gib": rss}
+    if device.type == "cuda":
+        out["peak_gpu_allocated_gib"] = torch.cuda.max_memory_allocated(device) / 2**30
+    return out
+
+
+@torch.no_grad()
+def _evaluate(model, inputs, labels, data: LabelledData, batch_size: int, device) -> dict[str, float]:
+    model.eval()
+    outputs = []
+    for start in range(0, len(labels), batch_size * 2):
+        batch = {k: v[start : start + batch_size * 2].to(device) for k, v in inputs.items()}
+        outputs.append(model(**batch).logits.float().cpu())
+    model.train()
+    logits = torch.cat(outputs)
+    if data.regression:
+        return regression_metrics(logits[:, 0].numpy(), labels.astype(np.float64))
+    return classification_metrics(logits.argmax(-1).numpy(), labels, data.num_labels)
+
+
+def finetune(config: FinetuneConfig, *, progress: bool = True) -> dict[str, Any]:
+    """Run one fine-tuning job; returns (and writes to ``out/result.json``) its summary."""
+    config.validate()
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    from transformers import AutoModelForSequenceClassification, AutoTokenizer
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.set_verbosity_error()
+    device = _device(config.device)
+    data = load_labelled(config.data)
+    path = _model_path(config.model)
+    torch.manual_seed(config.seed)
+    np_rng = np.random.default_rng(config.seed)
+    tokenizer = AutoTokenizer.from_pretrained(path)
+    model = AutoModelForSequenceClassification.from_pretrained(
+        path,
+        num_labels=data.num_labels,
+        problem_type="regression" if data.regression else "single_label_classification",
+    )
+    targets = set(config.targets)
+    overrides = {"v": {"lr_scale": config.lr_ratio}} if config.lr_ratio != 1.0 else None
+    if config.method == "lora":
+        from peft import LoraConfig, get_peft_model
+
+        modules = _target_modules(model, targets)
+        lora = LoraConfig(
+            r=config.rank,
+            lora_alpha=config.alpha,
+            lora_dropout=config.lora_dropout,
+            target_modules=modules,
+            task_type="SEQ_CLS",
+        )
+        model = get_peft_model(model, lora)
+        lora_modules = sorted(
+            n.removesuffix(".lora_A") for n, _ in model.named_modules() if n.endswith(".lora_A")
+        )
+        groups = param_groups(
+            model,
+            lr=config.lr,
+            weight_decay=config.weight_decay,
+            overrides=overrides,
+            lora_ratio=config.loraplus_ratio,
+        )
+    else:
+        lora_modules = []
+        train = None if targets == {"all"} else targets
+        groups = param_groups(
+            model, lr=config.lr, weight_decay=config.weight_decay, overrides=overrides, train=train
+        )
+    model.to(device).train()
+    trainable = sum(p.numel() for g in groups for p in g["params"])
+    total = sum(p.numel() for p in model.parameters())
+
+    train_texts, train_pairs, train_labels = data.subset("train")
+    if config.max_train_examples is not None and config.max_train_examples < len(train_texts):
+        keep = np.sort(np_rng.permutation(len(train_texts))[: config.max_train_examples])
+        train_texts = [train_texts[i] for i in keep]
+        train_pairs = [train_pairs[i] for i in keep] if train_pairs is not None else None
+        train_labels = train_labels[keep]
+    train_inputs = _encode(tokenizer, train_texts, train_pairs, config.max_length)
+    label_dtype = torch.float32 if data.regression else torch.long
+    train_y = torch.as_tensor(train_labels, dtype=label_dtype)
+    val_texts, val_pairs, val_labels = data.subset("val")
+    val_inputs = _encode(tokenizer, val_texts, val_pairs, config.max_length)
+    test_texts, test_pairs, test_labels = data.subset("test")
+
+    n = len(train_y)
+    steps_per_epoch = max(1, n // config.batch_size)
+    max_steps = (
+        config.max_steps if config.max_steps is not None else math.ceil(config.epochs * steps_per_epoch)
+    )
+    optimizer = torch.optim.AdamW(groups)
+    warmup = int(config.warmup_ratio * max_steps)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(
+        optimizer,
+        lambda s: (s + 1) / warmup if s < warmup else max(0.0, (max_steps - s) / max(1, max_steps - warmup)),
+    )
+    main_metric = "pearson" if data.regression else "accuracy"
+    curve: list[dict[str, float]] = []
+    losses: list[float] = []
+    bar = None
+    if progress:
+        from tqdm.auto import tqdm
+
+        bar = tqdm(
+            total=max_steps,
+            desc=f"{config.method} {','.join(config.targets)} λ={config.lr_ratio:g}",
+            unit="step",
+            leave=False,
+        )
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+    train_seconds = 0.0
+    permutations: dict[int, torch.Tensor] = {}
+
+    def batch_indices(step: int) -> torch.Tensor:  # epoch e = k // n uses its own seeded permutation
+        positions = torch.arange(step * config.batch_size, (step + 1) * config.batch_size)
+        out = torch.empty(config.batch_size, dtype=torch.long)
+        for epoch in (positions // n).unique().tolist():
+            if epoch not in permutations:
+                permutations[epoch] = torch.randperm(
+                    n, generator=torch.Generator().manual_seed(config.seed * 100_003 + epoch)
+                )
+            mask = positions // n == epoch
+            out[mask] = permutations[epoch][positions[mask] % n]
+        return out
+
+    for step in range(max_steps):
+        index = batch_indices(step)
+        batch = {k: v[index].to(device) for k, v in train_inputs.items()}
+        started = time.perf_counter()
+        loss = model(**batch, labels=train_y[index].to(device)).loss
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_([p for g in groups for p in g["params"]], 1.0)
+        optimizer.step()
+        scheduler.step()
+        optimizer.zero_grad(set_to_none=True)
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+        train_seconds += time.perf_counter() - started
+        losses.append(loss.item())
+        if bar is not None:
+            bar.update(1)
+            bar.set_postfix(loss=f"{losses[-1]:.3f}")
+        if (step + 1) % config.eval_every == 0 or step + 1 == max_steps:
+            metrics = _evaluate(model, val_inputs, val_labels, data, config.batch_size, device)
+            curve.append(
+                {"step": step + 1, "train_loss": float(np.mean(losses[-config.eval_every :])), **metrics}
+            )
+    if bar is not None:
+        bar.close()
+    test = _evaluate(
+        model,
+        _encode(tokenizer, test_texts, test_pairs, config.max_length),
+        test_labels,
+        data,
+        config.batch_size,
+        device,
+    )
+    best = max(c[main_metric] for c in curve)
+    result = {
+        "config": asdict(config),
+        "data": data.describe(),
+        "splits_used": "train: optimisation; val: learning curve and convergence; test: reported once at the end",
+        "trainable_parameters": trainable,
+        "groups": [
+            {
+                "role": g["role"],
+                "lr": g.get("initial_lr", g["lr"]),
+                "weight_decay": g["weight_decay"],
+                "parameters": sum(p.numel() for p in g["params"]),
+            }
+            for g in groups
+        ],
+        "lora_modules": lora_modules,
+        "total_parameters": total,
+        "seconds_per_step": train_seconds / max_steps,
+        **_peak_memory(device),
+        "device": str(device),
+        "main_metric": main_metric,
+        "best_val": best,
+        "final_val": curve[-1][main_metric],
+        "steps_to_95pct_of_best": steps_to_fraction_of_best([(c["step"], c[main_metric]) for c in curve]),
+        "test": test,
+        "curve": curve,
+    }
+    if config.out:
+        out = Path(config.out)
+        out.mkdir(parents=True, exist_ok=True)
+        if config.save_model:
+            to_save = model.merge_and_unload() if config.method == "lora" else model
+            to_save.save_pretrained(out / "model")
+            tokenizer.save_pretrained(out / "model")
+        from qkvlab.train.checkpoint import write_atomic
+
+        write_atomic(out / "result.json", json.dumps(result, indent=1))
+    return result

@@ -1,0 +1,165 @@
+"""`qkvlab finetune` on a tiny BERT built from a config and a tiny CSV; `inspect --compare`."""
+
+from __future__ import annotations
+
+import csv
+import json
+
+import pytest
+import torch
+import transformers as tf
+from safetensors.torch import load_file
+
+from qkvlab.cli import main
+from qkvlab.finetune import FinetuneConfig, finetune
+from qkvlab.inspect import compare
+
+WORDS = [
+    "good",
+    "great",
+    "fine",
+    "bad",
+    "awful",
+    "poor",
+    "movie",
+    "plot",
+    "actor",
+    "scene",
+    "the",
+    "a",
+    "was",
+    "is",
+    "very",
+    "not",
+]
+
+
+@pytest.fixture(scope="module")
+def tiny_bert(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("tiny-bert")
+    (folder / "vocab.txt").write_text("\n".join(["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", *WORDS]))
+    tf.BertTokenizerFast(vocab_file=str(folder / "vocab.txt")).save_pretrained(folder)
+    torch.manual_seed(0)
+    config = tf.BertConfig(
+        vocab_size=5 + len(WORDS),
+        hidden_size=32,
+        num_attention_heads=4,
+        num_hidden_layers=2,
+        intermediate_size=48,
+    )
+    tf.BertModel(config).save_pretrained(folder)
+    return folder
+
+
+@pytest.fixture(scope="module")
+def tiny_csv(tmp_path_factory):
+    path = tmp_path_factory.mktemp("data") / "reviews.csv"
+    gen = torch.Generator().manual_seed(0)
+    with path.open("w", newline="") as fh:
+        writer = csv.writer(fh)
+        writer.writerow(["text", "label"])
+        for i in range(200):
+            positive = i % 2 == 0
+            word = ["good", "great", "fine"][i % 3] if positive else ["bad", "awful", "poor"][i % 3]
+            filler = " ".join(WORDS[6 + int(j)] for j in torch.randint(0, 5, (4,), generator=gen))
+            writer.writerow([f"the movie was very {word} {filler}", "pos" if positive else "neg"])
+    return path
+
+
+def _config(tiny_bert, tiny_csv, tmp_path, **changes) -> FinetuneConfig:
+    settings = dict(
+        model=str(tiny_bert),
+        data=f"csv:{tiny_csv}",
+        targets=["q", "v"],
+        method="full",
+        lr=1e-2,
+        lr_ratio=4.0,
+        max_steps=6,
+        eval_every=3,
+        batch_size=16,
+        max_length=16,
+        device="cpu",
+        out=str(tmp_path / "run"),
+    )
+    settings.update(changes)
+    return FinetuneConfig(**settings)
+
+
+def test_full_qv_moves_only_q_v_and_head(tiny_bert, tiny_csv, tmp_path) -> None:
+    result = finetune(_config(tiny_bert, tiny_csv, tmp_path), progress=False)
+    before = load_file(str(tiny_bert / "model.safetensors"))
+    after = load_file(str(tmp_path / "run" / "model" / "model.safetensors"))
+    for name, tensor in before.items():
+        tuned = after[f"bert.{name}"] if f"bert.{name}" in after else after[name]
+        moved = not torch.equal(tensor, tuned)
+        should_move = ".attention.self.query." in name or ".attention.self.value." in name
+        assert moved == should_move, name
+    # parameter count: per layer W_q, b_q, W_v, b_v (32·32 + 32 each), plus the classifier (32·2 + 2)
+    assert result["trainable_parameters"] == 2 * 2 * (32 * 32 + 32) + 32 * 2 + 2
+    lrs = {(g["role"]): g["lr"] for g in result["groups"]}
+    assert lrs["v"] == pytest.approx(4 * lrs["q"]) and lrs["q"] == 1e-2 and lrs["head"] == 1e-2
+    assert [c["step"] for c in result["curve"]] == [3, 6]
+    assert set(result["test"]) == {"accuracy", "macro_f1", "mcc"}
+    assert 1 <= result["steps_to_95pct_of_best"] <= 6
+    assert result["peak_rss_gib"] > 0 and result["seconds_per_step"] > 0
+    saved = json.loads((tmp_path / "run" / "result.json").read_text())
+    assert saved["trainable_parameters"] == result["trainable_parameters"]
+
+    # what changed, per head: q and v (and their products), never k or o
+    report = compare(tiny_bert, tmp_path / "run" / "model")
+    by = {p: [r for r in report.heads if r["product"] == p] for p in ("dq", "dk", "dv", "do", "dqk", "dov")}
+    assert all(r["rank"] > 0 for r in by["dq"] + by["dv"] + by["dqk"] + by["dov"])
+    assert all(r["rank"] == 0 and r["nuclear_norm"] == 0 for r in by["dk"] + by["do"])
+    assert all(r["rank"] <= 8 for r in by["dqk"])  # ΔW_KᵀW_Q = W_Kᵀ ΔW_Q here: rank ≤ d_head
+
+
+def test_lora_adapters_only_on_chosen_roles(tiny_bert, tiny_csv, tmp_path) -> None:
+    result = finetune(
+        _config(tiny_bert, tiny_csv, tmp_path, method="lora", rank=2, targets=["q", "v"], save_model=False),
+        progress=False,
+    )
+    modules = result["lora_modules"]
+    assert len(modules) == 4 and all(m.endswith((".query", ".value")) for m in modules)
+    lrs = {}
+    for g in result["groups"]:
+        lrs.setdefault(g["role"], set()).add(g["lr"])
+    assert lrs["q"] == {1e-2} and len(lrs["v"]) == 1 and lrs["v"].pop() == pytest.approx(4e-2)
+    # LoRA parameters: A (r × d) and B (d × r) per adapted module, plus the trainable classifier copy
+    assert result["trainable_parameters"] == 4 * (2 * 32 + 32 * 2) + 32 * 2 + 2
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (["--targets", "q,x"], "unknown target x; accepted: a subset of q,k,v,o, or all"),
+        (["--lr-ratio", "0"], "λ = 0.0; accepted: λ > 0"),
+        (["--lr-ratio", "-2"], "accepted: λ > 0"),
+        (["--data", "csv:{missing_label}"], "missing column label"),
+        (["--data", "csv:{empty}"], "the file is empty"),
+        (["--data", "imdb"], "unknown data 'imdb'; accepted: rotten-tomatoes"),
+        (["--model", "{nowhere}"], "not a packaged name"),
+    ],
+)
+def test_bad_finetune_input_is_one_line_exit_2(args, message, tiny_bert, tiny_csv, tmp_path, capsys) -> None:
+    (tmp_path / "nolabel.csv").write_text("text,stars\nnice,5\n")
+    (tmp_path / "empty.csv").write_text("text,label\n")
+    fill = {
+        "missing_label": tmp_path / "nolabel.csv",
+        "empty": tmp_path / "empty.csv",
+        "nowhere": tmp_path / "nowhere",
+    }
+    args = [a.format(**fill) for a in args]
+    base = [
+        "finetune",
+        "--model",
+        str(tiny_bert),
+        "--data",
+        f"csv:{tiny_csv}",
+        "--max-steps",
+        "2",
+        "--quiet",
+        "--no-save",
+    ]
+    rc = main(base + args)
+    err = capsys.readouterr().err
+    assert rc == 2 and len(err.strip().splitlines()) == 1 and message in err, err
