@@ -113,3 +113,14 @@ def test_inspect_of_peft_model_sees_the_adapted_weights() -> None:
     merged = qkvlab.inspect(model.merge_and_unload())
     for x, y in zip(adapted.heads, merged.heads, strict=True):
         assert x["singular_values"] == pytest.approx(y["singular_values"], rel=1e-5, abs=1e-6)
+
+
+def test_create_optimizer_merges_overrides_and_rejects_l2(tmp_path) -> None:
+    args = tf.TrainingArguments(
+        output_dir=str(tmp_path), learning_rate=1e-3, weight_decay=0.1, report_to=[], use_cpu=True
+    )
+    optimizer = create_optimizer(_model(), args, preset="qv-ratio", overrides={"head": {"lr_scale": 2.0}})
+    by_role = {g["role"]: g["lr"] for g in optimizer.param_groups}
+    assert by_role["v"] == pytest.approx(4e-3) and by_role["head"] == pytest.approx(2e-3)  # both kept
+    with pytest.raises(qkvlab.UserError, match="never adds qkvlab.l2_penalty"):
+        create_optimizer(_model(), args, regularization="l2")

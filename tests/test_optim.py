@@ -397,3 +397,43 @@ def test_split_multihead_attention_in_training_and_eval(bias: bool) -> None:
     with torch.no_grad():
         torch.testing.assert_close(encoder(x), reference, rtol=1e-6, atol=1e-6)
     assert set(encoder.state_dict()) == set(state)
+
+
+# -- regressions found in review ----------------------------------------------------------------
+
+
+def test_train_set_never_unfreezes_what_peft_froze() -> None:
+    from peft import LoraConfig, get_peft_model
+
+    model = get_peft_model(
+        tiny_hf_model("llama"), LoraConfig(r=2, target_modules=["q_proj"], task_type="CAUSAL_LM")
+    )
+    groups = param_groups(model, lr=LR, weight_decay=WD, **preset_settings("qv-ratio"))
+    names = [n for g in groups for n in g["param_names"]]
+    assert names and all("lora_" in n for n in names)  # no lm_head, no un-adapted v_proj
+    params = dict(model.named_parameters())
+    assert not params["base_model.model.lm_head.weight"].requires_grad
+    assert not params["base_model.model.model.layers.0.self_attn.v_proj.weight"].requires_grad
+
+
+def test_lora_bias_takes_its_module_role() -> None:
+    from peft import LoraConfig, get_peft_model
+
+    model = get_peft_model(_tiny_bert_classifier(), LoraConfig(r=2, target_modules=["query"], lora_bias=True))
+    r = roles(model)
+    assert r["base_model.model.bert.encoder.layer.0.attention.self.query.lora_B.default.bias"] == "q"
+
+
+def test_settings_for_roles_the_model_lacks_are_an_error() -> None:
+    config = tf.DistilBertConfig(vocab_size=64, dim=32, n_heads=4, n_layers=2, hidden_dim=48)
+    model = tf.DistilBertForSequenceClassification(config)  # q_lin/k_lin/...: not in the architecture table
+    with pytest.raises(qkvlab.UserError, match="no parameter with role q, v"):
+        param_groups(model, lr=LR, weight_decay=WD, **preset_settings("qv-ratio"))
+
+
+def test_mha_bias_k_and_bias_v_are_k_and_v_without_decay() -> None:
+    mha = nn.MultiheadAttention(16, 4, add_bias_kv=True)
+    r = roles(mha)
+    assert r["bias_k"] == "k" and r["bias_v"] == "v"
+    groups = param_groups(mha, lr=LR, weight_decay=WD)
+    assert _group_of(groups, "bias_k")["weight_decay"] == 0.0

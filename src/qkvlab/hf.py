@@ -20,6 +20,7 @@ import torch
 from torch import nn
 from transformers import Trainer, TrainerCallback, TrainingArguments
 
+from qkvlab.errors import UserError
 from qkvlab.inspect import PRODUCTS, inspect
 from qkvlab.optim import param_groups, preset_settings
 from qkvlab.spectra import DEFAULT_RTOL
@@ -49,7 +50,21 @@ def create_optimizer(
     scheduler around this optimiser, scaling every group's lr by the same factor.
     """
     options: dict[str, Any] = preset_settings(preset, **(preset_args or {})) if preset else {}
+    if settings.get("regularization", "decoupled") != "decoupled":
+        raise UserError(
+            "create_optimizer builds the Trainer's optimiser, and the Trainer never adds qkvlab.l2_penalty to the "
+            "loss; accepted: regularization='decoupled' (or build coupled-L2 training in your own loop)"
+        )
+    extra_overrides = settings.pop("overrides", None) or {}
     options.update(settings)
+    merged = {role: dict(values) for role, values in options.get("overrides", {}).items()}
+    for (
+        role,
+        values,
+    ) in extra_overrides.items():  # per role and per key: a preset's λ survives a head override
+        merged.setdefault(role, {}).update(values)
+    if merged:
+        options["overrides"] = merged
     groups = param_groups(model, lr=args.learning_rate, weight_decay=args.weight_decay, **options)
     optimizer_cls, optimizer_kwargs = Trainer.get_optimizer_cls_and_kwargs(args, model)
     optimizer_kwargs = {k: v for k, v in optimizer_kwargs.items() if k not in ("lr", "weight_decay")}
@@ -90,6 +105,7 @@ class SpectraCallback(TrainerCallback):
     def on_step_end(self, args, state, control, model=None, **kwargs):  # type: ignore[no-untyped-def]
         if model is None or state.global_step % self.every_n_steps:
             return control
+        control.should_log = True  # on every rank: the Trainer's logging step gathers the loss across ranks
         if not state.is_world_process_zero:
             return control
         was_training = model.training

@@ -63,7 +63,7 @@ _BLOCK = re.compile(r"(?:^|\.)(?:layer|layers|h|blocks|block)\.\d+(?:\.|$)")
 # PEFT wrappers: frozen originals, and the adapter parameters of a wrapped module.
 _FROZEN_BASE = re.compile(r"\.(?:base_layer|original_module)(?=\.)")
 _LORA = re.compile(
-    r"\.(lora_A|lora_B|lora_embedding_A|lora_embedding_B|lora_magnitude_vector)\.[^.]+(?:\.weight)?$"
+    r"\.(lora_A|lora_B|lora_embedding_A|lora_embedding_B|lora_magnitude_vector)\.[^.]+(?:\.(weight|bias))?$"
 )
 _SAVED_COPY = re.compile(r"\.modules_to_save\.[^.]+(?=\.)")
 
@@ -71,7 +71,7 @@ _SAVED_COPY = re.compile(r"\.modules_to_save\.[^.]+(?=\.)")
 def _canonical(name: str) -> str:
     """The parameter's name in the un-wrapped model: PEFT segments removed, LoRA → its base weight."""
     name = _SAVED_COPY.sub("", _FROZEN_BASE.sub("", name))
-    return _LORA.sub(".weight", name)
+    return _LORA.sub(lambda m: ".bias" if m.group(2) == "bias" else ".weight", name)
 
 
 def _lora_part(name: str) -> str | None:
@@ -217,7 +217,10 @@ def _train_set(train: Iterable[str] | str | None) -> tuple[set[str] | None, bool
 
 def _decays(name: str, param: torch.Tensor, role: str) -> bool:
     """HF Trainer's convention (no decay for biases and norms), plus timm's for any 1-D tensor."""
-    return role != "norm" and not _canonical(name).endswith("bias") and param.ndim >= 2
+    leaf = _canonical(name).rsplit(".", 1)[-1]
+    return (
+        role != "norm" and not leaf.endswith("bias") and leaf not in ("bias_k", "bias_v") and param.ndim >= 2
+    )
 
 
 def param_groups(
@@ -266,6 +269,17 @@ def param_groups(
     fused_names = [n for n, r in role_of.items() if r == "qkv"]
     _resolve_fused(set(role_of.values()), settings, train_roles, fused_names)
 
+    peft_model = any(_lora_part(n) or _is_frozen_base(n) or ".modules_to_save." in n for n in role_of)
+    present = set(role_of.values())
+    asked = set(settings) | (set(train_roles) - {"head"} if train_roles is not None else set())
+    missing = sorted(
+        r for r in asked & {"q", "k", "v", "o"} if r not in present and not (r != "o" and "qkv" in present)
+    )
+    if missing:
+        raise UserError(
+            f"this model has no parameter with role {', '.join(missing)} (roles found: {', '.join(sorted(present))}); "
+            "is its attention layout in the architecture table? see qkvlab.attention.families"
+        )
     groups: dict[tuple[str, bool, bool], dict[str, Any]] = {}
     for name, param in model.named_parameters():
         role = role_of[name]
@@ -273,7 +287,12 @@ def param_groups(
             param.requires_grad_(False)
             continue
         if train_roles is not None:
-            param.requires_grad_(role in train_roles)
+            if role not in train_roles:
+                param.requires_grad_(False)
+            elif not peft_model:
+                param.requires_grad_(True)
+            # in a PEFT model `train` only freezes: what PEFT froze (e.g. an LM head, an un-adapted
+            # projection) stays frozen, and adapters / modules_to_save copies keep their flags
         if not param.requires_grad:
             continue
         decay = _decays(name, param, role)

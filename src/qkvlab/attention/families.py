@@ -187,7 +187,7 @@ FAMILIES: tuple[Family, ...] = (
                 anchor=rf"^(?P<block>{_PREFIX})in_proj_weight$",
                 qkv="{block}in_proj_weight",
                 o="{block}out_proj.weight",
-                extra=(("qkv", "{block}in_proj_bias"),),
+                extra=(("qkv", "{block}in_proj_bias"), ("k", "{block}bias_k"), ("v", "{block}bias_v")),
             ),
             Layout(  # kdim/vdim ≠ embed_dim, or after qkvlab.split_fused_qkv (q_bias/k_bias/v_bias)
                 anchor=rf"^(?P<block>{_PREFIX})q_proj_weight$",
