@@ -122,5 +122,5 @@ def test_create_optimizer_merges_overrides_and_rejects_l2(tmp_path) -> None:
     optimizer = create_optimizer(_model(), args, preset="qv-ratio", overrides={"head": {"lr_scale": 2.0}})
     by_role = {g["role"]: g["lr"] for g in optimizer.param_groups}
     assert by_role["v"] == pytest.approx(4e-3) and by_role["head"] == pytest.approx(2e-3)  # both kept
-    with pytest.raises(qkvlab.UserError, match="never adds qkvlab.l2_penalty"):
+    with pytest.raises(qkvlab.UserError, match=r"never adds qkvlab\.l2_penalty"):
         create_optimizer(_model(), args, regularization="l2")
