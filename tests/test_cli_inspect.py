@@ -235,3 +235,43 @@ def test_console_script_error_has_no_traceback(tmp_path) -> None:
     assert result.returncode == 2
     assert result.stderr.count("\n") == 1 and "Traceback" not in result.stderr
     assert "no such file or folder" in result.stderr
+
+
+def test_malformed_headers_and_index_are_one_line_errors(tmp_path, capsys) -> None:
+    import struct
+
+    def write(name: str, header: dict) -> str:
+        raw = json.dumps(header).encode()
+        (tmp_path / name).write_bytes(struct.pack("<Q", len(raw)) + raw + b"\0" * 16)
+        return str(tmp_path / name)
+
+    cases = [
+        write("a.safetensors", {"x": 1}),
+        write("b.safetensors", {"x": {"dtype": "F32", "shape": [1]}}),
+        write("c.safetensors", {"x": {"dtype": "F32", "shape": [1], "data_offsets": ["0", "4"]}}),
+    ]
+    folder = tmp_path / "escape"
+    folder.mkdir()
+    (folder / "model.safetensors.index.json").write_text(
+        json.dumps({"weight_map": {"a": "../../etc/passwd"}})
+    )
+    cases.append(str(folder))
+    for case in cases:
+        capsys.readouterr()
+        assert main(["inspect", case]) == 2
+        err = capsys.readouterr().err
+        assert len(err.strip().splitlines()) == 1 and "Traceback" not in err, err
+
+
+def test_output_path_mistakes_fail_before_computing(tmp_path, capsys) -> None:
+    (tmp_path / "dir").mkdir()
+    (tmp_path / "file").write_text("x")
+    for args in (
+        ["--json", str(tmp_path / "dir")],
+        ["--csv", str(tmp_path / "dir")],
+        ["--plot", str(tmp_path / "file")],
+    ):
+        capsys.readouterr()
+        assert main(["inspect", "minilm", "--quiet", *args]) == 2
+        err = capsys.readouterr().err
+        assert len(err.strip().splitlines()) == 1 and "Traceback" not in err, err

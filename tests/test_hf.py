@@ -124,3 +124,19 @@ def test_create_optimizer_merges_overrides_and_rejects_l2(tmp_path) -> None:
     assert by_role["v"] == pytest.approx(4e-3) and by_role["head"] == pytest.approx(2e-3)  # both kept
     with pytest.raises(qkvlab.UserError, match=r"never adds qkvlab\.l2_penalty"):
         create_optimizer(_model(), args, regularization="l2")
+
+
+def test_inspect_of_dora_model_matches_its_merge() -> None:
+    from peft import LoraConfig, get_peft_model
+
+    model = get_peft_model(_model(), LoraConfig(r=4, target_modules=["query", "value"], use_dora=True))
+    with torch.no_grad():
+        for name, param in model.named_parameters():
+            if "lora_B" in name:
+                param.normal_(0, 0.5)
+            if "lora_magnitude_vector" in name:
+                param.mul_(1.3)
+    adapted = qkvlab.inspect(model)
+    merged = qkvlab.inspect(model.merge_and_unload())
+    for x, y in zip(adapted.heads, merged.heads, strict=True):
+        assert x["singular_values"] == pytest.approx(y["singular_values"], rel=1e-5, abs=1e-6)

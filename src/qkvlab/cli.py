@@ -159,6 +159,24 @@ def _build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _check_outputs(files: list[str | None], folders: list[str | None]) -> None:
+    """Refuse unusable output paths before any work is done."""
+    from pathlib import Path
+
+    for name in filter(None, files):
+        path = Path(name)
+        if path.is_dir():
+            raise UserError(f"{name} is a folder; accepted: a file path to write")
+        parent = next((p for p in [path.parent, *path.parent.parents] if p.exists()), Path("."))
+        if not parent.is_dir():
+            raise UserError(f"cannot write {name}: {parent} is not a folder")
+    for name in filter(None, folders):
+        path = Path(name)
+        blocker = next((p for p in [path, *path.parents] if p.exists()), Path("."))
+        if not blocker.is_dir():
+            raise UserError(f"cannot write plots to {name}: {blocker} is a file; accepted: a folder path")
+
+
 def _tqdm_progress(iterable, total):  # type: ignore[no-untyped-def]
     from tqdm.auto import tqdm
 
@@ -170,6 +188,7 @@ def _cmd_inspect(args: argparse.Namespace) -> int:
     from qkvlab.inspect import inspect
     from qkvlab.report.tables import format_table
 
+    _check_outputs(files=[args.json, args.csv], folders=[args.plot])
     if args.compare:
         return _cmd_compare(args)
     report = inspect(
@@ -394,6 +413,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         return args.handler(args)
     except UserError as exc:
         print(f"qkvlab {args.command}: error: {exc}", file=sys.stderr)
+        return EXIT_USER_ERROR
+    except (PermissionError, IsADirectoryError, NotADirectoryError, FileExistsError) as exc:
+        # the file system refused a path the user gave us
+        print(f"qkvlab {args.command}: error: {exc.strerror}: {exc.filename}", file=sys.stderr)
         return EXIT_USER_ERROR
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)

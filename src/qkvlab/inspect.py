@@ -25,6 +25,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import torch
 from torch import nn
 
 from qkvlab.attention import ArchitectureInfo, AttentionFactors, load_source
@@ -52,13 +53,15 @@ def spectrum_records(
         "imbalance": spectrum.imbalance.tolist(),
     }
     singular_values = spectrum.singular_values.tolist()
+    finite = torch.isfinite(spectrum.singular_values).all(-1).tolist()
     return [
         {
             "layer": layer,
             "head": head,
             "product": product,
-            "singular_values": singular_values[head],
-            **{name: values[head] for name, values in columns.items()},
+            # a head whose weights hold NaN/inf (a diverged run) gets nulls, not a crash or fake zeros
+            "singular_values": singular_values[head] if finite[head] else None,
+            **{name: values[head] if finite[head] else None for name, values in columns.items()},
         }
         for head in range(len(singular_values))
     ]
@@ -108,6 +111,17 @@ class InspectReport:
             row: dict[str, float | int] = {"layer": layer}
             for product in PRODUCTS:
                 recs = self.select(product, layer)
+                if not recs:  # e.g. a compare report (dqk, dov, …)
+                    continue
+                recs = [r for r in recs if r["effective_rank"] is not None] or recs
+                if recs[0]["effective_rank"] is None:
+                    row.update(
+                        {
+                            f"{product}_{k}": float("nan")
+                            for k in ("erank_mean", "erank_min", "rank_mean", "gap_mean")
+                        }
+                    )
+                    continue
                 eranks = [r["effective_rank"] for r in recs]
                 row[f"{product}_erank_mean"] = statistics.fmean(eranks)
                 row[f"{product}_erank_min"] = min(eranks)

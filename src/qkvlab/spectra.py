@@ -147,8 +147,13 @@ class FactoredProduct:
         r = self.left.shape[-1]
         li = self._resolve(self.left_index, self.left.shape[0])
         ri = self._resolve(self.right_index, self.right.shape[0])
-        ra = _qr_r(self.left)[li]  # (heads, ka, r), ka = min(m, r)
-        rb = _qr_r(self.right)[ri]
+        left, right = self.left.to(torch.float64), self.right.to(torch.float64)
+        bad_left = ~torch.isfinite(left).flatten(1).all(1)
+        bad_right = ~torch.isfinite(right).flatten(1).all(1)
+        if bad_left.any() or bad_right.any():  # a diverged run: report NaN for those heads, not a crash
+            left, right = torch.nan_to_num(left, 0.0, 0.0, 0.0), torch.nan_to_num(right, 0.0, 0.0, 0.0)
+        ra = _qr_r(left)[li]  # (heads, ka, r), ka = min(m, r)
+        rb = _qr_r(right)[ri]
         core = ra @ rb.transpose(-1, -2)  # (heads, ka, kb): same nonzero σ as A Bᵀ
         sv = torch.linalg.svdvals(core)
         if sv.shape[-1] < r:  # only when d_head > d_model: pad the structural zeros
@@ -158,6 +163,10 @@ class FactoredProduct:
         gram_b = rb.transpose(-1, -2) @ rb
         l2_half = 0.5 * (ra.square().sum((-1, -2)) + rb.square().sum((-1, -2)))
         imbalance = torch.linalg.matrix_norm(gram_a - gram_b)
+        bad = bad_left[li] | bad_right[ri]
+        if bad.any():
+            sv, l2_half, imbalance = sv.clone(), l2_half.clone(), imbalance.clone()
+            sv[bad], l2_half[bad], imbalance[bad] = float("nan"), float("nan"), float("nan")
         return ProductSpectrum(singular_values=sv, l2_half=l2_half, imbalance=imbalance)
 
 

@@ -121,13 +121,18 @@ class LiveSource(TensorSource):
         adapted = self._adapted.get(key)
         if adapted is None:
             return self._tensors[key].detach()
+        if getattr(adapted, "merged", False):
+            return adapted.base_layer.weight.detach()
+        # PEFT's own merge on a copy of this one layer: exact for LoRA, DoRA (magnitude rescaling) and
+        # fan_in_fan_out layers alike, and the live model is untouched.
+        import copy
+
         with torch.no_grad():
-            weight = adapted.base_layer.weight.detach().clone()
-            if not getattr(adapted, "merged", False):
-                for name in adapted.active_adapters:
-                    if name in getattr(adapted, "lora_A", {}):
-                        weight += adapted.get_delta_weight(name).to(weight.dtype)
-        return weight
+            layer = copy.deepcopy(adapted)
+            active = [n for n in layer.active_adapters if n in getattr(layer, "lora_A", {})]
+            if active:
+                layer.merge(adapter_names=active)
+            return layer.base_layer.weight.detach()
 
 
 def _unwrap(module: nn.Module) -> nn.Module:
@@ -201,7 +206,11 @@ def _weight_files(path: Path) -> list[Path]:
         weight_map = _read_config(index).get("weight_map")
         if not isinstance(weight_map, Mapping) or not weight_map:
             raise UserError(f"{index} has no 'weight_map'")
-        files = [path / name for name in dict.fromkeys(weight_map.values())]
+        names = list(dict.fromkeys(weight_map.values()))
+        bad = [n for n in names if not isinstance(n, str) or Path(n).is_absolute() or ".." in Path(n).parts]
+        if bad:
+            raise UserError(f"{index} maps tensors to {bad[0]!r}; accepted: shard file names inside {path}")
+        files = [path / name for name in names]
         missing = [f.name for f in files if not f.is_file()]
         if missing:
             raise UserError(f"{index} lists shards that are missing: {', '.join(missing)}")
@@ -239,6 +248,17 @@ def _check_safetensors_header(file: Path) -> None:
             raise UserError(f"{file} is not a safetensors file (its header is not JSON)") from None
     if not isinstance(header, dict):
         raise UserError(f"{file} is not a safetensors file (its header is not a JSON object)")
+    for key, entry in header.items():
+        if key == "__metadata__":
+            continue
+        offsets = entry.get("data_offsets") if isinstance(entry, dict) else None
+        if not (
+            isinstance(offsets, list)
+            and len(offsets) == 2
+            and all(isinstance(o, int) and not isinstance(o, bool) and o >= 0 for o in offsets)
+            and offsets[0] <= offsets[1]
+        ):
+            raise UserError(f"{file} is not a valid safetensors file (bad entry for tensor {key!r})")
     end = max((v["data_offsets"][1] for k, v in header.items() if k != "__metadata__"), default=0)
     if 8 + header_len + end > size:
         raise UserError(
