@@ -156,6 +156,17 @@ def _build_parser() -> argparse.ArgumentParser:
     ft.add_argument("--no-save", action="store_true", help="do not save the fine-tuned model")
     ft.add_argument("--quiet", action="store_true")
     ft.set_defaults(handler=_cmd_finetune)
+
+    rp = sub.add_parser("repro", help="reproduce a paper claim: `repro finetune` (paper 001)")
+    rp.add_argument("claim", choices=["finetune"], help="finetune: QV vs QKV, V vs K, λ = η_V/η_QK on MiniLM")
+    rp.add_argument("--out", default="runs/repro-finetune", help="results folder (resumable)")
+    rp.add_argument("--seeds", default="0,1,2")
+    rp.add_argument("--jobs", type=_positive_int, default=1, help="runs in parallel processes")
+    rp.add_argument("--max-steps", type=_positive_int, default=300)
+    rp.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
+    rp.add_argument("--model", default="minilm", help="the pretrained model (default: the packaged MiniLM)")
+    rp.add_argument("--summary-only", action="store_true", help="print the tables from existing results")
+    rp.set_defaults(handler=_cmd_repro)
     return parser
 
 
@@ -403,6 +414,22 @@ def _cmd_finetune(args: argparse.Namespace) -> int:
     )
     if config.out:
         print(f"wrote {config.out}/result.json" + (f" and {config.out}/model" if config.save_model else ""))
+    return 0
+
+
+def _cmd_repro(args: argparse.Namespace) -> int:
+    from pathlib import Path
+
+    from qkvlab.experiments.finetune_claims import run_grid, summarize
+
+    try:
+        seeds = [int(s) for s in args.seeds.split(",") if s.strip()]
+    except ValueError:
+        raise UserError(f"--seeds {args.seeds!r} must be comma-separated integers") from None
+    out = Path(args.out)
+    if not args.summary_only:
+        run_grid(out, seeds, jobs=args.jobs, max_steps=args.max_steps, device=args.device, model=args.model)
+    print(summarize(out))
     return 0
 
 

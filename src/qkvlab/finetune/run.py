@@ -164,6 +164,7 @@ def finetune(config: FinetuneConfig, *, progress: bool = True) -> dict[str, Any]
         path,
         num_labels=data.num_labels,
         problem_type="regression" if data.regression else "single_label_classification",
+        dtype=torch.float32,  # train in float32 whatever the checkpoint's storage dtype
     )
     targets = set(config.targets)
     overrides = {"v": {"lr_scale": config.lr_ratio}} if config.lr_ratio != 1.0 else None

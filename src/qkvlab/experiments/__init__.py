@@ -1,0 +1,1 @@
+"""One module per paper claim: the reproduction grids behind `qkvlab repro`."""
