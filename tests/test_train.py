@@ -257,3 +257,30 @@ def test_ddp_two_processes_match_one(corpus, tmp_path) -> None:
     one, two = losses("one"), losses("two")
     assert len(one) == len(two) == 12
     assert two == pytest.approx(one, rel=1e-5)
+
+
+def test_bf16_autocast_and_vit_on_digits(tmp_path) -> None:
+    settings = {
+        "data": "digits",
+        "batch_size": "16",
+        "max_steps": "3",
+        "warmup_steps": "1",
+        "precision": "bf16",
+        "model.kind": "vit",
+        "model.n_layer": "1",
+        "model.n_head": "2",
+        "model.d_model": "16",
+        "model.patch_size": "2",
+        "eval_every": "3",
+        "eval_batches": "2",
+        "spectra_every": "3",
+        "progress": "false",
+        "tensorboard": "false",
+        "out": str(tmp_path / "vit"),
+    }
+    result = train(load_config(None, settings))
+    assert result.complete and 0.0 <= result.final_eval["accuracy"] <= 1.0
+    with pytest.raises(qkvlab.UserError, match="does not divide the image size 8"):
+        train(load_config(None, {**settings, "model.patch_size": "3", "out": str(tmp_path / "bad")}))
+    with pytest.raises(qkvlab.UserError, match="model.kind=gpt needs lm data"):
+        train(load_config(None, {**settings, "model.kind": "gpt", "out": str(tmp_path / "bad2")}))
