@@ -282,5 +282,5 @@ def test_bf16_autocast_and_vit_on_digits(tmp_path) -> None:
     assert result.complete and 0.0 <= result.final_eval["accuracy"] <= 1.0
     with pytest.raises(qkvlab.UserError, match="does not divide the image size 8"):
         train(load_config(None, {**settings, "model.patch_size": "3", "out": str(tmp_path / "bad")}))
-    with pytest.raises(qkvlab.UserError, match="model.kind=gpt needs lm data"):
+    with pytest.raises(qkvlab.UserError, match=r"model\.kind=gpt needs lm data"):
         train(load_config(None, {**settings, "model.kind": "gpt", "out": str(tmp_path / "bad2")}))
