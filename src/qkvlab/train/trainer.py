@@ -187,6 +187,8 @@ class SpectralMonitor:
     def __init__(self, path: Path, groups: list[dict]) -> None:
         self.path = path
         self.seconds = 0.0  # wall time spent here, for the overhead figure in final.json
+        self._sum: dict[str, float] = {}
+        self._steps = 0
         self.previous: dict[tuple[int, str], list[float]] | None = None
         self.previous_step: int | None = None
         self.roles_lambda = {}
@@ -202,6 +204,19 @@ class SpectralMonitor:
                 last = json.loads(lines[-1])
                 self.previous_step = last["step"]
                 self.previous = _imbalances(last["heads"])
+
+    def accumulate(self) -> None:
+        """Called once per optimiser step: adds this step's 2·η_t·λ, so the prediction averages the schedule."""
+        for product in ("qk", "ov"):
+            rate = self._predicted(product)
+            if rate is not None:
+                self._sum[product] = self._sum.get(product, 0.0) + rate
+        self._steps += 1
+
+    def _interval_prediction(self, product: str) -> float | None:
+        if self._steps == 0 or product not in self._sum:
+            return self._predicted(product)
+        return self._sum[product] / self._steps
 
     def _predicted(self, product: str) -> float | None:
         roles = ("q", "k") if product == "qk" else ("v", "o")
@@ -232,7 +247,8 @@ class SpectralMonitor:
             "step": step,
             **report.to_dict(),
             "imbalance_decay_per_step": {
-                "predicted_weight_decay_part": {p: self._predicted(p) for p in ("qk", "ov")},
+                # mean of 2·η_t·λ over the steps since the previous firing (the lr follows the schedule)
+                "predicted_weight_decay_part": {p: self._interval_prediction(p) for p in ("qk", "ov")},
                 "measured": measured,
                 "note": "predicted = 2·η·λ (exact for gradient flow, approximate under Adam); the gap decays at ~2× this",
             },
@@ -240,6 +256,7 @@ class SpectralMonitor:
         with self.path.open("a") as fh:
             fh.write(json.dumps(record) + "\n")
         self.previous, self.previous_step = current, step
+        self._sum, self._steps = {}, 0
         self.seconds += time.perf_counter() - started
         return record
 
@@ -374,6 +391,8 @@ def train(config: TrainConfig, *, resume: Path | None = None) -> TrainResult:
         if config.grad_clip:
             torch.nn.utils.clip_grad_norm_(model.parameters(), config.grad_clip)
         optimizer.step()
+        if monitor is not None:
+            monitor.accumulate()  # with this step's lr, before the scheduler moves it
         scheduler.step()
         optimizer.zero_grad(set_to_none=True)
         step += 1
