@@ -437,3 +437,18 @@ def test_mha_bias_k_and_bias_v_are_k_and_v_without_decay() -> None:
     assert r["bias_k"] == "k" and r["bias_v"] == "v"
     groups = param_groups(mha, lr=LR, weight_decay=WD)
     assert _group_of(groups, "bias_k")["weight_decay"] == 0.0
+
+
+@pytest.mark.parametrize(
+    "kwargs",
+    [
+        {"lr": float("nan")},
+        {"weight_decay": float("nan")},
+        {"overrides": {"other": {"lr_scale": True}}},
+        {"overrides": {"other": {"weight_decay": float("nan")}}},
+    ],
+)
+def test_nan_and_bool_settings_are_rejected(kwargs) -> None:
+    settings = {"lr": LR, "weight_decay": WD, **kwargs}
+    with pytest.raises(qkvlab.UserError):
+        param_groups(nn.Linear(2, 2), **settings)

@@ -168,7 +168,12 @@ def _normalise_overrides(overrides: Mapping[str, Mapping[str, float]] | None) ->
                 f"unknown setting {', '.join(bad)} for role {role}; accepted: {', '.join(_OVERRIDE_KEYS)}"
             )
         for key, value in settings.items():
-            if not isinstance(value, int | float) or value < 0 or (key == "lr_scale" and value == 0):
+            if (
+                isinstance(value, bool)
+                or not isinstance(value, int | float)
+                or not value >= 0
+                or (key == "lr_scale" and value == 0)
+            ):
                 accepted = "> 0" if key == "lr_scale" else "≥ 0"
                 raise UserError(f"overrides[{role!r}][{key!r}] = {value!r}; accepted: a number {accepted}")
         out[role] = {k: float(v) for k, v in settings.items()}
@@ -255,11 +260,11 @@ def param_groups(
         One dict per (role, decay, LoRA part) with ``params``, ``param_names``, ``role``,
         ``lr``, ``weight_decay`` (and ``l2`` for coupled L2).
     """
-    if lr <= 0:
+    if not lr > 0:  # `not >` also rejects NaN
         raise UserError(f"lr must be > 0, got {lr}")
-    if weight_decay < 0:
+    if not weight_decay >= 0:
         raise UserError(f"weight_decay must be ≥ 0, got {weight_decay}")
-    if lora_ratio is not None and lora_ratio <= 0:
+    if lora_ratio is not None and not lora_ratio > 0:
         raise UserError(f"lora_ratio must be > 0, got {lora_ratio}")
     if regularization not in ("decoupled", "l2"):
         raise UserError(f"regularization must be 'decoupled' or 'l2', got {regularization!r}")
