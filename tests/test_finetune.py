@@ -163,3 +163,20 @@ def test_bad_finetune_input_is_one_line_exit_2(args, message, tiny_bert, tiny_cs
     rc = main(base + args)
     err = capsys.readouterr().err
     assert rc == 2 and len(err.strip().splitlines()) == 1 and message in err, err
+
+
+def test_cli_compare_prints_and_writes(tiny_bert, tiny_csv, tmp_path, capsys) -> None:
+    finetune(_config(tiny_bert, tiny_csv, tmp_path, targets=["v"], max_steps=2, eval_every=2), progress=False)
+    capsys.readouterr()
+    out = tmp_path / "delta.json"
+    assert (
+        main(["inspect", str(tiny_bert), "--compare", str(tmp_path / "run" / "model"), "--json", str(out)])
+        == 0
+    )
+    printed = capsys.readouterr().out
+    assert "what fine-tuning changed" in printed and "dqk ‖·‖_*" in printed
+    data = json.loads(out.read_text())
+    products = {h["product"] for h in data["heads"]}
+    assert products == {"dqk", "dov", "dq", "dk", "dv", "do"}
+    moved = {h["product"] for h in data["heads"] if h["rank"]}
+    assert moved == {"dov", "dv"}  # only V was trained: W_K, W_Q, P unchanged, so only OV changed
