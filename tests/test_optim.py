@@ -452,3 +452,21 @@ def test_nan_and_bool_settings_are_rejected(kwargs) -> None:
     settings = {"lr": LR, "weight_decay": WD, **kwargs}
     with pytest.raises(qkvlab.UserError):
         param_groups(nn.Linear(2, 2), **settings)
+
+
+def test_split_mha_with_kdim_splits_its_shared_bias() -> None:
+    torch.manual_seed(0)
+    mha = nn.MultiheadAttention(16, 4, kdim=12, vdim=12, batch_first=True)
+    x, kv = torch.randn(2, 5, 16), torch.randn(2, 7, 12)
+    reference = mha(x, kv, kv)[0]
+    with pytest.raises(qkvlab.UserError, match="split_fused_qkv"):
+        param_groups(mha, lr=LR, weight_decay=WD, train={"q", "v"})
+    assert qkvlab.split_fused_qkv(mha) == [""]
+    torch.testing.assert_close(mha(x, kv, kv)[0], reference)
+    r = roles(mha)
+    assert r["q_bias"] == "q" and r["v_bias"] == "v" and "qkv" not in r.values()
+    groups = param_groups(mha, lr=LR, weight_decay=WD, train={"q", "v"})
+    assert {g["role"] for g in groups} == {"q", "v"}
+    qkvlab.fuse_split_qkv(mha)
+    assert isinstance(mha.in_proj_bias, nn.Parameter)
+    torch.testing.assert_close(mha(x, kv, kv)[0], reference)

@@ -143,7 +143,31 @@ def _split_mha(mha: nn.MultiheadAttention) -> None:
     mha.__class__ = SplitMultiheadAttention
 
 
+def _split_mha_bias(mha: nn.MultiheadAttention) -> None:
+    """kdim/vdim ≠ embed_dim: torch already keeps separate q/k/v weights; split the shared in_proj_bias too."""
+    bias = mha.in_proj_bias
+    del mha._parameters["in_proj_bias"]
+    biases = bias.detach().chunk(3) if bias is not None else (None,) * 3
+    for name, b in zip(("q_bias", "k_bias", "v_bias"), biases, strict=True):
+        mha.register_parameter(
+            name, None if b is None else nn.Parameter(b.clone(), requires_grad=bias.requires_grad)
+        )
+    mha.__class__ = SplitMultiheadAttention
+
+
 def _fuse_mha(mha: SplitMultiheadAttention) -> None:
+    if not (mha.kdim == mha.embed_dim and mha.vdim == mha.embed_dim):  # separate weights stay separate
+        bias = (
+            None if mha.q_bias is None else torch.cat([mha.q_bias, mha.k_bias, mha.v_bias]).detach().clone()
+        )
+        grad = mha.q_bias.requires_grad if mha.q_bias is not None else False
+        for name in ("q_bias", "k_bias", "v_bias"):
+            del mha._parameters[name]
+        mha.__class__ = nn.MultiheadAttention
+        mha.register_parameter(
+            "in_proj_bias", None if bias is None else nn.Parameter(bias, requires_grad=grad)
+        )
+        return
     weight = torch.cat([mha.q_proj_weight, mha.k_proj_weight, mha.v_proj_weight]).detach().clone()
     bias = None if mha.q_bias is None else torch.cat([mha.q_bias, mha.k_bias, mha.v_bias]).detach().clone()
     grad = mha.q_proj_weight.requires_grad
@@ -178,6 +202,9 @@ def split_fused_qkv(model: nn.Module) -> list[str]:
         if isinstance(module, nn.MultiheadAttention) and not isinstance(module, SplitMultiheadAttention):
             if module._qkv_same_embed_dim:
                 _split_mha(module)
+                rewritten.append(name)
+            elif module.in_proj_bias is not None:
+                _split_mha_bias(module)
                 rewritten.append(name)
         elif _is_fused_projection(name, module):
             parent_name, _, child = name.rpartition(".")
