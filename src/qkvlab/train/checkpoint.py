@@ -30,6 +30,7 @@ import torch
 from safetensors.torch import load_file, load_model, save_file, save_model
 from torch import nn
 
+from qkvlab.data.cache import atomic_write_bytes
 from qkvlab.errors import UserError
 
 __all__ = [
@@ -51,18 +52,8 @@ def _fsync_dir(path: Path) -> None:
 
 
 def write_atomic(path: Path, text: str) -> None:
-    """Write a small text file atomically: temp file in the same folder, fsync, rename."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.tmp-")
-    try:
-        with os.fdopen(fd, "w") as fh:
-            fh.write(text)
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    """Write a small text file atomically (temp file, fsync, rename), then fsync the folder."""
+    atomic_write_bytes(path, text.encode("utf-8"))
     _fsync_dir(path.parent)
 
 
