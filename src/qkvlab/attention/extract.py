@@ -120,6 +120,11 @@ class AttentionFactors:
             found = _find_layout(source, family)
             if found:
                 return family, *found
+        if family_name is not None:
+            raise UserError(
+                f"--family {family_name}: {source.name} has no attention block named the way that family names them; "
+                f"supported families: {supported_families_text()}"
+            )
         what = (
             f"model_type '{source.config['model_type']}'" if "model_type" in source.config else "its weights"
         )
