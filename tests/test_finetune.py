@@ -180,3 +180,39 @@ def test_cli_compare_prints_and_writes(tiny_bert, tiny_csv, tmp_path, capsys) ->
     assert products == {"dqk", "dov", "dq", "dk", "dv", "do"}
     moved = {h["product"] for h in data["heads"] if h["rank"]}
     assert moved == {"dov", "dv"}  # only V was trained: W_K, W_Q, P unchanged, so only OV changed
+
+
+@pytest.mark.parametrize("side", ["right", "left"])
+def test_dynamic_padding_leaves_logits_and_metrics_unchanged(tiny_bert, side) -> None:
+    from qkvlab.finetune.data import LabelledData
+    from qkvlab.finetune.run import _encode, _evaluate, _trim
+
+    tokenizer = tf.AutoTokenizer.from_pretrained(tiny_bert)
+    tokenizer.padding_side = side
+    model = tf.AutoModelForSequenceClassification.from_pretrained(tiny_bert, num_labels=1).eval()
+    torch.nn.init.normal_(model.classifier.weight, std=3.0, generator=torch.Generator().manual_seed(0))
+    texts = ["good", "the movie was very bad not great", "a plot", "the actor is fine very fine"]
+    inputs = _encode(tokenizer, texts, None, 32)
+    assert inputs["input_ids"].shape[1] == 32
+    trimmed = _trim(inputs, left=side == "left")
+    # the same tensors as padding to the longest text in the first place
+    longest = tokenizer(texts, padding="longest", return_tensors="pt")
+    assert trimmed.keys() == inputs.keys()
+    for key, value in trimmed.items():
+        assert torch.equal(value, longest[key]), key
+    assert trimmed["input_ids"].shape[1] < 32
+    with torch.no_grad():
+        full = model(**inputs).logits
+        short = model(**trimmed).logits
+    if side == "right":  # (left padding shifts BERT's absolute positions, so there it changes logits)
+        torch.testing.assert_close(short, full, rtol=1e-5, atol=1e-5)
+
+    if side == "left":
+        return
+    # _evaluate sorts by length for batching; predictions must come back in the data's order:
+    # scored against the untrimmed logits as regression targets, Pearson is 1.
+    target = full[:, 0].numpy()
+    assert target.std() > 1e-3  # distinct enough that a permutation would show
+    data = LabelledData(name="t", texts=texts, pairs=None, labels=target, label_names=None, splits={})
+    metrics = _evaluate(model, inputs, target, data, batch_size=1, device=torch.device("cpu"))
+    assert metrics["pearson"] == pytest.approx(1.0, abs=1e-4)

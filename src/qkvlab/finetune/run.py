@@ -132,15 +132,38 @@ def _peak_memory(device: torch.device) -> dict[str, float]:
     return out
 
 
+def _trim(batch: dict[str, torch.Tensor], left: bool = False) -> dict[str, torch.Tensor]:
+    """Cut a batch padded to ``max_length`` down to its longest sequence (dynamic padding).
+
+    Masked positions never change a real token's output, so this only saves flops; it roughly
+    halves the cost of short-sentence data such as rotten-tomatoes (median ~25 of 64 tokens).
+    """
+    mask = batch.get("attention_mask")
+    if mask is None:
+        return batch
+    length = int(mask.sum(1).max())
+    cut = slice(-length, None) if left else slice(0, length)
+    return {k: v[:, cut] for k, v in batch.items()}
+
+
 @torch.no_grad()
-def _evaluate(model, inputs, labels, data: LabelledData, batch_size: int, device) -> dict[str, float]:
+def _evaluate(
+    model, inputs, labels, data: LabelledData, batch_size: int, device, left: bool = False
+) -> dict[str, float]:
     model.eval()
+    # Evaluate in order of length so each batch carries little padding, then restore the order.
+    if "attention_mask" in inputs:
+        order = torch.argsort(inputs["attention_mask"].sum(1), stable=True)
+    else:
+        order = torch.arange(len(labels))
     outputs = []
     for start in range(0, len(labels), batch_size * 2):
-        batch = {k: v[start : start + batch_size * 2].to(device) for k, v in inputs.items()}
-        outputs.append(model(**batch).logits.float().cpu())
+        index = order[start : start + batch_size * 2]
+        batch = _trim({k: v[index] for k, v in inputs.items()}, left)
+        outputs.append(model(**{k: v.to(device) for k, v in batch.items()}).logits.float().cpu())
     model.train()
-    logits = torch.cat(outputs)
+    logits = torch.empty(len(labels), outputs[0].shape[-1])
+    logits[order] = torch.cat(outputs)
     if data.regression:
         return regression_metrics(logits[:, 0].numpy(), labels.astype(np.float64))
     return classification_metrics(logits.argmax(-1).numpy(), labels, data.num_labels)
@@ -213,6 +236,7 @@ def finetune(config: FinetuneConfig, *, progress: bool = True) -> dict[str, Any]
     val_inputs = _encode(tokenizer, val_texts, val_pairs, config.max_length)
     test_texts, test_pairs, test_labels = data.subset("test")
 
+    left = getattr(tokenizer, "padding_side", "right") == "left"
     n = len(train_y)
     steps_per_epoch = max(1, n // config.batch_size)
     max_steps = (
@@ -256,7 +280,9 @@ def finetune(config: FinetuneConfig, *, progress: bool = True) -> dict[str, Any]
 
     for step in range(max_steps):
         index = batch_indices(step)
-        batch = {k: v[index].to(device) for k, v in train_inputs.items()}
+        batch = {
+            k: v.to(device) for k, v in _trim({k: v[index] for k, v in train_inputs.items()}, left).items()
+        }
         started = time.perf_counter()
         loss = model(**batch, labels=train_y[index].to(device)).loss
         loss.backward()
@@ -272,7 +298,7 @@ def finetune(config: FinetuneConfig, *, progress: bool = True) -> dict[str, Any]
             bar.update(1)
             bar.set_postfix(loss=f"{losses[-1]:.3f}")
         if (step + 1) % config.eval_every == 0 or step + 1 == max_steps:
-            metrics = _evaluate(model, val_inputs, val_labels, data, config.batch_size, device)
+            metrics = _evaluate(model, val_inputs, val_labels, data, config.batch_size, device, left)
             curve.append(
                 {"step": step + 1, "train_loss": float(np.mean(losses[-config.eval_every :])), **metrics}
             )
@@ -285,6 +311,7 @@ def finetune(config: FinetuneConfig, *, progress: bool = True) -> dict[str, Any]
         data,
         config.batch_size,
         device,
+        left,
     )
     best = max(c[main_metric] for c in curve)
     result = {
