@@ -150,6 +150,12 @@ def _build_parser() -> argparse.ArgumentParser:
     ft.add_argument(
         "--max-train-examples", type=_positive_int, default=None, help="subsample the training split"
     )
+    ft.add_argument(
+        "--max-val-examples",
+        type=_positive_int,
+        default=None,
+        help="learning curve on a fixed subset of the validation split (test is always scored in full)",
+    )
     ft.add_argument("--seed", type=int, default=0)
     ft.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
     ft.add_argument("--out", metavar="RUN_DIR", help="write result.json (and the fine-tuned model) here")
@@ -162,7 +168,13 @@ def _build_parser() -> argparse.ArgumentParser:
     rp.add_argument("--out", default="runs/repro-finetune", help="results folder (resumable)")
     rp.add_argument("--seeds", default="0,1,2")
     rp.add_argument("--jobs", type=_positive_int, default=1, help="runs in parallel processes")
-    rp.add_argument("--max-steps", type=_positive_int, default=300)
+    rp.add_argument("--max-steps", type=_positive_int, default=150, help="steps per run (default 150)")
+    rp.add_argument("--batch-size", type=_positive_int, default=16)
+    rp.add_argument("--eval-every", type=_positive_int, default=25)
+    rp.add_argument(
+        "--max-val-examples", type=_positive_int, default=500, help="learning-curve subset of validation"
+    )
+    rp.add_argument("--plot", metavar="DIR", default=None, help="write convergence plots (PNG) here")
     rp.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
     rp.add_argument("--model", default="minilm", help="the pretrained model (default: the packaged MiniLM)")
     rp.add_argument("--summary-only", action="store_true", help="print the tables from existing results")
@@ -396,6 +408,7 @@ def _cmd_finetune(args: argparse.Namespace) -> int:
         seed=args.seed,
         device=args.device,
         max_train_examples=args.max_train_examples,
+        max_val_examples=args.max_val_examples,
         save_model=not args.no_save,
         out=args.out,
     )
@@ -426,10 +439,29 @@ def _cmd_repro(args: argparse.Namespace) -> int:
         seeds = [int(s) for s in args.seeds.split(",") if s.strip()]
     except ValueError:
         raise UserError(f"--seeds {args.seeds!r} must be comma-separated integers") from None
+    if not seeds:
+        raise UserError("--seeds is empty; accepted: comma-separated integers, e.g. 0,1,2")
     out = Path(args.out)
     if not args.summary_only:
-        run_grid(out, seeds, jobs=args.jobs, max_steps=args.max_steps, device=args.device, model=args.model)
+        run_grid(
+            out,
+            seeds,
+            jobs=args.jobs,
+            device=args.device,
+            model=args.model,
+            max_steps=args.max_steps,
+            batch_size=args.batch_size,
+            eval_every=args.eval_every,
+            max_val_examples=args.max_val_examples,
+        )
+    elif not (out / "runs").is_dir():
+        raise UserError(f"{out} holds no runs; run `qkvlab repro finetune --out {out}` first")
     print(summarize(out))
+    if args.plot:
+        from qkvlab.experiments.finetune_claims import plot_convergence
+
+        for path in plot_convergence(out, Path(args.plot)):
+            print(f"wrote {path}")
     return 0
 
 

@@ -52,6 +52,9 @@ class FinetuneConfig:
     seed: int = 0
     device: str = "auto"
     max_train_examples: int | None = None  # subsample the training split (quick runs, tests)
+    # evaluate the learning curve on a fixed subset of the validation split (the same subset for
+    # every run and seed); the test split is always scored in full
+    max_val_examples: int | None = None
     save_model: bool = True
     out: str | None = None
 
@@ -233,6 +236,11 @@ def finetune(config: FinetuneConfig, *, progress: bool = True) -> dict[str, Any]
     label_dtype = torch.float32 if data.regression else torch.long
     train_y = torch.as_tensor(train_labels, dtype=label_dtype)
     val_texts, val_pairs, val_labels = data.subset("val")
+    if config.max_val_examples is not None and config.max_val_examples < len(val_texts):
+        keep = np.sort(np.random.default_rng(0).permutation(len(val_texts))[: config.max_val_examples])
+        val_texts = [val_texts[i] for i in keep]
+        val_pairs = [val_pairs[i] for i in keep] if val_pairs is not None else None
+        val_labels = val_labels[keep]
     val_inputs = _encode(tokenizer, val_texts, val_pairs, config.max_length)
     test_texts, test_pairs, test_labels = data.subset("test")
 
@@ -317,7 +325,10 @@ def finetune(config: FinetuneConfig, *, progress: bool = True) -> dict[str, Any]
     result = {
         "config": asdict(config),
         "data": data.describe(),
-        "splits_used": "train: optimisation; val: learning curve and convergence; test: reported once at the end",
+        "splits_used": (
+            f"train ({n}): optimisation; val ({len(val_labels)}): learning curve and convergence; "
+            f"test ({len(test_labels)}): reported once at the end"
+        ),
         "trainable_parameters": trainable,
         "groups": [
             {
