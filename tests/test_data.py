@@ -551,3 +551,21 @@ def test_hf_without_the_datasets_package_says_how_to_install_it(monkeypatch) -> 
     monkeypatch.setitem(sys.modules, "datasets", None)  # `import datasets` now raises ImportError
     with pytest.raises(UserError, match=r"hf:wikitext:wikitext-2-raw-v1 needs .* pip install datasets"):
         load_dataset("hf:wikitext:wikitext-2-raw-v1")
+
+
+def test_atomic_write_gives_the_file_the_umask_mode_not_mkstemps_0600(tmp_path) -> None:
+    import os
+
+    from qkvlab.data.cache import atomic_write_bytes
+
+    old = os.umask(0o022)
+    try:
+        atomic_write_bytes(tmp_path / "a.json", b"{}")
+        os.umask(0o077)
+        atomic_write_bytes(tmp_path / "b.json", b"{}")
+    finally:
+        os.umask(old)
+    assert (tmp_path / "a.json").stat().st_mode & 0o777 == 0o644
+    assert (tmp_path / "b.json").stat().st_mode & 0o777 == 0o600
+    assert (tmp_path / "a.json").read_bytes() == b"{}"
+    assert not list(tmp_path.glob(".*.tmp"))

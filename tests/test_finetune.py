@@ -216,3 +216,58 @@ def test_dynamic_padding_leaves_logits_and_metrics_unchanged(tiny_bert, side) ->
     data = LabelledData(name="t", texts=texts, pairs=None, labels=target, label_names=None, splits={})
     metrics = _evaluate(model, inputs, target, data, batch_size=1, device=torch.device("cpu"))
     assert metrics["pearson"] == pytest.approx(1.0, abs=1e-4)
+
+
+def test_repro_grid_resumes_refuses_other_settings_and_summarizes(tiny_bert, tiny_csv, tmp_path) -> None:
+    from qkvlab.errors import UserError
+    from qkvlab.experiments.finetune_claims import GridPoint, aggregate, plot_convergence, run_grid, summarize
+
+    points = [
+        GridPoint("rotten-tomatoes", ("q", "v"), "lora", 1.0),
+        GridPoint("rotten-tomatoes", ("q", "v"), "lora", 4.0),
+        GridPoint("rotten-tomatoes", ("q", "k", "v"), "full", 1.0),
+    ]
+    common = dict(
+        model=str(tiny_bert),
+        points=points,
+        data_sources={"rotten-tomatoes": f"csv:{tiny_csv}"},
+        max_steps=6,
+        eval_every=3,
+        batch_size=8,
+        echo=lambda *_: None,
+    )
+    out = tmp_path / "grid"
+    first = run_grid(out, [0, 1], jobs=2, **common)  # two spawned worker processes
+    assert [r["status"] for r in first] == ["ran"] * 6
+    assert len(list((out / "runs").glob("*/result.json"))) == 6
+    # an interrupted grid: one run lost its result; only that one runs again
+    (out / "runs" / points[1].name(1) / "result.json").unlink()
+    again = run_grid(out, [0, 1], **common)
+    assert [r["status"] for r in again].count("ran") == 1
+    assert again[4]["status"] == "ran" and again[4]["name"] == points[1].name(1)
+    with pytest.raises(UserError, match="max_steps 6 -> 7"):
+        run_grid(out, [0], **{**common, "max_steps": 7})
+
+    rows = {r["label"]: r for r in aggregate(out)}
+    qv4 = rows["rotten-tomatoes lora QV λ=4"]
+    assert qv4["seeds"] == [0, 1] and qv4["curve"]["step"] == [3, 6]
+    assert qv4["lr"] == 5e-4 and rows["rotten-tomatoes full QKV λ=1"]["lr"] == 2e-4
+    results = [json.loads((out / "runs" / points[1].name(s) / "result.json").read_text()) for s in (0, 1)]
+    assert qv4["test"]["accuracy"]["mean"] == pytest.approx(sum(r["test"]["accuracy"] for r in results) / 2)
+    group_lrs = {g["role"]: g["lr"] for g in results[0]["groups"]}
+    assert group_lrs["v"] == pytest.approx(4 * group_lrs["q"])
+    table = summarize(out)
+    assert table.count("\n| rotten-tomatoes") == 3 and "| 2 |" in table
+    written = plot_convergence(out, tmp_path / "plots")
+    assert {p.name for p in written} == {
+        "convergence_rotten-tomatoes_full.png",
+        "convergence_rotten-tomatoes_lora.png",
+    }
+    assert all(p.stat().st_size > 10_000 for p in written)
+
+
+def test_repro_cli_bad_input_is_one_line_exit_2(tmp_path, capsys) -> None:
+    assert main(["repro", "finetune", "--summary-only", "--out", str(tmp_path / "none")]) == 2
+    assert main(["repro", "finetune", "--seeds", "a,b", "--out", str(tmp_path / "x")]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 2 and "holds no runs" in err[0] and "comma-separated integers" in err[1]

@@ -24,7 +24,17 @@ from qkvlab.errors import UserError
 from qkvlab.finetune import FinetuneConfig, finetune
 from qkvlab.train.checkpoint import write_atomic
 
-__all__ = ["DEFAULTS", "LR", "GridPoint", "grid", "run_grid", "summarize"]
+__all__ = [
+    "DEFAULTS",
+    "LR",
+    "GridPoint",
+    "aggregate",
+    "grid",
+    "plot_convergence",
+    "run_grid",
+    "summarize",
+    "write_summary",
+]
 
 
 @dataclass(frozen=True)
@@ -209,30 +219,140 @@ def _load(out: Path) -> dict[GridPoint, list[dict[str, Any]]]:
     return by_point
 
 
-def _mean_std(values: list[float], scale: float = 100.0, digits: int = 2) -> str:
-    if not values:
-        return "—"
-    mean = statistics.fmean(values) * scale
-    std = statistics.stdev(values) * scale if len(values) > 1 else 0.0
-    return f"{mean:.{digits}f} ± {std:.{digits}f}"
+def _stats(values: list[float]) -> dict[str, float]:
+    return {
+        "mean": statistics.fmean(values),
+        "std": statistics.stdev(values) if len(values) > 1 else 0.0,
+        "n": len(values),
+    }
+
+
+def aggregate(out: Path) -> list[dict[str, Any]]:
+    """Per grid point with results: mean/std over seeds of every reported number (``summary.json``).
+
+    ``val_curve_mean`` is the validation score averaged over the learning curve's points: the
+    area under the curve, a convergence measure that uses every evaluation rather than one
+    threshold crossing.
+    """
+    rows = []
+    for point, results in _load(out).items():
+        metric = results[0]["main_metric"]
+        steps = [c["step"] for c in results[0]["curve"]]
+        curves = [
+            [c[metric] for c in r["curve"]] for r in results if [c["step"] for c in r["curve"]] == steps
+        ]
+        rows.append(
+            {
+                "label": point.label,
+                "data": point.data,
+                "method": point.method,
+                "targets": list(point.targets),
+                "lr_ratio": point.lr_ratio,
+                "lr": results[0]["config"]["lr"],
+                "seeds": sorted(r["config"]["seed"] for r in results),
+                "metric": metric,
+                "test": {k: _stats([r["test"][k] for r in results]) for k in results[0]["test"]},
+                "best_val": _stats([r["best_val"] for r in results]),
+                "final_val": _stats([r["final_val"] for r in results]),
+                "val_curve_mean": _stats([statistics.fmean(c) for c in curves]),
+                "steps_to_95pct_of_best": _stats([float(r["steps_to_95pct_of_best"]) for r in results]),
+                "curve": {
+                    "step": steps,
+                    "mean": [statistics.fmean(v) for v in zip(*curves, strict=True)],
+                    "std": [statistics.stdev(v) if len(v) > 1 else 0.0 for v in zip(*curves, strict=True)],
+                },
+                "trainable_parameters": results[0]["trainable_parameters"],
+                "seconds_per_step_median": statistics.median(r["seconds_per_step"] for r in results),
+                "peak_memory_gib_max": max(
+                    r.get("peak_gpu_allocated_gib", r["peak_rss_gib"]) for r in results
+                ),
+                "device": results[0]["device"],
+            }
+        )
+    return rows
+
+
+def _pm(stats: dict[str, float], scale: float = 100.0, digits: int = 1) -> str:
+    return f"{stats['mean'] * scale:.{digits}f} ± {stats['std'] * scale:.{digits}f}"
 
 
 def summarize(out: Path) -> str:
-    """Markdown tables (mean ± std over seeds) of every grid point with results."""
-    rows = []
-    for point, results in _load(out).items():
-        test_acc = [r["test"]["accuracy"] for r in results]
-        f1 = [r["test"]["macro_f1"] for r in results]
-        mcc = [r["test"]["mcc"] for r in results]
-        steps = [r["steps_to_95pct_of_best"] for r in results]
-        rows.append(
-            f"| {point.label} | {len(results)} | {_mean_std(test_acc)} | {_mean_std(f1)} | {_mean_std(mcc)} | "
-            f"{_mean_std([float(s) for s in steps], 1.0, 0)} | {results[0]['trainable_parameters']:,} | "
-            f"{statistics.median(r['seconds_per_step'] for r in results) * 1e3:.0f} | "
-            f"{max(r.get('peak_gpu_allocated_gib', r['peak_rss_gib']) for r in results):.2f} |"
+    """A markdown table (mean ± std over seeds) of every grid point with results."""
+    lines = [
+        "| setting | η_QK | seeds | test acc (%) | test macro-F1 (%) | test MCC (×100) | best val (%) | "
+        "mean val over curve (%) | steps to 95% of best | trainable params | ms/step | peak mem (GiB) |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    for row in aggregate(out):
+        test = row["test"]
+        f1 = _pm(test["macro_f1"]) if "macro_f1" in test else "—"
+        mcc = _pm(test["mcc"]) if "mcc" in test else "—"
+        lines.append(
+            f"| {row['label']} | {row['lr']:g} | {len(row['seeds'])} | {_pm(test[row['metric']])} | {f1} | {mcc} | "
+            f"{_pm(row['best_val'])} | {_pm(row['val_curve_mean'])} | "
+            f"{_pm(row['steps_to_95pct_of_best'], 1.0, 0)} | {row['trainable_parameters']:,} | "
+            f"{row['seconds_per_step_median'] * 1e3:.0f} | {row['peak_memory_gib_max']:.2f} |"
         )
-    header = (
-        "| setting | seeds | test accuracy (%) | test macro-F1 (%) | test MCC (×100) | steps to 95% of best val | "
-        "trainable params | ms/step | peak memory (GiB) |\n|---|---|---|---|---|---|---|---|---|"
+    return "\n".join(lines)
+
+
+def plot_convergence(out: Path, folder: Path) -> list[Path]:
+    """Validation learning curves (mean ± std over seeds): per λ for QV and QKV, and per target set."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    rows = aggregate(out)
+    folder.mkdir(parents=True, exist_ok=True)
+    written = []
+
+    def draw(ax, selected: list[dict[str, Any]], key) -> None:
+        for row in selected:
+            steps, mean, std = row["curve"]["step"], row["curve"]["mean"], row["curve"]["std"]
+            (line,) = ax.plot(steps, [m * 100 for m in mean], marker="o", ms=3, label=key(row))
+            ax.fill_between(
+                steps,
+                [(m - s) * 100 for m, s in zip(mean, std, strict=True)],
+                [(m + s) * 100 for m, s in zip(mean, std, strict=True)],
+                color=line.get_color(),
+                alpha=0.15,
+            )
+        ax.set_xlabel("step")
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=8)
+
+    for data in dict.fromkeys(r["data"] for r in rows):
+        for method in ("full", "lora"):
+            mine = [r for r in rows if r["data"] == data and r["method"] == method]
+            if not mine:
+                continue
+            target_sets = [t for t in (["q", "v"], ["q", "k", "v"]) if any(r["targets"] == t for r in mine)]
+            fig, axes = plt.subplots(
+                1, len(target_sets) + 1, figsize=(5 * (len(target_sets) + 1), 3.6), squeeze=False
+            )
+            for ax, targets in zip(axes[0], target_sets, strict=False):
+                selected = sorted((r for r in mine if r["targets"] == targets), key=lambda r: r["lr_ratio"])
+                draw(ax, selected, lambda r: f"λ = {r['lr_ratio']:g}")
+                ax.set_title(f"{method} {''.join(targets).upper()}: η_V = λ·η_QK")
+            at_one = [r for r in mine if r["lr_ratio"] == 1.0]
+            draw(axes[0][-1], at_one, lambda r: "".join(r["targets"]).upper())
+            axes[0][-1].set_title(f"{method}: which matrices, λ = 1")
+            axes[0][0].set_ylabel(f"validation {mine[0]['metric']} (%)")
+            fig.suptitle(f"{data}, MiniLM-L6 ({len(mine[0]['seeds'])} seeds, mean ± std)", fontsize=10)
+            fig.tight_layout()
+            path = folder / f"convergence_{data}_{method}.png"
+            fig.savefig(path, dpi=110)
+            plt.close(fig)
+            written.append(path)
+    return written
+
+
+def write_summary(out: Path) -> Path:
+    """``OUT/summary.json``: :func:`aggregate` plus the grid settings, for reports."""
+    settings = json.loads((out / "settings.json").read_text()) if (out / "settings.json").is_file() else {}
+    path = out / "summary.json"
+    write_atomic(
+        path, json.dumps({"schema_version": 1, "settings": settings, "points": aggregate(out)}, indent=1)
     )
-    return header + "\n" + "\n".join(rows)
+    return path
