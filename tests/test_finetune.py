@@ -271,3 +271,44 @@ def test_repro_cli_bad_input_is_one_line_exit_2(tmp_path, capsys) -> None:
     assert main(["repro", "finetune", "--seeds", "a,b", "--out", str(tmp_path / "x")]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 2 and "holds no runs" in err[0] and "comma-separated integers" in err[1]
+
+
+def test_trainer_example_trains_lora_on_q_v_with_v_at_lambda_times_the_rate(
+    tiny_bert, tiny_csv, tmp_path
+) -> None:
+    import importlib.util
+    from pathlib import Path
+
+    path = Path(__file__).parents[1] / "examples" / "finetune_with_trainer.py"
+    spec = importlib.util.spec_from_file_location("finetune_with_trainer", path)
+    example = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(example)
+    trainer = example.main(
+        [
+            "--model",
+            str(tiny_bert),
+            "--data",
+            f"csv:{tiny_csv}",
+            "--max-steps",
+            "6",
+            "--batch-size",
+            "8",
+            "--lr",
+            "1e-3",
+            "--ratio",
+            "4",
+            "--out",
+            str(tmp_path / "run"),
+        ]
+    )
+    adapted = {n for n, p in trainer.model.named_parameters() if p.requires_grad and "lora_" in n}
+    assert adapted and all(".query." in n or ".value." in n for n in adapted)
+    assert any(".value." in n for n in adapted) and any(".query." in n for n in adapted)
+    lrs = {}
+    for group in trainer.optimizer.param_groups:
+        lrs.setdefault(group["role"], set()).add(group["initial_lr"])
+    assert sorted(lrs["v"]) == pytest.approx([4e-3]) and sorted(lrs["q"]) == pytest.approx([1e-3])
+    assert "eval_accuracy" in trainer.state.log_history[-1] or any(
+        "eval_accuracy" in entry for entry in trainer.state.log_history
+    )
+    assert (tmp_path / "run" / "spectra.jsonl").is_file()

@@ -1,0 +1,104 @@
+"""Paper 001's strategy through the HF Trainer: the second path beside ``qkvlab finetune``.
+
+Train only W_q and W_v (here with LoRA on them; drop the PEFT lines for full fine-tuning), with
+η_V = λ·η_QK, using the Trainer's own loop, schedule, logging and checkpointing. qkvlab only
+builds the optimiser's parameter groups and, optionally, logs per-head spectra to TensorBoard.
+
+    python examples/finetune_with_trainer.py --model minilm --data rotten-tomatoes --ratio 4
+
+The same data, splits and metrics as ``qkvlab finetune`` (``qkvlab.finetune.load_labelled``).
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+
+import numpy as np
+import torch
+import transformers as tf
+from peft import LoraConfig, get_peft_model
+
+from qkvlab.finetune import load_labelled
+from qkvlab.finetune.metrics import classification_metrics
+from qkvlab.finetune.run import _model_path
+from qkvlab.hf import SpectraCallback, create_optimizer
+from qkvlab.optim import roles
+
+
+class Encoded(torch.utils.data.Dataset):
+    def __init__(self, tokenizer, texts, labels, max_length: int) -> None:
+        self.encoded = tokenizer(texts, truncation=True, max_length=max_length)
+        self.labels = labels
+
+    def __len__(self) -> int:
+        return len(self.labels)
+
+    def __getitem__(self, i: int) -> dict:
+        return {**{k: v[i] for k, v in self.encoded.items()}, "labels": int(self.labels[i])}
+
+
+def main(argv: list[str] | None = None) -> tf.Trainer:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--model", default="minilm")
+    parser.add_argument("--data", default="rotten-tomatoes")
+    parser.add_argument("--lr", type=float, default=5e-4, help="η_QK")
+    parser.add_argument("--ratio", type=float, default=4.0, help="λ: η_V = λ·η_QK")
+    parser.add_argument("--max-steps", type=int, default=150)
+    parser.add_argument("--batch-size", type=int, default=16)
+    parser.add_argument("--out", default="runs/trainer-qv")
+    args = parser.parse_args(argv)
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+    data = load_labelled(args.data)
+    path = _model_path(args.model)
+    tokenizer = tf.AutoTokenizer.from_pretrained(path)
+    model = tf.AutoModelForSequenceClassification.from_pretrained(path, num_labels=data.num_labels)
+    # LoRA on the q and v projections, whatever this architecture calls them
+    modules = sorted({n.removesuffix(".weight") for n, r in roles(model).items() if r in ("q", "v")})
+    model = get_peft_model(model, LoraConfig(r=8, lora_alpha=16, target_modules=modules, task_type="SEQ_CLS"))
+
+    train_texts, _, train_labels = data.subset("train")
+    val_texts, _, val_labels = data.subset("val")
+    training = tf.TrainingArguments(
+        output_dir=args.out,
+        learning_rate=args.lr,
+        weight_decay=0.0,
+        max_steps=args.max_steps,
+        warmup_steps=int(0.06 * args.max_steps),
+        per_device_train_batch_size=args.batch_size,
+        per_device_eval_batch_size=2 * args.batch_size,
+        eval_strategy="steps",
+        eval_steps=max(1, args.max_steps // 6),
+        logging_steps=max(1, args.max_steps // 6),
+        save_strategy="no",
+        report_to=["tensorboard"],
+        use_cpu=not torch.cuda.is_available(),
+        disable_tqdm=True,
+    )
+    # the one qkvlab line: V's groups get λ × the Trainer's learning rate; biases and norms undecayed
+    optimizer = create_optimizer(model, training, preset="qv-ratio", preset_args={"ratio": args.ratio})
+
+    def metrics(prediction: tf.EvalPrediction) -> dict:
+        return classification_metrics(
+            np.argmax(prediction.predictions, -1), prediction.label_ids, data.num_labels
+        )
+
+    trainer = tf.Trainer(
+        model=model,
+        args=training,
+        train_dataset=Encoded(tokenizer, train_texts, train_labels, 64),
+        eval_dataset=Encoded(tokenizer, val_texts, val_labels, 64),
+        data_collator=tf.DataCollatorWithPadding(tokenizer),
+        compute_metrics=metrics,
+        optimizers=(optimizer, None),  # the Trainer builds its schedule around our groups
+    )
+    SpectraCallback.install(trainer, every_n_steps=max(1, args.max_steps // 3))  # spectra → TensorBoard
+    trainer.train()
+    result = trainer.evaluate()
+    print({k: round(v, 4) for k, v in result.items() if k.startswith("eval_")})
+    return trainer
+
+
+if __name__ == "__main__":
+    main()
