@@ -226,6 +226,7 @@ def test_repro_grid_resumes_refuses_other_settings_and_summarizes(tiny_bert, tin
         GridPoint("rotten-tomatoes", ("q", "v"), "lora", 1.0),
         GridPoint("rotten-tomatoes", ("q", "v"), "lora", 4.0),
         GridPoint("rotten-tomatoes", ("q", "k", "v"), "full", 1.0),
+        GridPoint("rotten-tomatoes", ("q", "k", "v"), "lora", 1.0),
     ]
     common = dict(
         model=str(tiny_bert),
@@ -238,13 +239,13 @@ def test_repro_grid_resumes_refuses_other_settings_and_summarizes(tiny_bert, tin
     )
     out = tmp_path / "grid"
     first = run_grid(out, [0, 1], jobs=2, **common)  # two spawned worker processes
-    assert [r["status"] for r in first] == ["ran"] * 6
-    assert len(list((out / "runs").glob("*/result.json"))) == 6
+    assert [r["status"] for r in first] == ["ran"] * 8
+    assert len(list((out / "runs").glob("*/result.json"))) == 8
     # an interrupted grid: one run lost its result; only that one runs again
     (out / "runs" / points[1].name(1) / "result.json").unlink()
     again = run_grid(out, [0, 1], **common)
     assert [r["status"] for r in again].count("ran") == 1
-    assert again[4]["status"] == "ran" and again[4]["name"] == points[1].name(1)
+    assert again[5]["status"] == "ran" and again[5]["name"] == points[1].name(1)
     with pytest.raises(UserError, match="max_steps 6 -> 7"):
         run_grid(out, [0], **{**common, "max_steps": 7})
 
@@ -257,7 +258,16 @@ def test_repro_grid_resumes_refuses_other_settings_and_summarizes(tiny_bert, tin
     group_lrs = {g["role"]: g["lr"] for g in results[0]["groups"]}
     assert group_lrs["v"] == pytest.approx(4 * group_lrs["q"])
     table = summarize(out)
-    assert table.count("\n| rotten-tomatoes") == 3 and "| 2 |" in table
+    assert table.count("\n| rotten-tomatoes") == 4 and "| 2 |" in table
+    from qkvlab.experiments.finetune_claims import claims_markdown
+
+    claims = claims_markdown(out)
+    assert (
+        "### QV vs QKV" in claims
+        and "| lora | 4 |" in claims
+        and "(2/2 seeds > 0)" not in claims.split("| lora | 1 |")[0]
+    )
+    assert "### V vs K" not in claims  # no V or K runs in this grid: no empty section
     written = plot_convergence(out, tmp_path / "plots")
     assert {p.name for p in written} == {
         "convergence_rotten-tomatoes_full.png",

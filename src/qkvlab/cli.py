@@ -433,7 +433,7 @@ def _cmd_finetune(args: argparse.Namespace) -> int:
 def _cmd_repro(args: argparse.Namespace) -> int:
     from pathlib import Path
 
-    from qkvlab.experiments.finetune_claims import run_grid, summarize, write_summary
+    from qkvlab.experiments.finetune_claims import claims_markdown, run_grid, summarize, write_summary
 
     try:
         seeds = [int(s) for s in args.seeds.split(",") if s.strip()]
@@ -457,7 +457,9 @@ def _cmd_repro(args: argparse.Namespace) -> int:
     elif not (out / "runs").is_dir():
         raise UserError(f"{out} holds no runs; run `qkvlab repro finetune --out {out}` first")
     print(summarize(out))
-    print(f"wrote {write_summary(out)}")
+    print()
+    print(claims_markdown(out))
+    print(f"\nwrote {write_summary(out)}")
     if args.plot:
         from qkvlab.experiments.finetune_claims import plot_convergence
 

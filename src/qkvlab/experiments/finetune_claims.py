@@ -356,3 +356,149 @@ def write_summary(out: Path) -> Path:
         path, json.dumps({"schema_version": 1, "settings": settings, "points": aggregate(out)}, indent=1)
     )
     return path
+
+
+def _runs(out: Path) -> dict[tuple[str, str, tuple[str, ...], float], dict[int, dict[str, Any]]]:
+    """(data, method, targets, λ) → seed → result."""
+    return {
+        (p.data, p.method, p.targets, p.lr_ratio): {r["config"]["seed"]: r for r in results}
+        for p, results in _load(out).items()
+    }
+
+
+def _paired(a: dict[int, dict[str, Any]], b: dict[int, dict[str, Any]], key) -> str:
+    """mean ± std over the seeds both have of key(a) − key(b), in points; 'n/a' without common seeds."""
+    seeds = sorted(set(a) & set(b))
+    if not seeds:
+        return "n/a"
+    diffs = [100 * (key(a[s]) - key(b[s])) for s in seeds]
+    std = statistics.stdev(diffs) if len(diffs) > 1 else 0.0
+    wins = sum(d > 0 for d in diffs)
+    return f"{statistics.fmean(diffs):+.1f} ± {std:.1f} ({wins}/{len(seeds)} seeds > 0)"
+
+
+def _cell(runs: dict[int, dict[str, Any]] | None, key, scale: float = 100.0, digits: int = 1) -> str:
+    if not runs:
+        return "—"
+    values = [scale * key(r) for r in runs.values()]
+    std = statistics.stdev(values) if len(values) > 1 else 0.0
+    return f"{statistics.fmean(values):.{digits}f} ± {std:.{digits}f}"
+
+
+def _curve_mean(r: dict[str, Any]) -> float:
+    return statistics.fmean(c[r["main_metric"]] for c in r["curve"])
+
+
+def _test(r: dict[str, Any]) -> float:
+    return r["test"][r["main_metric"]]
+
+
+def _constant(r: dict[str, Any]) -> bool:
+    """The run ends predicting (almost) one class: test MCC within 0.05 of 0."""
+    return abs(r["test"].get("mcc", 1.0)) < 0.05
+
+
+def claims_markdown(out: Path) -> str:
+    """The comparisons each paper-001 claim rests on, as markdown tables computed from the results.
+
+    Differences are paired by seed (same seed: same batch order and head initialisation) and given
+    as mean ± std over seeds in percentage points, with how many seeds favour the first setting.
+    """
+    runs = _runs(out)
+    rt = "rotten-tomatoes"
+    sections = []
+
+    def name(targets: tuple[str, ...]) -> str:
+        return "ALL" if targets == ("all",) else "".join(t.upper() for t in targets)
+
+    # 1. QV ≥ QKV
+    lines = [
+        "| method | QV λ | QV test acc | QKV (λ = 1) test acc | QV − QKV, test | QV − QKV, mean val over curve |",
+        "|---|---|---|---|---|---|",
+    ]
+    for method in ("full", "lora"):
+        base = runs.get((rt, method, ("q", "k", "v"), 1.0))
+        for lam in (1.0, *LAMBDAS):
+            qv = runs.get((rt, method, ("q", "v"), lam))
+            if qv and base:
+                lines.append(
+                    f"| {method} | {lam:g} | {_cell(qv, _test)} | {_cell(base, _test)} | "
+                    f"{_paired(qv, base, _test)} | {_paired(qv, base, _curve_mean)} |"
+                )
+    sections.append(("QV vs QKV (rotten-tomatoes)", lines))
+
+    # 2. V vs K
+    lines = [
+        "| method | comparison | first | second | first − second, test | first − second, mean val |",
+        "|---|---|---|---|---|---|",
+    ]
+    for method in ("full", "lora"):
+        for first, second in ((("v",), ("k",)), (("q", "v"), ("q", "k"))):
+            a, b = runs.get((rt, method, first, 1.0)), runs.get((rt, method, second, 1.0))
+            if a and b:
+                lines.append(
+                    f"| {method} | {name(first)} vs {name(second)} | {_cell(a, _test)} | {_cell(b, _test)} | "
+                    f"{_paired(a, b, _test)} | {_paired(a, b, _curve_mean)} |"
+                )
+    sections.append(("V vs K at λ = 1 (rotten-tomatoes)", lines))
+
+    # 3 and 4. λ: convergence and stability
+    lines = [
+        "| method | targets | λ | η_V | val acc at first eval | mean val over curve | steps to 95% of best | "
+        "final test acc | seeds ending constant | best − final val |",
+        "|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    for method in ("full", "lora"):
+        for targets in (("q", "v"), ("q", "k", "v")):
+            for lam in (1.0, *LAMBDAS):
+                r = runs.get((rt, method, targets, lam))
+                if not r:
+                    continue
+                any_run = next(iter(r.values()))
+                lines.append(
+                    f"| {method} | {name(targets)} | {lam:g} | {any_run['config']['lr'] * lam:.0e} | "
+                    f"{_cell(r, lambda x: x['curve'][0][x['main_metric']])} | {_cell(r, _curve_mean)} | "
+                    f"{_cell(r, lambda x: x['steps_to_95pct_of_best'], 1.0, 0)} | {_cell(r, _test)} | "
+                    f"{sum(_constant(x) for x in r.values())}/{len(r)} | "
+                    f"{_cell(r, lambda x: x['best_val'] - x['final_val'])} |"
+                )
+    sections.append(("λ = η_V/η_QK: convergence and stability (rotten-tomatoes)", lines))
+
+    # 5. cost
+    lines = [
+        "| method | targets | trainable params | ms/step (median) | peak memory (GiB, max) |",
+        "|---|---|---|---|---|",
+    ]
+    for method, targets in (
+        ("full", ("all",)),
+        ("full", ("q", "k", "v")),
+        ("full", ("q", "v")),
+        ("lora", ("q", "k", "v")),
+        ("lora", ("q", "v")),
+    ):
+        r = runs.get((rt, method, targets, 1.0))
+        if r:
+            values = list(r.values())
+            lines.append(
+                f"| {method} | {name(targets)} | {values[0]['trainable_parameters']:,} | "
+                f"{statistics.median(x['seconds_per_step'] for x in values) * 1e3:.0f} | "
+                f"{max(x.get('peak_gpu_allocated_gib', x['peak_rss_gib']) for x in values):.2f} |"
+            )
+    sections.append(("Cost per configuration (rotten-tomatoes, λ = 1)", lines))
+
+    # tweets
+    lines = [
+        "| λ | QV test acc | QKV test acc | QV − QKV, test | QV test macro-F1 | QKV test macro-F1 |",
+        "|---|---|---|---|---|---|",
+    ]
+    for lam in sorted({k[3] for k in runs if k[0] == "tweet-sentiment"}):
+        qv = runs.get(("tweet-sentiment", "lora", ("q", "v"), lam))
+        qkv = runs.get(("tweet-sentiment", "lora", ("q", "k", "v"), lam))
+        if qv and qkv:
+            f1 = lambda x: x["test"]["macro_f1"]  # noqa: E731
+            lines.append(
+                f"| {lam:g} | {_cell(qv, _test)} | {_cell(qkv, _test)} | {_paired(qv, qkv, _test)} | "
+                f"{_cell(qv, f1)} | {_cell(qkv, f1)} |"
+            )
+    sections.append(("tweet-sentiment, LoRA r = 8: QV vs QKV", lines))
+    return "\n\n".join(f"### {title}\n\n" + "\n".join(body) for title, body in sections if len(body) > 2)
