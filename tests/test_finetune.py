@@ -322,3 +322,24 @@ def test_trainer_example_trains_lora_on_q_v_with_v_at_lambda_times_the_rate(
         "eval_accuracy" in entry for entry in trainer.state.log_history
     )
     assert (tmp_path / "run" / "spectra.jsonl").is_file()
+
+
+def test_val_subset_draws_the_curve_and_test_stays_whole(tiny_bert, tiny_csv, tmp_path) -> None:
+    results = [
+        finetune(
+            _config(
+                tiny_bert,
+                tiny_csv,
+                tmp_path / str(seed),
+                max_val_examples=7,
+                seed=seed,
+                save_model=False,
+                max_steps=2,
+                eval_every=2,
+            ),
+            progress=False,
+        )
+        for seed in (0, 1)
+    ]
+    for result in results:
+        assert "val (7)" in result["splits_used"] and "test (20)" in result["splits_used"]
