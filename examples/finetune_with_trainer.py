@@ -20,22 +20,25 @@ import transformers as tf
 from peft import LoraConfig, get_peft_model
 
 from qkvlab.finetune import load_labelled
-from qkvlab.finetune.metrics import classification_metrics
-from qkvlab.finetune.run import _model_path
+from qkvlab.finetune.metrics import classification_metrics, regression_metrics
+from qkvlab.finetune.run import _model_path, _target_modules
 from qkvlab.hf import SpectraCallback, create_optimizer
-from qkvlab.optim import roles
 
 
 class Encoded(torch.utils.data.Dataset):
-    def __init__(self, tokenizer, texts, labels, max_length: int) -> None:
-        self.encoded = tokenizer(texts, truncation=True, max_length=max_length)
-        self.labels = labels
+    """One split of a ``LabelledData``, tokenised (text and optional text pair), unpadded."""
+
+    def __init__(self, tokenizer, data, split: str, max_length: int = 64) -> None:
+        texts, pairs, self.labels = data.subset(split)
+        self.encoded = tokenizer(texts, pairs, truncation=True, max_length=max_length)
+        self.regression = data.regression
 
     def __len__(self) -> int:
         return len(self.labels)
 
     def __getitem__(self, i: int) -> dict:
-        return {**{k: v[i] for k, v in self.encoded.items()}, "labels": int(self.labels[i])}
+        label = float(self.labels[i]) if self.regression else int(self.labels[i])
+        return {**{k: v[i] for k, v in self.encoded.items()}, "labels": label}
 
 
 def main(argv: list[str] | None = None) -> tf.Trainer:
@@ -54,12 +57,9 @@ def main(argv: list[str] | None = None) -> tf.Trainer:
     path = _model_path(args.model)
     tokenizer = tf.AutoTokenizer.from_pretrained(path)
     model = tf.AutoModelForSequenceClassification.from_pretrained(path, num_labels=data.num_labels)
-    # LoRA on the q and v projections, whatever this architecture calls them
-    modules = sorted({n.removesuffix(".weight") for n, r in roles(model).items() if r in ("q", "v")})
+    # LoRA on the q and v projections, whatever this architecture calls them (query/value, q_proj/v_proj, …)
+    modules = _target_modules(model, {"q", "v"})
     model = get_peft_model(model, LoraConfig(r=8, lora_alpha=16, target_modules=modules, task_type="SEQ_CLS"))
-
-    train_texts, _, train_labels = data.subset("train")
-    val_texts, _, val_labels = data.subset("val")
     training = tf.TrainingArguments(
         output_dir=args.out,
         learning_rate=args.lr,
@@ -80,6 +80,8 @@ def main(argv: list[str] | None = None) -> tf.Trainer:
     optimizer = create_optimizer(model, training, preset="qv-ratio", preset_args={"ratio": args.ratio})
 
     def metrics(prediction: tf.EvalPrediction) -> dict:
+        if data.regression:
+            return regression_metrics(prediction.predictions[:, 0], prediction.label_ids)
         return classification_metrics(
             np.argmax(prediction.predictions, -1), prediction.label_ids, data.num_labels
         )
@@ -87,16 +89,16 @@ def main(argv: list[str] | None = None) -> tf.Trainer:
     trainer = tf.Trainer(
         model=model,
         args=training,
-        train_dataset=Encoded(tokenizer, train_texts, train_labels, 64),
-        eval_dataset=Encoded(tokenizer, val_texts, val_labels, 64),
+        train_dataset=Encoded(tokenizer, data, "train"),
+        eval_dataset=Encoded(tokenizer, data, "val"),
         data_collator=tf.DataCollatorWithPadding(tokenizer),
         compute_metrics=metrics,
         optimizers=(optimizer, None),  # the Trainer builds its schedule around our groups
     )
     SpectraCallback.install(trainer, every_n_steps=max(1, args.max_steps // 3))  # spectra → TensorBoard
-    trainer.train()
-    result = trainer.evaluate()
-    print({k: round(v, 4) for k, v in result.items() if k.startswith("eval_")})
+    trainer.train()  # validation split: the learning curve, every eval_steps
+    result = trainer.evaluate(Encoded(tokenizer, data, "test"), metric_key_prefix="test")  # once, at the end
+    print({k: round(v, 4) for k, v in result.items() if k.startswith("test_")})
     return trainer
 
 

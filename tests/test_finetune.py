@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import csv
 import json
+import sys
 
 import pytest
 import torch
@@ -100,8 +101,11 @@ def test_full_qv_moves_only_q_v_and_head(tiny_bert, tiny_csv, tmp_path) -> None:
     assert lrs["v"] == pytest.approx(4 * lrs["q"]) and lrs["q"] == 1e-2 and lrs["head"] == 1e-2
     assert [c["step"] for c in result["curve"]] == [3, 6]
     assert set(result["test"]) == {"accuracy", "macro_f1", "mcc"}
+    assert sum(result["test_predicted_counts"]) == 20 and len(result["test_predicted_counts"]) == 2
     assert 1 <= result["steps_to_95pct_of_best"] <= 6
     assert result["peak_rss_gib"] > 0 and result["seconds_per_step"] > 0
+    if sys.platform == "linux":  # the peak of this run, not of the whole process so far
+        assert result["peak_rss_scope"] == "run"
     saved = json.loads((tmp_path / "run" / "result.json").read_text())
     assert saved["trainable_parameters"] == result["trainable_parameters"]
 
@@ -238,14 +242,18 @@ def test_repro_grid_resumes_refuses_other_settings_and_summarizes(tiny_bert, tin
         echo=lambda *_: None,
     )
     out = tmp_path / "grid"
-    first = run_grid(out, [0, 1], jobs=2, **common)  # two spawned worker processes
-    assert [r["status"] for r in first] == ["ran"] * 8
+    first = run_grid(out, [0], jobs=2, **common)  # two spawned worker processes, one run each
+    assert [r["status"] for r in first] == ["ran"] * 4
+    second = run_grid(out, [0, 1], **common)  # in-process; seed 0 is already done
+    assert [r["status"] for r in second] == ["skipped (complete)"] * 4 + ["ran"] * 4
     assert len(list((out / "runs").glob("*/result.json"))) == 8
     # an interrupted grid: one run lost its result; only that one runs again
     (out / "runs" / points[1].name(1) / "result.json").unlink()
-    again = run_grid(out, [0, 1], **common)
-    assert [r["status"] for r in again].count("ran") == 1
+    again = run_grid(out, [0, 1, 1], **common)  # a repeated seed is run once
+    assert [r["status"] for r in again].count("ran") == 1 and len(again) == 8
     assert again[5]["status"] == "ran" and again[5]["name"] == points[1].name(1)
+    sessions = json.loads((out / "grid.json").read_text())["sessions"]
+    assert [s["finished"] for s in sessions] == [True, True, True] and sessions[0]["jobs"] == 2
     with pytest.raises(UserError, match="max_steps 6 -> 7"):
         run_grid(out, [0], **{**common, "max_steps": 7})
 
@@ -259,7 +267,17 @@ def test_repro_grid_resumes_refuses_other_settings_and_summarizes(tiny_bert, tin
     assert group_lrs["v"] == pytest.approx(4 * group_lrs["q"])
     table = summarize(out)
     assert table.count("\n| rotten-tomatoes") == 4 and "| 2 |" in table
-    from qkvlab.experiments.finetune_claims import claims_markdown
+    from qkvlab.experiments.finetune_claims import best_lambda, claims_markdown
+
+    final = {
+        lam: sum(
+            json.loads((out / "runs" / p.name(s) / "result.json").read_text())["final_val"] for s in (0, 1)
+        )
+        for lam, p in ((1.0, points[0]), (4.0, points[1]))
+    }
+    assert best_lambda(out, [0, 1, 2]) is None  # no λ has all three seeds
+    assert best_lambda(out, [0, 1]) == max(final, key=final.get)
+    assert json.loads((out / "tweet_lambda.json").read_text())["lambda"] == max(final, key=final.get)
 
     claims = claims_markdown(out)
     assert (
@@ -279,8 +297,16 @@ def test_repro_grid_resumes_refuses_other_settings_and_summarizes(tiny_bert, tin
 def test_repro_cli_bad_input_is_one_line_exit_2(tmp_path, capsys) -> None:
     assert main(["repro", "finetune", "--summary-only", "--out", str(tmp_path / "none")]) == 2
     assert main(["repro", "finetune", "--seeds", "a,b", "--out", str(tmp_path / "x")]) == 2
+    assert main(["repro", "finetune", "--seeds", "0,-1", "--out", str(tmp_path / "x")]) == 2
+    (tmp_path / "file").write_text("")
+    assert (
+        main(["repro", "finetune", "--plot", str(tmp_path / "file" / "plots"), "--out", str(tmp_path / "x")])
+        == 2
+    )
     err = capsys.readouterr().err.strip().splitlines()
-    assert len(err) == 2 and "holds no runs" in err[0] and "comma-separated integers" in err[1]
+    assert len(err) == 4 and "holds no runs" in err[0] and "comma-separated integers" in err[1]
+    assert "integers ≥ 0" in err[2] and "is a file; accepted: a folder path" in err[3]
+    assert not (tmp_path / "x").exists()  # refused before any run
 
 
 def test_trainer_example_trains_lora_on_q_v_with_v_at_lambda_times_the_rate(
@@ -318,9 +344,9 @@ def test_trainer_example_trains_lora_on_q_v_with_v_at_lambda_times_the_rate(
     for group in trainer.optimizer.param_groups:
         lrs.setdefault(group["role"], set()).add(group["initial_lr"])
     assert sorted(lrs["v"]) == pytest.approx([4e-3]) and sorted(lrs["q"]) == pytest.approx([1e-3])
-    assert "eval_accuracy" in trainer.state.log_history[-1] or any(
-        "eval_accuracy" in entry for entry in trainer.state.log_history
-    )
+    history = trainer.state.log_history
+    assert any("eval_accuracy" in entry for entry in history)  # validation curve during training
+    assert "test_accuracy" in history[-1] and "test_mcc" in history[-1]  # test once, at the end
     assert (tmp_path / "run" / "spectra.jsonl").is_file()
 
 

@@ -197,7 +197,7 @@ def _check_outputs(files: list[str | None], folders: list[str | None]) -> None:
         path = Path(name)
         blocker = next((p for p in [path, *path.parents] if p.exists()), Path("."))
         if not blocker.is_dir():
-            raise UserError(f"cannot write plots to {name}: {blocker} is a file; accepted: a folder path")
+            raise UserError(f"cannot write into {name}: {blocker} is a file; accepted: a folder path")
 
 
 def _tqdm_progress(iterable, total):  # type: ignore[no-untyped-def]
@@ -439,8 +439,9 @@ def _cmd_repro(args: argparse.Namespace) -> int:
         seeds = [int(s) for s in args.seeds.split(",") if s.strip()]
     except ValueError:
         raise UserError(f"--seeds {args.seeds!r} must be comma-separated integers") from None
-    if not seeds:
-        raise UserError("--seeds is empty; accepted: comma-separated integers, e.g. 0,1,2")
+    if not seeds or min(seeds) < 0:
+        raise UserError(f"--seeds {args.seeds!r}; accepted: comma-separated integers ≥ 0, e.g. 0,1,2")
+    _check_outputs([], [args.out, args.plot])  # before hours of runs, not after
     out = Path(args.out)
     if not args.summary_only:
         run_grid(

@@ -73,13 +73,27 @@ def grid(tweet_lambda: float | None = None) -> list[GridPoint]:
     return points
 
 
-def best_lambda(out: Path) -> float | None:
-    """The λ with the best mean validation score for LoRA QV on rotten-tomatoes (None before any run)."""
+def best_lambda(out: Path, seeds: list[int]) -> float | None:
+    """The λ with the best final validation score for LoRA QV on rotten-tomatoes, mean over ``seeds``.
+
+    The final score, because the test score is taken there (the best of a noisy curve is biased
+    upward). Only λ with a result for every one of ``seeds`` compete; None if there is none.
+    The first choice is kept in ``OUT/tweet_lambda.json``, so adding seeds later never changes it.
+    """
+    chosen = out / "tweet_lambda.json"
+    if chosen.is_file():
+        return float(json.loads(chosen.read_text())["lambda"])
     scores = {}
     for point, results in _load(out).items():
         if point.data == "rotten-tomatoes" and point.method == "lora" and point.targets == ("q", "v"):
-            scores[point.lr_ratio] = statistics.fmean(r["best_val"] for r in results)
-    return max(scores, key=scores.get) if scores else None
+            by_seed = {r["config"]["seed"]: r for r in results}
+            if all(s in by_seed for s in seeds):
+                scores[point.lr_ratio] = statistics.fmean(by_seed[s]["final_val"] for s in seeds)
+    if not scores:
+        return None
+    best = max(scores, key=scores.get)
+    write_atomic(chosen, json.dumps({"lambda": best, "seeds": seeds, "mean_final_val": scores}, indent=1))
+    return best
 
 
 # Learning rates (η_QK; η_V = λ·η_QK). LoRA: 5e-4, the LoRA paper's rate for RoBERTa-base,
@@ -132,9 +146,15 @@ def _map(tasks: list, jobs: int, echo: Any) -> list[dict[str, Any]]:
         return [show(_run_one(t)) for t in tasks]
     import multiprocessing
 
-    # spawn, not fork: a forked CUDA context is unusable in the children
-    with ProcessPoolExecutor(max_workers=jobs, mp_context=multiprocessing.get_context("spawn")) as pool:
+    # spawn, not fork: a forked CUDA context is unusable in the children. One run per process:
+    # nothing (threads, caches, allocator state) carries from one run to the next.
+    pool = ProcessPoolExecutor(
+        max_workers=jobs, mp_context=multiprocessing.get_context("spawn"), max_tasks_per_child=1
+    )
+    try:
         return [show(r) for r in pool.map(_run_one, tasks)]
+    finally:  # on a failure (or Ctrl-C) drop the queued runs instead of waiting for all of them
+        pool.shutdown(wait=True, cancel_futures=True)
 
 
 def run_grid(
@@ -157,6 +177,7 @@ def run_grid(
     another source (tests use a tiny CSV). Runs go seed by seed, so an interrupted grid holds
     complete seeds first.
     """
+    seeds = list(dict.fromkeys(seeds))  # a repeated seed would train one run folder twice at once
     unknown = set(overrides) - set(DEFAULTS)
     if unknown:
         raise TypeError(f"unknown grid settings {sorted(unknown)}")
@@ -168,7 +189,11 @@ def run_grid(
     settings_file = out / "settings.json"
     if settings_file.is_file():
         before = json.loads(settings_file.read_text())
-        changed = {k: (before.get(k), v) for k, v in recorded.items() if before.get(k) != v}
+        changed = {
+            k: (before.get(k), recorded.get(k))
+            for k in {*before, *recorded}
+            if before.get(k) != recorded.get(k)
+        }
         if changed:
             described = ", ".join(f"{k} {a!r} -> {b!r}" for k, (a, b) in sorted(changed.items()))
             raise UserError(
@@ -185,28 +210,36 @@ def run_grid(
     # the tweet comparison uses the best λ found on rotten-tomatoes, so it runs second (None)
     phases = [points] if points is not None else [grid(), None]
     tweet_lambda = None
-    for phase in phases:
-        if phase is None:
-            tweet_lambda = best_lambda(out)
-            phase = grid(tweet_lambda)[len(grid()) :]
-            echo(f"repro finetune: tweet-sentiment at λ = 1 and λ = {tweet_lambda:g} (best LoRA QV λ above)")
-        tasks = [(p, s, out, settings) for s in seeds for p in phase]
-        echo(f"repro finetune: {len(tasks)} runs in {out}, {jobs} at a time")
-        results += _map(tasks, jobs, echo)
-    wall = time.perf_counter() - started
-    log = out / "grid.json"
-    history = json.loads(log.read_text())["sessions"] if log.is_file() else []
-    history.append(
-        {
-            "seeds": seeds,
-            "jobs": jobs,
-            "device": device,
-            "tweet_lambda": tweet_lambda,
-            "runs": results,
-            "wall_seconds": wall,
-        }
-    )
-    write_atomic(log, json.dumps({"sessions": history}, indent=1))
+    finished = False
+    try:
+        for phase in phases:
+            if phase is None:
+                tweet_lambda = best_lambda(out, seeds)
+                if tweet_lambda is None:
+                    continue
+                phase = grid(tweet_lambda)[len(grid()) :]
+                echo(
+                    f"repro finetune: tweet-sentiment at λ = 1 and λ = {tweet_lambda:g} (best LoRA QV λ above)"
+                )
+            tasks = [(p, s, out, settings) for s in seeds for p in phase]
+            echo(f"repro finetune: {len(tasks)} runs in {out}, {jobs} at a time")
+            results += _map(tasks, jobs, echo)
+        finished = True
+    finally:  # the log of this session, also when it was interrupted (its runs' results are on disk)
+        log = out / "grid.json"
+        history = json.loads(log.read_text())["sessions"] if log.is_file() else []
+        history.append(
+            {
+                "seeds": seeds,
+                "jobs": jobs,
+                "device": device,
+                "tweet_lambda": tweet_lambda,
+                "finished": finished,
+                "runs": results,
+                "wall_seconds": time.perf_counter() - started,
+            }
+        )
+        write_atomic(log, json.dumps({"sessions": history}, indent=1))
     return results
 
 
@@ -225,6 +258,10 @@ def _stats(values: list[float]) -> dict[str, float]:
         "std": statistics.stdev(values) if len(values) > 1 else 0.0,
         "n": len(values),
     }
+
+
+def _median_or_none(values: list[float]) -> float | None:
+    return statistics.median(values) if values else None
 
 
 def aggregate(out: Path) -> list[dict[str, Any]]:
@@ -263,8 +300,13 @@ def aggregate(out: Path) -> list[dict[str, Any]]:
                 },
                 "trainable_parameters": results[0]["trainable_parameters"],
                 "seconds_per_step_median": statistics.median(r["seconds_per_step"] for r in results),
-                "peak_memory_gib_max": max(
-                    r.get("peak_gpu_allocated_gib", r["peak_rss_gib"]) for r in results
+                # per-run peaks only (older results measured the whole worker process: left out)
+                "peak_rss_gib_median": _median_or_none(
+                    [r["peak_rss_gib"] for r in results if r.get("peak_rss_scope") == "run"]
+                ),
+                "peak_gpu_allocated_gib_max": max(
+                    (r["peak_gpu_allocated_gib"] for r in results if "peak_gpu_allocated_gib" in r),
+                    default=None,
                 ),
                 "device": results[0]["device"],
             }
@@ -276,11 +318,17 @@ def _pm(stats: dict[str, float], scale: float = 100.0, digits: int = 1) -> str:
     return f"{stats['mean'] * scale:.{digits}f} ± {stats['std'] * scale:.{digits}f}"
 
 
+def _memory(row: dict[str, Any]) -> str:
+    if row["peak_gpu_allocated_gib_max"] is not None:
+        return f"{row['peak_gpu_allocated_gib_max']:.2f} GPU"
+    return "—" if row["peak_rss_gib_median"] is None else f"{row['peak_rss_gib_median']:.2f} RSS"
+
+
 def summarize(out: Path) -> str:
     """A markdown table (mean ± std over seeds) of every grid point with results."""
     lines = [
-        "| setting | η_QK | seeds | test acc (%) | test macro-F1 (%) | test MCC (×100) | best val (%) | "
-        "mean val over curve (%) | steps to 95% of best | trainable params | ms/step | peak mem (GiB) |",
+        "| setting | η_QK | seeds | test score (%)† | test macro-F1 (%) | test MCC (×100) | best val (%) | "
+        "mean val over curve (%) | steps to 95% of best | trainable params | ms/step | peak memory (GiB) |",
         "|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for row in aggregate(out):
@@ -291,8 +339,13 @@ def summarize(out: Path) -> str:
             f"| {row['label']} | {row['lr']:g} | {len(row['seeds'])} | {_pm(test[row['metric']])} | {f1} | {mcc} | "
             f"{_pm(row['best_val'])} | {_pm(row['val_curve_mean'])} | "
             f"{_pm(row['steps_to_95pct_of_best'], 1.0, 0)} | {row['trainable_parameters']:,} | "
-            f"{row['seconds_per_step_median'] * 1e3:.0f} | {row['peak_memory_gib_max']:.2f} |"
+            f"{row['seconds_per_step_median'] * 1e3:.0f} | {_memory(row)} |"
         )
+    lines.append("")
+    lines.append(
+        "†accuracy for classes, Pearson r for a regression label; mean ± sample std over seeds. "
+        "Peak memory: GPU max allocated, or the median per-run peak RSS on CPU."
+    )
     return "\n".join(lines)
 
 
@@ -306,6 +359,9 @@ def plot_convergence(out: Path, folder: Path) -> list[Path]:
     rows = aggregate(out)
     folder.mkdir(parents=True, exist_ok=True)
     written = []
+    settings = out / "settings.json"
+    model = json.loads(settings.read_text()).get("model", "?") if settings.is_file() else "?"
+    model = {"minilm": "MiniLM-L6"}.get(model, Path(model).name)
 
     def draw(ax, selected: list[dict[str, Any]], key) -> None:
         for row in selected:
@@ -339,7 +395,7 @@ def plot_convergence(out: Path, folder: Path) -> list[Path]:
             draw(axes[0][-1], at_one, lambda r: "".join(r["targets"]).upper())
             axes[0][-1].set_title(f"{method}: which matrices, λ = 1")
             axes[0][0].set_ylabel(f"validation {mine[0]['metric']} (%)")
-            fig.suptitle(f"{data}, MiniLM-L6 ({len(mine[0]['seeds'])} seeds, mean ± std)", fontsize=10)
+            fig.suptitle(f"{data}, {model} ({len(mine[0]['seeds'])} seeds, mean ± std)", fontsize=10)
             fig.tight_layout()
             path = folder / f"convergence_{data}_{method}.png"
             fig.savefig(path, dpi=110)
@@ -393,9 +449,24 @@ def _test(r: dict[str, Any]) -> float:
     return r["test"][r["main_metric"]]
 
 
-def _constant(r: dict[str, Any]) -> bool:
-    """The run ends predicting (almost) one class: test MCC within 0.05 of 0."""
-    return abs(r["test"].get("mcc", 1.0)) < 0.05
+def _collapsed(r: dict[str, Any]) -> bool:
+    """The run ends putting ≥ 95% of the test examples in one class (results written before the
+    class counts were recorded: test |MCC| < 0.05, i.e. no better than a constant guess)."""
+    counts = r.get("test_predicted_counts")
+    if counts:
+        return max(counts) >= 0.95 * sum(counts)
+    return "mcc" in r["test"] and abs(r["test"]["mcc"]) < 0.05
+
+
+def _common(a: dict[int, Any], b: dict[int, Any]) -> tuple[dict[int, Any], dict[int, Any]]:
+    seeds = set(a) & set(b)
+    return {s: a[s] for s in seeds}, {s: b[s] for s in seeds}
+
+
+def _peak_rss(runs: list[dict[str, Any]]) -> str:
+    """Median per-run peak RSS; runs whose figure covers a whole worker process are left out."""
+    values = [r["peak_rss_gib"] for r in runs if r.get("peak_rss_scope") == "run"]
+    return f"{statistics.median(values):.2f} (n={len(values)})" if values else "—"
 
 
 def claims_markdown(out: Path) -> str:
@@ -421,9 +492,10 @@ def claims_markdown(out: Path) -> str:
         for lam in (1.0, *LAMBDAS):
             qv = runs.get((rt, method, ("q", "v"), lam))
             if qv and base:
+                qv, base_common = _common(qv, base)
                 lines.append(
-                    f"| {method} | {lam:g} | {_cell(qv, _test)} | {_cell(base, _test)} | "
-                    f"{_paired(qv, base, _test)} | {_paired(qv, base, _curve_mean)} |"
+                    f"| {method} | {lam:g} | {_cell(qv, _test)} | {_cell(base_common, _test)} | "
+                    f"{_paired(qv, base_common, _test)} | {_paired(qv, base_common, _curve_mean)} |"
                 )
     sections.append(("QV vs QKV (rotten-tomatoes)", lines))
 
@@ -436,6 +508,7 @@ def claims_markdown(out: Path) -> str:
         for first, second in ((("v",), ("k",)), (("q", "v"), ("q", "k"))):
             a, b = runs.get((rt, method, first, 1.0)), runs.get((rt, method, second, 1.0))
             if a and b:
+                a, b = _common(a, b)
                 lines.append(
                     f"| {method} | {name(first)} vs {name(second)} | {_cell(a, _test)} | {_cell(b, _test)} | "
                     f"{_paired(a, b, _test)} | {_paired(a, b, _curve_mean)} |"
@@ -444,8 +517,8 @@ def claims_markdown(out: Path) -> str:
 
     # 3 and 4. λ: convergence and stability
     lines = [
-        "| method | targets | λ | η_V | val acc at first eval | mean val over curve | steps to 95% of best | "
-        "final test acc | seeds ending constant | best − final val |",
+        "| method | targets | λ | η_V | val acc at first eval | mean val over curve | steps to 95% of best* | "
+        "final test acc | runs collapsed to one class | best − final val |",
         "|---|---|---|---|---|---|---|---|---|---|",
     ]
     for method in ("full", "lora"):
@@ -459,9 +532,14 @@ def claims_markdown(out: Path) -> str:
                     f"| {method} | {name(targets)} | {lam:g} | {any_run['config']['lr'] * lam:.0e} | "
                     f"{_cell(r, lambda x: x['curve'][0][x['main_metric']])} | {_cell(r, _curve_mean)} | "
                     f"{_cell(r, lambda x: x['steps_to_95pct_of_best'], 1.0, 0)} | {_cell(r, _test)} | "
-                    f"{sum(_constant(x) for x in r.values())}/{len(r)} | "
+                    f"{sum(_collapsed(x) for x in r.values())}/{len(r)} | "
                     f"{_cell(r, lambda x: x['best_val'] - x['final_val'])} |"
                 )
+    lines.append("")
+    lines.append(
+        "*A run that never leaves the majority class reaches 95% of its (flat) best at the first "
+        "evaluation, so read this column together with the collapsed count and the curve mean."
+    )
     sections.append(("λ = η_V/η_QK: convergence and stability (rotten-tomatoes)", lines))
 
     # 5. cost
@@ -481,8 +559,7 @@ def claims_markdown(out: Path) -> str:
             values = list(r.values())
             lines.append(
                 f"| {method} | {name(targets)} | {values[0]['trainable_parameters']:,} | "
-                f"{statistics.median(x['seconds_per_step'] for x in values) * 1e3:.0f} | "
-                f"{max(x.get('peak_gpu_allocated_gib', x['peak_rss_gib']) for x in values):.2f} |"
+                f"{statistics.median(x['seconds_per_step'] for x in values) * 1e3:.0f} | {_peak_rss(values)} |"
             )
     sections.append(("Cost per configuration (rotten-tomatoes, λ = 1)", lines))
 
@@ -495,10 +572,15 @@ def claims_markdown(out: Path) -> str:
         qv = runs.get(("tweet-sentiment", "lora", ("q", "v"), lam))
         qkv = runs.get(("tweet-sentiment", "lora", ("q", "k", "v"), lam))
         if qv and qkv:
+            qv, qkv = _common(qv, qkv)
             f1 = lambda x: x["test"]["macro_f1"]  # noqa: E731
             lines.append(
                 f"| {lam:g} | {_cell(qv, _test)} | {_cell(qkv, _test)} | {_paired(qv, qkv, _test)} | "
                 f"{_cell(qv, f1)} | {_cell(qkv, f1)} |"
             )
     sections.append(("tweet-sentiment, LoRA r = 8: QV vs QKV", lines))
-    return "\n\n".join(f"### {title}\n\n" + "\n".join(body) for title, body in sections if len(body) > 2)
+    return "\n\n".join(
+        f"### {title}\n\n" + "\n".join(body)
+        for title, body in sections
+        if sum(line.startswith("| ") for line in body) > 1
+    )

@@ -56,8 +56,13 @@ def regression_metrics(predictions: np.ndarray, labels: np.ndarray) -> dict[str,
 
 
 def steps_to_fraction_of_best(curve: list[tuple[int, float]], fraction: float = 0.95) -> int | None:
-    """First step whose score reaches ``fraction`` × the run's best (the convergence measure)."""
+    """First step whose score reaches ``fraction`` × the run's best (the convergence measure).
+
+    For a best score ≤ 0 (a Pearson correlation can be), "95% of best" is not meaningful; the
+    first step that reaches the best itself is returned instead.
+    """
     if not curve:
         return None
     best = max(score for _, score in curve)
-    return next(step for step, score in curve if score >= fraction * best)
+    threshold = fraction * best if best > 0 else best
+    return next(step for step, score in curve if score >= threshold)
