@@ -142,8 +142,14 @@ def _map(tasks: list, jobs: int, echo: Any) -> list[dict[str, Any]]:
         echo(f"  {r['status']:<20} {r['name']}" + (f"  {r['seconds']:.0f} s" if "seconds" in r else ""))
         return r
 
-    if jobs == 1:
+    done = [t for t in tasks if (t[2] / "runs" / t[0].name(t[1]) / "result.json").is_file()]
+    if jobs == 1 or len(done) == len(tasks):
         return [show(_run_one(t)) for t in tasks]
+    # complete runs are skipped here, without starting a worker process for each
+    skipped = {id(t): {"name": t[0].name(t[1]), "status": "skipped (complete)"} for t in done}
+    for t in done:
+        show(skipped[id(t)])
+    todo = [t for t in tasks if id(t) not in skipped]
     import multiprocessing
 
     # spawn, not fork: a forked CUDA context is unusable in the children. One run per process:
@@ -152,7 +158,8 @@ def _map(tasks: list, jobs: int, echo: Any) -> list[dict[str, Any]]:
         max_workers=jobs, mp_context=multiprocessing.get_context("spawn"), max_tasks_per_child=1
     )
     try:
-        return [show(r) for r in pool.map(_run_one, tasks)]
+        ran = iter([show(r) for r in pool.map(_run_one, todo)])
+        return [skipped[id(t)] if id(t) in skipped else next(ran) for t in tasks]
     finally:  # on a failure (or Ctrl-C) drop the queued runs instead of waiting for all of them
         pool.shutdown(wait=True, cancel_futures=True)
 
