@@ -392,7 +392,7 @@ def plot_convergence(out: Path, folder: Path) -> list[Path]:
                 continue
             target_sets = [t for t in (["q", "v"], ["q", "k", "v"]) if any(r["targets"] == t for r in mine)]
             fig, axes = plt.subplots(
-                1, len(target_sets) + 1, figsize=(5 * (len(target_sets) + 1), 3.6), squeeze=False
+                1, len(target_sets) + 1, figsize=(5 * (len(target_sets) + 1), 3.6), squeeze=False, sharey=True
             )
             for ax, targets in zip(axes[0], target_sets, strict=False):
                 selected = sorted((r for r in mine if r["targets"] == targets), key=lambda r: r["lr_ratio"])
@@ -402,7 +402,11 @@ def plot_convergence(out: Path, folder: Path) -> list[Path]:
             draw(axes[0][-1], at_one, lambda r: "".join(r["targets"]).upper())
             axes[0][-1].set_title(f"{method}: which matrices, λ = 1")
             axes[0][0].set_ylabel(f"validation {mine[0]['metric']} (%)")
-            fig.suptitle(f"{data}, {model} ({len(mine[0]['seeds'])} seeds, mean ± std)", fontsize=10)
+            n_seeds = max(len(r["seeds"]) for r in mine)
+            fig.suptitle(
+                f"{data}, {model}: validation curves, mean ± std over {n_seeds} seed{'s' * (n_seeds > 1)}",
+                fontsize=10,
+            )
             fig.tight_layout()
             path = folder / f"convergence_{data}_{method}.png"
             fig.savefig(path, dpi=110)
