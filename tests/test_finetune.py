@@ -224,7 +224,14 @@ def test_dynamic_padding_leaves_logits_and_metrics_unchanged(tiny_bert, side) ->
 
 def test_repro_grid_resumes_refuses_other_settings_and_summarizes(tiny_bert, tiny_csv, tmp_path) -> None:
     from qkvlab.errors import UserError
-    from qkvlab.experiments.finetune_claims import GridPoint, aggregate, plot_convergence, run_grid, summarize
+    from qkvlab.experiments.finetune_claims import (
+        LR,
+        GridPoint,
+        aggregate,
+        plot_convergence,
+        run_grid,
+        summarize,
+    )
 
     points = [
         GridPoint("rotten-tomatoes", ("q", "v"), "lora", 1.0),
@@ -264,7 +271,7 @@ def test_repro_grid_resumes_refuses_other_settings_and_summarizes(tiny_bert, tin
     rows = {r["label"]: r for r in aggregate(out)}
     qv4 = rows["rotten-tomatoes lora QV λ=4"]
     assert qv4["seeds"] == [0, 1] and qv4["curve"]["step"] == [3, 6]
-    assert qv4["lr"] == 5e-4 and rows["rotten-tomatoes full QKV λ=1"]["lr"] == 2e-4
+    assert qv4["lr"] == LR["lora"] and rows["rotten-tomatoes full QKV λ=1"]["lr"] == LR["full"]
     results = [json.loads((out / "runs" / points[1].name(s) / "result.json").read_text()) for s in (0, 1)]
     assert qv4["test"]["accuracy"]["mean"] == pytest.approx(sum(r["test"]["accuracy"] for r in results) / 2)
     group_lrs = {g["role"]: g["lr"] for g in results[0]["groups"]}
