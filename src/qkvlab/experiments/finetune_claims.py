@@ -176,6 +176,7 @@ def run_grid(
     model: str = "minilm",
     points: list[GridPoint] | None = None,
     data_sources: dict[str, str] | None = None,
+    lr: dict[str, float] | None = None,
     echo: Any = print,
     **overrides: Any,
 ) -> list[dict[str, Any]]:
@@ -184,14 +185,15 @@ def run_grid(
     ``overrides`` change the per-run settings of :data:`DEFAULTS` (``max_steps``, ``batch_size``, …).
     They are written to ``OUT/settings.json``; resuming with different settings is refused, so one
     results folder never mixes runs made differently. ``data_sources`` maps a grid data name to
-    another source (tests use a tiny CSV). Runs go seed by seed, so an interrupted grid holds
+    another source (tests use a tiny CSV); ``lr`` replaces :data:`LR` (η_QK per method, for
+    follow-up grids). Runs go seed by seed, so an interrupted grid holds
     complete seeds first.
     """
     seeds = list(dict.fromkeys(seeds))  # a repeated seed would train one run folder twice at once
     unknown = set(overrides) - set(DEFAULTS)
     if unknown:
         raise TypeError(f"unknown grid settings {sorted(unknown)}")
-    settings: dict[str, Any] = {**DEFAULTS, **overrides, "model": model, "lr": LR}
+    settings: dict[str, Any] = {**DEFAULTS, **overrides, "model": model, "lr": dict(lr or LR)}
     if data_sources:
         settings["data_sources"] = dict(data_sources)
     recorded = {k: v for k, v in settings.items()}
