@@ -99,12 +99,13 @@ the optimiser-state savings of QV (2 of 4 attention matrices; Adam keeps 2 float
 small part of it at this model size. The backward pass still runs through every layer whatever is trained,
 so time per step falls less than the trainable-parameter count.
 
-How close to the limit: training only some matrices can skip their weight-gradient products but never the
-forward pass or the input-gradient products, which every layer above the lowest trained one needs. For the
-matrix products that is about 2 of the 3 units of a full step (forward 1, input gradients 1, weight gradients 1),
-so the floor for QV or QKV relative to the peer is about 0.67× of the encoder's matmul time. The peer also
-runs Adam over the 11.7 M-parameter word-embedding table and pays for its gradient every step, which the
-attention-only configurations do not; that is why they can come in under 0.67×.
+How close to the limit: training only some matrices skips the weight-gradient products of the frozen ones, but
+never the forward pass or the input-gradient products, which every layer above the lowest trained one needs.
+Counting matrix products as forward 1, input gradients 1, weight gradients 1 per weight, and 12·d² weights per
+layer (q, k, v, o: 4·d²; MLP: 8·d²), the floor relative to the peer's encoder is (2 + 2/12)/3 ≈ 0.72× for QV
+and (2 + 3/12)/3 = 0.75× for QKV (LoRA's products are negligible at r = 8). The peer also runs Adam over the
+11.7 M-parameter word-embedding table and materialises its dense gradient every step, which the attention-only
+configurations do not; that is how they come in under those floors.
 """
     print(body)
     write_section("finetune", body)
