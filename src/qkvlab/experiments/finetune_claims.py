@@ -551,7 +551,7 @@ def claims_markdown(out: Path) -> str:
                     continue
                 any_run = next(iter(r.values()))
                 lines.append(
-                    f"| {method} | {name(targets)} | {lam:g} | {any_run['config']['lr'] * lam:.0e} | "
+                    f"| {method} | {name(targets)} | {lam:g} | {any_run['config']['lr'] * lam:.2g} | "
                     f"{_cell(r, _early)} | {_cell(r, _curve_mean)} | "
                     f"{_cell(r, lambda x: x['steps_to_95pct_of_best'], 1.0, 0)} | {_cell(r, _test)} | "
                     f"{sum(_collapsed(x) for x in r.values())}/{len(r)} | "
