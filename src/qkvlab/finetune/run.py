@@ -13,6 +13,7 @@ import math
 import os
 import resource
 import time
+import warnings
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -215,6 +216,8 @@ def finetune(config: FinetuneConfig, *, progress: bool = True) -> dict[str, Any]
     from transformers.utils import logging as hf_logging
 
     hf_logging.set_verbosity_error()
+    # PEFT calls a transformers method that transformers has deprecated; nothing the user can act on
+    warnings.filterwarnings("ignore", message=r".*is_gradient_checkpointing.*", category=FutureWarning)
     device = _device(config.device)
     data = load_labelled(config.data)
     path = _model_path(config.model)
