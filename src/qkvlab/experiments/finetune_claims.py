@@ -231,7 +231,9 @@ def run_grid(
                     continue
                 phase = grid(tweet_lambda)[len(grid()) :]
                 echo(
-                    f"repro finetune: tweet-sentiment at λ = 1 and λ = {tweet_lambda:g} (best LoRA QV λ above)"
+                    "repro finetune: tweet-sentiment at λ = 1"
+                    + (f" and λ = {tweet_lambda:g}" if tweet_lambda != 1.0 else "")
+                    + f" (the best final validation score of LoRA QV above was at λ = {tweet_lambda:g})"
                 )
             tasks = [(p, s, out, settings) for s in seeds for p in phase]
             echo(f"repro finetune: {len(tasks)} runs in {out}, {jobs} at a time")
