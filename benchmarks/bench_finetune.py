@@ -82,6 +82,18 @@ def main() -> None:
             f"| {name} | {results[name][0]['trainable_parameters']:,} | {t * 1e3:.0f} ({min(times):.0f}–{max(times):.0f}) | "
             f"{t / peer_t:.2f}× | {m:.2f} | {m / peer_m:.2f}× |"
         )
+    med = {
+        name: (
+            statistics.median(r["seconds_per_step"] for r in runs),
+            statistics.median(r["peak_rss_gib"] for r in runs),
+        )
+        for name, runs in results.items()
+    }
+    qv_vs_qkv = " ".join(
+        f"{kind}: time {med[f'{kind}, QV'][0] / med[f'{kind}, QKV'][0]:.2f}×, "
+        f"peak RSS {med[f'{kind}, QV'][1] / med[f'{kind}, QKV'][1]:.2f}×."
+        for kind in ("full", "LoRA r=8")
+    )
     body = f"""## 6. Fine-tuning MiniLM: time per step and peak memory by target set
 
 Machine: {machine()}.
@@ -93,6 +105,8 @@ times are noisy. The peer is full fine-tuning of every parameter, in the same ru
 | configuration | trainable parameters | ms/step (min–max) | time vs peer | peak RSS (GiB) | memory vs peer |
 |---|---|---|---|---|---|
 {chr(10).join(rows)}
+
+QV against QKV in this run (paper 001's saving), {qv_vs_qkv}
 
 Peak RSS includes Python, torch, the tokenised data and the model (~0.9 GiB before any optimiser state), so
 the optimiser-state savings of QV (2 of 4 attention matrices; Adam keeps 2 floats per trained parameter) are a
