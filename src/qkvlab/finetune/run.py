@@ -216,6 +216,8 @@ def finetune(config: FinetuneConfig, *, progress: bool = True) -> dict[str, Any]
     from transformers.utils import logging as hf_logging
 
     hf_logging.set_verbosity_error()
+    if not progress:  # --quiet: no loading/saving bars either
+        hf_logging.disable_progress_bar()
     # PEFT calls a transformers method that transformers has deprecated; nothing the user can act on
     warnings.filterwarnings("ignore", message=r".*is_gradient_checkpointing.*", category=FutureWarning)
     device = _device(config.device)
