@@ -107,7 +107,7 @@ def test_full_qv_moves_only_q_v_and_head(tiny_bert, tiny_csv, tmp_path) -> None:
     if sys.platform == "linux":  # the peak of this run, not of the whole process so far
         assert result["peak_rss_scope"] == "run"
     saved = json.loads((tmp_path / "run" / "result.json").read_text())
-    assert saved["trainable_parameters"] == result["trainable_parameters"]
+    assert saved["trainable_parameters"] == result["trainable_parameters"] and saved["schema_version"] == 1
 
     # what changed, per head: q and v (and their products), never k or o
     report = compare(tiny_bert, tmp_path / "run" / "model")

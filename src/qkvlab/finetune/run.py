@@ -366,6 +366,7 @@ def finetune(config: FinetuneConfig, *, progress: bool = True) -> dict[str, Any]
     test_counts = test.pop("predicted_counts", None)  # None for a regression label
     best = max(c[main_metric] for c in curve)
     result = {
+        "schema_version": 1,  # bumped whenever a field changes meaning; reports check it
         "config": asdict(config),
         "data": data.describe(),
         "splits_used": (
