@@ -278,6 +278,11 @@ def _median_or_none(values: list[float]) -> float | None:
     return statistics.median(values) if values else None
 
 
+def _run_peaks(results: list[dict[str, Any]]) -> list[float]:
+    """Per-run peak RSS figures; older results measured the whole worker process and are left out."""
+    return [r["peak_rss_gib"] for r in results if r.get("peak_rss_scope") == "run"]
+
+
 def aggregate(out: Path) -> list[dict[str, Any]]:
     """Per grid point with results: mean/std over seeds of every reported number (``summary.json``).
 
@@ -314,10 +319,7 @@ def aggregate(out: Path) -> list[dict[str, Any]]:
                 },
                 "trainable_parameters": results[0]["trainable_parameters"],
                 "seconds_per_step_median": statistics.median(r["seconds_per_step"] for r in results),
-                # per-run peaks only (older results measured the whole worker process: left out)
-                "peak_rss_gib_median": _median_or_none(
-                    [r["peak_rss_gib"] for r in results if r.get("peak_rss_scope") == "run"]
-                ),
+                "peak_rss_gib_median": _median_or_none(_run_peaks(results)),
                 "peak_gpu_allocated_gib_max": max(
                     (r["peak_gpu_allocated_gib"] for r in results if "peak_gpu_allocated_gib" in r),
                     default=None,
@@ -446,17 +448,15 @@ def _paired(a: dict[int, dict[str, Any]], b: dict[int, dict[str, Any]], key) -> 
     if not seeds:
         return "n/a"
     diffs = [100 * (key(a[s]) - key(b[s])) for s in seeds]
-    std = statistics.stdev(diffs) if len(diffs) > 1 else 0.0
+    stats = _stats(diffs)
     wins = sum(d > 0 for d in diffs)
-    return f"{statistics.fmean(diffs):+.1f} ± {std:.1f} ({wins}/{len(seeds)} seeds > 0)"
+    return f"{stats['mean']:+.1f} ± {stats['std']:.1f} ({wins}/{len(seeds)} seeds > 0)"
 
 
 def _cell(runs: dict[int, dict[str, Any]] | None, key, scale: float = 100.0, digits: int = 1) -> str:
     if not runs:
         return "—"
-    values = [scale * key(r) for r in runs.values()]
-    std = statistics.stdev(values) if len(values) > 1 else 0.0
-    return f"{statistics.fmean(values):.{digits}f} ± {std:.{digits}f}"
+    return _pm(_stats([key(r) for r in runs.values()]), scale, digits)
 
 
 def _curve_mean(r: dict[str, Any]) -> float:
@@ -487,9 +487,15 @@ def _common(a: dict[int, Any], b: dict[int, Any]) -> tuple[dict[int, Any], dict[
     return {s: a[s] for s in seeds}, {s: b[s] for s in seeds}
 
 
+def _versus(a: dict[int, dict[str, Any]], b: dict[int, dict[str, Any]]) -> str:
+    """Test score of a, of b, and a − b paired by seed on test and on mean validation, over common seeds."""
+    a, b = _common(a, b)
+    return f"{_cell(a, _test)} | {_cell(b, _test)} | {_paired(a, b, _test)} | {_paired(a, b, _curve_mean)}"
+
+
 def _peak_rss(runs: list[dict[str, Any]]) -> str:
-    """Median per-run peak RSS; runs whose figure covers a whole worker process are left out."""
-    values = [r["peak_rss_gib"] for r in runs if r.get("peak_rss_scope") == "run"]
+    """Median per-run peak RSS, with how many runs it covers."""
+    values = _run_peaks(runs)
     return f"{statistics.median(values):.2f} (n={len(values)})" if values else "—"
 
 
@@ -516,11 +522,7 @@ def claims_markdown(out: Path) -> str:
         for lam in (1.0, *LAMBDAS):
             qv = runs.get((rt, method, ("q", "v"), lam))
             if qv and base:
-                qv, base_common = _common(qv, base)
-                lines.append(
-                    f"| {method} | {lam:g} | {_cell(qv, _test)} | {_cell(base_common, _test)} | "
-                    f"{_paired(qv, base_common, _test)} | {_paired(qv, base_common, _curve_mean)} |"
-                )
+                lines.append(f"| {method} | {lam:g} | {_versus(qv, base)} |")
     sections.append(("QV vs QKV (rotten-tomatoes)", lines))
 
     # 2. V vs K
@@ -532,11 +534,7 @@ def claims_markdown(out: Path) -> str:
         for first, second in ((("v",), ("k",)), (("q", "v"), ("q", "k"))):
             a, b = runs.get((rt, method, first, 1.0)), runs.get((rt, method, second, 1.0))
             if a and b:
-                a, b = _common(a, b)
-                lines.append(
-                    f"| {method} | {name(first)} vs {name(second)} | {_cell(a, _test)} | {_cell(b, _test)} | "
-                    f"{_paired(a, b, _test)} | {_paired(a, b, _curve_mean)} |"
-                )
+                lines.append(f"| {method} | {name(first)} vs {name(second)} | {_versus(a, b)} |")
     sections.append(("V vs K at λ = 1 (rotten-tomatoes)", lines))
 
     # 3 and 4. λ: convergence and stability

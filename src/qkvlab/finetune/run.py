@@ -128,6 +128,16 @@ def _encode(
     return {k: v for k, v in encoded.items() if k in ("input_ids", "attention_mask", "token_type_ids")}
 
 
+def _subsample(
+    texts: list[str], pairs: list[str] | None, labels: np.ndarray, limit: int | None, rng: np.random.Generator
+) -> tuple[list[str], list[str] | None, np.ndarray]:
+    """At most ``limit`` examples, drawn with ``rng``, kept in their original order."""
+    if limit is None or limit >= len(texts):
+        return texts, pairs, labels
+    keep = np.sort(rng.permutation(len(texts))[:limit])
+    return [texts[i] for i in keep], [pairs[i] for i in keep] if pairs is not None else None, labels[keep]
+
+
 def _reset_peak_rss() -> bool:
     """Reset the kernel's peak-RSS mark of this process (Linux ≥ 4.0); False where it can't."""
     try:
@@ -267,20 +277,17 @@ def finetune(config: FinetuneConfig, *, progress: bool = True) -> dict[str, Any]
     total = sum(p.numel() for p in model.parameters())
 
     train_texts, train_pairs, train_labels = data.subset("train")
-    if config.max_train_examples is not None and config.max_train_examples < len(train_texts):
-        keep = np.sort(np_rng.permutation(len(train_texts))[: config.max_train_examples])
-        train_texts = [train_texts[i] for i in keep]
-        train_pairs = [train_pairs[i] for i in keep] if train_pairs is not None else None
-        train_labels = train_labels[keep]
+    train_texts, train_pairs, train_labels = _subsample(
+        train_texts, train_pairs, train_labels, config.max_train_examples, np_rng
+    )
     train_inputs = _encode(tokenizer, train_texts, train_pairs, config.max_length)
     label_dtype = torch.float32 if data.regression else torch.long
     train_y = torch.as_tensor(train_labels, dtype=label_dtype)
     val_texts, val_pairs, val_labels = data.subset("val")
-    if config.max_val_examples is not None and config.max_val_examples < len(val_texts):
-        keep = np.sort(np.random.default_rng(0).permutation(len(val_texts))[: config.max_val_examples])
-        val_texts = [val_texts[i] for i in keep]
-        val_pairs = [val_pairs[i] for i in keep] if val_pairs is not None else None
-        val_labels = val_labels[keep]
+    # the same validation subset for every run and seed
+    val_texts, val_pairs, val_labels = _subsample(
+        val_texts, val_pairs, val_labels, config.max_val_examples, np.random.default_rng(0)
+    )
     val_inputs = _encode(tokenizer, val_texts, val_pairs, config.max_length)
     test_texts, test_pairs, test_labels = data.subset("test")
 
