@@ -379,6 +379,8 @@ def run_optimizers(settings: TheorySettings) -> dict[str, Any]:
             "gap_decay_rate_measured_std": [],
             "final_imbalance": [],
             "final_relative_gap": [],
+            # λ·max|entry of A, B|: 1 where an ℓ∞ box ‖p‖_∞ ≤ 1/λ binds (AdamW's fixed points, Xie & Li 2024)
+            "final_lambda_max_entry": [],
             "curves": {
                 "t": _thin(traj.t),
                 "imbalance": [_thin(traj.imbalance[:, i]) for i in range(n)],
@@ -398,6 +400,10 @@ def run_optimizers(settings: TheorySettings) -> dict[str, Any]:
                 entry[key].append(mean)
                 entry[f"{key}_std"].append(std)
             entry["final_imbalance"].append(_mean_std(final_imb[rows].tolist())[0])
+            largest = torch.maximum(
+                traj.left[rows].abs().amax((-1, -2)), traj.right[rows].abs().amax((-1, -2))
+            )
+            entry["final_lambda_max_entry"].append(_mean_std((x * largest).tolist())[0])
             entry["final_relative_gap"].append(_mean_std(relative_gap[rows].tolist())[0])
         results[name] = entry
     return results
