@@ -23,7 +23,7 @@ def _num(value: float | None, digits: int = 4) -> str:
 def _pm(mean: float | None, std: float | None, digits: int = 4) -> str:
     if mean is None:
         return "–"
-    return _num(mean, digits) + (f" ± {_num(std, 1)}" if std else "")
+    return _num(mean, digits) + (f" ± {_num(std, 2)}" if std else "")
 
 
 def _sv(values: Sequence[float]) -> str:
