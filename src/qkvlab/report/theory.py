@@ -40,6 +40,7 @@ def _toy_table(toy: dict[str, Any], with_values: bool) -> str:
         "imbalance rate",
         "2λ",
         "−ln(1−2ηλ)/η",
+        "−ln((1−ηλ)²)/η",
         "gap rate",
         "rule",
         "rule, discrete",
@@ -59,6 +60,7 @@ def _toy_table(toy: dict[str, Any], with_values: bool) -> str:
             imbalance,
             _num(toy["decay_rate_predicted"][i]),
             _num(toy["decay_rate_predicted_discrete"][i]),
+            _num(toy["decay_rate_weight_decay_only"][i]),
             _pm(toy["gap_decay_rate_measured"][i], toy["gap_decay_rate_measured_std"][i]),
             _num(toy["gap_decay_rate_predicted"][i]),
             _num(toy["gap_decay_rate_predicted_discrete"][i]),
@@ -233,6 +235,13 @@ def _pyplot():  # type: ignore[no-untyped-def]
     return plt
 
 
+def _save(fig, path: Path) -> Path:  # type: ignore[no-untyped-def]
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    _pyplot().close(fig)
+    return path
+
+
 def _lambda_colours(lambdas: Sequence[float]):  # type: ignore[no-untyped-def]
     plt = _pyplot()
     cmap = plt.get_cmap("viridis")
@@ -283,11 +292,7 @@ def _plot_singular_values(result: dict[str, Any], folder: Path) -> Path:
         ax.set_title(f"σᵢ(ABᵀ) against λ, {title}")
         ax.grid(alpha=0.3)
         ax.legend(fontsize=8)
-    fig.tight_layout()
-    path = folder / "theory_singular_values.png"
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
-    return path
+    return _save(fig, folder / "theory_singular_values.png")
 
 
 def _anchored_slope(
@@ -360,11 +365,7 @@ def _plot_decay(result: dict[str, Any], folder: Path) -> Path:
         f"Gradient descent on the 5×5 toy, seed {result['seeds'][0]}: imbalance and gap close exponentially "
         "(curves stop at float64 rounding)"
     )
-    fig.tight_layout()
-    path = folder / "theory_decay.png"
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
-    return path
+    return _save(fig, folder / "theory_decay.png")
 
 
 def _plot_rates(result: dict[str, Any], folder: Path) -> Path:
@@ -408,11 +409,7 @@ def _plot_rates(result: dict[str, Any], folder: Path) -> Path:
         ax.set_title(title)
         ax.grid(alpha=0.3)
         ax.legend(fontsize=8)
-    fig.tight_layout()
-    path = folder / "theory_rates.png"
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
-    return path
+    return _save(fig, folder / "theory_rates.png")
 
 
 def _plot_optimizers(result: dict[str, Any], folder: Path) -> Path:
@@ -460,11 +457,7 @@ def _plot_optimizers(result: dict[str, Any], folder: Path) -> Path:
     fig.suptitle(
         "Does weight decay act as a nuclear-norm penalty under each optimiser? (5×5 toy, seed 0 curves)"
     )
-    fig.tight_layout()
-    path = folder / "theory_optimizers.png"
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
-    return path
+    return _save(fig, folder / "theory_optimizers.png")
 
 
 def _lambda_axis(ax, lambdas: Sequence[float]) -> None:  # type: ignore[no-untyped-def]
@@ -547,11 +540,7 @@ def _plot_completion(completion: dict[str, Any], folder: Path) -> Path:
     ax.set_title("factored vs nuclear-norm solution")
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8)
-    fig.tight_layout()
-    path = folder / "theory_completion.png"
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
-    return path
+    return _save(fig, folder / "theory_completion.png")
 
 
 def _plot_pretrained(model: dict[str, Any], folder: Path, index: int) -> Path:
@@ -602,12 +591,8 @@ def _plot_pretrained(model: dict[str, Any], folder: Path, index: int) -> Path:
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8)
     fig.suptitle(f"Fig. 4: are the attention factors of {model['source']} balanced?")
-    fig.tight_layout()
     name = Path(str(model["source"])).name.replace(" ", "_") or f"model{index}"
-    path = folder / f"theory_pretrained_{name}.png"
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
-    return path
+    return _save(fig, folder / f"theory_pretrained_{name}.png")
 
 
 def plot_theory(result: dict[str, Any], folder: str | Path) -> list[Path]:
