@@ -244,9 +244,16 @@ def test_cli_writes_json_with_the_issue_keys(tmp_path, capsys) -> None:
             "toy",
             "--json",
             str(out),
+            "--plot",
+            str(tmp_path / "plots"),
         ]
     )
     assert rc == 0
+    from PIL import Image
+
+    for name in ("theory_singular_values.png", "theory_decay.png", "theory_rates.png"):
+        with Image.open(tmp_path / "plots" / name) as image:
+            assert min(image.size) > 300, name
     data = json.loads(out.read_text())
     assert data["schema_version"] == 1 and data["kind"] == "theory"
     for key in (
