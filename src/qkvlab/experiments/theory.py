@@ -15,6 +15,7 @@ Five parts, each a function returning JSON-ready data (``run_theory`` puts them 
 from __future__ import annotations
 
 import math
+import os
 import statistics
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass
@@ -487,7 +488,7 @@ def run_completion(settings: TheorySettings) -> dict[str, Any]:
     return out
 
 
-def run_pretrained(source: str, seed: int = 0) -> dict[str, Any]:
+def run_pretrained(source: str | os.PathLike[str] | torch.nn.Module, seed: int = 0) -> dict[str, Any]:
     """Fig. 4: per layer, Σ_h ½(‖A‖² + ‖B‖²) against Σ_h ‖ABᵀ‖_* for QK and OV, with references.
 
     ``random_relative_gap`` is the same ratio for Gaussian factors with each head's norms: how
