@@ -144,6 +144,11 @@ def test_spectral_monitor_records_and_predicts_decay(tmp_path) -> None:
     for product in ("qk", "ov"):
         measured = decay["measured"][product]
         assert measured == pytest.approx(2 * eta * lam, rel=0.15), (product, measured)
+    gap = records[-1]["gap_decay_per_step"]
+    assert gap["predicted_range"]["qk"] == pytest.approx([2 * eta * lam, 4 * eta * lam])
+    for product in ("qk", "ov"):
+        # the tiny ICL loss leaves most directions without signal: the gap's slowest rate, 2ηλ, not 4ηλ
+        assert gap["measured"][product] == pytest.approx(2 * eta * lam, rel=0.15), product
 
 
 def test_online_mode_refuses_a_second_pass(corpus, tmp_path) -> None:

@@ -5,7 +5,7 @@ Run folder (``config.out``):
     config.json        the resolved TrainConfig
     metrics.jsonl      one line per log/eval event: {"step", "split", "loss", ...}
     spectra.jsonl      spectral monitor: the `qkvlab inspect --json` record per firing, plus the
-                       predicted and measured per-step decay rate of the factor imbalance
+                       predicted and measured per-step decay rates of the factor imbalance and gap
     tb/                TensorBoard scalars (when enabled)
     checkpoint-*/      see qkvlab.train.checkpoint; `latest` points at the newest
     final.json         written last: the run is complete
@@ -180,8 +180,11 @@ class SpectralMonitor:
 
     Prediction (weight-decay part only): factors decayed by (1 − ηλ) per step make AᵀA − BᵀB
     shrink by (1 − ηλ)² ≈ 1 − 2ηλ, i.e. a per-step rate 2ηλ; exact for gradient flow on
-    L(ABᵀ) + (λ/2)(‖A‖² + ‖B‖²) (t = η·steps), approximate under Adam. The gap decays at about
-    twice that rate. Measured: −Δ ln(imbalance) / Δsteps between firings, median over heads.
+    L(ABᵀ) + (λ/2)(‖A‖² + ‖B‖²) (t = η·steps), a reference line under Adam/AdamW. The gap
+    ½(‖A‖² + ‖B‖²) − ‖ABᵀ‖_* decays, asymptotically, at the slowest of 4ηλ (directions that survive)
+    and 2η(λ + dᵢ) (directions thresholded to zero, dᵢ their signal): between 2ηλ and 4ηλ, and 2ηλ as
+    soon as one direction carries no signal, as in most attention heads (docs/theory.md). Measured:
+    −Δ ln(value) / Δsteps between firings, median over heads, for both.
     """
 
     def __init__(self, path: Path, groups: list[dict]) -> None:
@@ -189,7 +192,7 @@ class SpectralMonitor:
         self.seconds = 0.0  # wall time spent here, for the overhead figure in final.json
         self._sum: dict[str, float] = {}
         self._steps = 0
-        self.previous: dict[tuple[int, str], list[float]] | None = None
+        self.previous: dict[str, dict[tuple[int, str], list[float]]] | None = None
         self.previous_step: int | None = None
         self.roles_lambda = {}
         for group in groups:
@@ -203,7 +206,7 @@ class SpectralMonitor:
             if lines:
                 last = json.loads(lines[-1])
                 self.previous_step = last["step"]
-                self.previous = _imbalances(last["heads"])
+                self.previous = {name: _per_head(last["heads"], name) for name in ("imbalance", "gap")}
 
     def accumulate(self) -> None:
         """Called once per optimiser step: adds this step's 2·η_t·λ, so the prediction averages the schedule."""
@@ -228,29 +231,41 @@ class SpectralMonitor:
             rates.append(2 * group["lr"] * lam)
         return statistics.fmean(rates)
 
+    def _measured_rates(self, current: dict, name: str, step: int) -> dict[str, float | None]:
+        """−Δ ln(value)/Δsteps since the previous firing, median over heads, per product."""
+        measured: dict[str, float | None] = {}
+        previous = None if self.previous is None else self.previous.get(name)
+        for product in ("qk", "ov"):
+            rates = []
+            if previous is not None and step > (self.previous_step or 0):
+                for key, values in current.items():
+                    if key[1] != product or key not in previous:
+                        continue
+                    for now, before in zip(values, previous[key], strict=True):
+                        if now and before and now > 0 and before > 0:
+                            rates.append(-math.log(now / before) / (step - self.previous_step))
+            measured[product] = statistics.median(rates) if rates else None
+        return measured
+
     def record(self, step: int, model: nn.Module) -> dict[str, Any]:
         started = time.perf_counter()
         report = inspect(model)
-        current = _imbalances(report.heads)
-        measured: dict[str, float | None] = {}
-        for product in ("qk", "ov"):
-            rates = []
-            if self.previous is not None and step > (self.previous_step or 0):
-                for key, values in current.items():
-                    if key[1] != product or key not in self.previous:
-                        continue
-                    for now, before in zip(values, self.previous[key], strict=True):
-                        if now > 0 and before > 0:
-                            rates.append(-math.log(now / before) / (step - self.previous_step))
-            measured[product] = statistics.median(rates) if rates else None
+        current = {name: _per_head(report.heads, name) for name in ("imbalance", "gap")}
+        predicted = {p: self._interval_prediction(p) for p in ("qk", "ov")}
         record = {
             "step": step,
             **report.to_dict(),
             "imbalance_decay_per_step": {
                 # mean of 2·η_t·λ over the steps since the previous firing (the lr follows the schedule)
-                "predicted_weight_decay_part": {p: self._interval_prediction(p) for p in ("qk", "ov")},
-                "measured": measured,
-                "note": "predicted = 2·η·λ (exact for gradient flow, approximate under Adam); the gap decays at ~2× this",
+                "predicted_weight_decay_part": predicted,
+                "measured": self._measured_rates(current["imbalance"], "imbalance", step),
+                "note": "predicted = 2·η·λ (exact for gradient flow, a reference line under Adam/AdamW)",
+            },
+            "gap_decay_per_step": {
+                "predicted_range": {p: None if r is None else [r, 2 * r] for p, r in predicted.items()},
+                "measured": self._measured_rates(current["gap"], "gap", step),
+                "note": "gradient flow: the slowest of 4ηλ (surviving directions) and 2η(λ + dᵢ) (thresholded "
+                "ones), so within [2ηλ, 4ηλ], and 2ηλ once a direction carries no signal (docs/theory.md)",
             },
         }
         with self.path.open("a") as fh:
@@ -261,10 +276,11 @@ class SpectralMonitor:
         return record
 
 
-def _imbalances(heads: list[dict]) -> dict[tuple[int, str], list[float]]:
+def _per_head(heads: list[dict], name: str) -> dict[tuple[int, str], list[float]]:
+    """{(layer, product): [value of every head]} for one field of inspect's head records."""
     out: dict[tuple[int, str], list[float]] = {}
     for rec in heads:
-        out.setdefault((rec["layer"], rec["product"]), []).append(rec["imbalance"])
+        out.setdefault((rec["layer"], rec["product"]), []).append(rec[name])
     return out
 
 
