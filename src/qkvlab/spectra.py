@@ -138,10 +138,15 @@ class FactoredProduct:
     def n_heads(self) -> int:
         return self._resolve(self.left_index, self.left.shape[0]).numel()
 
-    def full(self) -> torch.Tensor:
-        """The formed products (heads, m, n) in float64. For tests and small matrices only."""
+    def per_head(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """Each head's own factor pair (heads, m, r), (heads, n, r) in float64: shared factors copied."""
         a = self.left.to(torch.float64)[self._resolve(self.left_index, self.left.shape[0])]
         b = self.right.to(torch.float64)[self._resolve(self.right_index, self.right.shape[0])]
+        return a, b
+
+    def full(self) -> torch.Tensor:
+        """The formed products (heads, m, n) in float64. For tests and small matrices only."""
+        a, b = self.per_head()
         return a @ b.transpose(-1, -2)
 
     def spectrum(self) -> ProductSpectrum:
@@ -194,9 +199,7 @@ class FactoredProduct:
                     f"({side}_index={torch.as_tensor(index).tolist()}); balance per head by expanding "
                     "the shared factor first (one copy per head)"
                 )
-        li = self._resolve(self.left_index, self.left.shape[0])
-        ri = self._resolve(self.right_index, self.right.shape[0])
-        left, right = self.left.to(torch.float64)[li], self.right.to(torch.float64)[ri]
+        left, right = self.per_head()
         r = left.shape[-1]
         qa, ra = torch.linalg.qr(left)  # (heads, m, ka), (heads, ka, r)
         qb, rb = torch.linalg.qr(right)

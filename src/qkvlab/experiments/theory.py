@@ -183,6 +183,14 @@ def _window(fit: Any) -> dict[str, float] | None:
     }
 
 
+def _append_rates(out: dict[str, Any], imbalance_fits: list, gap_fits: list, lam: float) -> None:
+    """Mean and std over seeds of the fitted imbalance and gap rates (null at λ = 0: nothing decays)."""
+    for fits, key in ((imbalance_fits, "decay_rate_measured"), (gap_fits, "gap_decay_rate_measured")):
+        mean, std = _mean_std([f.rate if f else None for f in fits]) if lam > 0 else (None, None)
+        out[key].append(mean)
+        out[f"{key}_std"].append(std)
+
+
 def _toy_batch(
     settings: TheorySettings, rotated: bool, lambdas: Sequence[float]
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -285,17 +293,8 @@ def run_toy(settings: TheorySettings, rotated: bool = False) -> dict[str, Any]:
         out["svt_iterations"].append(int(svt_iterations[rows].max()))
         out["max_abs_error_vs_closed_form"].append(float((final_sv[rows] - closed).abs().max()))
         out["svt_max_abs_error_vs_closed_form"].append(float((svt_sv[rows] - closed).abs().max()))
-        if x > 0:
-            mean, std = _mean_std([f.rate if f else None for f in imb_fits[i]])
-            gmean, gstd = _mean_std([f.rate if f else None for f in gap_fits[i]])
-            out["imbalance_relative_drift"].append(None)
-        else:
-            mean = std = gmean = gstd = None
-            out["imbalance_relative_drift"].append(_mean_std(drift[rows].tolist())[0])
-        out["decay_rate_measured"].append(mean)
-        out["decay_rate_measured_std"].append(std)
-        out["gap_decay_rate_measured"].append(gmean)
-        out["gap_decay_rate_measured_std"].append(gstd)
+        _append_rates(out, imb_fits[i], gap_fits[i], x)
+        out["imbalance_relative_drift"].append(None if x > 0 else _mean_std(drift[rows].tolist())[0])
         out["fit_window"].append(_window(imb_fits[i][0]) if x > 0 else None)
         out["gap_fit_window"].append(_window(gap_fits[i][0]) if x > 0 else None)
         out["final_relative_gap"].append(_mean_std(relative_gap[rows].tolist())[0])
@@ -395,11 +394,7 @@ def run_optimizers(settings: TheorySettings) -> dict[str, Any]:
             entry["final_singular_values"].append(final_sv[rows].mean(0).tolist())
             entry["max_abs_error_vs_closed_form"].append(_mean_std(errors)[0])
             entry["max_abs_error_vs_closed_form_std"].append(_mean_std(errors)[1])
-            pairs = [(imb_fits[i], "decay_rate_measured"), (gap_fits[i], "gap_decay_rate_measured")]
-            for fits_i, key in pairs:
-                mean, std = _mean_std([f.rate if f else None for f in fits_i]) if x > 0 else (None, None)
-                entry[key].append(mean)
-                entry[f"{key}_std"].append(std)
+            _append_rates(entry, imb_fits[i], gap_fits[i], x)
             entry["final_imbalance"].append(_mean_std(final_imb[rows].tolist())[0])
             largest = torch.maximum(
                 traj.left[rows].abs().amax((-1, -2)), traj.right[rows].abs().amax((-1, -2))
@@ -505,9 +500,7 @@ def run_pretrained(source: str | os.PathLike[str] | torch.nn.Module, seed: int =
         row: dict[str, Any] = {"layer": layer.layer}
         for product, pair in (("qk", layer.qk), ("ov", layer.ov)):
             heads = pair.n_heads
-            li = FactoredProduct._resolve(pair.left_index, pair.left.shape[0])
-            ri = FactoredProduct._resolve(pair.right_index, pair.right.shape[0])
-            left, right = pair.left.double()[li], pair.right.double()[ri]
+            left, right = pair.per_head()
             spectrum = pair.spectrum()
             a_norm, b_norm = torch.linalg.matrix_norm(left), torch.linalg.matrix_norm(right)
             rand_left = torch.randn(left.shape, generator=gen, dtype=torch.float64)
