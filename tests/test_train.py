@@ -182,7 +182,7 @@ def test_sweep_skips_complete_and_resumes_partial(corpus, tmp_path, capsys) -> N
     overrides = [f"{k}={v}" for k, v in base.items()]
     sweep = tmp_path / "sweep"
     # one run interrupted half-way before the sweep starts
-    partial = sweep / "weight_decay=0,seed=0"
+    partial = sweep / "runs" / "weight_decay=0,seed=0"
     train(load_config(None, {**base, "weight_decay": "0", "seed": "0", "stop_at": "2", "out": str(partial)}))
     rc = main(
         [

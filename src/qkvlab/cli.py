@@ -9,6 +9,8 @@ import argparse
 import sys
 from collections.abc import Sequence
 
+from qkvlab.args import check_outputs, number_list, positive_int
+from qkvlab.args import seeds as seeds_list
 from qkvlab.errors import UserError
 
 EXIT_USER_ERROR = 2
@@ -18,16 +20,6 @@ class _Parser(argparse.ArgumentParser):
     def error(self, message: str) -> None:  # one line, not argparse's usage dump
         print(f"{self.prog}: error: {message} (see {self.prog} --help)", file=sys.stderr)
         raise SystemExit(EXIT_USER_ERROR)
-
-
-def _positive_int(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a positive integer, got '{text}'") from None
-    if value <= 0:
-        raise argparse.ArgumentTypeError(f"expected a positive integer, got {value}")
-    return value
 
 
 def _rtol(text: str) -> float:
@@ -68,8 +60,8 @@ def _build_parser() -> argparse.ArgumentParser:
         help=f"rank counts σᵢ > rtol·σ₁ (default {DEFAULT_RTOL:g})",
     )
     insp.add_argument("--family", choices=[f.name for f in FAMILIES], help="skip architecture detection")
-    insp.add_argument("--n-heads", type=_positive_int, help="override the config's number of heads")
-    insp.add_argument("--n-kv-heads", type=_positive_int, help="override the config's number of KV heads")
+    insp.add_argument("--n-heads", type=positive_int, help="override the config's number of heads")
+    insp.add_argument("--n-kv-heads", type=positive_int, help="override the config's number of KV heads")
     insp.add_argument("--quiet", action="store_true", help="no table, no progress bar")
     insp.add_argument(
         "--compare",
@@ -116,7 +108,7 @@ def _build_parser() -> argparse.ArgumentParser:
         "--grid", action="append", default=[], metavar="KEY=V1,V2,...", help="a grid axis (repeatable)"
     )
     sw.add_argument("--seeds", default="0", help="comma-separated seeds (default 0)")
-    sw.add_argument("--jobs", type=_positive_int, default=1, help="runs at a time (default 1)")
+    sw.add_argument("--jobs", type=positive_int, default=1, help="runs at a time (default 1)")
     sw.add_argument("--out", metavar="DIR", help="sweep folder (default runs/sweep-<config name>)")
     sw.set_defaults(handler=_cmd_sweep)
 
@@ -136,23 +128,23 @@ def _build_parser() -> argparse.ArgumentParser:
         "--targets", default="q,v", help="roles to train: a subset of q,k,v,o, or all (default q,v)"
     )
     ft.add_argument("--method", default="lora", choices=["full", "lora"])
-    ft.add_argument("--rank", type=_positive_int, default=8, help="LoRA rank (default 8)")
+    ft.add_argument("--rank", type=positive_int, default=8, help="LoRA rank (default 8)")
     ft.add_argument("--alpha", type=float, default=16.0, help="LoRA alpha (default 16)")
     ft.add_argument("--lr", type=float, default=1e-4, help="η_QK, the rate of every trained matrix but V")
     ft.add_argument("--lr-ratio", type=float, default=1.0, help="λ: η_V = λ·η_QK (default 1)")
     ft.add_argument("--loraplus-ratio", type=float, default=None, help="LoRA+: lora_B rate × R")
     ft.add_argument("--weight-decay", type=float, default=0.0)
-    ft.add_argument("--max-steps", type=_positive_int, default=300)
+    ft.add_argument("--max-steps", type=positive_int, default=300)
     ft.add_argument("--epochs", type=float, default=None, help="instead of --max-steps")
-    ft.add_argument("--batch-size", type=_positive_int, default=32)
-    ft.add_argument("--max-length", type=_positive_int, default=64, help="tokens per example (default 64)")
-    ft.add_argument("--eval-every", type=_positive_int, default=25)
+    ft.add_argument("--batch-size", type=positive_int, default=32)
+    ft.add_argument("--max-length", type=positive_int, default=64, help="tokens per example (default 64)")
+    ft.add_argument("--eval-every", type=positive_int, default=25)
     ft.add_argument(
-        "--max-train-examples", type=_positive_int, default=None, help="subsample the training split"
+        "--max-train-examples", type=positive_int, default=None, help="subsample the training split"
     )
     ft.add_argument(
         "--max-val-examples",
-        type=_positive_int,
+        type=positive_int,
         default=None,
         help="learning curve on a fixed subset of the validation split (test is always scored in full)",
     )
@@ -190,7 +182,7 @@ pretrained (how balanced a pretrained model's factor pairs are, Fig. 4). docs/th
     )
     th.add_argument(
         "--steps",
-        type=_positive_int,
+        type=positive_int,
         default=theory_defaults.steps,
         help="toy GD steps (default %(default)s)",
     )
@@ -220,41 +212,21 @@ pretrained (how balanced a pretrained model's factor pairs are, Fig. 4). docs/th
     th.add_argument("--quiet", action="store_true", help="no tables, no progress lines")
     th.set_defaults(handler=_cmd_theory)
 
-    rp = sub.add_parser("repro", help="reproduce a paper claim: `repro finetune` (paper 001)")
-    rp.add_argument("claim", choices=["finetune"], help="finetune: QV vs QKV, V vs K, λ = η_V/η_QK on MiniLM")
-    rp.add_argument("--out", default="runs/repro-finetune", help="results folder (resumable)")
-    rp.add_argument("--seeds", default="0,1,2")
-    rp.add_argument("--jobs", type=_positive_int, default=1, help="runs in parallel processes")
-    rp.add_argument("--max-steps", type=_positive_int, default=150, help="steps per run (default 150)")
-    rp.add_argument("--batch-size", type=_positive_int, default=16)
-    rp.add_argument("--eval-every", type=_positive_int, default=25)
-    rp.add_argument(
-        "--max-val-examples", type=_positive_int, default=500, help="learning-curve subset of validation"
+    from qkvlab.experiments.grid import experiments
+
+    known = experiments()
+    rp = sub.add_parser(
+        "repro",
+        help="reproduce a paper claim: " + ", ".join(f"`repro {name}`" for name in known),
+        description="Each claim is a resumable grid of runs × seeds in --out; --summary-only reprints its "
+        "tables from the results there.",
     )
-    rp.add_argument("--plot", metavar="DIR", default=None, help="write convergence plots (PNG) here")
-    rp.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
-    rp.add_argument("--model", default="minilm", help="the pretrained model (default: the packaged MiniLM)")
-    rp.add_argument("--summary-only", action="store_true", help="print the tables from existing results")
-    rp.set_defaults(handler=_cmd_repro)
+    claims = rp.add_subparsers(dest="claim", required=True, metavar="CLAIM", parser_class=_Parser)
+    for name, experiment in known.items():
+        claim = claims.add_parser(name, help=experiment.help, description=experiment.help)
+        experiment.add_arguments(claim)
+        claim.set_defaults(handler=experiment.main)
     return parser
-
-
-def _check_outputs(files: list[str | None], folders: list[str | None]) -> None:
-    """Refuse unusable output paths before any work is done."""
-    from pathlib import Path
-
-    for name in filter(None, files):
-        path = Path(name)
-        if path.is_dir():
-            raise UserError(f"{name} is a folder; accepted: a file path to write")
-        parent = next((p for p in [path.parent, *path.parent.parents] if p.exists()), Path("."))
-        if not parent.is_dir():
-            raise UserError(f"cannot write {name}: {parent} is not a folder")
-    for name in filter(None, folders):
-        path = Path(name)
-        blocker = next((p for p in [path, *path.parents] if p.exists()), Path("."))
-        if not blocker.is_dir():
-            raise UserError(f"cannot write into {name}: {blocker} is a file; accepted: a folder path")
 
 
 def _tqdm_progress(iterable, total):  # type: ignore[no-untyped-def]
@@ -268,7 +240,7 @@ def _cmd_inspect(args: argparse.Namespace) -> int:
     from qkvlab.inspect import inspect
     from qkvlab.report.tables import format_table
 
-    _check_outputs(files=[args.json, args.csv], folders=[args.plot])
+    check_outputs(files=[args.json, args.csv], folders=[args.plot])
     if args.compare:
         return _cmd_compare(args)
     report = inspect(
@@ -381,15 +353,13 @@ def _cmd_train(args: argparse.Namespace) -> int:
 def _cmd_sweep(args: argparse.Namespace) -> int:
     from pathlib import Path
 
-    from qkvlab.train.sweep import parse_grid, run_sweep
+    from qkvlab.report.tables import sweep_table
+    from qkvlab.train.sweep import parse_grid, run_sweep, sweep_summary
 
     overrides = _train_overrides(args)
     if not args.grid:
         raise UserError("give at least one --grid KEY=V1,V2,...")
-    try:
-        seeds = [int(s) for s in args.seeds.split(",") if s.strip()]
-    except ValueError:
-        raise UserError(f"--seeds {args.seeds!r} must be comma-separated integers") from None
+    seeds = seeds_list(args.seeds)
     stem = Path(args.config).stem if args.config else "default"
     sweep_dir = Path(args.out) if args.out else Path("runs") / f"sweep-{stem}"
     results = run_sweep(
@@ -401,6 +371,7 @@ def _cmd_sweep(args: argparse.Namespace) -> int:
         extra=overrides,
     )
     failed = [r for r in results if r["status"].startswith("failed")]
+    print(sweep_table(sweep_summary(sweep_dir)))
     print(
         f"wrote {sweep_dir / 'sweep.json'}"
         + (f"; {len(failed)} run(s) failed, see their train.log" if failed else "")
@@ -487,37 +458,26 @@ def _cmd_finetune(args: argparse.Namespace) -> int:
     return 0
 
 
-def _number_list(text: str, what: str, kind: type = float) -> tuple:
-    try:
-        values = tuple(kind(v) for v in text.split(",") if v.strip())
-    except ValueError:
-        noun = "integers" if kind is int else "numbers"
-        raise UserError(f"{what} {text!r}; accepted: comma-separated {noun}") from None
-    if not values:
-        raise UserError(f"{what} is empty; accepted: comma-separated values")
-    return values
-
-
 def _cmd_theory(args: argparse.Namespace) -> int:
     import json
     import time
 
     from qkvlab.experiments.theory import TheorySettings, run_theory
 
-    _check_outputs([args.json], [args.plot])
+    check_outputs([args.json], [args.plot])
     optimizers = (
         ()
         if args.optimizers.strip() == "none"
         else tuple(o.strip() for o in args.optimizers.split(",") if o.strip())
     )
     settings = TheorySettings(
-        lambdas=_number_list(args.lambdas, "--lambdas"),
-        seeds=_number_list(args.seeds, "--seeds", int),
+        lambdas=number_list(args.lambdas, "--lambdas"),
+        seeds=number_list(args.seeds, "--seeds", int),
         steps=args.steps,
         lr=args.lr,
         optimizers=optimizers,
         parts=tuple(p.strip() for p in args.parts.split(",") if p.strip()),
-        completion_lambdas=_number_list(args.completion_lambdas, "--completion-lambdas"),
+        completion_lambdas=number_list(args.completion_lambdas, "--completion-lambdas"),
         models=tuple(args.model) if args.model else TheorySettings().models,
     )
     start = time.perf_counter()
@@ -547,45 +507,6 @@ def _cmd_theory(args: argparse.Namespace) -> int:
 
         print(theory_tables(result))
         for path in written:
-            print(f"wrote {path}")
-    return 0
-
-
-def _cmd_repro(args: argparse.Namespace) -> int:
-    from pathlib import Path
-
-    from qkvlab.experiments.finetune_claims import claims_markdown, run_grid, summarize, write_summary
-
-    try:
-        seeds = [int(s) for s in args.seeds.split(",") if s.strip()]
-    except ValueError:
-        raise UserError(f"--seeds {args.seeds!r} must be comma-separated integers") from None
-    if not seeds or min(seeds) < 0:
-        raise UserError(f"--seeds {args.seeds!r}; accepted: comma-separated integers ≥ 0, e.g. 0,1,2")
-    _check_outputs([], [args.out, args.plot])  # before hours of runs, not after
-    out = Path(args.out)
-    if not args.summary_only:
-        run_grid(
-            out,
-            seeds,
-            jobs=args.jobs,
-            device=args.device,
-            model=args.model,
-            max_steps=args.max_steps,
-            batch_size=args.batch_size,
-            eval_every=args.eval_every,
-            max_val_examples=args.max_val_examples,
-        )
-    elif not (out / "runs").is_dir():
-        raise UserError(f"{out} holds no runs; run `qkvlab repro finetune --out {out}` first")
-    print(summarize(out))
-    print()
-    print(claims_markdown(out))
-    print(f"\nwrote {write_summary(out)}")
-    if args.plot:
-        from qkvlab.experiments.finetune_claims import plot_convergence
-
-        for path in plot_convergence(out, Path(args.plot)):
             print(f"wrote {path}")
     return 0
 

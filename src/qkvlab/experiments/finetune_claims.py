@@ -12,15 +12,16 @@ go in parallel processes.
 from __future__ import annotations
 
 import json
-import os
 import statistics
-import time
-from concurrent.futures import ProcessPoolExecutor
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
+from qkvlab.args import check_outputs, positive_int
+from qkvlab.args import seeds as seeds_list
 from qkvlab.errors import UserError
+from qkvlab.experiments import grid as grid_layer
+from qkvlab.experiments.grid import Run
 from qkvlab.finetune import FinetuneConfig, finetune
 from qkvlab.train.checkpoint import write_atomic
 
@@ -111,60 +112,34 @@ LR = {"full": 2e-4, "lora": 2e-3}
 DEFAULTS = {"max_steps": 150, "batch_size": 16, "eval_every": 25, "max_val_examples": 500, "max_length": 64}
 
 
-def _run_one(args: tuple[GridPoint, int, Path, dict[str, Any]]) -> dict[str, Any]:
-    point, seed, out, settings = args
-    settings = dict(settings)
-    run_dir = out / "runs" / point.name(seed)
-    if (run_dir / "result.json").is_file():
-        return {"name": point.name(seed), "status": "skipped (complete)"}
-    threads = settings.pop("threads", None)
-    if threads:
-        import torch
-
-        torch.set_num_threads(threads)
-    data = settings.pop("data_sources", {}).get(point.data, point.data)
-    lr = settings.pop("lr", LR)[point.method]
+def _worker(run_dir: Path, point: dict[str, Any], seed: int, settings: dict[str, Any]) -> None:
+    """One fine-tuning run of the grid (the experiment layer's worker): writes ``run_dir/result.json``."""
+    data = settings.get("data_sources", {}).get(point["data"], point["data"])
+    common = {k: v for k, v in settings.items() if k in DEFAULTS or k in ("model", "device")}
     config = FinetuneConfig(
         data=data,
-        targets=list(point.targets),
-        method=point.method,
-        lr=lr,
-        lr_ratio=point.lr_ratio,
+        targets=list(point["targets"]),
+        method=point["method"],
+        lr=settings["lr"][point["method"]],
+        lr_ratio=point["lr_ratio"],
         seed=seed,
         save_model=False,
         out=str(run_dir),
-        **settings,
+        **common,
     )
-    started = time.perf_counter()
     finetune(config, progress=False)
-    return {"name": point.name(seed), "status": "ran", "seconds": time.perf_counter() - started}
 
 
-def _map(tasks: list, jobs: int, echo: Any) -> list[dict[str, Any]]:
-    def show(r: dict[str, Any]) -> dict[str, Any]:
-        echo(f"  {r['status']:<20} {r['name']}" + (f"  {r['seconds']:.0f} s" if "seconds" in r else ""))
-        return r
+def _status(run_dir: Path) -> str:
+    return "complete" if (run_dir / "result.json").is_file() else "new"
 
-    done = [t for t in tasks if (t[2] / "runs" / t[0].name(t[1]) / "result.json").is_file()]
-    if jobs == 1 or len(done) == len(tasks):
-        return [show(_run_one(t)) for t in tasks]
-    # complete runs are skipped here, without starting a worker process for each
-    skipped = {id(t): {"name": t[0].name(t[1]), "status": "skipped (complete)"} for t in done}
-    for t in done:
-        show(skipped[id(t)])
-    todo = [t for t in tasks if id(t) not in skipped]
-    import multiprocessing
 
-    # spawn, not fork: a forked CUDA context is unusable in the children. One run per process:
-    # nothing (threads, caches, allocator state) carries from one run to the next.
-    pool = ProcessPoolExecutor(
-        max_workers=jobs, mp_context=multiprocessing.get_context("spawn"), max_tasks_per_child=1
-    )
-    try:
-        ran = iter([show(r) for r in pool.map(_run_one, todo)])
-        return [skipped[id(t)] if id(t) in skipped else next(ran) for t in tasks]
-    finally:  # on a failure (or Ctrl-C) drop the queued runs instead of waiting for all of them
-        pool.shutdown(wait=True, cancel_futures=True)
+def _run(point: GridPoint, seed: int) -> Run:
+    return Run(point.name(seed), {**asdict(point), "targets": list(point.targets)}, seed)
+
+
+def _point(data: dict[str, Any]) -> GridPoint:
+    return GridPoint(data["data"], tuple(data["targets"]), data["method"], float(data["lr_ratio"]))
 
 
 def run_grid(
@@ -186,92 +161,72 @@ def run_grid(
     They are written to ``OUT/settings.json``; resuming with different settings is refused, so one
     results folder never mixes runs made differently. ``data_sources`` maps a grid data name to
     another source (tests use a tiny CSV); ``lr`` replaces :data:`LR` (η_QK per method, for
-    follow-up grids). Runs go seed by seed, so an interrupted grid holds
-    complete seeds first.
+    follow-up grids). Runs go seed by seed, so an interrupted grid holds complete seeds first.
     """
-    seeds = list(dict.fromkeys(seeds))  # a repeated seed would train one run folder twice at once
+    seeds = list(dict.fromkeys(seeds))
     unknown = set(overrides) - set(DEFAULTS)
     if unknown:
         raise TypeError(f"unknown grid settings {sorted(unknown)}")
     settings: dict[str, Any] = {**DEFAULTS, **overrides, "model": model, "lr": dict(lr or LR)}
     if data_sources:
         settings["data_sources"] = dict(data_sources)
-    recorded = {k: v for k, v in settings.items()}
-    out.mkdir(parents=True, exist_ok=True)
-    settings_file = out / "settings.json"
-    if settings_file.is_file():
-        before = json.loads(settings_file.read_text())
-        changed = {
-            k: (before.get(k), recorded.get(k))
-            for k in {*before, *recorded}
-            if before.get(k) != recorded.get(k)
-        }
-        if changed:
-            described = ", ".join(f"{k} {a!r} -> {b!r}" for k, (a, b) in sorted(changed.items()))
-            raise UserError(
-                f"{out} holds runs made with other settings ({described}); "
-                "resume with the same settings or use another --out"
-            )
-    else:
-        write_atomic(settings_file, json.dumps(recorded, indent=1, sort_keys=True))
-    settings["device"] = device
-    if jobs > 1:
-        settings["threads"] = max(1, (os.cpu_count() or 1) // jobs)
-    started = time.perf_counter()
     results: list[dict[str, Any]] = []
     # the tweet comparison uses the best λ found on rotten-tomatoes, so it runs second (None)
     phases = [points] if points is not None else [grid(), None]
-    tweet_lambda = None
-    finished = False
-    try:
-        for phase in phases:
-            if phase is None:
-                tweet_lambda = best_lambda(out, seeds)
-                if tweet_lambda is None:
-                    continue
-                phase = grid(tweet_lambda)[len(grid()) :]
-                echo(
-                    "repro finetune: tweet-sentiment at λ = 1"
-                    + (f" and λ = {tweet_lambda:g}" if tweet_lambda != 1.0 else "")
-                    + f" (the best final validation score of LoRA QV above was at λ = {tweet_lambda:g})"
-                )
-            tasks = [(p, s, out, settings) for s in seeds for p in phase]
-            echo(f"repro finetune: {len(tasks)} runs in {out}, {jobs} at a time")
-            results += _map(tasks, jobs, echo)
-        finished = True
-    finally:  # the log of this session, also when it was interrupted (its runs' results are on disk)
-        log = out / "grid.json"
-        history = json.loads(log.read_text())["sessions"] if log.is_file() else []
-        history.append(
-            {
-                "seeds": seeds,
-                "jobs": jobs,
-                "device": device,
-                "tweet_lambda": tweet_lambda,
-                "finished": finished,
-                "runs": results,
-                "wall_seconds": time.perf_counter() - started,
-            }
+    for phase in phases:
+        tweet_lambda = None
+        if phase is None:
+            tweet_lambda = best_lambda(out, seeds)
+            if tweet_lambda is None:
+                continue
+            phase = grid(tweet_lambda)[len(grid()) :]
+            echo(
+                "repro finetune: tweet-sentiment at λ = 1"
+                + (f" and λ = {tweet_lambda:g}" if tweet_lambda != 1.0 else "")
+                + f" (the best final validation score of LoRA QV above was at λ = {tweet_lambda:g})"
+            )
+        results += grid_layer.run_grid(
+            out,
+            [_run(p, s) for s in seeds for p in phase],
+            _worker,
+            settings=settings,
+            worker_settings={**settings, "device": device},
+            status=_status,
+            jobs=jobs,
+            log="finetune.log",
+            echo=echo,
+            label="repro finetune",
+            session={"seeds": seeds, "device": device, "tweet_lambda": tweet_lambda},
         )
-        write_atomic(log, json.dumps({"sessions": history}, indent=1))
     return results
 
 
+def _legacy(folder: Path) -> tuple[dict[str, Any], int] | None:
+    """Runs written before run.json: their point and seed from the config in result.json."""
+    path = folder / "result.json"
+    if not path.is_file():
+        return None
+    config = json.loads(path.read_text())["config"]
+    return {k: config[k] for k in ("data", "targets", "method", "lr_ratio")}, int(config["seed"])
+
+
+def _read(folder: Path) -> dict[str, Any] | None:
+    path = folder / "result.json"
+    return json.loads(path.read_text()) if path.is_file() else None
+
+
 def _load(out: Path) -> dict[GridPoint, list[dict[str, Any]]]:
-    by_point: dict[GridPoint, list[dict[str, Any]]] = {}
-    candidates = grid() + [p for lam in LAMBDAS for p in grid(lam)[len(grid()) :] if p.lr_ratio != 1.0]
-    for point in dict.fromkeys(grid(1.0) + candidates):
-        for path in sorted((out / "runs").glob(f"{point.name(0)[: -len('seed0')]}seed*/result.json")):
-            by_point.setdefault(point, []).append(json.loads(path.read_text()))
-    return by_point
-
-
-def _stats(values: list[float]) -> dict[str, float]:
-    return {
-        "mean": statistics.fmean(values),
-        "std": statistics.stdev(values) if len(values) > 1 else 0.0,
-        "n": len(values),
+    """Grid point → its results (one per seed), points in grid order, from what each run stored."""
+    found = {
+        _point(dict(key)): list(by_seed.values())
+        for key, by_seed in grid_layer.load_runs(out, _read, _legacy).items()
     }
+    candidates = grid(1.0) + [p for lam in LAMBDAS for p in grid(lam)[len(grid()) :] if p.lr_ratio != 1.0]
+    order = {p: i for i, p in enumerate(dict.fromkeys(candidates))}
+    return {p: found[p] for p in sorted(found, key=lambda p: order.get(p, len(order)))}
+
+
+_stats = grid_layer.mean_std
 
 
 def _median_or_none(values: list[float]) -> float | None:
@@ -444,13 +399,10 @@ def _runs(out: Path) -> dict[tuple[str, str, tuple[str, ...], float], dict[int, 
 
 def _paired(a: dict[int, dict[str, Any]], b: dict[int, dict[str, Any]], key) -> str:
     """mean ± std over the seeds both have of key(a) − key(b), in points; 'n/a' without common seeds."""
-    seeds = sorted(set(a) & set(b))
-    if not seeds:
+    diff = grid_layer.paired({s: key(r) for s, r in a.items()}, {s: key(r) for s, r in b.items()}, 100)
+    if diff is None:
         return "n/a"
-    diffs = [100 * (key(a[s]) - key(b[s])) for s in seeds]
-    stats = _stats(diffs)
-    wins = sum(d > 0 for d in diffs)
-    return f"{stats['mean']:+.1f} ± {stats['std']:.1f} ({wins}/{len(seeds)} seeds > 0)"
+    return f"{diff['mean']:+.1f} ± {diff['std']:.1f} ({diff['wins']}/{diff['n']} seeds > 0)"
 
 
 def _cell(runs: dict[int, dict[str, Any]] | None, key, scale: float = 100.0, digits: int = 1) -> str:
@@ -611,3 +563,65 @@ def claims_markdown(out: Path) -> str:
         for title, body in sections
         if sum(line.startswith("| ") for line in body) > 1
     )
+
+
+# -- `qkvlab repro finetune` ---------------------------------------------------------------------
+
+
+def _arguments(parser: Any) -> None:
+    parser.add_argument("--out", default="runs/repro-finetune", help="results folder (resumable)")
+    parser.add_argument("--seeds", default="0,1,2")
+    parser.add_argument("--jobs", type=positive_int, default=1, help="runs in parallel processes")
+    parser.add_argument("--max-steps", type=positive_int, default=150, help="steps per run (default 150)")
+    parser.add_argument("--batch-size", type=positive_int, default=16)
+    parser.add_argument("--eval-every", type=positive_int, default=25)
+    parser.add_argument(
+        "--max-val-examples", type=positive_int, default=500, help="learning-curve subset of validation"
+    )
+    parser.add_argument("--plot", metavar="DIR", default=None, help="write convergence plots (PNG) here")
+    parser.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
+    parser.add_argument(
+        "--model", default="minilm", help="the pretrained model (default: the packaged MiniLM)"
+    )
+    parser.add_argument("--summary-only", action="store_true", help="print the tables from existing results")
+
+
+def _main(args: Any) -> int:
+    seeds = seeds_list(args.seeds)
+    check_outputs([], [args.out, args.plot])  # before hours of runs, not after
+    out = Path(args.out)
+    if not args.summary_only:
+        run_grid(
+            out,
+            seeds,
+            jobs=args.jobs,
+            device=args.device,
+            model=args.model,
+            max_steps=args.max_steps,
+            batch_size=args.batch_size,
+            eval_every=args.eval_every,
+            max_val_examples=args.max_val_examples,
+        )
+    elif not (out / "runs").is_dir():
+        raise UserError(f"{out} holds no runs; run `qkvlab repro finetune --out {out}` first")
+    print(summarize(out))
+    print()
+    print(claims_markdown(out))
+    print(f"\nwrote {write_summary(out)}")
+    if args.plot:
+        for path in plot_convergence(out, Path(args.plot)):
+            print(f"wrote {path}")
+    return 0
+
+
+EXPERIMENT = grid_layer.register(
+    grid_layer.Experiment(
+        "finetune",
+        "paper 001 on MiniLM: QV vs QKV, V vs K, λ = η_V/η_QK (full and LoRA)",
+        _arguments,
+        _main,
+        detect=lambda folder: (
+            (folder / "tweet_lambda.json").is_file() or any((folder / "runs").glob("*/result.json"))
+        ),
+    )
+)

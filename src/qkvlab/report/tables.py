@@ -19,3 +19,27 @@ def format_table(headers: Sequence[str], rows: Sequence[Sequence[object]]) -> st
     lines.append("  ".join("-" * w for w in widths))
     lines += ["  ".join(c.rjust(w) for c, w in zip(r, widths, strict=True)) for r in body]
     return "\n".join(lines)
+
+
+def pm(stats: dict[str, float] | None, digits: int = 4, scale: float = 1.0) -> str:
+    """``mean ± std`` of a :func:`qkvlab.experiments.grid.mean_std` result; "—" for none."""
+    if not stats:
+        return "—"
+    return f"{stats['mean'] * scale:.{digits}f} ± {stats['std'] * scale:.{digits}f}"
+
+
+def sweep_table(points: Sequence[dict]) -> str:
+    """One row per sweep grid point: its settings, seeds, final train loss and val metrics (mean ± std)."""
+    if not points:
+        return "no complete runs yet"
+    metrics = sorted({k for p in points for k in p if k == "train_loss" or k.startswith("val_")})
+    headers = ["point", "seeds", *metrics]
+    rows = [
+        [
+            ",".join(f"{k}={v}" for k, v in p["point"].items()),
+            len(p["seeds"]),
+            *(pm(p.get(m)) for m in metrics),
+        ]
+        for p in points
+    ]
+    return format_table(headers, rows)

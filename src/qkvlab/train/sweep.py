@@ -1,46 +1,30 @@
-"""Grids of training runs that survive interruption: ``qkvlab sweep``.
+"""Grids of training runs that survive interruption: ``qkvlab sweep``, on the experiment layer.
 
-Each grid point × seed is one run folder under the sweep folder, named after its settings
-(``weight_decay=0.1,seed=2``). A run with ``final.json`` is complete and skipped; one with a
-checkpoint is resumed; anything else starts fresh. Runs are subprocesses of ``qkvlab train``
-(``--jobs N`` at a time, each limited to its share of the CPU threads), so one crashing run
-is reported and the others go on. ``sweep.json`` summarises all runs.
+Each grid point × seed is one ``qkvlab train`` run folder, ``SWEEP/runs/NAME`` with NAME its
+settings (``weight_decay=0.1,seed=2``). A complete run is skipped, a partial one resumed, and a
+sweep folder refuses runs made with another base config (``SWEEP/settings.json``); see
+:mod:`qkvlab.experiments.grid` for the rules. ``SWEEP/sweep.json`` lists every run with its
+``final.json``, and the mean ± std over seeds of each grid point's final numbers.
 """
 
 from __future__ import annotations
 
 import itertools
 import json
-import os
 import re
-import subprocess
-import sys
-import time
-from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from qkvlab.config import config_keys, load_config
 from qkvlab.errors import UserError
-from qkvlab.train.checkpoint import latest_checkpoint, write_atomic
+from qkvlab.experiments.grid import Run, load_runs, mean_std, run_grid
+from qkvlab.experiments.training import read_training_run, train_status, train_worker
+from qkvlab.train.checkpoint import write_atomic
 
-__all__ = ["SweepRun", "parse_grid", "plan_sweep", "run_sweep"]
+__all__ = ["parse_grid", "plan_sweep", "run_sweep", "sweep_summary"]
 
-
-@dataclass
-class SweepRun:
-    name: str
-    overrides: dict[str, str]
-    run_dir: Path
-
-    @property
-    def status(self) -> str:
-        if (self.run_dir / "final.json").is_file():
-            return "complete"
-        if self.run_dir.is_dir() and latest_checkpoint(self.run_dir) is not None:
-            return "partial"
-        return "new"
+# Per-run settings that never change a run's numbers, left out of the settings guard.
+_UNGUARDED = ("name", "out", "seed", "progress", "stop_at", "device")
 
 
 def parse_grid(items: list[str]) -> dict[str, list[str]]:
@@ -64,56 +48,15 @@ def _safe(text: str) -> str:
     return re.sub(r"[^A-Za-z0-9_.=+,-]", "_", text)
 
 
-def plan_sweep(grid: dict[str, list[str]], seeds: list[int], sweep_dir: Path) -> list[SweepRun]:
-    runs = []
+def plan_sweep(grid: dict[str, list[str]], seeds: list[int]) -> list[Run]:
+    """Every grid point × seed, seed by seed (an interrupted sweep holds whole seeds first)."""
     keys = list(grid)
-    for values in itertools.product(*(grid[k] for k in keys)):
-        for seed in seeds:
-            overrides = {**dict(zip(keys, values, strict=True)), "seed": str(seed)}
-            name = _safe(",".join(f"{k}={v}" for k, v in overrides.items()))
-            runs.append(SweepRun(name, overrides, sweep_dir / name))
-    return runs
-
-
-def _command(config_path: Path | None, run: SweepRun, extra: dict[str, str]) -> list[str]:
-    cmd = [sys.executable, "-m", "qkvlab", "train"]
-    if run.status == "partial":
-        return [*cmd, "--resume", str(run.run_dir)]
-    if config_path is not None:
-        cmd.append(str(config_path))
-    settings = {**extra, **run.overrides, "name": run.name, "out": str(run.run_dir), "progress": "false"}
-    return cmd + [f"{k}={v}" for k, v in settings.items()]
-
-
-def _execute(config_path: Path | None, run: SweepRun, extra: dict[str, str], threads: int) -> dict[str, Any]:
-    status_before = run.status
-    if status_before == "complete":
-        return {"name": run.name, "status": "skipped (complete)", "overrides": run.overrides, **_final(run)}
-    run.run_dir.mkdir(parents=True, exist_ok=True)
-    env = {**os.environ, "OMP_NUM_THREADS": str(threads), "MKL_NUM_THREADS": str(threads)}
-    started = time.perf_counter()
-    with (run.run_dir / "train.log").open("a") as log:
-        result = subprocess.run(
-            _command(config_path, run, extra), stdout=log, stderr=subprocess.STDOUT, env=env, check=False
-        )
-    outcome = "resumed" if status_before == "partial" else "ran"
-    status = (
-        outcome
-        if result.returncode == 0 and run.status == "complete"
-        else f"failed (exit {result.returncode})"
-    )
-    return {
-        "name": run.name,
-        "status": status,
-        "overrides": run.overrides,
-        "seconds": time.perf_counter() - started,
-        **_final(run),
-    }
-
-
-def _final(run: SweepRun) -> dict[str, Any]:
-    path = run.run_dir / "final.json"
-    return {"final": json.loads(path.read_text())} if path.is_file() else {}
+    points = [dict(zip(keys, values, strict=True)) for values in itertools.product(*(grid[k] for k in keys))]
+    return [
+        Run(_safe(",".join(f"{k}={v}" for k, v in {**point, "seed": seed}.items())), point, seed)
+        for seed in seeds
+        for point in points
+    ]
 
 
 def run_sweep(
@@ -128,24 +71,60 @@ def run_sweep(
 ) -> list[dict[str, Any]]:
     """Run (or continue) every grid point × seed; returns one summary dict per run."""
     extra = dict(extra or {})
-    load_config(config_path, {**extra, **{k: v[0] for k, v in grid.items()}})  # fail fast on bad keys/values
-    if jobs < 1:
-        raise UserError(f"--jobs must be ≥ 1, got {jobs}")
-    runs = plan_sweep(grid, seeds, sweep_dir)
-    counts = {s: sum(r.status == s for r in runs) for s in ("complete", "partial", "new")}
-    echo(
-        f"sweep {sweep_dir}: {len(runs)} runs ({counts['complete']} complete, {counts['partial']} to resume, "
-        f"{counts['new']} new), {jobs} at a time"
+    for values in itertools.product(*grid.values()):  # fail fast on a bad key or value in any cell
+        base = load_config(config_path, {**extra, **dict(zip(grid, values, strict=True))})
+    resolved = base.to_dict()
+    shared = {k: v for k, v in resolved.items() if k not in _UNGUARDED and k not in grid}
+    shared["model"] = {k: v for k, v in resolved["model"].items() if f"model.{k}" not in grid}
+    runs = plan_sweep(grid, seeds)
+    statuses = run_grid(
+        sweep_dir,
+        runs,
+        train_worker,
+        settings={"config": shared},
+        worker_settings={"config": str(config_path) if config_path else None, "overrides": extra},
+        status=train_status,
+        jobs=jobs,
+        log="train.log",
+        echo=echo,
+        label="sweep",
+        session={"grid": grid, "seeds": seeds},
     )
-    threads = max(1, (os.cpu_count() or 1) // jobs)
-    with ThreadPoolExecutor(max_workers=jobs) as pool:
-        futures = [pool.submit(_execute, config_path, run, extra, threads) for run in runs]
-        results = []
-        for future in futures:
-            result = future.result()
-            echo(f"  {result['status']:<22} {result['name']}")
-            results.append(result)
+    results = []
+    for run, status in zip(runs, statuses, strict=True):
+        final = run.folder(sweep_dir) / "final.json"
+        entry = {**status, "overrides": {**run.point, "seed": str(run.seed)}}
+        if final.is_file():
+            entry["final"] = json.loads(final.read_text())
+        results.append(entry)
     write_atomic(
-        sweep_dir / "sweep.json", json.dumps({"grid": grid, "seeds": seeds, "runs": results}, indent=1)
+        sweep_dir / "sweep.json",
+        json.dumps(
+            {
+                "schema_version": 1,
+                "kind": "sweep",
+                "grid": grid,
+                "seeds": seeds,
+                "runs": results,
+                "points": sweep_summary(sweep_dir),
+            },
+            indent=1,
+        ),
     )
     return results
+
+
+def sweep_summary(sweep_dir: Path) -> list[dict[str, Any]]:
+    """Per grid point with complete runs: mean ± std over seeds of the final train loss and evals."""
+    rows = []
+    for point, by_seed in load_runs(sweep_dir, lambda d: read_training_run(d, spectra=False)).items():
+        finals = [r["final"] for r in by_seed.values()]
+        row: dict[str, Any] = {"point": dict(point), "seeds": sorted(by_seed)}
+        losses = [f["train_loss"] for f in finals if f.get("train_loss") is not None]
+        if losses:
+            row["train_loss"] = mean_std(losses)
+        for key in sorted({k for f in finals for k in f.get("eval", {})}):
+            values = [f["eval"][key] for f in finals if key in f.get("eval", {})]
+            row[f"val_{key}"] = mean_std(values)
+        rows.append(row)
+    return rows

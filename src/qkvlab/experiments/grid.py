@@ -1,0 +1,417 @@
+"""One experiment layer: a grid of settings × seeds, run to completion across interruptions.
+
+Every experiment (``qkvlab repro NAME``, ``qkvlab sweep``) is a list of :class:`Run` s, each a grid
+point (a small mapping of the settings that distinguish it) and a seed, and a *worker*: a
+module-level function ``worker(run_dir, point, seed, settings)`` that does one run and leaves its
+result in ``run_dir``. :func:`run_grid` does the rest, the same way for every experiment:
+
+- **Folder.** ``OUT/runs/NAME/`` per run, with ``run.json`` (the point and the seed, written before
+  the run starts: results are later grouped by what each run stored, never by parsing names).
+  ``OUT/settings.json`` holds the settings shared by every run.
+- **Resume.** A run whose experiment says it is complete is skipped without starting anything; a
+  partial one is handed to the worker again (a trainer resumes from its checkpoint; a run without
+  checkpoints starts over).
+- **Settings guard.** Running into a folder whose ``settings.json`` differs is refused, naming each
+  difference, so one results folder never mixes runs made differently. Adding seeds or grid points
+  is fine: they are not settings.
+- **Workers.** ``jobs = 1`` runs in this process (a failing run is reported and the next one
+  starts). ``jobs > 1`` runs each run in its own spawned process (nothing carries from one run to
+  the next; a CUDA context is never forked), with its output in ``run_dir/LOG``, ``cpu_count // jobs``
+  threads each, and the parent's death delivering SIGTERM to it (Linux).
+- **Stopping.** Ctrl-C (or SIGTERM to the parent) starts nothing new: the running runs get SIGINT,
+  are waited for (they keep their last checkpoint), and the interruption propagates.
+- **Log.** ``OUT/grid.json`` gets one entry per session, finished or interrupted: what ran, how long.
+
+:func:`mean_std` and :func:`paired` are the statistics every summary uses: mean ± sample standard
+deviation over seeds, and seed-paired differences (the same seed gives the same initialisation and
+batch order, so a paired difference removes that part of the spread).
+
+:data:`REGISTRY` holds every experiment ``qkvlab repro`` knows; each registers itself with
+:func:`register` and supplies its own arguments, run and summary.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import json
+import os
+import signal
+import statistics
+import time
+import traceback
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from qkvlab.errors import UserError
+from qkvlab.train.checkpoint import write_atomic
+
+__all__ = [
+    "REGISTRY",
+    "Experiment",
+    "Run",
+    "experiments",
+    "guard_settings",
+    "load_runs",
+    "mean_std",
+    "paired",
+    "register",
+    "run_grid",
+]
+
+Point = tuple[tuple[str, Any], ...]
+
+
+def _frozen(value: Any) -> Any:
+    if isinstance(value, list | tuple):
+        return tuple(_frozen(v) for v in value)
+    if isinstance(value, Mapping):
+        return tuple((k, _frozen(v)) for k, v in value.items())
+    return value
+
+
+def point_key(point: Mapping[str, Any]) -> Point:
+    """A hashable form of a grid point (its items in order, lists as tuples)."""
+    return tuple((k, _frozen(v)) for k, v in point.items())
+
+
+@dataclass(frozen=True)
+class Run:
+    """One grid point × seed: ``name`` is its folder under ``OUT/runs``."""
+
+    name: str
+    point: Mapping[str, Any] = field(hash=False)
+    seed: int = 0
+
+    def folder(self, out: Path) -> Path:
+        return out / "runs" / self.name
+
+
+# -- settings guard ----------------------------------------------------------------------------
+
+
+def guard_settings(out: Path, settings: Mapping[str, Any]) -> None:
+    """Write ``OUT/settings.json``, or refuse if it already holds other settings."""
+    out.mkdir(parents=True, exist_ok=True)
+    path = out / "settings.json"
+    recorded = json.loads(json.dumps(dict(settings)))  # as JSON would give it back (tuples → lists)
+    if path.is_file():
+        before = json.loads(path.read_text())
+        changed = {
+            k: (before.get(k), recorded.get(k))
+            for k in {*before, *recorded}
+            if before.get(k) != recorded.get(k)
+        }
+        if changed:
+            described = ", ".join(f"{k} {a!r} -> {b!r}" for k, (a, b) in sorted(changed.items()))
+            raise UserError(
+                f"{out} holds runs made with other settings ({described}); "
+                "resume with the same settings or use another --out"
+            )
+    else:
+        write_atomic(path, json.dumps(recorded, indent=1, sort_keys=True))
+
+
+# -- running -----------------------------------------------------------------------------------
+
+
+Worker = Callable[[Path, dict[str, Any], int, dict[str, Any]], None]
+
+
+@dataclass
+class _Job:
+    run: Run
+    before: str  # status before this session: "partial" or "new"
+    started: float
+    process: Any = None
+
+
+class _Stop(Exception):
+    """SIGTERM to the parent: stop like Ctrl-C."""
+
+
+def _child(
+    worker: Worker, run_dir: Path, point: dict, seed: int, settings: dict, threads: int, log: str
+) -> None:
+    """Body of a spawned run process: threads, log file, parent-death signal, then the worker."""
+    import sys
+
+    os.setpgrp()  # the terminal's Ctrl-C reaches the grid only; it passes one SIGINT to each run
+    try:  # Linux: if the grid's process dies (even by SIGKILL), this run gets SIGTERM
+        import ctypes
+
+        ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
+    except (OSError, AttributeError):
+        pass
+    os.environ["OMP_NUM_THREADS"] = os.environ["MKL_NUM_THREADS"] = str(threads)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    with open(run_dir / log, "a", buffering=1) as fh:
+        os.dup2(fh.fileno(), 1)
+        os.dup2(fh.fileno(), 2)
+        sys.stdout = sys.stderr = fh
+        import torch
+
+        torch.set_num_threads(threads)
+        try:
+            worker(run_dir, point, seed, settings)
+        except KeyboardInterrupt:
+            print("interrupted", flush=True)
+            raise SystemExit(130) from None
+        except BaseException:
+            traceback.print_exc()
+            raise SystemExit(1) from None
+
+
+def run_grid(
+    out: Path,
+    runs: Sequence[Run],
+    worker: Worker,
+    *,
+    settings: Mapping[str, Any],
+    status: Callable[[Path], str],
+    worker_settings: Mapping[str, Any] | None = None,
+    jobs: int = 1,
+    log: str = "run.log",
+    echo: Callable[[str], Any] = print,
+    label: str = "grid",
+    session: Mapping[str, Any] | None = None,
+) -> list[dict[str, Any]]:
+    """Run every run of ``runs`` that is not complete; return one status dict per run, in order.
+
+    Args:
+        settings: what every run shares; guarded in ``OUT/settings.json``.
+        status: ``status(run_dir)`` → ``"complete"``, ``"partial"`` or ``"new"``.
+        worker_settings: what the worker gets (default ``settings``), e.g. plus a device or paths
+            that may change between sessions without changing results.
+        session: extra fields for this session's entry in ``OUT/grid.json``.
+    """
+    if jobs < 1:
+        raise UserError(f"--jobs must be ≥ 1, got {jobs}")
+    runs = list(dict.fromkeys(runs))  # a repeated run would train one folder twice at once
+    guard_settings(out, settings)
+    given = dict(worker_settings if worker_settings is not None else settings)
+    before = {run: status(run.folder(out)) for run in runs}
+    counts = {s: sum(v == s for v in before.values()) for s in ("complete", "partial", "new")}
+    echo(
+        f"{label}: {len(runs)} runs in {out} ({counts['complete']} complete, {counts['partial']} to resume, "
+        f"{counts['new']} new), {jobs} at a time"
+    )
+    results: dict[Run, dict[str, Any]] = {}
+
+    def show(run: Run, result: dict[str, Any]) -> None:
+        results[run] = result
+        seconds = f"  {result['seconds']:.0f} s" if "seconds" in result else ""
+        echo(f"  {result['status']:<22} {run.name}{seconds}")
+
+    for run in runs:
+        if before[run] == "complete":
+            show(run, {"name": run.name, "status": "skipped (complete)"})
+    todo = [run for run in runs if before[run] != "complete"]
+    started = time.perf_counter()
+    finished = False
+    previous = signal.getsignal(signal.SIGTERM)
+
+    def on_term(signum, frame):  # type: ignore[no-untyped-def]
+        raise _Stop
+
+    try:
+        if todo:
+            signal.signal(signal.SIGTERM, on_term)
+        if jobs == 1:
+            for run in todo:
+                _run_here(out, run, before[run], worker, given, status, show)
+        else:
+            _run_spawned(out, todo, before, worker, given, status, jobs, log, show)
+        finished = True
+    except _Stop:
+        raise KeyboardInterrupt from None
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+        _log_session(out, runs, results, jobs, finished, time.perf_counter() - started, session)
+    return [results[run] for run in runs]
+
+
+def _prepare(out: Path, run: Run) -> Path:
+    folder = run.folder(out)
+    folder.mkdir(parents=True, exist_ok=True)
+    record = folder / "run.json"
+    if not record.is_file():
+        write_atomic(record, json.dumps({"point": dict(run.point), "seed": run.seed}, indent=1))
+    return folder
+
+
+def _outcome(before: str, now: str, failure: str | None) -> str:
+    if failure is None and now == "complete":
+        return "resumed" if before == "partial" else "ran"
+    return failure or "failed (no result)"
+
+
+def _run_here(out, run, before, worker, settings, status, show) -> None:  # type: ignore[no-untyped-def]
+    folder = _prepare(out, run)
+    started = time.perf_counter()
+    failure = None
+    try:
+        worker(folder, dict(run.point), run.seed, dict(settings))
+    except UserError:
+        raise  # a mistake in the settings: every run would fail the same way
+    except Exception as exc:  # one broken run is reported; the others go on
+        failure = f"failed ({type(exc).__name__}: {exc})"
+        traceback.print_exc()
+    show(
+        run,
+        {
+            "name": run.name,
+            "status": _outcome(before, status(folder), failure),
+            "seconds": time.perf_counter() - started,
+        },
+    )
+
+
+def _run_spawned(out, todo, before, worker, settings, status, jobs, log, show) -> None:  # type: ignore[no-untyped-def]
+    import multiprocessing
+    from multiprocessing.connection import wait
+
+    context = multiprocessing.get_context("spawn")
+    threads = max(1, (os.cpu_count() or 1) // jobs)
+    queue = list(reversed(todo))
+    running: dict[Any, _Job] = {}
+    try:
+        while queue or running:
+            while queue and len(running) < jobs:
+                run = queue.pop()
+                folder = _prepare(out, run)
+                process = context.Process(
+                    target=_child,
+                    args=(worker, folder, dict(run.point), run.seed, dict(settings), threads, log),
+                    name=f"qkvlab-run-{run.name}",
+                )
+                process.start()
+                running[process.sentinel] = _Job(run, before[run], time.perf_counter(), process)
+            for sentinel in wait(list(running)):
+                job = running.pop(sentinel)
+                job.process.join()
+                code = job.process.exitcode
+                failure = None if code == 0 else f"failed (exit {code}, see {log})"
+                show(
+                    job.run,
+                    {
+                        "name": job.run.name,
+                        "status": _outcome(job.before, status(job.run.folder(out)), failure),
+                        "seconds": time.perf_counter() - job.started,
+                    },
+                )
+    except BaseException:  # Ctrl-C, SIGTERM or our own error: start nothing more, stop what runs
+        for job in running.values():
+            if job.process.is_alive():
+                os.kill(job.process.pid, signal.SIGINT)
+        deadline = time.monotonic() + 60
+        for job in running.values():
+            job.process.join(max(0.0, deadline - time.monotonic()))
+            if job.process.is_alive():
+                job.process.terminate()
+                job.process.join()
+            show(job.run, {"name": job.run.name, "status": "interrupted", "seconds": 0.0})
+        raise
+
+
+def _log_session(out, runs, results, jobs, finished, seconds, session) -> None:  # type: ignore[no-untyped-def]
+    log = out / "grid.json"
+    history = json.loads(log.read_text())["sessions"] if log.is_file() else []
+    history.append(
+        {
+            **dict(session or {}),
+            "jobs": jobs,
+            "finished": finished,
+            "runs": [results[run] for run in runs if run in results],
+            "wall_seconds": seconds,
+        }
+    )
+    write_atomic(log, json.dumps({"sessions": history}, indent=1))
+
+
+# -- loading and statistics ----------------------------------------------------------------------
+
+
+def load_runs(
+    out: Path,
+    read: Callable[[Path], Any],
+    legacy: Callable[[Path], tuple[dict[str, Any], int] | None] | None = None,
+) -> dict[Point, dict[int, Any]]:
+    """point → seed → ``read(run_dir)``, for every run folder whose ``read`` gives a result (not None).
+
+    The point and seed come from the run's own ``run.json``; ``legacy(run_dir)`` supplies them for
+    folders written before ``run.json`` existed. Points come in folder-name order.
+    """
+    found: dict[Point, dict[int, Any]] = {}
+    for folder in sorted(p for p in (out / "runs").glob("*") if p.is_dir()):
+        record = folder / "run.json"
+        if record.is_file():
+            data = json.loads(record.read_text())
+            point, seed = data["point"], int(data["seed"])
+        elif legacy is not None and (described := legacy(folder)) is not None:
+            point, seed = described
+        else:
+            continue
+        result = read(folder)
+        if result is not None:
+            found.setdefault(point_key(point), {})[seed] = result
+    return found
+
+
+def mean_std(values: Iterable[float]) -> dict[str, float]:
+    """Mean, sample standard deviation (0 for one value) and count."""
+    values = list(values)
+    return {
+        "mean": statistics.fmean(values),
+        "std": statistics.stdev(values) if len(values) > 1 else 0.0,
+        "n": len(values),
+    }
+
+
+def paired(a: Mapping[int, float], b: Mapping[int, float], scale: float = 1.0) -> dict[str, Any] | None:
+    """scale·(a − b) over the seeds both have: mean, std, n, the seeds, and how many have a − b > 0.
+
+    None if they have no seed in common.
+    """
+    seeds = sorted(set(a) & set(b))
+    if not seeds:
+        return None
+    diffs = [scale * (a[s] - b[s]) for s in seeds]
+    return {**mean_std(diffs), "wins": sum(d > 0 for d in diffs), "seeds": seeds}
+
+
+# -- registry ------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Experiment:
+    """A reproducible claim: ``qkvlab repro NAME`` adds its arguments, runs it and prints its summary.
+
+    ``detect(folder)`` says whether a results folder is this experiment's (for ``qkvlab report``).
+    """
+
+    name: str
+    help: str
+    add_arguments: Callable[[argparse.ArgumentParser], None]
+    main: Callable[[argparse.Namespace], int]
+    detect: Callable[[Path], bool] = lambda folder: False
+
+
+REGISTRY: dict[str, Experiment] = {}
+
+# Modules that register the built-in experiments when imported.
+_BUILTIN = ("qkvlab.experiments.finetune_claims",)
+
+
+def register(experiment: Experiment) -> Experiment:
+    REGISTRY[experiment.name] = experiment
+    return experiment
+
+
+def experiments() -> dict[str, Experiment]:
+    """Every registered experiment (importing the built-in ones first)."""
+    for module in _BUILTIN:
+        importlib.import_module(module)
+    return dict(REGISTRY)
