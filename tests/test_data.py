@@ -353,6 +353,7 @@ def test_registry_lists_every_source() -> None:
         "digits",
         "mnist5k",
         "icl-regression",
+        "assoc-recall",
     ]
     assert all(isinstance(line, str) and "\n" not in line for line in DATA_SOURCES.values())
 

@@ -380,3 +380,24 @@ def test_val_subset_draws_the_curve_and_test_stays_whole(tiny_bert, tiny_csv, tm
     ]
     for result in results:
         assert "val (7)" in result["splits_used"] and "test (20)" in result["splits_used"]
+
+
+def test_preset_merges_with_the_v_rate_per_key(tiny_bert, tiny_csv, tmp_path) -> None:
+    """decoupled-attn:attn_weight_decay=0 plus η_V = 4·η_QK: W_V keeps the preset's zero decay."""
+    config = _config(
+        tiny_bert,
+        tiny_csv,
+        tmp_path,
+        weight_decay=0.1,
+        preset="decoupled-attn:attn_weight_decay=0",
+        max_steps=2,
+    )
+    result = finetune(config, progress=False)
+    v = next(g for g in result["groups"] if g["role"] == "v")
+    q = next(g for g in result["groups"] if g["role"] == "q")
+    assert v["weight_decay"] == 0.0 and q["weight_decay"] == 0.0 and v["lr"] == pytest.approx(4 * q["lr"])
+    assert {g["role"] for g in result["groups"]} == {"q", "v", "head"}
+    from qkvlab.errors import UserError
+
+    with pytest.raises(UserError, match="unknown preset"):
+        _config(tiny_bert, tiny_csv, tmp_path, preset="nope").validate()

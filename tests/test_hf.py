@@ -140,3 +140,20 @@ def test_inspect_of_dora_model_matches_its_merge() -> None:
     merged = qkvlab.inspect(model.merge_and_unload())
     for x, y in zip(adapted.heads, merged.heads, strict=True):
         assert x["singular_values"] == pytest.approx(y["singular_values"], rel=1e-5, abs=1e-6)
+
+
+def test_create_optimizer_keeps_a_preset_decay_under_an_lr_override(tmp_path) -> None:
+    args = tf.TrainingArguments(
+        output_dir=str(tmp_path), learning_rate=1e-3, weight_decay=0.1, report_to=[], use_cpu=True
+    )
+    optimizer = create_optimizer(
+        _model(),
+        args,
+        preset="decoupled-attn",
+        preset_args={"attn_weight_decay": 0.0},
+        overrides={"v": {"lr_scale": 4.0}},
+    )
+    v = [g for g in optimizer.param_groups if g["role"] == "v" and g["params"][0].ndim == 2]
+    assert v and all(g["weight_decay"] == 0.0 and g["lr"] == pytest.approx(4e-3) for g in v)
+    mlp = [g for g in optimizer.param_groups if g["role"] == "mlp" and g["params"][0].ndim == 2]
+    assert mlp[0]["weight_decay"] == 0.1

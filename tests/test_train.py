@@ -152,7 +152,7 @@ def test_spectral_monitor_records_and_predicts_decay(tmp_path) -> None:
 
 
 def test_online_mode_refuses_a_second_pass(corpus, tmp_path) -> None:
-    with pytest.raises(qkvlab.UserError, match="one pass"):
+    with pytest.raises(qkvlab.UserError, match="online=true sees every sample once"):
         train(
             load_config(None, _gpt(corpus, tmp_path / "online", online="true", max_steps=500, warmup_steps=0))
         )
@@ -289,3 +289,40 @@ def test_bf16_autocast_and_vit_on_digits(tmp_path) -> None:
         train(load_config(None, {**settings, "model.patch_size": "3", "out": str(tmp_path / "bad")}))
     with pytest.raises(qkvlab.UserError, match=r"model\.kind=gpt needs lm data"):
         train(load_config(None, {**settings, "model.kind": "gpt", "out": str(tmp_path / "bad2")}))
+
+
+def test_preset_and_role_override_merge_per_key_and_bad_presets_fail_at_load(
+    corpus, tmp_path, capsys
+) -> None:
+    from qkvlab.models import build_model
+    from qkvlab.train.trainer import _optimizer
+
+    config = load_config(
+        None,
+        {
+            **_gpt(corpus, tmp_path / "r"),
+            "weight_decay": "0.1",
+            "preset": "decoupled-attn:attn_weight_decay=0",
+            "overrides": "{v: {lr_scale: 4}}",
+        },
+    )
+    config.model.vocab_size, config.model.seq_len = 40, 16
+    _, groups = _optimizer(config, build_model(config.model))
+    v = next(g for g in groups if g["role"] == "v")
+    q = next(g for g in groups if g["role"] == "q")
+    mlp = next(g for g in groups if g["role"] == "mlp" and g["weight_decay"] > 0)
+    assert v["weight_decay"] == 0.0 and v["lr"] == pytest.approx(4 * q["lr"]) and q["weight_decay"] == 0.0
+    assert mlp["weight_decay"] == 0.1
+    for bad in ("preset=nope", "preset=decoupled-attn:attn_wd=0", "overrides={x: {lr_scale: 2}}"):
+        assert main(["train", *[f"{k}={v}" for k, v in _gpt(corpus, tmp_path / "b").items()], bad]) == 2
+        err = capsys.readouterr().err
+        assert len(err.strip().splitlines()) == 1 and "accepted" in err, err
+    assert not (tmp_path / "b").exists()  # refused at config load, before any run folder
+
+
+def test_online_refuses_before_training_when_the_data_would_repeat(corpus, tmp_path, capsys) -> None:
+    args = [f"{k}={v}" for k, v in _gpt(corpus, tmp_path / "o", max_steps=1000, online="true").items()]
+    assert main(["train", *args]) == 2
+    err = capsys.readouterr().err
+    assert "online=true" in err and "max_steps <=" in err and len(err.strip().splitlines()) == 1
+    assert not (tmp_path / "o" / "metrics.jsonl").exists()

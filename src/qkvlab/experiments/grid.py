@@ -402,7 +402,7 @@ class Experiment:
 REGISTRY: dict[str, Experiment] = {}
 
 # Modules that register the built-in experiments when imported.
-_BUILTIN = ("qkvlab.experiments.finetune_claims",)
+_BUILTIN = ("qkvlab.experiments.finetune_claims", "qkvlab.experiments.paper000")
 
 
 def register(experiment: Experiment) -> Experiment:

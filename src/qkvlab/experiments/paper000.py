@@ -23,11 +23,12 @@ cells they share are trained once.
 
 from __future__ import annotations
 
+import json
 import math
 from pathlib import Path
 from typing import Any
 
-from qkvlab.experiments.grid import Run
+from qkvlab.experiments.grid import Experiment, Run, register
 from qkvlab.experiments.training import train_worker
 
 __all__ = ["GPT_BASE", "gpt_runs", "schedule_sum"]
@@ -102,16 +103,9 @@ def gpt_worker(run_dir: Path, point: dict[str, Any], seed: int, settings: dict[s
     train_worker(run_dir, gpt_overrides(point), seed, settings)
 
 
-def gpt_settings(max_steps: int | None = None, device: str | None = None) -> dict[str, Any]:
-    """The guarded settings of the GPT folder: the base config and the fixed embedding decay."""
-    base = dict(GPT_BASE)
-    if max_steps is not None:
-        base["max_steps"] = max_steps
-        base["checkpoint_every"] = min(base["checkpoint_every"], max_steps)
-        base["warmup_steps"] = min(base["warmup_steps"], max_steps // 10)
-    if device is not None:
-        base["device"] = device
-    return {"overrides": base, "embed_weight_decay": EMBED_WEIGHT_DECAY}
+def gpt_settings(changes: dict[str, Any] | None = None) -> dict[str, Any]:
+    """The guarded settings of a GPT results folder: the base config (with ``changes``) and the embedding decay."""
+    return {"overrides": {**GPT_BASE, **(changes or {})}, "embed_weight_decay": EMBED_WEIGHT_DECAY}
 
 
 def run_gpt_grid(
@@ -120,14 +114,17 @@ def run_gpt_grid(
     seeds: list[int],
     *,
     jobs: int = 1,
+    changes: dict[str, Any] | None = None,
     echo: Any = print,
-    **kw: Any,
 ) -> list[dict[str, Any]]:
     """Train every (λ_attn, λ_rest) cell × seed into ``out`` (resumable; see the experiment layer)."""
     from qkvlab.experiments.grid import run_grid
     from qkvlab.experiments.training import train_status
 
-    settings = gpt_settings(**kw)
+    settings = gpt_settings(changes)
+    from qkvlab.config import load_config
+
+    load_config(None, settings["overrides"])  # a bad --set fails here, before any run
     return run_grid(
         out,
         gpt_runs(cells, seeds),
@@ -140,3 +137,273 @@ def run_gpt_grid(
         label="paper 000, GPT",
         session={"seeds": seeds, "cells": cells},
     )
+
+
+# -- results -------------------------------------------------------------------------------------
+
+MEASURES = ("effective_rank", "stable_rank", "rank", "nuclear_norm")
+TRACKED = ("effective_rank", "gap", "imbalance")
+PRODUCTS = ("qk", "ov")
+
+
+def _layer_means(record: dict[str, Any], metrics: tuple[str, ...]) -> dict[str, dict[str, list[float]]]:
+    """product → metric → [mean over heads, per layer] of one spectral-monitor record."""
+    n_layers = record["architecture"]["n_layers"]
+    out: dict[str, dict[str, list[float]]] = {}
+    for product in PRODUCTS:
+        heads = [h for h in record["heads"] if h["product"] == product]
+        out[product] = {
+            metric: [
+                math.fsum(h[metric] for h in heads if h["layer"] == layer)
+                / max(1, sum(h["layer"] == layer for h in heads))
+                for layer in range(n_layers)
+            ]
+            for metric in metrics
+        }
+    return out
+
+
+def run_numbers(result: dict[str, Any]) -> dict[str, Any]:
+    """One finished run reduced to what the tables and plots use (every value from the run's files)."""
+    records = result.get("spectra") or []
+    if not records or records[-1]["step"] != result["final"]["step"]:
+        raise ValueError("the run has no spectral-monitor record of its final weights")
+    evals = result["final"].get("eval", {})
+    predicted = [
+        (r.get("imbalance_decay_per_step") or {}).get("predicted_weight_decay_part", {}) for r in records
+    ]
+    return {
+        "val": dict(evals),
+        "rtol": records[-1]["rtol"],
+        "init": _layer_means(records[0], MEASURES) if records[0]["step"] == 0 else None,
+        "final": _layer_means(records[-1], MEASURES),
+        "steps": [r["step"] for r in records],
+        "trajectory": [_layer_means(r, TRACKED) for r in records],
+        "predicted_imbalance_rate": predicted,
+        "val_curve": [
+            {"step": v["step"], **{k: v[k] for k in ("loss", "accuracy") if k in v}}
+            for v in result["val_curve"]
+        ],
+    }
+
+
+def load_numbers(out: Path) -> dict[tuple, dict[int, dict[str, Any]]]:
+    """point key → seed → :func:`run_numbers`, for every complete run in ``out``."""
+    from qkvlab.experiments.grid import load_runs
+    from qkvlab.experiments.training import read_training_run
+
+    return {
+        key: {seed: run_numbers(result) for seed, result in by_seed.items()}
+        for key, by_seed in load_runs(out, read_training_run).items()
+    }
+
+
+def _model_mean(layers: list[float]) -> float:
+    return math.fsum(layers) / len(layers)
+
+
+def aggregate(out: Path) -> dict[str, Any]:
+    """Every cell of ``out`` with mean ± std over seeds: val metrics, ranks per layer and model-wide, Σηλ."""
+    from qkvlab.experiments.grid import mean_std, paired
+
+    settings = json.loads((out / "settings.json").read_text())
+    eta_sum = schedule_sum(settings["overrides"])
+    numbers = load_numbers(out)
+    cells = []
+    for key, by_seed in sorted(
+        numbers.items(), key=lambda kv: (dict(kv[0])["rest_weight_decay"], dict(kv[0])["attn_weight_decay"])
+    ):
+        point = dict(key)
+        runs = list(by_seed.values())
+        cell: dict[str, Any] = {
+            **point,
+            "eta_sum": eta_sum,
+            "eta_lambda_attn": eta_sum * point["attn_weight_decay"],
+            "eta_lambda_rest": eta_sum * point["rest_weight_decay"],
+            "seeds": sorted(by_seed),
+            "val": {k: mean_std([r["val"][k] for r in runs]) for k in runs[0]["val"]},
+            "final": {},
+            "init": {},
+        }
+        for product in PRODUCTS:
+            for metric in MEASURES:
+                name = f"{product}_{metric}"
+                per_layer = [r["final"][product][metric] for r in runs]
+                cell["final"][name] = mean_std(_model_mean(v) for v in per_layer)
+                cell["final"][f"{name}_per_layer"] = [
+                    mean_std(v[i] for v in per_layer) for i in range(len(per_layer[0]))
+                ]
+                inits = [r["init"][product][metric] for r in runs if r["init"]]
+                if inits:
+                    cell["init"][name] = mean_std(_model_mean(v) for v in inits)
+                    cell["init"][f"{name}_per_layer"] = [
+                        mean_std(v[i] for v in inits) for i in range(len(inits[0]))
+                    ]
+        cells.append(cell)
+    # seed-paired differences: against λ_attn = 0 (same λ_rest) for ranks, against λ_attn = λ_rest for loss
+    index = {(c["attn_weight_decay"], c["rest_weight_decay"]): c for c in cells}
+    for cell in cells:
+        rest = cell["rest_weight_decay"]
+        mine = numbers[point_key_of(cell)]
+        for name, reference in (("vs_attn_0", (0.0, rest)), ("vs_coupled", (rest, rest))):
+            if reference not in index:
+                continue
+            other = numbers[point_key_of(index[reference])]
+            cell[name] = {
+                "val_loss": paired(
+                    {s: r["val"]["loss"] for s, r in mine.items()},
+                    {s: r["val"]["loss"] for s, r in other.items()},
+                ),
+                **{
+                    f"{p}_{m}": paired(
+                        {s: _model_mean(r["final"][p][m]) for s, r in mine.items()},
+                        {s: _model_mean(r["final"][p][m]) for s, r in other.items()},
+                    )
+                    for p in PRODUCTS
+                    for m in ("effective_rank", "stable_rank")
+                },
+            }
+    return {"schema_version": 1, "kind": "paper000-gpt", "settings": settings, "cells": cells}
+
+
+def point_key_of(cell: dict[str, Any]) -> tuple:
+    from qkvlab.experiments.grid import point_key
+
+    return point_key(gpt_point(cell["attn_weight_decay"], cell["rest_weight_decay"]))
+
+
+# -- `qkvlab repro wd-rank` and `qkvlab repro decouple` -------------------------------------------
+
+
+def _common_arguments(parser: Any, default_out: str) -> None:
+    from qkvlab.args import positive_int
+
+    parser.add_argument(
+        "--out", default=default_out, help=f"results folder, resumable (default {default_out})"
+    )
+    parser.add_argument("--seeds", default="0,1,2", help="comma-separated seeds (default 0,1,2)")
+    parser.add_argument(
+        "--jobs", type=positive_int, default=1, help="runs at a time, each in its own process"
+    )
+    parser.add_argument(
+        "--set",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="change the shared run config (a `qkvlab train` key, e.g. device=cuda model.d_model=384); "
+        "recorded in OUT/settings.json, so a folder never mixes settings",
+    )
+    parser.add_argument("--plot", metavar="DIR", help="write the figures (PNG) here")
+    parser.add_argument(
+        "--summary-only", action="store_true", help="print the tables from the results in --out"
+    )
+
+
+def _wd_rank_arguments(parser: Any) -> None:
+    _common_arguments(parser, "runs/paper000-gpt")
+    parser.add_argument(
+        "--lambdas",
+        default=",".join(f"{x:g}" for x in WD_RANK_ATTN),
+        help="attention weight decays λ_attn (default %(default)s)",
+    )
+    parser.add_argument(
+        "--rest", type=float, default=WD_RANK_REST, help="λ_rest, the MLP's decay (default %(default)s)"
+    )
+
+
+def _decouple_arguments(parser: Any) -> None:
+    _common_arguments(parser, "runs/paper000-gpt")
+    parser.add_argument(
+        "--attn-lambdas", default=",".join(f"{x:g}" for x in DECOUPLE_ATTN), help="λ_attn values"
+    )
+    parser.add_argument(
+        "--rest-lambdas", default=",".join(f"{x:g}" for x in DECOUPLE_REST), help="λ_rest values"
+    )
+
+
+def _prepare(args: Any) -> tuple[Path, list[int], dict[str, Any]]:
+    from qkvlab.args import check_outputs
+    from qkvlab.args import seeds as seeds_list
+    from qkvlab.config import parse_assignments
+    from qkvlab.errors import UserError
+
+    seeds = seeds_list(args.seeds)
+    check_outputs([], [args.out, args.plot])
+    out = Path(args.out)
+    if args.summary_only and not (out / "settings.json").is_file():
+        raise UserError(f"{out} holds no runs; run `qkvlab repro {args.claim} --out {out}` first")
+    return out, seeds, parse_assignments(args.set)
+
+
+def _lambdas(text: str, what: str) -> list[float]:
+    from qkvlab.args import number_list
+    from qkvlab.errors import UserError
+
+    values = list(dict.fromkeys(number_list(text, what)))
+    if min(values) < 0:
+        raise UserError(f"{what} {text!r}; accepted: numbers ≥ 0")
+    return values
+
+
+def _finish(out: Path, args: Any, tables: str, rests: list[float]) -> int:
+    from qkvlab.report.paper000 import plot_wd_rank
+    from qkvlab.train.checkpoint import write_atomic
+
+    summary = aggregate(out)
+    print(tables if tables else "no complete runs yet")
+    path = out / "summary.json"
+    write_atomic(path, json.dumps(summary, indent=1))
+    print(f"\nwrote {path}")
+    if args.plot:
+        numbers = load_numbers(out)
+        for rest in rests:
+            for written in plot_wd_rank(summary, numbers, rest, Path(args.plot)):
+                print(f"wrote {written}")
+    return 0
+
+
+def _wd_rank_main(args: Any) -> int:
+    from qkvlab.report.paper000 import wd_rank_tables
+
+    out, seeds, changes = _prepare(args)
+    lambdas = _lambdas(args.lambdas, "--lambdas")
+    if not args.summary_only:
+        run_gpt_grid(out, [(a, args.rest) for a in lambdas], seeds, jobs=args.jobs, changes=changes)
+    return _finish(out, args, wd_rank_tables(aggregate(out), args.rest), [args.rest])
+
+
+def _decouple_main(args: Any) -> int:
+    from qkvlab.report.paper000 import decouple_table
+
+    out, seeds, changes = _prepare(args)
+    attn, rest = _lambdas(args.attn_lambdas, "--attn-lambdas"), _lambdas(args.rest_lambdas, "--rest-lambdas")
+    if not args.summary_only:
+        cells = [(a, r) for r in rest for a in attn]
+        cells += [(r, r) for r in rest if (r, r) not in cells]  # the coupled reference of every row
+        run_gpt_grid(out, cells, seeds, jobs=args.jobs, changes=changes)
+    return _finish(out, args, decouple_table(aggregate(out)), [])
+
+
+def _is_gpt_folder(folder: Path) -> bool:
+    settings = folder / "settings.json"
+    return settings.is_file() and "embed_weight_decay" in json.loads(settings.read_text())
+
+
+register(
+    Experiment(
+        "wd-rank",
+        "paper 000: attention weight decay lowers the rank of W_KᵀW_Q and P·W_V (Shakespeare GPT)",
+        _wd_rank_arguments,
+        _wd_rank_main,
+        detect=_is_gpt_folder,
+    )
+)
+register(
+    Experiment(
+        "decouple",
+        "paper 000, Table 1: attention weight decay apart from the rest (λ_attn × λ_rest, Shakespeare GPT)",
+        _decouple_arguments,
+        _decouple_main,
+        detect=_is_gpt_folder,
+    )
+)

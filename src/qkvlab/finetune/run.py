@@ -24,7 +24,7 @@ import torch
 from qkvlab.errors import UserError
 from qkvlab.finetune.data import LabelledData, load_labelled
 from qkvlab.finetune.metrics import classification_metrics, regression_metrics, steps_to_fraction_of_best
-from qkvlab.optim import param_groups, roles
+from qkvlab.optim import optimizer_settings, param_groups, roles
 
 __all__ = ["FinetuneConfig", "finetune"]
 
@@ -43,6 +43,7 @@ class FinetuneConfig:
     lr: float = 1e-4  # η_QK: the rate of every trained matrix except V
     lr_ratio: float = 1.0  # λ: η_V = λ · η_QK
     loraplus_ratio: float | None = None
+    preset: str | None = None  # an optimiser preset, NAME[:key=value,...]; its settings merge with the above
     weight_decay: float = 0.0
     max_steps: int | None = 300
     epochs: float | None = None
@@ -77,6 +78,7 @@ class FinetuneConfig:
             raise UserError(f"--lr {self.lr}; accepted: > 0")
         if self.loraplus_ratio is not None and not self.loraplus_ratio > 0:
             raise UserError(f"--loraplus-ratio {self.loraplus_ratio}; accepted: > 0")
+        optimizer_settings(self.preset)  # an unknown preset or argument fails before the model loads
         if self.rank <= 0:
             raise UserError(f"--rank {self.rank}; accepted: a positive integer")
         if (self.max_steps is None) == (self.epochs is None):
@@ -263,14 +265,16 @@ def finetune(config: FinetuneConfig, *, progress: bool = True) -> dict[str, Any]
             model,
             lr=config.lr,
             weight_decay=config.weight_decay,
-            overrides=overrides,
-            lora_ratio=config.loraplus_ratio,
+            **optimizer_settings(config.preset, overrides=overrides, lora_ratio=config.loraplus_ratio),
         )
     else:
         lora_modules = []
         train = None if targets == {"all"} else targets
         groups = param_groups(
-            model, lr=config.lr, weight_decay=config.weight_decay, overrides=overrides, train=train
+            model,
+            lr=config.lr,
+            weight_decay=config.weight_decay,
+            **optimizer_settings(config.preset, overrides=overrides, train=train),
         )
     model.to(device).train()
     trainable = sum(p.numel() for g in groups for p in g["params"])

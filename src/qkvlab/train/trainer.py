@@ -34,7 +34,7 @@ from qkvlab.config import TrainConfig, dump_config
 from qkvlab.errors import UserError
 from qkvlab.inspect import inspect
 from qkvlab.models import build_model
-from qkvlab.optim import l2_penalty, param_groups, parse_preset
+from qkvlab.optim import l2_penalty, optimizer_settings, param_groups
 from qkvlab.train.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint, write_atomic
 
 __all__ = ["TrainResult", "train"]
@@ -126,11 +126,7 @@ def _model_config(config: TrainConfig, info: dict[str, Any]):
 
 
 def _optimizer(config: TrainConfig, model: nn.Module) -> tuple[torch.optim.Optimizer, list[dict]]:
-    settings: dict[str, Any] = parse_preset(config.preset) if config.preset else {}
-    if config.overrides:
-        settings["overrides"] = {**settings.get("overrides", {}), **config.overrides}
-    if config.train_roles is not None:
-        settings["train"] = set(config.train_roles)
+    settings = optimizer_settings(config.preset, overrides=config.overrides, train=config.train_roles)
     groups = param_groups(
         model,
         lr=config.lr,
@@ -298,6 +294,7 @@ def _evaluate(
 ) -> dict[str, float]:
     model.eval()
     losses, correct, count = [], 0, 0
+    answer_only = bool(getattr(dataset, "info", {}).get("answer_only"))
     for i, batch in enumerate(dataset.eval_batches(max(1, config.batch_size))):
         if config.eval_batches and i >= config.eval_batches:
             break
@@ -308,6 +305,10 @@ def _evaluate(
         if "labels" in batch and batch["labels"].ndim == 1:
             correct += (out["logits"].argmax(-1) == batch["labels"]).sum().item()
             count += batch["labels"].numel()
+        elif answer_only:  # accuracy on the answer tokens only (the rest are −100)
+            mask = batch["labels"] != -100
+            correct += (out["logits"].argmax(-1)[mask] == batch["labels"][mask]).sum().item()
+            count += mask.sum().item()
     model.train()
     metrics = {"loss": statistics.fmean(losses)} if losses else {}
     if losses and config.model.kind == "gpt":
@@ -338,7 +339,18 @@ def train(config: TrainConfig, *, resume: Path | None = None) -> TrainResult:
         icl_dim=config.icl_dim,
         icl_points=config.icl_points,
         icl_noise=config.icl_noise,
+        recall_keys=config.recall_keys,
+        recall_values=config.recall_values,
+        recall_pairs=config.recall_pairs,
     )
+    if config.online:  # refuse before training, not at the first step past the data
+        steps = dataset.max_online_steps(config.batch_size // ddp.world_size, ddp.world_size)
+        if steps is not None and config.max_steps > steps:
+            raise UserError(
+                f"online=true sees every sample once, but data={config.data} has enough for {steps} steps "
+                f"at batch_size={config.batch_size}, and max_steps={config.max_steps}; accepted: "
+                f"max_steps <= {steps}, a smaller batch, or online=false"
+            )
     info = {"kind": dataset.kind, **dataset.info}
     model_cfg = _model_config(config, info)
     model = build_model(model_cfg).to(device)
@@ -380,7 +392,7 @@ def train(config: TrainConfig, *, resume: Path | None = None) -> TrainResult:
     per_rank = config.batch_size // ddp.world_size
     stop = min(config.stop_at or config.max_steps, config.max_steps)
     units = "tokens" if dataset.kind == "lm" else "samples"
-    per_step_units = config.batch_size * (config.seq_len if dataset.kind == "lm" else 1)
+    per_step_units = config.batch_size * (dataset.info["seq_len"] if dataset.kind == "lm" else 1)
     bar = None
     if ddp.main and config.progress:
         from tqdm.auto import tqdm

@@ -1,0 +1,262 @@
+"""Tables and figures of paper 000's real-training claims (``qkvlab repro wd-rank`` / ``decouple``).
+
+Every table is markdown (it goes into REPRODUCTION.md as printed) and every figure is titled, has
+labelled axes and a legend. Σηλ (the schedule's Σₜηₜ times λ) is printed beside every λ.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+__all__ = ["decouple_table", "plot_wd_rank", "wd_rank_tables"]
+
+_NAMES = {"effective_rank": "erank", "stable_rank": "stable rank", "rank": "rank", "nuclear_norm": "‖·‖_*"}
+
+
+def _pm(stats: dict[str, float] | None, digits: int = 2) -> str:
+    if not stats:
+        return "—"
+    return f"{stats['mean']:.{digits}f} ± {stats['std']:.{digits}f}"
+
+
+def _diff(stats: dict[str, Any] | None, digits: int = 2) -> str:
+    if not stats:
+        return "—"
+    return f"{stats['mean']:+.{digits}f} ± {stats['std']:.{digits}f} ({stats['wins']}/{stats['n']} > 0)"
+
+
+def _cells(summary: dict[str, Any], rest: float) -> list[dict[str, Any]]:
+    return [c for c in summary["cells"] if c["rest_weight_decay"] == rest]
+
+
+def wd_rank_tables(summary: dict[str, Any], rest: float) -> str:
+    """Ranks and validation loss against λ_attn at one λ_rest, model-wide and per layer."""
+    cells = _cells(summary, rest)
+    if not cells:
+        return f"no complete runs at λ_rest = {rest:g}"
+    rtol = summary.get("rtol", 1e-3)
+    init = next((c["init"] for c in cells if c["init"]), None)
+    lines = [
+        f"Model-wide mean over layers and heads (mean ± std over seeds); λ_rest = {rest:g}, "
+        f"Σₜηₜ = {cells[0]['eta_sum']:.4g}; rank at rtol = {rtol:g}.",
+        "",
+        "| λ_attn | Σηλ_attn | seeds | val loss | QK erank | QK stable rank | QK rank | QK ‖·‖_* | "
+        "OV erank | OV stable rank | OV rank | OV ‖·‖_* |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    measures = ("effective_rank", "stable_rank", "rank", "nuclear_norm")
+    if init:
+        ranks = " | ".join(_pm(init.get(f"{p}_{m}")) for p in ("qk", "ov") for m in measures)
+        lines.append(f"| init | — | {len(cells[0]['seeds'])} | — | {ranks} |")
+    for c in cells:
+        ranks = " | ".join(_pm(c["final"][f"{p}_{m}"]) for p in ("qk", "ov") for m in measures)
+        lines.append(
+            f"| {c['attn_weight_decay']:g} | {c['eta_lambda_attn']:.3g} | {len(c['seeds'])} | "
+            f"{_pm(c['val'].get('loss'), 4)} | {ranks} |"
+        )
+    lines += [
+        "",
+        "Seed-paired differences from λ_attn = 0 (same λ_rest): the effect of attention weight decay "
+        "beyond what training alone does.",
+        "",
+        "| λ_attn | Σηλ_attn | Δ val loss | Δ QK erank | Δ OV erank | Δ QK stable rank | Δ OV stable rank |",
+        "|---|---|---|---|---|---|---|",
+    ]
+    for c in cells:
+        d = c.get("vs_attn_0")
+        if not d or c["attn_weight_decay"] == 0:
+            continue
+        lines.append(
+            f"| {c['attn_weight_decay']:g} | {c['eta_lambda_attn']:.3g} | {_diff(d['val_loss'], 4)} | "
+            f"{_diff(d['qk_effective_rank'])} | {_diff(d['ov_effective_rank'])} | "
+            f"{_diff(d['qk_stable_rank'])} | {_diff(d['ov_stable_rank'])} |"
+        )
+    n_layers = len(cells[0]["final"]["qk_effective_rank_per_layer"])
+    for product in ("qk", "ov"):
+        lines += [
+            "",
+            f"{product.upper()} effective rank per layer (mean over heads; mean ± std over seeds).",
+            "",
+            "| λ_attn | Σηλ_attn | " + " | ".join(f"layer {i}" for i in range(n_layers)) + " |",
+            "|---|---|" + "---|" * n_layers,
+        ]
+        if init:
+            per = init[f"{product}_effective_rank_per_layer"]
+            lines.append("| init | — | " + " | ".join(_pm(s) for s in per) + " |")
+        for c in cells:
+            per = c["final"][f"{product}_effective_rank_per_layer"]
+            lines.append(
+                f"| {c['attn_weight_decay']:g} | {c['eta_lambda_attn']:.3g} | "
+                + " | ".join(_pm(s) for s in per)
+                + " |"
+            )
+    return "\n".join(lines)
+
+
+def decouple_table(summary: dict[str, Any]) -> str:
+    """Validation perplexity over λ_attn × λ_rest, and each cell against λ_attn = λ_rest (seed-paired)."""
+    import math
+
+    rests = sorted({c["rest_weight_decay"] for c in summary["cells"]})
+    lines = [
+        "| λ_rest | λ_attn | Σηλ_attn | seeds | val loss | val perplexity | Δ val loss vs λ_attn = λ_rest | "
+        "QK erank | OV erank |",
+        "|---|---|---|---|---|---|---|---|---|",
+    ]
+    for rest in rests:
+        for c in _cells(summary, rest):
+            loss = c["val"].get("loss")
+            ppl = f"{math.exp(loss['mean']):.3f}" if loss else "—"
+            same = c["attn_weight_decay"] == rest
+            lines.append(
+                f"| {rest:g} | {c['attn_weight_decay']:g} | {c['eta_lambda_attn']:.3g} | {len(c['seeds'])} | "
+                f"{_pm(loss, 4)} | {ppl} | {'(reference)' if same else _diff((c.get('vs_coupled') or {}).get('val_loss'), 4)} | "
+                f"{_pm(c['final']['qk_effective_rank'])} | {_pm(c['final']['ov_effective_rank'])} |"
+            )
+    lines += [
+        "",
+        "Perplexity is exp(mean val loss). A negative Δ means lower loss than coupled weight decay "
+        "(λ_attn = λ_rest); (k/n > 0) counts the seeds where the cell's loss is higher.",
+    ]
+    return "\n".join(lines)
+
+
+def plot_wd_rank(summary: dict[str, Any], numbers: dict, rest: float, folder: Path) -> list[Path]:
+    """Rank against λ_attn per layer, rank over training, gap and imbalance over training, val loss."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    cells = _cells(summary, rest)
+    if not cells:
+        return []
+    folder.mkdir(parents=True, exist_ok=True)
+    written = []
+    n_seeds = max(len(c["seeds"]) for c in cells)
+    lams = [c["attn_weight_decay"] for c in cells]
+    eta = cells[0]["eta_sum"]
+    n_layers = len(cells[0]["final"]["qk_effective_rank_per_layer"])
+
+    # 1. rank against λ, per layer, with the init and λ = 0 baselines
+    fig, axes = plt.subplots(1, 2, figsize=(11, 4), sharey=False)
+    for ax, product in zip(axes, ("qk", "ov"), strict=True):
+        for layer in range(n_layers):
+            stats = [c["final"][f"{product}_effective_rank_per_layer"][layer] for c in cells]
+            ax.errorbar(
+                [eta * x for x in lams],
+                [s["mean"] for s in stats],
+                yerr=[s["std"] for s in stats],
+                marker="o",
+                ms=4,
+                capsize=3,
+                label=f"layer {layer}",
+            )
+        init = next((c["init"] for c in cells if c["init"]), None)
+        if init:
+            ax.axhline(
+                init[f"{product}_effective_rank"]["mean"], color="grey", ls="--", lw=1, label="random init"
+            )
+        ax.set_xscale("symlog", linthresh=eta * min(x for x in lams if x > 0) if any(lams) else 1e-2)
+        ax.set_xlabel(f"Σₜηₜ·λ_attn  (Σₜηₜ = {eta:.3g})")
+        ax.set_ylabel("effective rank (mean over heads)")
+        ax.set_title(f"{'W_KᵀW_Q' if product == 'qk' else 'P·W_V'} per head")
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=8)
+    fig.suptitle(
+        f"Effective rank against attention weight decay (λ_rest = {rest:g}; mean ± std over {n_seeds} seeds)",
+        fontsize=10,
+    )
+    fig.tight_layout()
+    path = folder / f"rank_vs_lambda_rest{rest:g}.png"
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    written.append(path)
+
+    # 2. rank over training and 3. gap / imbalance over training, per λ (mean over seeds and layers)
+    from qkvlab.experiments.paper000 import point_key_of
+
+    colours = plt.rcParams["axes.prop_cycle"].by_key()["color"]
+    for kind, metrics in (
+        ("rank_over_time", ("effective_rank",)),
+        ("balance_over_time", ("gap", "imbalance")),
+    ):
+        fig, axes = plt.subplots(len(metrics), 2, figsize=(11, 3.6 * len(metrics)), squeeze=False)
+        for j, product in enumerate(("qk", "ov")):
+            for i, metric in enumerate(metrics):
+                ax = axes[i][j]
+                for k, c in enumerate(cells):
+                    runs = list(numbers[point_key_of(c)].values())
+                    steps = runs[0]["steps"]
+                    series = [
+                        [sum(t[product][metric]) / n_layers for t in r["trajectory"]]
+                        for r in runs
+                        if r["steps"] == steps
+                    ]
+                    mean = [sum(v) / len(v) for v in zip(*series, strict=True)]
+                    colour = colours[k % len(colours)]
+                    ax.plot(
+                        steps,
+                        mean,
+                        color=colour,
+                        label=f"λ_attn = {c['attn_weight_decay']:g} (Σηλ {c['eta_lambda_attn']:.2g})",
+                    )
+                    if metric == "imbalance" and c["attn_weight_decay"] > 0:
+                        # prediction e^(−2Σηλ) from the first firing, using the recorded per-step 2ηλ
+                        rates = runs[0]["predicted_imbalance_rate"]
+                        value, predicted = mean[0], [mean[0]]
+                        for a, b, rate in zip(steps, steps[1:], rates[1:], strict=False):
+                            value *= pow(2.718281828459045, -(rate.get(product) or 0.0) * (b - a))
+                            predicted.append(value)
+                        ax.plot(steps, predicted, color=colour, ls=":", lw=1)
+                if metric in ("gap", "imbalance"):
+                    ax.set_yscale("log")
+                ax.set_xlabel("step")
+                ax.set_ylabel(
+                    {
+                        "effective_rank": "effective rank",
+                        "gap": "gap ½(‖A‖²+‖B‖²) − ‖ABᵀ‖_*",
+                        "imbalance": "imbalance ‖AᵀA − BᵀB‖_F",
+                    }[metric]
+                )
+                ax.set_title(
+                    f"{'W_KᵀW_Q' if product == 'qk' else 'P·W_V'}: {metric.replace('_', ' ')} (mean over heads)"
+                )
+                ax.grid(alpha=0.3)
+                ax.legend(fontsize=7)
+        note = (
+            " (dotted: e^(−2Σηλ) from step 0, the gradient-flow prediction)"
+            if kind == "balance_over_time"
+            else ""
+        )
+        fig.suptitle(f"λ_rest = {rest:g}, mean over {n_seeds} seeds{note}", fontsize=10)
+        fig.tight_layout()
+        path = folder / f"{kind}_rest{rest:g}.png"
+        fig.savefig(path, dpi=110)
+        plt.close(fig)
+        written.append(path)
+
+    # 4. validation loss against λ
+    fig, ax = plt.subplots(figsize=(5.5, 3.8))
+    losses = [c["val"]["loss"] for c in cells]
+    ax.errorbar(
+        [eta * x for x in lams],
+        [s["mean"] for s in losses],
+        yerr=[s["std"] for s in losses],
+        marker="o",
+        capsize=3,
+        label=f"λ_rest = {rest:g}",
+    )
+    ax.set_xscale("symlog", linthresh=eta * min(x for x in lams if x > 0) if any(lams) else 1e-2)
+    ax.set_xlabel("Σₜηₜ·λ_attn")
+    ax.set_ylabel("validation loss (nats/token)")
+    ax.set_title(f"Validation loss against attention weight decay ({n_seeds} seeds)", fontsize=10)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    path = folder / f"val_loss_vs_lambda_rest{rest:g}.png"
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    written.append(path)
+    return written

@@ -1,0 +1,226 @@
+"""The experiment layer (grid runner, guard, Ctrl-C, statistics) and the associative-recall task."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from qkvlab.cli import main
+from qkvlab.data import load_dataset
+from qkvlab.experiments.grid import experiments, mean_std, paired
+
+TEXT = "It is a truth universally acknowledged, that a single man in possession of a good fortune. " * 60
+
+
+@pytest.fixture
+def corpus(tmp_path) -> Path:
+    path = tmp_path / "austen.txt"
+    path.write_text(TEXT)
+    return path
+
+
+def _tiny(corpus: Path, **extra) -> list[str]:
+    settings = {
+        "data": f"text:{corpus}",
+        "seq_len": 16,
+        "batch_size": 4,
+        "max_steps": 6,
+        "warmup_steps": 1,
+        "model.n_layer": 1,
+        "model.n_head": 2,
+        "model.d_model": 16,
+        "eval_every": 0,
+        "spectra_every": 0,
+        "checkpoint_every": 3,
+        "tensorboard": "false",
+        **extra,
+    }
+    return [f"{k}={v}" for k, v in settings.items()]
+
+
+def test_statistics() -> None:
+    assert mean_std([1.0, 3.0]) == {"mean": 2.0, "std": pytest.approx(2**0.5), "n": 2}
+    assert mean_std([5.0])["std"] == 0.0
+    diff = paired({0: 3.0, 1: 5.0, 2: 9.0}, {0: 1.0, 1: 6.0, 7: 0.0}, scale=10)
+    assert diff["seeds"] == [0, 1] and diff["mean"] == pytest.approx(5.0) and diff["wins"] == 1
+    assert paired({0: 1.0}, {1: 1.0}) is None
+
+
+def test_registry_names_every_repro_claim() -> None:
+    known = experiments()
+    assert {"finetune", "wd-rank", "decouple"} <= set(known)
+    assert all(e.help for e in known.values())
+
+
+def test_sweep_guard_refuses_other_settings_and_resumes_with_more_seeds(corpus, tmp_path, capsys) -> None:
+    out = tmp_path / "sweep"
+    base = ["sweep", *_tiny(corpus), "--grid", "weight_decay=0,0.5", "--out", str(out)]
+    assert main(base) == 0
+    assert main([*base, "--seeds", "0,1"]) == 0  # more seeds: the same settings
+    runs = sorted(p.name for p in (out / "runs").iterdir())
+    assert runs == [f"weight_decay={w},seed={s}" for w in ("0", "0.5") for s in (0, 1)]
+    assert json.loads((out / "runs" / "weight_decay=0.5,seed=1" / "run.json").read_text()) == {
+        "point": {"weight_decay": "0.5"},
+        "seed": 1,
+    }
+    summary = json.loads((out / "sweep.json").read_text())
+    assert summary["kind"] == "sweep" and [p["seeds"] for p in summary["points"]] == [[0, 1], [0, 1]]
+    capsys.readouterr()
+    assert main(["sweep", *_tiny(corpus, lr="0.01"), "--grid", "weight_decay=0,0.5", "--out", str(out)]) == 2
+    err = capsys.readouterr().err
+    assert "holds runs made with other settings" in err and "lr" in err and len(err.strip().splitlines()) == 1
+
+
+def test_ctrl_c_starts_nothing_more_and_keeps_checkpoints(corpus, tmp_path) -> None:
+    """SIGINT to a sweep of 4 runs at 2 jobs: the 2 running stop (checkpoints kept), the queued 2 never start."""
+    out = tmp_path / "sweep"
+    args = _tiny(corpus, max_steps=100000, checkpoint_every=5, log_every=5)
+    cmd = [sys.executable, "-m", "qkvlab", "sweep", *args, "--grid", "weight_decay=0,0.1,0.2,0.3"]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    parent = subprocess.Popen(
+        [*cmd, "--jobs", "2", "--out", str(out)], env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT
+    )
+    deadline = time.monotonic() + 120
+    while time.monotonic() < deadline:  # both runs have a checkpoint
+        if len(list(out.glob("runs/*/latest"))) == 2:
+            break
+        time.sleep(0.5)
+    else:
+        parent.kill()
+        pytest.fail("the two first runs never wrote a checkpoint")
+    parent.send_signal(signal.SIGINT)
+    output = parent.communicate(timeout=90)[0].decode()
+    assert parent.returncode == 130, output
+    started = sorted(p.parent.name for p in out.glob("runs/*/run.json"))
+    assert started == ["weight_decay=0,seed=0", "weight_decay=0.1,seed=0"], output
+    assert output.count("interrupted") >= 2
+    session = json.loads((out / "grid.json").read_text())["sessions"][-1]
+    assert session["finished"] is False and {r["status"] for r in session["runs"]} == {"interrupted"}
+    sizes = [p.stat().st_size for p in sorted(out.glob("runs/*/metrics.jsonl"))]
+    time.sleep(2)
+    assert [p.stat().st_size for p in sorted(out.glob("runs/*/metrics.jsonl"))] == sizes  # nothing trains on
+    # resuming continues the interrupted runs from their checkpoints
+    for run in started:
+        assert (out / "runs" / run / "latest").is_file()
+
+
+def test_assoc_recall_task() -> None:
+    data = load_dataset("assoc-recall", seed=3)
+    assert data.kind == "lm" and data.info["vocab_size"] == 128 and data.info["seq_len"] == 33
+    assert data.info["chance_accuracy"] == 1 / 64
+    batch = data.train_batch(5, 256)
+    ids, labels = batch["input_ids"], batch["labels"]
+    assert ids.shape == labels.shape == (256, 33) and ids.dtype == torch.int64
+    assert (labels[:, :-1] == -100).all() and (labels[:, -1] >= 64).all()
+    keys, values = ids[:, 0:32:2], ids[:, 1:32:2]
+    assert (keys < 64).all() and (values >= 64).all()
+    assert all(len(set(row.tolist())) == 16 for row in keys)  # distinct keys: the answer is unique
+    # the answer is the value that follows the query key in the context
+    where = (keys == ids[:, -1:]).float().argmax(-1)
+    assert torch.equal(values[torch.arange(256), where], labels[:, -1])
+    # a pure function of (seed, step); no sequence repeats across steps; ranks split the global batch
+    assert torch.equal(data.train_batch(5, 256)["input_ids"], ids)
+    seen = {tuple(r) for step in range(20) for r in data.train_batch(step, 256)["input_ids"].tolist()}
+    assert len(seen) == 20 * 256
+    halves = [data.train_batch(5, 128, rank=r, world_size=2)["input_ids"] for r in (0, 1)]
+    assert torch.equal(torch.cat(halves), ids)
+    first = next(data.eval_batches(64))["input_ids"]
+    assert torch.equal(first, next(data.eval_batches(64))["input_ids"])
+    assert not any(tuple(r) in seen for r in first.tolist())
+
+
+def test_training_on_assoc_recall_reports_answer_accuracy(tmp_path) -> None:
+    args = [
+        "data=assoc-recall",
+        "recall_pairs=4",
+        "model.n_layer=1",
+        "model.d_model=16",
+        "batch_size=8",
+        "max_steps=4",
+        "warmup_steps=1",
+        "eval_every=4",
+        "eval_batches=2",
+        "spectra_every=0",
+        "tensorboard=false",
+        "progress=false",
+        f"out={tmp_path / 'r'}",
+    ]
+    assert main(["train", *args]) == 0
+    final = json.loads((tmp_path / "r" / "final.json").read_text())
+    assert 0.0 <= final["eval"]["accuracy"] <= 1.0 and final["eval"]["loss"] > 0
+    assert main(["train", *args[:-1], "recall_pairs=65", f"out={tmp_path / 'bad'}"]) == 2
+
+
+def test_repro_wd_rank_and_decouple_on_a_tiny_gpt(corpus, tmp_path, capsys) -> None:
+    from qkvlab.experiments.paper000 import gpt_settings, schedule_sum
+
+    changes = {
+        "data": f"text:{corpus}",
+        "seq_len": 16,
+        "batch_size": 4,
+        "max_steps": 6,
+        "warmup_steps": 1,
+        "lr": 0.05,
+        "model.n_layer": 2,
+        "model.n_head": 2,
+        "model.d_model": 16,
+        "model.d_head": 8,
+        "model.d_mlp": 32,
+        "eval_every": 3,
+        "spectra_every": 3,
+        "checkpoint_every": 3,
+    }
+    sets = [x for k, v in changes.items() for x in ("--set", f"{k}={v}")]
+    out = tmp_path / "gpt"
+    wd_rank = ["repro", "wd-rank", "--out", str(out), "--lambdas", "0,1", *sets]
+    assert main([*wd_rank, "--seeds", "0,1", "--jobs", "2", "--plot", str(tmp_path / "plots")]) == 0
+    printed = capsys.readouterr().out
+    summary = json.loads((out / "summary.json").read_text())
+    cells = {(c["attn_weight_decay"], c["rest_weight_decay"]): c for c in summary["cells"]}
+    assert set(cells) == {(0.0, 0.1), (1.0, 0.1)} and cells[(1.0, 0.1)]["seeds"] == [0, 1]
+    eta = schedule_sum(gpt_settings(changes)["overrides"])
+    assert cells[(1.0, 0.1)]["eta_lambda_attn"] == pytest.approx(eta) and f"| 1 | {eta:.3g} |" in printed
+    assert "| init |" in printed and "Seed-paired differences from λ_attn = 0" in printed
+    config = json.loads((out / "runs" / "attn=1,rest=0.1,seed=0" / "config.json").read_text())
+    assert config["weight_decay"] == 0.1 and config["model"]["bias"] is False
+    assert {r: config["overrides"][r]["weight_decay"] for r in ("q", "k", "v", "o", "embed")} == {
+        "q": 1.0,
+        "k": 1.0,
+        "v": 1.0,
+        "o": 1.0,
+        "embed": 0.1,
+    }
+    # weight decay on the attention factors shrinks the products' nuclear norms, seed by seed
+    for product in ("qk", "ov"):
+        diff = cells[(1.0, 0.1)]["vs_attn_0"]
+        assert diff is not None
+        norms = {lam: cells[(lam, 0.1)]["final"][f"{product}_nuclear_norm"]["mean"] for lam in (0.0, 1.0)}
+        assert norms[1.0] < norms[0.0]
+    figures = sorted(p.name for p in (tmp_path / "plots").glob("*.png"))
+    assert figures == [
+        "balance_over_time_rest0.1.png",
+        "rank_over_time_rest0.1.png",
+        "rank_vs_lambda_rest0.1.png",
+        "val_loss_vs_lambda_rest0.1.png",
+    ]
+    # --summary-only reprints the same tables from the results alone
+    assert main([*wd_rank, "--seeds", "0,1", "--summary-only"]) == 0
+    again = capsys.readouterr().out
+    assert again.split("\nwrote")[0] == printed[printed.index("Model-wide") :].split("\nwrote")[0]
+    # decouple shares the folder: the (0, 0.1) cell is not trained again
+    decouple = ["repro", "decouple", "--out", str(out), "--attn-lambdas", "0", "--rest-lambdas", "0.1", *sets]
+    assert main([*decouple, "--seeds", "0"]) == 0
+    printed = capsys.readouterr().out
+    assert "skipped (complete)     attn=0,rest=0.1,seed=0" in printed and "(reference)" in printed
+    assert "ran                    attn=0.1,rest=0.1,seed=0" in printed
+    # other settings in the same folder are refused, naming the difference
+    assert main([*decouple[:-2], "--set", "checkpoint_every=2", "--seeds", "0"]) == 2
+    assert "holds runs made with other settings" in capsys.readouterr().err
