@@ -326,3 +326,29 @@ def test_online_refuses_before_training_when_the_data_would_repeat(corpus, tmp_p
     err = capsys.readouterr().err
     assert "online=true" in err and "max_steps <=" in err and len(err.strip().splitlines()) == 1
     assert not (tmp_path / "o" / "metrics.jsonl").exists()
+
+
+def test_monitor_writes_per_layer_spectra_to_tensorboard_and_final_json(corpus, tmp_path) -> None:
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    run = tmp_path / "tb-run"
+    train(load_config(None, _gpt(corpus, run, tensorboard="true", max_steps=8, spectra_every=4)))
+    events = EventAccumulator(str(run / "tb"))
+    events.Reload()
+    tags = set(events.Tags()["scalars"])
+    stats = ("erank_mean", "erank_min", "rank_mean", "stable_rank_mean", "nuclear_norm_mean", "gap_mean")
+    expected = {f"spectra/L{layer}/{p}_{s}" for layer in (0, 1) for p in ("qk", "ov") for s in stats}
+    assert expected | {"spectra/qk_erank_mean", "spectra/ov_erank_mean", "train/loss", "val/loss"} <= tags
+    assert [e.step for e in events.Scalars("spectra/L1/ov_nuclear_norm_mean")] == [0, 4, 8]
+    final = json.loads((run / "final.json").read_text())
+    last = [r for r in map(json.loads, (run / "spectra.jsonl").read_text().splitlines())][-1]
+    heads = [h for h in last["heads"] if h["layer"] == 1 and h["product"] == "ov"]
+    expected_value = sum(h["nuclear_norm"] for h in heads) / len(heads)
+    assert final["spectra"]["spectra/L1/ov_nuclear_norm_mean"] == pytest.approx(expected_value)
+    assert events.Scalars("spectra/L1/ov_nuclear_norm_mean")[-1].value == pytest.approx(
+        expected_value, rel=1e-6
+    )
+    # without the monitor, final.json still summarises the final weights
+    off = tmp_path / "off"
+    train(load_config(None, _gpt(corpus, off, max_steps=4, spectra_every=0)))
+    assert "spectra/L0/qk_erank_mean" in json.loads((off / "final.json").read_text())["spectra"]

@@ -21,11 +21,11 @@ from torch import nn
 from transformers import Trainer, TrainerCallback, TrainingArguments
 
 from qkvlab.errors import UserError
-from qkvlab.inspect import PRODUCTS, inspect
+from qkvlab.inspect import inspect, summary_metrics
 from qkvlab.optim import optimizer_settings, param_groups
 from qkvlab.spectra import DEFAULT_RTOL
 
-__all__ = ["SpectraCallback", "create_optimizer"]
+__all__ = ["SpectraCallback", "create_optimizer", "summary_metrics"]
 
 
 def create_optimizer(
@@ -66,8 +66,9 @@ class SpectraCallback(TrainerCallback):
 
     Writes one JSON line per firing to ``{output_dir}/spectra.jsonl``: ``{"step", "epoch",
     **inspect-report}`` in the ``qkvlab inspect --json`` shape. It also adds per-layer
-    summaries (``spectra/L{layer}/{qk|ov}_{erank_mean,erank_min,rank_mean,gap_mean}`` and
-    model-wide ``spectra/{qk|ov}_erank_mean``) to the Trainer's next log, so TensorBoard,
+    summaries (``spectra/L{layer}/{qk|ov}_{erank_mean,erank_min,rank_mean,stable_rank_mean,
+    nuclear_norm_mean,gap_mean,imbalance_mean}`` and model-wide ``spectra/{qk|ov}_erank_mean``;
+    see ``qkvlab.inspect.summary_metrics``) to the Trainer's next log, so TensorBoard,
     W&B and the console see them.
 
     The summaries reach the Trainer's loggers only if this callback runs before them: use
@@ -117,16 +118,3 @@ class SpectraCallback(TrainerCallback):
                 state.log_history[-1].update(self._pending)
             self._pending = None
         return control
-
-
-def summary_metrics(report) -> dict[str, float]:  # type: ignore[no-untyped-def]
-    """Flat scalar summaries of an InspectReport, named for TensorBoard."""
-    metrics: dict[str, float] = {}
-    rows = report.layer_summary()
-    for row in rows:
-        for product in PRODUCTS:
-            for stat in ("erank_mean", "erank_min", "rank_mean", "gap_mean"):
-                metrics[f"spectra/L{row['layer']}/{product}_{stat}"] = float(row[f"{product}_{stat}"])
-    for product in PRODUCTS:
-        metrics[f"spectra/{product}_erank_mean"] = sum(r[f"{product}_erank_mean"] for r in rows) / len(rows)
-    return metrics

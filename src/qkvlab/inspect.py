@@ -32,11 +32,28 @@ from qkvlab.attention import ArchitectureInfo, AttentionFactors, load_source
 from qkvlab.errors import UserError
 from qkvlab.spectra import DEFAULT_RTOL, ProductSpectrum
 
-__all__ = ["METRICS", "PRODUCTS", "InspectReport", "compare", "inspect", "spectrum_records"]
+__all__ = [
+    "METRICS",
+    "PRODUCTS",
+    "InspectReport",
+    "compare",
+    "inspect",
+    "spectrum_records",
+    "summary_metrics",
+]
 
 SCHEMA_VERSION = 1
 PRODUCTS = ("qk", "ov")
 METRICS = ("rank", "effective_rank", "stable_rank", "nuclear_norm", "l2_half", "gap", "imbalance")
+SUMMARY_STATS = (
+    "erank_mean",
+    "erank_min",
+    "rank_mean",
+    "stable_rank_mean",
+    "nuclear_norm_mean",
+    "gap_mean",
+    "imbalance_mean",
+)
 
 
 def spectrum_records(
@@ -105,7 +122,9 @@ class InspectReport:
         return [r for r in self.heads if r["product"] == product and (layer is None or r["layer"] == layer)]
 
     def layer_summary(self) -> list[dict[str, float | int]]:
-        """Per layer and product: mean/min effective rank, mean rank, mean gap."""
+        """Per layer and product, over heads: mean/min effective rank, and the mean rank, stable rank,
+        nuclear norm, gap and imbalance (``{product}_{erank_mean|erank_min|rank_mean|stable_rank_mean|
+        nuclear_norm_mean|gap_mean|imbalance_mean}``). Heads with non-finite weights are left out."""
         rows = []
         for layer in range(self.architecture.n_layers):
             row: dict[str, float | int] = {"layer": layer}
@@ -115,18 +134,14 @@ class InspectReport:
                     continue
                 recs = [r for r in recs if r["effective_rank"] is not None] or recs
                 if recs[0]["effective_rank"] is None:
-                    row.update(
-                        {
-                            f"{product}_{k}": float("nan")
-                            for k in ("erank_mean", "erank_min", "rank_mean", "gap_mean")
-                        }
-                    )
+                    row.update({f"{product}_{k}": float("nan") for k in SUMMARY_STATS})
                     continue
                 eranks = [r["effective_rank"] for r in recs]
                 row[f"{product}_erank_mean"] = statistics.fmean(eranks)
                 row[f"{product}_erank_min"] = min(eranks)
                 row[f"{product}_rank_mean"] = statistics.fmean(r["rank"] for r in recs)
-                row[f"{product}_gap_mean"] = statistics.fmean(r["gap"] for r in recs)
+                for name in ("stable_rank", "nuclear_norm", "gap", "imbalance"):
+                    row[f"{product}_{name}_mean"] = statistics.fmean(r[name] for r in recs)
             rows.append(row)
         return rows
 
@@ -243,3 +258,23 @@ def _null_factor_fields(records: list[dict[str, Any]]) -> list[dict[str, Any]]:
     for rec in records:
         rec["l2_half"] = rec["gap"] = rec["imbalance"] = None
     return records
+
+
+def summary_metrics(report: InspectReport) -> dict[str, float]:
+    """Flat per-layer summaries named as TensorBoard tags (the HF callback and ``qkvlab train`` use these).
+
+    ``spectra/L{layer}/{qk|ov}_{stat}`` for every stat of :data:`SUMMARY_STATS` (means over heads,
+    and the minimum effective rank), and model-wide ``spectra/{qk|ov}_erank_mean``.
+    """
+    metrics: dict[str, float] = {}
+    rows = report.layer_summary()
+    for row in rows:
+        for product in PRODUCTS:
+            for stat in SUMMARY_STATS:
+                if f"{product}_{stat}" in row:
+                    metrics[f"spectra/L{row['layer']}/{product}_{stat}"] = float(row[f"{product}_{stat}"])
+    for product in PRODUCTS:
+        values = [r[f"{product}_erank_mean"] for r in rows if f"{product}_erank_mean" in r]
+        if values:
+            metrics[f"spectra/{product}_erank_mean"] = sum(values) / len(values)
+    return metrics

@@ -3,12 +3,15 @@
 Run folder (``config.out``):
 
     config.json        the resolved TrainConfig
-    metrics.jsonl      one line per log/eval event: {"step", "split", "loss", ...}
+    metrics.jsonl      one line per log/eval event: {"step", "split", "loss", ...}; split "spectra" lines
+                       hold the monitor's per-layer summaries ({"L0/qk_erank_mean": ...})
     spectra.jsonl      spectral monitor: the `qkvlab inspect --json` record per firing, plus the
                        predicted and measured per-step decay rates of the factor imbalance and gap
-    tb/                TensorBoard scalars (when enabled)
+    tb/                TensorBoard scalars (when enabled): train/*, val/*, and spectra/L{layer}/{qk|ov}_{stat}
+                       and spectra/{qk|ov}_erank_mean (qkvlab.inspect.summary_metrics), as the HF callback
     checkpoint-*/      see qkvlab.train.checkpoint; `latest` points at the newest
-    final.json         written last: the run is complete
+    final.json         written last: the run is complete; {"step", "train_loss", "eval", "spectra" (the
+                       final weights' summaries, keyed by their TensorBoard tags), "wall_seconds", ...}
 
 Under torchrun the global batch (``batch_size``) is split across ranks and every rank sees its
 slice of the same global batch, so the loss curve matches one process; only rank 0 writes.
@@ -32,7 +35,7 @@ from torch import nn
 
 from qkvlab.config import TrainConfig, dump_config
 from qkvlab.errors import UserError
-from qkvlab.inspect import inspect
+from qkvlab.inspect import inspect, summary_metrics
 from qkvlab.models import build_model
 from qkvlab.optim import l2_penalty, optimizer_settings, param_groups
 from qkvlab.train.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint, write_atomic
@@ -164,6 +167,18 @@ class _Logger:
             for key, value in metrics.items():
                 self.tb.add_scalar(f"{split}/{key}", value, step)
 
+    def tags(self, step: int, metrics: dict[str, float]) -> None:
+        """Scalars whose names are already TensorBoard tags (``spectra/L0/qk_erank_mean``); the
+        metrics file gets them as one ``{"step", "split": "spectra", "L0/qk_erank_mean": …}`` line."""
+        if not self.enabled:
+            return
+        split = {key.partition("/")[2]: value for key, value in metrics.items()}
+        self.file.write(json.dumps({"step": step, "split": "spectra", **split}) + "\n")
+        self.file.flush()
+        if self.tb is not None:
+            for key, value in metrics.items():
+                self.tb.add_scalar(key, value, step)
+
     def close(self) -> None:
         if self.file:
             self.file.close()
@@ -190,6 +205,7 @@ class SpectralMonitor:
         self._steps = 0
         self.previous: dict[str, dict[tuple[int, str], list[float]]] | None = None
         self.previous_step: int | None = None
+        self.last_summary: tuple[int, dict[str, float]] | None = None  # (step, summary_metrics)
         self.roles_lambda = {}
         for group in groups:
             lam = group.get("l2", group["weight_decay"])
@@ -267,6 +283,7 @@ class SpectralMonitor:
         with self.path.open("a") as fh:
             fh.write(json.dumps(record) + "\n")
         self.previous, self.previous_step = current, step
+        self.last_summary = (step, summary_metrics(report))
         self._sum, self._steps = {}, 0
         self.seconds += time.perf_counter() - started
         return record
@@ -406,6 +423,7 @@ def train(config: TrainConfig, *, resume: Path | None = None) -> TrainResult:
     last_eval: tuple[int, dict[str, float]] | None = None
     if monitor is not None and start_step == 0:
         monitor.record(0, model)
+        logger.tags(0, monitor.last_summary[1])
     step = start_step
     while step < stop:
         batch = dataset.train_batch(
@@ -443,6 +461,7 @@ def train(config: TrainConfig, *, resume: Path | None = None) -> TrainResult:
             logger.log(step, "val", last_eval[1])
         if monitor is not None and (step % config.spectra_every == 0 or step == config.max_steps):
             monitor.record(step, model)
+            logger.tags(step, monitor.last_summary[1])
         if step % config.checkpoint_every == 0 or step == stop:
             if ddp.main:
                 save_checkpoint(
@@ -466,10 +485,15 @@ def train(config: TrainConfig, *, resume: Path | None = None) -> TrainResult:
         if complete and last_eval is not None and last_eval[0] == step:
             final_eval = last_eval[1]
         if complete:
+            if monitor is not None and monitor.last_summary and monitor.last_summary[0] == step:
+                spectra = monitor.last_summary[1]
+            else:
+                spectra = summary_metrics(inspect(model))
             summary = {
                 "step": step,
                 "train_loss": last_loss,
                 "eval": final_eval,
+                "spectra": spectra,  # per-layer summaries of the final weights, named as their TensorBoard tags
                 "wall_seconds": wall,
                 "monitor_seconds": monitor.seconds if monitor is not None else 0.0,
             }
