@@ -135,6 +135,7 @@ def plot_wd_rank(summary: dict[str, Any], numbers: dict, rest: float, folder: Pa
     folder.mkdir(parents=True, exist_ok=True)
     written = []
     n_seeds = max(len(c["seeds"]) for c in cells)
+    seeds_text = f"{n_seeds} seed{'s' * (n_seeds > 1)}"
     lams = [c["attn_weight_decay"] for c in cells]
     eta = cells[0]["eta_sum"]
     n_layers = len(cells[0]["final"]["qk_effective_rank_per_layer"])
@@ -165,7 +166,7 @@ def plot_wd_rank(summary: dict[str, Any], numbers: dict, rest: float, folder: Pa
         ax.grid(alpha=0.3)
         ax.legend(fontsize=8)
     fig.suptitle(
-        f"Effective rank against attention weight decay (λ_rest = {rest:g}; mean ± std over {n_seeds} seeds)",
+        f"Effective rank against attention weight decay (λ_rest = {rest:g}; mean ± std over {seeds_text})",
         fontsize=10,
     )
     fig.tight_layout()
@@ -230,7 +231,7 @@ def plot_wd_rank(summary: dict[str, Any], numbers: dict, rest: float, folder: Pa
             if kind == "balance_over_time"
             else ""
         )
-        fig.suptitle(f"λ_rest = {rest:g}, mean over {n_seeds} seeds{note}", fontsize=10)
+        fig.suptitle(f"λ_rest = {rest:g}, mean over {seeds_text}{note}", fontsize=10)
         fig.tight_layout()
         path = folder / f"{kind}_rest{rest:g}.png"
         fig.savefig(path, dpi=110)
@@ -251,7 +252,7 @@ def plot_wd_rank(summary: dict[str, Any], numbers: dict, rest: float, folder: Pa
     ax.set_xscale("symlog", linthresh=eta * min(x for x in lams if x > 0) if any(lams) else 1e-2)
     ax.set_xlabel("Σₜηₜ·λ_attn")
     ax.set_ylabel("validation loss (nats/token)")
-    ax.set_title(f"Validation loss against attention weight decay ({n_seeds} seeds)", fontsize=10)
+    ax.set_title(f"Validation loss against attention weight decay ({seeds_text})", fontsize=10)
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8)
     fig.tight_layout()
