@@ -51,7 +51,7 @@ def test_inspect_minilm_writes_json_csv_and_plots(tmp_path, capsys) -> None:
     assert data["rtol"] == 1e-3
     assert len(data["heads"]) == 6 * 12 * 2
     first = data["heads"][0]
-    assert set(first) == {"layer", "head", "product", "singular_values", *METRICS}
+    assert set(first) == {"layer", "head", "product", "singular_values", *METRICS, "left_gram", "right_gram"}
     assert (first["layer"], first["head"], first["product"]) == (0, 0, "qk")
     assert {(h["layer"], h["head"], h["product"]) for h in data["heads"]} == {
         (layer, head, p) for layer in range(6) for head in range(12) for p in ("qk", "ov")

@@ -173,3 +173,18 @@ def test_non_finite_heads_are_reported_not_fatal() -> None:
     records = spectrum_records(0, "qk", spec, 1e-3)
     assert records[1]["singular_values"] is None and records[1]["effective_rank"] is None
     assert records[0]["rank"] == 4
+
+
+def test_left_and_right_gram_norms_are_the_two_sides_of_the_imbalance() -> None:
+    from qkvlab.spectra import FactoredProduct
+
+    gen = torch.Generator().manual_seed(0)
+    a, b = torch.randn(3, 12, 4, generator=gen), torch.randn(3, 10, 4, generator=gen) * 2
+    spectrum = FactoredProduct(a, b).spectrum()
+    a64, b64 = a.double(), b.double()
+    left = torch.linalg.matrix_norm(a64.transpose(-1, -2) @ a64)
+    right = torch.linalg.matrix_norm(b64.transpose(-1, -2) @ b64)
+    assert torch.allclose(spectrum.left_gram, left, rtol=1e-12) and torch.allclose(
+        spectrum.right_gram, right, rtol=1e-12
+    )
+    assert (spectrum.right_gram > spectrum.left_gram).all()

@@ -8,7 +8,10 @@ reports read (``schema_version`` 1):
      "rtol": float,
      "heads": [{"layer", "head", "product": "qk"|"ov", "singular_values": [...],
                 "rank", "effective_rank", "stable_rank", "nuclear_norm",
-                "l2_half", "gap", "imbalance"}, ...]}
+                "l2_half", "gap", "imbalance", "left_gram", "right_gram"}, ...]}
+
+``left_gram``/``right_gram`` are ‖AᵀA‖_F and ‖BᵀB‖_F of the head's factors (A, B as in
+docs/spectra.md: for OV, A = P^h and B = W_V^hᵀ); a compare report has none.
 
 Layers and heads count from 0. ``heads`` is ordered by layer, then product (qk, ov),
 then head.
@@ -69,6 +72,9 @@ def spectrum_records(
         "gap": spectrum.gap.tolist(),
         "imbalance": spectrum.imbalance.tolist(),
     }
+    if spectrum.left_gram is not None and spectrum.right_gram is not None:
+        columns["left_gram"] = spectrum.left_gram.tolist()
+        columns["right_gram"] = spectrum.right_gram.tolist()
     singular_values = spectrum.singular_values.tolist()
     finite = torch.isfinite(spectrum.singular_values).all(-1).tolist()
     return [

@@ -72,11 +72,15 @@ class ProductSpectrum:
         singular_values: (heads, r), descending.
         l2_half: ½(‖A_h‖_F² + ‖B_h‖_F²), the weight-decay penalty per unit λ.
         imbalance: ‖A_hᵀA_h − B_hᵀB_h‖_F.
+        left_gram, right_gram: ‖A_hᵀA_h‖_F and ‖B_hᵀB_h‖_F (for OV: ‖PᵀP‖ and ‖W_V W_Vᵀ‖, the two
+            curves of paper 000's Fig. 2, which meet as the factors balance); None if not computed.
     """
 
     singular_values: torch.Tensor
     l2_half: torch.Tensor
     imbalance: torch.Tensor
+    left_gram: torch.Tensor | None = None
+    right_gram: torch.Tensor | None = None
 
     @property
     def nuclear_norm(self) -> torch.Tensor:
@@ -169,11 +173,14 @@ class FactoredProduct:
         gram_b = rb.transpose(-1, -2) @ rb
         l2_half = 0.5 * (ra.square().sum((-1, -2)) + rb.square().sum((-1, -2)))
         imbalance = torch.linalg.matrix_norm(gram_a - gram_b)
+        left_gram, right_gram = torch.linalg.matrix_norm(gram_a), torch.linalg.matrix_norm(gram_b)
         bad = bad_left[li] | bad_right[ri]
         if bad.any():
             sv, l2_half, imbalance = sv.clone(), l2_half.clone(), imbalance.clone()
-            sv[bad], l2_half[bad], imbalance[bad] = float("nan"), float("nan"), float("nan")
-        return ProductSpectrum(singular_values=sv, l2_half=l2_half, imbalance=imbalance)
+            left_gram, right_gram = left_gram.clone(), right_gram.clone()
+            for value in (sv, l2_half, imbalance, left_gram, right_gram):
+                value[bad] = float("nan")
+        return ProductSpectrum(sv, l2_half, imbalance, left_gram, right_gram)
 
     def balanced(self) -> FactoredProduct:
         """The same products A_h B_hᵀ from balanced factors: A'ᵀA' = B'ᵀB', so gap = imbalance = 0.
