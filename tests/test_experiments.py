@@ -207,6 +207,7 @@ def test_repro_wd_rank_and_decouple_on_a_tiny_gpt(corpus, tmp_path, capsys) -> N
     figures = sorted(p.name for p in (tmp_path / "plots").glob("*.png"))
     assert figures == [
         "balance_over_time_rest0.1.png",
+        "gram_norms_over_time_rest0.1.png",
         "rank_over_time_rest0.1.png",
         "rank_vs_lambda_rest0.1.png",
         "val_loss_vs_lambda_rest0.1.png",
@@ -224,3 +225,44 @@ def test_repro_wd_rank_and_decouple_on_a_tiny_gpt(corpus, tmp_path, capsys) -> N
     # other settings in the same folder are refused, naming the difference
     assert main([*decouple[:-2], "--set", "checkpoint_every=2", "--seeds", "0"]) == 2
     assert "holds runs made with other settings" in capsys.readouterr().err
+
+
+def test_repro_wd_rank_on_tiny_associative_recall(tmp_path, capsys) -> None:
+    changes = {
+        "recall_pairs": 4,
+        "batch_size": 8,
+        "max_steps": 4,
+        "warmup_steps": 1,
+        "lr": 0.05,
+        "model.n_head": 2,
+        "model.d_model": 16,
+        "model.d_head": 8,
+        "model.d_mlp": 32,
+        "eval_every": 2,
+        "eval_batches": 2,
+        "spectra_every": 2,
+        "checkpoint_every": 2,
+    }
+    sets = [x for k, v in changes.items() for x in ("--set", f"{k}={v}")]
+    out = tmp_path / "recall"
+    args = [
+        "repro",
+        "wd-rank",
+        "--setting",
+        "recall",
+        "--out",
+        str(out),
+        "--lambdas",
+        "0,0.5",
+        "--seeds",
+        "0",
+    ]
+    assert main([*args, *sets, "--plot", str(tmp_path / "plots")]) == 0
+    printed = capsys.readouterr().out
+    assert "val accuracy (%)" in printed and "| 0.5 |" in printed
+    config = json.loads((out / "runs" / "attn=0.5,rest=0.1,seed=0" / "config.json").read_text())
+    assert config["data"] == "assoc-recall" and config["online"] is True and config["model"]["n_layer"] == 2
+    assert (tmp_path / "plots" / "gram_norms_over_time_rest0.1.png").stat().st_size > 10_000
+    summary = json.loads((out / "summary.json").read_text())
+    accuracy = summary["cells"][0]["val"]["accuracy"]["mean"]
+    assert 0.0 <= accuracy <= 1.0

@@ -64,6 +64,25 @@ GPT_BASE: dict[str, Any] = {
     "keep_checkpoints": 1,
     "tensorboard": False,
 }
+# Associative recall (paper 000, Fig. 2): a 2-layer transformer, fully online (fresh pairs every
+# sequence). Model and learning rate come from pilots at λ = 0 only (results/pilots/), chosen so
+# the task is learned; the λ grid is then sized from Σηₜ as for the GPT.
+RECALL_BASE: dict[str, Any] = {
+    **{k: v for k, v in GPT_BASE.items() if k not in ("data", "tokenizer", "seq_len")},
+    "data": "assoc-recall",
+    "recall_keys": 64,
+    "recall_values": 64,
+    "recall_pairs": 16,
+    "online": True,
+    "model.n_layer": 2,
+    "batch_size": 128,
+    "lr": 3e-3,
+    "warmup_steps": 200,
+    "max_steps": 4000,
+    "eval_every": 500,
+}
+RECALL_ATTN = (0.0, 0.005, 0.015, 0.05, 0.15, 0.5)
+BASES = {"gpt": GPT_BASE, "recall": RECALL_BASE}
 EMBED_WEIGHT_DECAY = 0.1
 WD_RANK_ATTN = (0.0, 0.03, 0.1, 0.3, 1.0, 3.0)
 WD_RANK_REST = 0.1
@@ -103,9 +122,9 @@ def gpt_worker(run_dir: Path, point: dict[str, Any], seed: int, settings: dict[s
     train_worker(run_dir, gpt_overrides(point), seed, settings)
 
 
-def gpt_settings(changes: dict[str, Any] | None = None) -> dict[str, Any]:
-    """The guarded settings of a GPT results folder: the base config (with ``changes``) and the embedding decay."""
-    return {"overrides": {**GPT_BASE, **(changes or {})}, "embed_weight_decay": EMBED_WEIGHT_DECAY}
+def gpt_settings(changes: dict[str, Any] | None = None, setting: str = "gpt") -> dict[str, Any]:
+    """The guarded settings of a results folder: the setting's base config (with ``changes``) and the embedding decay."""
+    return {"overrides": {**BASES[setting], **(changes or {})}, "embed_weight_decay": EMBED_WEIGHT_DECAY}
 
 
 def run_gpt_grid(
@@ -115,15 +134,15 @@ def run_gpt_grid(
     *,
     jobs: int = 1,
     changes: dict[str, Any] | None = None,
+    setting: str = "gpt",
     echo: Any = print,
 ) -> list[dict[str, Any]]:
-    """Train every (λ_attn, λ_rest) cell × seed into ``out`` (resumable; see the experiment layer)."""
+    """Train every (λ_attn, λ_rest) cell × seed of ``setting`` into ``out`` (resumable; see the experiment layer)."""
+    from qkvlab.config import load_config
     from qkvlab.experiments.grid import run_grid
     from qkvlab.experiments.training import train_status
 
-    settings = gpt_settings(changes)
-    from qkvlab.config import load_config
-
+    settings = gpt_settings(changes, setting)
     load_config(None, settings["overrides"])  # a bad --set fails here, before any run
     return run_grid(
         out,
@@ -134,7 +153,7 @@ def run_gpt_grid(
         jobs=jobs,
         log="train.log",
         echo=echo,
-        label="paper 000, GPT",
+        label=f"paper 000, {setting}",
         session={"seeds": seeds, "cells": cells},
     )
 
@@ -142,12 +161,15 @@ def run_gpt_grid(
 # -- results -------------------------------------------------------------------------------------
 
 MEASURES = ("effective_rank", "stable_rank", "rank", "nuclear_norm")
-TRACKED = ("effective_rank", "gap", "imbalance")
+TRACKED = ("effective_rank", "gap", "imbalance", "left_gram", "right_gram")
 PRODUCTS = ("qk", "ov")
 
 
 def _layer_means(record: dict[str, Any], metrics: tuple[str, ...]) -> dict[str, dict[str, list[float]]]:
-    """product → metric → [mean over heads, per layer] of one spectral-monitor record."""
+    """product → metric → [mean over heads, per layer] of one spectral-monitor record.
+
+    Metrics the record lacks (``left_gram``/``right_gram`` before they were recorded) are left out.
+    """
     n_layers = record["architecture"]["n_layers"]
     out: dict[str, dict[str, list[float]]] = {}
     for product in PRODUCTS:
@@ -159,6 +181,7 @@ def _layer_means(record: dict[str, Any], metrics: tuple[str, ...]) -> dict[str, 
                 for layer in range(n_layers)
             ]
             for metric in metrics
+            if metric in heads[0]
         }
     return out
 
@@ -278,9 +301,7 @@ def point_key_of(cell: dict[str, Any]) -> tuple:
 def _common_arguments(parser: Any, default_out: str) -> None:
     from qkvlab.args import positive_int
 
-    parser.add_argument(
-        "--out", default=default_out, help=f"results folder, resumable (default {default_out})"
-    )
+    parser.add_argument("--out", default=None, help=f"results folder, resumable (default {default_out})")
     parser.add_argument("--seeds", default="0,1,2", help="comma-separated seeds (default 0,1,2)")
     parser.add_argument(
         "--jobs", type=positive_int, default=1, help="runs at a time, each in its own process"
@@ -300,11 +321,21 @@ def _common_arguments(parser: Any, default_out: str) -> None:
 
 
 def _wd_rank_arguments(parser: Any) -> None:
-    _common_arguments(parser, "runs/paper000-gpt")
+    _common_arguments(parser, "runs/paper000-SETTING")
+    parser.add_argument(
+        "--setting",
+        choices=list(BASES),
+        default="gpt",
+        help="gpt: the char-level Shakespeare GPT; recall: a 2-layer transformer on associative recall, fully online",
+    )
     parser.add_argument(
         "--lambdas",
-        default=",".join(f"{x:g}" for x in WD_RANK_ATTN),
-        help="attention weight decays λ_attn (default %(default)s)",
+        default=None,
+        help="attention weight decays λ_attn (default: gpt "
+        + ",".join(f"{x:g}" for x in WD_RANK_ATTN)
+        + "; recall "
+        + ",".join(f"{x:g}" for x in RECALL_ATTN)
+        + ")",
     )
     parser.add_argument(
         "--rest", type=float, default=WD_RANK_REST, help="λ_rest, the MLP's decay (default %(default)s)"
@@ -328,6 +359,8 @@ def _prepare(args: Any) -> tuple[Path, list[int], dict[str, Any]]:
     from qkvlab.errors import UserError
 
     seeds = seeds_list(args.seeds)
+    if args.out is None:
+        args.out = f"runs/paper000-{getattr(args, 'setting', 'gpt')}"
     check_outputs([], [args.out, args.plot])
     out = Path(args.out)
     if args.summary_only and not (out / "settings.json").is_file():
@@ -368,9 +401,11 @@ def _wd_rank_main(args: Any) -> int:
     from qkvlab.report.paper000 import wd_rank_tables
 
     out, seeds, changes = _prepare(args)
-    lambdas = _lambdas(args.lambdas, "--lambdas")
+    default = WD_RANK_ATTN if args.setting == "gpt" else RECALL_ATTN
+    lambdas = _lambdas(args.lambdas or ",".join(f"{x:g}" for x in default), "--lambdas")
     if not args.summary_only:
-        run_gpt_grid(out, [(a, args.rest) for a in lambdas], seeds, jobs=args.jobs, changes=changes)
+        cells = [(a, args.rest) for a in lambdas]
+        run_gpt_grid(out, cells, seeds, jobs=args.jobs, changes=changes, setting=args.setting)
     return _finish(out, args, wd_rank_tables(aggregate(out), args.rest), [args.rest])
 
 

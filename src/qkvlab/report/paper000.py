@@ -26,6 +26,10 @@ def _diff(stats: dict[str, Any] | None, digits: int = 2) -> str:
     return f"{stats['mean']:+.{digits}f} ± {stats['std']:.{digits}f} ({stats['wins']}/{stats['n']} > 0)"
 
 
+def _scaled(stats: dict[str, float] | None, factor: float) -> dict[str, float] | None:
+    return None if not stats else {**stats, "mean": stats["mean"] * factor, "std": stats["std"] * factor}
+
+
 def _cells(summary: dict[str, Any], rest: float) -> list[dict[str, Any]]:
     return [c for c in summary["cells"] if c["rest_weight_decay"] == rest]
 
@@ -36,24 +40,28 @@ def wd_rank_tables(summary: dict[str, Any], rest: float) -> str:
     if not cells:
         return f"no complete runs at λ_rest = {rest:g}"
     rtol = summary.get("rtol", 1e-3)
+    accuracy = "accuracy" in cells[0]["val"]
     init = next((c["init"] for c in cells if c["init"]), None)
     lines = [
         f"Model-wide mean over layers and heads (mean ± std over seeds); λ_rest = {rest:g}, "
         f"Σₜηₜ = {cells[0]['eta_sum']:.4g}; rank at rtol = {rtol:g}.",
         "",
-        "| λ_attn | Σηλ_attn | seeds | val loss | QK erank | QK stable rank | QK rank | QK ‖·‖_* | "
-        "OV erank | OV stable rank | OV rank | OV ‖·‖_* |",
-        "|---|---|---|---|---|---|---|---|---|---|---|---|",
+        "| λ_attn | Σηλ_attn | seeds | val loss |"
+        + (" val accuracy (%) |" if accuracy else "")
+        + " QK erank | QK stable rank | QK rank | QK ‖·‖_* | OV erank | OV stable rank | OV rank | OV ‖·‖_* |",
+        "|---|---|---|---|" + ("---|" if accuracy else "") + "---|---|---|---|---|---|---|---|",
     ]
     measures = ("effective_rank", "stable_rank", "rank", "nuclear_norm")
     if init:
         ranks = " | ".join(_pm(init.get(f"{p}_{m}")) for p in ("qk", "ov") for m in measures)
-        lines.append(f"| init | — | {len(cells[0]['seeds'])} | — | {ranks} |")
+        lines.append(f"| init | — | {len(cells[0]['seeds'])} | — |{' — |' if accuracy else ''} {ranks} |")
     for c in cells:
         ranks = " | ".join(_pm(c["final"][f"{p}_{m}"]) for p in ("qk", "ov") for m in measures)
         lines.append(
             f"| {c['attn_weight_decay']:g} | {c['eta_lambda_attn']:.3g} | {len(c['seeds'])} | "
-            f"{_pm(c['val'].get('loss'), 4)} | {ranks} |"
+            f"{_pm(c['val'].get('loss'), 4)} |"
+            + (f" {_pm(_scaled(c['val'].get('accuracy'), 100), 1)} |" if accuracy else "")
+            + f" {ranks} |"
         )
     lines += [
         "",
@@ -238,26 +246,59 @@ def plot_wd_rank(summary: dict[str, Any], numbers: dict, rest: float, folder: Pa
         plt.close(fig)
         written.append(path)
 
-    # 4. validation loss against λ
-    fig, ax = plt.subplots(figsize=(5.5, 3.8))
-    losses = [c["val"]["loss"] for c in cells]
-    ax.errorbar(
-        [eta * x for x in lams],
-        [s["mean"] for s in losses],
-        yerr=[s["std"] for s in losses],
-        marker="o",
-        capsize=3,
-        label=f"λ_rest = {rest:g}",
-    )
-    ax.set_xscale("symlog", linthresh=eta * min(x for x in lams if x > 0) if any(lams) else 1e-2)
-    ax.set_xlabel("Σₜηₜ·λ_attn")
-    ax.set_ylabel("validation loss (nats/token)")
-    ax.set_title(f"Validation loss against attention weight decay ({seeds_text})", fontsize=10)
-    ax.grid(alpha=0.3)
-    ax.legend(fontsize=8)
+    # 4. validation loss (and accuracy, where the task has one) against λ
+    metrics = [m for m in ("loss", "accuracy") if m in cells[0]["val"]]
+    fig, axes = plt.subplots(1, len(metrics), figsize=(5.5 * len(metrics), 3.8), squeeze=False)
+    for ax, metric in zip(axes[0], metrics, strict=True):
+        values = [c["val"][metric] for c in cells]
+        scale = 100.0 if metric == "accuracy" else 1.0
+        ax.errorbar(
+            [eta * x for x in lams],
+            [s["mean"] * scale for s in values],
+            yerr=[s["std"] * scale for s in values],
+            marker="o",
+            capsize=3,
+            label=f"λ_rest = {rest:g}",
+        )
+        ax.set_xscale("symlog", linthresh=eta * min(x for x in lams if x > 0) if any(lams) else 1e-2)
+        ax.set_xlabel("Σₜηₜ·λ_attn")
+        ax.set_ylabel("validation accuracy (%)" if metric == "accuracy" else "validation loss (nats/token)")
+        ax.set_title(f"Validation {metric} against attention weight decay ({seeds_text})", fontsize=10)
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=8)
     fig.tight_layout()
     path = folder / f"val_loss_vs_lambda_rest{rest:g}.png"
     fig.savefig(path, dpi=110)
     plt.close(fig)
     written.append(path)
+
+    # 5. the two sides of the imbalance converging (paper 000, Fig. 2), where the runs recorded them
+    first = next(iter(numbers[point_key_of(cells[0])].values()))
+    if "left_gram" in first["trajectory"][0]["ov"]:
+        fig, axes = plt.subplots(1, 2, figsize=(11, 3.8))
+        for ax, product in zip(axes, ("qk", "ov"), strict=True):
+            names = ("‖W_KW_Kᵀ‖", "‖W_QW_Qᵀ‖") if product == "qk" else ("‖PᵀP‖", "‖W_VW_Vᵀ‖")
+            for k, c in enumerate(cells):
+                runs = list(numbers[point_key_of(c)].values())
+                steps = runs[0]["steps"]
+                colour = colours[k % len(colours)]
+                for side, style in (("left_gram", "-"), ("right_gram", "--")):
+                    series = [[sum(t[product][side]) / n_layers for t in r["trajectory"]] for r in runs]
+                    mean = [sum(v) / len(v) for v in zip(*series, strict=True)]
+                    label = f"{names[side == 'right_gram']}, λ_attn = {c['attn_weight_decay']:g}"
+                    ax.plot(steps, mean, color=colour, ls=style, label=label)
+            ax.set_xlabel("step")
+            ax.set_ylabel("Frobenius norm (mean over heads and layers)")
+            ax.set_title(f"{'W_KᵀW_Q' if product == 'qk' else 'P·W_V'}: factor Gram norms")
+            ax.grid(alpha=0.3)
+            ax.legend(fontsize=6, ncol=2)
+        fig.suptitle(
+            f"Factor Gram norms over training, solid ‖AᵀA‖ and dashed ‖BᵀB‖ (paper 000, Fig. 2: they converge); {seeds_text}",
+            fontsize=10,
+        )
+        fig.tight_layout()
+        path = folder / f"gram_norms_over_time_rest{rest:g}.png"
+        fig.savefig(path, dpi=110)
+        plt.close(fig)
+        written.append(path)
     return written
