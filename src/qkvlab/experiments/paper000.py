@@ -429,7 +429,7 @@ def _is_gpt_folder(folder: Path) -> bool:
 register(
     Experiment(
         "wd-rank",
-        "paper 000: attention weight decay lowers the rank of W_KᵀW_Q and P·W_V (Shakespeare GPT)",
+        "paper 000: attention weight decay lowers the rank of W_KᵀW_Q and P·W_V (Shakespeare GPT; --setting recall: associative recall)",
         _wd_rank_arguments,
         _wd_rank_main,
         detect=_is_gpt_folder,
