@@ -216,6 +216,12 @@ def test_repro_wd_rank_and_decouple_on_a_tiny_gpt(corpus, tmp_path, capsys) -> N
     assert main([*wd_rank, "--seeds", "0,1", "--summary-only"]) == 0
     again = capsys.readouterr().out
     assert again.split("\nwrote")[0] == printed[printed.index("Model-wide") :].split("\nwrote")[0]
+    # what gets committed is spectra.jsonl.gz: the tables come back the same from it alone
+    for plain in out.glob("runs/*/spectra.jsonl"):
+        assert plain.with_suffix(".jsonl.gz").is_file()
+        plain.unlink()
+    assert main([*wd_rank, "--seeds", "0,1", "--summary-only"]) == 0
+    assert capsys.readouterr().out.split("\nwrote")[0] == again.split("\nwrote")[0]
     # decouple shares the folder: the (0, 0.1) cell is not trained again
     decouple = ["repro", "decouple", "--out", str(out), "--attn-lambdas", "0", "--rest-lambdas", "0.1", *sets]
     assert main([*decouple, "--seeds", "0"]) == 0
