@@ -38,6 +38,7 @@ import json
 import os
 import signal
 import statistics
+import threading
 import time
 import traceback
 from collections.abc import Callable, Iterable, Mapping, Sequence
@@ -212,12 +213,13 @@ def run_grid(
     started = time.perf_counter()
     finished = False
     previous = signal.getsignal(signal.SIGTERM)
+    main_thread = threading.current_thread() is threading.main_thread()  # signals can only be set there
 
     def on_term(signum, frame):  # type: ignore[no-untyped-def]
         raise _Stop
 
     try:
-        if todo:
+        if todo and main_thread:
             signal.signal(signal.SIGTERM, on_term)
         if jobs == 1:
             for run in todo:
@@ -228,7 +230,8 @@ def run_grid(
     except _Stop:
         raise KeyboardInterrupt from None
     finally:
-        signal.signal(signal.SIGTERM, previous)
+        if main_thread:
+            signal.signal(signal.SIGTERM, previous)
         _log_session(out, runs, results, jobs, finished, time.perf_counter() - started, session)
     return [results[run] for run in runs]
 
