@@ -231,6 +231,8 @@ def test_repro_wd_rank_and_decouple_on_a_tiny_gpt(corpus, tmp_path, capsys) -> N
     # other settings in the same folder are refused, naming the difference
     assert main([*decouple[:-2], "--set", "checkpoint_every=2", "--seeds", "0"]) == 2
     assert "holds runs made with other settings" in capsys.readouterr().err
+    assert main([*decouple, "--set", "model.bias=true", "--seeds", "0"]) == 2
+    assert "model.bias=false" in capsys.readouterr().err
 
 
 def test_repro_wd_rank_on_tiny_associative_recall(tmp_path, capsys) -> None:

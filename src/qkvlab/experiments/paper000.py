@@ -143,6 +143,12 @@ def run_gpt_grid(
     from qkvlab.experiments.training import train_status
 
     settings = gpt_settings(changes, setting)
+    if str(settings["overrides"].get("model.bias", False)).lower() not in ("false", "0"):
+        from qkvlab.errors import UserError
+
+        raise UserError(
+            "paper 000's runs keep model.bias=false, so nothing sits between the factors; drop that --set"
+        )
     load_config(None, settings["overrides"])  # a bad --set fails here, before any run
     return run_grid(
         out,
