@@ -279,10 +279,14 @@ def aggregate(out: Path) -> dict[str, Any]:
                 continue
             other = numbers[point_key_of(index[reference])]
             cell[name] = {
-                "val_loss": paired(
-                    {s: r["val"]["loss"] for s, r in mine.items()},
-                    {s: r["val"]["loss"] for s, r in other.items()},
-                ),
+                **{
+                    f"val_{metric}": paired(
+                        {s: r["val"][metric] for s, r in mine.items()},
+                        {s: r["val"][metric] for s, r in other.items()},
+                    )
+                    for metric in ("loss", "accuracy")
+                    if metric in cell["val"]
+                },
                 **{
                     f"{p}_{m}": paired(
                         {s: _model_mean(r["final"][p][m]) for s, r in mine.items()},
@@ -292,7 +296,14 @@ def aggregate(out: Path) -> dict[str, Any]:
                     for m in ("effective_rank", "stable_rank")
                 },
             }
-    return {"schema_version": 1, "kind": "paper000-gpt", "settings": settings, "cells": cells}
+    rtol = next((r["rtol"] for by_seed in numbers.values() for r in by_seed.values()), None)
+    return {
+        "schema_version": 1,
+        "kind": "paper000-training",
+        "settings": settings,
+        "rtol": rtol,
+        "cells": cells,
+    }
 
 
 def point_key_of(cell: dict[str, Any]) -> tuple:
