@@ -79,8 +79,10 @@ def test_sweep_guard_refuses_other_settings_and_resumes_with_more_seeds(corpus, 
     assert "holds runs made with other settings" in err and "lr" in err and len(err.strip().splitlines()) == 1
 
 
-def test_ctrl_c_starts_nothing_more_and_keeps_checkpoints(corpus, tmp_path) -> None:
-    """SIGINT to a sweep of 4 runs at 2 jobs: the 2 running stop (checkpoints kept), the queued 2 never start."""
+@pytest.mark.parametrize("signum", [signal.SIGINT, signal.SIGTERM], ids=["ctrl-c", "sigterm"])
+def test_ctrl_c_starts_nothing_more_and_keeps_checkpoints(corpus, tmp_path, signum) -> None:
+    """SIGINT (or a scheduler's SIGTERM) to a sweep of 4 runs at 2 jobs: the 2 running stop
+    (checkpoints kept), the queued 2 never start."""
     out = tmp_path / "sweep"
     args = _tiny(corpus, max_steps=100000, checkpoint_every=5, log_every=5)
     cmd = [sys.executable, "-m", "qkvlab", "sweep", *args, "--grid", "weight_decay=0,0.1,0.2,0.3"]
@@ -96,7 +98,7 @@ def test_ctrl_c_starts_nothing_more_and_keeps_checkpoints(corpus, tmp_path) -> N
     else:
         parent.kill()
         pytest.fail("the two first runs never wrote a checkpoint")
-    parent.send_signal(signal.SIGINT)
+    parent.send_signal(signum)
     output = parent.communicate(timeout=90)[0].decode()
     assert parent.returncode == 130, output
     started = sorted(p.parent.name for p in out.glob("runs/*/run.json"))
