@@ -203,6 +203,7 @@ def run_numbers(result: dict[str, Any]) -> dict[str, Any]:
     ]
     return {
         "val": dict(evals),
+        "device": result["final"].get("device_name", "not recorded"),
         "rtol": records[-1]["rtol"],
         "init": _layer_means(records[0], MEASURES) if records[0]["step"] == 0 else None,
         "final": _layer_means(records[-1], MEASURES),
@@ -250,6 +251,7 @@ def aggregate(out: Path) -> dict[str, Any]:
             "eta_lambda_attn": eta_sum * point["attn_weight_decay"],
             "eta_lambda_rest": eta_sum * point["rest_weight_decay"],
             "seeds": sorted(by_seed),
+            "devices": sorted({r["device"] for r in runs}),
             "val": {k: mean_std([r["val"][k] for r in runs]) for k in runs[0]["val"]},
             "final": {},
             "init": {},

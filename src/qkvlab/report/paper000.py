@@ -44,7 +44,8 @@ def wd_rank_tables(summary: dict[str, Any], rest: float) -> str:
     init = next((c["init"] for c in cells if c["init"]), None)
     lines = [
         f"Model-wide mean over layers and heads (mean ± std over seeds); λ_rest = {rest:g}, "
-        f"Σₜηₜ = {cells[0]['eta_sum']:.4g}; rank at rtol = {rtol:g}.",
+        f"Σₜηₜ = {cells[0]['eta_sum']:.4g}; rank at rtol = {rtol:g}; device: "
+        f"{', '.join(sorted({d for c in cells for d in c['devices']}))}.",
         "",
         "| λ_attn | Σηλ_attn | seeds | val loss |"
         + (" val accuracy (%) |" if accuracy else "")

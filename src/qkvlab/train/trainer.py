@@ -495,6 +495,9 @@ def train(config: TrainConfig, *, resume: Path | None = None) -> TrainResult:
                 "eval": final_eval,
                 "spectra": spectra,  # per-layer summaries of the final weights, named as their TensorBoard tags
                 "wall_seconds": wall,
+                "device": device.type,
+                "device_name": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
+                "world_size": ddp.world_size,
                 "monitor_seconds": monitor.seconds if monitor is not None else 0.0,
             }
             write_atomic(run_dir / "final.json", json.dumps(summary, indent=1))
