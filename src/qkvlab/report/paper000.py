@@ -30,6 +30,14 @@ def _scaled(stats: dict[str, float] | None, factor: float) -> dict[str, float] |
     return None if not stats else {**stats, "mean": stats["mean"] * factor, "std": stats["std"] * factor}
 
 
+def _lambda_axis(ax: Any, eta: float, lams: list[float]) -> None:
+    """Σηλ on a symlog axis: linear up to the smallest nonzero value (so λ = 0 shows), log above, nothing below 0."""
+    positive = [eta * x for x in lams if x > 0]
+    threshold = min(positive) if positive else 1e-2
+    ax.set_xscale("symlog", linthresh=threshold)
+    ax.set_xlim(-0.1 * threshold, 1.5 * max(positive, default=threshold))
+
+
 def _cells(summary: dict[str, Any], rest: float) -> list[dict[str, Any]]:
     return [c for c in summary["cells"] if c["rest_weight_decay"] == rest]
 
@@ -168,7 +176,7 @@ def plot_wd_rank(summary: dict[str, Any], numbers: dict, rest: float, folder: Pa
             ax.axhline(
                 init[f"{product}_effective_rank"]["mean"], color="grey", ls="--", lw=1, label="random init"
             )
-        ax.set_xscale("symlog", linthresh=eta * min(x for x in lams if x > 0) if any(lams) else 1e-2)
+        _lambda_axis(ax, eta, lams)
         ax.set_xlabel(f"Σₜηₜ·λ_attn  (Σₜηₜ = {eta:.3g})")
         ax.set_ylabel("effective rank (mean over heads)")
         ax.set_title(f"{'W_KᵀW_Q' if product == 'qk' else 'P·W_V'} per head")
@@ -261,7 +269,7 @@ def plot_wd_rank(summary: dict[str, Any], numbers: dict, rest: float, folder: Pa
             capsize=3,
             label=f"λ_rest = {rest:g}",
         )
-        ax.set_xscale("symlog", linthresh=eta * min(x for x in lams if x > 0) if any(lams) else 1e-2)
+        _lambda_axis(ax, eta, lams)
         ax.set_xlabel("Σₜηₜ·λ_attn")
         ax.set_ylabel("validation accuracy (%)" if metric == "accuracy" else "validation loss (nats/token)")
         ax.set_title(f"Validation {metric} against attention weight decay ({seeds_text})", fontsize=10)
