@@ -23,7 +23,8 @@ def _pm(stats: dict[str, float] | None, digits: int = 2) -> str:
 def _diff(stats: dict[str, Any] | None, digits: int = 2) -> str:
     if not stats:
         return "—"
-    return f"{stats['mean']:+.{digits}f} ± {stats['std']:.{digits}f} ({stats['wins']}/{stats['n']} > 0)"
+    mean = stats["mean"] if round(stats["mean"], digits) != 0 else 0.0  # no "-0.0000"
+    return f"{mean:+.{digits}f} ± {stats['std']:.{digits}f} ({stats['wins']}/{stats['n']} > 0)"
 
 
 def _scaled(stats: dict[str, float] | None, factor: float) -> dict[str, float] | None:
