@@ -47,7 +47,7 @@ accepted.
 
 from __future__ import annotations
 
-from qkvlab.data.base import Dataset, FiniteDataset
+from qkvlab.data.base import Dataset, FiniteDataset, SyntheticDataset
 from qkvlab.data.cache import resolve_cache_dir
 from qkvlab.data.icl import ICLDataset
 from qkvlab.data.images import ImageDataset
@@ -65,6 +65,7 @@ __all__ = [
     "ICLDataset",
     "ImageDataset",
     "LMDataset",
+    "SyntheticDataset",
     "load_dataset",
     "resolve_cache_dir",
 ]

@@ -17,7 +17,7 @@ import torch
 
 from qkvlab.errors import UserError
 
-__all__ = ["Dataset", "FiniteDataset", "numpy_rng", "torch_generator"]
+__all__ = ["Dataset", "FiniteDataset", "SyntheticDataset", "numpy_rng", "torch_generator"]
 
 # Purposes, mixed into every seed so that no two uses of the same `seed` share a stream.
 EPOCH, ONLINE, SPLIT, ICL_TRAIN, RECALL_TRAIN, RECALL_EVAL = 1, 2, 3, 4, 5, 6
@@ -154,3 +154,46 @@ class FiniteDataset(Dataset):
             raise UserError(f"batch_size={batch_size}; accepted: an integer >= 1")
         for start in range(0, self.n_val, batch_size):
             yield self._val_samples(start, min(start + batch_size, self.n_val))
+
+
+class SyntheticDataset(Dataset):
+    """Infinite data drawn fresh at every step (``icl-regression``, ``assoc-recall``): no epochs, always online.
+
+    The global batch of step s is ``sequences(batch_size · world_size, generator of (seed, train_purpose, s))``;
+    every rank draws it whole (it is small) and keeps its slice, so the ranks together see exactly
+    what one process with the global batch would, and ``online`` changes nothing. Validation is the
+    same ``eval_sequences`` sequences every time, drawn from ``eval_generator()``.
+    """
+
+    train_purpose: ClassVar[int]
+    eval_sequences: ClassVar[int] = 2048
+
+    @abc.abstractmethod
+    def sequences(self, count: int, generator: torch.Generator) -> dict[str, torch.Tensor]:
+        """``count`` fresh sequences drawn from ``generator``."""
+
+    @abc.abstractmethod
+    def eval_generator(self) -> torch.Generator:
+        """The generator of the fixed validation set (its own stream, never the training one)."""
+
+    def train_batch(
+        self, step: int, batch_size: int, *, online: bool = False, rank: int = 0, world_size: int = 1
+    ) -> dict[str, torch.Tensor]:
+        """Rank ``rank``'s slice of the global batch of step ``step``, drawn from (seed, step)."""
+        check_batch_position(step, batch_size, rank, world_size)
+        full = self.sequences(batch_size * world_size, torch_generator(self.seed, self.train_purpose, step))
+        part = slice(rank * batch_size, (rank + 1) * batch_size)
+        return {key: value[part].contiguous() for key, value in full.items()}
+
+    def eval_batches(self, batch_size: int) -> Iterator[dict[str, torch.Tensor]]:
+        if batch_size < 1:
+            raise UserError(f"batch_size={batch_size}; accepted: an integer >= 1")
+        data = self.sequences(self.eval_sequences, self.eval_generator())
+        for start in range(0, self.eval_sequences, batch_size):
+            yield {key: value[start : start + batch_size] for key, value in data.items()}
+
+    def steps_per_epoch(self, batch_size: int, world_size: int = 1) -> None:
+        return None
+
+    def max_online_steps(self, batch_size: int, world_size: int = 1) -> None:
+        return None

@@ -8,11 +8,9 @@ the other N − 1 points. No task ever repeats, so the data are infinite and eve
 
 from __future__ import annotations
 
-from collections.abc import Iterator
-
 import torch
 
-from qkvlab.data.base import ICL_TRAIN, Dataset, check_batch_position, torch_generator
+from qkvlab.data.base import ICL_TRAIN, SyntheticDataset
 from qkvlab.errors import UserError
 
 __all__ = ["EVAL_SEED_OFFSET", "EVAL_SEQUENCES", "ICLDataset"]
@@ -21,10 +19,12 @@ EVAL_SEQUENCES = 2048
 EVAL_SEED_OFFSET = 1_000_003  # the fixed validation set is drawn with seed + this
 
 
-class ICLDataset(Dataset):
+class ICLDataset(SyntheticDataset):
     """Batches are ``inputs`` (B, N, d + 1) float32 and ``targets`` (B,) float32 (the query's true y)."""
 
     kind = "icl"
+    train_purpose = ICL_TRAIN
+    eval_sequences = EVAL_SEQUENCES
 
     def __init__(self, *, dim: int, points: int, noise: float, seed: int) -> None:
         if dim < 1:
@@ -46,30 +46,6 @@ class ICLDataset(Dataset):
         inputs[:, -1, -1] = 0.0  # the query hides its y
         return {"inputs": inputs, "targets": y[:, -1].clone()}
 
-    def train_batch(
-        self, step: int, batch_size: int, *, online: bool = False, rank: int = 0, world_size: int = 1
-    ) -> dict[str, torch.Tensor]:
-        """Rank ``rank``'s slice of the global batch of step ``step``, drawn from (seed, step).
-
-        Every rank draws the whole global batch (cheap: B·N·(d+1) numbers) and keeps its slice, so
-        the ranks together see exactly what one process with the global batch would. ``online``
-        changes nothing: the data are infinite.
-        """
-        check_batch_position(step, batch_size, rank, world_size)
-        full = self.sequences(batch_size * world_size, torch_generator(self.seed, ICL_TRAIN, step))
-        part = slice(rank * batch_size, (rank + 1) * batch_size)
-        return {key: value[part].contiguous() for key, value in full.items()}
-
-    def eval_batches(self, batch_size: int) -> Iterator[dict[str, torch.Tensor]]:
-        """The same 2,048 sequences every time (a generator seeded with seed + 1,000,003)."""
-        if batch_size < 1:
-            raise UserError(f"batch_size={batch_size}; accepted: an integer >= 1")
-        data = self.sequences(EVAL_SEQUENCES, torch.Generator().manual_seed(self.seed + EVAL_SEED_OFFSET))
-        for start in range(0, EVAL_SEQUENCES, batch_size):
-            yield {key: value[start : start + batch_size] for key, value in data.items()}
-
-    def steps_per_epoch(self, batch_size: int, world_size: int = 1) -> None:
-        return None
-
-    def max_online_steps(self, batch_size: int, world_size: int = 1) -> None:
-        return None
+    def eval_generator(self) -> torch.Generator:
+        """The same 2,048 sequences every time: a generator seeded with seed + 1,000,003."""
+        return torch.Generator().manual_seed(self.seed + EVAL_SEED_OFFSET)

@@ -17,11 +17,9 @@ stream of its own.
 
 from __future__ import annotations
 
-from collections.abc import Iterator
-
 import torch
 
-from qkvlab.data.base import RECALL_EVAL, RECALL_TRAIN, Dataset, check_batch_position, torch_generator
+from qkvlab.data.base import RECALL_EVAL, RECALL_TRAIN, SyntheticDataset, torch_generator
 from qkvlab.errors import UserError
 
 __all__ = ["IGNORE_INDEX", "RecallDataset"]
@@ -30,10 +28,12 @@ IGNORE_INDEX = -100  # torch's cross_entropy default
 EVAL_SEQUENCES = 2048
 
 
-class RecallDataset(Dataset):
+class RecallDataset(SyntheticDataset):
     """Batches are ``input_ids`` (B, 2P + 1) and ``labels`` (B, 2P + 1) int64, labels −100 but the last."""
 
     kind = "lm"
+    train_purpose = RECALL_TRAIN
+    eval_sequences = EVAL_SEQUENCES
 
     def __init__(self, *, keys: int, values: int, pairs: int, seed: int) -> None:
         if keys < 2 or values < 2:
@@ -66,24 +66,5 @@ class RecallDataset(Dataset):
         labels[:, -1] = values[rows, which]
         return {"input_ids": input_ids, "labels": labels}
 
-    def train_batch(
-        self, step: int, batch_size: int, *, online: bool = False, rank: int = 0, world_size: int = 1
-    ) -> dict[str, torch.Tensor]:
-        """Rank ``rank``'s slice of step ``step``'s global batch; every rank draws the whole (small) batch."""
-        check_batch_position(step, batch_size, rank, world_size)
-        full = self.sequences(batch_size * world_size, torch_generator(self.seed, RECALL_TRAIN, step))
-        part = slice(rank * batch_size, (rank + 1) * batch_size)
-        return {key: value[part].contiguous() for key, value in full.items()}
-
-    def eval_batches(self, batch_size: int) -> Iterator[dict[str, torch.Tensor]]:
-        if batch_size < 1:
-            raise UserError(f"batch_size={batch_size}; accepted: an integer >= 1")
-        data = self.sequences(EVAL_SEQUENCES, torch_generator(self.seed, RECALL_EVAL, 0))
-        for start in range(0, EVAL_SEQUENCES, batch_size):
-            yield {key: value[start : start + batch_size] for key, value in data.items()}
-
-    def steps_per_epoch(self, batch_size: int, world_size: int = 1) -> None:
-        return None
-
-    def max_online_steps(self, batch_size: int, world_size: int = 1) -> None:
-        return None
+    def eval_generator(self) -> torch.Generator:
+        return torch_generator(self.seed, RECALL_EVAL, 0)
