@@ -322,10 +322,9 @@ def summarize(out: Path) -> str:
 
 def plot_convergence(out: Path, folder: Path) -> list[Path]:
     """Validation learning curves (mean ± std over seeds): per λ for QV and QKV, and per target set."""
-    import matplotlib
+    from qkvlab.report.figures import pyplot, save
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = pyplot()
 
     rows = aggregate(out)
     folder.mkdir(parents=True, exist_ok=True)
@@ -371,11 +370,7 @@ def plot_convergence(out: Path, folder: Path) -> list[Path]:
                 f"{data}, {model}: validation curves, mean ± std over {n_seeds} seed{'s' * (n_seeds > 1)}",
                 fontsize=10,
             )
-            fig.tight_layout()
-            path = folder / f"convergence_{data}_{method}.png"
-            fig.savefig(path, dpi=110)
-            plt.close(fig)
-            written.append(path)
+            written.append(save(fig, folder / f"convergence_{data}_{method}.png"))
     return written
 
 

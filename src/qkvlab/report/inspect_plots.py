@@ -5,19 +5,17 @@ from __future__ import annotations
 import math
 from pathlib import Path
 
-import matplotlib
-
-matplotlib.use("Agg")
-import matplotlib.pyplot as plt
 import numpy as np
 
 from qkvlab.inspect import PRODUCTS, InspectReport
+from qkvlab.report.figures import pyplot, save
 
 _TITLES = {"qk": "QK = W_Kᵀ W_Q", "ov": "OV = P W_V"}
 
 
 def effective_rank_heatmap(report: InspectReport, path: Path) -> Path:
     """Layer × head heatmap of the effective rank, one panel per product, shared colour scale."""
+    plt = pyplot()
     arch = report.architecture
     grids = {}
     for product in PRODUCTS:
@@ -34,14 +32,12 @@ def effective_rank_heatmap(report: InspectReport, path: Path) -> Path:
         ax.set_ylabel("layer")
         fig.colorbar(image, ax=ax)
     fig.suptitle(f"{report.source} ({arch.family})")
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
-    return path
+    return save(fig, path, dpi=120)
 
 
 def singular_value_curves(report: InspectReport, product: str, path: Path) -> Path:
     """One panel per layer, one curve per head: σᵢ/σ₁ on a log scale against index i."""
+    plt = pyplot()
     arch = report.architecture
     cols = min(4, arch.n_layers)
     rows = math.ceil(arch.n_layers / cols)
@@ -63,10 +59,7 @@ def singular_value_curves(report: InspectReport, product: str, path: Path) -> Pa
     for extra in range(arch.n_layers, rows * cols):
         axes[extra // cols][extra % cols].axis("off")
     fig.suptitle(f"singular values of {_TITLES[product]}, per head (dotted: rtol)")
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return path
+    return save(fig, path)
 
 
 def plot_report(report: InspectReport, folder: str | Path) -> list[Path]:

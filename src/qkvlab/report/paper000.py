@@ -142,10 +142,9 @@ def decouple_table(summary: dict[str, Any]) -> str:
 
 def plot_wd_rank(summary: dict[str, Any], numbers: dict, rest: float, folder: Path) -> list[Path]:
     """Rank against λ_attn per layer, rank over training, gap and imbalance over training, val loss."""
-    import matplotlib
+    from qkvlab.report.figures import pyplot, save
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = pyplot()
 
     cells = _cells(summary, rest)
     if not cells:
@@ -187,11 +186,7 @@ def plot_wd_rank(summary: dict[str, Any], numbers: dict, rest: float, folder: Pa
         f"Effective rank against attention weight decay (λ_rest = {rest:g}; mean ± std over {seeds_text})",
         fontsize=10,
     )
-    fig.tight_layout()
-    path = folder / f"rank_vs_lambda_rest{rest:g}.png"
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    written.append(path)
+    written.append(save(fig, folder / f"rank_vs_lambda_rest{rest:g}.png"))
 
     # 2. rank over training and 3. gap / imbalance over training, per λ (mean over seeds and layers)
     from qkvlab.experiments.paper000 import point_key_of
@@ -250,11 +245,7 @@ def plot_wd_rank(summary: dict[str, Any], numbers: dict, rest: float, folder: Pa
             else ""
         )
         fig.suptitle(f"λ_rest = {rest:g}, mean over {seeds_text}{note}", fontsize=10)
-        fig.tight_layout()
-        path = folder / f"{kind}_rest{rest:g}.png"
-        fig.savefig(path, dpi=110)
-        plt.close(fig)
-        written.append(path)
+        written.append(save(fig, folder / f"{kind}_rest{rest:g}.png"))
 
     # 4. validation loss (and accuracy, where the task has one) against λ
     metrics = [m for m in ("loss", "accuracy") if m in cells[0]["val"]]
@@ -276,11 +267,7 @@ def plot_wd_rank(summary: dict[str, Any], numbers: dict, rest: float, folder: Pa
         ax.set_title(f"Validation {metric} against attention weight decay ({seeds_text})", fontsize=10)
         ax.grid(alpha=0.3)
         ax.legend(fontsize=8)
-    fig.tight_layout()
-    path = folder / f"val_loss_vs_lambda_rest{rest:g}.png"
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    written.append(path)
+    written.append(save(fig, folder / f"val_loss_vs_lambda_rest{rest:g}.png"))
 
     # 5. the two sides of the imbalance converging (paper 000, Fig. 2), where the runs recorded them
     first = next(iter(numbers[point_key_of(cells[0])].values()))
@@ -306,9 +293,5 @@ def plot_wd_rank(summary: dict[str, Any], numbers: dict, rest: float, folder: Pa
             f"Factor Gram norms over training, solid ‖AᵀA‖ and dashed ‖BᵀB‖ (paper 000, Fig. 2: they converge); {seeds_text}",
             fontsize=10,
         )
-        fig.tight_layout()
-        path = folder / f"gram_norms_over_time_rest{rest:g}.png"
-        fig.savefig(path, dpi=110)
-        plt.close(fig)
-        written.append(path)
+        written.append(save(fig, folder / f"gram_norms_over_time_rest{rest:g}.png"))
     return written

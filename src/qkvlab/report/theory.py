@@ -7,6 +7,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+from qkvlab.report.figures import pyplot, save
 from qkvlab.report.tables import format_table
 
 __all__ = ["plot_theory", "theory_tables"]
@@ -226,24 +227,8 @@ def theory_tables(result: dict[str, Any]) -> str:
 # -- figures ----------------------------------------------------------------------------------------
 
 
-def _pyplot():  # type: ignore[no-untyped-def]
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    return plt
-
-
-def _save(fig, path: Path) -> Path:  # type: ignore[no-untyped-def]
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    _pyplot().close(fig)
-    return path
-
-
 def _lambda_colours(lambdas: Sequence[float]):  # type: ignore[no-untyped-def]
-    plt = _pyplot()
+    plt = pyplot()
     cmap = plt.get_cmap("viridis")
     top = max(lambdas) or 1.0
     return [cmap(0.9 * lam / top) for lam in lambdas]
@@ -262,7 +247,7 @@ def _closed_form_lines(ax, targets: Sequence[float], top: float) -> None:  # typ
 
 
 def _plot_singular_values(result: dict[str, Any], folder: Path) -> Path:
-    plt = _pyplot()
+    plt = pyplot()
     toys = [("diagonal target D", result)] + (
         [("rotated target U·D·Vᵀ", result["rotated"])] if "rotated" in result else []
     )
@@ -292,7 +277,7 @@ def _plot_singular_values(result: dict[str, Any], folder: Path) -> Path:
         ax.set_title(f"σᵢ(ABᵀ) against λ, {title}")
         ax.grid(alpha=0.3)
         ax.legend(fontsize=8)
-    return _save(fig, folder / "theory_singular_values.png")
+    return save(fig, folder / "theory_singular_values.png", dpi=120)
 
 
 def _anchored_slope(
@@ -322,7 +307,7 @@ def _above_floor(t: Sequence[float], y: Sequence[float], floor: Sequence[float] 
 
 
 def _plot_decay(result: dict[str, Any], folder: Path) -> Path:
-    plt = _pyplot()
+    plt = pyplot()
     fig, axes = plt.subplots(1, 2, figsize=(12, 4.2))
     curves = result["curves"]
     colours = _lambda_colours(result["lambda"])
@@ -365,13 +350,13 @@ def _plot_decay(result: dict[str, Any], folder: Path) -> Path:
         f"Gradient descent on the 5×5 toy, seed {result['seeds'][0]}: imbalance and gap close exponentially "
         "(curves stop at float64 rounding)"
     )
-    return _save(fig, folder / "theory_decay.png")
+    return save(fig, folder / "theory_decay.png", dpi=120)
 
 
 def _plot_rates(result: dict[str, Any], folder: Path) -> Path:
     from qkvlab.theory import predicted_gap_rate
 
-    plt = _pyplot()
+    plt = pyplot()
     fig, axes = plt.subplots(1, 2, figsize=(11, 4))
     lambdas = [x for x in result["lambda"] if x > 0]
     grid = [max(lambdas) * 1.05 * k / 400 for k in range(1, 401)]
@@ -409,11 +394,11 @@ def _plot_rates(result: dict[str, Any], folder: Path) -> Path:
         ax.set_title(title)
         ax.grid(alpha=0.3)
         ax.legend(fontsize=8)
-    return _save(fig, folder / "theory_rates.png")
+    return save(fig, folder / "theory_rates.png", dpi=120)
 
 
 def _plot_optimizers(result: dict[str, Any], folder: Path) -> Path:
-    plt = _pyplot()
+    plt = pyplot()
     entries = [("gd", result)] if "lambda" in result else []
     entries += list(result["optimizers"].items())
     fig, axes = plt.subplots(2, len(entries), figsize=(4.2 * len(entries), 7.5), squeeze=False)
@@ -457,7 +442,7 @@ def _plot_optimizers(result: dict[str, Any], folder: Path) -> Path:
     fig.suptitle(
         "Does weight decay act as a nuclear-norm penalty under each optimiser? (5×5 toy, seed 0 curves)"
     )
-    return _save(fig, folder / "theory_optimizers.png")
+    return save(fig, folder / "theory_optimizers.png", dpi=120)
 
 
 def _lambda_axis(ax, lambdas: Sequence[float]) -> None:  # type: ignore[no-untyped-def]
@@ -468,7 +453,7 @@ def _lambda_axis(ax, lambdas: Sequence[float]) -> None:  # type: ignore[no-untyp
 
 
 def _plot_completion(completion: dict[str, Any], folder: Path) -> Path:
-    plt = _pyplot()
+    plt = pyplot()
     fig, axes = plt.subplots(1, 3, figsize=(16, 4.2))
     colours = _lambda_colours(completion["lambda"])
     ax = axes[0]
@@ -540,11 +525,11 @@ def _plot_completion(completion: dict[str, Any], folder: Path) -> Path:
     ax.set_title("factored vs nuclear-norm solution")
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8)
-    return _save(fig, folder / "theory_completion.png")
+    return save(fig, folder / "theory_completion.png", dpi=120)
 
 
 def _plot_pretrained(model: dict[str, Any], folder: Path, index: int) -> Path:
-    plt = _pyplot()
+    plt = pyplot()
     fig, axes = plt.subplots(1, 3, figsize=(16, 4))
     layers = [row["layer"] for row in model["layers"]]
     for ax, product, title in ((axes[0], "qk", "QK = W_Kᵀ W_Q"), (axes[1], "ov", "OV = P W_V")):
@@ -592,7 +577,7 @@ def _plot_pretrained(model: dict[str, Any], folder: Path, index: int) -> Path:
     ax.legend(fontsize=8)
     fig.suptitle(f"Fig. 4: are the attention factors of {model['source']} balanced?")
     name = Path(str(model["source"])).name.replace(" ", "_") or f"model{index}"
-    return _save(fig, folder / f"theory_pretrained_{name}.png")
+    return save(fig, folder / f"theory_pretrained_{name}.png", dpi=120)
 
 
 def plot_theory(result: dict[str, Any], folder: str | Path) -> list[Path]:
