@@ -232,13 +232,13 @@ def _model_mean(layers: list[float]) -> float:
     return math.fsum(layers) / len(layers)
 
 
-def aggregate(out: Path) -> dict[str, Any]:
+def aggregate(out: Path, numbers: dict[tuple, dict[int, dict[str, Any]]] | None = None) -> dict[str, Any]:
     """Every cell of ``out`` with mean ± std over seeds: val metrics, ranks per layer and model-wide, Σηλ."""
     from qkvlab.experiments.grid import mean_std, paired
 
     settings = json.loads((out / "settings.json").read_text())
     eta_sum = schedule_sum(settings["overrides"])
-    numbers = load_numbers(out)
+    numbers = load_numbers(out) if numbers is None else numbers
     cells = []
     for key, by_seed in sorted(
         numbers.items(), key=lambda kv: (dict(kv[0])["rest_weight_decay"], dict(kv[0])["attn_weight_decay"])
@@ -397,19 +397,20 @@ def _lambdas(text: str, what: str) -> list[float]:
     return values
 
 
-def _finish(out: Path, args: Any, tables: str, rests: list[float]) -> int:
+def _finish(out: Path, args: Any, render: Any, rests: list[float]) -> int:
+    """Pack the spectra, read every run once, print ``render(summary)``, write summary.json and the figures."""
     from qkvlab.experiments.training import pack_spectra
     from qkvlab.report.paper000 import plot_wd_rank
     from qkvlab.train.checkpoint import write_atomic
 
     pack_spectra(out)
-    summary = aggregate(out)
-    print(tables if tables else "no complete runs yet")
+    numbers = load_numbers(out)
+    summary = aggregate(out, numbers)
+    print(render(summary) or "no complete runs yet")
     path = out / "summary.json"
     write_atomic(path, json.dumps(summary, indent=1))
     print(f"\nwrote {path}")
     if args.plot:
-        numbers = load_numbers(out)
         for rest in rests:
             for written in plot_wd_rank(summary, numbers, rest, Path(args.plot)):
                 print(f"wrote {written}")
@@ -425,7 +426,7 @@ def _wd_rank_main(args: Any) -> int:
     if not args.summary_only:
         cells = [(a, args.rest) for a in lambdas]
         run_gpt_grid(out, cells, seeds, jobs=args.jobs, changes=changes, setting=args.setting)
-    return _finish(out, args, wd_rank_tables(aggregate(out), args.rest), [args.rest])
+    return _finish(out, args, lambda summary: wd_rank_tables(summary, args.rest), [args.rest])
 
 
 def _decouple_main(args: Any) -> int:
@@ -437,7 +438,7 @@ def _decouple_main(args: Any) -> int:
         cells = [(a, r) for r in rest for a in attn]
         cells += [(r, r) for r in rest if (r, r) not in cells]  # the coupled reference of every row
         run_gpt_grid(out, cells, seeds, jobs=args.jobs, changes=changes)
-    return _finish(out, args, decouple_table(aggregate(out)), [])
+    return _finish(out, args, decouple_table, [])
 
 
 def _is_gpt_folder(folder: Path) -> bool:
