@@ -9,15 +9,11 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
+from qkvlab.report.tables import pm
+
 __all__ = ["decouple_table", "plot_wd_rank", "wd_rank_tables"]
 
 _NAMES = {"effective_rank": "erank", "stable_rank": "stable rank", "rank": "rank", "nuclear_norm": "‖·‖_*"}
-
-
-def _pm(stats: dict[str, float] | None, digits: int = 2) -> str:
-    if not stats:
-        return "—"
-    return f"{stats['mean']:.{digits}f} ± {stats['std']:.{digits}f}"
 
 
 def _diff(stats: dict[str, Any] | None, digits: int = 2) -> str:
@@ -27,16 +23,24 @@ def _diff(stats: dict[str, Any] | None, digits: int = 2) -> str:
     return f"{mean:+.{digits}f} ± {stats['std']:.{digits}f} ({stats['wins']}/{stats['n']} > 0)"
 
 
-def _scaled(stats: dict[str, float] | None, factor: float) -> dict[str, float] | None:
-    return None if not stats else {**stats, "mean": stats["mean"] * factor, "std": stats["std"] * factor}
-
-
 def _lambda_axis(ax: Any, eta: float, lams: list[float]) -> None:
     """Σηλ on a symlog axis: linear up to the smallest nonzero value (so λ = 0 shows), log above, nothing below 0."""
     positive = [eta * x for x in lams if x > 0]
     threshold = min(positive) if positive else 1e-2
     ax.set_xscale("symlog", linthresh=threshold)
     ax.set_xlim(-0.1 * threshold, 1.5 * max(positive, default=threshold))
+
+
+def _mean_over_time(runs: list[dict[str, Any]], product: str, metric: str) -> tuple[list[int], list[float]]:
+    """The monitor's steps and ``metric`` averaged over layers (each already a mean over heads), then over
+    the seeds recorded at the same steps as the first."""
+    steps = runs[0]["steps"]
+    series = [
+        [sum(t[product][metric]) / len(t[product][metric]) for t in r["trajectory"]]
+        for r in runs
+        if r["steps"] == steps
+    ]
+    return steps, [sum(v) / len(v) for v in zip(*series, strict=True)]
 
 
 def _cells(summary: dict[str, Any], rest: float) -> list[dict[str, Any]]:
@@ -63,14 +67,14 @@ def wd_rank_tables(summary: dict[str, Any], rest: float) -> str:
     ]
     measures = ("effective_rank", "stable_rank", "rank", "nuclear_norm")
     if init:
-        ranks = " | ".join(_pm(init.get(f"{p}_{m}")) for p in ("qk", "ov") for m in measures)
+        ranks = " | ".join(pm(init.get(f"{p}_{m}"), 2) for p in ("qk", "ov") for m in measures)
         lines.append(f"| init | — | {len(cells[0]['seeds'])} | — |{' — |' if accuracy else ''} {ranks} |")
     for c in cells:
-        ranks = " | ".join(_pm(c["final"][f"{p}_{m}"]) for p in ("qk", "ov") for m in measures)
+        ranks = " | ".join(pm(c["final"][f"{p}_{m}"], 2) for p in ("qk", "ov") for m in measures)
         lines.append(
             f"| {c['attn_weight_decay']:g} | {c['eta_lambda_attn']:.3g} | {len(c['seeds'])} | "
-            f"{_pm(c['val'].get('loss'), 4)} |"
-            + (f" {_pm(_scaled(c['val'].get('accuracy'), 100), 1)} |" if accuracy else "")
+            f"{pm(c['val'].get('loss'), 4)} |"
+            + (f" {pm(c['val'].get('accuracy'), 1, scale=100)} |" if accuracy else "")
             + f" {ranks} |"
         )
     lines += [
@@ -101,12 +105,12 @@ def wd_rank_tables(summary: dict[str, Any], rest: float) -> str:
         ]
         if init:
             per = init[f"{product}_effective_rank_per_layer"]
-            lines.append("| init | — | " + " | ".join(_pm(s) for s in per) + " |")
+            lines.append("| init | — | " + " | ".join(pm(s, 2) for s in per) + " |")
         for c in cells:
             per = c["final"][f"{product}_effective_rank_per_layer"]
             lines.append(
                 f"| {c['attn_weight_decay']:g} | {c['eta_lambda_attn']:.3g} | "
-                + " | ".join(_pm(s) for s in per)
+                + " | ".join(pm(s, 2) for s in per)
                 + " |"
             )
     return "\n".join(lines)
@@ -129,8 +133,8 @@ def decouple_table(summary: dict[str, Any]) -> str:
             same = c["attn_weight_decay"] == rest
             lines.append(
                 f"| {rest:g} | {c['attn_weight_decay']:g} | {c['eta_lambda_attn']:.3g} | {len(c['seeds'])} | "
-                f"{_pm(loss, 4)} | {ppl} | {'(reference)' if same else _diff((c.get('vs_coupled') or {}).get('val_loss'), 4)} | "
-                f"{_pm(c['final']['qk_effective_rank'])} | {_pm(c['final']['ov_effective_rank'])} |"
+                f"{pm(loss, 4)} | {ppl} | {'(reference)' if same else _diff((c.get('vs_coupled') or {}).get('val_loss'), 4)} | "
+                f"{pm(c['final']['qk_effective_rank'], 2)} | {pm(c['final']['ov_effective_rank'], 2)} |"
             )
     lines += [
         "",
@@ -202,13 +206,7 @@ def plot_wd_rank(summary: dict[str, Any], numbers: dict, rest: float, folder: Pa
                 ax = axes[i][j]
                 for k, c in enumerate(cells):
                     runs = list(numbers[point_key_of(c)].values())
-                    steps = runs[0]["steps"]
-                    series = [
-                        [sum(t[product][metric]) / n_layers for t in r["trajectory"]]
-                        for r in runs
-                        if r["steps"] == steps
-                    ]
-                    mean = [sum(v) / len(v) for v in zip(*series, strict=True)]
+                    steps, mean = _mean_over_time(runs, product, metric)
                     colour = colours[k % len(colours)]
                     ax.plot(
                         steps,
@@ -277,11 +275,9 @@ def plot_wd_rank(summary: dict[str, Any], numbers: dict, rest: float, folder: Pa
             names = ("‖W_KW_Kᵀ‖", "‖W_QW_Qᵀ‖") if product == "qk" else ("‖PᵀP‖", "‖W_VW_Vᵀ‖")
             for k, c in enumerate(cells):
                 runs = list(numbers[point_key_of(c)].values())
-                steps = runs[0]["steps"]
                 colour = colours[k % len(colours)]
                 for side, style in (("left_gram", "-"), ("right_gram", "--")):
-                    series = [[sum(t[product][side]) / n_layers for t in r["trajectory"]] for r in runs]
-                    mean = [sum(v) / len(v) for v in zip(*series, strict=True)]
+                    steps, mean = _mean_over_time(runs, product, side)
                     label = f"{names[side == 'right_gram']}, λ_attn = {c['attn_weight_decay']:g}"
                     ax.plot(steps, mean, color=colour, ls=style, label=label)
             ax.set_xlabel("step")
