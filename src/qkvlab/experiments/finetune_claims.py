@@ -23,6 +23,7 @@ from qkvlab.errors import UserError
 from qkvlab.experiments import grid as grid_layer
 from qkvlab.experiments.grid import Run
 from qkvlab.finetune import FinetuneConfig, finetune
+from qkvlab.report.tables import pm
 from qkvlab.train.checkpoint import write_atomic
 
 __all__ = [
@@ -285,10 +286,6 @@ def aggregate(out: Path) -> list[dict[str, Any]]:
     return rows
 
 
-def _pm(stats: dict[str, float], scale: float = 100.0, digits: int = 1) -> str:
-    return f"{stats['mean'] * scale:.{digits}f} ± {stats['std'] * scale:.{digits}f}"
-
-
 def _memory(row: dict[str, Any]) -> str:
     if row["peak_gpu_allocated_gib_max"] is not None:
         return f"{row['peak_gpu_allocated_gib_max']:.2f} GPU"
@@ -304,12 +301,12 @@ def summarize(out: Path) -> str:
     ]
     for row in aggregate(out):
         test = row["test"]
-        f1 = _pm(test["macro_f1"]) if "macro_f1" in test else "—"
-        mcc = _pm(test["mcc"]) if "mcc" in test else "—"
+        f1 = pm(test["macro_f1"], 1, scale=100) if "macro_f1" in test else "—"
+        mcc = pm(test["mcc"], 1, scale=100) if "mcc" in test else "—"
         lines.append(
-            f"| {row['label']} | {row['lr']:g} | {len(row['seeds'])} | {_pm(test[row['metric']])} | {f1} | {mcc} | "
-            f"{_pm(row['best_val'])} | {_pm(row['val_curve_mean'])} | "
-            f"{_pm(row['steps_to_95pct_of_best'], 1.0, 0)} | {row['trainable_parameters']:,} | "
+            f"| {row['label']} | {row['lr']:g} | {len(row['seeds'])} | {pm(test[row['metric']], 1, scale=100)} | {f1} | {mcc} | "
+            f"{pm(row['best_val'], 1, scale=100)} | {pm(row['val_curve_mean'], 1, scale=100)} | "
+            f"{pm(row['steps_to_95pct_of_best'], 0)} | {row['trainable_parameters']:,} | "
             f"{row['seconds_per_step_median'] * 1e3:.0f} | {_memory(row)} |"
         )
     lines.append("")
@@ -403,7 +400,7 @@ def _paired(a: dict[int, dict[str, Any]], b: dict[int, dict[str, Any]], key) -> 
 def _cell(runs: dict[int, dict[str, Any]] | None, key, scale: float = 100.0, digits: int = 1) -> str:
     if not runs:
         return "—"
-    return _pm(_stats([key(r) for r in runs.values()]), scale, digits)
+    return pm(_stats([key(r) for r in runs.values()]), digits, scale)
 
 
 def _curve_mean(r: dict[str, Any]) -> float:
