@@ -15,6 +15,7 @@ import torch
 
 from qkvlab.cli import main
 from qkvlab.data import load_dataset
+from qkvlab.errors import UserError
 from qkvlab.experiments.grid import experiments, mean_std, paired
 
 TEXT = "It is a truth universally acknowledged, that a single man in possession of a good fortune. " * 60
@@ -137,6 +138,26 @@ def test_assoc_recall_task() -> None:
     first = next(data.eval_batches(64))["input_ids"]
     assert torch.equal(first, next(data.eval_batches(64))["input_ids"])
     assert not any(tuple(r) in seen for r in first.tolist())
+
+
+def test_assoc_recall_with_several_queries() -> None:
+    data = load_dataset("assoc-recall", seed=1, recall_keys=20, recall_pairs=6, recall_queries=4)
+    assert data.info["seq_len"] == 2 * 6 + 2 * 4 - 1
+    ids, labels = (data.train_batch(2, 128)[k] for k in ("input_ids", "labels"))
+    keys, values = ids[:, 0:12:2], ids[:, 1:12:2]
+    asked = ids[:, 12::2]  # q₁ … q₄
+    assert asked.shape == (128, 4) and all(len(set(r.tolist())) == 4 for r in asked)  # distinct queries
+    supervised = labels != -100
+    assert supervised.sum(1).tolist() == [4] * 128 and supervised[:, 12::2].all()
+    for i in range(4):
+        where = (keys == asked[:, i : i + 1]).float().argmax(-1)
+        answer = values[torch.arange(128), where]
+        assert (keys == asked[:, i : i + 1]).any(1).all()  # every query is a key of its context
+        assert torch.equal(labels[:, 12 + 2 * i], answer)
+        if i < 3:  # every answer but the last is also shown after its query
+            assert torch.equal(ids[:, 13 + 2 * i], answer)
+    with pytest.raises(UserError, match="recall_queries=7"):
+        load_dataset("assoc-recall", recall_pairs=6, recall_queries=7)
 
 
 def test_training_on_assoc_recall_reports_answer_accuracy(tmp_path) -> None:

@@ -43,6 +43,7 @@ def load_dataset(
     recall_keys: int = 64,
     recall_values: int = 64,
     recall_pairs: int = 16,
+    recall_queries: int = 1,
 ) -> Dataset:
     """The dataset ``spec`` names (one of ``DATA_SOURCES``), split and ready to batch.
 
@@ -91,5 +92,7 @@ def load_dataset(
     if spec == "icl-regression":
         return ICLDataset(dim=icl_dim, points=icl_points, noise=icl_noise, seed=seed)
     if spec == "assoc-recall":
-        return RecallDataset(keys=recall_keys, values=recall_values, pairs=recall_pairs, seed=seed)
+        return RecallDataset(
+            keys=recall_keys, values=recall_values, pairs=recall_pairs, seed=seed, queries=recall_queries
+        )
     raise UserError(f"unknown data source {spec!r}; accepted: {', '.join(DATA_SOURCES)}")
