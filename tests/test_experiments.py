@@ -53,6 +53,12 @@ def test_statistics() -> None:
     diff = paired({0: 3.0, 1: 5.0, 2: 9.0}, {0: 1.0, 1: 6.0, 7: 0.0}, scale=10)
     assert diff["seeds"] == [0, 1] and diff["mean"] == pytest.approx(5.0) and diff["wins"] == 1
     assert paired({0: 1.0}, {1: 1.0}) is None
+    # tables print a spread only where there is one
+    from qkvlab.report.tables import pm
+
+    assert pm(mean_std([1.0, 3.0]), digits=2) == "2.00 ± 1.41"
+    assert pm(mean_std([0.25]), digits=2, scale=100) == "25.00"
+    assert pm(None) == "—"
 
 
 def test_registry_names_every_repro_claim() -> None:
@@ -158,6 +164,47 @@ def test_assoc_recall_with_several_queries() -> None:
             assert torch.equal(ids[:, 13 + 2 * i], answer)
     with pytest.raises(UserError, match="recall_queries=7"):
         load_dataset("assoc-recall", recall_pairs=6, recall_queries=7)
+
+
+def test_assoc_recall_mixed_pair_counts_pad_on_the_left_and_validate_on_the_full_task() -> None:
+    data = load_dataset(
+        "assoc-recall",
+        seed=2,
+        recall_keys=12,
+        recall_values=9,
+        recall_pairs=5,
+        recall_queries=3,
+        recall_min_pairs=1,
+    )
+    pad = 12 + 9
+    assert data.info["vocab_size"] == pad + 1 and data.info["seq_len"] == 2 * 5 + 2 * 3 - 1
+    ids, labels = (data.train_batch(0, 512)[k] for k in ("input_ids", "labels"))
+    counts = set()
+    for row, lab in zip(ids.tolist(), labels.tolist(), strict=True):
+        n_pad = sum(t == pad for t in row)
+        assert row[:n_pad] == [pad] * n_pad and pad not in row[n_pad:]  # padding only on the left
+        body, body_labels = row[n_pad:], lab[n_pad:]
+        queries = len([x for x in body_labels if x != -100])
+        p = (len(body) + 1 - 2 * queries) // 2
+        counts.add(p)
+        assert queries == min(3, p) and len(body) == 2 * p + 2 * queries - 1
+        table = dict(zip(body[0 : 2 * p : 2], body[1 : 2 * p : 2], strict=True))
+        assert len(table) == p and all(k < 12 <= v < pad for k, v in table.items())
+        for i in range(queries):
+            assert body_labels[2 * p + 2 * i] == table[body[2 * p + 2 * i]]  # answer = the key's value
+        assert all(x == -100 for j, x in enumerate(body_labels) if j < 2 * p or (j - 2 * p) % 2)
+    assert counts == {1, 2, 3, 4, 5}  # every pair count occurs
+    full = next(data.eval_batches(2048))
+    assert (full["input_ids"] != pad).all() and ((full["labels"] != -100).sum(1) == 3).all()
+    # without recall_min_pairs nothing changes: same stream, no padding token
+    same = load_dataset(
+        "assoc-recall", seed=2, recall_keys=12, recall_values=9, recall_pairs=5, recall_queries=3
+    )
+    assert same.info["vocab_size"] == 21 and torch.equal(
+        next(same.eval_batches(2048))["input_ids"], full["input_ids"]
+    )
+    with pytest.raises(UserError, match="recall_min_pairs=6"):
+        load_dataset("assoc-recall", recall_pairs=5, recall_min_pairs=6)
 
 
 def test_training_on_assoc_recall_reports_answer_accuracy(tmp_path) -> None:

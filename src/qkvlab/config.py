@@ -45,6 +45,7 @@ class TrainConfig:
     recall_values: int = 64
     recall_pairs: int = 16
     recall_queries: int = 1
+    recall_min_pairs: int | None = None  # None: every sequence has recall_pairs
     # model (kind, sizes; data-dependent fields are filled in by the trainer)
     model: ModelConfig = field(default_factory=ModelConfig)
     # optimisation
@@ -149,6 +150,7 @@ _CHECKS: dict[str, tuple[Callable[[Any], bool], str]] = {
     "recall_values": (lambda v: v >= 2, "≥ 2"),
     "recall_pairs": _pos,
     "recall_queries": _pos,
+    "recall_min_pairs": _pos,
     "optimizer": (lambda v: v in ("adamw", "adam", "sgd"), "adamw, adam or sgd"),
     "lr": _pos,
     "weight_decay": _nonneg,

@@ -176,6 +176,10 @@ class SyntheticDataset(Dataset):
     def eval_generator(self) -> torch.Generator:
         """The generator of the fixed validation set (its own stream, never the training one)."""
 
+    def validation_sequences(self, count: int, generator: torch.Generator) -> dict[str, torch.Tensor]:
+        """The validation set's sequences; the training distribution unless a task says otherwise."""
+        return self.sequences(count, generator)
+
     def train_batch(
         self, step: int, batch_size: int, *, online: bool = False, rank: int = 0, world_size: int = 1
     ) -> dict[str, torch.Tensor]:
@@ -188,7 +192,7 @@ class SyntheticDataset(Dataset):
     def eval_batches(self, batch_size: int) -> Iterator[dict[str, torch.Tensor]]:
         if batch_size < 1:
             raise UserError(f"batch_size={batch_size}; accepted: an integer >= 1")
-        data = self.sequences(self.eval_sequences, self.eval_generator())
+        data = self.validation_sequences(self.eval_sequences, self.eval_generator())
         for start in range(0, self.eval_sequences, batch_size):
             yield {key: value[start : start + batch_size] for key, value in data.items()}
 

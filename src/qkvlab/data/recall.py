@@ -11,7 +11,13 @@ multi-query form of Zoology's MQAR (Arora et al., 2023), which gives Q supervise
 sequence instead of one. The queries are distinct keys, drawn uniformly. ``labels`` are −100
 (ignored by the loss) everywhere except at the queries, whose label is the answer, so loss and
 accuracy are on the answer tokens only. Chance is 1/V for a guess among all values, and 1/P for
-copying one of the values in the context without finding the right one. Fresh pairs are drawn for every sequence, from (seed, step), so the data are
+copying one of the values in the context without finding the right one.
+
+With ``min_pairs`` < P (config ``recall_min_pairs``), each *training* sequence holds p pairs, p
+drawn uniformly from min_pairs…P, and min(Q, p) queries, left-padded to the full length with a
+padding token (id K + V; its label is −100). Short sequences make the key–value binding easy to
+discover, an implicit curriculum like the mixed pair counts Zoology trains MQAR on. Validation
+always has P pairs and Q queries, so the reported accuracy is the accuracy on the full task. Fresh pairs are drawn for every sequence, from (seed, step), so the data are
 infinite and every run is fully online: the training stream never repeats a sequence (it would take
 two draws agreeing on all 2P + 1 tokens). Validation is a fixed set of 2,048 sequences from a
 stream of its own.
@@ -37,7 +43,9 @@ class RecallDataset(SyntheticDataset):
     train_purpose = RECALL_TRAIN
     eval_sequences = EVAL_SEQUENCES
 
-    def __init__(self, *, keys: int, values: int, pairs: int, seed: int, queries: int = 1) -> None:
+    def __init__(
+        self, *, keys: int, values: int, pairs: int, seed: int, queries: int = 1, min_pairs: int | None = None
+    ) -> None:
         if keys < 2 or values < 2:
             raise UserError(f"recall_keys={keys}, recall_values={values}; accepted: integers >= 2")
         if not 1 <= pairs <= keys:
@@ -50,9 +58,16 @@ class RecallDataset(SyntheticDataset):
                 f"recall_queries={queries}; accepted: 1 <= recall_queries <= recall_pairs ({pairs}), "
                 "since the queries of a sequence are distinct keys"
             )
+        min_pairs = pairs if min_pairs is None else min_pairs
+        if not 1 <= min_pairs <= pairs:
+            raise UserError(
+                f"recall_min_pairs={min_pairs}; accepted: 1 <= recall_min_pairs <= recall_pairs ({pairs})"
+            )
         self.keys, self.values, self.pairs, self.queries, self.seed = keys, values, pairs, queries, seed
+        self.min_pairs = min_pairs
+        self.pad = keys + values if min_pairs < pairs else None
         self.info = {
-            "vocab_size": keys + values,
+            "vocab_size": keys + values + (self.pad is not None),
             "seq_len": 2 * pairs + 2 * queries - 1,
             "n_train_tokens": None,
             "n_val_tokens": EVAL_SEQUENCES,
@@ -62,19 +77,44 @@ class RecallDataset(SyntheticDataset):
         }
 
     def sequences(self, count: int, generator: torch.Generator) -> dict[str, torch.Tensor]:
-        """``count`` fresh sequences drawn from ``generator``."""
-        keys = torch.rand(count, self.keys, generator=generator).argsort(-1)[:, : self.pairs]
-        values = torch.randint(self.values, (count, self.pairs), generator=generator) + self.keys
-        if self.queries == 1:  # the single-query draw, kept so Q = 1 streams stay what they were
-            which = torch.randint(self.pairs, (count, 1), generator=generator)
-        else:
-            which = torch.rand(count, self.pairs, generator=generator).argsort(-1)[:, : self.queries]
+        """``count`` fresh training sequences drawn from ``generator``."""
+        return self._draw(count, generator, self.min_pairs)
+
+    def validation_sequences(self, count: int, generator: torch.Generator) -> dict[str, torch.Tensor]:
+        """The full task: always P pairs and Q queries."""
+        return self._draw(count, generator, self.pairs)
+
+    def _draw(self, count: int, generator: torch.Generator, low: int) -> dict[str, torch.Tensor]:
+        p_max, q_max = self.pairs, self.queries
+        keys = torch.rand(count, self.keys, generator=generator).argsort(-1)[:, :p_max]
+        values = torch.randint(self.values, (count, p_max), generator=generator) + self.keys
+        if low == p_max:
+            pairs = None
+            if q_max == 1:  # the single-query draw, kept so Q = 1 streams stay what they were
+                which = torch.randint(p_max, (count, 1), generator=generator)
+            else:
+                which = torch.rand(count, p_max, generator=generator).argsort(-1)[:, :q_max]
+        else:  # p pairs per sequence; queries among the first p keys
+            pairs = torch.randint(low, p_max + 1, (count, 1), generator=generator)
+            unused = torch.arange(p_max) >= pairs  # (count, P): pair slots past p
+            order = torch.rand(count, p_max, generator=generator) + unused  # used slots sort first
+            which = order.argsort(-1)[:, :q_max]
         asked, answers = keys.gather(1, which), values.gather(1, which)
         context = torch.stack([keys, values], dim=-1).flatten(1)  # k₁ v₁ k₂ v₂ …
         tail = torch.stack([asked, answers], dim=-1).flatten(1)[:, :-1]  # q₁ a₁ … q_Q
         input_ids = torch.cat([context, tail], dim=1)
         labels = torch.full_like(input_ids, IGNORE_INDEX)
-        labels[:, 2 * self.pairs :: 2] = answers
+        labels[:, 2 * p_max :: 2] = answers
+        if pairs is None:
+            return {"input_ids": input_ids, "labels": labels}
+        # keep the first 2p context slots and the first 2·min(Q, p) − 1 tail slots, moved to the right
+        queries = pairs.clamp(max=q_max)
+        keep = torch.cat(
+            [torch.arange(2 * p_max) < 2 * pairs, torch.arange(2 * q_max - 1) < 2 * queries - 1], dim=1
+        )
+        order = keep.to(torch.int8).argsort(dim=-1, stable=True)  # dropped slots first, order kept
+        input_ids = input_ids.gather(1, order).masked_fill(~keep.gather(1, order), self.pad)
+        labels = labels.gather(1, order).masked_fill(~keep.gather(1, order), IGNORE_INDEX)
         return {"input_ids": input_ids, "labels": labels}
 
     def eval_generator(self) -> torch.Generator:

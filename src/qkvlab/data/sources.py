@@ -44,6 +44,7 @@ def load_dataset(
     recall_values: int = 64,
     recall_pairs: int = 16,
     recall_queries: int = 1,
+    recall_min_pairs: int | None = None,
 ) -> Dataset:
     """The dataset ``spec`` names (one of ``DATA_SOURCES``), split and ready to batch.
 
@@ -93,6 +94,11 @@ def load_dataset(
         return ICLDataset(dim=icl_dim, points=icl_points, noise=icl_noise, seed=seed)
     if spec == "assoc-recall":
         return RecallDataset(
-            keys=recall_keys, values=recall_values, pairs=recall_pairs, seed=seed, queries=recall_queries
+            keys=recall_keys,
+            values=recall_values,
+            pairs=recall_pairs,
+            seed=seed,
+            queries=recall_queries,
+            min_pairs=recall_min_pairs,
         )
     raise UserError(f"unknown data source {spec!r}; accepted: {', '.join(DATA_SOURCES)}")

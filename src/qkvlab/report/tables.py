@@ -22,9 +22,14 @@ def format_table(headers: Sequence[str], rows: Sequence[Sequence[object]]) -> st
 
 
 def pm(stats: dict[str, float] | None, digits: int = 4, scale: float = 1.0) -> str:
-    """``mean ± std`` of a :func:`qkvlab.experiments.grid.mean_std` result; "—" for none."""
+    """``mean ± std`` of a :func:`qkvlab.experiments.grid.mean_std` result; "—" for none.
+
+    A single value has no spread, so it prints as the bare mean rather than a misleading "± 0".
+    """
     if not stats:
         return "—"
+    if stats.get("n") == 1:
+        return f"{stats['mean'] * scale:.{digits}f}"
     return f"{stats['mean'] * scale:.{digits}f} ± {stats['std'] * scale:.{digits}f}"
 
 

@@ -360,6 +360,7 @@ def train(config: TrainConfig, *, resume: Path | None = None) -> TrainResult:
         recall_values=config.recall_values,
         recall_pairs=config.recall_pairs,
         recall_queries=config.recall_queries,
+        recall_min_pairs=config.recall_min_pairs,
     )
     if config.online:  # refuse before training, not at the first step past the data
         steps = dataset.max_online_steps(config.batch_size // ddp.world_size, ddp.world_size)
