@@ -308,6 +308,7 @@ def test_repro_wd_rank_and_decouple_on_a_tiny_gpt(corpus, tmp_path, capsys) -> N
 def test_repro_wd_rank_on_tiny_associative_recall(tmp_path, capsys) -> None:
     changes = {
         "recall_pairs": 4,
+        "recall_queries": 2,
         "batch_size": 8,
         "max_steps": 4,
         "warmup_steps": 1,
