@@ -298,6 +298,10 @@ def test_repro_wd_rank_and_decouple_on_a_tiny_gpt(corpus, tmp_path, capsys) -> N
     printed = capsys.readouterr().out
     assert "skipped (complete)     attn=0,rest=0.1,seed=0" in printed and "(reference)" in printed
     assert "ran                    attn=0.1,rest=0.1,seed=0" in printed
+    # one seed: differences print without a spread (a "± 0" would claim a precision there is none of)
+    row = next(line for line in printed.splitlines() if line.startswith("| 0.1 | 0 |"))
+    assert "(0/1 > 0)" in row or "(1/1 > 0)" in row
+    assert "±" not in row.split("|")[7]
     # other settings in the same folder are refused, naming the difference
     assert main([*decouple[:-2], "--set", "checkpoint_every=2", "--seeds", "0"]) == 2
     assert "holds runs made with other settings" in capsys.readouterr().err

@@ -20,7 +20,8 @@ def _diff(stats: dict[str, Any] | None, digits: int = 2) -> str:
     if not stats:
         return "—"
     mean = stats["mean"] if round(stats["mean"], digits) != 0 else 0.0  # no "-0.0000"
-    return f"{mean:+.{digits}f} ± {stats['std']:.{digits}f} ({stats['wins']}/{stats['n']} > 0)"
+    spread = f" ± {stats['std']:.{digits}f}" if stats["n"] > 1 else ""  # one seed has no spread
+    return f"{mean:+.{digits}f}{spread} ({stats['wins']}/{stats['n']} > 0)"
 
 
 def _lambda_axis(ax: Any, eta: float, lams: list[float]) -> None:
