@@ -259,6 +259,14 @@ def test_repro_wd_rank_and_decouple_on_a_tiny_gpt(corpus, tmp_path, capsys) -> N
     eta = schedule_sum(gpt_settings(changes)["overrides"])
     assert cells[(1.0, 0.1)]["eta_lambda_attn"] == pytest.approx(eta) and f"| 1 | {eta:.3g} |" in printed
     assert "| init |" in printed and "Seed-paired differences from λ_attn = 0" in printed
+    # how early: Δ erank against λ_attn = 0 at the monitor's steps, ending at the run's end, where it is 100%
+    early = cells[(1.0, 0.1)]["early"]
+    assert early["steps"] == [3, 6] and "early" not in cells[(0.0, 0.1)]  # the reference has no Δ
+    final_delta = cells[(1.0, 0.1)]["vs_attn_0"]["qk_effective_rank"]["mean"]
+    assert early["qk"][-1]["mean"] == pytest.approx(final_delta)
+    assert early["eta_share"][-1] == pytest.approx(1.0) and 0 < early["eta_share"][0] < 1
+    assert early["eta_share"][0] == pytest.approx(schedule_sum(gpt_settings(changes)["overrides"], 3) / eta)
+    assert "How early" in printed and "step 6 (Σηₜ 100%)" in printed
     config = json.loads((out / "runs" / "attn=1,rest=0.1,seed=0" / "config.json").read_text())
     assert config["weight_decay"] == 0.1 and config["model"]["bias"] is False
     assert {r: config["overrides"][r]["weight_decay"] for r in ("q", "k", "v", "o", "embed")} == {

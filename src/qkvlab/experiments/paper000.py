@@ -101,14 +101,18 @@ DECOUPLE_REST = (0.1, 1.0)
 ATTENTION = ("q", "k", "v", "o")
 
 
-def schedule_sum(config: dict[str, Any]) -> float:
-    """Σₜ ηₜ over the run's schedule (the time weight decay acts for), from qkv train's own lr rule."""
+def schedule_sum(config: dict[str, Any], until: int | None = None) -> float:
+    """Σₜ ηₜ over the run's schedule (the time weight decay acts for), from qkv train's own lr rule.
+
+    ``until``: the sum over the first ``until`` steps only (the decay applied before that step).
+    """
     from qkvlab.config import load_config
     from qkvlab.train.trainer import _lr_lambda
 
     resolved = load_config(None, config)
     factor = _lr_lambda(resolved)
-    return math.fsum(resolved.lr * factor(step) for step in range(resolved.max_steps))
+    steps = resolved.max_steps if until is None else min(until, resolved.max_steps)
+    return math.fsum(resolved.lr * factor(step) for step in range(steps))
 
 
 def gpt_point(attn: float, rest: float) -> dict[str, float]:
@@ -308,6 +312,14 @@ def aggregate(out: Path, numbers: dict[tuple, dict[int, dict[str, Any]]] | None 
                     for m in ("effective_rank", "stable_rank")
                 },
             }
+    for cell in cells:
+        reference = index.get((0.0, cell["rest_weight_decay"]))
+        if reference is not None and cell is not reference:
+            cell["early"] = _early(numbers[point_key_of(cell)], numbers[point_key_of(reference)])
+            if cell["early"]:  # the share of Σηₜ spent by each step: what a Δ ∝ Σηλ would reach
+                cell["early"]["eta_share"] = [
+                    schedule_sum(settings["overrides"], t) / eta_sum for t in cell["early"]["steps"]
+                ]
     rtol = next((r["rtol"] for by_seed in numbers.values() for r in by_seed.values()), None)
     return {
         "schema_version": 1,
@@ -316,6 +328,44 @@ def aggregate(out: Path, numbers: dict[tuple, dict[int, dict[str, Any]]] | None 
         "rtol": rtol,
         "cells": cells,
     }
+
+
+EARLY_FRACTIONS = (0.05, 0.125, 0.25, 0.5, 1.0)
+
+
+def _early(mine: dict[int, dict[str, Any]], zero: dict[int, dict[str, Any]]) -> dict[str, Any]:
+    """How early the effect appears: the seed-paired Δ effective rank against λ_attn = 0 along training.
+
+    At the recorded steps nearest to 5%, 12.5%, 25%, 50% and 100% of the run: Δ (mean ± std, wins)
+    per product, and Δ as a fraction of its final value, per seed then averaged.
+    """
+    from qkvlab.experiments.grid import mean_std, paired
+
+    seeds = sorted(set(mine) & set(zero))
+    if not seeds:
+        return {}
+    common = sorted(
+        set.intersection(*(set(r["steps"]) for r in (*(mine[s] for s in seeds), *(zero[s] for s in seeds))))
+    )
+    last = common[-1]
+    steps = sorted({min(common, key=lambda t, f=f: (abs(t - f * last), t)) for f in EARLY_FRACTIONS} - {0})
+
+    def erank(run: dict[str, Any], step: int, product: str) -> float:
+        return _model_mean(run["trajectory"][run["steps"].index(step)][product]["effective_rank"])
+
+    out: dict[str, Any] = {"steps": steps}
+    for product in PRODUCTS:
+        deltas = {
+            s: {t: erank(mine[s], t, product) - erank(zero[s], t, product) for t in steps} for s in seeds
+        }
+        out[product] = [paired({s: deltas[s][t] for s in seeds}, dict.fromkeys(seeds, 0.0)) for t in steps]
+        out[f"{product}_fraction"] = [
+            mean_std(deltas[s][t] / deltas[s][last] for s in seeds)
+            if all(deltas[s][last] for s in seeds)
+            else None
+            for t in steps
+        ]
+    return out
 
 
 def point_key_of(cell: dict[str, Any]) -> tuple:

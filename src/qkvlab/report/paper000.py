@@ -16,6 +16,52 @@ __all__ = ["decouple_table", "plot_wd_rank", "wd_rank_tables"]
 _NAMES = {"effective_rank": "erank", "stable_rank": "stable rank", "rank": "rank", "nuclear_norm": "‖·‖_*"}
 
 
+def _early_table(cells: list[dict[str, Any]]) -> list[str]:
+    """Claim 2, "early in training": the paired Δ effective rank at a few steps, and its share of the final Δ."""
+    early = [c for c in cells if c.get("early", {}).get("steps")]
+    if not early:
+        return []
+    steps = early[-1]["early"]["steps"]
+    lines = [
+        "",
+        "How early: seed-paired Δ effective rank against λ_attn = 0 during training, and in brackets that Δ "
+        "as a share of its value at the end (mean over seeds). In each step's header, the share of Σₜηₜ spent by "
+        "then: the share a Δ that grew in proportion to Σηλ would have reached.",
+        "",
+        "| product | λ_attn | Σηλ_attn | "
+        + " | ".join(
+            f"step {t} (Σηₜ {share:.0%})"
+            for t, share in zip(steps, early[-1]["early"]["eta_share"], strict=True)
+        )
+        + " |",
+        "|---|---|---|" + "---|" * len(steps),
+    ]
+    for product in ("qk", "ov"):
+        for c in early:
+            e = c["early"]
+            if e["steps"] != steps:
+                continue
+            values = [
+                f"{_diff(d)} [{format(share['mean'], '.0%') if share else '—'}]"
+                for d, share in zip(e[product], e[f"{product}_fraction"], strict=True)
+            ]
+            lines.append(
+                f"| {product.upper()} | {c['attn_weight_decay']:g} | {c['eta_lambda_attn']:.3g} | "
+                + " | ".join(values)
+                + " |"
+            )
+    return lines
+
+
+def _devices(cells: list[dict[str, Any]]) -> str:
+    """The devices the runs ran on; runs whose final.json predates the device field are noted apart."""
+    known = sorted({d for c in cells for d in c["devices"]} - {"not recorded"})
+    unknown = any("not recorded" in c["devices"] for c in cells)
+    if not known:
+        return "not recorded"
+    return ", ".join(known) + (" (runs older than the record of it: not recorded)" if unknown else "")
+
+
 def _diff(stats: dict[str, Any] | None, digits: int = 2) -> str:
     if not stats:
         return "—"
@@ -58,8 +104,7 @@ def wd_rank_tables(summary: dict[str, Any], rest: float) -> str:
     init = next((c["init"] for c in cells if c["init"]), None)
     lines = [
         f"Model-wide mean over layers and heads (mean ± std over seeds); λ_rest = {rest:g}, "
-        f"Σₜηₜ = {cells[0]['eta_sum']:.4g}; rank at rtol = {rtol:g}; device: "
-        f"{', '.join(sorted({d for c in cells for d in c['devices']}))}.",
+        f"Σₜηₜ = {cells[0]['eta_sum']:.4g}; rank at rtol = {rtol:g}; device: {_devices(cells)}.",
         "",
         "| λ_attn | Σηλ_attn | seeds | val loss |"
         + (" val accuracy (%) |" if accuracy else "")
@@ -95,6 +140,7 @@ def wd_rank_tables(summary: dict[str, Any], rest: float) -> str:
             f"{_diff(d['qk_effective_rank'])} | {_diff(d['ov_effective_rank'])} | "
             f"{_diff(d['qk_stable_rank'])} | {_diff(d['ov_stable_rank'])} |"
         )
+    lines += _early_table(cells)
     n_layers = len(cells[0]["final"]["qk_effective_rank_per_layer"])
     for product in ("qk", "ov"):
         lines += [
