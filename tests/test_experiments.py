@@ -357,3 +357,9 @@ def test_repro_wd_rank_on_tiny_associative_recall(tmp_path, capsys) -> None:
     summary = json.loads((out / "summary.json").read_text())
     accuracy = summary["cells"][0]["val"]["accuracy"]["mean"]
     assert 0.0 <= accuracy <= 1.0
+    # Fig. 2 in numbers: the relative Gram-norm difference of each factor pair, at init and at the end
+    balance = summary["cells"][1]["balance"]
+    assert balance["seeds"] == [0] and "Factor balance" in printed
+    for key in ("qk_init", "qk_end", "ov_init", "ov_end"):
+        assert 0.0 <= balance[key]["mean"] <= 2.0  # |a − b| / ((a + b) / 2) lies in [0, 2]
+    assert balance["ov_init"]["mean"] > 0.5  # GPT-2 init: P is 1/√(2·n_layer) smaller than W_V

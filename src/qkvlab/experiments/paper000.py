@@ -313,6 +313,10 @@ def aggregate(out: Path, numbers: dict[tuple, dict[int, dict[str, Any]]] | None 
                 },
             }
     for cell in cells:
+        balance = _balance(numbers[point_key_of(cell)])
+        if balance:
+            cell["balance"] = balance
+    for cell in cells:
         reference = index.get((0.0, cell["rest_weight_decay"]))
         if reference is not None and cell is not reference:
             cell["early"] = _early(numbers[point_key_of(cell)], numbers[point_key_of(reference)])
@@ -328,6 +332,30 @@ def aggregate(out: Path, numbers: dict[tuple, dict[int, dict[str, Any]]] | None 
         "rtol": rtol,
         "cells": cells,
     }
+
+
+def _balance(runs: dict[int, dict[str, Any]]) -> dict[str, Any]:
+    """Paper 000's Fig. 2 in numbers: how far apart the factors' Gram norms are, at init and at the end.
+
+    Per product, mean over layers of |‖AᵀA‖_F − ‖BᵀB‖_F| / (½(‖AᵀA‖_F + ‖BᵀB‖_F)) (0 when balanced),
+    mean ± std over the seeds whose runs recorded the Gram norms (older runs did not), listed in "seeds".
+    """
+    from qkvlab.experiments.grid import mean_std
+
+    runs = {s: r for s, r in runs.items() if "left_gram" in r["trajectory"][-1]["qk"]}
+    if not runs:
+        return {}
+
+    def relative(record: dict[str, Any], product: str) -> float:
+        pairs = zip(record[product]["left_gram"], record[product]["right_gram"], strict=True)
+        return _model_mean([abs(a - b) / (0.5 * (a + b)) if a + b > 0 else 0.0 for a, b in pairs])
+
+    out: dict[str, Any] = {"seeds": sorted(runs)}
+    for product in PRODUCTS:
+        out[f"{product}_end"] = mean_std(relative(r["trajectory"][-1], product) for r in runs.values())
+        starts = [relative(r["trajectory"][0], product) for r in runs.values() if r["steps"][0] == 0]
+        out[f"{product}_init"] = mean_std(starts) if starts else None
+    return out
 
 
 EARLY_FRACTIONS = (0.05, 0.125, 0.25, 0.5, 1.0)

@@ -6,6 +6,7 @@ labelled axes and a legend. Σηλ (the schedule's Σₜηₜ times λ) is print
 
 from __future__ import annotations
 
+import math
 from pathlib import Path
 from typing import Any
 
@@ -50,6 +51,29 @@ def _early_table(cells: list[dict[str, Any]]) -> list[str]:
                 + " | ".join(values)
                 + " |"
             )
+    return lines
+
+
+def _balance_table(cells: list[dict[str, Any]]) -> list[str]:
+    """Fig. 2: relative difference of the two factors' Gram norms, at the initialisation and at the end."""
+    rows = [c for c in cells if c.get("balance")]
+    if not rows:
+        return []
+    lines = [
+        "",
+        "Factor balance (paper 000, Fig. 2): |‖AᵀA‖_F − ‖BᵀB‖_F| / mean of the two, per head, mean over heads "
+        "and layers, mean ± std over the seeds that recorded it (0 = balanced; A, B = W_K, W_Q for QK and P, W_V "
+        "for OV). e^(−2Σηλ) is the factor by which gradient flow with this decay shrinks ‖AᵀA − BᵀB‖_F.",
+        "",
+        "| λ_attn | Σηλ_attn | seeds | e^(−2Σηλ) | QK at init | QK at end | OV at init | OV at end |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
+    for c in rows:
+        b = c["balance"]
+        lines.append(
+            f"| {c['attn_weight_decay']:g} | {c['eta_lambda_attn']:.3g} | {len(b['seeds'])} | {math.exp(-2 * c['eta_lambda_attn']):.3g} | "
+            f"{pm(b['qk_init'], 3)} | {pm(b['qk_end'], 3)} | {pm(b['ov_init'], 3)} | {pm(b['ov_end'], 3)} |"
+        )
     return lines
 
 
@@ -141,6 +165,7 @@ def wd_rank_tables(summary: dict[str, Any], rest: float) -> str:
             f"{_diff(d['qk_stable_rank'])} | {_diff(d['ov_stable_rank'])} |"
         )
     lines += _early_table(cells)
+    lines += _balance_table(cells)
     n_layers = len(cells[0]["final"]["qk_effective_rank_per_layer"])
     for product in ("qk", "ov"):
         lines += [
