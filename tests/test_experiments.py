@@ -317,6 +317,56 @@ def test_repro_wd_rank_and_decouple_on_a_tiny_gpt(corpus, tmp_path, capsys) -> N
     assert "model.bias=false" in capsys.readouterr().err
 
 
+def test_repro_wd_rank_gpt_online_is_one_pass_and_refuses_more(corpus, tmp_path, capsys) -> None:
+    from qkvlab.data import load_dataset
+    from qkvlab.experiments.paper000 import GPT_ONLINE_ATTN, GPT_ONLINE_BASE, schedule_sum
+
+    # the shipped setting: exactly one pass over the training text, and its λ grid reaches Σηλ 3.3
+    shakespeare_steps = GPT_ONLINE_BASE["max_steps"]
+    assert GPT_ONLINE_BASE["online"] is True and shakespeare_steps == 1102
+    assert max(GPT_ONLINE_ATTN) * schedule_sum(GPT_ONLINE_BASE) == pytest.approx(3.3, rel=0.01)
+    data = load_dataset(f"text:{corpus}", seq_len=16)
+    one_pass = data.max_online_steps(4)
+    changes = {
+        "data": f"text:{corpus}",
+        "seq_len": 16,
+        "batch_size": 4,
+        "warmup_steps": 1,
+        "model.n_layer": 1,
+        "model.n_head": 2,
+        "model.d_model": 16,
+        "model.d_head": 8,
+        "model.d_mlp": 32,
+        "eval_every": 2,
+        "spectra_every": 2,
+        "checkpoint_every": 2,
+    }
+    out = tmp_path / "online"
+    base = [
+        "repro",
+        "wd-rank",
+        "--setting",
+        "gpt-online",
+        "--out",
+        str(out),
+        "--lambdas",
+        "0,1",
+        "--seeds",
+        "0",
+    ]
+    too_long = [x for k, v in {**changes, "max_steps": one_pass + 1}.items() for x in ("--set", f"{k}={v}")]
+    assert main([*base, *too_long]) == 2
+    err = capsys.readouterr().err
+    assert f"max_steps <= {one_pass}" in err and len(err.strip().splitlines()) == 1
+    assert not (out / "runs").exists()  # refused before any run started
+    steps = min(one_pass, 6)
+    sets = [x for k, v in {**changes, "max_steps": steps}.items() for x in ("--set", f"{k}={v}")]
+    assert main([*base, *sets]) == 0
+    config = json.loads((out / "runs" / "attn=1,rest=0.1,seed=0" / "config.json").read_text())
+    assert config["online"] is True and config["max_steps"] == steps
+    assert "| 1 |" in capsys.readouterr().out
+
+
 def test_repro_wd_rank_on_tiny_associative_recall(tmp_path, capsys) -> None:
     changes = {
         "recall_pairs": 4,

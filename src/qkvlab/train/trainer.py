@@ -27,7 +27,7 @@ import time
 from contextlib import nullcontext
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 import torch.distributed as dist
@@ -39,6 +39,9 @@ from qkvlab.inspect import inspect, summary_metrics
 from qkvlab.models import build_model
 from qkvlab.optim import l2_penalty, optimizer_settings, param_groups
 from qkvlab.train.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint, write_atomic
+
+if TYPE_CHECKING:
+    from qkvlab.data import Dataset
 
 __all__ = ["TrainResult", "train"]
 
@@ -335,16 +338,13 @@ def _evaluate(
     return metrics
 
 
-def train(config: TrainConfig, *, resume: Path | None = None) -> TrainResult:
-    """Train (or resume) the run ``config`` describes; returns where it ended."""
-    from qkvlab.data import load_dataset
+def load_run_dataset(config: TrainConfig, world_size: int = 1) -> Dataset:
+    """The dataset a run of ``config`` trains on.
 
-    ddp = _init_distributed("cuda" if config.device == "cuda" else "cpu")
-    device = _device(config, ddp)
-    if config.batch_size % ddp.world_size:
-        raise UserError(f"batch_size={config.batch_size} must be divisible by the {ddp.world_size} processes")
-    run_dir = resume if resume is not None else config.run_dir()
-    torch.manual_seed(config.seed)
+    With ``online=true`` it is refused (UserError) before any training if ``max_steps`` goes past
+    one pass over the data.
+    """
+    from qkvlab.data import load_dataset
 
     dataset = load_dataset(
         config.data,
@@ -363,13 +363,27 @@ def train(config: TrainConfig, *, resume: Path | None = None) -> TrainResult:
         recall_min_pairs=config.recall_min_pairs,
     )
     if config.online:  # refuse before training, not at the first step past the data
-        steps = dataset.max_online_steps(config.batch_size // ddp.world_size, ddp.world_size)
+        steps = dataset.max_online_steps(config.batch_size // world_size, world_size)
         if steps is not None and config.max_steps > steps:
             raise UserError(
                 f"online=true sees every sample once, but data={config.data} has enough for {steps} steps "
                 f"at batch_size={config.batch_size}, and max_steps={config.max_steps}; accepted: "
                 f"max_steps <= {steps}, a smaller batch, or online=false"
             )
+    return dataset
+
+
+def train(config: TrainConfig, *, resume: Path | None = None) -> TrainResult:
+    """Train (or resume) the run ``config`` describes; returns where it ended."""
+
+    ddp = _init_distributed("cuda" if config.device == "cuda" else "cpu")
+    device = _device(config, ddp)
+    if config.batch_size % ddp.world_size:
+        raise UserError(f"batch_size={config.batch_size} must be divisible by the {ddp.world_size} processes")
+    run_dir = resume if resume is not None else config.run_dir()
+    torch.manual_seed(config.seed)
+
+    dataset = load_run_dataset(config, ddp.world_size)
     info = {"kind": dataset.kind, **dataset.info}
     model_cfg = _model_config(config, info)
     model = build_model(model_cfg).to(device)
