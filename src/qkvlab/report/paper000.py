@@ -227,8 +227,8 @@ def plot_wd_rank(summary: dict[str, Any], numbers: dict, rest: float, folder: Pa
         return []
     folder.mkdir(parents=True, exist_ok=True)
     written = []
-    n_seeds = max(len(c["seeds"]) for c in cells)
-    seeds_text = f"{n_seeds} seed{'s' * (n_seeds > 1)}"
+    fewest, most = min(len(c["seeds"]) for c in cells), max(len(c["seeds"]) for c in cells)
+    seeds_text = f"{fewest}–{most} seeds" if fewest < most else f"{most} seed{'s' * (most > 1)}"
     lams = [c["attn_weight_decay"] for c in cells]
     eta = cells[0]["eta_sum"]
     n_layers = len(cells[0]["final"]["qk_effective_rank_per_layer"])
