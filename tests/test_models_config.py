@@ -75,6 +75,22 @@ def test_linear_attention_matches_its_formula() -> None:
     torch.testing.assert_close(attn(x), expected)
 
 
+def test_init_std_scales_every_weight_and_keeps_gpt2_residual_scaling() -> None:
+    cfg = ModelConfig(kind="gpt", n_layer=2, n_head=4, d_model=128, d_head=32, vocab_size=500, seq_len=12)
+    stds = {}
+    for std in (0.02, 0.2):
+        torch.manual_seed(0)
+        model = build_model(ModelConfig(**{**cfg.__dict__, "init_std": std}))
+        attn = model.blocks[0].attn
+        stds[std] = (attn.q_proj.weight.std().item(), attn.o_proj.weight.std().item())
+    for std, (q, o) in stds.items():
+        assert q == pytest.approx(std, rel=0.05)
+        assert o == pytest.approx(std / 2, rel=0.05)  # residual output: std / √(2·n_layer)
+    assert ModelConfig().init_std == 0.02
+    with pytest.raises(qkvlab.UserError, match=r"model\.init_std"):
+        load_config(None, {"model.init_std": "0"})
+
+
 # -- config ----------------------------------------------------------------------------------
 
 

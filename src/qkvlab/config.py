@@ -182,6 +182,7 @@ _CHECKS: dict[str, tuple[Callable[[Any], bool], str]] = {
     "model.dropout": (lambda v: 0 <= v < 1, "in [0, 1)"),
     "model.attention": (lambda v: v in ("softmax", "linear"), "softmax or linear"),
     "model.patch_size": _pos,
+    "model.init_std": _pos,
 }
 
 

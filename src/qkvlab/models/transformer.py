@@ -34,6 +34,8 @@ class ModelConfig:
     attention: str = "softmax"  # softmax | linear (linear: von Oswald et al. 2023, icl only)
     norm: bool = True  # icl: LayerNorm before each sublayer (False = pure residual attention stack)
     patch_size: int = 4  # vit
+    # std of every weight matrix at init: GPT-2's 0.02; residual output projections get std / √(2·n_layer)
+    init_std: float = 0.02
     # Filled from the data by build_model:
     vocab_size: int = 0
     seq_len: int = 0
@@ -128,14 +130,12 @@ class Block(nn.Module):
         return x
 
 
-def _init_weights(module: nn.Module, n_layer: int) -> None:
-    """GPT-2 init: N(0, 0.02), residual output projections scaled by 1/√(2·n_layer)."""
+def _init_weights(module: nn.Module, n_layer: int, std: float = 0.02) -> None:
+    """GPT-2 init: N(0, std²) with std = 0.02 by default, residual output projections scaled by 1/√(2·n_layer)."""
     for name, p in module.named_parameters():
         if p.ndim >= 2:
-            std = (
-                0.02 / math.sqrt(2 * n_layer) if name.endswith(("o_proj.weight", "mlp.proj.weight")) else 0.02
-            )
-            nn.init.normal_(p, mean=0.0, std=std)
+            residual = name.endswith(("o_proj.weight", "mlp.proj.weight"))
+            nn.init.normal_(p, mean=0.0, std=std / math.sqrt(2 * n_layer) if residual else std)
         elif name.endswith("bias"):
             nn.init.zeros_(p)
 
@@ -152,7 +152,7 @@ class GPT(nn.Module):
         self.blocks = nn.ModuleList(Block(cfg, causal=True) for _ in range(cfg.n_layer))
         self.ln_f = nn.LayerNorm(cfg.d_model, bias=cfg.bias)
         self.lm_head = nn.Linear(cfg.d_model, cfg.vocab_size, bias=False)
-        _init_weights(self, cfg.n_layer)
+        _init_weights(self, cfg.n_layer, cfg.init_std)
         if cfg.tie_embeddings:
             self.lm_head.weight = self.tok_embed.weight
 
@@ -183,7 +183,7 @@ class ViT(nn.Module):
         self.blocks = nn.ModuleList(Block(cfg, causal=False) for _ in range(cfg.n_layer))
         self.ln_f = nn.LayerNorm(cfg.d_model, bias=cfg.bias)
         self.head = nn.Linear(cfg.d_model, cfg.n_classes)
-        _init_weights(self, cfg.n_layer)
+        _init_weights(self, cfg.n_layer, cfg.init_std)
 
     def forward(self, pixels: torch.Tensor, labels: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
         x = self.patch_embed(pixels).flatten(2).transpose(1, 2)  # (b, patches, d)
@@ -211,7 +211,7 @@ class ICLTransformer(nn.Module):
         self.blocks = nn.ModuleList(Block(cfg, causal=False, norm=cfg.norm) for _ in range(cfg.n_layer))
         self.ln_f = nn.LayerNorm(cfg.d_model, bias=cfg.bias) if cfg.norm else nn.Identity()
         self.head = nn.Linear(cfg.d_model, 1, bias=cfg.bias)
-        _init_weights(self, cfg.n_layer)
+        _init_weights(self, cfg.n_layer, cfg.init_std)
 
     def forward(self, inputs: torch.Tensor, targets: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
         x = self.embed(inputs)
