@@ -571,3 +571,19 @@ def test_atomic_write_gives_the_file_the_umask_mode_not_mkstemps_0600(tmp_path) 
     assert (tmp_path / "b.json").stat().st_mode & 0o777 == 0o600
     assert (tmp_path / "a.json").read_bytes() == b"{}"
     assert not list(tmp_path.glob(".*.tmp"))
+
+
+def test_gd_step_size_is_the_best_one_step_and_its_error_is_as_derived() -> None:
+    from qkvlab.data.icl import gd_prediction, gd_step_size
+
+    dim, points, noise = 4, 12, 0.5
+    ds = load_dataset("icl-regression", icl_dim=dim, icl_points=points, icl_noise=noise, seed=3)
+    batch = ds.sequences(40_000, torch.Generator().manual_seed(11))
+    g = gd_prediction(batch["inputs"].double(), 1.0)  # Σᵢ yᵢ xᵢᵀx_q
+    y = batch["targets"].double()
+    best = (g @ y / (g @ g)).item()  # least-squares step on 40k fresh tasks
+    step = gd_step_size(dim, points, noise)
+    assert step == pytest.approx(best, rel=0.03)
+    n = points - 1
+    assert (step * g - y).square().mean().item() == pytest.approx(1 + noise**2 - n * step, rel=0.03)
+    assert gd_step_size(8, 32, 0.0) * 31 == pytest.approx(31 / 40)  # von Oswald's setting: error 9/40

@@ -413,3 +413,26 @@ def test_repro_wd_rank_on_tiny_associative_recall(tmp_path, capsys) -> None:
     for key in ("qk_init", "qk_end", "ov_init", "ov_end"):
         assert 0.0 <= balance[key]["mean"] <= 2.0  # |a − b| / ((a + b) / 2) lies in [0, 2]
     assert balance["ov_init"]["mean"] > 0.5  # GPT-2 init: P is 1/√(2·n_layer) smaller than W_V
+
+
+@pytest.mark.parametrize("attention", ["linear", "softmax"])
+def test_repro_wd_rank_on_tiny_in_context_regression(tmp_path, capsys, attention) -> None:
+    from qkvlab.experiments.paper000 import ICL_ATTN, ICL_BASE, schedule_sum
+
+    assert max(ICL_ATTN) * schedule_sum(ICL_BASE) == pytest.approx(3.3, rel=0.01)  # the shipped grid
+    changes = {"icl_dim": 3, "icl_points": 8, "batch_size": 16, "max_steps": 4, "warmup_steps": 1}
+    changes |= {"eval_every": 2, "eval_batches": 2, "spectra_every": 2, "checkpoint_every": 2}
+    sets = [x for k, v in changes.items() for x in ("--set", f"{k}={v}")]
+    out = tmp_path / attention
+    args = ["repro", "wd-rank", "--setting", f"icl-{attention}", "--out", str(out), "--lambdas", "0,0.5"]
+    assert main([*args, "--seeds", "0", *sets, "--plot", str(tmp_path / "plots")]) == 0
+    printed = capsys.readouterr().out
+    assert "against one step of gradient descent" in printed and "| 0.5 |" in printed
+    config = json.loads((out / "runs" / "attn=0.5,rest=0.1,seed=0" / "config.json").read_text())
+    assert config["data"] == "icl-regression" and config["online"] is True
+    assert config["model"]["attention"] == attention and config["model"]["init_std"] == 0.2
+    summary = json.loads((out / "summary.json").read_text())
+    val = summary["cells"][0]["val"]
+    # the GD baseline of d = 3, N = 8 is (d + 1)/(n + d + 1) = 4/11 in expectation (2 batches of 16 here)
+    assert 0.1 < val["gd_mse"]["mean"] < 0.8 and val["gd_distance"]["mean"] > 0
+    assert (tmp_path / "plots" / "val_loss_vs_lambda_rest0.1.png").stat().st_size > 10_000

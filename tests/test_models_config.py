@@ -148,3 +148,39 @@ def test_bad_yaml_file(tmp_path) -> None:
 def test_derived_model_fields_are_not_keys() -> None:
     with pytest.raises(qkvlab.UserError, match=r"unknown config key 'model\.vocab_size'"):
         apply_overrides(TrainConfig(), {"model.vocab_size": "10"})
+
+
+def test_linear_attention_set_to_one_gd_step_scores_the_gd_reference() -> None:
+    # von Oswald et al. 2023: one linear-attention layer with W_Q = W_K = I on x, W_V reading y and
+    # P = N·η* is one GD step from w = 0; the trainer's validation must find it at distance 0.
+    import contextlib
+
+    from qkvlab.data import load_dataset
+    from qkvlab.train.trainer import _evaluate
+
+    dim, points = 4, 12
+    ds = load_dataset("icl-regression", icl_dim=dim, icl_points=points, seed=0)
+    config = load_config(None, {"data": "icl-regression", "model.kind": "icl", "batch_size": "256"})
+    cfg = ModelConfig(
+        kind="icl", n_layer=1, n_head=1, d_model=dim + 1, d_head=dim + 1, input_dim=dim + 1,
+        attention="linear", norm=False, d_mlp=0, bias=False,
+    )  # fmt: skip
+    model = build_model(cfg)
+    x_only = torch.diag(torch.tensor([1.0] * dim + [0.0]))
+    y_only = torch.diag(torch.tensor([0.0] * dim + [1.0]))
+    with torch.no_grad():
+        model.embed.weight.copy_(torch.eye(dim + 1))
+        attn = model.blocks[0].attn
+        attn.q_proj.weight.copy_(x_only)
+        attn.k_proj.weight.copy_(x_only)
+        attn.v_proj.weight.copy_(y_only)
+        attn.o_proj.weight.copy_(points * ds.gd_step * torch.eye(dim + 1))
+        model.head.weight.copy_(y_only[-1:])
+        metrics = _evaluate(model, ds, config, torch.device("cpu"), contextlib.nullcontext)
+    assert metrics["gd_distance"] < 1e-10
+    assert metrics["loss"] == pytest.approx(metrics["gd_mse"], rel=1e-5)
+    assert 0.25 < metrics["gd_mse"] < 0.45  # (d + 1)/(n + d + 1) = 5/16 in expectation, 2,048 tasks
+    with torch.no_grad():
+        model.head.weight.zero_()  # predicting 0 is far from GD
+        far = _evaluate(model, ds, config, torch.device("cpu"), contextlib.nullcontext)
+    assert far["gd_distance"] > 0.5 and far["loss"] > 0.8

@@ -18,6 +18,10 @@ Weight decay is set per role, as the paper's Fig. 3 and Table 1 do:
 - ``rest``: the MLP matrices;
 - embeddings and the (tied) LM head: 0.1 in every cell; norm gains: 0 (HF Trainer convention).
 
+Other settings (``--setting``): associative recall, the GPT in one pass over the text, and one
+attention layer on in-context linear regression (linear or softmax), each described where its base
+config is defined below.
+
 ``wd-rank`` varies λ_attn ∈ {0, 0.03, 0.1, 0.3, 1, 3} at λ_rest = 0.1 (Σηλ_attn from 0 to 3.3);
 ``decouple`` is λ_attn ∈ {0, 0.1, 1, 3} × λ_rest ∈ {0.1, 1}. Both live in one results folder, so the
 cells they share are trained once.
@@ -100,15 +104,69 @@ RECALL_ATTN = (0.0, 0.005, 0.015, 0.05, 0.15, 0.5)
 # keeps the GPT grid's Σηλ values (0.033 … 3.3), so its λ are 1.82× the GPT grid's.
 GPT_ONLINE_BASE: dict[str, Any] = {**GPT_BASE, "online": True, "max_steps": 1102, "checkpoint_every": 200}
 GPT_ONLINE_ATTN = (0.0, 0.055, 0.18, 0.55, 1.8, 5.5)
-BASES = {"gpt": GPT_BASE, "recall": RECALL_BASE, "gpt-online": GPT_ONLINE_BASE}
+# In-context linear regression, fully online (issue 11): von Oswald et al. (2023)'s one layer of
+# attention, one head, no norm, no MLP, no biases, over tokens [x, y] (d = 8, 31 context points and
+# a query), embedded in d_model 16, read out by a linear head. With linear attention such a layer
+# can be exactly one step of gradient descent in context (error 9/40 = 0.225; predicting 0 scores
+# 1); the validation reports that baseline on the same tasks (``gd_mse``) and the mean squared
+# distance of the model's predictions from it (``gd_distance``). Pilots at λ = 0 only
+# (results/pilots/icl-regression): at GPT-2's init std 0.02 the five matrices in series sit at a
+# saddle (MSE 0.87 after 18,000 steps, icl1–icl4), and so do they at std 0.1; at std 0.2 three
+# seeds reach 0.224–0.240 in 3,000 steps. Softmax attention differs in nothing else; it reaches
+# 0.43–0.51 (lr 3e-3, which both attentions use). Σₜηₜ = 4.95, so λ_attn up to 0.67 (Σηλ 3.3).
+ICL_BASE: dict[str, Any] = {
+    "data": "icl-regression",
+    "icl_dim": 8,
+    "icl_points": 32,
+    "icl_noise": 0.0,
+    "online": True,
+    "model.kind": "icl",
+    "model.n_layer": 1,
+    "model.n_head": 1,
+    "model.d_model": 16,
+    "model.d_head": 16,
+    "model.d_mlp": 0,
+    "model.norm": False,
+    "model.bias": False,
+    "model.init_std": 0.2,
+    "model.attention": "linear",
+    **{k: GPT_BASE[k] for k in ("optimizer", "beta1", "beta2", "schedule", "min_lr_ratio", "grad_clip")},
+    "lr": 3e-3,
+    "warmup_steps": 50,
+    "batch_size": 64,
+    "max_steps": 3000,
+    "eval_every": 250,
+    "eval_batches": 0,
+    "spectra_every": 100,
+    "checkpoint_every": 1000,
+    "keep_checkpoints": 1,
+    "tensorboard": False,
+}
+ICL_SOFTMAX_BASE: dict[str, Any] = {**ICL_BASE, "model.attention": "softmax"}
+ICL_ATTN = (0.0, 0.0067, 0.02, 0.067, 0.2, 0.67)
+BASES = {
+    "gpt": GPT_BASE,
+    "recall": RECALL_BASE,
+    "gpt-online": GPT_ONLINE_BASE,
+    "icl-linear": ICL_BASE,
+    "icl-softmax": ICL_SOFTMAX_BASE,
+}
 SETTING_HELP = {
     "gpt": "the char-level Shakespeare GPT",
     "recall": "a 2-layer transformer on associative recall, fully online",
     "gpt-online": "the same GPT in one pass over the text (every window seen once)",
+    "icl-linear": "one linear-attention layer on in-context linear regression, fully online, against one GD step",
+    "icl-softmax": "the same with softmax attention",
 }
 EMBED_WEIGHT_DECAY = 0.1
 WD_RANK_ATTN = (0.0, 0.03, 0.1, 0.3, 1.0, 3.0)
-DEFAULT_ATTN = {"gpt": WD_RANK_ATTN, "recall": RECALL_ATTN, "gpt-online": GPT_ONLINE_ATTN}
+DEFAULT_ATTN = {
+    "gpt": WD_RANK_ATTN,
+    "recall": RECALL_ATTN,
+    "gpt-online": GPT_ONLINE_ATTN,
+    "icl-linear": ICL_ATTN,
+    "icl-softmax": ICL_ATTN,
+}
 WD_RANK_REST = 0.1
 DECOUPLE_ATTN = (0.0, 0.1, 1.0, 3.0)
 DECOUPLE_REST = (0.1, 1.0)
@@ -557,7 +615,9 @@ def _is_gpt_folder(folder: Path) -> bool:
 register(
     Experiment(
         "wd-rank",
-        "paper 000: attention weight decay lowers the rank of W_KᵀW_Q and P·W_V (Shakespeare GPT; --setting recall: associative recall)",
+        "paper 000: attention weight decay lowers the rank of W_KᵀW_Q and P·W_V (--setting: "
+        + ", ".join(BASES)
+        + ")",
         _wd_rank_arguments,
         _wd_rank_main,
         detect=_is_gpt_folder,

@@ -77,6 +77,30 @@ def _balance_table(cells: list[dict[str, Any]]) -> list[str]:
     return lines
 
 
+def _gd_table(cells: list[dict[str, Any]]) -> list[str]:
+    """In-context regression against one step of gradient descent (von Oswald et al. 2023), where the runs have it."""
+    rows = [c for c in cells if "gd_mse" in c["val"]]
+    if not rows:
+        return []
+    lines = [
+        "",
+        "In-context regression against one step of gradient descent from w = 0 with the best expected step "
+        "(von Oswald et al. 2023), on the same validation tasks; predicting 0 scores about 1. Distance: the mean "
+        "squared difference between the model's predictions and GD's (0 = the model is one GD step).",
+        "",
+        "| λ_attn | Σηλ_attn | seeds | val MSE | one-step GD MSE | distance to GD | Δ val MSE vs λ_attn = 0 |",
+        "|---|---|---|---|---|---|---|",
+    ]
+    for c in rows:
+        d = c.get("vs_attn_0") or {}
+        lines.append(
+            f"| {c['attn_weight_decay']:g} | {c['eta_lambda_attn']:.3g} | {len(c['seeds'])} | {pm(c['val']['loss'], 4)} | "
+            f"{pm(c['val']['gd_mse'], 4)} | {pm(c['val'].get('gd_distance'), 4)} | "
+            f"{'—' if c['attn_weight_decay'] == 0 else _diff(d.get('val_loss'), 4)} |"
+        )
+    return lines
+
+
 def _devices(cells: list[dict[str, Any]]) -> str:
     """The devices the runs ran on; runs whose final.json predates the device field are noted apart."""
     known = sorted({d for c in cells for d in c["devices"]} - {"not recorded"})
@@ -164,6 +188,7 @@ def wd_rank_tables(summary: dict[str, Any], rest: float) -> str:
             f"{_diff(d['qk_effective_rank'])} | {_diff(d['ov_effective_rank'])} | "
             f"{_diff(d['qk_stable_rank'])} | {_diff(d['ov_stable_rank'])} |"
         )
+    lines += _gd_table(cells)
     lines += _early_table(cells)
     lines += _balance_table(cells)
     n_layers = len(cells[0]["final"]["qk_effective_rank_per_layer"])
@@ -333,7 +358,15 @@ def plot_wd_rank(summary: dict[str, Any], numbers: dict, rest: float, folder: Pa
         )
         _lambda_axis(ax, eta, lams)
         ax.set_xlabel("Σₜηₜ·λ_attn")
-        ax.set_ylabel("validation accuracy (%)" if metric == "accuracy" else "validation loss (nats/token)")
+        if metric == "loss" and "gd_mse" in cells[0]["val"]:
+            ax.axhline(cells[0]["val"]["gd_mse"]["mean"], color="grey", ls="--", lw=1, label="one step of GD")
+        ax.set_ylabel(
+            "validation accuracy (%)"
+            if metric == "accuracy"
+            else "validation MSE"
+            if "gd_mse" in cells[0]["val"]
+            else "validation loss (nats/token)"
+        )
         ax.set_title(f"Validation {metric} against attention weight decay ({seeds_text})", fontsize=10)
         ax.grid(alpha=0.3)
         ax.legend(fontsize=8)

@@ -315,6 +315,8 @@ def _evaluate(
     model.eval()
     losses, correct, count = [], 0, 0
     answer_only = bool(getattr(dataset, "info", {}).get("answer_only"))
+    gd_step = getattr(dataset, "gd_step", None)  # icl-regression: compare with one step of GD
+    gd_errors, gd_distances = [], []
     for i, batch in enumerate(dataset.eval_batches(max(1, config.batch_size))):
         if config.eval_batches and i >= config.eval_batches:
             break
@@ -322,6 +324,12 @@ def _evaluate(
         with autocast():
             out = model(**batch)
         losses.append(out["loss"].float().item())
+        if gd_step is not None:
+            from qkvlab.data.icl import gd_prediction
+
+            reference = gd_prediction(batch["inputs"].double(), gd_step)
+            gd_errors.append((reference - batch["targets"].double()).square().mean().item())
+            gd_distances.append((out["prediction"].double() - reference).square().mean().item())
         if "labels" in batch and batch["labels"].ndim == 1:
             correct += (out["logits"].argmax(-1) == batch["labels"]).sum().item()
             count += batch["labels"].numel()
@@ -335,6 +343,9 @@ def _evaluate(
         metrics["perplexity"] = math.exp(min(metrics["loss"], 50.0))
     if count:
         metrics["accuracy"] = correct / count
+    if gd_errors:  # one GD step with the expected-error-optimal step (data.icl.gd_step_size), same sequences
+        metrics["gd_mse"] = statistics.fmean(gd_errors)
+        metrics["gd_distance"] = statistics.fmean(gd_distances)  # mean (model − GD prediction)²
     return metrics
 
 
