@@ -435,4 +435,29 @@ def test_repro_wd_rank_on_tiny_in_context_regression(tmp_path, capsys, attention
     val = summary["cells"][0]["val"]
     # the GD baseline of d = 3, N = 8 is (d + 1)/(n + d + 1) = 4/11 in expectation (2 batches of 16 here)
     assert 0.1 < val["gd_mse"]["mean"] < 0.8 and val["gd_distance"]["mean"] > 0
+    # the weight-space comparison is written beside each run (it is committed; checkpoints are not)
+    alignment = json.loads((out / "runs" / "attn=0,rest=0.1,seed=0" / "gd_alignment.json").read_text())
+    assert alignment["step"] == 4 and -1 <= alignment["cosine"] <= 1 and len(alignment["qk_cosine"]) == 1
+    assert "cos T" in printed and summary["cells"][0]["gd_alignment"]["cosine"]["n"] == 1
     assert (tmp_path / "plots" / "val_loss_vs_lambda_rest0.1.png").stat().st_size > 10_000
+
+
+def test_repro_wd_rank_on_a_tiny_vit_on_mnist(tmp_path, capsys) -> None:
+    changes = {"model.n_layer": 1, "model.n_head": 2, "model.d_model": 16, "model.d_head": 8}
+    changes |= {"model.d_mlp": 32, "model.patch_size": 7, "batch_size": 8, "max_steps": 4, "warmup_steps": 1}
+    changes |= {"eval_every": 2, "eval_batches": 2, "spectra_every": 2, "checkpoint_every": 2}
+    sets = [x for k, v in changes.items() for x in ("--set", f"{k}={v}")]
+    out = tmp_path / "vit"
+    args = ["repro", "wd-rank", "--setting", "vit", "--out", str(out), "--lambdas", "0,1", "--seeds", "0"]
+    assert main([*args, *sets]) == 0
+    printed = capsys.readouterr().out
+    from qkvlab.experiments.paper000 import VIT_BASE, gpt_settings, schedule_sum
+
+    eta = schedule_sum(gpt_settings(changes, "vit")["overrides"])
+    assert "val accuracy (%)" in printed and f"| 1 | {eta:.3g} |" in printed  # Σηλ beside λ
+    assert schedule_sum(VIT_BASE) == pytest.approx(1.096, abs=1e-3)  # the shipped grid: Σηλ up to 3.3
+    config = json.loads((out / "runs" / "attn=1,rest=0.1,seed=0" / "config.json").read_text())
+    assert (
+        config["data"] == "mnist5k" and config["model"]["kind"] == "vit" and config["model"]["bias"] is False
+    )
+    assert config["overrides"]["q"]["weight_decay"] == 1.0 and config["weight_decay"] == 0.1

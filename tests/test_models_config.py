@@ -180,6 +180,24 @@ def test_linear_attention_set_to_one_gd_step_scores_the_gd_reference() -> None:
     assert metrics["gd_distance"] < 1e-10
     assert metrics["loss"] == pytest.approx(metrics["gd_mse"], rel=1e-5)
     assert 0.25 < metrics["gd_mse"] < 0.45  # (d + 1)/(n + d + 1) = 5/16 in expectation, 2,048 tasks
+    # in weight space it is GD exactly, whichever sign the two sides share
+    from qkvlab.experiments.icl_gd import gd_alignment
+
+    exact = gd_alignment(model, ds.gd_step, points)
+    assert exact["cosine"] == pytest.approx(1.0) and exact["step_ratio"] == pytest.approx(1.0)
+    assert exact["qk_cosine"] == [pytest.approx(1.0)] and exact["ov_cosine"] == [pytest.approx(1.0)]
+    assert exact["direct"] == pytest.approx(0.0)
+    with torch.no_grad():
+        attn.q_proj.weight.neg_()
+        attn.v_proj.weight.neg_()
+    flipped = gd_alignment(model, ds.gd_step, points)
+    assert {k: flipped[k] for k in ("cosine", "step_ratio")} == pytest.approx(
+        {"cosine": 1.0, "step_ratio": 1.0}
+    )
+    assert flipped["qk_cosine"] == [pytest.approx(1.0)]
+    with torch.no_grad():
+        attn.q_proj.weight.copy_(y_only)  # attends by y, not by x: no longer GD
+    assert gd_alignment(model, ds.gd_step, points)["cosine"] < 0.1
     with torch.no_grad():
         model.head.weight.zero_()  # predicting 0 is far from GD
         far = _evaluate(model, ds, config, torch.device("cpu"), contextlib.nullcontext)

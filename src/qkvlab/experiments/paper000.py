@@ -143,6 +143,24 @@ ICL_BASE: dict[str, Any] = {
     "tensorboard": False,
 }
 ICL_SOFTMAX_BASE: dict[str, Any] = {**ICL_BASE, "model.attention": "softmax"}
+# A ViT on mnist5k (issue 11; paper 000 used ImageNet): 5,000 real MNIST digits (4,500 to train, 500
+# to validate, stratified), patches of 4×4 (49 patches and a class token), 4 layers, 4 heads of
+# d_head 16, d_model 64, MLP 256, no biases; the GPT's optimiser and schedule (lr 1e-3, 100 warm-up
+# steps, cosine to 1e-4), batch 64, 2,000 steps (28 epochs). One pilot at λ = 0 (vit1): 91.8%
+# validation accuracy, 9.5 min on one contended core. Σₜηₜ = 1.096 as for the GPT, so its λ grid.
+VIT_BASE: dict[str, Any] = {
+    **{
+        k: v for k, v in GPT_BASE.items() if k not in ("data", "tokenizer", "seq_len", "model.tie_embeddings")
+    },
+    "data": "mnist5k",
+    "model.kind": "vit",
+    "model.d_model": 64,
+    "model.d_head": 16,
+    "model.d_mlp": 256,
+    "model.patch_size": 4,
+    "batch_size": 64,
+    "checkpoint_every": 500,
+}
 ICL_ATTN = (0.0, 0.0067, 0.02, 0.067, 0.2, 0.67)
 BASES = {
     "gpt": GPT_BASE,
@@ -150,6 +168,7 @@ BASES = {
     "gpt-online": GPT_ONLINE_BASE,
     "icl-linear": ICL_BASE,
     "icl-softmax": ICL_SOFTMAX_BASE,
+    "vit": VIT_BASE,
 }
 SETTING_HELP = {
     "gpt": "the char-level Shakespeare GPT",
@@ -157,6 +176,7 @@ SETTING_HELP = {
     "gpt-online": "the same GPT in one pass over the text (every window seen once)",
     "icl-linear": "one linear-attention layer on in-context linear regression, fully online, against one GD step",
     "icl-softmax": "the same with softmax attention",
+    "vit": "a ViT on mnist5k (5,000 real MNIST digits)",
 }
 EMBED_WEIGHT_DECAY = 0.1
 WD_RANK_ATTN = (0.0, 0.03, 0.1, 0.3, 1.0, 3.0)
@@ -166,6 +186,7 @@ DEFAULT_ATTN = {
     "gpt-online": GPT_ONLINE_ATTN,
     "icl-linear": ICL_ATTN,
     "icl-softmax": ICL_ATTN,
+    "vit": WD_RANK_ATTN,
 }
 WD_RANK_REST = 0.1
 DECOUPLE_ATTN = (0.0, 0.1, 1.0, 3.0)
@@ -304,17 +325,28 @@ def run_numbers(result: dict[str, Any]) -> dict[str, Any]:
             {"step": v["step"], **{k: v[k] for k in ("loss", "accuracy") if k in v}}
             for v in result["val_curve"]
         ],
+        "gd_alignment": result.get("gd_alignment"),
     }
+
+
+def _read_run(run_dir: Path) -> dict[str, Any] | None:
+    """:func:`read_training_run`, plus the weight-space comparison with one GD step where the run has one."""
+    from qkvlab.experiments.icl_gd import ALIGNMENT_FILE
+    from qkvlab.experiments.training import read_training_run
+
+    result = read_training_run(run_dir)
+    if result is not None and (run_dir / ALIGNMENT_FILE).is_file():
+        result["gd_alignment"] = json.loads((run_dir / ALIGNMENT_FILE).read_text())
+    return result
 
 
 def load_numbers(out: Path) -> dict[tuple, dict[int, dict[str, Any]]]:
     """point key → seed → :func:`run_numbers`, for every complete run in ``out``."""
     from qkvlab.experiments.grid import load_runs
-    from qkvlab.experiments.training import read_training_run
 
     return {
         key: {seed: run_numbers(result) for seed, result in by_seed.items()}
-        for key, by_seed in load_runs(out, read_training_run).items()
+        for key, by_seed in load_runs(out, _read_run).items()
     }
 
 
@@ -387,6 +419,16 @@ def aggregate(out: Path, numbers: dict[tuple, dict[int, dict[str, Any]]] | None 
                     for p in PRODUCTS
                     for m in ("effective_rank", "stable_rank")
                 },
+            }
+    for cell in cells:
+        runs = list(numbers[point_key_of(cell)].values())
+        if all(r.get("gd_alignment") for r in runs):  # ICL: per head, mean over heads, then over seeds
+            cell["gd_alignment"] = {
+                key: mean_std(
+                    math.fsum(v) / len(v) if isinstance(v, list) else v
+                    for v in (r["gd_alignment"][key] for r in runs)
+                )
+                for key in ("cosine", "step_ratio", "direct", "qk_cosine", "ov_cosine")
             }
     for cell in cells:
         balance = _balance(numbers[point_key_of(cell)])
@@ -565,11 +607,13 @@ def _lambdas(text: str, what: str) -> list[float]:
 
 def _finish(out: Path, args: Any, render: Any, rests: list[float]) -> int:
     """Pack the spectra, read every run once, print ``render(summary)``, write summary.json and the figures."""
+    from qkvlab.experiments.icl_gd import write_alignments
     from qkvlab.experiments.training import pack_spectra
     from qkvlab.report.paper000 import plot_wd_rank
     from qkvlab.train.checkpoint import write_atomic
 
     pack_spectra(out)
+    write_alignments(out)
     numbers = load_numbers(out)
     summary = aggregate(out, numbers)
     print(render(summary) or "no complete runs yet")

@@ -98,6 +98,25 @@ def _gd_table(cells: list[dict[str, Any]]) -> list[str]:
             f"{pm(c['val']['gd_mse'], 4)} | {pm(c['val'].get('gd_distance'), 4)} | "
             f"{'—' if c['attn_weight_decay'] == 0 else _diff(d.get('val_loss'), 4)} |"
         )
+    weights = [c for c in rows if c.get("gd_alignment")]
+    if weights:
+        lines += [
+            "",
+            "The same in weight space (`qkvlab.experiments.icl_gd`), from the final weights read in token space "
+            "(through the embedding and the head): T = (1/N) Σ_heads u ⊗ M, with M = EᵀW_KᵀW_QE and u = EᵀW_VᵀPᵀh, "
+            "against one GD step's η*·e_y ⊗ [I; 0]. cos T: 1 = the same function up to scale (softmax: its "
+            "small-score part only); step: T along GD's direction as a multiple of the best step η*; QK, OV: "
+            "per head, cos of M with [I; 0] and |u_y|/‖u‖; direct: ‖Eᵀh‖² on x, the residual path GD lacks.",
+            "",
+            "| λ_attn | Σηλ_attn | cos T | step / η* | QK cos | OV cos | direct |",
+            "|---|---|---|---|---|---|---|",
+        ]
+        for c in weights:
+            g = c["gd_alignment"]
+            lines.append(
+                f"| {c['attn_weight_decay']:g} | {c['eta_lambda_attn']:.3g} | {pm(g['cosine'], 4)} | "
+                f"{pm(g['step_ratio'], 3)} | {pm(g['qk_cosine'], 4)} | {pm(g['ov_cosine'], 4)} | {pm(g['direct'], 5)} |"
+            )
     return lines
 
 
