@@ -18,8 +18,10 @@ measures:
   M[:, d] acts on nothing; u ⊗ M is unchanged by flipping both signs);
 - ``ov_cosine``: per head, |u_y| / ‖u‖ (GD reads only y from the context).
 
-For softmax attention T is the first-order (small-score) part only; the measures are computed for
-one-layer models without norms.
+For softmax attention T is the first-order (small-score) part only: softmax(s/√d_head)ᵢ ≈
+(1 + (sᵢ − s̄)/√d_head)/N, so its T carries the extra 1/√d_head (the −s̄ term centres the values,
+which leaves the y read-out unchanged in expectation). The measures are computed for one-layer
+models without norms or biases.
 """
 
 from __future__ import annotations
@@ -64,6 +66,8 @@ def gd_alignment(model: torch.nn.Module, step: float, points: int) -> dict[str, 
             qk_cos.append(_cosine(sign * m[:, :d], target_m))
             ov_cos.append((u[d].abs() / u.norm()).item() if u.norm() > 0 else 0.0)
         total /= points
+        if attn.kind == "softmax":  # first order in the scores: softmax(s/√d_head)ᵢ ≈ (1 + (sᵢ − s̄)/√d_head)/N
+            total /= attn.d_head**0.5
         gd = torch.einsum("a,bc->abc", e_y, target_m)
         sym, gd_sym = 0.5 * (total + total.transpose(0, 1)), 0.5 * (gd + gd.transpose(0, 1))
         projection = (sym * gd_sym).sum() / (gd_sym * gd_sym).sum()
