@@ -66,7 +66,9 @@ def gd_alignment(model: torch.nn.Module, step: float, points: int) -> dict[str, 
             qk_cos.append(_cosine(sign * m[:, :d], target_m))
             ov_cos.append((u[d].abs() / u.norm()).item() if u.norm() > 0 else 0.0)
         total /= points
-        if attn.kind == "softmax":  # first order in the scores: softmax(s/√d_head)ᵢ ≈ (1 + (sᵢ − s̄)/√d_head)/N
+        if (
+            attn.kind == "softmax"
+        ):  # first order in the scores: softmax(s/√d_head)ᵢ ≈ (1 + (sᵢ − s̄)/√d_head)/N
             total /= attn.d_head**0.5
         gd = torch.einsum("a,bc->abc", e_y, target_m)
         sym, gd_sym = 0.5 * (total + total.transpose(0, 1)), 0.5 * (gd + gd.transpose(0, 1))
