@@ -287,6 +287,7 @@ def test_repro_wd_rank_and_decouple_on_a_tiny_gpt(corpus, tmp_path, capsys) -> N
         "balance_over_time_rest0.1.png",
         "gram_norms_over_time_rest0.1.png",
         "rank_over_time_rest0.1.png",
+        "rank_per_head_rest0.1.png",
         "rank_vs_lambda_rest0.1.png",
         "val_loss_vs_lambda_rest0.1.png",
     ]

@@ -326,7 +326,17 @@ def run_numbers(result: dict[str, Any]) -> dict[str, Any]:
             for v in result["val_curve"]
         ],
         "gd_alignment": result.get("gd_alignment"),
+        "final_heads": _per_head(records[-1], "effective_rank"),
     }
+
+
+def _per_head(record: dict[str, Any], metric: str) -> dict[str, list[list[float]]]:
+    """product → [layer][head] → ``metric`` of one spectral-monitor record."""
+    n_layers, n_heads = record["architecture"]["n_layers"], record["architecture"]["n_heads"]
+    out = {p: [[math.nan] * n_heads for _ in range(n_layers)] for p in PRODUCTS}
+    for h in record["heads"]:
+        out[h["product"]][h["layer"]][h["head"]] = h[metric]
+    return out
 
 
 def _read_run(run_dir: Path) -> dict[str, Any] | None:

@@ -391,7 +391,44 @@ def plot_wd_rank(summary: dict[str, Any], numbers: dict, rest: float, folder: Pa
         ax.legend(fontsize=8)
     written.append(save(fig, folder / f"val_loss_vs_lambda_rest{rest:g}.png"))
 
-    # 5. the two sides of the imbalance converging (paper 000, Fig. 2), where the runs recorded them
+    # 5. every head's effective rank, layer by layer, with the mean over heads (paper 000's ViT figure)
+    fig, axes = plt.subplots(1, 2, figsize=(11, 4))
+    for ax, product in zip(axes, ("qk", "ov"), strict=True):
+        for k, c in enumerate(cells):
+            runs = list(numbers[point_key_of(c)].values())
+            per_seed = [r["final_heads"][product] for r in runs if r.get("final_heads")]
+            if not per_seed:
+                continue
+            colour = colours[k % len(colours)]
+            # heads are interchangeable between seeds, so every head of every seed is a dot
+            layers = [
+                [seed[layer][h] for seed in per_seed for h in range(len(seed[layer]))]
+                for layer in range(n_layers)
+            ]
+            offset = (k - (len(cells) - 1) / 2) * 0.6 / max(1, len(cells))
+            for layer, values in enumerate(layers):
+                ax.scatter([layer + offset] * len(values), values, color=colour, s=10, alpha=0.6)
+            ax.plot(
+                [layer + offset for layer in range(n_layers)],
+                [sum(v) / len(v) for v in layers],
+                color=colour,
+                marker="_",
+                ms=14,
+                label=f"λ_attn = {c['attn_weight_decay']:g} (Σηλ {c['eta_lambda_attn']:.2g})",
+            )
+        ax.set_xticks(range(n_layers))
+        ax.set_xlabel("layer")
+        ax.set_ylabel("effective rank (dots: heads; line: their mean)")
+        ax.set_title(f"{'W_KᵀW_Q' if product == 'qk' else 'P·W_V'}: every head at the end of training")
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=7)
+    fig.suptitle(
+        f"Per-head effective rank by layer (λ_rest = {rest:g}; every head of {seeds_text})",
+        fontsize=10,
+    )
+    written.append(save(fig, folder / f"rank_per_head_rest{rest:g}.png"))
+
+    # 6. the two sides of the imbalance converging (paper 000, Fig. 2), where the runs recorded them
     first = next(iter(numbers[point_key_of(cells[0])].values()))
     if "left_gram" in first["trajectory"][0]["ov"]:
         fig, axes = plt.subplots(1, 2, figsize=(11, 3.8))
