@@ -160,7 +160,8 @@ def test_online_mode_refuses_a_second_pass(corpus, tmp_path) -> None:
 
 def test_cli_train_and_errors(corpus, tmp_path, capsys) -> None:
     args = [f"{k}={v}" for k, v in _gpt(corpus, tmp_path / "cli", max_steps=4).items()]
-    assert main(["train", *args, "--preset", "decoupled-attn:attn_weight_decay=0"]) == 0
+    # options and key=value overrides mix in any order
+    assert main(["train", *args[:3], "--preset", "decoupled-attn:attn_weight_decay=0", *args[3:]]) == 0
     out = capsys.readouterr().out
     assert "complete" in out and "val loss" in out
     saved = json.loads((tmp_path / "cli" / "config.json").read_text())
@@ -169,9 +170,15 @@ def test_cli_train_and_errors(corpus, tmp_path, capsys) -> None:
     assert main(["train", *args]) == 2
     assert "already holds a run" in capsys.readouterr().err
     assert main(["train", "--resume", str(tmp_path / "nope")]) == 2
+    with pytest.raises(SystemExit) as stop:  # anything else left over is still refused, in one line
+        main(["train", *args[:3], "--preset", "decoupled-attn", "--bogus", *args[3:]])
+    assert stop.value.code == 2 and "unrecognized arguments: --bogus" in capsys.readouterr().err
+    with pytest.raises(SystemExit) as stop:
+        main(["--version"])
+    assert stop.value.code == 0 and capsys.readouterr().out.startswith("qkvlab 0.")
     assert main(["train", *args[:-1], "learning_rate=1"]) == 2
     err = capsys.readouterr().err
-    assert "did you mean lr" in err and len(err.strip().splitlines()) == 2
+    assert "did you mean lr" in err and len(err.strip().splitlines()) == 1
 
 
 def test_sweep_skips_complete_and_resumes_partial(corpus, tmp_path, capsys) -> None:

@@ -32,12 +32,23 @@ def _rtol(text: str) -> float:
     return value
 
 
+def _version() -> str:
+    """The installed distribution's version (importing qkvlab itself would import torch)."""
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version("qkvlab")
+    except PackageNotFoundError:
+        return "unknown (not installed)"
+
+
 def _build_parser() -> argparse.ArgumentParser:
     from qkvlab.attention.families import FAMILIES
     from qkvlab.attention.sources import PACKAGED_MODELS
     from qkvlab.spectra import DEFAULT_RTOL
 
     parser = _Parser(prog="qkvlab", description="See and control what optimisation does to attention layers.")
+    parser.add_argument("--version", action="version", version=f"qkvlab {_version()}")
     sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
 
     insp = sub.add_parser(
@@ -517,7 +528,12 @@ def _cmd_theory(args: argparse.Namespace) -> int:
 
 def main(argv: Sequence[str] | None = None) -> int:
     parser = _build_parser()
-    args = parser.parse_args(argv)
+    args, extra = parser.parse_known_args(argv)
+    if extra:  # `train CONFIG --preset X lr=1e-3`: key=value overrides may come after options too
+        if args.command == "train" and all("=" in x and not x.startswith("-") for x in extra):
+            args.overrides = [*args.overrides, *extra]
+        else:
+            parser.error(f"unrecognized arguments: {' '.join(extra)}")
     try:
         return args.handler(args)
     except UserError as exc:
