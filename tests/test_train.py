@@ -166,6 +166,14 @@ def test_cli_train_and_errors(corpus, tmp_path, capsys) -> None:
     assert "complete" in out and "val loss" in out
     saved = json.loads((tmp_path / "cli" / "config.json").read_text())
     assert saved["preset"] == "decoupled-attn:attn_weight_decay=0"
+    # `inspect RUN_DIR` follows the run's latest checkpoint
+    assert main(["inspect", str(tmp_path / "cli"), "--json", str(tmp_path / "run.json")]) == 0
+    assert "(checkpoint-00000004)" in capsys.readouterr().out
+    latest = tmp_path / "cli" / "checkpoint-00000004"
+    assert main(["inspect", str(latest), "--json", str(tmp_path / "ckpt.json")]) == 0
+    capsys.readouterr()
+    heads = [json.loads((tmp_path / f).read_text())["heads"] for f in ("run.json", "ckpt.json")]
+    assert heads[0] == heads[1] and len(heads[0]) == 2 * 2 * 2  # layers × heads × {QK, OV}
     # running into an existing run folder is refused; resuming a finished run is a no-op
     assert main(["train", *args]) == 2
     assert "already holds a run" in capsys.readouterr().err

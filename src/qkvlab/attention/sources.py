@@ -267,7 +267,8 @@ def _check_safetensors_header(file: Path) -> None:
 
 
 def load_source(source: nn.Module | str | os.PathLike[str]) -> TensorSource:
-    """A live module, a packaged name (``minilm``), a HF model folder or a ``.safetensors`` file."""
+    """A live module, a packaged name (``minilm``), a HF model folder, a ``.safetensors`` file, or a
+    ``qkvlab train`` run folder (its latest checkpoint)."""
     if isinstance(source, nn.Module):
         return LiveSource(source)
     text = str(source)
@@ -280,4 +281,10 @@ def load_source(source: nn.Module | str | os.PathLike[str]) -> TensorSource:
             f"no such file or folder: {text}; accepted: a HF model folder, a .safetensors file, "
             f"or a packaged name ({names})"
         )
+    if path.is_dir() and not (path / "model.safetensors").is_file() and not any(path.glob("*.safetensors*")):
+        from qkvlab.train.checkpoint import latest_checkpoint
+
+        checkpoint = latest_checkpoint(path)  # a qkvlab training run folder: its latest checkpoint
+        if checkpoint is not None:
+            return DiskSource(checkpoint, display_name=f"{text.rstrip('/')} ({checkpoint.name})")
     return DiskSource(path)
