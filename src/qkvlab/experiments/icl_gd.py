@@ -66,9 +66,8 @@ def gd_alignment(model: torch.nn.Module, step: float, points: int) -> dict[str, 
             qk_cos.append(_cosine(sign * m[:, :d], target_m))
             ov_cos.append((u[d].abs() / u.norm()).item() if u.norm() > 0 else 0.0)
         total /= points
-        if (
-            attn.kind == "softmax"
-        ):  # first order in the scores: softmax(s/√d_head)ᵢ ≈ (1 + (sᵢ − s̄)/√d_head)/N
+        if attn.kind == "softmax":
+            # first order in the scores: softmax(s/√d_head)ᵢ ≈ (1 + (sᵢ − s̄)/√d_head)/N
             total /= attn.d_head**0.5
         gd = torch.einsum("a,bc->abc", e_y, target_m)
         sym, gd_sym = 0.5 * (total + total.transpose(0, 1)), 0.5 * (gd + gd.transpose(0, 1))
@@ -98,13 +97,11 @@ def run_alignment(run_dir: Path) -> dict[str, Any] | None:
     from qkvlab.train.checkpoint import latest_checkpoint
 
     config = TrainConfig.from_dict(json.loads((run_dir / "config.json").read_text()))
+    if config.data != "icl-regression":
+        return None
     final = json.loads((run_dir / "final.json").read_text())
     checkpoint = latest_checkpoint(run_dir)
-    if (
-        config.data != "icl-regression"
-        or checkpoint is None
-        or not checkpoint.name.endswith(f"{final['step']:08d}")
-    ):
+    if checkpoint is None or not checkpoint.name.endswith(f"{final['step']:08d}"):
         return None
     model = build_model(config.model)
     load_model(model, str(checkpoint / "model.safetensors"), strict=True, device="cpu")

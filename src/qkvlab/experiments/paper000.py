@@ -32,7 +32,7 @@ from __future__ import annotations
 import json
 import math
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 from qkvlab.experiments.grid import Experiment, Run, register
 from qkvlab.experiments.training import train_worker
@@ -162,31 +162,31 @@ VIT_BASE: dict[str, Any] = {
     "checkpoint_every": 500,
 }
 ICL_ATTN = (0.0, 0.0067, 0.02, 0.067, 0.2, 0.67)
-BASES = {
-    "gpt": GPT_BASE,
-    "recall": RECALL_BASE,
-    "gpt-online": GPT_ONLINE_BASE,
-    "icl-linear": ICL_BASE,
-    "icl-softmax": ICL_SOFTMAX_BASE,
-    "vit": VIT_BASE,
-}
-SETTING_HELP = {
-    "gpt": "the char-level Shakespeare GPT",
-    "recall": "a 2-layer transformer on associative recall, fully online",
-    "gpt-online": "the same GPT in one pass over the text (every window seen once)",
-    "icl-linear": "one linear-attention layer on in-context linear regression, fully online, against one GD step",
-    "icl-softmax": "the same with softmax attention",
-    "vit": "a ViT on mnist5k (5,000 real MNIST digits)",
-}
 EMBED_WEIGHT_DECAY = 0.1
 WD_RANK_ATTN = (0.0, 0.03, 0.1, 0.3, 1.0, 3.0)
-DEFAULT_ATTN = {
-    "gpt": WD_RANK_ATTN,
-    "recall": RECALL_ATTN,
-    "gpt-online": GPT_ONLINE_ATTN,
-    "icl-linear": ICL_ATTN,
-    "icl-softmax": ICL_ATTN,
-    "vit": WD_RANK_ATTN,
+
+
+class Setting(NamedTuple):
+    """One ``--setting`` of ``repro wd-rank``: its base run config, its default λ_attn grid, and a line of help."""
+
+    base: dict[str, Any]
+    attn: tuple[float, ...]
+    help: str
+
+
+SETTINGS = {
+    "gpt": Setting(GPT_BASE, WD_RANK_ATTN, "the char-level Shakespeare GPT"),
+    "recall": Setting(RECALL_BASE, RECALL_ATTN, "a 2-layer transformer on associative recall, fully online"),
+    "gpt-online": Setting(
+        GPT_ONLINE_BASE, GPT_ONLINE_ATTN, "the same GPT in one pass over the text (every window seen once)"
+    ),
+    "icl-linear": Setting(
+        ICL_BASE,
+        ICL_ATTN,
+        "one linear-attention layer on in-context linear regression, fully online, against one GD step",
+    ),
+    "icl-softmax": Setting(ICL_SOFTMAX_BASE, ICL_ATTN, "the same with softmax attention"),
+    "vit": Setting(VIT_BASE, WD_RANK_ATTN, "a ViT on mnist5k (5,000 real MNIST digits)"),
 }
 WD_RANK_REST = 0.1
 DECOUPLE_ATTN = (0.0, 0.1, 1.0, 3.0)
@@ -231,7 +231,10 @@ def gpt_worker(run_dir: Path, point: dict[str, Any], seed: int, settings: dict[s
 
 def gpt_settings(changes: dict[str, Any] | None = None, setting: str = "gpt") -> dict[str, Any]:
     """The guarded settings of a results folder: the setting's base config (with ``changes``) and the embedding decay."""
-    return {"overrides": {**BASES[setting], **(changes or {})}, "embed_weight_decay": EMBED_WEIGHT_DECAY}
+    return {
+        "overrides": {**SETTINGS[setting].base, **(changes or {})},
+        "embed_weight_decay": EMBED_WEIGHT_DECAY,
+    }
 
 
 def run_gpt_grid(
@@ -559,24 +562,22 @@ def _wd_rank_arguments(parser: Any) -> None:
     _common_arguments(parser, "runs/paper000-SETTING")
     parser.add_argument(
         "--setting",
-        choices=list(BASES),
+        choices=list(SETTINGS),
         default="gpt",
-        help="; ".join(f"{name}: {text}" for name, text in SETTING_HELP.items()),
+        help="; ".join(f"{name}: {setting.help}" for name, setting in SETTINGS.items()),
     )
     parser.add_argument(
         "--lambdas",
         default=None,
         help="attention weight decays λ_attn (default: "
-        + "; ".join(f"{name} " + ",".join(f"{x:g}" for x in _default_attn(name)) for name in BASES)
+        + "; ".join(
+            f"{name} " + ",".join(f"{x:g}" for x in setting.attn) for name, setting in SETTINGS.items()
+        )
         + ")",
     )
     parser.add_argument(
         "--rest", type=float, default=WD_RANK_REST, help="λ_rest, the MLP's decay (default %(default)s)"
     )
-
-
-def _default_attn(setting: str) -> tuple[float, ...]:
-    return DEFAULT_ATTN[setting]
 
 
 def _decouple_arguments(parser: Any) -> None:
@@ -641,7 +642,7 @@ def _wd_rank_main(args: Any) -> int:
     from qkvlab.report.paper000 import wd_rank_tables
 
     out, seeds, changes = _prepare(args)
-    default = _default_attn(args.setting)
+    default = SETTINGS[args.setting].attn
     lambdas = _lambdas(args.lambdas or ",".join(f"{x:g}" for x in default), "--lambdas")
     if not args.summary_only:
         cells = [(a, args.rest) for a in lambdas]
@@ -670,7 +671,7 @@ register(
     Experiment(
         "wd-rank",
         "paper 000: attention weight decay lowers the rank of W_KᵀW_Q and P·W_V (--setting: "
-        + ", ".join(BASES)
+        + ", ".join(SETTINGS)
         + ")",
         _wd_rank_arguments,
         _wd_rank_main,

@@ -14,6 +14,7 @@ from qkvlab.report.tables import pm
 
 __all__ = ["decouple_table", "plot_wd_rank", "wd_rank_tables"]
 
+_PRODUCT = {"qk": "W_KᵀW_Q", "ov": "P·W_V"}
 _NAMES = {"effective_rank": "erank", "stable_rank": "stable rank", "rank": "rank", "nuclear_norm": "‖·‖_*"}
 
 
@@ -299,7 +300,7 @@ def plot_wd_rank(summary: dict[str, Any], numbers: dict, rest: float, folder: Pa
         _lambda_axis(ax, eta, lams)
         ax.set_xlabel(f"Σₜηₜ·λ_attn  (Σₜηₜ = {eta:.3g})")
         ax.set_ylabel("effective rank (mean over heads)")
-        ax.set_title(f"{'W_KᵀW_Q' if product == 'qk' else 'P·W_V'} per head")
+        ax.set_title(f"{_PRODUCT[product]} per head")
         ax.grid(alpha=0.3)
         ax.legend(fontsize=8)
     fig.suptitle(
@@ -348,9 +349,7 @@ def plot_wd_rank(summary: dict[str, Any], numbers: dict, rest: float, folder: Pa
                         "imbalance": "imbalance ‖AᵀA − BᵀB‖_F",
                     }[metric]
                 )
-                ax.set_title(
-                    f"{'W_KᵀW_Q' if product == 'qk' else 'P·W_V'}: {metric.replace('_', ' ')} (mean over heads)"
-                )
+                ax.set_title(f"{_PRODUCT[product]}: {metric.replace('_', ' ')} (mean over heads)")
                 ax.grid(alpha=0.3)
                 ax.legend(fontsize=7)
         note = (
@@ -419,7 +418,7 @@ def plot_wd_rank(summary: dict[str, Any], numbers: dict, rest: float, folder: Pa
         ax.set_xticks(range(n_layers))
         ax.set_xlabel("layer")
         ax.set_ylabel("effective rank (dots: heads; line: their mean)")
-        ax.set_title(f"{'W_KᵀW_Q' if product == 'qk' else 'P·W_V'}: every head at the end of training")
+        ax.set_title(f"{_PRODUCT[product]}: every head at the end of training")
         ax.grid(alpha=0.3)
         ax.legend(fontsize=7)
     fig.suptitle(
@@ -443,7 +442,7 @@ def plot_wd_rank(summary: dict[str, Any], numbers: dict, rest: float, folder: Pa
                     ax.plot(steps, mean, color=colour, ls=style, label=label)
             ax.set_xlabel("step")
             ax.set_ylabel("Frobenius norm (mean over heads and layers)")
-            ax.set_title(f"{'W_KᵀW_Q' if product == 'qk' else 'P·W_V'}: factor Gram norms")
+            ax.set_title(f"{_PRODUCT[product]}: factor Gram norms")
             ax.grid(alpha=0.3)
             ax.legend(fontsize=6, ncol=2)
         fig.suptitle(

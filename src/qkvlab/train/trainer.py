@@ -317,6 +317,8 @@ def _evaluate(
     answer_only = bool(getattr(dataset, "info", {}).get("answer_only"))
     gd_step = getattr(dataset, "gd_step", None)  # icl-regression: compare with one step of GD
     gd_errors, gd_distances = [], []
+    if gd_step is not None:
+        from qkvlab.data.icl import gd_prediction
     for i, batch in enumerate(dataset.eval_batches(max(1, config.batch_size))):
         if config.eval_batches and i >= config.eval_batches:
             break
@@ -325,8 +327,6 @@ def _evaluate(
             out = model(**batch)
         losses.append(out["loss"].float().item())
         if gd_step is not None:
-            from qkvlab.data.icl import gd_prediction
-
             reference = gd_prediction(batch["inputs"].double(), gd_step)
             gd_errors.append((reference - batch["targets"].double()).square().mean().item())
             gd_distances.append((out["prediction"].double() - reference).square().mean().item())
