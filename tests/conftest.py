@@ -9,6 +9,7 @@ import pytest
 import torch
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ["QKVLAB_CHECK_FIGURES"] = "1"  # every figure a test makes must be readable (report.figures)
 os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
 warnings.filterwarnings("ignore", message=".*bos_token_id.*")
 

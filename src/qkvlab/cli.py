@@ -226,6 +226,20 @@ pretrained (how balanced a pretrained model's factor pairs are, Fig. 4). docs/th
     th.add_argument("--quiet", action="store_true", help="no tables, no progress lines")
     th.set_defaults(handler=_cmd_theory)
 
+    rep = sub.add_parser(
+        "report",
+        help="turn runs, sweeps, inspect/theory JSON and repro folders into one HTML page (+ Markdown twin)",
+        description="Each PATH is recognised from its own files: an `inspect --json` file, a training run "
+        "folder, a sweep folder, a fine-tuning run, a `theory --json` file or a `repro` results folder. "
+        "Several PATHs of one kind are overlaid on shared axes. The page is self-contained (figures "
+        "embedded, nothing loaded from the network); its path is the last line printed.",
+    )
+    rep.add_argument("paths", nargs="+", metavar="PATH")
+    rep.add_argument(
+        "--out", metavar="DIR", help="where to write (default runs/report-<name of the first PATH>)"
+    )
+    rep.set_defaults(handler=_cmd_report)
+
     from qkvlab.experiments.grid import experiments
 
     known = experiments()
@@ -252,7 +266,7 @@ def _tqdm_progress(iterable, total):  # type: ignore[no-untyped-def]
 
 def _cmd_inspect(args: argparse.Namespace) -> int:
     from qkvlab.inspect import inspect
-    from qkvlab.report.tables import format_table
+    from qkvlab.report.tables import inspect_text
 
     check_outputs(files=[args.json, args.csv], folders=[args.plot])
     if args.compare:
@@ -275,40 +289,7 @@ def _cmd_inspect(args: argparse.Namespace) -> int:
 
         written += [str(p) for p in plot_report(report, args.plot)]
     if not args.quiet:
-        arch = report.architecture
-        print(
-            f"{report.source}: {arch.family}, {arch.n_layers} layers, {arch.n_heads} heads "
-            f"({arch.n_kv_heads} KV), d_model={arch.d_model}, d_head={arch.d_head}, rank rtol={report.rtol:g}"
-        )
-        headers = [
-            "layer",
-            "QK erank",
-            "QK min",
-            "QK rank",
-            "QK gap",
-            "OV erank",
-            "OV min",
-            "OV rank",
-            "OV gap",
-        ]
-        rows = [
-            [
-                row["layer"],
-                row["qk_erank_mean"],
-                row["qk_erank_min"],
-                row["qk_rank_mean"],
-                row["qk_gap_mean"],
-                row["ov_erank_mean"],
-                row["ov_erank_min"],
-                row["ov_rank_mean"],
-                row["ov_gap_mean"],
-            ]
-            for row in report.layer_summary()
-        ]
-        print(format_table(headers, rows))
-        print(
-            "erank: Roy–Vetterli effective rank (mean, min over heads); rank: mean #σᵢ > rtol·σ₁; gap: mean ½(‖A‖²+‖B‖²) − ‖ABᵀ‖_*"
-        )
+        print(inspect_text(report))
         for path in written:
             print(f"wrote {path}")
     return 0
@@ -425,6 +406,25 @@ def _cmd_compare(args: argparse.Namespace) -> int:
             "mean over heads; dqk = ΔW_KᵀW_Q, dov = Δ(P·W_V) (rank ≤ 2·d_head), dq/dk/dv/do = per-head ΔW; "
             f"rank: #σᵢ > {report.rtol:g}·σ₁"
         )
+    return 0
+
+
+def _cmd_report(args: argparse.Namespace) -> int:
+    from pathlib import Path
+
+    from qkvlab.report.build import write_report
+
+    paths = [Path(p) for p in args.paths]
+    first = paths[0].resolve()
+    out = (
+        Path(args.out)
+        if args.out
+        else Path("runs") / f"report-{first.stem if first.is_file() else first.name}"
+    )
+    check_outputs(files=[], folders=[out])
+    html_path, md_path = write_report(paths, out)
+    print(f"wrote {md_path}")
+    print(html_path)
     return 0
 
 

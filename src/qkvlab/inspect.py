@@ -100,6 +100,7 @@ class InspectReport:
     def to_dict(self) -> dict[str, Any]:
         return {
             "schema_version": SCHEMA_VERSION,
+            "kind": "inspect",
             "source": self.source,
             "architecture": self.architecture.to_dict(),
             "rtol": self.rtol,

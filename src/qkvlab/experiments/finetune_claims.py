@@ -606,12 +606,25 @@ def _main(args: Any) -> int:
     return 0
 
 
+def _report(folder: Path, figures: Path) -> list[Any]:
+    """Sections for ``qkvlab report``: every setting's numbers, the per-claim tables and the curves."""
+    from qkvlab.report.page import Figure, Markdown, Section
+
+    figures.mkdir(parents=True, exist_ok=True)
+    curves = [Figure(p, p.stem.replace("_", " ")) for p in plot_convergence(folder, figures)]
+    return [
+        Section(f"Fine-tuning settings ({folder.name})", [Markdown(summarize(folder))]),
+        Section(f"Paper 001's claims ({folder.name})", [Markdown(claims_markdown(folder)), *curves]),
+    ]
+
+
 EXPERIMENT = grid_layer.register(
     grid_layer.Experiment(
         "finetune",
         "paper 001 on MiniLM: QV vs QKV, V vs K, λ = η_V/η_QK (full and LoRA)",
         _arguments,
         _main,
+        report=_report,
         detect=lambda folder: (
             (folder / "tweet_lambda.json").is_file() or any((folder / "runs").glob("*/result.json"))
         ),

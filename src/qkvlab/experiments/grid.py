@@ -392,7 +392,9 @@ def paired(a: Mapping[int, float], b: Mapping[int, float], scale: float = 1.0) -
 class Experiment:
     """A reproducible claim: ``qkvlab repro NAME`` adds its arguments, runs it and prints its summary.
 
-    ``detect(folder)`` says whether a results folder is this experiment's (for ``qkvlab report``).
+    ``detect(folder)`` says whether a results folder is this experiment's, and ``report(folder,
+    figures)`` returns its :class:`qkvlab.report.page.Section` list, figures written under ``figures``
+    (both for ``qkvlab report``).
     """
 
     name: str
@@ -400,6 +402,7 @@ class Experiment:
     add_arguments: Callable[[argparse.ArgumentParser], None]
     main: Callable[[argparse.Namespace], int]
     detect: Callable[[Path], bool] = lambda folder: False
+    report: Callable[[Path, Path], list[Any]] | None = None
 
 
 REGISTRY: dict[str, Experiment] = {}

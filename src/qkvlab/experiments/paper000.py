@@ -667,6 +667,32 @@ def _is_gpt_folder(folder: Path) -> bool:
     return settings.is_file() and "embed_weight_decay" in json.loads(settings.read_text())
 
 
+def _report(folder: Path, figures: Path) -> list[Any]:
+    """Sections for ``qkvlab report``: the wd-rank tables and figures of every λ_rest with several λ_attn,
+    and the decoupling table when the folder holds several λ_rest."""
+    from qkvlab.report.page import Figure, Markdown, Section
+    from qkvlab.report.paper000 import decouple_table, plot_wd_rank, wd_rank_tables
+
+    numbers = load_numbers(folder)
+    summary = aggregate(folder, numbers)
+    rests = sorted({c["rest_weight_decay"] for c in summary["cells"]})
+    sections = []
+    for rest in rests:
+        if sum(c["rest_weight_decay"] == rest for c in summary["cells"]) < 2:
+            continue
+        figures.mkdir(parents=True, exist_ok=True)
+        blocks: list[Any] = [Markdown(wd_rank_tables(summary, rest))]
+        blocks += [Figure(p, p.stem.replace("_", " ")) for p in plot_wd_rank(summary, numbers, rest, figures)]
+        sections.append(
+            Section(f"Weight decay and attention rank ({folder.name}, λ_rest = {rest:g})", blocks)
+        )
+    if len(rests) > 1:
+        sections.append(
+            Section(f"Decoupled attention weight decay ({folder.name})", [Markdown(decouple_table(summary))])
+        )
+    return sections
+
+
 register(
     Experiment(
         "wd-rank",
@@ -676,6 +702,7 @@ register(
         _wd_rank_arguments,
         _wd_rank_main,
         detect=_is_gpt_folder,
+        report=_report,
     )
 )
 register(
@@ -685,5 +712,6 @@ register(
         _decouple_arguments,
         _decouple_main,
         detect=_is_gpt_folder,
+        report=_report,
     )
 )

@@ -41,7 +41,9 @@ def singular_value_curves(report: InspectReport, product: str, path: Path) -> Pa
     arch = report.architecture
     cols = min(4, arch.n_layers)
     rows = math.ceil(arch.n_layers / cols)
-    fig, axes = plt.subplots(rows, cols, figsize=(3.2 * cols, 2.6 * rows), squeeze=False, sharey=True)
+    fig, axes = plt.subplots(
+        rows, cols, figsize=(3.4 * cols, 2.6 * rows), squeeze=False, sharey=True, layout="constrained"
+    )
     colours = plt.cm.viridis(np.linspace(0, 1, arch.n_heads))
     for layer in range(arch.n_layers):
         ax = axes[layer // cols][layer % cols]
@@ -59,6 +61,12 @@ def singular_value_curves(report: InspectReport, product: str, path: Path) -> Pa
     for extra in range(arch.n_layers, rows * cols):
         axes[extra // cols][extra % cols].axis("off")
     fig.suptitle(f"singular values of {_TITLES[product]}, per head (dotted: rtol)")
+    # Heads are told apart by colour: a colour bar over the head index is the legend.
+    heads = plt.cm.ScalarMappable(norm=plt.Normalize(-0.5, arch.n_heads - 0.5), cmap="viridis")
+    bar = fig.colorbar(heads, ax=axes.ravel().tolist(), fraction=0.03, pad=0.02)
+    bar.set_label("head")
+    if arch.n_heads <= 16:
+        bar.set_ticks(range(arch.n_heads))
     return save(fig, path)
 
 

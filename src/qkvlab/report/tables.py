@@ -48,3 +48,31 @@ def sweep_table(points: Sequence[dict]) -> str:
         for p in points
     ]
     return format_table(headers, rows)
+
+
+INSPECT_LEGEND = (
+    "erank: Roy–Vetterli effective rank (mean, min over heads); rank: mean #σᵢ > rtol·σ₁; "
+    "gap: mean ½(‖A‖²+‖B‖²) − ‖ABᵀ‖_*"
+)
+
+
+def inspect_rows(report: object) -> tuple[list[str], list[list[object]]]:
+    """Headers and rows of an :class:`qkvlab.inspect.InspectReport`'s per-layer summary."""
+    headers = ["layer", "QK erank", "QK min", "QK rank", "QK gap", "OV erank", "OV min", "OV rank", "OV gap"]
+    fields = ["erank_mean", "erank_min", "rank_mean", "gap_mean"]
+    rows = [
+        [row["layer"], *(row[f"qk_{f}"] for f in fields), *(row[f"ov_{f}"] for f in fields)]
+        for row in report.layer_summary()  # type: ignore[attr-defined]
+    ]
+    return headers, rows
+
+
+def inspect_text(report: object) -> str:
+    """What ``qkvlab inspect`` prints: one line on the model, the per-layer table, the legend."""
+    arch = report.architecture  # type: ignore[attr-defined]
+    head = (
+        f"{report.source}: {arch.family}, {arch.n_layers} layers, {arch.n_heads} heads "  # type: ignore[attr-defined]
+        f"({arch.n_kv_heads} KV), d_model={arch.d_model}, d_head={arch.d_head}, "
+        f"rank rtol={report.rtol:g}"  # type: ignore[attr-defined]
+    )
+    return "\n".join([head, format_table(*inspect_rows(report)), INSPECT_LEGEND])

@@ -1,0 +1,501 @@
+"""`qkvlab report PATH…`: recognise what each PATH is from its own files, and turn it into sections.
+
+Kinds (each output file carries ``schema_version`` and ``kind``; files that predate those fields
+are recognised by their shape):
+
+- ``inspect``: an ``inspect --json`` file;
+- ``training-run``: a ``qkvlab train`` run folder (``config.json`` + ``metrics.jsonl``);
+- ``sweep``: a ``qkvlab sweep`` folder (``sweep.json``);
+- ``finetune-run``: a ``qkvlab finetune`` run folder or its ``result.json``;
+- ``theory``: a ``qkvlab theory --json`` file;
+- ``repro:NAME``: a ``qkvlab repro NAME`` results folder (the experiment registry recognises it).
+
+Several PATHs of one kind are overlaid on shared axes (loss and rank curves of three runs on one
+plot); every figure goes through :func:`qkvlab.report.figures.save` and so through its readability check.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+from qkvlab.errors import UserError
+from qkvlab.report.figures import pyplot, save
+from qkvlab.report.page import Figure, Page, Preformatted, Section, Table, Text
+
+__all__ = ["build_page", "detect", "write_report"]
+
+KINDS = ("inspect", "training-run", "sweep", "finetune-run", "theory", "repro:NAME")
+_PRODUCT = {"qk": "QK = W_KᵀW_Q", "ov": "OV = P·W_V"}
+
+
+def _json(path: Path) -> Any:
+    try:
+        return json.loads(path.read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise UserError(f"{path} is not a JSON file qkvlab wrote ({exc.__class__.__name__})") from None
+
+
+def detect(path: Path) -> str:
+    """The kind of ``path`` (see the module docstring); a UserError naming the accepted kinds if none fits."""
+    if path.is_file() and path.suffix == ".json":
+        data = _json(path)
+        kind = data.get("kind") if isinstance(data, dict) else None
+        if kind in ("inspect", "theory", "finetune-run"):
+            return kind
+        if isinstance(data, dict) and "heads" in data and "architecture" in data:
+            return "inspect"  # inspect --json before it carried a kind
+        if isinstance(data, dict) and "curve" in data and "main_metric" in data:
+            return "finetune-run"
+        if path.name in ("sweep.json", "summary.json", "settings.json", "final.json", "config.json"):
+            return detect(path.parent)
+    elif path.is_dir():
+        if (path / "sweep.json").is_file():
+            return "sweep"
+        if (path / "config.json").is_file() and (path / "metrics.jsonl").is_file():
+            return "training-run"
+        if (path / "result.json").is_file():
+            return "finetune-run"
+        from qkvlab.experiments.grid import experiments
+
+        for name, experiment in experiments().items():
+            if experiment.detect(path):
+                return f"repro:{name}"
+    elif not path.exists():
+        raise UserError(f"{path} does not exist")
+    raise UserError(
+        f"cannot tell what {path} is; accepted: an `inspect --json` file, a training run folder, a sweep "
+        "folder, a fine-tuning run, a `theory --json` file, or a `repro` results folder"
+    )
+
+
+def _label(path: Path) -> str:
+    return path.stem if path.is_file() else path.name
+
+
+def _colours(n: int) -> list[Any]:
+    plt = pyplot()
+    cmap = plt.get_cmap("tab10" if n <= 10 else "viridis")
+    return [cmap(i if n <= 10 else i / max(n - 1, 1)) for i in range(n)]
+
+
+# -- inspect ---------------------------------------------------------------------------------------
+
+
+def _inspect_summary_table(report: Any) -> Table:
+    from qkvlab.report.tables import inspect_rows
+
+    headers, rows = inspect_rows(report)
+    arch = report.architecture
+    return Table(
+        headers,
+        rows,
+        caption=f"{report.source}: {arch.family}, {arch.n_layers} layers, {arch.n_heads} heads "
+        f"({arch.n_kv_heads} KV), d_head {arch.d_head}, rank rtol {report.rtol:g}. erank: Roy–Vetterli "
+        "effective rank (mean, min over heads); rank: mean #σᵢ > rtol·σ₁; gap: mean ½(‖A‖²+‖B‖²) − ‖ABᵀ‖_*",
+    )
+
+
+def _inspect_sections(reports: list[tuple[str, Any]], figures: Path) -> list[Section]:
+    from qkvlab.report.inspect_plots import effective_rank_heatmap, singular_value_curves
+
+    sections = []
+    if len(reports) > 1:
+        sections.append(
+            Section("Effective rank per layer, all inputs", [_overlay_layer_rank(reports, figures)])
+        )
+    for index, (name, report) in enumerate(reports):
+        stem = f"inspect{index}"
+        blocks = [
+            _inspect_summary_table(report),
+            Figure(
+                effective_rank_heatmap(report, figures / f"{stem}_erank_heatmap.png"),
+                "Effective rank of each head's product (layer × head); the colour scale runs to d_head.",
+            ),
+        ]
+        blocks += [
+            Figure(
+                singular_value_curves(report, product, figures / f"{stem}_sv_{product}.png"),
+                f"Singular values of {_PRODUCT[product]}, normalised by the largest, one curve per head.",
+            )
+            for product in ("qk", "ov")
+        ]
+        sections.append(Section(f"Spectra: {name}", blocks))
+    return sections
+
+
+def _overlay_layer_rank(reports: list[tuple[str, Any]], figures: Path) -> Figure:
+    plt = pyplot()
+    fig, axes = plt.subplots(1, 2, figsize=(10, 3.6))
+    for (name, report), colour in zip(reports, _colours(len(reports)), strict=True):
+        summary = report.layer_summary()
+        for ax, product in zip(axes, ("qk", "ov"), strict=True):
+            layers = [row["layer"] for row in summary]
+            ax.plot(layers, [row[f"{product}_erank_mean"] for row in summary], "o-", color=colour, label=name)
+    for ax, product in zip(axes, ("qk", "ov"), strict=True):
+        ax.set_title(f"{_PRODUCT[product]}: mean effective rank over heads")
+        ax.set_xlabel("layer")
+        ax.set_ylabel("effective rank (dimensions)")
+        ax.legend(fontsize=8)
+    return Figure(save(fig, figures / "inspect_overlay_layer_rank.png"), "Mean effective rank per layer.")
+
+
+# -- training runs ---------------------------------------------------------------------------------
+
+
+def _read_run(folder: Path) -> dict[str, Any]:
+    import gzip
+
+    config = _json(folder / "config.json")
+    metrics = [
+        json.loads(line) for line in (folder / "metrics.jsonl").read_text().splitlines() if line.strip()
+    ]
+    train: dict[int, dict] = {}
+    val: dict[int, dict] = {}
+    for record in metrics:  # a resumed run may repeat a step: the last record wins
+        (val if record.get("split") == "val" else train)[record["step"]] = record
+    spectra: dict[int, dict] = {}
+    plain, packed = folder / "spectra.jsonl", folder / "spectra.jsonl.gz"
+    if plain.is_file() or packed.is_file():
+        text = plain.read_text() if plain.is_file() else gzip.decompress(packed.read_bytes()).decode()
+        for line in text.splitlines():
+            if line.strip():
+                record = json.loads(line)
+                spectra[record["step"]] = record
+    final = _json(folder / "final.json") if (folder / "final.json").is_file() else None
+    return {
+        "name": config.get("name") or folder.name,
+        "folder": folder,
+        "config": config,
+        "train": [train[s] for s in sorted(train)],
+        "val": [val[s] for s in sorted(val)],
+        "spectra": [spectra[s] for s in sorted(spectra)],
+        "final": final,
+    }
+
+
+def _smooth(values: list[float], window: int) -> list[float]:
+    out, total = [], 0.0
+    for i, v in enumerate(values):
+        total += v
+        if i >= window:
+            total -= values[i - window]
+        out.append(total / min(i + 1, window))
+    return out
+
+
+def _loss_figure(runs: list[dict[str, Any]], figures: Path, stem: str) -> Figure:
+    plt = pyplot()
+    fig, ax = plt.subplots(figsize=(7.5, 4))
+    for run, colour in zip(runs, _colours(len(runs)), strict=True):
+        steps = [r["step"] for r in run["train"] if "loss" in r]
+        losses = [r["loss"] for r in run["train"] if "loss" in r]
+        if steps:
+            ax.plot(steps, _smooth(losses, 5), color=colour, alpha=0.6, label=f"{run['name']} train")
+        val = [(r["step"], r["loss"]) for r in run["val"] if "loss" in r]
+        if val:
+            ax.plot(*zip(*val, strict=True), "o-", color=colour, markersize=3, label=f"{run['name']} val")
+    ax.set_title("Loss over training (train: running mean of 5 logged values)")
+    ax.set_xlabel("step")
+    ax.set_ylabel("cross-entropy loss (nats)")
+    ax.legend(fontsize=7)
+    return Figure(save(fig, figures / f"{stem}_loss.png"), "Training and validation loss.")
+
+
+def _accuracy_figure(runs: list[dict[str, Any]], figures: Path, stem: str) -> Figure | None:
+    series = [(run, [(r["step"], r["accuracy"]) for r in run["val"] if "accuracy" in r]) for run in runs]
+    series = [(run, points) for run, points in series if points]
+    if not series:
+        return None
+    plt = pyplot()
+    fig, ax = plt.subplots(figsize=(7.5, 3.6))
+    for (run, points), colour in zip(series, _colours(len(series)), strict=True):
+        steps, acc = zip(*points, strict=True)
+        ax.plot(steps, [100 * a for a in acc], "o-", color=colour, markersize=3, label=run["name"])
+    ax.set_title("Validation accuracy over training")
+    ax.set_xlabel("step")
+    ax.set_ylabel("accuracy (%)")
+    ax.legend(fontsize=7)
+    return Figure(save(fig, figures / f"{stem}_accuracy.png"), "Validation accuracy.")
+
+
+def _head_values(record: dict[str, Any], product: str, metric: str) -> list[float]:
+    return [h[metric] for h in record["heads"] if h["product"] == product and h.get(metric) is not None]
+
+
+def _rank_over_time_figure(runs: list[dict[str, Any]], figures: Path, stem: str) -> Figure | None:
+    runs = [r for r in runs if r["spectra"]]
+    if not runs:
+        return None
+    plt = pyplot()
+    fig, axes = plt.subplots(1, 2, figsize=(11, 3.8))
+    for run, colour in zip(runs, _colours(len(runs)), strict=True):
+        steps = [rec["step"] for rec in run["spectra"]]
+        for ax, product in zip(axes, ("qk", "ov"), strict=True):
+            values = [_head_values(rec, product, "effective_rank") for rec in run["spectra"]]
+            mean = [math.fsum(v) / len(v) for v in values]
+            ax.plot(steps, mean, "-", color=colour, label=run["name"])
+            ax.fill_between(
+                steps, [min(v) for v in values], [max(v) for v in values], color=colour, alpha=0.15
+            )
+    d_head = runs[0]["spectra"][0]["architecture"]["d_head"]
+    for ax, product in zip(axes, ("qk", "ov"), strict=True):
+        ax.set_title(f"{_PRODUCT[product]}: effective rank (mean; band: min–max over heads)", fontsize=9)
+        ax.set_xlabel("step")
+        ax.set_ylabel(f"effective rank (of d_head = {d_head})")
+        ax.legend(fontsize=7)
+    return Figure(
+        save(fig, figures / f"{stem}_rank_over_time.png"),
+        "Effective rank over training, from the spectral monitor: mean over every head of every layer, "
+        "with the range over heads shaded.",
+    )
+
+
+def _decay_figure(runs: list[dict[str, Any]], figures: Path, stem: str) -> Figure | None:
+    """Measured per-step decay of the imbalance and gap against the gradient-flow predictions."""
+    runs = [r for r in runs if any(rec.get("imbalance_decay_per_step") for rec in r["spectra"])]
+    if not runs:
+        return None
+    plt = pyplot()
+    fig, axes = plt.subplots(2, 2, figsize=(11, 6.5), sharex=True)
+    for run, colour in zip(runs, _colours(len(runs)), strict=True):
+        records = [rec for rec in run["spectra"] if rec.get("imbalance_decay_per_step")]
+        steps = [rec["step"] for rec in records]
+        for col, product in enumerate(("qk", "ov")):
+            imb = [rec["imbalance_decay_per_step"] for rec in records]
+            gap = [rec["gap_decay_per_step"] for rec in records]
+            ax = axes[0][col]
+            ax.plot(
+                steps, [r["measured"][product] for r in imb], "o-", ms=3, color=colour, label=f"{run['name']}"
+            )
+            ax.plot(
+                steps,
+                [r["predicted_weight_decay_part"][product] for r in imb],
+                "--",
+                color=colour,
+                label=f"{run['name']}: 2ηλ",
+            )
+            ax = axes[1][col]
+            ax.plot(
+                steps, [r["measured"][product] for r in gap], "o-", ms=3, color=colour, label=f"{run['name']}"
+            )
+            low = [r["predicted_range"][product][0] for r in gap]
+            high = [r["predicted_range"][product][1] for r in gap]
+            ax.fill_between(steps, low, high, color=colour, alpha=0.15, label=f"{run['name']}: [2ηλ, 4ηλ]")
+    for col, product in enumerate(("qk", "ov")):
+        axes[0][col].set_title(f"{_PRODUCT[product]}: imbalance decay per step", fontsize=9)
+        axes[1][col].set_title(f"{_PRODUCT[product]}: gap decay per step", fontsize=9)
+        for row in range(2):
+            axes[row][col].set_ylabel("decay rate (per step)")
+            axes[row][col].legend(fontsize=6)
+        axes[1][col].set_xlabel("step")
+    return Figure(
+        save(fig, figures / f"{stem}_gap_imbalance.png"),
+        "Measured per-step decay of the imbalance ½|‖A‖²−‖B‖²| and of the gap ½(‖A‖²+‖B‖²) − ‖ABᵀ‖_* "
+        "between monitor records (markers), against gradient flow's prediction from weight decay alone "
+        "(dashed: 2ηλ; band: [2ηλ, 4ηλ]). Under Adam/AdamW the prediction is a reference line, not a law.",
+    )
+
+
+def _run_table(runs: list[dict[str, Any]]) -> Table:
+    keys = sorted({k for run in runs if run["final"] for k in run["final"].get("eval", {})})
+    headers = ["run", "steps", "final train loss", *(f"val {k}" for k in keys), "wall (s)", "status"]
+    rows = []
+    for run in runs:
+        final = run["final"] or {}
+        step = final.get("step", run["train"][-1]["step"] if run["train"] else 0)
+        rows.append(
+            [
+                run["name"],
+                step,
+                final.get("train_loss", "—"),
+                *(final.get("eval", {}).get(k, "—") for k in keys),
+                round(final["wall_seconds"], 1) if "wall_seconds" in final else "—",
+                "complete" if run["final"] else "incomplete",
+            ]
+        )
+    return Table(headers, rows, caption="Final numbers of each run (val: the last evaluation).")
+
+
+def _command(run: dict[str, Any]) -> str:
+    final = run["final"] or {}
+    if final.get("command"):
+        return final["command"]
+    return f"qkvlab train {run['folder'] / 'config.json'}  # the resolved config; reproduces these settings"
+
+
+def _settings_blocks(runs: list[dict[str, Any]]) -> list[Any]:
+    blocks: list[Any] = []
+    for run in runs:
+        blocks.append(Preformatted(_command(run), caption=f"`{run['name']}`: command"))
+        blocks.append(
+            Preformatted(json.dumps(run["config"], indent=1), caption=f"`{run['name']}`: config.json")
+        )
+    return blocks
+
+
+def _final_record_report(run: dict[str, Any]) -> Any:
+    from qkvlab.inspect import InspectReport
+
+    record = dict(run["spectra"][-1])
+    record["source"] = f"{run['name']} at step {record['step']}"
+    return InspectReport.from_dict(record)
+
+
+def _training_sections(
+    runs: list[dict[str, Any]], figures: Path, stem: str, heads: bool = True
+) -> list[Section]:
+    curves = [_loss_figure(runs, figures, stem), _accuracy_figure(runs, figures, stem)]
+    sections = [Section("Training curves", [_run_table(runs), *(f for f in curves if f)])]
+    rank = [_rank_over_time_figure(runs, figures, stem), _decay_figure(runs, figures, stem)]
+    if any(rank):
+        sections.append(Section("Attention rank over training", [f for f in rank if f]))
+    if heads:
+        finals = [(run["name"], _final_record_report(run)) for run in runs if run["spectra"]]
+        for section in _inspect_sections(finals, figures):
+            section.title = section.title.replace("Spectra: ", "Last monitor record: ")
+            sections.append(section)
+    sections.append(Section("Commands and settings", _settings_blocks(runs)))
+    return sections
+
+
+# -- sweep, fine-tuning, theory, repro ----------------------------------------------------------
+
+
+def _sweep_sections(folder: Path, figures: Path, stem: str) -> list[Section]:
+    from qkvlab.report.tables import sweep_table
+
+    sweep = _json(folder / "sweep.json")
+    runs = [_read_run(d) for d in sorted((folder / "runs").glob("*")) if (d / "metrics.jsonl").is_file()]
+    blocks: list[Any] = [
+        Preformatted(sweep_table(sweep.get("points", [])), caption="Per grid point, mean ± std over seeds."),
+        Preformatted(json.dumps({"grid": sweep.get("grid"), "seeds": sweep.get("seeds")}, indent=1), "Grid"),
+    ]
+    sections = [Section(f"Sweep: {folder.name}", blocks)]
+    return sections + _training_sections(runs, figures, stem, heads=False)
+
+
+def _finetune_sections(paths: list[Path], figures: Path, stem: str) -> list[Section]:
+    results = [(_label(p), _json(p / "result.json" if p.is_dir() else p)) for p in paths]
+    plt = pyplot()
+    fig, axes = plt.subplots(1, 2, figsize=(11, 3.8))
+    for (name, result), colour in zip(results, _colours(len(results)), strict=True):
+        curve = result["curve"]
+        steps = [c["step"] for c in curve]
+        axes[0].plot(steps, [c["train_loss"] for c in curve], "o-", ms=3, color=colour, label=name)
+        axes[1].plot(steps, [c[result["main_metric"]] for c in curve], "o-", ms=3, color=colour, label=name)
+    axes[0].set_title("Training loss (mean since the previous evaluation)", fontsize=9)
+    axes[0].set_ylabel("loss (nats)")
+    axes[1].set_title(f"Validation {results[0][1]['main_metric']}", fontsize=9)
+    axes[1].set_ylabel(results[0][1]["main_metric"])
+    for ax in axes:
+        ax.set_xlabel("step")
+        ax.legend(fontsize=7)
+    figure = Figure(
+        save(fig, figures / f"{stem}_finetune_curves.png"), "Convergence of each fine-tuning run."
+    )
+    rows = [
+        [
+            name,
+            r["config"].get("method", "?"),
+            ",".join(r["config"].get("train", []) or []) or "?",
+            r["trainable_parameters"],
+            r["best_val"],
+            r["final_val"],
+            *(r["test"].get(k, "—") for k in ("accuracy", "macro_f1")),
+        ]
+        for name, r in results
+    ]
+    table = Table(
+        [
+            "run",
+            "method",
+            "trained",
+            "trainable params",
+            "best val",
+            "final val",
+            "test accuracy",
+            "test macro-F1",
+        ],
+        rows,
+        caption="Fine-tuning runs (val: the learning-curve subset; test: reported once at the end).",
+    )
+    settings = [
+        Preformatted(json.dumps(r["config"], indent=1), caption=f"`{name}`: config") for name, r in results
+    ]
+    return [Section("Fine-tuning", [table, figure]), Section("Commands and settings", settings)]
+
+
+def _theory_sections(path: Path, figures: Path) -> list[Section]:
+    from qkvlab.report.theory import plot_theory, theory_tables
+
+    result = _json(path)
+    written = plot_theory(result, figures)
+    blocks: list[Any] = [
+        Preformatted(theory_tables(result), caption="Every number, as `qkvlab theory` prints it.")
+    ]
+    blocks += [Figure(p, p.stem.replace("_", " ")) for p in written]
+    settings = Preformatted(json.dumps(result.get("settings", {}), indent=1), caption="Settings")
+    return [Section(f"Theory: {_label(path)}", blocks), Section("Theory settings", [settings])]
+
+
+def _repro_sections(name: str, folder: Path, figures: Path) -> list[Section]:
+    from qkvlab.experiments.grid import experiments
+
+    experiment = experiments()[name]
+    if experiment.report is None:
+        return [Section(f"repro {name}: {folder}", [Text("This experiment has no report sections yet.")])]
+    sections = experiment.report(folder, figures)
+    command = f"qkvlab repro {name} --out {folder} --summary-only"
+    settings = folder / "settings.json"
+    blocks: list[Any] = [Preformatted(command, caption="Reprints these tables from the runs in the folder")]
+    if settings.is_file():
+        blocks.append(Preformatted(settings.read_text(), caption="settings.json (shared by every run)"))
+    return [*sections, Section(f"repro {name}: command and settings", blocks)]
+
+
+# -- the page --------------------------------------------------------------------------------------
+
+
+def build_page(paths: Sequence[Path], figures: Path) -> Page:
+    """Detect each path, group by kind (one overlay per kind) and build the sections."""
+    figures.mkdir(parents=True, exist_ok=True)
+    kinds: dict[str, list[Path]] = {}
+    for path in paths:
+        kinds.setdefault(detect(path), []).append(path)
+    sections: list[Section] = []
+    for index, (kind, group) in enumerate(kinds.items()):
+        stem = f"k{index}"
+        if kind == "inspect":
+            from qkvlab.inspect import InspectReport
+
+            reports = [(_label(p), InspectReport.from_dict(_json(p))) for p in group]
+            sections += _inspect_sections(reports, figures)
+        elif kind == "training-run":
+            sections += _training_sections([_read_run(p) for p in group], figures, stem)
+        elif kind == "sweep":
+            for j, folder in enumerate(group):
+                sections += _sweep_sections(folder, figures, f"{stem}_{j}")
+        elif kind == "finetune-run":
+            sections += _finetune_sections(group, figures, stem)
+        elif kind == "theory":
+            for j, path in enumerate(group):
+                sections += _theory_sections(path, figures / f"theory{j}" if len(group) > 1 else figures)
+        else:
+            for j, folder in enumerate(group):
+                sections += _repro_sections(kind.split(":", 1)[1], folder, figures / f"{stem}_{j}")
+    described = ", ".join(f"{len(g)} {k}" for k, g in kinds.items())
+    title = "qkvlab report: " + ", ".join(_label(p) for p in paths[:3]) + (" …" if len(paths) > 3 else "")
+    return Page(title, sections, subtitle=f"From {described}: " + " ".join(f"`{p}`" for p in paths))
+
+
+def write_report(paths: Sequence[Path], out: Path) -> tuple[Path, Path]:
+    """Write ``OUT/report.html`` (self-contained) and ``OUT/report.md`` with ``OUT/figures/``."""
+    from qkvlab.report.page import write_html, write_markdown
+
+    out.mkdir(parents=True, exist_ok=True)
+    page = build_page(paths, out / "figures")
+    return write_html(page, out / "report.html"), write_markdown(page, out / "report.md")
