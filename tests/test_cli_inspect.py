@@ -39,7 +39,8 @@ def test_inspect_minilm_writes_json_csv_and_plots(tmp_path, capsys) -> None:
     )  # one row per layer
 
     data = json.loads((out / "m.json").read_text())
-    assert set(data) == {"schema_version", "source", "architecture", "rtol", "heads"}
+    assert set(data) == {"schema_version", "kind", "source", "architecture", "rtol", "heads"}
+    assert data["kind"] == "inspect"
     assert data["architecture"] == {
         "family": "bert",
         "n_layers": 6,

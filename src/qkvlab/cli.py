@@ -527,6 +527,11 @@ def _cmd_theory(args: argparse.Namespace) -> int:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    import shlex
+
+    import qkvlab.args
+
+    qkvlab.args.INVOCATION = shlex.join(["qkvlab", *(sys.argv[1:] if argv is None else argv)])
     parser = _build_parser()
     args, extra = parser.parse_known_args(argv)
     if extra:  # `train CONFIG --preset X lr=1e-3`: key=value overrides may come after options too

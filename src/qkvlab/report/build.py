@@ -167,7 +167,7 @@ def _read_run(folder: Path) -> dict[str, Any]:
                 spectra[record["step"]] = record
     final = _json(folder / "final.json") if (folder / "final.json").is_file() else None
     return {
-        "name": config.get("name") or folder.name,
+        "name": folder.name,
         "folder": folder,
         "config": config,
         "train": [train[s] for s in sorted(train)],
@@ -324,7 +324,7 @@ def _command(run: dict[str, Any]) -> str:
     final = run["final"] or {}
     if final.get("command"):
         return final["command"]
-    return f"qkvlab train {run['folder'] / 'config.json'}  # the resolved config; reproduces these settings"
+    return f"qkvlab train {run['folder'] / 'config.json'}  # its resolved config: the same settings"
 
 
 def _settings_blocks(runs: list[dict[str, Any]]) -> list[Any]:
@@ -438,8 +438,10 @@ def _theory_sections(path: Path, figures: Path) -> list[Section]:
         Preformatted(theory_tables(result), caption="Every number, as `qkvlab theory` prints it.")
     ]
     blocks += [Figure(p, p.stem.replace("_", " ")) for p in written]
-    settings = Preformatted(json.dumps(result.get("settings", {}), indent=1), caption="Settings")
-    return [Section(f"Theory: {_label(path)}", blocks), Section("Theory settings", [settings])]
+    settings = [Preformatted(json.dumps(result.get("settings", {}), indent=1), caption="Settings")]
+    if result.get("command"):
+        settings.insert(0, Preformatted(result["command"], caption="Command"))
+    return [Section(f"Theory: {_label(path)}", blocks), Section("Theory: command and settings", settings)]
 
 
 def _repro_sections(name: str, folder: Path, figures: Path) -> list[Section]:

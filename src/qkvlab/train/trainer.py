@@ -516,7 +516,15 @@ def train(config: TrainConfig, *, resume: Path | None = None) -> TrainResult:
                 spectra = monitor.last_summary[1]
             else:
                 spectra = summary_metrics(inspect(model))
+            from qkvlab.args import INVOCATION
+
             summary = {
+                "schema_version": 1,
+                "kind": "training-run",
+                # the command that made the run; a resumed or grid run gets one that reproduces its settings
+                "command": INVOCATION
+                if INVOCATION and INVOCATION.startswith("qkvlab train ") and "--resume" not in INVOCATION
+                else f"qkvlab train {run_dir / 'config.json'}",
                 "step": step,
                 "train_loss": last_loss,
                 "eval": final_eval,

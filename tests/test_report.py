@@ -1,0 +1,220 @@
+"""`qkvlab report`: kind detection, the self-contained HTML page and its Markdown twin, the figure check,
+and the page in a real headless browser (Debian's chromium, driven by selenium)."""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+from html.parser import HTMLParser
+from pathlib import Path
+
+import pytest
+
+from qkvlab.cli import main
+from qkvlab.report.build import detect
+from qkvlab.report.figures import figure_problems, pyplot
+
+REPO = Path(__file__).resolve().parents[1]
+TEXT = "To be, or not to be, that is the question: whether 'tis nobler in the mind to suffer. " * 60
+
+
+def _train(tmp_path: Path, name: str, attn_wd: str) -> Path:
+    corpus = tmp_path / "corpus.txt"
+    corpus.write_text(TEXT)
+    out = tmp_path / name
+    settings = {
+        "data": f"text:{corpus}",
+        "seq_len": "16",
+        "batch_size": "8",
+        "max_steps": "12",
+        "warmup_steps": "2",
+        "lr": "3e-3",
+        "model.n_layer": "2",
+        "model.n_head": "2",
+        "model.d_model": "32",
+        "log_every": "1",
+        "eval_every": "6",
+        "eval_batches": "2",
+        "spectra_every": "4",
+        "progress": "false",
+        "tensorboard": "false",
+        "out": str(out),
+    }
+    preset = ["--preset", f"decoupled-attn:attn_weight_decay={attn_wd}"]
+    assert main(["train", *[f"{k}={v}" for k, v in settings.items()], *preset]) == 0
+    return out
+
+
+@pytest.fixture(scope="module")
+def outputs(tmp_path_factory) -> dict[str, Path]:
+    tmp = tmp_path_factory.mktemp("report")
+    runs = [_train(tmp, "run-a", "0"), _train(tmp, "run-b", "1")]
+    inspect_json = tmp / "inspect.json"
+    assert main(["inspect", str(runs[0]), "--json", str(inspect_json), "--quiet"]) == 0
+    theory_json = tmp / "theory.json"
+    args = ["theory", "--lambdas", "0,0.3", "--steps", "400", "--seeds", "0", "--parts", "toy"]
+    assert main([*args, "--json", str(theory_json), "--quiet"]) == 0
+    return {"run-a": runs[0], "run-b": runs[1], "inspect": inspect_json, "theory": theory_json, "tmp": tmp}
+
+
+class _Structure(HTMLParser):
+    def __init__(self) -> None:
+        super().__init__()
+        self.h2: list[str] = []
+        self.images: list[dict[str, str]] = []
+        self.external: list[str] = []
+        self.tags: set[str] = set()
+        self._in_h2 = False
+
+    def handle_starttag(self, tag, attrs):  # type: ignore[no-untyped-def]
+        attrs = dict(attrs)
+        self.tags.add(tag)
+        self._in_h2 = tag == "h2"
+        if tag == "h2":
+            self.h2.append("")
+        if tag == "img":
+            self.images.append(attrs)
+        for key in ("src", "href"):
+            value = attrs.get(key) or ""
+            if value and not value.startswith(("data:", "#")):
+                self.external.append(value)
+
+    def handle_endtag(self, tag):  # type: ignore[no-untyped-def]
+        if tag == "h2":
+            self._in_h2 = False
+
+    def handle_data(self, data):  # type: ignore[no-untyped-def]
+        if self._in_h2:
+            self.h2[-1] += data
+
+
+def _report(paths: list[Path], out: Path, capsys) -> tuple[Path, Path]:
+    assert main(["report", *map(str, paths), "--out", str(out)]) == 0
+    last = capsys.readouterr().out.strip().splitlines()[-1]
+    html = Path(last)
+    assert html == out / "report.html" and html.is_file()
+    return html, out / "report.md"
+
+
+def _sections(html: Path, md: Path) -> tuple[_Structure, list[str]]:
+    parser = _Structure()
+    parser.feed(html.read_text())
+    headings = re.findall(r"^## (.+)$", md.read_text(), flags=re.M)
+    assert [h.strip() for h in parser.h2] == headings  # the twins carry the same sections, in order
+    return parser, headings
+
+
+def test_detects_every_kind_from_its_own_files(outputs, tmp_path) -> None:
+    assert detect(outputs["run-a"]) == "training-run"
+    assert detect(outputs["inspect"]) == "inspect"
+    assert detect(outputs["theory"]) == "theory"
+    legacy = tmp_path / "old.json"  # an inspect --json file from before files carried a kind
+    data = json.loads(outputs["inspect"].read_text())
+    del data["kind"]
+    legacy.write_text(json.dumps(data))
+    assert detect(legacy) == "inspect"
+    final = json.loads((outputs["run-a"] / "final.json").read_text())
+    assert final["kind"] == "training-run" and final["schema_version"] == 1
+    assert final["command"].startswith("qkvlab train data=text:")
+    # committed results that predate the kind field
+    assert detect(REPO / "results/paper000-icl-linear") == "repro:wd-rank"
+    assert detect(REPO / "results/repro-finetune") == "repro:finetune"
+    assert detect(REPO / "results/theory/theory.json") == "theory"
+    assert detect(REPO / "results/paper000-gpt/runs/attn=0,rest=0.1,seed=0") == "training-run"
+
+
+def test_two_runs_overlay_and_the_page_is_self_contained(outputs, tmp_path, capsys) -> None:
+    assert os.environ["QKVLAB_CHECK_FIGURES"] == "1"  # so every figure below passed figure_problems
+    html, md = _report([outputs["run-a"], outputs["run-b"]], tmp_path / "r", capsys)
+    parser, headings = _sections(html, md)
+    assert headings.count("Training curves") == 1  # two runs, one set of shared axes
+    assert "Attention rank over training" in headings
+    assert any(h.startswith("Last monitor record: run-a") for h in headings)
+    assert "Commands and settings" in headings
+    assert parser.external == [] and "script" not in parser.tags and "link" not in parser.tags
+    assert parser.images and all(img["src"].startswith("data:image/png;base64,") for img in parser.images)
+    text = md.read_text()
+    for target in re.findall(r"!\[[^\]]*\]\(([^)]+)\)", text):
+        assert (md.parent / target).is_file(), target
+    assert "qkvlab train data=text:" in text and "run-b" in text
+
+
+def test_inspect_theory_and_repro_sections(outputs, tmp_path, capsys) -> None:
+    html, md = _report([outputs["inspect"], outputs["theory"]], tmp_path / "r", capsys)
+    _, headings = _sections(html, md)
+    assert headings[0] == "Spectra: inspect" and "Theory: theory" in headings
+    assert "Theory: command and settings" in headings and "qkvlab theory --lambdas 0,0.3" in md.read_text()
+    html, md = _report([REPO / "results/paper000-icl-linear"], tmp_path / "icl", capsys)
+    _, headings = _sections(html, md)
+    assert headings[0].startswith("Weight decay and attention rank (paper000-icl-linear")
+    assert "qkvlab repro wd-rank --out" in md.read_text() and "| Σηλ" in md.read_text()
+
+
+def test_user_mistakes_are_one_line(tmp_path, capsys) -> None:
+    assert main(["report", str(tmp_path / "missing")]) == 2
+    assert "does not exist" in capsys.readouterr().err
+    (tmp_path / "thing.json").write_text('{"a": 1}')
+    assert main(["report", str(tmp_path / "thing.json")]) == 2
+    err = capsys.readouterr().err
+    assert "cannot tell what" in err and "accepted:" in err and len(err.strip().splitlines()) == 1
+    (tmp_path / "broken.json").write_text("{")
+    assert main(["report", str(tmp_path / "broken.json")]) == 2
+
+
+def test_figure_check_names_what_a_reader_would_miss() -> None:
+    plt = pyplot()
+    fig, ax = plt.subplots()
+    ax.plot(range(5), range(5))
+    ax.plot(range(5), range(1, 6))
+    ax.imshow([[0, 1], [1, 0]])
+    problems = figure_problems(fig)
+    assert any("no title" in p for p in problems) and any("x axis not labelled" in p for p in problems)
+    assert any("no legend" in p for p in problems) and any("colour bar" in p for p in problems)
+    plt.close(fig)
+    fig, ax = plt.subplots()
+    ax.plot(range(5), range(5), label="a")
+    ax.plot(range(5), range(1, 6), label="b")
+    ax.set(title="t", xlabel="step", ylabel="loss (nats)")
+    ax.legend()
+    assert figure_problems(fig) == []
+    plt.close(fig)
+
+
+def _browser():  # type: ignore[no-untyped-def]
+    chromium = shutil.which("chromium") or shutil.which("chromium-browser")
+    driver = shutil.which("chromedriver")
+    if not (chromium and driver):
+        pytest.skip(
+            "Debian's chromium and chromium-driver are not installed (`make test` installs them with apt-get; that failed here)"
+        )
+    from selenium import webdriver
+    from selenium.webdriver.chrome.service import Service
+
+    options = webdriver.ChromeOptions()
+    options.binary_location = chromium
+    for flag in ("--headless=new", "--no-sandbox", "--disable-gpu", "--disable-dev-shm-usage"):
+        options.add_argument(flag)
+    options.set_capability("goog:loggingPrefs", {"browser": "ALL"})
+    return webdriver.Chrome(service=Service(driver), options=options)
+
+
+def test_page_in_a_real_browser(outputs, tmp_path, capsys) -> None:
+    html, md = _report([outputs["run-a"], outputs["run-b"], outputs["theory"]], tmp_path / "r", capsys)
+    _, headings = _sections(html, md)
+    browser = _browser()
+    try:
+        browser.get(html.resolve().as_uri())
+        images = browser.execute_script(
+            "return Array.from(document.images).map(i => [i.complete, i.naturalWidth, i.alt])"
+        )
+        shown = browser.execute_script(
+            "return Array.from(document.querySelectorAll('h2')).map(h => h.textContent)"
+        )
+        errors = [entry for entry in browser.get_log("browser") if entry["level"] in ("SEVERE", "ERROR")]
+    finally:
+        browser.quit()
+    assert errors == []
+    assert len(images) >= 6 and all(done and width > 0 for done, width, _ in images), images
+    assert shown == headings
