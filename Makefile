@@ -20,7 +20,7 @@ $(STAMP): pyproject.toml requirements/constraints.txt
 	touch $(STAMP)
 
 demo: $(STAMP)
-	$(VENV)/bin/qkvlab inspect minilm --plot runs/demo/plots --json runs/demo/inspect.json --csv runs/demo/inspect.csv
+	$(VENV)/bin/qkvlab demo --out runs/demo
 
 test: $(STAMP) browser
 	$(PY) -m pytest -q

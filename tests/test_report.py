@@ -218,3 +218,29 @@ def test_page_in_a_real_browser(outputs, tmp_path, capsys) -> None:
     assert errors == []
     assert len(images) >= 6 and all(done and width > 0 for done, width, _ in images), images
     assert shown == headings
+
+
+def test_demo_end_to_end_at_toy_size(tmp_path, monkeypatch, capsys) -> None:
+    import qkvlab.demo as demo
+
+    coupled, decoupled, strong, eta_sum = demo.demo_lambdas()
+    assert (coupled, decoupled) == (demo.DEMO_REST, 0.0) and strong * eta_sum >= 2.0  # the floor
+    assert (strong - 1) * eta_sum < 2.0  # and the smallest whole λ that reaches it
+    for key, value in {"max_steps": 8, "warmup_steps": 2, "eval_every": 4, "spectra_every": 4}.items():
+        monkeypatch.setitem(demo.DEMO_CHANGES, key, value)
+    monkeypatch.setitem(demo.THEORY_SETTINGS, "steps", 300)
+    monkeypatch.setitem(demo.THEORY_SETTINGS, "seeds", (0,))
+    monkeypatch.setitem(demo.THEORY_SETTINGS, "lambdas", (0.0, 0.3))
+    assert main(["demo", "--out", str(tmp_path / "demo"), "--jobs", "1"]) == 0
+    lines = capsys.readouterr().out.strip().splitlines()
+    html = Path(lines[-1])
+    assert html == tmp_path / "demo" / "report" / "report.html" and html.is_file()
+    strong_toy = demo.demo_lambdas()[2]  # recomputed for the toy-size schedule
+    assert f"{strong_toy:g} (Σηλ 2" in lines[0]
+    _, headings = _sections(html, html.with_suffix(".md"))
+    assert headings[0] == "What this page shows"
+    assert any(h.startswith("Weight decay and attention rank") for h in headings)
+    assert "Training curves" in headings and "Spectra: minilm" in headings and "Theory: theory" in headings
+    # idempotent: a second run trains nothing and writes the same page
+    assert main(["demo", "--out", str(tmp_path / "demo"), "--jobs", "1"]) == 0
+    assert "3 complete, 0 to resume, 0 new" in capsys.readouterr().out

@@ -240,6 +240,17 @@ pretrained (how balanced a pretrained model's factor pairs are, Fig. 4). docs/th
     )
     rep.set_defaults(handler=_cmd_report)
 
+    demo = sub.add_parser(
+        "demo",
+        help="the main job in a few minutes: three GPT runs (coupled, decoupled, strong attention weight "
+        "decay), the theory toy, MiniLM's spectra, one report",
+        description="What `make demo` runs (resumable: a second run skips what is done). The report's path "
+        "is the last line printed.",
+    )
+    demo.add_argument("--out", default="runs/demo", metavar="DIR", help="default %(default)s")
+    demo.add_argument("--jobs", type=positive_int, default=2, help="runs in parallel (default %(default)s)")
+    demo.set_defaults(handler=_cmd_demo)
+
     from qkvlab.experiments.grid import experiments
 
     known = experiments()
@@ -425,6 +436,16 @@ def _cmd_report(args: argparse.Namespace) -> int:
     html_path, md_path = write_report(paths, out)
     print(f"wrote {md_path}")
     print(html_path)
+    return 0
+
+
+def _cmd_demo(args: argparse.Namespace) -> int:
+    from pathlib import Path
+
+    from qkvlab.demo import run_demo
+
+    check_outputs(files=[], folders=[args.out])
+    print(run_demo(Path(args.out), jobs=args.jobs))
     return 0
 
 

@@ -99,16 +99,15 @@ def _inspect_summary_table(report: Any) -> Table:
     )
 
 
-def _inspect_sections(reports: list[tuple[str, Any]], figures: Path) -> list[Section]:
+def _inspect_sections(reports: list[tuple[str, Any]], figures: Path, prefix: str) -> list[Section]:
     from qkvlab.report.inspect_plots import effective_rank_heatmap, singular_value_curves
 
     sections = []
     if len(reports) > 1:
-        sections.append(
-            Section("Effective rank per layer, all inputs", [_overlay_layer_rank(reports, figures)])
-        )
+        overlay = _overlay_layer_rank(reports, figures / f"{prefix}_layer_rank.png")
+        sections.append(Section(f"Effective rank per layer, {len(reports)} inputs overlaid", [overlay]))
     for index, (name, report) in enumerate(reports):
-        stem = f"inspect{index}"
+        stem = f"{prefix}{index}"
         blocks = [
             _inspect_summary_table(report),
             Figure(
@@ -127,7 +126,9 @@ def _inspect_sections(reports: list[tuple[str, Any]], figures: Path) -> list[Sec
     return sections
 
 
-def _overlay_layer_rank(reports: list[tuple[str, Any]], figures: Path) -> Figure:
+def _overlay_layer_rank(reports: list[tuple[str, Any]], path: Path) -> Figure:
+    from matplotlib.ticker import MaxNLocator
+
     plt = pyplot()
     fig, axes = plt.subplots(1, 2, figsize=(10, 3.6))
     for (name, report), colour in zip(reports, _colours(len(reports)), strict=True):
@@ -139,8 +140,9 @@ def _overlay_layer_rank(reports: list[tuple[str, Any]], figures: Path) -> Figure
         ax.set_title(f"{_PRODUCT[product]}: mean effective rank over heads")
         ax.set_xlabel("layer")
         ax.set_ylabel("effective rank (dimensions)")
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
         ax.legend(fontsize=8)
-    return Figure(save(fig, figures / "inspect_overlay_layer_rank.png"), "Mean effective rank per layer.")
+    return Figure(save(fig, path), "Mean effective rank per layer.")
 
 
 # -- training runs ---------------------------------------------------------------------------------
@@ -355,7 +357,7 @@ def _training_sections(
         sections.append(Section("Attention rank over training", [f for f in rank if f]))
     if heads:
         finals = [(run["name"], _final_record_report(run)) for run in runs if run["spectra"]]
-        for section in _inspect_sections(finals, figures):
+        for section in _inspect_sections(finals, figures, f"{stem}_final"):
             section.title = section.title.replace("Spectra: ", "Last monitor record: ")
             sections.append(section)
     sections.append(Section("Commands and settings", _settings_blocks(runs)))
@@ -462,7 +464,7 @@ def _repro_sections(name: str, folder: Path, figures: Path) -> list[Section]:
 # -- the page --------------------------------------------------------------------------------------
 
 
-def build_page(paths: Sequence[Path], figures: Path) -> Page:
+def build_page(paths: Sequence[Path], figures: Path, title: str | None = None, intro: str = "") -> Page:
     """Detect each path, group by kind (one overlay per kind) and build the sections."""
     figures.mkdir(parents=True, exist_ok=True)
     kinds: dict[str, list[Path]] = {}
@@ -475,7 +477,7 @@ def build_page(paths: Sequence[Path], figures: Path) -> Page:
             from qkvlab.inspect import InspectReport
 
             reports = [(_label(p), InspectReport.from_dict(_json(p))) for p in group]
-            sections += _inspect_sections(reports, figures)
+            sections += _inspect_sections(reports, figures, f"{stem}_inspect")
         elif kind == "training-run":
             sections += _training_sections([_read_run(p) for p in group], figures, stem)
         elif kind == "sweep":
@@ -490,14 +492,25 @@ def build_page(paths: Sequence[Path], figures: Path) -> Page:
             for j, folder in enumerate(group):
                 sections += _repro_sections(kind.split(":", 1)[1], folder, figures / f"{stem}_{j}")
     described = ", ".join(f"{len(g)} {k}" for k, g in kinds.items())
-    title = "qkvlab report: " + ", ".join(_label(p) for p in paths[:3]) + (" …" if len(paths) > 3 else "")
+    if title is None:
+        title = "qkvlab report: " + ", ".join(_label(p) for p in paths[:3]) + (" …" if len(paths) > 3 else "")
+    if intro:
+        sections.insert(0, Section("What this page shows", [Text(line) for line in intro.split("\n\n")]))
     return Page(title, sections, subtitle=f"From {described}: " + " ".join(f"`{p}`" for p in paths))
 
 
-def write_report(paths: Sequence[Path], out: Path) -> tuple[Path, Path]:
-    """Write ``OUT/report.html`` (self-contained) and ``OUT/report.md`` with ``OUT/figures/``."""
+def write_report(
+    paths: Sequence[Path], out: Path, title: str | None = None, intro: str = ""
+) -> tuple[Path, Path]:
+    """Write ``OUT/report.html`` (self-contained) and ``OUT/report.md`` with ``OUT/figures/``.
+
+    ``intro``: paragraphs (blank-line separated) for a first section, "What this page shows"."""
+    import shutil
+
     from qkvlab.report.page import write_html, write_markdown
 
     out.mkdir(parents=True, exist_ok=True)
-    page = build_page(paths, out / "figures")
+    if (out / "report.html").is_file() and (out / "figures").is_dir():  # an earlier report's figures
+        shutil.rmtree(out / "figures")
+    page = build_page(paths, out / "figures", title, intro)
     return write_html(page, out / "report.html"), write_markdown(page, out / "report.md")

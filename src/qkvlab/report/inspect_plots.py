@@ -13,6 +13,14 @@ from qkvlab.report.figures import pyplot, save
 _TITLES = {"qk": "QK = W_Kᵀ W_Q", "ov": "OV = P W_V"}
 
 
+def _integer_ticks(ax) -> None:  # type: ignore[no-untyped-def]
+    """Heads and layers are whole numbers: no 0.5 ticks."""
+    from matplotlib.ticker import MaxNLocator
+
+    ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+    ax.yaxis.set_major_locator(MaxNLocator(integer=True))
+
+
 def effective_rank_heatmap(report: InspectReport, path: Path) -> Path:
     """Layer × head heatmap of the effective rank, one panel per product, shared colour scale."""
     plt = pyplot()
@@ -30,7 +38,8 @@ def effective_rank_heatmap(report: InspectReport, path: Path) -> Path:
         ax.set_title(f"effective rank of {_TITLES[product]} (max {arch.d_head})")
         ax.set_xlabel("head")
         ax.set_ylabel("layer")
-        fig.colorbar(image, ax=ax)
+        _integer_ticks(ax)
+        fig.colorbar(image, ax=ax, label="effective rank")
     fig.suptitle(f"{report.source} ({arch.family})")
     return save(fig, path, dpi=120)
 

@@ -144,6 +144,12 @@ def _lambda_axis(ax: Any, eta: float, lams: list[float]) -> None:
     threshold = min(positive) if positive else 1e-2
     ax.set_xscale("symlog", linthresh=threshold)
     ax.set_xlim(-0.1 * threshold, 1.5 * max(positive, default=threshold))
+    # Ticks at the grid's own Σηλ values: symlog's default ticks crowd "0" and "10⁻²" together.
+    ticks = sorted({0.0, *positive})
+    ax.set_xticks(ticks, [f"{t:.2g}" for t in ticks])
+    from matplotlib.ticker import NullLocator
+
+    ax.xaxis.set_minor_locator(NullLocator())
 
 
 def _mean_over_time(runs: list[dict[str, Any]], product: str, metric: str) -> tuple[list[int], list[float]]:
