@@ -276,3 +276,26 @@ def test_output_path_mistakes_fail_before_computing(tmp_path, capsys) -> None:
         assert main(["inspect", "minilm", "--quiet", *args]) == 2
         err = capsys.readouterr().err
         assert len(err.strip().splitlines()) == 1 and "Traceback" not in err, err
+
+
+def test_report_object_in_python_and_notebooks() -> None:
+    import qkvlab
+
+    report = qkvlab.inspect("minilm")
+    text = repr(report)
+    assert text.startswith("<InspectReport minilm: bert, 6 layers × 12 heads") and len(text) < 300
+    assert "qk erank mean" in text and "singular_values" not in text
+    page = report._repr_html_()
+    assert page.count("<tr>") == 1 + 6 and "QK erank" in page  # header + one row per layer
+    frame = report.to_pandas()
+    assert len(frame) == 6 * 12 * 2 and {"layer", "head", "product", "effective_rank"} <= set(frame.columns)
+    one = frame[(frame["layer"] == 2) & (frame["head"] == 5) & (frame["product"] == "ov")]
+    assert one["effective_rank"].item() == report.select("ov", layer=2, head=5)[0]["effective_rank"]
+    assert len(report.select("qk", layer=1)) == 12 and len(report.select("qk", head=0)) == 6
+    for bad, message in [
+        (lambda: report.select("QK"), "unknown product 'QK'; this report has: qk, ov"),
+        (lambda: report.select("qk", layer=6), "layer 6 out of range"),
+        (lambda: report.select("ov", head=-1), "head -1 out of range"),
+    ]:
+        with pytest.raises(ValueError, match=message):
+            bad()

@@ -184,6 +184,17 @@ def test_cli_compare_prints_and_writes(tiny_bert, tiny_csv, tmp_path, capsys) ->
     assert products == {"dqk", "dov", "dq", "dk", "dv", "do"}
     moved = {h["product"] for h in data["heads"] if h["rank"]}
     assert moved == {"dov", "dv"}  # only V was trained: W_K, W_Q, P unchanged, so only OV changed
+    # --plot draws the change (it used to write nothing), and `report` takes the compare JSON
+    plots = tmp_path / "plots"
+    args = ["inspect", str(tiny_bert), "--compare", str(tmp_path / "run" / "model"), "--plot", str(plots)]
+    assert main(args) == 0
+    assert sorted(p.name for p in plots.iterdir()) == [
+        "change_heatmap.png",
+        "singular_values_dov.png",
+        "singular_values_dqk.png",
+    ]
+    assert main(["report", str(out), "--out", str(tmp_path / "report")]) == 0
+    assert "## Change: delta" in (tmp_path / "report" / "report.md").read_text()
 
 
 @pytest.mark.parametrize("side", ["right", "left"])
@@ -224,14 +235,8 @@ def test_dynamic_padding_leaves_logits_and_metrics_unchanged(tiny_bert, side) ->
 
 def test_repro_grid_resumes_refuses_other_settings_and_summarizes(tiny_bert, tiny_csv, tmp_path) -> None:
     from qkvlab.errors import UserError
-    from qkvlab.experiments.finetune_claims import (
-        LR,
-        GridPoint,
-        aggregate,
-        plot_convergence,
-        run_grid,
-        summarize,
-    )
+    from qkvlab.experiments.finetune_claims import LR, GridPoint, aggregate, run_grid
+    from qkvlab.report.finetune import plot_convergence, summarize
 
     points = [
         GridPoint("rotten-tomatoes", ("q", "v"), "lora", 1.0),
@@ -278,7 +283,8 @@ def test_repro_grid_resumes_refuses_other_settings_and_summarizes(tiny_bert, tin
     assert group_lrs["v"] == pytest.approx(4 * group_lrs["q"])
     table = summarize(out)
     assert table.count("\n| rotten-tomatoes") == 4 and "| 2 |" in table
-    from qkvlab.experiments.finetune_claims import best_lambda, claims_markdown
+    from qkvlab.experiments.finetune_claims import best_lambda
+    from qkvlab.report.finetune import claims_markdown
 
     final = {
         lam: sum(
@@ -401,3 +407,19 @@ def test_preset_merges_with_the_v_rate_per_key(tiny_bert, tiny_csv, tmp_path) ->
 
     with pytest.raises(UserError, match="unknown preset"):
         _config(tiny_bert, tiny_csv, tmp_path, preset="nope").validate()
+
+
+def test_cli_finetune_prints_its_numbers_and_reports(tiny_bert, tiny_csv, tmp_path, capsys) -> None:
+    run = tmp_path / "ft"
+    args = ["finetune", "--model", str(tiny_bert), "--data", f"csv:{tiny_csv}", "--targets", "q,v"]
+    assert (
+        main([*args, "--max-steps", "4", "--eval-every", "2", "--quiet", "--no-save", "--out", str(run)]) == 0
+    )
+    printed = capsys.readouterr().out.splitlines()
+    result = json.loads((run / "result.json").read_text())
+    assert printed[1].startswith(f"lora q,v λ=1: {result['trainable_parameters']:,} of ")
+    assert printed[2].startswith(f"val {result['main_metric']}: best {result['best_val']:.4f}")
+    assert printed[-1] == f"wrote {run}/result.json"
+    assert main(["report", str(run), "--out", str(tmp_path / "report")]) == 0
+    md = (tmp_path / "report" / "report.md").read_text()
+    assert "## Fine-tuning" in md and "| ft | lora | q,v |" in md

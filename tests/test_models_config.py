@@ -202,3 +202,20 @@ def test_linear_attention_set_to_one_gd_step_scores_the_gd_reference() -> None:
         model.head.weight.zero_()  # predicting 0 is far from GD
         far = _evaluate(model, ds, config, torch.device("cpu"), contextlib.nullcontext)
     assert far["gd_distance"] > 0.5 and far["loss"] > 0.8
+
+
+def test_packaged_configs_are_named_from_any_directory(tmp_path, monkeypatch) -> None:
+    from qkvlab.config import load_config, packaged_configs
+    from qkvlab.errors import UserError
+
+    monkeypatch.chdir(tmp_path)  # not the repository root
+    assert packaged_configs() == ["digits-vit", "icl-linear", "shakespeare-gpt"]
+    gpt = load_config("shakespeare-gpt", {"max_steps": 300})
+    assert gpt.data == "shakespeare" and gpt.model.kind == "gpt" and gpt.max_steps == 300
+    assert load_config("digits-vit.yaml").model.kind == "vit"
+    (tmp_path / "shakespeare-gpt.yaml").write_text("max_steps: 7\nwarmup_steps: 1\n")
+    assert load_config("shakespeare-gpt.yaml").max_steps == 7  # a file of that name wins
+    with pytest.raises(UserError, match="packaged configs: digits-vit, icl-linear, shakespeare-gpt"):
+        load_config("nope")
+    with pytest.raises(UserError, match="no such config file: sub/shakespeare-gpt"):
+        load_config("sub/shakespeare-gpt")  # a path is a path, never a packaged name

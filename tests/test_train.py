@@ -232,6 +232,12 @@ def test_sweep_skips_complete_and_resumes_partial(corpus, tmp_path, capsys) -> N
         "skipped (complete)"
     }
     assert "4 complete" in capsys.readouterr().out
+    # `qkvlab report` on the sweep folder: its table, and the four runs' curves on shared axes
+    assert main(["report", str(sweep), "--out", str(tmp_path / "report")]) == 0
+    assert capsys.readouterr().out.strip().splitlines()[-1] == str(tmp_path / "report" / "report.html")
+    md = (tmp_path / "report" / "report.md").read_text()
+    assert "## Sweep: sweep" in md and md.count("## Training curves") == 1
+    assert all(f"| weight_decay={w},seed={s} |" in md for w in ("0", "0.5") for s in (0, 1))
 
 
 def test_ddp_two_processes_match_one(corpus, tmp_path) -> None:

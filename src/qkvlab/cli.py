@@ -386,37 +386,23 @@ def _cmd_sweep(args: argparse.Namespace) -> int:
 
 
 def _cmd_compare(args: argparse.Namespace) -> int:
-    import statistics
-
-    from qkvlab.inspect import COMPARE_PRODUCTS, compare
-    from qkvlab.report.tables import format_table
+    from qkvlab.inspect import compare
+    from qkvlab.report.tables import compare_text
 
     report = compare(args.source, args.compare, rtol=args.rtol)
     if args.json:
         report.to_json(args.json)
     if args.csv:
         report.to_csv(args.csv)
+    written = [p for p in (args.json, args.csv) if p]
+    if args.plot:
+        from qkvlab.report.inspect_plots import plot_compare
+
+        written += [str(p) for p in plot_compare(report, args.plot)]
     if not args.quiet:
-        arch = report.architecture
-        print(
-            f"{report.source}: {arch.family}, {arch.n_layers} layers, {arch.n_heads} heads; what fine-tuning changed"
-        )
-        rows = []
-        for layer in range(arch.n_layers):
-            row: list[object] = [layer]
-            for product in COMPARE_PRODUCTS:
-                recs = report.select(product, layer)
-                row += [
-                    statistics.fmean(r["nuclear_norm"] for r in recs),
-                    statistics.fmean(r["rank"] for r in recs),
-                ]
-            rows.append(row)
-        headers = ["layer"] + [f"{p} {m}" for p in COMPARE_PRODUCTS for m in ("‖·‖_*", "rank")]
-        print(format_table(headers, rows))
-        print(
-            "mean over heads; dqk = ΔW_KᵀW_Q, dov = Δ(P·W_V) (rank ≤ 2·d_head), dq/dk/dv/do = per-head ΔW; "
-            f"rank: #σᵢ > {report.rtol:g}·σ₁"
-        )
+        print(compare_text(report))
+        for path in written:
+            print(f"wrote {path}")
     return 0
 
 
@@ -477,18 +463,9 @@ def _cmd_finetune(args: argparse.Namespace) -> int:
         out=args.out,
     )
     result = finetune(config, progress=not args.quiet)
-    metric = result["main_metric"]
-    print(result["data"])
-    print(
-        f"{config.method} {','.join(config.targets)} λ={config.lr_ratio:g}: {result['trainable_parameters']:,} of "
-        f"{result['total_parameters']:,} parameters trained; {result['seconds_per_step'] * 1e3:.0f} ms/step; "
-        f"peak RSS {result['peak_rss_gib']:.2f} GiB"
-    )
-    print(
-        f"val {metric}: best {result['best_val']:.4f}, final {result['final_val']:.4f}, 95% of best at step "
-        f"{result['steps_to_95pct_of_best']}; test: "
-        + ", ".join(f"{k} {v:.4f}" for k, v in result["test"].items())
-    )
+    from qkvlab.report.tables import finetune_text
+
+    print(finetune_text(result))
     if config.out:
         print(f"wrote {config.out}/result.json" + (f" and {config.out}/model" if config.save_model else ""))
     return 0

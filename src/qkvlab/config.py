@@ -267,15 +267,35 @@ def parse_assignments(items: list[str]) -> dict[str, str]:
     return out
 
 
+PACKAGED_CONFIGS = Path(__file__).parent / "configs"
+
+
+def packaged_configs() -> list[str]:
+    """Names of the example configs shipped inside the package (``qkvlab train shakespeare-gpt``)."""
+    return sorted(p.stem for p in PACKAGED_CONFIGS.glob("*.yaml"))
+
+
+def resolve_config(path: str | os.PathLike[str]) -> Path:
+    """A config file: the path itself if it exists, else a packaged config of that name (with or
+    without ``.yaml``), so the examples work from any directory."""
+    file = Path(path)
+    if file.is_file():
+        return file
+    name = file.name[: -len(".yaml")] if file.name.endswith(".yaml") else file.name
+    packaged = PACKAGED_CONFIGS / f"{name}.yaml"
+    if file.parent == Path(".") and packaged.is_file():
+        return packaged
+    raise UserError(f"no such config file: {path}; packaged configs: {', '.join(packaged_configs())}")
+
+
 def load_config(
     path: str | os.PathLike[str] | None, overrides: Mapping[str, Any] | None = None
 ) -> TrainConfig:
-    """A config from YAML (or JSON) plus overrides; ``path=None`` starts from the defaults."""
+    """A config from YAML (or JSON), a file or a packaged name, plus overrides; ``path=None`` starts from
+    the defaults."""
     data: Mapping[str, Any] = {}
     if path is not None:
-        file = Path(path)
-        if not file.is_file():
-            raise UserError(f"no such config file: {path}")
+        file = resolve_config(path)
         try:
             data = yaml.safe_load(file.read_text()) or {}
         except yaml.YAMLError as exc:

@@ -125,8 +125,59 @@ class InspectReport:
                 sv = " ".join(f"{s:.9g}" for s in rec["singular_values"])
                 writer.writerow([rec["layer"], rec["head"], rec["product"], *(rec[m] for m in METRICS), sv])
 
-    def select(self, product: str, layer: int | None = None) -> list[dict[str, Any]]:
+    def _records(self, product: str, layer: int | None = None) -> list[dict[str, Any]]:
         return [r for r in self.heads if r["product"] == product and (layer is None or r["layer"] == layer)]
+
+    def products(self) -> list[str]:
+        """The products this report holds: ``qk`` and ``ov`` (a compare report: ``dqk``, ``dov``, …)."""
+        return list(dict.fromkeys(r["product"] for r in self.heads))
+
+    def select(self, product: str, layer: int | None = None, head: int | None = None) -> list[dict[str, Any]]:
+        """The records of ``product``, optionally of one layer and/or head (ValueError for an unknown
+        product, layer or head, rather than an empty list that looks like a real answer)."""
+        if product not in self.products():
+            raise ValueError(f"unknown product {product!r}; this report has: {', '.join(self.products())}")
+        arch = self.architecture
+        if layer is not None and not 0 <= layer < arch.n_layers:
+            raise ValueError(f"layer {layer} out of range; this model has layers 0..{arch.n_layers - 1}")
+        if head is not None and not 0 <= head < arch.n_heads:
+            raise ValueError(f"head {head} out of range; this model has heads 0..{arch.n_heads - 1}")
+        return [r for r in self._records(product, layer) if head is None or r["head"] == head]
+
+    def _summary_line(self) -> str:
+        arch = self.architecture
+        parts = []
+        for product in self.products():
+            eranks = [r["effective_rank"] for r in self._records(product) if r["effective_rank"] is not None]
+            if eranks:
+                parts.append(f"{product} erank mean {statistics.fmean(eranks):.2f}, min {min(eranks):.2f}")
+        return (
+            f"{self.source}: {arch.family}, {arch.n_layers} layers × {arch.n_heads} heads "
+            f"({arch.n_kv_heads} KV), d_head {arch.d_head}; " + "; ".join(parts) + f"; rtol {self.rtol:g}"
+        )
+
+    def __repr__(self) -> str:  # short: the singular values stay in .heads
+        return f"<InspectReport {self._summary_line()}>"
+
+    def _repr_html_(self) -> str:
+        """Jupyter: the summary line and the per-layer table."""
+        import html
+
+        from qkvlab.report.page import Table, table_html
+        from qkvlab.report.tables import INSPECT_LEGEND, inspect_rows
+
+        table = table_html(Table(*inspect_rows(self), caption=INSPECT_LEGEND))
+        return f"<p><b>InspectReport</b> {html.escape(self._summary_line())}</p>{table}"
+
+    def to_pandas(self) -> Any:
+        """A ``pandas.DataFrame``, one row per (layer, head, product): the metrics and the singular values
+        (a list per row). pandas is not a qkvlab dependency of its own; install it to use this."""
+        try:
+            import pandas as pd
+        except ImportError:
+            raise ImportError("InspectReport.to_pandas needs pandas: pip install pandas") from None
+        columns = ["layer", "head", "product", *METRICS, "singular_values"]
+        return pd.DataFrame([[r.get(c) for c in columns] for r in self.heads], columns=columns)
 
     def layer_summary(self) -> list[dict[str, float | int]]:
         """Per layer and product, over heads: mean/min effective rank, and the mean rank, stable rank,
@@ -136,7 +187,7 @@ class InspectReport:
         for layer in range(self.architecture.n_layers):
             row: dict[str, float | int] = {"layer": layer}
             for product in PRODUCTS:
-                recs = self.select(product, layer)
+                recs = self._records(product, layer)
                 if not recs:  # e.g. a compare report (dqk, dov, …)
                     continue
                 recs = [r for r in recs if r["effective_rank"] is not None] or recs

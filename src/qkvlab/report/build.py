@@ -100,14 +100,22 @@ def _inspect_summary_table(report: Any) -> Table:
 
 
 def _inspect_sections(reports: list[tuple[str, Any]], figures: Path, prefix: str) -> list[Section]:
-    from qkvlab.report.inspect_plots import effective_rank_heatmap, singular_value_curves
+    from qkvlab.report.inspect_plots import effective_rank_heatmap, plot_compare, singular_value_curves
+    from qkvlab.report.tables import compare_text
 
     sections = []
-    if len(reports) > 1:
-        overlay = _overlay_layer_rank(reports, figures / f"{prefix}_layer_rank.png")
-        sections.append(Section(f"Effective rank per layer, {len(reports)} inputs overlaid", [overlay]))
+    spectra = [(n, r) for n, r in reports if "qk" in r.products()]
+    if len(spectra) > 1:
+        overlay = _overlay_layer_rank(spectra, figures / f"{prefix}_layer_rank.png")
+        sections.append(Section(f"Effective rank per layer, {len(spectra)} inputs overlaid", [overlay]))
     for index, (name, report) in enumerate(reports):
         stem = f"{prefix}{index}"
+        if "qk" not in report.products():  # an `inspect --compare` report: what fine-tuning changed
+            written = plot_compare(report, figures / stem)
+            blocks = [Preformatted(compare_text(report))]
+            blocks += [Figure(p, f"{p.stem.replace('_', ' ')} of the change, per head") for p in written]
+            sections.append(Section(f"Change: {name}", blocks))
+            continue
         blocks = [
             _inspect_summary_table(report),
             Figure(
@@ -403,7 +411,7 @@ def _finetune_sections(paths: list[Path], figures: Path, stem: str) -> list[Sect
         [
             name,
             r["config"].get("method", "?"),
-            ",".join(r["config"].get("train", []) or []) or "?",
+            ",".join(r["config"].get("targets") or []) or "?",
             r["trainable_parameters"],
             r["best_val"],
             r["final_val"],

@@ -10,7 +10,16 @@ import numpy as np
 from qkvlab.inspect import PRODUCTS, InspectReport
 from qkvlab.report.figures import pyplot, save
 
-_TITLES = {"qk": "QK = W_Kᵀ W_Q", "ov": "OV = P W_V"}
+_TITLES = {
+    "qk": "QK = W_Kᵀ W_Q",
+    "ov": "OV = P W_V",
+    "dqk": "ΔQK = Δ(W_Kᵀ W_Q)",
+    "dov": "ΔOV = Δ(P W_V)",
+    "dq": "ΔW_Q",
+    "dk": "ΔW_K",
+    "dv": "ΔW_V",
+    "do": "ΔW_O",
+}
 
 
 def _integer_ticks(ax) -> None:  # type: ignore[no-untyped-def]
@@ -65,11 +74,10 @@ def singular_value_curves(report: InspectReport, product: str, path: Path) -> Pa
         ax.axhline(report.rtol, color="grey", linestyle=":", linewidth=1)
         ax.set_title(f"layer {layer}")
         ax.set_xlabel("index i")
-    for ax in axes[:, 0]:
         ax.set_ylabel("σᵢ / σ₁")
     for extra in range(arch.n_layers, rows * cols):
         axes[extra // cols][extra % cols].axis("off")
-    fig.suptitle(f"singular values of {_TITLES[product]}, per head (dotted: rtol)")
+    fig.suptitle(f"singular values of {_TITLES.get(product, product)}, per head (dotted: rtol)")
     # Heads are told apart by colour: a colour bar over the head index is the legend.
     heads = plt.cm.ScalarMappable(norm=plt.Normalize(-0.5, arch.n_heads - 0.5), cmap="viridis")
     bar = fig.colorbar(heads, ax=axes.ravel().tolist(), fraction=0.03, pad=0.02)
@@ -84,4 +92,40 @@ def plot_report(report: InspectReport, folder: str | Path) -> list[Path]:
     folder.mkdir(parents=True, exist_ok=True)
     paths = [effective_rank_heatmap(report, folder / "effective_rank_heatmap.png")]
     paths += [singular_value_curves(report, p, folder / f"singular_values_{p}.png") for p in PRODUCTS]
+    return paths
+
+
+def change_heatmap(report: InspectReport, path: Path) -> Path:
+    """A compare report: layer × head heatmap of ‖Δ‖_* for ΔQK and ΔOV (what fine-tuning changed where)."""
+    plt = pyplot()
+    arch = report.architecture
+    products = [p for p in ("dqk", "dov") if p in report.products()]
+    width = min(4 + 0.35 * arch.n_heads, 20)
+    fig, axes = plt.subplots(
+        1, len(products), figsize=(len(products) * width, 1.5 + 0.35 * arch.n_layers), squeeze=False
+    )
+    for ax, product in zip(axes[0], products, strict=True):
+        grid = np.zeros((arch.n_layers, arch.n_heads))
+        for rec in report.select(product):
+            grid[rec["layer"], rec["head"]] = rec["nuclear_norm"]
+        image = ax.imshow(grid, vmin=0, cmap="magma", aspect="auto")
+        ax.set_title(f"nuclear norm of {_TITLES[product]}")
+        ax.set_xlabel("head")
+        ax.set_ylabel("layer")
+        _integer_ticks(ax)
+        fig.colorbar(image, ax=ax, label="‖Δ‖_* (weight units)")
+    fig.suptitle(f"{report.source}: what fine-tuning changed, per head")
+    return save(fig, path, dpi=120)
+
+
+def plot_compare(report: InspectReport, folder: str | Path) -> list[Path]:
+    """``inspect --compare --plot``: the ‖Δ‖_* heatmap and the singular values of ΔQK and ΔOV per head."""
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    paths = [change_heatmap(report, folder / "change_heatmap.png")]
+    paths += [
+        singular_value_curves(report, p, folder / f"singular_values_{p}.png")
+        for p in ("dqk", "dov")
+        if p in report.products()
+    ]
     return paths

@@ -110,6 +110,15 @@ def _inline(text: str) -> str:
     return "".join(f"<code>{p}</code>" if i % 2 else p for i, p in enumerate(parts))
 
 
+def table_html(table: Table) -> str:
+    head = "".join(f"<th>{html.escape(str(h))}</th>" for h in table.headers)
+    body = "".join(
+        "<tr>" + "".join(f"<td>{html.escape(_cell(v))}</td>" for v in row) + "</tr>" for row in table.rows
+    )
+    caption = f"<caption>{_inline(table.caption)}</caption>" if table.caption else ""
+    return f"<table>{caption}<thead><tr>{head}</tr></thead><tbody>{body}</tbody></table>"
+
+
 def _html_block(block: Block) -> str:
     if isinstance(block, Text):
         return f"<p>{_inline(block.text)}</p>"
@@ -121,12 +130,7 @@ def _html_block(block: Block) -> str:
         caption = f"<p>{_inline(block.caption)}</p>" if block.caption else ""
         return f"{caption}<pre>{html.escape(block.text)}</pre>"
     if isinstance(block, Table):
-        head = "".join(f"<th>{html.escape(str(h))}</th>" for h in block.headers)
-        body = "".join(
-            "<tr>" + "".join(f"<td>{html.escape(_cell(v))}</td>" for v in row) + "</tr>" for row in block.rows
-        )
-        caption = f"<caption>{_inline(block.caption)}</caption>" if block.caption else ""
-        return f"<table>{caption}<thead><tr>{head}</tr></thead><tbody>{body}</tbody></table>"
+        return table_html(block)
     data = base64.b64encode(Path(block.path).read_bytes()).decode("ascii")
     alt = html.escape(block.caption or Path(block.path).stem, quote=True)
     caption = f"<figcaption>{_inline(block.caption)}</figcaption>" if block.caption else ""

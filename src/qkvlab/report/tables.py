@@ -76,3 +76,46 @@ def inspect_text(report: object) -> str:
         f"rank rtol={report.rtol:g}"  # type: ignore[attr-defined]
     )
     return "\n".join([head, format_table(*inspect_rows(report)), INSPECT_LEGEND])
+
+
+def compare_text(report: object) -> str:
+    """What ``qkvlab inspect --compare`` prints: per layer, mean over heads of ‖Δ‖_* and rank."""
+    import statistics
+
+    products = [p for p in ("dqk", "dov", "dq", "dk", "dv", "do") if p in report.products()]  # type: ignore[attr-defined]
+    arch = report.architecture  # type: ignore[attr-defined]
+    rows = []
+    for layer in range(arch.n_layers):
+        row: list[object] = [layer]
+        for product in products:
+            recs = report.select(product, layer)  # type: ignore[attr-defined]
+            row += [
+                statistics.fmean(r["nuclear_norm"] for r in recs),
+                statistics.fmean(r["rank"] for r in recs),
+            ]
+        rows.append(row)
+    headers = ["layer"] + [f"{p} {m}" for p in products for m in ("‖·‖_*", "rank")]
+    return "\n".join(
+        [
+            f"{report.source}: {arch.family}, {arch.n_layers} layers, {arch.n_heads} heads; what fine-tuning changed",  # type: ignore[attr-defined]
+            format_table(headers, rows),
+            "mean over heads; dqk = ΔW_KᵀW_Q, dov = Δ(P·W_V) (rank ≤ 2·d_head), dq/dk/dv/do = per-head ΔW; "
+            f"rank: #σᵢ > {report.rtol:g}·σ₁",  # type: ignore[attr-defined]
+        ]
+    )
+
+
+def finetune_text(result: dict) -> str:
+    """What ``qkvlab finetune`` prints about a finished run (``result.json``'s numbers)."""
+    config, metric = result["config"], result["main_metric"]
+    return "\n".join(
+        [
+            str(result["data"]),
+            f"{config['method']} {','.join(config['targets'])} λ={config['lr_ratio']:g}: "
+            f"{result['trainable_parameters']:,} of {result['total_parameters']:,} parameters trained; "
+            f"{result['seconds_per_step'] * 1e3:.0f} ms/step; peak RSS {result['peak_rss_gib']:.2f} GiB",
+            f"val {metric}: best {result['best_val']:.4f}, final {result['final_val']:.4f}, 95% of best at step "
+            f"{result['steps_to_95pct_of_best']}; test: "
+            + ", ".join(f"{k} {v:.4f}" for k, v in result["test"].items()),
+        ]
+    )
