@@ -188,11 +188,8 @@ def test_cli_compare_prints_and_writes(tiny_bert, tiny_csv, tmp_path, capsys) ->
     plots = tmp_path / "plots"
     args = ["inspect", str(tiny_bert), "--compare", str(tmp_path / "run" / "model"), "--plot", str(plots)]
     assert main(args) == 0
-    assert sorted(p.name for p in plots.iterdir()) == [
-        "change_heatmap.png",
-        "singular_values_dov.png",
-        "singular_values_dqk.png",
-    ]
+    # only V trained: ΔQK is zero, so it gets no singular-value figure (the heatmap says "no change")
+    assert sorted(p.name for p in plots.iterdir()) == ["change_heatmap.png", "singular_values_dov.png"]
     assert main(["report", str(out), "--out", str(tmp_path / "report")]) == 0
     assert "## Change: delta" in (tmp_path / "report" / "report.md").read_text()
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import textwrap
 from pathlib import Path
 
 import numpy as np
@@ -108,24 +109,27 @@ def change_heatmap(report: InspectReport, path: Path) -> Path:
         grid = np.zeros((arch.n_layers, arch.n_heads))
         for rec in report.select(product):
             grid[rec["layer"], rec["head"]] = rec["nuclear_norm"]
-        image = ax.imshow(grid, vmin=0, cmap="magma", aspect="auto")
+        image = ax.imshow(grid, vmin=0, vmax=max(float(grid.max()), 1e-12), cmap="magma", aspect="auto")
+        if grid.max() == 0:
+            ax.text(0.5, 0.5, "no change in any head", transform=ax.transAxes, ha="center", color="white")
         ax.set_title(f"nuclear norm of {_TITLES[product]}")
         ax.set_xlabel("head")
         ax.set_ylabel("layer")
         _integer_ticks(ax)
         fig.colorbar(image, ax=ax, label="‖Δ‖_* (weight units)")
-    fig.suptitle(f"{report.source}: what fine-tuning changed, per head")
+    fig.suptitle("\n".join(textwrap.wrap(f"{report.source}: what fine-tuning changed, per head", 100)))
     return save(fig, path, dpi=120)
 
 
 def plot_compare(report: InspectReport, folder: str | Path) -> list[Path]:
-    """``inspect --compare --plot``: the ‖Δ‖_* heatmap and the singular values of ΔQK and ΔOV per head."""
+    """``inspect --compare --plot``: the ‖Δ‖_* heatmap and the singular values of ΔQK and ΔOV per head
+    (of those that changed)."""
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
     paths = [change_heatmap(report, folder / "change_heatmap.png")]
     paths += [
         singular_value_curves(report, p, folder / f"singular_values_{p}.png")
         for p in ("dqk", "dov")
-        if p in report.products()
-    ]
+        if p in report.products() and any(r["singular_values"][0] > 0 for r in report.select(p))
+    ]  # a product that did not change at all has no spectrum to draw (the heatmap says so)
     return paths
