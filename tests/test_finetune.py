@@ -414,6 +414,7 @@ def test_cli_finetune_prints_its_numbers_and_reports(tiny_bert, tiny_csv, tmp_pa
     )
     printed = capsys.readouterr().out.splitlines()
     result = json.loads((run / "result.json").read_text())
+    assert result["kind"] == "finetune-run" and result["schema_version"] == 1
     assert printed[1].startswith(f"lora q,v λ=1: {result['trainable_parameters']:,} of ")
     assert printed[2].startswith(f"val {result['main_metric']}: best {result['best_val']:.4f}")
     assert printed[-1] == f"wrote {run}/result.json"

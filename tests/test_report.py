@@ -118,6 +118,9 @@ def test_detects_every_kind_from_its_own_files(outputs, tmp_path) -> None:
     final = json.loads((outputs["run-a"] / "final.json").read_text())
     assert final["kind"] == "training-run" and final["schema_version"] == 1
     assert final["command"].startswith("qkvlab train data=text:")
+    # every kind of output names itself
+    assert json.loads(outputs["inspect"].read_text())["kind"] == "inspect"
+    assert json.loads(outputs["theory"].read_text())["kind"] == "theory"
     # committed results that predate the kind field
     assert detect(REPO / "results/paper000-icl-linear") == "repro:wd-rank"
     assert detect(REPO / "results/repro-finetune") == "repro:finetune"

@@ -288,7 +288,11 @@ def write_summary(out: Path) -> Path:
     settings = json.loads((out / "settings.json").read_text()) if (out / "settings.json").is_file() else {}
     path = out / "summary.json"
     write_atomic(
-        path, json.dumps({"schema_version": 1, "settings": settings, "points": aggregate(out)}, indent=1)
+        path,
+        json.dumps(
+            {"schema_version": 1, "kind": "finetune-claims", "settings": settings, "points": aggregate(out)},
+            indent=1,
+        ),
     )
     return path
 

@@ -378,6 +378,7 @@ def finetune(config: FinetuneConfig, *, progress: bool = True) -> dict[str, Any]
     best = max(c[main_metric] for c in curve)
     result = {
         "schema_version": 1,  # bumped whenever a field changes meaning; reports check it
+        "kind": "finetune-run",
         "config": asdict(config),
         "data": data.describe(),
         "splits_used": (
