@@ -373,3 +373,81 @@ def test_monitor_writes_per_layer_spectra_to_tensorboard_and_final_json(corpus, 
     off = tmp_path / "off"
     train(load_config(None, _gpt(corpus, off, max_steps=4, spectra_every=0)))
     assert "spectra/L0/qk_erank_mean" in json.loads((off / "final.json").read_text())["spectra"]
+
+
+def _flip_byte(path: Path, offset_from_end: int = 100) -> None:
+    data = bytearray(path.read_bytes())
+    data[-offset_from_end] ^= 0x01  # inside the tensor data, past the safetensors header
+    path.write_bytes(bytes(data))
+
+
+@pytest.mark.parametrize("damage", ["flip", "truncate", "dtype", "shape", "garble-state"])
+def test_damaged_checkpoint_is_named_skipped_and_survived(corpus, tmp_path, capsys, damage) -> None:
+    from safetensors.torch import save_file
+
+    straight = tmp_path / "straight"
+    train(load_config(None, _gpt(corpus, straight)))
+    run = tmp_path / "run"
+    train(load_config(None, _gpt(corpus, run, stop_at=8)))  # checkpoints at steps 4 and 8
+    newest = run / "checkpoint-00000008"
+    if damage == "flip":
+        _flip_byte(newest / "model.safetensors")
+        expected = "model.safetensors does not match its checksum"
+    elif damage == "truncate":
+        data = (newest / "optimizer.safetensors").read_bytes()
+        (newest / "optimizer.safetensors").write_bytes(data[: len(data) // 2])
+        expected = "optimizer.safetensors has"
+    elif damage == "dtype":  # re-saved in float16 by someone else, checksums removed with it
+        weights = load_file(str(newest / "model.safetensors"))
+        save_file({k: v.half() for k, v in weights.items()}, str(newest / "model.safetensors"))
+        (newest / "checksums.json").unlink()
+        expected = "model.safetensors: blocks.0.attn.k_proj.weight is F16, the model float32"
+    elif damage == "shape":  # another model's weights under the same names
+        weights = load_file(str(newest / "model.safetensors"))
+        weights["blocks.0.attn.k_proj.weight"] = weights["blocks.0.attn.k_proj.weight"][:8].contiguous()
+        save_file(weights, str(newest / "model.safetensors"))
+        (newest / "checksums.json").unlink()
+        expected = "model.safetensors: blocks.0.attn.k_proj.weight has shape (8, 32), the model (32, 32)"
+    else:
+        text = (newest / "state.json").read_text()
+        (newest / "state.json").write_text("x" + text[1:])  # same size, not JSON any more
+        expected = "state.json does not match its checksum"
+    capsys.readouterr()
+    result = train(load_config(None, _gpt(corpus, run)), resume=run)
+    err = capsys.readouterr().err
+    assert f"skipping checkpoint-00000008: {expected}" in err, err
+    assert result.complete and result.step == 12
+    a, b = _weights(straight), _weights(run)  # resumed from step 4, so the same weights as straight
+    assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_no_verifiable_checkpoint_refuses_in_one_line(corpus, tmp_path, capsys) -> None:
+    run = tmp_path / "run"
+    train(load_config(None, _gpt(corpus, run, stop_at=8)))
+    for folder in run.glob("checkpoint-*"):
+        _flip_byte(folder / "model.safetensors")
+    args = [f"{k}={v}" for k, v in _gpt(corpus, run).items()]
+    capsys.readouterr()
+    assert main(["train", "--resume", str(run), *[a for a in args if not a.startswith("out=")]]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err[-1].startswith(
+        f"qkvlab train: error: no checkpoint in {run} can be resumed: checkpoint-00000008 ("
+    )
+    assert "checkpoint-00000004 (model.safetensors does not match its checksum" in err[-1]
+
+
+def test_rotation_keeps_the_last_verified_checkpoint(corpus, tmp_path, monkeypatch) -> None:
+    from qkvlab.train import checkpoint as ckpt
+
+    run = tmp_path / "run"
+    train(load_config(None, _gpt(corpus, run, stop_at=8, keep_checkpoints=1)))
+    assert sorted(p.name for p in run.glob("checkpoint-*")) == ["checkpoint-00000008"]
+    real = ckpt.checkpoint_problem
+    # the next checkpoint does not read back intact (a failing disk): the verified one must stay
+    monkeypatch.setattr(
+        ckpt, "checkpoint_problem", lambda p: "read-back failed" if p.name.endswith("12") else real(p)
+    )
+    with pytest.warns(UserWarning, match="did not verify after writing"):
+        train(load_config(None, _gpt(corpus, run, keep_checkpoints=1)), resume=run)
+    assert sorted(p.name for p in run.glob("checkpoint-*")) == ["checkpoint-00000008", "checkpoint-00000012"]
+    assert json.loads((run / "checkpoint-00000008" / "checksums.json").read_text())["algorithm"] == "sha256"

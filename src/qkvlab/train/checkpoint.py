@@ -7,6 +7,14 @@ Layout of ``RUN/checkpoint-{step:08d}/``:
     state.json              step, optimiser param_groups (no tensors), scheduler state,
                             RNG states (torch CPU/CUDA, python, numpy) and the data position
     config.json             the model's HF-style config, so `qkvlab inspect RUN/checkpoint-…` works
+    checksums.json          SHA-256 and size of each file above, written last
+
+Damage: a resume verifies each candidate, newest first (:func:`resumable_checkpoint`): a missing
+file, a size or checksum that differs from ``checksums.json``, JSON that does not parse, or
+tensors whose names, shapes or dtypes differ from the model's are reported in one line naming the
+file and the problem, and the next older checkpoint is tried. Rotation deletes old checkpoints
+only after the new one has been read back and verified, so the last good one is never lost.
+Checkpoints written before ``checksums.json`` existed are checked for structure only.
 
 Atomicity: everything is written into a temporary folder, each file fsync'ed, and the folder
 is renamed into place; ``RUN/latest`` (a one-line pointer) is replaced the same way. A crash
@@ -34,8 +42,10 @@ from qkvlab.data.cache import atomic_write_bytes
 from qkvlab.errors import UserError
 
 __all__ = [
+    "checkpoint_problem",
     "latest_checkpoint",
     "load_checkpoint",
+    "resumable_checkpoint",
     "rng_state",
     "save_checkpoint",
     "set_rng_state",
@@ -125,6 +135,66 @@ def _restore_optimizer(
     optimizer.load_state_dict({"state": state, "param_groups": groups})
 
 
+_FILES = ("model.safetensors", "optimizer.safetensors", "state.json", "config.json")
+CHECKSUMS = "checksums.json"
+
+
+def _sha256(path: Path) -> str:
+    import hashlib
+
+    digest = hashlib.sha256()
+    with path.open("rb") as fh:
+        for block in iter(lambda: fh.read(1 << 22), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def _write_checksums(folder: Path) -> None:
+    files = {
+        name: {"sha256": _sha256(folder / name), "bytes": (folder / name).stat().st_size} for name in _FILES
+    }
+    (folder / CHECKSUMS).write_text(json.dumps({"algorithm": "sha256", "files": files}, indent=1))
+
+
+def checkpoint_problem(path: Path) -> str | None:
+    """What is wrong with the checkpoint folder ``path`` on disk, in a few words naming the file; None if
+    its files are all there and match ``checksums.json`` (or, for an older checkpoint without one, if
+    its JSON parses and its safetensors headers read)."""
+    for name in _FILES:
+        if not (path / name).is_file():
+            return f"{name} is missing"
+    sums = path / CHECKSUMS
+    if sums.is_file():
+        try:
+            expected = json.loads(sums.read_text())["files"]
+        except (ValueError, KeyError, TypeError):
+            return f"{CHECKSUMS} is not valid JSON"
+        for name in _FILES:
+            want = expected.get(name)
+            if want is None:
+                return f"{CHECKSUMS} has no entry for {name}"
+            size = (path / name).stat().st_size
+            if size != want["bytes"]:
+                return f"{name} has {size} bytes, {want['bytes']} were written (truncated or replaced)"
+            if _sha256(path / name) != want["sha256"]:
+                return f"{name} does not match its checksum (its bytes changed after it was written)"
+        return None
+    for name in ("state.json", "config.json"):  # a checkpoint from before checksums: structure only
+        try:
+            json.loads((path / name).read_text())
+        except (ValueError, UnicodeDecodeError):
+            return f"{name} is not valid JSON"
+    from safetensors import safe_open
+
+    for name in ("model.safetensors", "optimizer.safetensors"):
+        try:
+            with safe_open(str(path / name), framework="pt") as fh:
+                list(fh.keys())
+        except Exception as exc:  # safetensors raises its own error types for a bad header
+            return f"{name} is not a readable safetensors file ({exc.__class__.__name__})"
+    return None
+
+
 def save_checkpoint(
     run_dir: Path,
     step: int,
@@ -151,6 +221,7 @@ def save_checkpoint(
         }
         (tmp / "state.json").write_text(json.dumps(state))
         (tmp / "config.json").write_text(json.dumps(model_config, indent=1))
+        _write_checksums(tmp)
         for file in tmp.iterdir():
             with file.open("rb") as fh:
                 os.fsync(fh.fileno())
@@ -163,9 +234,39 @@ def save_checkpoint(
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     write_atomic(run_dir / "latest", final.name + "\n")
+    problem = checkpoint_problem(final)  # read back from disk before anything older is deleted
+    if problem is not None:
+        import warnings
+
+        warnings.warn(
+            f"{final} did not verify after writing ({problem}); older checkpoints are kept", stacklevel=2
+        )
+        return final
     for old in sorted(run_dir.glob("checkpoint-*"))[:-keep]:
         shutil.rmtree(old, ignore_errors=True)
     return final
+
+
+def resumable_checkpoint(run_dir: Path, restore: Any = None, echo: Any = print) -> tuple[Path, Any]:
+    """The newest checkpoint of ``run_dir`` that verifies (and, if ``restore`` is given, that
+    ``restore(path)`` loads without a UserError), with ``restore``'s result. Every one skipped gets one
+    line; if none works, a UserError lists them."""
+    candidates = sorted(run_dir.glob("checkpoint-*"), reverse=True)
+    if not candidates:
+        raise UserError(f"nothing to resume in {run_dir}: no checkpoint-* folder")
+    skipped = []
+    for path in candidates:
+        problem = checkpoint_problem(path)
+        if problem is None and restore is not None:
+            try:
+                return path, restore(path)
+            except UserError as exc:
+                problem = str(exc).removeprefix(f"cannot resume from {path}: ")
+        elif problem is None:
+            return path, None
+        echo(f"skipping {path.name}: {problem}")
+        skipped.append(f"{path.name} ({problem})")
+    raise UserError(f"no checkpoint in {run_dir} can be resumed: " + "; ".join(skipped))
 
 
 def latest_checkpoint(run_dir: Path) -> Path | None:
@@ -178,23 +279,73 @@ def latest_checkpoint(run_dir: Path) -> Path | None:
     return complete[-1] if complete else None
 
 
+def _model_mismatch(path: Path, model: nn.Module) -> str | None:
+    """Tensor names, shapes or dtypes of ``model.safetensors`` that differ from ``model``'s (torch would
+    cast a float16 re-save silently)."""
+    from safetensors import safe_open
+
+    expected = dict(model.state_dict())
+    with safe_open(str(path / "model.safetensors"), framework="pt") as fh:
+        for name in fh.keys():  # noqa: SIM118 (a safetensors handle, not a dict)
+            tensor = fh.get_slice(name)
+            want = expected.get(name)
+            if want is None:
+                continue  # a tied tensor saved under one of its names; load_model checks the set
+            dtype = str(tensor.get_dtype())
+            shape = tuple(tensor.get_shape())
+            if tuple(want.shape) != shape:
+                return f"model.safetensors: {name} has shape {shape}, the model {tuple(want.shape)}"
+            if _DTYPES.get(dtype) is not want.dtype:
+                return f"model.safetensors: {name} is {dtype}, the model {str(want.dtype).removeprefix('torch.')}"
+    return None
+
+
+_DTYPES = {
+    "F64": torch.float64,
+    "F32": torch.float32,
+    "F16": torch.float16,
+    "BF16": torch.bfloat16,
+    "I64": torch.int64,
+    "I32": torch.int32,
+    "I16": torch.int16,
+    "I8": torch.int8,
+    "U8": torch.uint8,
+    "BOOL": torch.bool,
+}
+
+
 def load_checkpoint(
     path: Path, model: nn.Module, optimizer: torch.optim.Optimizer, scheduler: Any, device: torch.device
 ) -> dict[str, Any]:
-    """Restore model, optimiser, scheduler and RNGs in place; returns the state dict (step, …)."""
+    """Restore model, optimiser, scheduler and RNGs in place; returns the state dict (step, …).
+
+    A checkpoint that cannot be restored raises a UserError naming the file and the problem."""
     try:
         state = json.loads((path / "state.json").read_text())
+        mismatch = _model_mismatch(path, model)
+    except (OSError, ValueError) as exc:
+        raise UserError(f"cannot resume from {path}: {exc.__class__.__name__}: {exc}") from None
+    if mismatch is not None:
+        raise UserError(f"cannot resume from {path}: {mismatch}")
+    try:
         missing, unexpected = load_model(
             model, str(path / "model.safetensors"), strict=False, device=str(device)
         )
         tensors = load_file(str(path / "optimizer.safetensors"), device=str(device))
-    except (OSError, ValueError, RuntimeError) as exc:
-        raise UserError(f"cannot resume from {path}: {exc}") from None
+    except (OSError, ValueError, RuntimeError, KeyError) as exc:
+        raise UserError(f"cannot resume from {path}: {exc.__class__.__name__}: {exc}") from None
+    except Exception as exc:  # safetensors' own error types for a damaged header
+        if exc.__class__.__module__.startswith("safetensors"):
+            raise UserError(f"cannot resume from {path}: {exc}") from None
+        raise
     if missing or unexpected:
         raise UserError(
             f"cannot resume from {path}: the checkpoint does not match the model ({missing or unexpected})"
         )
-    _restore_optimizer(optimizer, tensors, state["optimizer"])
+    try:
+        _restore_optimizer(optimizer, tensors, state["optimizer"])
+    except (ValueError, KeyError, RuntimeError) as exc:
+        raise UserError(f"cannot resume from {path}: optimizer state does not fit ({exc})") from None
     if scheduler is not None and state.get("scheduler") is not None:
         scheduler.load_state_dict(state["scheduler"])
     set_rng_state(state["rng"])

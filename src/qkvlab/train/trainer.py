@@ -23,6 +23,7 @@ import json
 import math
 import os
 import statistics
+import sys
 import time
 from contextlib import nullcontext
 from dataclasses import dataclass
@@ -38,7 +39,13 @@ from qkvlab.errors import UserError
 from qkvlab.inspect import inspect, summary_metrics
 from qkvlab.models import build_model
 from qkvlab.optim import l2_penalty, optimizer_settings, param_groups
-from qkvlab.train.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint, write_atomic
+from qkvlab.train.checkpoint import (
+    latest_checkpoint,
+    load_checkpoint,
+    resumable_checkpoint,
+    save_checkpoint,
+    write_atomic,
+)
 
 if TYPE_CHECKING:
     from qkvlab.data import Dataset
@@ -408,10 +415,12 @@ def train(config: TrainConfig, *, resume: Path | None = None) -> TrainResult:
 
     start_step = 0
     if resume is not None:
-        checkpoint = latest_checkpoint(run_dir)
-        if checkpoint is None:
-            raise UserError(f"nothing to resume in {run_dir}: no complete checkpoint-* folder")
-        state = load_checkpoint(checkpoint, model, optimizer, scheduler, device)
+        # newest checkpoint that verifies and loads; each damaged one is named and skipped
+        _, state = resumable_checkpoint(
+            run_dir,
+            lambda path: load_checkpoint(path, model, optimizer, scheduler, device),
+            echo=lambda line: print(f"{run_dir}: {line}", file=sys.stderr, flush=True),
+        )
         start_step = state["step"]
     elif ddp.main:
         if (run_dir / "final.json").exists() or latest_checkpoint(run_dir) is not None:
