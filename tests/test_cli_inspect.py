@@ -299,3 +299,26 @@ def test_report_object_in_python_and_notebooks() -> None:
     ]:
         with pytest.raises(ValueError, match=message):
             bad()
+
+
+def test_nonfinite_heads_are_flagged_not_silently_dropped(tmp_path, capsys) -> None:
+    import torch
+
+    from qkvlab.inspect import inspect, summary_metrics
+
+    from conftest import tiny_hf_model
+
+    model = tiny_hf_model("gpt2")
+    with torch.no_grad():  # head 1 of layer 0: a NaN in its slice of the fused c_attn (its query)
+        model.transformer.h[0].attn.c_attn.weight[0, 8 + 1] = float("nan")
+    report = inspect(model)
+    row = report.layer_summary()[0]
+    assert row["qk_nonfinite_heads"] == 1 and row["ov_nonfinite_heads"] == 0
+    assert row["qk_erank_mean"] == row["qk_erank_mean"]  # the finite heads' mean, not NaN
+    metrics = summary_metrics(report)
+    assert metrics["spectra/L0/qk_nonfinite_heads"] == 1.0 and "spectra/L1/qk_nonfinite_heads" not in metrics
+    from qkvlab.report.tables import inspect_text
+
+    assert inspect_text(report).splitlines()[-1] == (
+        "WARNING: non-finite weights (left out of the statistics above): layer 0 QK heads 1"
+    )

@@ -119,7 +119,9 @@ def test_config_from_yaml_and_overrides(tmp_path) -> None:
     [
         ({"learning_rate": "1"}, "unknown config key 'learning_rate'; did you mean .*lr"),
         ({"model.nlayer": "2"}, "did you mean model.n_layer"),
-        ({"lr": "-1"}, r"lr=-1.0 is out of range; accepted: > 0"),
+        ({"lr": "-1"}, r"lr=-1.0 is out of range; accepted: finite and > 0"),
+        ({"lr": "inf"}, r"lr=inf is out of range; accepted: finite and > 0"),
+        ({"grad_clip": "nan"}, r"grad_clip=nan is out of range; accepted: finite and ≥ 0"),
         ({"val_fraction": "0.9"}, r"accepted: in \(0, 0.5\]"),
         ({"optimizer": "lion"}, "accepted: adamw, adam or sgd"),
         ({"max_steps": "ten"}, "accepted: an integer"),

@@ -451,3 +451,73 @@ def test_rotation_keeps_the_last_verified_checkpoint(corpus, tmp_path, monkeypat
         train(load_config(None, _gpt(corpus, run, keep_checkpoints=1)), resume=run)
     assert sorted(p.name for p in run.glob("checkpoint-*")) == ["checkpoint-00000008", "checkpoint-00000012"]
     assert json.loads((run / "checkpoint-00000008" / "checksums.json").read_text())["algorithm"] == "sha256"
+
+
+def test_nonfinite_training_stops_in_one_line_and_keeps_the_good_checkpoint(
+    corpus, tmp_path, capsys, monkeypatch
+) -> None:
+    # an absurd learning rate from the start: stopped before any checkpoint, exit 2, one line
+    args = [f"{k}={v}" for k, v in _gpt(corpus, tmp_path / "huge").items() if k != "lr"]
+    assert main(["train", *args, "lr=1e30"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("qkvlab train: error: training stopped at step ")
+    assert "is not finite" in err[0] and "no checkpoint was written yet" in err[0]
+    assert not (tmp_path / "huge" / "final.json").exists()
+
+    # a loss that turns NaN at step 7: the run stops there and checkpoint 4 stays the latest
+    from qkvlab.train import trainer
+
+    build = trainer.build_model
+
+    def poisoned(*a, **k):  # type: ignore[no-untyped-def]
+        model = build(*a, **k)
+        calls = {"n": 0}
+
+        def hook(module, inputs, output):  # type: ignore[no-untyped-def]
+            if module.training:
+                calls["n"] += 1
+                if calls["n"] >= 7:
+                    output["loss"] = output["loss"] * float("nan")
+            return output
+
+        model.register_forward_hook(hook)
+        return model
+
+    monkeypatch.setattr(trainer, "build_model", poisoned)
+    run = tmp_path / "run"
+    with pytest.raises(qkvlab.errors.TrainingStopped) as stopped:
+        train(load_config(None, _gpt(corpus, run)))
+    assert str(stopped.value).startswith("training stopped at step 7: loss is not finite")
+    assert "the last good checkpoint, checkpoint-00000004, is kept" in str(stopped.value)
+    assert latest_checkpoint(run).name == "checkpoint-00000004" and not (run / "final.json").exists()
+    monkeypatch.setattr(trainer, "build_model", build)
+    assert train(load_config(None, _gpt(corpus, run)), resume=run).complete  # and it resumes
+
+
+def test_max_bad_steps_skips_and_logs(corpus, tmp_path, monkeypatch) -> None:
+    from qkvlab.train import trainer
+
+    real = trainer._nonfinite_step
+    calls = {"n": 0}
+
+    def flaky(loss, grad_norm, ddp):  # steps 3 and 5 report a non-finite gradient norm
+        calls["n"] += 1
+        return "gradient norm is not finite" if calls["n"] in (3, 5) else real(loss, grad_norm, ddp)
+
+    monkeypatch.setattr(trainer, "_nonfinite_step", flaky)
+    result = train(load_config(None, _gpt(corpus, tmp_path / "ok", max_bad_steps=2)))
+    assert result.complete
+    skipped = [
+        json.loads(line)
+        for line in (tmp_path / "ok" / "metrics.jsonl").read_text().splitlines()
+        if '"skipped"' in line
+    ]
+    assert [(r["step"], r["bad_steps"], r["note"]) for r in skipped] == [
+        (3, 1, "gradient norm is not finite"),
+        (5, 2, "gradient norm is not finite"),
+    ]
+    final = (tmp_path / "ok" / "final.json").read_text()
+    assert "NaN" not in final and "Infinity" not in final
+    calls["n"] = 0
+    with pytest.raises(qkvlab.errors.TrainingStopped, match="training stopped at step 5: gradient norm"):
+        train(load_config(None, _gpt(corpus, tmp_path / "stop", max_bad_steps=1)))

@@ -12,6 +12,7 @@ import contextlib
 import dataclasses
 import difflib
 import json
+import math
 import os
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field, fields
@@ -77,6 +78,9 @@ class TrainConfig:
     spectra_every: int = 200  # 0 = off
     checkpoint_every: int = 500
     keep_checkpoints: int = 2
+    # A step whose loss or gradient norm is not finite is skipped (no update), logged, and counted;
+    # one more than this stops the run in one line, keeping the last good checkpoint.
+    max_bad_steps: int = 0
     tensorboard: bool = True
     progress: bool = True
     out: str = "runs/{name}"
@@ -136,8 +140,8 @@ _ALIASES = {
 _DERIVED_MODEL_FIELDS = {"vocab_size", "seq_len", "image_size", "channels", "n_classes", "input_dim", "extra"}
 
 # Accepted values per key: (predicate, description of what is accepted).
-_pos = (lambda v: v > 0, "> 0")
-_nonneg = (lambda v: v >= 0, "≥ 0")
+_pos = (lambda v: 0 < v < math.inf, "finite and > 0")
+_nonneg = (lambda v: 0 <= v < math.inf, "finite and ≥ 0")
 _CHECKS: dict[str, tuple[Callable[[Any], bool], str]] = {
     "tokenizer": (lambda v: v in ("char", "bpe"), "char or bpe"),
     "vocab_size": (lambda v: v >= 2, "≥ 2"),
@@ -173,6 +177,7 @@ _CHECKS: dict[str, tuple[Callable[[Any], bool], str]] = {
     "spectra_every": _nonneg,
     "checkpoint_every": _pos,
     "keep_checkpoints": _pos,
+    "max_bad_steps": _nonneg,
     "model.kind": (lambda v: v in ("gpt", "vit", "icl"), "gpt, vit or icl"),
     "model.n_layer": _pos,
     "model.n_head": _pos,

@@ -10,3 +10,8 @@ from __future__ import annotations
 
 class UserError(ValueError):
     """A mistake in the user's input; the message says what was wrong and what is accepted."""
+
+
+class TrainingStopped(UserError):
+    """Training met a non-finite loss, gradient or weight and stopped (the last good checkpoint is
+    kept). One line, like a user error: the fix is a setting (learning rate, precision, clipping)."""

@@ -182,7 +182,8 @@ class InspectReport:
     def layer_summary(self) -> list[dict[str, float | int]]:
         """Per layer and product, over heads: mean/min effective rank, and the mean rank, stable rank,
         nuclear norm, gap and imbalance (``{product}_{erank_mean|erank_min|rank_mean|stable_rank_mean|
-        nuclear_norm_mean|gap_mean|imbalance_mean}``). Heads with non-finite weights are left out."""
+        nuclear_norm_mean|gap_mean|imbalance_mean|nonfinite_heads}``). Heads with non-finite weights are
+        left out of the statistics and counted in ``{product}_nonfinite_heads``."""
         rows = []
         for layer in range(self.architecture.n_layers):
             row: dict[str, float | int] = {"layer": layer}
@@ -190,7 +191,9 @@ class InspectReport:
                 recs = self._records(product, layer)
                 if not recs:  # e.g. a compare report (dqk, dov, …)
                     continue
-                recs = [r for r in recs if r["effective_rank"] is not None] or recs
+                finite = [r for r in recs if r["effective_rank"] is not None]
+                row[f"{product}_nonfinite_heads"] = len(recs) - len(finite)  # flagged, never averaged in
+                recs = finite or recs
                 if recs[0]["effective_rank"] is None:
                     row.update({f"{product}_{k}": float("nan") for k in SUMMARY_STATS})
                     continue
@@ -331,6 +334,10 @@ def summary_metrics(report: InspectReport) -> dict[str, float]:
             for stat in SUMMARY_STATS:
                 if f"{product}_{stat}" in row:
                     metrics[f"spectra/L{row['layer']}/{product}_{stat}"] = float(row[f"{product}_{stat}"])
+            if row.get(f"{product}_nonfinite_heads"):  # the tag appears only when there is something to flag
+                metrics[f"spectra/L{row['layer']}/{product}_nonfinite_heads"] = float(
+                    row[f"{product}_nonfinite_heads"]
+                )
     for product in PRODUCTS:
         values = [r[f"{product}_erank_mean"] for r in rows if f"{product}_erank_mean" in r]
         if values:

@@ -166,7 +166,8 @@ def _read_run(folder: Path) -> dict[str, Any]:
     train: dict[int, dict] = {}
     val: dict[int, dict] = {}
     for record in metrics:  # a resumed run may repeat a step: the last record wins
-        (val if record.get("split") == "val" else train)[record["step"]] = record
+        if record.get("split") in ("val", "train"):
+            (val if record["split"] == "val" else train)[record["step"]] = record
     spectra: dict[int, dict] = {}
     plain, packed = folder / "spectra.jsonl", folder / "spectra.jsonl.gz"
     if plain.is_file() or packed.is_file():

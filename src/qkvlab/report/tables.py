@@ -75,7 +75,17 @@ def inspect_text(report: object) -> str:
         f"({arch.n_kv_heads} KV), d_model={arch.d_model}, d_head={arch.d_head}, "
         f"rank rtol={report.rtol:g}"  # type: ignore[attr-defined]
     )
-    return "\n".join([head, format_table(*inspect_rows(report)), INSPECT_LEGEND])
+    lines = [head, format_table(*inspect_rows(report)), INSPECT_LEGEND]
+    bad = [
+        f"layer {r['layer']} {p.upper()} heads "
+        + ",".join(str(h["head"]) for h in report.select(p, r["layer"]) if h["effective_rank"] is None)  # type: ignore[attr-defined]
+        for r in report.layer_summary()  # type: ignore[attr-defined]
+        for p in ("qk", "ov")
+        if r.get(f"{p}_nonfinite_heads")
+    ]
+    if bad:
+        lines.append("WARNING: non-finite weights (left out of the statistics above): " + "; ".join(bad))
+    return "\n".join(lines)
 
 
 def compare_text(report: object) -> str:

@@ -35,7 +35,7 @@ import torch.distributed as dist
 from torch import nn
 
 from qkvlab.config import TrainConfig, dump_config
-from qkvlab.errors import UserError
+from qkvlab.errors import TrainingStopped, UserError
 from qkvlab.inspect import inspect, summary_metrics
 from qkvlab.models import build_model
 from qkvlab.optim import l2_penalty, optimizer_settings, param_groups
@@ -168,10 +168,11 @@ class _Logger:
 
             self.tb = SummaryWriter(log_dir=str(run_dir / "tb"))
 
-    def log(self, step: int, split: str, metrics: dict[str, float]) -> None:
+    def log(self, step: int, split: str, metrics: dict[str, float], note: str | None = None) -> None:
         if not self.enabled:
             return
-        self.file.write(json.dumps({"step": step, "split": split, **metrics}) + "\n")
+        extra = {"note": note} if note else {}
+        self.file.write(json.dumps({"step": step, "split": split, **metrics, **extra}) + "\n")
         self.file.flush()
         if self.tb is not None:
             for key, value in metrics.items():
@@ -305,6 +306,44 @@ def _per_head(heads: list[dict], name: str) -> dict[tuple[int, str], list[float]
     for rec in heads:
         out.setdefault((rec["layer"], rec["product"]), []).append(rec[name])
     return out
+
+
+def _nonfinite_step(loss: torch.Tensor, grad_norm: torch.Tensor, ddp: _Dist) -> str | None:
+    """What is not finite in this step ("loss", "gradient norm"), or None. Under DDP any rank's bad step
+    is every rank's (the gradient norm is already all-reduced; the loss is not)."""
+    flags = torch.stack([~torch.isfinite(loss.detach().float()), ~torch.isfinite(grad_norm.detach().float())])
+    flags = flags.float()
+    if ddp.world_size > 1:
+        dist.all_reduce(flags, op=dist.ReduceOp.MAX)
+    loss_bad, norm_bad = (bool(x) for x in flags.tolist())
+    if not (loss_bad or norm_bad):
+        return None
+    return " and ".join(
+        part
+        for part, is_bad in (("loss is not finite", loss_bad), ("gradient norm is not finite", norm_bad))
+        if is_bad
+    )
+
+
+@torch.no_grad()
+def _nonfinite_parameter(model: nn.Module) -> str | None:
+    for name, param in model.named_parameters():
+        if not bool(torch.isfinite(param).all()):
+            return name
+    return None
+
+
+def _stopped_message(run_dir: Path, where: str, allowed: int) -> str:
+    last = latest_checkpoint(run_dir)
+    kept = (
+        f"the last good checkpoint, {last.name}, is kept"
+        if last is not None
+        else "no checkpoint was written yet"
+    )
+    return (
+        f"training stopped at {where} (max_bad_steps={allowed}); {kept}. Lower lr, raise grad clipping, "
+        "use fp32, or allow skipped steps with max_bad_steps=N"
+    )
 
 
 def _reduce_mean(value: torch.Tensor, ddp: _Dist) -> float:
@@ -461,6 +500,7 @@ def train(config: TrainConfig, *, resume: Path | None = None) -> TrainResult:
         monitor.record(0, model)
         logger.tags(0, monitor.last_summary[1])
     step = start_step
+    bad_steps = 0
     while step < stop:
         batch = dataset.train_batch(
             step, per_rank, online=config.online, rank=ddp.rank, world_size=ddp.world_size
@@ -471,10 +511,28 @@ def train(config: TrainConfig, *, resume: Path | None = None) -> TrainResult:
         objective = loss + l2_penalty(groups) if config.optimizer == "adam" else loss
         objective.backward()
         if config.grad_clip:
-            torch.nn.utils.clip_grad_norm_(model.parameters(), config.grad_clip)
-        optimizer.step()
-        if monitor is not None:
-            monitor.accumulate()  # with this step's lr, before the scheduler moves it
+            grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), config.grad_clip)
+        else:
+            grad_norm = torch.nn.utils.get_total_norm(
+                [p.grad for p in model.parameters() if p.grad is not None]
+            )
+        bad = _nonfinite_step(loss, grad_norm, ddp)  # one sync per step; the same answer on every rank
+        if bad is None:
+            optimizer.step()
+            if monitor is not None:
+                monitor.accumulate()  # with this step's lr, before the scheduler moves it
+        else:
+            bad_steps += 1
+            where = f"step {step + 1}: {bad}"
+            if bad_steps > config.max_bad_steps:
+                logger.close()
+                raise TrainingStopped(_stopped_message(run_dir, where, config.max_bad_steps))
+            logger.log(step + 1, "skipped", {"bad_steps": bad_steps}, note=bad)
+            if ddp.main:
+                print(
+                    f"{run_dir}: skipped {where} ({bad_steps} of max_bad_steps={config.max_bad_steps})",
+                    file=sys.stderr,
+                )
         scheduler.step()
         optimizer.zero_grad(set_to_none=True)
         step += 1
@@ -499,6 +557,12 @@ def train(config: TrainConfig, *, resume: Path | None = None) -> TrainResult:
             monitor.record(step, model)
             logger.tags(step, monitor.last_summary[1])
         if step % config.checkpoint_every == 0 or step == stop:
+            broken = _nonfinite_parameter(model)  # never into a checkpoint; the last good one stays
+            if broken is not None:
+                logger.close()
+                raise TrainingStopped(
+                    _stopped_message(run_dir, f"step {step}: parameter {broken} is not finite", 0)
+                )
             if ddp.main:
                 save_checkpoint(
                     run_dir,
@@ -544,6 +608,6 @@ def train(config: TrainConfig, *, resume: Path | None = None) -> TrainResult:
                 "world_size": ddp.world_size,
                 "monitor_seconds": monitor.seconds if monitor is not None else 0.0,
             }
-            write_atomic(run_dir / "final.json", json.dumps(summary, indent=1))
+            write_atomic(run_dir / "final.json", json.dumps(summary, indent=1, allow_nan=False))
     logger.close()
     return TrainResult(run_dir, step, last_loss, final_eval, wall, complete)
