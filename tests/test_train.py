@@ -88,7 +88,7 @@ def test_resume_is_bit_identical(corpus, tmp_path) -> None:
 
 def test_checkpoint_is_inspectable_and_crash_safe(corpus, tmp_path, monkeypatch) -> None:
     run = tmp_path / "run"
-    train(load_config(None, _gpt(corpus, run, max_steps=8)))
+    train(load_config(None, _gpt(corpus, run, stop_at=8)))
     checkpoints = sorted(p.name for p in run.glob("checkpoint-*"))
     assert checkpoints == ["checkpoint-00000004", "checkpoint-00000008"]
     assert (run / "latest").read_text().strip() == "checkpoint-00000008"
@@ -103,7 +103,7 @@ def test_checkpoint_is_inspectable_and_crash_safe(corpus, tmp_path, monkeypatch)
 
     monkeypatch.setattr(ckpt, "save_file", crash)
     with pytest.raises(OSError, match="disk full"):
-        train(load_config(None, _gpt(corpus, run, max_steps=12)), resume=run)
+        train(load_config(None, _gpt(corpus, run)), resume=run)
     assert latest_checkpoint(run).name == "checkpoint-00000008"
     assert not list(run.glob(".tmp-*")), "temporary folder left behind"
 
@@ -521,3 +521,47 @@ def test_max_bad_steps_skips_and_logs(corpus, tmp_path, monkeypatch) -> None:
     calls["n"] = 0
     with pytest.raises(qkvlab.errors.TrainingStopped, match="training stopped at step 5: gradient norm"):
         train(load_config(None, _gpt(corpus, tmp_path / "stop", max_bad_steps=1)))
+
+
+@pytest.mark.parametrize(
+    "change",
+    [
+        "optimizer=sgd",
+        "lr=0.5",
+        "seed=3",
+        "batch_size=4",
+        "model.d_model=16",
+        "weight_decay=0",
+        "max_steps=20",
+    ],
+)
+def test_resume_refuses_fixed_keys_before_writing_anything(corpus, tmp_path, capsys, change) -> None:
+    run = tmp_path / "run"
+    train(load_config(None, _gpt(corpus, run, stop_at=4)))
+    before = {p: p.read_bytes() for p in (run / "config.json", run / "metrics.jsonl")}
+    capsys.readouterr()
+    assert main(["train", "--resume", str(run), change]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    key = change.split("=")[0]
+    assert len(err) == 1 and f"cannot resume {run} with {key} " in err[0] and "fixed for a run" in err[0]
+    assert {p: p.read_bytes() for p in before} == before  # config.json and metrics untouched
+
+
+def test_resume_applies_and_records_changeable_keys(corpus, tmp_path, capsys) -> None:
+    run = tmp_path / "run"
+    train(load_config(None, _gpt(corpus, run, stop_at=4)))
+    assert main(["train", "--resume", str(run), "eval_every=3", "keep_checkpoints=1", "out=" + str(run)]) == 0
+    saved = json.loads((run / "config.json").read_text())
+    assert saved["eval_every"] == 3 and saved["keep_checkpoints"] == 1
+    vals = [json.loads(x)["step"] for x in (run / "metrics.jsonl").read_text().splitlines() if '"val"' in x]
+    assert 9 in vals and 12 in vals  # evaluated on the new interval after the resume
+    assert main(["train", "--resume", str(run), f"out={tmp_path / 'elsewhere'}"]) == 2
+    assert "with out " in capsys.readouterr().err
+    # max_steps may grow where the schedule does not depend on it
+    const = tmp_path / "const"
+    train(load_config(None, _gpt(corpus, const, schedule="constant", stop_at=4)))
+    assert main(["train", "--resume", str(const), "max_steps=16"]) == 0
+    assert json.loads((const / "final.json").read_text())["step"] == 16
+    assert main(["train", "--help-keys"]) == 0
+    keys = capsys.readouterr().out
+    assert "eval_every = 200  # changeable on --resume" in keys and "\nlr = 0.001\n" in keys

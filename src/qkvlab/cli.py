@@ -323,14 +323,22 @@ def _cmd_train(args: argparse.Namespace) -> int:
     import json
     from pathlib import Path
 
-    from qkvlab.config import TrainConfig, apply_overrides, config_keys, load_config
+    from qkvlab.config import RESUME_CHANGEABLE, TrainConfig, apply_overrides, config_keys, load_config
     from qkvlab.train import train
 
     if args.help_keys:
         defaults = TrainConfig()
         for key in config_keys():
             target = defaults.model if key.startswith("model.") else defaults
-            print(f"{key} = {getattr(target, key.removeprefix('model.'))!r}")
+            note = (
+                "  # changeable on --resume"
+                if key in RESUME_CHANGEABLE
+                else "  # changeable on --resume with schedule=constant"
+                if key == "max_steps"
+                else ""
+            )
+            print(f"{key} = {getattr(target, key.removeprefix('model.'))!r}{note}")
+        print("every other key is fixed for a run: a --resume that changes it is refused")
         return 0
     overrides = _train_overrides(args)
     if args.resume:

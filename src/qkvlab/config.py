@@ -113,6 +113,55 @@ def _flatten(data: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
     return flat
 
 
+# Keys a resume may change: they decide what is logged, measured and kept, never what is learned.
+# Everything else (model, data, tokenizer, seed, batch size, optimiser, lr, weight decay, schedule,
+# warm-up, precision, out, …) is fixed for a run. max_steps is changeable only with a constant
+# schedule (cosine and linear decay are laid out over max_steps).
+RESUME_CHANGEABLE = frozenset(
+    {
+        "log_every",
+        "eval_every",
+        "eval_batches",
+        "spectra_every",
+        "checkpoint_every",
+        "keep_checkpoints",
+        "stop_at",
+        "progress",
+        "tensorboard",
+        "max_bad_steps",
+        "device",
+    }
+)
+
+
+def resume_changeable(key: str, config: TrainConfig) -> bool:
+    return key in RESUME_CHANGEABLE or (key == "max_steps" and config.schedule == "constant")
+
+
+def resume_changes(saved: TrainConfig, new: TrainConfig) -> dict[str, tuple[Any, Any]]:
+    """``{key: (saved value, new value)}`` for every config key that differs between the two."""
+    a, b = _flatten(saved.to_dict()), _flatten(new.to_dict())
+    return {k: (a.get(k), b.get(k)) for k in sorted(set(a) | set(b)) if a.get(k) != b.get(k)}
+
+
+def check_resume(saved: TrainConfig, new: TrainConfig, run_dir: Path) -> None:
+    """Refuse, in one line and before anything is written, a resume that changes a fixed key."""
+    fixed = {
+        k: v
+        for k, v in resume_changes(saved, new).items()
+        if not resume_changeable(k, saved) and k.removeprefix("model.") not in _DERIVED_MODEL_FIELDS
+    }
+    fixed.pop("out", None)  # checked below by the folder it names, not by its spelling
+    if new.out != saved.out and Path(new.run_dir()).resolve() != Path(run_dir).resolve():
+        fixed["out"] = (saved.out, new.out)
+    if fixed:
+        changes = ", ".join(f"{k} {a!r} → {b!r}" for k, (a, b) in fixed.items())
+        raise UserError(
+            f"cannot resume {run_dir} with {changes}: fixed for a run (start a new run for that); "
+            f"changeable on resume: {', '.join(sorted(RESUME_CHANGEABLE))}, and max_steps with schedule=constant"
+        )
+
+
 def config_keys() -> list[str]:
     top = [f.name for f in fields(TrainConfig) if f.name != "model"]
     model = [f"model.{f.name}" for f in fields(ModelConfig) if f.name not in _DERIVED_MODEL_FIELDS]

@@ -34,7 +34,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from qkvlab.config import TrainConfig, dump_config
+from qkvlab.config import TrainConfig, check_resume, dump_config
 from qkvlab.errors import TrainingStopped, UserError
 from qkvlab.inspect import inspect, summary_metrics
 from qkvlab.models import build_model
@@ -438,6 +438,11 @@ def train(config: TrainConfig, *, resume: Path | None = None) -> TrainResult:
     if config.batch_size % ddp.world_size:
         raise UserError(f"batch_size={config.batch_size} must be divisible by the {ddp.world_size} processes")
     run_dir = resume if resume is not None else config.run_dir()
+    if resume is not None:  # before anything is loaded or written: a resume never rewrites history
+        saved = run_dir / "config.json"
+        if not saved.is_file():
+            raise UserError(f"cannot resume {run_dir}: no config.json there (is it a qkvlab run folder?)")
+        check_resume(TrainConfig.from_dict(json.loads(saved.read_text())), config, run_dir)
     torch.manual_seed(config.seed)
 
     dataset = load_run_dataset(config, ddp.world_size)
