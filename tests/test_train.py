@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -565,3 +566,64 @@ def test_resume_applies_and_records_changeable_keys(corpus, tmp_path, capsys) ->
     assert main(["train", "--help-keys"]) == 0
     keys = capsys.readouterr().out
     assert "eval_every = 200  # changeable on --resume" in keys and "\nlr = 0.001\n" in keys
+
+
+def _train_cli(args: list[str]) -> subprocess.Popen:
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    return subprocess.Popen(
+        [sys.executable, "-m", "qkvlab", "train", *args],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        env=env,
+    )
+
+
+@pytest.mark.parametrize("sig, code", [(signal.SIGTERM, 143), (signal.SIGINT, 130)])
+def test_signal_finishes_the_step_checkpoints_and_resumes_identically(corpus, tmp_path, sig, code) -> None:
+    import time
+
+    settings = _gpt(
+        corpus, tmp_path / "run", max_steps=400, eval_every=0, spectra_every=0, checkpoint_every=1000
+    )
+    args = [f"{k}={v}" for k, v in settings.items()]
+    proc = _train_cli(args)
+    metrics = tmp_path / "run" / "metrics.jsonl"
+    deadline = time.time() + 60
+    while time.time() < deadline and (not metrics.is_file() or metrics.read_text().count("\n") < 20):
+        time.sleep(0.05)
+    proc.send_signal(sig)
+    _, err = proc.communicate(timeout=60)
+    assert proc.returncode == code, err
+    last = err.strip().splitlines()[-1]
+    assert last.startswith(f"qkvlab train: stopped by {sig.name} after step "), err
+    step = int(last.split("after step ")[1].split(";")[0])
+    assert 20 <= step < 400 and (tmp_path / "run" / f"checkpoint-{step:08d}").is_dir()
+    assert not (tmp_path / "run" / "final.json").exists()
+    resumed = _train_cli(["--resume", str(tmp_path / "run")])
+    resumed.communicate(timeout=120)
+    assert resumed.returncode == 0
+    others = [a for a in args if not a.startswith("out=")]
+    straight = _train_cli([*others, f"out={tmp_path / 'straight'}"])  # same threads as the stopped run
+    straight.communicate(timeout=120)
+    assert straight.returncode == 0
+    a, b = _weights(tmp_path / "straight"), _weights(tmp_path / "run")
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    steps = [json.loads(x)["step"] for x in metrics.read_text().splitlines() if '"train"' in x]
+    assert steps == list(range(1, 401))  # every step logged once, across the stop
+
+
+def test_resume_cleans_debris_and_does_not_repeat_history(corpus, tmp_path) -> None:
+    run = tmp_path / "run"
+    train(load_config(None, _gpt(corpus, run, stop_at=8)))
+    (run / ".tmp-checkpoint-00000012-abc").mkdir()  # what a crash in the middle of a save leaves
+    (run / ".latest.x1y2.tmp").write_text("checkpoint-000")
+    with (run / "metrics.jsonl").open("a") as fh:  # logged after checkpoint 8, before a crash
+        fh.write('{"step": 9, "split": "train", "loss": 9.0}\n{"step": 10, "split": "tr')
+    train(load_config(None, _gpt(corpus, run)), resume=run)
+    assert not list(run.glob(".tmp-*")) and not list(run.glob(".*.tmp"))
+    records = [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines()]
+    train_steps = [r["step"] for r in records if r["split"] == "train"]
+    assert train_steps == list(range(1, 13)) and all(r.get("loss") != 9.0 for r in records)
+    spectra = [json.loads(x)["step"] for x in (run / "spectra.jsonl").read_text().splitlines()]
+    assert spectra == sorted(set(spectra))

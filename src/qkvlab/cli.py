@@ -11,7 +11,7 @@ from collections.abc import Sequence
 
 from qkvlab.args import check_outputs, number_list, positive_int
 from qkvlab.args import seeds as seeds_list
-from qkvlab.errors import UserError
+from qkvlab.errors import TrainingInterrupted, UserError
 
 EXIT_USER_ERROR = 2
 
@@ -554,6 +554,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         # the file system refused a path the user gave us
         print(f"qkvlab {args.command}: error: {exc.strerror}: {exc.filename}", file=sys.stderr)
         return EXIT_USER_ERROR
+    except TrainingInterrupted as exc:
+        print(f"qkvlab {args.command}: {exc.message}", file=sys.stderr)
+        return 128 + exc.signum
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         return 130

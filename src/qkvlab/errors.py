@@ -15,3 +15,13 @@ class UserError(ValueError):
 class TrainingStopped(UserError):
     """Training met a non-finite loss, gradient or weight and stopped (the last good checkpoint is
     kept). One line, like a user error: the fix is a setting (learning rate, precision, clipping)."""
+
+
+class TrainingInterrupted(KeyboardInterrupt):
+    """SIGTERM or SIGINT stopped training after a step, with a checkpoint written (no final.json).
+    The CLI exits 128 + the signal number (143 for SIGTERM, 130 for SIGINT), as a shell would."""
+
+    def __init__(self, signum: int, message: str) -> None:
+        super().__init__(message)
+        self.signum = signum
+        self.message = message

@@ -22,8 +22,10 @@ from __future__ import annotations
 import json
 import math
 import os
+import signal
 import statistics
 import sys
+import threading
 import time
 from contextlib import nullcontext
 from dataclasses import dataclass
@@ -35,7 +37,7 @@ import torch.distributed as dist
 from torch import nn
 
 from qkvlab.config import TrainConfig, check_resume, dump_config
-from qkvlab.errors import TrainingStopped, UserError
+from qkvlab.errors import TrainingInterrupted, TrainingStopped, UserError
 from qkvlab.inspect import inspect, summary_metrics
 from qkvlab.models import build_model
 from qkvlab.optim import l2_penalty, optimizer_settings, param_groups
@@ -159,14 +161,18 @@ def _optimizer(config: TrainConfig, model: nn.Module) -> tuple[torch.optim.Optim
 class _Logger:
     """metrics.jsonl + TensorBoard on rank 0; no-op elsewhere."""
 
-    def __init__(self, run_dir: Path, enabled: bool, tensorboard: bool) -> None:
+    def __init__(
+        self, run_dir: Path, enabled: bool, tensorboard: bool, resumed_at: int | None = None
+    ) -> None:
         self.enabled = enabled
         self.file = (run_dir / "metrics.jsonl").open("a") if enabled else None
         self.tb = None
         if enabled and tensorboard:
             from torch.utils.tensorboard import SummaryWriter
 
-            self.tb = SummaryWriter(log_dir=str(run_dir / "tb"))
+            # on resume, TensorBoard drops what was logged after the checkpoint (it is logged again)
+            purge = resumed_at + 1 if resumed_at is not None else None
+            self.tb = SummaryWriter(log_dir=str(run_dir / "tb"), purge_step=purge)
 
     def log(self, step: int, split: str, metrics: dict[str, float], note: str | None = None) -> None:
         if not self.enabled:
@@ -306,6 +312,75 @@ def _per_head(heads: list[dict], name: str) -> dict[tuple[int, str], list[float]
     for rec in heads:
         out.setdefault((rec["layer"], rec["product"]), []).append(rec[name])
     return out
+
+
+class _GracefulStop:
+    """SIGTERM/SIGINT set a flag the loop reads after each step (main thread only: elsewhere Python
+    cannot install handlers, and the signals keep their usual effect). A second signal stops at once."""
+
+    def __init__(self, main: bool) -> None:
+        self.signum = 0
+        self.main = main
+        self.previous: dict[int, Any] = {}
+        if threading.current_thread() is threading.main_thread():
+            for sig in (signal.SIGTERM, signal.SIGINT):
+                self.previous[sig] = signal.signal(sig, self._handle)
+
+    def _handle(self, signum: int, frame: Any) -> None:
+        if self.signum:
+            self.restore()
+            raise KeyboardInterrupt
+        self.signum = signum
+        if self.main:
+            print(
+                f"{signal.Signals(signum).name}: finishing this step and writing a checkpoint "
+                "(send it again to stop at once)",
+                file=sys.stderr,
+                flush=True,
+            )
+
+    def requested(self, ddp: _Dist, device: torch.device) -> int:
+        """The signal to stop on (0: none); under DDP the largest any rank received, so all agree."""
+        if ddp.world_size == 1:
+            return self.signum
+        flag = torch.tensor([float(self.signum)], device=device)
+        dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+        return int(flag.item())
+
+    def restore(self) -> None:
+        for sig, handler in self.previous.items():
+            signal.signal(sig, handler)
+        self.previous = {}
+
+
+def _clean_debris(run_dir: Path) -> None:
+    """What a crash can leave: half-written checkpoint folders and atomic-write temp files."""
+    import shutil
+
+    for path in run_dir.glob(".tmp-checkpoint-*"):
+        shutil.rmtree(path, ignore_errors=True)
+    for path in run_dir.glob(".*.tmp"):
+        path.unlink(missing_ok=True)
+
+
+def _truncate_history(run_dir: Path, step: int) -> None:
+    """Drop metric and spectra lines logged after ``step`` (the checkpoint resumed from): the run
+    logs those steps again, so each step appears once."""
+    for name in ("metrics.jsonl", "spectra.jsonl"):
+        path = run_dir / name
+        if not path.is_file():
+            continue
+        lines = path.read_text().splitlines(keepends=True)
+        keep = []
+        for line in lines:
+            try:
+                if json.loads(line)["step"] > step:
+                    continue
+            except (ValueError, KeyError, TypeError):
+                continue  # a line cut short by the crash
+            keep.append(line)
+        if len(keep) != len(lines):
+            write_atomic(path, "".join(keep))
 
 
 def _nonfinite_step(loss: torch.Tensor, grad_norm: torch.Tensor, ddp: _Dist) -> str | None:
@@ -477,7 +552,10 @@ def train(config: TrainConfig, *, resume: Path | None = None) -> TrainResult:
     if ddp.world_size > 1:
         dist.barrier()
 
-    logger = _Logger(run_dir, ddp.main, config.tensorboard)
+    if resume is not None and ddp.main:
+        _clean_debris(run_dir)
+        _truncate_history(run_dir, start_step)  # lines after the checkpoint are logged again
+    logger = _Logger(run_dir, ddp.main, config.tensorboard, start_step if resume is not None else None)
     monitor = (
         SpectralMonitor(run_dir / "spectra.jsonl", groups) if ddp.main and config.spectra_every else None
     )
@@ -506,81 +584,102 @@ def train(config: TrainConfig, *, resume: Path | None = None) -> TrainResult:
         logger.tags(0, monitor.last_summary[1])
     step = start_step
     bad_steps = 0
-    while step < stop:
-        batch = dataset.train_batch(
-            step, per_rank, online=config.online, rank=ddp.rank, world_size=ddp.world_size
-        )
-        batch = {k: v.to(device, non_blocking=True) for k, v in batch.items()}
-        with autocast():
-            loss = train_model(**batch)["loss"]
-        objective = loss + l2_penalty(groups) if config.optimizer == "adam" else loss
-        objective.backward()
-        if config.grad_clip:
-            grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), config.grad_clip)
-        else:
-            grad_norm = torch.nn.utils.get_total_norm(
-                [p.grad for p in model.parameters() if p.grad is not None]
+    # SIGTERM (what schedulers send) and SIGINT finish the current step, write a checkpoint and stop
+    # with TrainingInterrupted (the CLI exits 143 / 130); a second signal stops at once.
+    signals = _GracefulStop(ddp.main)
+    try:
+        while step < stop:
+            batch = dataset.train_batch(
+                step, per_rank, online=config.online, rank=ddp.rank, world_size=ddp.world_size
             )
-        bad = _nonfinite_step(loss, grad_norm, ddp)  # one sync per step; the same answer on every rank
-        if bad is None:
-            optimizer.step()
-            if monitor is not None:
-                monitor.accumulate()  # with this step's lr, before the scheduler moves it
-        else:
-            bad_steps += 1
-            where = f"step {step + 1}: {bad}"
-            if bad_steps > config.max_bad_steps:
-                logger.close()
-                raise TrainingStopped(_stopped_message(run_dir, where, config.max_bad_steps))
-            logger.log(step + 1, "skipped", {"bad_steps": bad_steps}, note=bad)
-            if ddp.main:
-                print(
-                    f"{run_dir}: skipped {where} ({bad_steps} of max_bad_steps={config.max_bad_steps})",
-                    file=sys.stderr,
+            batch = {k: v.to(device, non_blocking=True) for k, v in batch.items()}
+            with autocast():
+                loss = train_model(**batch)["loss"]
+            objective = loss + l2_penalty(groups) if config.optimizer == "adam" else loss
+            objective.backward()
+            if config.grad_clip:
+                grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), config.grad_clip)
+            else:
+                grad_norm = torch.nn.utils.get_total_norm(
+                    [p.grad for p in model.parameters() if p.grad is not None]
                 )
-        scheduler.step()
-        optimizer.zero_grad(set_to_none=True)
-        step += 1
-        window_steps += 1
+            bad = _nonfinite_step(loss, grad_norm, ddp)  # one sync per step; the same answer on every rank
+            if bad is None:
+                optimizer.step()
+                if monitor is not None:
+                    monitor.accumulate()  # with this step's lr, before the scheduler moves it
+            else:
+                bad_steps += 1
+                where = f"step {step + 1}: {bad}"
+                if bad_steps > config.max_bad_steps:
+                    logger.close()
+                    raise TrainingStopped(_stopped_message(run_dir, where, config.max_bad_steps))
+                logger.log(step + 1, "skipped", {"bad_steps": bad_steps}, note=bad)
+                if ddp.main:
+                    print(
+                        f"{run_dir}: skipped {where} ({bad_steps} of max_bad_steps={config.max_bad_steps})",
+                        file=sys.stderr,
+                    )
+            scheduler.step()
+            optimizer.zero_grad(set_to_none=True)
+            step += 1
+            window_steps += 1
 
-        if step % config.log_every == 0 or step == stop:
-            last_loss = _reduce_mean(loss.detach().float(), ddp)
-            elapsed = time.perf_counter() - window_start
-            rate = window_steps * per_step_units / elapsed if elapsed > 0 else float("nan")
-            logger.log(
-                step, "train", {"loss": last_loss, "lr": scheduler.get_last_lr()[0], f"{units}_per_s": rate}
-            )
-            if bar is not None:
-                bar.set_postfix({"loss": f"{last_loss:.4f}", f"{units}/s": f"{rate:,.0f}"})
-            window_start, window_steps = time.perf_counter(), 0
-        if bar is not None:
-            bar.update(1)
-        if config.eval_every and (step % config.eval_every == 0 or step == config.max_steps) and ddp.main:
-            last_eval = (step, _evaluate(model, dataset, config, device, autocast))
-            logger.log(step, "val", last_eval[1])
-        if monitor is not None and (step % config.spectra_every == 0 or step == config.max_steps):
-            monitor.record(step, model)
-            logger.tags(step, monitor.last_summary[1])
-        if step % config.checkpoint_every == 0 or step == stop:
-            broken = _nonfinite_parameter(model)  # never into a checkpoint; the last good one stays
-            if broken is not None:
-                logger.close()
-                raise TrainingStopped(
-                    _stopped_message(run_dir, f"step {step}: parameter {broken} is not finite", 0)
-                )
-            if ddp.main:
-                save_checkpoint(
-                    run_dir,
+            if step % config.log_every == 0 or step == stop:
+                last_loss = _reduce_mean(loss.detach().float(), ddp)
+                elapsed = time.perf_counter() - window_start
+                rate = window_steps * per_step_units / elapsed if elapsed > 0 else float("nan")
+                logger.log(
                     step,
-                    model,
-                    optimizer,
-                    scheduler,
-                    {"data_position": {"step": step}},
-                    model_cfg.hf_config(),
-                    keep=config.keep_checkpoints,
+                    "train",
+                    {"loss": last_loss, "lr": scheduler.get_last_lr()[0], f"{units}_per_s": rate},
                 )
-            if ddp.world_size > 1:
-                dist.barrier()
+                if bar is not None:
+                    bar.set_postfix({"loss": f"{last_loss:.4f}", f"{units}/s": f"{rate:,.0f}"})
+                window_start, window_steps = time.perf_counter(), 0
+            if bar is not None:
+                bar.update(1)
+            if config.eval_every and (step % config.eval_every == 0 or step == config.max_steps) and ddp.main:
+                last_eval = (step, _evaluate(model, dataset, config, device, autocast))
+                logger.log(step, "val", last_eval[1])
+            if monitor is not None and (step % config.spectra_every == 0 or step == config.max_steps):
+                monitor.record(step, model)
+                logger.tags(step, monitor.last_summary[1])
+            # a stop signal is honoured after a whole step, on every rank at the same step; the last
+            # step of the run completes as usual
+            interrupt = signals.requested(ddp, device) if step < config.max_steps else 0
+            if interrupt or step % config.checkpoint_every == 0 or step == stop:
+                broken = _nonfinite_parameter(model)  # never into a checkpoint; the last good one stays
+                if broken is not None:
+                    logger.close()
+                    raise TrainingStopped(
+                        _stopped_message(run_dir, f"step {step}: parameter {broken} is not finite", 0)
+                    )
+                if ddp.main:
+                    save_checkpoint(
+                        run_dir,
+                        step,
+                        model,
+                        optimizer,
+                        scheduler,
+                        {"data_position": {"step": step}},
+                        model_cfg.hf_config(),
+                        keep=config.keep_checkpoints,
+                    )
+                if ddp.world_size > 1:
+                    dist.barrier()
+            if interrupt:
+                logger.close()
+                if bar is not None:
+                    bar.close()
+                name = signal.Signals(interrupt).name
+                raise TrainingInterrupted(
+                    interrupt,
+                    f"stopped by {name} after step {step}; checkpoint-{step:08d} written, no final.json; "
+                    f"resume with: qkvlab train --resume {run_dir}",
+                )
+    finally:
+        signals.restore()
     if bar is not None:
         bar.close()
     wall = time.perf_counter() - started
