@@ -627,3 +627,71 @@ def test_resume_cleans_debris_and_does_not_repeat_history(corpus, tmp_path) -> N
     assert train_steps == list(range(1, 13)) and all(r.get("loss") != 9.0 for r in records)
     spectra = [json.loads(x)["step"] for x in (run / "spectra.jsonl").read_text().splitlines()]
     assert spectra == sorted(set(spectra))
+
+
+def test_one_writer_per_run_folder(corpus, tmp_path, capsys) -> None:
+    import time
+
+    run = tmp_path / "run"
+    settings = _gpt(corpus, run, max_steps=100000, eval_every=0, spectra_every=0, checkpoint_every=20)
+    proc = _train_cli([f"{k}={v}" for k, v in settings.items()])
+    try:
+        deadline = time.time() + 60
+        while time.time() < deadline and not (run / "latest").is_file():
+            time.sleep(0.05)
+        assert (run / ".lock").read_text() == str(proc.pid)
+        # a second run into the same folder, and a resume of the live run, are refused in one line
+        args = [f"{k}={v}" for k, v in settings.items()]
+        assert main(["train", *args]) == 2
+        err = capsys.readouterr().err.strip().splitlines()
+        assert err == [
+            f"qkvlab train: error: {run} is being written by process {proc.pid}; wait for it, stop it, or pick another out="
+        ]
+        assert main(["train", "--resume", str(run)]) == 2
+        assert f"is being written by process {proc.pid}" in capsys.readouterr().err
+    finally:
+        proc.kill()  # SIGKILL: the OS releases the lock with the process
+        proc.communicate(timeout=30)
+    resume_from = int(latest_checkpoint(run).name.split("-")[1])
+    result = train(load_config(None, {**settings, "stop_at": str(resume_from + 20)}), resume=run)
+    assert result.step == resume_from + 20  # the folder is free again, and it resumed
+
+
+def test_sweep_runs_stop_with_their_parent(corpus, tmp_path) -> None:
+    import time
+
+    base = _gpt(corpus, tmp_path / "x", max_steps=100000, eval_every=0, spectra_every=0, checkpoint_every=50)
+    base.pop("out")
+    sweep = tmp_path / "sweep"
+    cmd = [sys.executable, "-m", "qkvlab", "sweep", *[f"{k}={v}" for k, v in base.items()]]
+    cmd += ["--grid", "weight_decay=0,0.5", "--seeds", "0", "--jobs", "2", "--out", str(sweep)]
+    parent = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    locks = []
+    deadline = time.time() + 90
+    while time.time() < deadline and len(locks) < 2:  # both runs are in their training loops
+        locks = [
+            p
+            for p in sweep.glob("runs/*/.lock")
+            if p.read_text().strip()
+            and (p.parent / "metrics.jsonl").is_file()
+            and (p.parent / "metrics.jsonl").read_text().count("\n") >= 2
+        ]
+        time.sleep(0.1)
+    assert len(locks) == 2
+    pids = [int(p.read_text()) for p in locks]
+    parent.kill()  # SIGKILL: no chance to clean up; the runs get SIGTERM from the kernel
+    parent.wait(timeout=30)
+
+    def alive(pid: int) -> bool:
+        try:
+            os.kill(pid, 0)
+        except ProcessLookupError:
+            return False
+        return Path(f"/proc/{pid}/stat").read_text().split()[2] != "Z"  # not a zombie
+
+    deadline = time.time() + 60
+    while time.time() < deadline and any(alive(pid) for pid in pids):
+        time.sleep(0.1)
+    assert not any(alive(pid) for pid in pids)
+    for lock in locks:  # each run stopped after a step with a checkpoint (SIGTERM), so it resumes
+        assert latest_checkpoint(lock.parent) is not None

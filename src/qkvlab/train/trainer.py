@@ -316,10 +316,12 @@ def _per_head(heads: list[dict], name: str) -> dict[tuple[int, str], list[float]
 
 class _GracefulStop:
     """SIGTERM/SIGINT set a flag the loop reads after each step (main thread only: elsewhere Python
-    cannot install handlers, and the signals keep their usual effect). A second signal stops at once."""
+    cannot install handlers, and the signals keep their usual effect). A second signal, a second or
+    more after the first, stops at once."""
 
     def __init__(self, main: bool) -> None:
         self.signum = 0
+        self.when = 0.0
         self.main = main
         self.previous: dict[int, Any] = {}
         if threading.current_thread() is threading.main_thread():
@@ -328,9 +330,14 @@ class _GracefulStop:
 
     def _handle(self, signum: int, frame: Any) -> None:
         if self.signum:
+            # The same signal again within a second is one event delivered twice (a grid run whose
+            # parent dies gets its parent-death SIGTERM once per thread of the parent), not a user
+            # asking to stop at once.
+            if signum == self.signum and time.monotonic() - self.when < 1.0:
+                return
             self.restore()
             raise KeyboardInterrupt
-        self.signum = signum
+        self.signum, self.when = signum, time.monotonic()
         if self.main:
             print(
                 f"{signal.Signals(signum).name}: finishing this step and writing a checkpoint "
@@ -506,8 +513,48 @@ def load_run_dataset(config: TrainConfig, world_size: int = 1) -> Dataset:
 
 
 def train(config: TrainConfig, *, resume: Path | None = None) -> TrainResult:
-    """Train (or resume) the run ``config`` describes; returns where it ended."""
+    """Train (or resume) the run ``config`` describes; returns where it ended.
 
+    One run folder has one writer: rank 0 holds an OS lock on ``RUN/.lock`` while it trains (released
+    when it returns or its process dies), and a second ``train`` or resume of the same folder is
+    refused in one line."""
+    run_dir = resume if resume is not None else config.run_dir()
+    lock = _RunLock(run_dir) if int(os.environ.get("RANK", "0")) == 0 else None
+    try:
+        return _train(config, resume)
+    finally:
+        if lock is not None:
+            lock.release()
+
+
+class _RunLock:
+    """``flock`` on ``RUN/.lock`` (the holder's pid inside, for the message)."""
+
+    def __init__(self, run_dir: Path) -> None:
+        import fcntl
+
+        run_dir.mkdir(parents=True, exist_ok=True)
+        self.path = run_dir / ".lock"
+        self.fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            fcntl.flock(self.fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            holder = os.read(self.fd, 32).decode(errors="replace").strip() or "another process"
+            os.close(self.fd)
+            raise UserError(
+                f"{run_dir} is being written by process {holder}; wait for it, stop it, or pick another out="
+            ) from None
+        os.ftruncate(self.fd, 0)
+        os.write(self.fd, str(os.getpid()).encode())
+
+    def release(self) -> None:
+        import fcntl
+
+        fcntl.flock(self.fd, fcntl.LOCK_UN)
+        os.close(self.fd)
+
+
+def _train(config: TrainConfig, resume: Path | None) -> TrainResult:
     ddp = _init_distributed("cuda" if config.device == "cuda" else "cpu")
     device = _device(config, ddp)
     if config.batch_size % ddp.world_size:
