@@ -53,3 +53,61 @@ def minilm_path():
     from qkvlab.attention.sources import resolve_packaged
 
     return resolve_packaged("minilm")
+
+
+WORDS = [
+    "good",
+    "great",
+    "fine",
+    "bad",
+    "awful",
+    "poor",
+    "movie",
+    "plot",
+    "actor",
+    "scene",
+    "the",
+    "a",
+    "was",
+    "is",
+    "very",
+    "not",
+]
+
+
+@pytest.fixture(scope="session")
+def tiny_bert(tmp_path_factory):
+    """A randomly initialised 2-layer BERT with a tiny word-level tokenizer, saved as a HF folder."""
+    import transformers as tf
+
+    folder = tmp_path_factory.mktemp("tiny-bert")
+    (folder / "vocab.txt").write_text("\n".join(["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", *WORDS]))
+    tf.BertTokenizerFast(vocab_file=str(folder / "vocab.txt")).save_pretrained(folder)
+    torch.manual_seed(0)
+    config = tf.BertConfig(
+        vocab_size=5 + len(WORDS),
+        hidden_size=32,
+        num_attention_heads=4,
+        num_hidden_layers=2,
+        intermediate_size=48,
+    )
+    tf.BertModel(config).save_pretrained(folder)
+    return folder
+
+
+@pytest.fixture(scope="session")
+def tiny_csv(tmp_path_factory):
+    """200 labelled "reviews" over WORDS (pos/neg), as a CSV."""
+    import csv
+
+    path = tmp_path_factory.mktemp("data") / "reviews.csv"
+    gen = torch.Generator().manual_seed(0)
+    with path.open("w", newline="") as fh:
+        writer = csv.writer(fh)
+        writer.writerow(["text", "label"])
+        for i in range(200):
+            positive = i % 2 == 0
+            word = ["good", "great", "fine"][i % 3] if positive else ["bad", "awful", "poor"][i % 3]
+            filler = " ".join(WORDS[6 + int(j)] for j in torch.randint(0, 5, (4,), generator=gen))
+            writer.writerow([f"the movie was very {word} {filler}", "pos" if positive else "neg"])
+    return path

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import csv
 import json
 import sys
 
@@ -14,57 +13,6 @@ from safetensors.torch import load_file
 from qkvlab.cli import main
 from qkvlab.finetune import FinetuneConfig, finetune
 from qkvlab.inspect import compare
-
-WORDS = [
-    "good",
-    "great",
-    "fine",
-    "bad",
-    "awful",
-    "poor",
-    "movie",
-    "plot",
-    "actor",
-    "scene",
-    "the",
-    "a",
-    "was",
-    "is",
-    "very",
-    "not",
-]
-
-
-@pytest.fixture(scope="module")
-def tiny_bert(tmp_path_factory):
-    folder = tmp_path_factory.mktemp("tiny-bert")
-    (folder / "vocab.txt").write_text("\n".join(["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", *WORDS]))
-    tf.BertTokenizerFast(vocab_file=str(folder / "vocab.txt")).save_pretrained(folder)
-    torch.manual_seed(0)
-    config = tf.BertConfig(
-        vocab_size=5 + len(WORDS),
-        hidden_size=32,
-        num_attention_heads=4,
-        num_hidden_layers=2,
-        intermediate_size=48,
-    )
-    tf.BertModel(config).save_pretrained(folder)
-    return folder
-
-
-@pytest.fixture(scope="module")
-def tiny_csv(tmp_path_factory):
-    path = tmp_path_factory.mktemp("data") / "reviews.csv"
-    gen = torch.Generator().manual_seed(0)
-    with path.open("w", newline="") as fh:
-        writer = csv.writer(fh)
-        writer.writerow(["text", "label"])
-        for i in range(200):
-            positive = i % 2 == 0
-            word = ["good", "great", "fine"][i % 3] if positive else ["bad", "awful", "poor"][i % 3]
-            filler = " ".join(WORDS[6 + int(j)] for j in torch.randint(0, 5, (4,), generator=gen))
-            writer.writerow([f"the movie was very {word} {filler}", "pos" if positive else "neg"])
-    return path
 
 
 def _config(tiny_bert, tiny_csv, tmp_path, **changes) -> FinetuneConfig:

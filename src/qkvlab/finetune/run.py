@@ -95,6 +95,9 @@ def _model_path(name: str) -> Path:
         raise UserError(
             f"--model {name}: not a packaged name ({', '.join(PACKAGED_MODELS)}) nor a HF model folder with config.json"
         )
+    from qkvlab.attention.sources import _weight_files
+
+    _weight_files(path)  # safetensors or a one-line refusal: pickled weights are never loaded
     return path
 
 
@@ -237,9 +240,16 @@ def finetune(config: FinetuneConfig, *, progress: bool = True) -> dict[str, Any]
     path = _model_path(config.model)
     torch.manual_seed(config.seed)
     np_rng = np.random.default_rng(config.seed)
-    tokenizer = AutoTokenizer.from_pretrained(path)
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(path, trust_remote_code=False)
+    except (OSError, ValueError) as exc:
+        raise UserError(
+            f"--model {config.model}: no usable tokenizer there ({str(exc).splitlines()[0]})"
+        ) from None
     model = AutoModelForSequenceClassification.from_pretrained(
         path,
+        use_safetensors=True,  # never unpickle: a .bin can run code when loaded
+        trust_remote_code=False,
         num_labels=data.num_labels,
         problem_type="regression" if data.regression else "single_label_classification",
         dtype=torch.float32,  # train in float32 whatever the checkpoint's storage dtype

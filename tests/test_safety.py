@@ -1,0 +1,109 @@
+"""Promise 3 of RELIABILITY.md: no code runs from a file. Weights come from safetensors only; a real
+malicious pickle (it creates a file when unpickled) is refused by every command that takes a path,
+in one line and without being unpickled."""
+
+from __future__ import annotations
+
+import pickle
+import shutil
+from pathlib import Path
+
+import pytest
+
+from qkvlab.cli import main
+
+
+class _Payload:
+    """Unpickling this object calls open(SENTINEL, "w"): the file appearing means code ran."""
+
+    def __init__(self, sentinel: Path) -> None:
+        self.sentinel = str(sentinel)
+
+    def __reduce__(self):  # type: ignore[no-untyped-def]
+        return (open, (self.sentinel, "w"))
+
+
+@pytest.fixture
+def pickled_model(tmp_path, tiny_bert) -> tuple[Path, Path]:
+    """A HF folder with a real config and tokenizer, whose only weights are a malicious pickle."""
+    folder = tmp_path / "evil"
+    shutil.copytree(tiny_bert, folder)
+    for weights in folder.glob("*.safetensors"):
+        weights.unlink()
+    sentinel = tmp_path / "pwned"
+    (folder / "pytorch_model.bin").write_bytes(pickle.dumps(_Payload(sentinel)))
+    return folder, sentinel
+
+
+def test_the_payload_is_real(tmp_path) -> None:
+    sentinel = tmp_path / "pwned"
+    pickle.loads(pickle.dumps(_Payload(sentinel))).close()  # proving the payload works
+    assert sentinel.exists()
+
+
+def test_every_command_refuses_pickled_weights(pickled_model, tiny_bert, tiny_csv, tmp_path, capsys) -> None:
+    folder, sentinel = pickled_model
+    commands = [
+        ["inspect", str(folder)],
+        ["inspect", str(folder / "pytorch_model.bin")],
+        ["inspect", str(tiny_bert), "--compare", str(folder)],
+        ["finetune", "--model", str(folder), "--data", f"csv:{tiny_csv}", "--max-steps", "1", "--no-save"],
+        ["theory", "--parts", "pretrained", "--model", str(folder), "--quiet"],
+        ["report", str(folder / "pytorch_model.bin")],
+    ]
+    for command in commands:
+        capsys.readouterr()
+        assert main(command) == 2, command
+        err = capsys.readouterr().err.strip().splitlines()
+        assert len(err) == 1 and err[0].startswith(f"qkvlab {command[0]}: error:"), (command, err)
+        assert not sentinel.exists(), f"{command} ran code from the pickle"
+    assert "never unpickles weights" in main_error(["inspect", str(folder)], capsys)
+
+
+def main_error(command: list[str], capsys) -> str:
+    capsys.readouterr()
+    main(command)
+    return capsys.readouterr().err
+
+
+def test_a_pickle_in_place_of_a_checkpoint_is_not_loaded(tmp_path, capsys) -> None:
+    from qkvlab.config import load_config
+    from qkvlab.train import train
+
+    corpus = tmp_path / "c.txt"
+    corpus.write_text("To be, or not to be, that is the question. " * 80)
+    run = tmp_path / "run"
+    settings = {
+        "data": f"text:{corpus}",
+        "seq_len": "16",
+        "batch_size": "8",
+        "max_steps": "8",
+        "stop_at": "4",
+        "warmup_steps": "1",
+        "model.n_layer": "1",
+        "model.n_head": "2",
+        "model.d_model": "16",
+        "checkpoint_every": "4",
+        "eval_every": "0",
+        "spectra_every": "0",
+        "progress": "false",
+        "tensorboard": "false",
+        "out": str(run),
+    }
+    train(load_config(None, settings))
+    sentinel = tmp_path / "pwned"
+    checkpoint = run / "checkpoint-00000004"
+    for name in ("model.safetensors", "optimizer.safetensors"):
+        (checkpoint / name).write_bytes(pickle.dumps(_Payload(sentinel)))
+    capsys.readouterr()
+    assert main(["train", "--resume", str(run)]) == 2
+    assert "can be resumed" in capsys.readouterr().err and not sentinel.exists()
+
+
+def test_yaml_configs_cannot_construct_objects(tmp_path, capsys) -> None:
+    sentinel = tmp_path / "pwned"
+    config = tmp_path / "evil.yaml"
+    config.write_text(f'lr: !!python/object/apply:builtins.open ["{sentinel}", "w"]\n')
+    assert main(["train", str(config)]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "is not valid YAML" in err[0] and not sentinel.exists()
