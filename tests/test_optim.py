@@ -317,13 +317,16 @@ def test_split_gpt2_keeps_outputs_and_round_trips() -> None:
     assert qkvlab.split_fused_qkv(model) == [f"transformer.h.{i}.attn.c_attn" for i in range(3)]
     with torch.no_grad():
         torch.testing.assert_close(model(ids).logits, reference, rtol=1e-6, atol=1e-6)
-    split_state = model.state_dict()
-    assert split_state["transformer.h.0.attn.c_attn.q.weight"].shape == (48, 48)
+    split_params = {k: v.detach() for k, v in model.named_parameters()}
+    assert split_params["transformer.h.0.attn.c_attn.q.weight"].shape == (48, 48)
+    # the split model's state dict is the original architecture's (what save_pretrained writes)
+    saved = model.state_dict()
+    assert set(saved) == set(fused_state) and all(torch.equal(saved[k], fused_state[k]) for k in saved)
     # state dicts convert both ways without a model
     converted = qkvlab.split_state_dict(fused_state)
-    assert set(converted) == set(split_state)
-    assert all(torch.equal(converted[k], split_state[k]) for k in converted)
-    back = qkvlab.fuse_state_dict(split_state)
+    assert set(split_params) <= set(converted)
+    assert all(torch.equal(converted[k], split_params[k]) for k in split_params)
+    back = qkvlab.fuse_state_dict(converted)
     assert set(back) == set(fused_state) and all(torch.equal(back[k], fused_state[k]) for k in back)
     # the spectra are those of the same products
     after = qkvlab.inspect(model).heads
@@ -362,7 +365,32 @@ def test_split_timm_style_qkv_linear() -> None:
     torch.testing.assert_close(model.blocks(x), reference, rtol=1e-6, atol=1e-6)
     assert roles(model)["blocks.1.attn.qkv.k.bias"] == "k"
     converted = qkvlab.split_state_dict(state)
-    assert all(torch.equal(converted[k], v) for k, v in model.state_dict().items())
+    assert all(torch.equal(converted[k], v.detach()) for k, v in model.named_parameters())
+    assert all(torch.equal(model.state_dict()[k], v) for k, v in state.items())  # saves as the original
+
+
+def test_split_gpt2_saves_and_reloads_as_gpt2(tmp_path) -> None:
+    import transformers as tf
+
+    model = tiny_hf_model("gpt2")
+    ids = torch.randint(0, 64, (2, 9), generator=torch.Generator().manual_seed(1))
+    qkvlab.split_fused_qkv(model)
+    with torch.no_grad():  # train the split model a little so the reload has something to get right
+        for name, param in model.named_parameters():
+            if ".c_attn.q." in name:
+                param.add_(0.01)
+        reference = model(ids).logits
+    model.save_pretrained(tmp_path / "split-gpt2")
+    reloaded = tf.GPT2LMHeadModel.from_pretrained(tmp_path / "split-gpt2", use_safetensors=True)
+    with torch.no_grad():
+        torch.testing.assert_close(reloaded(ids).logits, reference, rtol=1e-6, atol=1e-6)
+    # and a split model loads an ordinary checkpoint (a Trainer resuming a split model)
+    again = tiny_hf_model("gpt2")
+    qkvlab.split_fused_qkv(again)
+    missing, unexpected = again.load_state_dict(reloaded.state_dict(), strict=True)
+    assert not missing and not unexpected
+    with torch.no_grad():
+        torch.testing.assert_close(again(ids).logits, reference, rtol=1e-6, atol=1e-6)
 
 
 @pytest.mark.parametrize("bias", [True, False])

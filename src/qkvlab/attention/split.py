@@ -11,7 +11,10 @@ A per-matrix learning rate or weight decay needs q, k and v to be separate tenso
   ``q_proj_weight``/``k_proj_weight``/``v_proj_weight`` (torch's own separate-projection
   path) and ``q_bias``/``k_bias``/``v_bias``.
 
-``fuse_split_qkv(model)`` is the inverse. ``split_state_dict`` / ``fuse_state_dict`` convert
+``fuse_split_qkv(model)`` is the inverse. A ``SplitQKV`` keeps the fused layer's names and layout
+in state dicts (hooks on ``state_dict`` and ``load_state_dict``), so ``save_pretrained`` of a split
+GPT-2 writes an ordinary GPT-2 checkpoint and a split model loads one; parameters (what optimisers
+and per-role groups see) are the split ones. ``split_state_dict`` / ``fuse_state_dict`` convert
 checkpoints between the two naming schemes without a model.
 """
 
@@ -39,9 +42,36 @@ class SplitQKV(nn.Module):
     def __init__(self, q: nn.Module, k: nn.Module, v: nn.Module) -> None:
         super().__init__()
         self.q, self.k, self.v = q, k, v
+        # State dicts keep the fused layer's names and layout, so ``save_pretrained``, ``torch.save`` or
+        # a Trainer checkpoint of a split model is an ordinary checkpoint of the original architecture
+        # (it reloads with ``from_pretrained``), and loading such a checkpoint splits it again.
+        self.register_state_dict_post_hook(_fuse_own_state)
+        self.register_load_state_dict_pre_hook(_split_own_state)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return torch.cat([self.q(x), self.k(x), self.v(x)], dim=-1)
+
+    def stack_dim(self, name: str) -> int:
+        """The dim along which q|k|v sit in the fused tensor ``name`` ("weight" or "bias")."""
+        conv1d = _conv1d_cls()
+        return 1 if name == "weight" and conv1d is not None and isinstance(self.q, conv1d) else 0
+
+
+def _fuse_own_state(module: SplitQKV, state_dict: dict, prefix: str, local_metadata: dict) -> None:
+    for name in ("weight", "bias"):
+        parts = [f"{prefix}{c}.{name}" for c in "qkv"]
+        if all(p in state_dict for p in parts):
+            state_dict[prefix + name] = torch.cat(
+                [state_dict.pop(p) for p in parts], dim=module.stack_dim(name)
+            )
+
+
+def _split_own_state(module: SplitQKV, state_dict: dict, prefix: str, *args: object) -> None:
+    for name in ("weight", "bias"):
+        if prefix + name in state_dict:
+            chunks = state_dict.pop(prefix + name).chunk(3, dim=module.stack_dim(name))
+            for c, chunk in zip("qkv", chunks, strict=True):
+                state_dict[f"{prefix}{c}.{name}"] = chunk
 
 
 class SplitMultiheadAttention(nn.MultiheadAttention):
