@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import errno
 import json
 import os
 import signal
@@ -695,3 +696,37 @@ def test_sweep_runs_stop_with_their_parent(corpus, tmp_path) -> None:
     assert not any(alive(pid) for pid in pids)
     for lock in locks:  # each run stopped after a step with a checkpoint (SIGTERM), so it resumes
         assert latest_checkpoint(lock.parent) is not None
+
+
+def test_file_size_limit_is_one_line_and_the_last_checkpoint_survives(corpus, tmp_path) -> None:
+    from qkvlab.train.checkpoint import checkpoint_problem
+
+    run = tmp_path / "run"
+    train(load_config(None, _gpt(corpus, run, stop_at=4)))
+    script = (
+        "import resource, signal, sys\n"
+        "signal.signal(signal.SIGXFSZ, signal.SIG_IGN)\n"
+        "resource.setrlimit(resource.RLIMIT_FSIZE, (60000, 60000))\n"  # smaller than the weights file
+        "from qkvlab.cli import main\n"
+        f"sys.exit(main(['train', '--resume', {str(run)!r}]))\n"
+    )
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120)
+    err = done.stderr.strip().splitlines()
+    assert done.returncode == 1 and len(err) == 1, done.stderr
+    assert err[0].startswith("qkvlab train: error: cannot write: ") and err[0].endswith("File too large")
+    assert checkpoint_problem(run / "checkpoint-00000004") is None and not list(run.glob(".tmp-*"))
+    assert train(load_config(None, _gpt(corpus, run)), resume=run).complete  # and it goes on from there
+
+
+@pytest.mark.parametrize("code", [errno.ENOSPC, errno.EROFS])
+def test_disk_full_or_read_only_is_one_line(corpus, tmp_path, capsys, monkeypatch, code) -> None:
+    from qkvlab.train import checkpoint as ckpt
+
+    def refuse(save, data, path):  # type: ignore[no-untyped-def]
+        raise OSError(code, os.strerror(code), str(path))
+
+    monkeypatch.setattr(ckpt, "_io", refuse)
+    args = [f"{k}={v}" for k, v in _gpt(corpus, tmp_path / "run").items()]
+    assert main(["train", *args]) == 1
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].endswith(os.strerror(code)) and "model.safetensors" in err[0]

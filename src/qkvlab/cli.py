@@ -554,17 +554,26 @@ def main(argv: Sequence[str] | None = None) -> int:
         # the file system refused a path the user gave us
         print(f"qkvlab {args.command}: error: {exc.strerror}: {exc.filename}", file=sys.stderr)
         return EXIT_USER_ERROR
+    except BrokenPipeError:  # `qkvlab ... | head`: the reader left; stop quietly, as other tools do
+        import os
+
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 141
+    except OSError as exc:
+        import errno
+
+        if exc.errno not in (errno.ENOSPC, errno.EROFS, errno.EFBIG, errno.EDQUOT, errno.EACCES):
+            raise  # anything else is our bug, with its traceback
+        # disk full, read-only, file-size or quota limit: nothing the program can fix, one clear line
+        where = f": {exc.filename}" if exc.filename else ""
+        print(f"qkvlab {args.command}: error: cannot write{where}: {exc.strerror or exc}", file=sys.stderr)
+        return 1
     except TrainingInterrupted as exc:
         print(f"qkvlab {args.command}: {exc.message}", file=sys.stderr)
         return 128 + exc.signum
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         return 130
-    except BrokenPipeError:  # `qkvlab ... | head`: the reader left; stop quietly, as other tools do
-        import os
-
-        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
-        return 141
 
 
 if __name__ == "__main__":

@@ -135,6 +135,21 @@ def _restore_optimizer(
     optimizer.load_state_dict({"state": state, "param_groups": groups})
 
 
+def _io(save: Any, data: Any, path: Path) -> None:
+    """``save(data, path)``, with safetensors' I/O failures (disk full, file-size limit, read-only)
+    raised as the OSError they are, so callers can name them in one line."""
+    import re
+
+    try:
+        save(data, str(path))
+    except Exception as exc:
+        found = re.search(r"os error (\d+)", str(exc))
+        if exc.__class__.__name__ != "SafetensorError" or found is None:
+            raise
+        code = int(found.group(1))
+        raise OSError(code, os.strerror(code), str(path)) from None
+
+
 _FILES = ("model.safetensors", "optimizer.safetensors", "state.json", "config.json")
 CHECKSUMS = "checksums.json"
 
@@ -209,9 +224,9 @@ def save_checkpoint(
     final = run_dir / f"checkpoint-{step:08d}"
     tmp = Path(tempfile.mkdtemp(dir=run_dir, prefix=f".tmp-checkpoint-{step:08d}-"))
     try:
-        save_model(model, str(tmp / "model.safetensors"))
+        _io(save_model, model, tmp / "model.safetensors")
         tensors, meta = _optimizer_tensors(optimizer)
-        save_file(tensors, str(tmp / "optimizer.safetensors"))
+        _io(save_file, tensors, tmp / "optimizer.safetensors")
         state = {
             "step": step,
             "optimizer": meta,
