@@ -5,6 +5,7 @@ from __future__ import annotations
 import errno
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -730,3 +731,52 @@ def test_disk_full_or_read_only_is_one_line(corpus, tmp_path, capsys, monkeypatc
     assert main(["train", *args]) == 1
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and err[0].endswith(os.strerror(code)) and "model.safetensors" in err[0]
+
+
+def _kill_trials(corpus: Path, tmp_path: Path, trials: int) -> None:
+    """SIGKILL `qkvlab train` at seeded random moments (before, during and between checkpoint writes),
+    resume until it completes, and require the weights of an uninterrupted run, bit for bit."""
+    import random
+    import time
+
+    settings = _gpt(
+        corpus, tmp_path / "x", max_steps=120, eval_every=0, spectra_every=0, checkpoint_every=3, log_every=1
+    )
+    settings.pop("out")
+    args = [f"{k}={v}" for k, v in settings.items()]
+    straight = _train_cli([*args, f"out={tmp_path / 'straight'}"])
+    straight.communicate(timeout=300)
+    assert straight.returncode == 0
+    reference = _weights(tmp_path / "straight")
+    for trial in range(trials):
+        rng = random.Random(trial)
+        run = tmp_path / f"trial{trial}"
+        kills = 0
+        proc = _train_cli([*args, f"out={run}"])
+        while True:
+            time.sleep(rng.uniform(0.5, 4.0))
+            if proc.poll() is None and kills < 3:
+                proc.kill()
+                kills += 1
+            proc.communicate(timeout=300)
+            if (run / "final.json").exists():
+                break
+            if latest_checkpoint(run) is None:  # killed before its first checkpoint: start again
+                shutil.rmtree(run, ignore_errors=True)
+                proc = _train_cli([*args, f"out={run}"])
+            else:
+                proc = _train_cli(["--resume", str(run)])
+        assert kills >= 1, f"trial {trial}: finished before any kill"
+        weights = _weights(run)
+        assert all(torch.equal(weights[k], reference[k]) for k in reference), f"trial {trial}"
+        steps = [json.loads(x)["step"] for x in (run / "metrics.jsonl").read_text().splitlines()]
+        assert steps == list(range(1, 121)), f"trial {trial}: metric lines lost or repeated"
+
+
+def test_sigkill_at_random_moments_resumes_bit_identically(corpus, tmp_path) -> None:
+    _kill_trials(corpus, tmp_path, trials=2)
+
+
+@pytest.mark.slow
+def test_sigkill_harness_many_trials(corpus, tmp_path) -> None:
+    _kill_trials(corpus, tmp_path, trials=12)

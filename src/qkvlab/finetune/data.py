@@ -12,6 +12,7 @@ import bz2
 import csv
 import io
 import json
+import math
 import zipfile
 from dataclasses import dataclass
 from pathlib import Path
@@ -161,10 +162,19 @@ def _local(kind: str, path: Path) -> LabelledData:
                 rows = list(reader)
                 columns = reader.fieldnames or []
         else:
-            rows = [
-                json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line.strip()
+            numbered = [
+                (n, json.loads(line))
+                for n, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1)
+                if line.strip()
             ]
-            columns = sorted({k for r in rows for k in r})
+            for n, row in numbered:
+                if not isinstance(row, dict):
+                    raise UserError(
+                        f"{name}: line {n} is a JSON {type(row).__name__}, not an object; "
+                        'expected one object per line, {"text": ..., "label": ...}'
+                    )
+            rows = [row for _, row in numbered]
+            columns = sorted({str(k) for r in rows for k in r})
     except (UnicodeDecodeError, json.JSONDecodeError, csv.Error) as exc:
         raise UserError(f"{name}: cannot parse ({exc})") from None
     if not rows:
@@ -175,7 +185,11 @@ def _local(kind: str, path: Path) -> LabelledData:
     if any(r.get("label") in (None, "") for r in rows):
         raise UserError(f"{name}: some rows have no label")
     pairs = [str(r["text_pair"]) for r in rows] if "text_pair" in columns else None
-    return _from_rows(name, [str(r["text"]) for r in rows], [_parse_label(r["label"]) for r in rows], pairs)
+    labels = [_parse_label(r["label"]) for r in rows]
+    bad = next((i for i, v in enumerate(labels) if isinstance(v, float) and not math.isfinite(v)), None)
+    if bad is not None:
+        raise UserError(f"{name}: row {bad + 1} has the label {rows[bad]['label']!r}; labels must be finite")
+    return _from_rows(name, [str(r["text"]) for r in rows], labels, pairs)
 
 
 def _hf(spec: str) -> LabelledData:
