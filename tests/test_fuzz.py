@@ -152,3 +152,26 @@ def test_any_labelled_data_file_loads_or_is_a_user_error(header: str, rows: list
         except UserError:
             return
         assert data.num_labels >= 1 or data.regression
+
+
+def test_the_cases_the_issue_names_are_one_line_refusals(tmp_path, capsys) -> None:
+    from qkvlab.cli import main
+
+    cases = [
+        (["sweep", "--grid", "lr=,,,"], "has an empty value"),
+        (["sweep", "--grid", "lr=1e-3,,3e-3"], "has an empty value"),
+        (["repro", "wd-rank", "--seeds", "0,,1", "--out", str(tmp_path / "r")], "has an empty item"),
+        (["theory", "--lambdas", "0,inf"], "accepted: comma-separated finite numbers"),
+        (["theory", "--lambdas", "0,,1"], "has an empty item"),
+        (
+            ["train", "out=runs/{x}", "max_steps=5", "warmup_steps=1"],
+            "out='runs/{x}' is not a folder template",
+        ),
+        (["train", "out=runs/{", "max_steps=5", "warmup_steps=1"], "is not a folder template"),
+    ]
+    for argv, message in cases:
+        capsys.readouterr()
+        code = main(argv)
+        err = capsys.readouterr().err.strip().splitlines()
+        assert code == 2 and len(err) == 1 and message in err[0], (argv, err)
+    assert not (tmp_path / "r" / "runs").exists()  # the repro grid did not start

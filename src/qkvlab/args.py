@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import math
 from pathlib import Path
 
 from qkvlab.errors import UserError
@@ -26,8 +27,13 @@ def positive_int(text: str) -> int:
 
 def seeds(text: str) -> list[int]:
     """``--seeds 0,1,2`` → [0, 1, 2] (repeats dropped); a UserError for anything else."""
+    parts = text.split(",")
+    if any(not s.strip() for s in parts):  # "0,,1": a typo, not two seeds
+        raise UserError(
+            f"--seeds {text!r} has an empty item; accepted: comma-separated integers ≥ 0, e.g. 0,1,2"
+        )
     try:
-        values = [int(s) for s in text.split(",") if s.strip()]
+        values = [int(s) for s in parts]
     except ValueError:
         raise UserError(f"--seeds {text!r} must be comma-separated integers") from None
     if not values or min(values) < 0:
@@ -37,13 +43,18 @@ def seeds(text: str) -> list[int]:
 
 def number_list(text: str, what: str, kind: type = float) -> tuple:
     """``"0,0.1,1"`` → (0.0, 0.1, 1.0); a UserError naming ``what`` for anything else."""
+    name = "integers" if kind is int else "finite numbers"
+    parts = text.split(",")
+    if not text.strip():
+        raise UserError(f"{what} is empty; accepted: comma-separated {name}")
+    if any(not v.strip() for v in parts):
+        raise UserError(f"{what} {text!r} has an empty item; accepted: comma-separated {name}")
     try:
-        values = tuple(kind(v) for v in text.split(",") if v.strip())
+        values = tuple(kind(v) for v in parts)
     except ValueError:
-        name = "integers" if kind is int else "numbers"
         raise UserError(f"{what} {text!r}; accepted: comma-separated {name}") from None
-    if not values:
-        raise UserError(f"{what} is empty; accepted: comma-separated values")
+    if kind is float and not all(math.isfinite(v) for v in values):
+        raise UserError(f"{what} {text!r}; accepted: comma-separated {name}")
     return values
 
 

@@ -86,7 +86,12 @@ class TrainConfig:
     out: str = "runs/{name}"
 
     def run_dir(self) -> Path:
-        return Path(self.out.format(name=self.name))
+        try:
+            return Path(self.out.format(name=self.name))
+        except (KeyError, IndexError, ValueError, AttributeError):
+            raise UserError(
+                f"out={self.out!r} is not a folder template; accepted: a path, optionally with {{name}}"
+            ) from None
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -368,6 +373,7 @@ def _check_consistency(config: TrainConfig) -> None:
 
     # an unknown preset, preset argument, role or override setting fails here, before any data or model
     optimizer_settings(config.preset, overrides=config.overrides, train=config.train_roles)
+    config.run_dir()  # a bad out= template fails here, before any data or model
     model = config.model
     if model.attention == "linear" and model.kind != "icl":
         raise UserError("model.attention=linear is only for model.kind=icl")

@@ -72,12 +72,26 @@ class FinetuneConfig:
             raise UserError(f"--method {self.method!r}; accepted: full, lora")
         if self.method == "lora" and targets == ["all"]:
             raise UserError("--targets all is full fine-tuning of everything; use --method full")
-        if not self.lr_ratio > 0:
-            raise UserError(f"--lr-ratio λ = {self.lr_ratio}; accepted: λ > 0 (η_V = λ·η_QK)")
-        if not self.lr > 0:
-            raise UserError(f"--lr {self.lr}; accepted: > 0")
-        if self.loraplus_ratio is not None and not self.loraplus_ratio > 0:
-            raise UserError(f"--loraplus-ratio {self.loraplus_ratio}; accepted: > 0")
+        if len(set(targets)) != len(targets):
+            raise UserError(
+                f"--targets {','.join(targets)} repeats a matrix; accepted: each of q,k,v,o at most once"
+            )
+        if not 0 < self.lr_ratio < math.inf:
+            raise UserError(f"--lr-ratio λ = {self.lr_ratio}; accepted: finite λ > 0 (η_V = λ·η_QK)")
+        if not 0 < self.lr < math.inf:
+            raise UserError(f"--lr {self.lr}; accepted: finite and > 0")
+        if not 0 < self.alpha < math.inf:
+            raise UserError(f"--alpha {self.alpha}; accepted: finite and > 0")
+        if not 0 <= self.weight_decay < math.inf:
+            raise UserError(f"--weight-decay {self.weight_decay}; accepted: finite and ≥ 0")
+        if self.loraplus_ratio is not None and not 0 < self.loraplus_ratio < math.inf:
+            raise UserError(f"--loraplus-ratio {self.loraplus_ratio}; accepted: finite and > 0")
+        if self.seed < 0:
+            raise UserError(f"--seed {self.seed}; accepted: an integer ≥ 0")
+        if self.epochs is not None and not 0 < self.epochs < math.inf:
+            raise UserError(f"--epochs {self.epochs:g}; accepted: a finite number > 0")
+        if self.max_steps is not None and self.max_steps <= 0:
+            raise UserError(f"--max-steps {self.max_steps}; accepted: a positive integer")
         optimizer_settings(self.preset)  # an unknown preset or argument fails before the model loads
         if self.rank <= 0:
             raise UserError(f"--rank {self.rank}; accepted: a positive integer")

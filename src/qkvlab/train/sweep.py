@@ -40,7 +40,9 @@ def parse_grid(items: list[str]) -> dict[str, list[str]]:
             raise UserError(f"--grid key {key!r} is not a config key; see `qkvlab train --help-keys`")
         if key == "seed":
             raise UserError("put seeds in --seeds, not in --grid")
-        grid[key] = [v.strip() for v in values.split(",") if v.strip()]
+        grid[key] = [v.strip() for v in values.split(",")]
+        if not all(grid[key]):  # "lr=,,," or "lr=1e-3,,3e-3": a typo, not a value
+            raise UserError(f"--grid {item!r} has an empty value; accepted: key=v1,v2,... with no empty item")
     return grid
 
 
