@@ -9,6 +9,7 @@ import string
 import tempfile
 from pathlib import Path
 
+import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
@@ -175,3 +176,72 @@ def test_the_cases_the_issue_names_are_one_line_refusals(tmp_path, capsys) -> No
         err = capsys.readouterr().err.strip().splitlines()
         assert code == 2 and len(err) == 1 and message in err[0], (argv, err)
     assert not (tmp_path / "r" / "runs").exists()  # the repro grid did not start
+
+
+# -- the command line itself -------------------------------------------------------------------
+
+TOKENS = st.one_of(
+    st.sampled_from(
+        [
+            "--rtol",
+            "--json",
+            "--csv",
+            "--plot",
+            "--family",
+            "--n-heads",
+            "--n-kv-heads",
+            "--quiet",
+            "--compare",
+            "--out",
+            "-1",
+            "0",
+            "nan",
+            "inf",
+            "1e-3",
+            "bert",
+            "gpt2",
+            "llama",
+            "x",
+            "",
+            "{tmp}/missing/file.json",
+            "{tmp}",
+            "{tmp}/model",
+            "{tmp}/model/model.safetensors",
+        ]
+    ),
+    st.text(string.ascii_letters + string.digits + "-_./=", max_size=10),
+)
+
+
+@pytest.fixture(scope="module")
+def small_model(tmp_path_factory) -> Path:
+    from conftest import tiny_hf_model
+
+    folder = tmp_path_factory.mktemp("fuzz") / "model"
+    tiny_hf_model("bert").save_pretrained(folder)
+    return folder.parent
+
+
+@settings(
+    max_examples=150,
+    deadline=None,
+    suppress_health_check=[HealthCheck.too_slow, HealthCheck.function_scoped_fixture],
+)
+@given(command=st.sampled_from(["inspect", "report"]), tokens=st.lists(TOKENS, max_size=6))
+def test_any_inspect_or_report_command_line_is_handled(small_model, command, tokens, capsys) -> None:
+    import contextlib
+    import io
+
+    from qkvlab.cli import main
+
+    argv = [command, *(t.replace("{tmp}", str(small_model)) for t in tokens)]
+    out = io.StringIO()
+    with contextlib.chdir(small_model), contextlib.redirect_stdout(out), contextlib.redirect_stderr(out):
+        try:
+            code = main(argv)
+        except SystemExit as exc:  # argparse's own usage errors
+            code = exc.code
+    assert code in (0, 2), (argv, out.getvalue()[-500:])
+    if code == 2:
+        lines = [x for x in out.getvalue().strip().splitlines() if x.startswith("qkvlab") or "error" in x]
+        assert lines, (argv, out.getvalue()[-500:])
