@@ -320,10 +320,16 @@ def _train_overrides(args: argparse.Namespace) -> dict[str, str]:
 
 
 def _cmd_train(args: argparse.Namespace) -> int:
-    import json
     from pathlib import Path
 
-    from qkvlab.config import RESUME_CHANGEABLE, TrainConfig, apply_overrides, config_keys, load_config
+    from qkvlab.config import (
+        RESUME_CHANGEABLE,
+        TrainConfig,
+        apply_overrides,
+        config_keys,
+        load_config,
+        saved_config,
+    )
     from qkvlab.train import train
 
     if args.help_keys:
@@ -343,9 +349,7 @@ def _cmd_train(args: argparse.Namespace) -> int:
     overrides = _train_overrides(args)
     if args.resume:
         run_dir = Path(args.resume)
-        if not (run_dir / "config.json").is_file():
-            raise UserError(f"cannot resume {run_dir}: no config.json there (is it a qkvlab run folder?)")
-        config = TrainConfig.from_dict(json.loads((run_dir / "config.json").read_text()))
+        config = saved_config(run_dir)
         config.stop_at = None  # an earlier stop_at ended the first leg; give it again to stop again
         apply_overrides(config, overrides)
         result = train(config, resume=run_dir)

@@ -385,3 +385,11 @@ def _check_consistency(config: TrainConfig) -> None:
 
 def dump_config(config: TrainConfig, path: Path) -> None:
     path.write_text(json.dumps(config.to_dict(), indent=1))
+
+
+def saved_config(run_dir: Path) -> TrainConfig:
+    """The config a run folder was trained with (its ``config.json``); a UserError if there is none."""
+    path = Path(run_dir) / "config.json"
+    if not path.is_file():
+        raise UserError(f"cannot resume {run_dir}: no config.json there (is it a qkvlab run folder?)")
+    return TrainConfig.from_dict(json.loads(path.read_text()))

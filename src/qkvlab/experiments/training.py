@@ -16,7 +16,14 @@ from typing import Any
 
 from qkvlab.train.checkpoint import latest_checkpoint
 
-__all__ = ["pack_spectra", "read_training_run", "train_status", "train_worker"]
+__all__ = [
+    "pack_spectra",
+    "read_metrics",
+    "read_spectra",
+    "read_training_run",
+    "train_status",
+    "train_worker",
+]
 
 # What a run that died before its first checkpoint leaves behind; removed before it starts over.
 _DEBRIS = ("metrics.jsonl", "spectra.jsonl", "tb", "config.json")
@@ -32,11 +39,11 @@ def train_status(run_dir: Path) -> str:
 
 def train_worker(run_dir: Path, point: dict[str, Any], seed: int, settings: dict[str, Any]) -> None:
     """Train (or resume) one run of a grid into ``run_dir``."""
-    from qkvlab.config import TrainConfig, load_config
+    from qkvlab.config import load_config, saved_config
     from qkvlab.train import train
 
     if train_status(run_dir) == "partial":
-        config = TrainConfig.from_dict(json.loads((run_dir / "config.json").read_text()))
+        config = saved_config(run_dir)
         config.stop_at = None
         train(config, resume=run_dir)
         return
@@ -57,6 +64,33 @@ def train_worker(run_dir: Path, point: dict[str, Any], seed: int, settings: dict
     train(load_config(settings.get("config"), overrides))
 
 
+def _last_per_step(records: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """One record per step (a resumed run may repeat a step: the last wins), ordered by step."""
+    by_step = {r["step"]: r for r in records}
+    return [by_step[s] for s in sorted(by_step)]
+
+
+def _json_lines(text: str) -> list[dict[str, Any]]:
+    return [json.loads(line) for line in text.splitlines() if line.strip()]
+
+
+def read_metrics(run_dir: Path) -> dict[str, list[dict[str, Any]]]:
+    """``metrics.jsonl`` as ``{"train": [...], "val": [...]}``, one record per step in each."""
+    path = run_dir / "metrics.jsonl"
+    records = _json_lines(path.read_text()) if path.is_file() else []
+    return {name: _last_per_step([r for r in records if r.get("split") == name]) for name in ("train", "val")}
+
+
+def read_spectra(run_dir: Path) -> list[dict[str, Any]]:
+    """The spectral monitor's records (``spectra.jsonl``, or its packed ``.gz``), one per step."""
+    path, packed = run_dir / "spectra.jsonl", run_dir / "spectra.jsonl.gz"
+    if path.is_file():
+        return _last_per_step(_json_lines(path.read_text()))
+    if packed.is_file():
+        return _last_per_step(_json_lines(gzip.decompress(packed.read_bytes()).decode()))
+    return []
+
+
 def read_training_run(run_dir: Path, *, spectra: bool = True) -> dict[str, Any] | None:
     """A complete run's config, final.json, val curve and (optionally) spectral-monitor records; None if not complete."""
     final = run_dir / "final.json"
@@ -65,20 +99,11 @@ def read_training_run(run_dir: Path, *, spectra: bool = True) -> dict[str, Any] 
     result: dict[str, Any] = {
         "config": json.loads((run_dir / "config.json").read_text()),
         "final": json.loads(final.read_text()),
+        "val_curve": read_metrics(run_dir)["val"],
     }
-    metrics = run_dir / "metrics.jsonl"
-    records = [json.loads(line) for line in metrics.read_text().splitlines()] if metrics.is_file() else []
-    by_step = {r["step"]: r for r in records if r.get("split") == "val"}  # a resumed run may repeat a step
-    result["val_curve"] = [by_step[s] for s in sorted(by_step)]
-    path = run_dir / "spectra.jsonl"
-    packed = run_dir / "spectra.jsonl.gz"
-    if spectra and (path.is_file() or packed.is_file()):
-        text = path.read_text() if path.is_file() else gzip.decompress(packed.read_bytes()).decode()
-        by_step = {}
-        for line in text.splitlines():
-            record = json.loads(line)
-            by_step[record["step"]] = record
-        result["spectra"] = [by_step[s] for s in sorted(by_step)]
+    records = read_spectra(run_dir) if spectra else []
+    if records:
+        result["spectra"] = records
     return result
 
 

@@ -157,34 +157,18 @@ def _overlay_layer_rank(reports: list[tuple[str, Any]], path: Path) -> Figure:
 
 
 def _read_run(folder: Path) -> dict[str, Any]:
-    import gzip
+    """A training run, complete or not: config, train and val curves, monitor records, final.json."""
+    from qkvlab.experiments.training import read_metrics, read_spectra
 
-    config = _json(folder / "config.json")
-    metrics = [
-        json.loads(line) for line in (folder / "metrics.jsonl").read_text().splitlines() if line.strip()
-    ]
-    train: dict[int, dict] = {}
-    val: dict[int, dict] = {}
-    for record in metrics:  # a resumed run may repeat a step: the last record wins
-        if record.get("split") in ("val", "train"):
-            (val if record["split"] == "val" else train)[record["step"]] = record
-    spectra: dict[int, dict] = {}
-    plain, packed = folder / "spectra.jsonl", folder / "spectra.jsonl.gz"
-    if plain.is_file() or packed.is_file():
-        text = plain.read_text() if plain.is_file() else gzip.decompress(packed.read_bytes()).decode()
-        for line in text.splitlines():
-            if line.strip():
-                record = json.loads(line)
-                spectra[record["step"]] = record
-    final = _json(folder / "final.json") if (folder / "final.json").is_file() else None
+    metrics = read_metrics(folder)
     return {
         "name": folder.name,
         "folder": folder,
-        "config": config,
-        "train": [train[s] for s in sorted(train)],
-        "val": [val[s] for s in sorted(val)],
-        "spectra": [spectra[s] for s in sorted(spectra)],
-        "final": final,
+        "config": _json(folder / "config.json"),
+        "train": metrics["train"],
+        "val": metrics["val"],
+        "spectra": read_spectra(folder),
+        "final": _json(folder / "final.json") if (folder / "final.json").is_file() else None,
     }
 
 

@@ -262,23 +262,21 @@ def save_checkpoint(
     return final
 
 
-def resumable_checkpoint(run_dir: Path, restore: Any = None, echo: Any = print) -> tuple[Path, Any]:
-    """The newest checkpoint of ``run_dir`` that verifies (and, if ``restore`` is given, that
-    ``restore(path)`` loads without a UserError), with ``restore``'s result. Every one skipped gets one
-    line; if none works, a UserError lists them."""
+def resumable_checkpoint(run_dir: Path, restore: Any, echo: Any = print) -> tuple[Path, Any]:
+    """The newest checkpoint of ``run_dir`` that verifies and that ``restore(path)`` loads without a
+    UserError, with ``restore``'s result. Every one skipped gets one line; if none works, a UserError
+    lists them."""
     candidates = sorted(run_dir.glob("checkpoint-*"), reverse=True)
     if not candidates:
         raise UserError(f"nothing to resume in {run_dir}: no checkpoint-* folder")
     skipped = []
     for path in candidates:
         problem = checkpoint_problem(path)
-        if problem is None and restore is not None:
+        if problem is None:
             try:
                 return path, restore(path)
             except UserError as exc:
                 problem = str(exc).removeprefix(f"cannot resume from {path}: ")
-        elif problem is None:
-            return path, None
         echo(f"skipping {path.name}: {problem}")
         skipped.append(f"{path.name} ({problem})")
     raise UserError(f"no checkpoint in {run_dir} can be resumed: " + "; ".join(skipped))

@@ -36,7 +36,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from qkvlab.config import TrainConfig, check_resume, dump_config
+from qkvlab.config import TrainConfig, check_resume, dump_config, saved_config
 from qkvlab.errors import TrainingInterrupted, TrainingStopped, UserError
 from qkvlab.inspect import inspect, summary_metrics
 from qkvlab.models import build_model
@@ -521,7 +521,7 @@ def train(config: TrainConfig, *, resume: Path | None = None) -> TrainResult:
     run_dir = resume if resume is not None else config.run_dir()
     lock = _RunLock(run_dir) if int(os.environ.get("RANK", "0")) == 0 else None
     try:
-        return _train(config, resume)
+        return _train(config, resume, run_dir)
     finally:
         if lock is not None:
             lock.release()
@@ -554,17 +554,13 @@ class _RunLock:
         os.close(self.fd)
 
 
-def _train(config: TrainConfig, resume: Path | None) -> TrainResult:
+def _train(config: TrainConfig, resume: Path | None, run_dir: Path) -> TrainResult:
     ddp = _init_distributed("cuda" if config.device == "cuda" else "cpu")
     device = _device(config, ddp)
     if config.batch_size % ddp.world_size:
         raise UserError(f"batch_size={config.batch_size} must be divisible by the {ddp.world_size} processes")
-    run_dir = resume if resume is not None else config.run_dir()
     if resume is not None:  # before anything is loaded or written: a resume never rewrites history
-        saved = run_dir / "config.json"
-        if not saved.is_file():
-            raise UserError(f"cannot resume {run_dir}: no config.json there (is it a qkvlab run folder?)")
-        check_resume(TrainConfig.from_dict(json.loads(saved.read_text())), config, run_dir)
+        check_resume(saved_config(run_dir), config, run_dir)
     torch.manual_seed(config.seed)
 
     dataset = load_run_dataset(config, ddp.world_size)
