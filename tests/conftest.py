@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import warnings
+from pathlib import Path
 
 import pytest
 import torch
@@ -111,3 +112,29 @@ def tiny_csv(tmp_path_factory):
             filler = " ".join(WORDS[6 + int(j)] for j in torch.randint(0, 5, (4,), generator=gen))
             writer.writerow([f"the movie was very {word} {filler}", "pos" if positive else "neg"])
     return path
+
+
+def tiny_gpt_settings(corpus: Path, out: Path, **extra: object) -> dict[str, str]:
+    """`qkvlab train` settings for a 2-layer char GPT on ``corpus`` that trains in about a second."""
+    settings = {
+        "data": f"text:{corpus}",
+        "seq_len": "16",
+        "batch_size": "8",
+        "max_steps": "12",
+        "warmup_steps": "2",
+        "lr": "3e-3",
+        "model.n_layer": "2",
+        "model.n_head": "2",
+        "model.d_model": "32",
+        "model.dropout": "0.1",  # dropout: resume must restore the RNG too
+        "log_every": "1",
+        "eval_every": "6",
+        "eval_batches": "2",
+        "spectra_every": "4",
+        "checkpoint_every": "4",
+        "progress": "false",
+        "tensorboard": "false",
+        "out": str(out),
+    }
+    settings.update({k: str(v) for k, v in extra.items()})
+    return settings

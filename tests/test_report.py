@@ -16,6 +16,8 @@ from qkvlab.cli import main
 from qkvlab.report.build import detect
 from qkvlab.report.figures import figure_problems, pyplot
 
+from conftest import tiny_gpt_settings
+
 REPO = Path(__file__).resolve().parents[1]
 TEXT = "To be, or not to be, that is the question: whether 'tis nobler in the mind to suffer. " * 60
 
@@ -24,24 +26,7 @@ def _train(tmp_path: Path, name: str, attn_wd: str) -> Path:
     corpus = tmp_path / "corpus.txt"
     corpus.write_text(TEXT)
     out = tmp_path / name
-    settings = {
-        "data": f"text:{corpus}",
-        "seq_len": "16",
-        "batch_size": "8",
-        "max_steps": "12",
-        "warmup_steps": "2",
-        "lr": "3e-3",
-        "model.n_layer": "2",
-        "model.n_head": "2",
-        "model.d_model": "32",
-        "log_every": "1",
-        "eval_every": "6",
-        "eval_batches": "2",
-        "spectra_every": "4",
-        "progress": "false",
-        "tensorboard": "false",
-        "out": str(out),
-    }
+    settings = tiny_gpt_settings(corpus, out)
     preset = ["--preset", f"decoupled-attn:attn_weight_decay={attn_wd}"]
     assert main(["train", *[f"{k}={v}" for k, v in settings.items()], *preset]) == 0
     return out

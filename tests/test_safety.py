@@ -12,6 +12,8 @@ import pytest
 
 from qkvlab.cli import main
 
+from conftest import tiny_gpt_settings
+
 
 class _Payload:
     """Unpickling this object calls open(SENTINEL, "w"): the file appearing means code ran."""
@@ -73,23 +75,9 @@ def test_a_pickle_in_place_of_a_checkpoint_is_not_loaded(tmp_path, capsys) -> No
     corpus = tmp_path / "c.txt"
     corpus.write_text("To be, or not to be, that is the question. " * 80)
     run = tmp_path / "run"
-    settings = {
-        "data": f"text:{corpus}",
-        "seq_len": "16",
-        "batch_size": "8",
-        "max_steps": "8",
-        "stop_at": "4",
-        "warmup_steps": "1",
-        "model.n_layer": "1",
-        "model.n_head": "2",
-        "model.d_model": "16",
-        "checkpoint_every": "4",
-        "eval_every": "0",
-        "spectra_every": "0",
-        "progress": "false",
-        "tensorboard": "false",
-        "out": str(run),
-    }
+    settings = tiny_gpt_settings(
+        corpus, run, max_steps=8, stop_at=4, eval_every=0, spectra_every=0, **{"model.n_layer": 1}
+    )
     train(load_config(None, settings))
     sentinel = tmp_path / "pwned"
     checkpoint = run / "checkpoint-00000004"

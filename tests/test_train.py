@@ -21,6 +21,8 @@ from qkvlab.config import load_config
 from qkvlab.train import train
 from qkvlab.train.checkpoint import latest_checkpoint
 
+from conftest import tiny_gpt_settings
+
 TEXT = (
     "Shall I compare thee to a summer's day? Thou art more lovely and more temperate. "
     "Rough winds do shake the darling buds of May, and summer's lease hath all too short a date. "
@@ -34,29 +36,7 @@ def corpus(tmp_path) -> Path:
     return path
 
 
-def _gpt(corpus: Path, out: Path, **extra) -> dict[str, str]:
-    settings = {
-        "data": f"text:{corpus}",
-        "seq_len": "16",
-        "batch_size": "8",
-        "max_steps": "12",
-        "warmup_steps": "2",
-        "lr": "3e-3",
-        "model.n_layer": "2",
-        "model.n_head": "2",
-        "model.d_model": "32",
-        "model.dropout": "0.1",  # dropout: resume must restore the RNG too
-        "log_every": "1",
-        "eval_every": "6",
-        "eval_batches": "2",
-        "spectra_every": "4",
-        "checkpoint_every": "4",
-        "progress": "false",
-        "tensorboard": "false",
-        "out": str(out),
-    }
-    settings.update({k: str(v) for k, v in extra.items()})
-    return settings
+_gpt = tiny_gpt_settings
 
 
 def _weights(run: Path) -> dict[str, torch.Tensor]:
