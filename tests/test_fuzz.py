@@ -4,6 +4,7 @@ exception and never a silent wrong value. Property-based with hypothesis over wh
 
 from __future__ import annotations
 
+import itertools
 import math
 import string
 import tempfile
@@ -158,6 +159,9 @@ def test_any_labelled_data_file_loads_or_is_a_user_error(header: str, rows: list
 def test_the_cases_the_issue_names_are_one_line_refusals(tmp_path, capsys) -> None:
     from qkvlab.cli import main
 
+    binary = tmp_path / "binary.yaml"
+    binary.write_bytes(bytes(range(256)))
+
     cases = [
         (["sweep", "--grid", "lr=,,,"], "has an empty value"),
         (["sweep", "--grid", "lr=1e-3,,3e-3"], "has an empty value"),
@@ -169,6 +173,15 @@ def test_the_cases_the_issue_names_are_one_line_refusals(tmp_path, capsys) -> No
             "out='runs/{x}' is not a folder template",
         ),
         (["train", "out=runs/{", "max_steps=5", "warmup_steps=1"], "is not a folder template"),
+        (["train", str(binary)], "is not UTF-8 text (byte 128)"),
+        (["train", "lr="], "lr=''; accepted: a number"),
+        # keys the grid sets per run would be silently replaced
+        (["sweep", "--grid", "lr=1e-3,2e-3", "seed=3"], "seed=3 would be ignored: seeds go in --seeds"),
+        (["sweep", "--grid", "lr=1e-3,2e-3", "out=elsewhere"], "out=elsewhere would be ignored"),
+        (
+            ["repro", "wd-rank", "--set", "seed=3", "--out", str(tmp_path / "r")],
+            "--set seed=3 would be ignored",
+        ),
     ]
     for argv, message in cases:
         capsys.readouterr()
@@ -245,3 +258,299 @@ def test_any_inspect_or_report_command_line_is_handled(small_model, command, tok
     if code == 2:
         lines = [x for x in out.getvalue().strip().splitlines() if x.startswith("qkvlab") or "error" in x]
         assert lines, (argv, out.getvalue()[-500:])
+
+
+# -- every other command line, with the work itself replaced -----------------------------------
+#
+# train, sweep, repro, finetune and theory would train or run for seconds to hours once their input
+# is accepted. Here the first step of the real work raises _Reached instead: everything before it
+# (argument parsing, config and data loading, resume checks, output paths) runs for real, and what
+# reaches the work must be sane. The rest of the work is covered by the other tests.
+
+
+class _Reached(Exception):
+    """The command accepted its input and began the real work."""
+
+
+@pytest.fixture(scope="module")
+def fuzz_place(tmp_path_factory, tiny_bert, tiny_csv) -> Path:
+    """A folder of things a command line can point at: good and bad config files, data files,
+    model folders, a finished run, a file where a folder belongs."""
+    import shutil
+
+    from qkvlab.cli import main
+
+    from conftest import tiny_gpt_settings
+
+    place = tmp_path_factory.mktemp("fuzz-cli")
+    (place / "corpus.txt").write_text("to be or not to be, that is the question. " * 200)
+    (place / "afile").write_text("not a folder\n")
+    (place / "binary.yaml").write_bytes(bytes(range(256)) * 4)
+    (place / "latin1.yaml").write_bytes("lr: 1e-3 # caf\xe9\n".encode("latin-1"))
+    (place / "list.yaml").write_text("- 1\n- 2\n")
+    (place / "empty.yaml").write_text("")
+    (place / "good.yaml").write_text(
+        f"data: text:{place / 'corpus.txt'}\nseq_len: 16\nmax_steps: 5\nwarmup_steps: 1\n"
+    )
+    (place / "binary.csv").write_bytes(bytes(range(256)) * 4)
+    (place / "arrays.jsonl").write_text("[1, 2]\n[3, 4]\n")
+    shutil.copy(tiny_csv, place / "reviews.csv")
+    shutil.copytree(tiny_bert, place / "bert")
+    shutil.copytree(tiny_bert, place / "notok", ignore=shutil.ignore_patterns("*.txt", "tok*", "special*"))
+    settings = tiny_gpt_settings(place / "corpus.txt", place / "run", max_steps=4, spectra_every=2)
+    assert main(["train", *(f"{k}={v}" for k, v in settings.items())]) == 0
+    return place
+
+
+PATHS = [
+    "{tmp}",
+    "{tmp}/afile",
+    "{tmp}/afile/below",
+    "{tmp}/missing/deeper/out",
+    "{tmp}/run",
+    "{tmp}/run/config.json",
+    "{tmp}/binary.yaml",
+    "{tmp}/latin1.yaml",
+    "{tmp}/list.yaml",
+    "{tmp}/empty.yaml",
+    "{tmp}/good.yaml",
+    "{tmp}/missing.yaml",
+    "shakespeare-gpt",
+]
+NUMBERS = ["0", "1", "-1", "2", "0.5", "1e-3", "nan", "inf", "-inf", "1e400", "", "x", "0,1", "0,,1", "1,nan"]
+OVERRIDES = [
+    "max_steps=3",
+    "max_steps=0",
+    "max_steps=-2",
+    "batch_size=0",
+    "lr=nan",
+    "lr=inf",
+    "lr=-1",
+    "seed=-1",
+    "seed=1",
+    "optimizer=sgd",
+    "optimizer=nope",
+    "data=nope",
+    "data=text:{tmp}/missing.txt",
+    "data=text:{tmp}/binary.csv",
+    "data=recall",
+    "online=true",
+    "model.n_layer=0",
+    "model.n_head=3",
+    "out={tmp}/afile",
+    "out={tmp}/afile/below",
+    "out={tmp}/missing/deeper/out",
+    "out={tmp}/run",
+    "out=runs/{x}",
+    "stop_at=1",
+    "nokey=1",
+    "=1",
+    "lr=",
+    "spectra_every=-1",
+]
+
+
+PRESETS = [
+    "decoupled-attn",
+    "qv-ratio:ratio=4",
+    "qv-ratio:ratio=-1",
+    "qv-ratio:ratio=nan",
+    "nope",
+    "loraplus:x=1",
+    ":",
+]
+OUTS = [p for p in PATHS if "yaml" not in p]
+GRIDS = [
+    "lr=1e-3,2e-3",
+    "model.n_layer=1,2",
+    "seed=1,2",
+    "nokey=1,2",
+    "lr=,,",
+    "lr=1e-3,nan",
+    "weight_decay=a,b",
+    "optimizer=adamw,sgd",
+    "out=a,b",
+    "max_steps=0,1",
+    "lr",
+]
+SETS = [
+    "model.bias=true",
+    "max_steps=2",
+    "lr=nan",
+    "nokey=1",
+    "online=true",
+    "max_steps=100000",
+    "device=cuda",
+]
+DATA = [
+    "csv:{tmp}/reviews.csv",
+    "csv:{tmp}/binary.csv",
+    "jsonl:{tmp}/arrays.jsonl",
+    "csv:{tmp}/missing.csv",
+    "csv:{tmp}",
+    "jsonl:",
+    "nope",
+]
+MODELS = ["{tmp}/bert", "{tmp}/notok", "{tmp}/run", "{tmp}/afile", "{tmp}/missing", "{tmp}"]
+# option → the values people give it: each command line is a shuffled set of options with values
+# from these pools (or a number or word that belongs elsewhere), plus positionals
+OPTIONS = {
+    "train": {"--preset": PRESETS, "--resume": PATHS},
+    "sweep": {"--grid": GRIDS, "--seeds": NUMBERS, "--jobs": NUMBERS, "--out": OUTS},
+    "repro wd-rank": {
+        "--setting": ["gpt", "gpt-online", "vit", "recall", "icl-linear", "icl-softmax", "nope"],
+        "--lambdas": NUMBERS,
+        "--rest": NUMBERS,
+        "--seeds": NUMBERS,
+        "--jobs": NUMBERS,
+        "--set": SETS,
+        "--plot": OUTS,
+        "--out": OUTS,
+        "--summary-only": None,
+    },
+    "repro decouple": {
+        "--attn-lambdas": NUMBERS,
+        "--rest-lambdas": NUMBERS,
+        "--seeds": NUMBERS,
+        "--set": SETS,
+        "--out": OUTS,
+        "--plot": OUTS,
+        "--summary-only": None,
+    },
+    "repro finetune": {"--seeds": NUMBERS, "--out": OUTS, "--summary-only": None},
+    "finetune": {
+        "--model": MODELS,
+        "--data": DATA,
+        "--targets": ["q,v", "q,q", "k", "all", "q,x", "", ","],
+        "--method": ["lora", "full", "x"],
+        "--rank": NUMBERS,
+        "--alpha": NUMBERS,
+        "--lr": NUMBERS,
+        "--lr-ratio": NUMBERS,
+        "--weight-decay": NUMBERS,
+        "--epochs": NUMBERS,
+        "--batch-size": NUMBERS,
+        "--max-length": NUMBERS,
+        "--max-train-examples": NUMBERS,
+        "--seed": NUMBERS,
+        "--preset": PRESETS,
+        "--device": ["cpu", "cuda", "tpu"],
+        "--out": OUTS,
+        "--no-save": None,
+    },
+    "theory": {
+        "--lambdas": NUMBERS,
+        "--steps": NUMBERS,
+        "--lr": NUMBERS,
+        "--seeds": NUMBERS,
+        "--optimizers": ["adamw", "none", "sgd", "adamw,adamw", "", "sgd-momentum,adam-l2"],
+        "--parts": ["toy", "toy,completion", "pretrained", "nope", "", "optimizers"],
+        "--completion-lambdas": NUMBERS,
+        "--model": MODELS,
+        "--json": OUTS,
+        "--plot": OUTS,
+    },
+}
+CONFIGS = [p for p in PATHS if p.endswith(".yaml") or p == "shakespeare-gpt"]
+# finetune always gets a model and data unless the generated line names its own (argparse keeps
+# the last), so most lines reach the model and data checks rather than stopping at a missing option
+BASE = {
+    "sweep": ["--grid", "lr=1e-3,2e-3"],
+    "finetune": ["--model", "{tmp}/bert", "--data", "csv:{tmp}/reviews.csv", "--max-steps", "2"],
+}
+JUNK = st.text(string.ascii_letters + string.digits + "-_.,=:", max_size=8)
+
+
+@st.composite
+def command_lines(draw: st.DrawFn) -> list[str]:
+    command = draw(st.sampled_from(sorted(OPTIONS)))
+    options = OPTIONS[command]
+    argv = [*command.split(), *BASE.get(command, [])]
+    if command in ("train", "sweep"):  # a config file (or none), then overrides
+        argv += draw(st.lists(st.sampled_from(CONFIGS), max_size=1))
+        argv += draw(st.lists(st.sampled_from(OVERRIDES), max_size=3))
+    for option in draw(st.lists(st.sampled_from(sorted(options)), max_size=4)):
+        pool = options[option]
+        argv.append(option)
+        if pool is not None:
+            argv.append(draw(st.sampled_from(pool if draw(st.integers(0, 4)) else NUMBERS + PATHS)))
+    if draw(st.integers(0, 9)) == 0:  # now and then a stray word anywhere
+        argv.insert(draw(st.integers(1, len(argv))), draw(JUNK))
+    return argv
+
+
+@pytest.fixture
+def stubbed_work(monkeypatch):
+    """Replace the first step of each command's real work by a check of what reached it."""
+    import qkvlab.experiments.grid as grid
+    import qkvlab.experiments.theory as theory
+    import qkvlab.finetune.run as finetune_run
+    import qkvlab.train.sweep as sweep
+    import qkvlab.train.trainer as trainer
+
+    def build_model(model_config):  # train: config, resume checks and data all passed
+        raise _Reached
+
+    def run_grid(out, runs, worker, **kwargs):  # sweep and repro: every cell's config loaded
+        assert runs and all(run.seed >= 0 for run in runs)
+        raise _Reached
+
+    def encode(*args, **kwargs):  # finetune: model, tokenizer, data and targets all passed
+        raise _Reached
+
+    def run_theory(settings, progress=None):
+        assert settings.steps > 0 and math.isfinite(settings.lr) and settings.lr > 0
+        raise _Reached
+
+    original_train = trainer._train
+
+    def checked_train(config, resume, run_dir):
+        _check_config(config)
+        return original_train(config, resume, run_dir)
+
+    monkeypatch.setattr(trainer, "build_model", build_model)
+    monkeypatch.setattr(trainer, "_train", checked_train)
+    monkeypatch.setattr(grid, "run_grid", run_grid)
+    monkeypatch.setattr(sweep, "run_grid", run_grid)
+    monkeypatch.setattr(finetune_run, "_encode", encode)
+    monkeypatch.setattr(theory, "run_theory", run_theory)
+
+
+@settings(
+    max_examples=400,
+    deadline=None,
+    suppress_health_check=[HealthCheck.too_slow, HealthCheck.function_scoped_fixture],
+)
+@given(line=command_lines())
+def test_any_command_line_of_every_command_is_handled(fuzz_place, stubbed_work, line) -> None:
+    import contextlib
+    import io
+
+    from qkvlab.cli import main
+
+    argv = [t.replace("{tmp}", str(fuzz_place)) for t in line]
+    out = io.StringIO()
+    reached = False
+    with contextlib.chdir(fuzz_place), contextlib.redirect_stdout(out), contextlib.redirect_stderr(out):
+        try:
+            code = main(argv)
+        except SystemExit as exc:  # argparse's own usage errors and --help
+            code = exc.code
+        except _Reached:
+            reached, code = True, 0
+    assert code in (0, 2), (argv, out.getvalue()[-800:])
+    if code == 2:
+        lines = [x for x in out.getvalue().strip().splitlines() if x.startswith("qkvlab")]
+        assert len(lines) == 1 and "Traceback" not in out.getvalue(), (argv, out.getvalue()[-800:])
+    if reached:  # nothing unusable got through: outputs into a file's place are refused first
+        given = {}  # the last of each output option wins, as in argparse and the overrides
+        for option, value in itertools.pairwise(argv):
+            if option in ("--out", "--plot", "--json"):
+                given[option] = value
+        for token in argv:
+            if token.startswith("out="):
+                given["out="] = token.removeprefix("out=")
+        json_file = given.pop("--json", "")
+        assert not any("/afile" in f for f in given.values()) and "/afile/" not in json_file, argv
+    elif code == 0:  # exit 0 without reaching the work: only help, --help-keys and --summary-only
+        assert {"-h", "--help", "--help-keys", "--summary-only"} & set(argv) or "help" in out.getvalue(), argv

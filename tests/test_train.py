@@ -268,6 +268,75 @@ def test_ddp_two_processes_match_one(corpus, tmp_path) -> None:
     assert two == pytest.approx(one, rel=1e-5)
 
 
+# Run under torchrun: on rank 1 only, at its 5th step, the step's check sees a NaN loss (FAULT=nan)
+# or the process gets SIGTERM (FAULT=sigterm). The other rank sees nothing wrong itself. Each rank
+# writes how many steps it has checked to FAULT_DIR/rank-R.
+_ONE_RANK_FAULT = """
+import os, signal, sys
+from pathlib import Path
+import torch
+import qkvlab.train.trainer as trainer
+from qkvlab.cli import main
+
+checked, seen = trainer._nonfinite_step, [0]
+
+def one_rank_fault(loss, grad_norm, ddp):
+    seen[0] += 1
+    Path(os.environ["FAULT_DIR"], f"rank-{ddp.rank}").write_text(str(seen[0]))
+    if ddp.rank == 1 and seen[0] == 5:
+        if os.environ["FAULT"] == "nan":
+            loss = torch.tensor(float("nan"))
+        else:
+            os.kill(os.getpid(), signal.SIGTERM)
+    return checked(loss, grad_norm, ddp)
+
+trainer._nonfinite_step = one_rank_fault
+sys.exit(main(sys.argv[1:]))
+"""
+
+
+@pytest.mark.parametrize("fault", ["nan", "sigterm"])
+def test_a_fault_on_one_ddp_rank_stops_every_rank_at_the_same_step(corpus, tmp_path, fault) -> None:
+    script = tmp_path / "one_rank_fault.py"
+    script.write_text(_ONE_RANK_FAULT)
+    run = tmp_path / "run"
+    settings = _gpt(corpus, run, checkpoint_every=2, max_steps=12, **{"model.dropout": 0.0})
+    done = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "torch.distributed.run",
+            "--standalone",
+            "--nproc_per_node",
+            "2",
+            str(script),
+            "train",
+            *(f"{k}={v}" for k, v in settings.items()),
+        ],
+        capture_output=True,
+        text=True,
+        env={**os.environ, "OMP_NUM_THREADS": "1", "FAULT": fault, "FAULT_DIR": str(tmp_path)},
+        check=False,
+        timeout=120,  # a rank left waiting in a collective would hang here
+    )
+    assert done.returncode != 0 and not (run / "final.json").exists()
+    # both ranks stopped after checking step 5: neither went on alone (it would have hung or failed)
+    assert [(tmp_path / f"rank-{r}").read_text() for r in (0, 1)] == ["5", "5"]
+    steps = [json.loads(x)["step"] for x in (run / "metrics.jsonl").read_text().splitlines()]
+    if fault == "nan":
+        # step 5 is bad on rank 1, so every rank stops before stepping: step 4's checkpoint is the last
+        assert "step 5: loss is not finite" in done.stderr, done.stderr[-2000:]
+        assert latest_checkpoint(run).name == "checkpoint-00000004" and max(steps) == 4
+    else:
+        # the signal lands during step 5: that step is finished and checkpointed on every rank
+        assert "stopped by SIGTERM after step 5" in done.stderr, done.stderr[-2000:]
+        assert latest_checkpoint(run).name == "checkpoint-00000005" and max(steps) == 5
+    # one line from rank 0 only, and no traceback from qkvlab (torchrun prints its own for a failed child)
+    assert done.stderr.count("qkvlab train:") == 1, done.stderr[-3000:]
+    assert "qkvlab/" not in "".join(x for x in done.stderr.splitlines() if x.strip().startswith("File "))
+    assert "nan" not in (run / "metrics.jsonl").read_text().lower()
+
+
 def test_bf16_autocast_and_vit_on_digits(tmp_path) -> None:
     settings = {
         "data": "digits",

@@ -11,7 +11,7 @@ from collections.abc import Sequence
 
 from qkvlab.args import check_outputs, number_list, positive_int
 from qkvlab.args import seeds as seeds_list
-from qkvlab.errors import TrainingInterrupted, UserError
+from qkvlab.errors import TrainingInterrupted, TrainingStopped, UserError
 
 EXIT_USER_ERROR = 2
 
@@ -380,6 +380,7 @@ def _cmd_sweep(args: argparse.Namespace) -> int:
     seeds = seeds_list(args.seeds)
     stem = Path(args.config).stem if args.config else "default"
     sweep_dir = Path(args.out) if args.out else Path("runs") / f"sweep-{stem}"
+    check_outputs(files=[], folders=[str(sweep_dir)])
     results = run_sweep(
         Path(args.config) if args.config else None,
         parse_grid(args.grid),
@@ -536,6 +537,13 @@ def _cmd_theory(args: argparse.Namespace) -> int:
     return 0
 
 
+def _other_rank() -> bool:
+    """Under torchrun, a process other than rank 0 (whose messages would repeat rank 0's)."""
+    import os
+
+    return os.environ.get("RANK", "0") != "0"
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     import shlex
 
@@ -552,7 +560,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         return args.handler(args)
     except UserError as exc:
-        print(f"qkvlab {args.command}: error: {exc}", file=sys.stderr)
+        if not (isinstance(exc, TrainingStopped) and _other_rank()):  # every rank stops; rank 0 says so
+            print(f"qkvlab {args.command}: error: {exc}", file=sys.stderr)
         return EXIT_USER_ERROR
     except (PermissionError, IsADirectoryError, NotADirectoryError, FileExistsError) as exc:
         # the file system refused a path the user gave us
@@ -573,7 +582,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"qkvlab {args.command}: error: cannot write{where}: {exc.strerror or exc}", file=sys.stderr)
         return 1
     except TrainingInterrupted as exc:
-        print(f"qkvlab {args.command}: {exc.message}", file=sys.stderr)
+        if not _other_rank():
+            print(f"qkvlab {args.command}: {exc.message}", file=sys.stderr)
         return 128 + exc.signum
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)

@@ -253,6 +253,7 @@ def _field_type(key: str) -> Any:
 def _coerce(key: str, value: Any) -> Any:
     """Parse CLI strings and YAML values into the field's type."""
     kind = str(_field_type(key))
+    given = value  # what the user wrote, for the messages (YAML reads "" as None)
     optional = "None" in kind
     if optional and (value is None or (isinstance(value, str) and value.lower() in ("none", "null", ""))):
         return None
@@ -264,19 +265,19 @@ def _coerce(key: str, value: Any) -> Any:
     base = kind.replace(" | None", "")
     if base == "bool":
         if not isinstance(value, bool):
-            raise UserError(f"{key}={value!r}; accepted: true or false")
+            raise UserError(f"{key}={given!r}; accepted: true or false")
     elif base == "int":
         if isinstance(value, bool) or not isinstance(value, int):
             if isinstance(value, float) and value.is_integer():
                 value = int(value)
             else:
-                raise UserError(f"{key}={value!r}; accepted: an integer")
+                raise UserError(f"{key}={given!r}; accepted: an integer")
     elif base == "float":
         if isinstance(value, str):  # YAML 1.1 reads "3e-4" (no dot) as a string
             with contextlib.suppress(ValueError):
                 value = float(value)
         if isinstance(value, bool) or not isinstance(value, int | float):
-            raise UserError(f"{key}={value!r}; accepted: a number")
+            raise UserError(f"{key}={given!r}; accepted: a number")
         value = float(value)
     elif base == "str":
         value = str(value)
@@ -359,6 +360,10 @@ def load_config(
             data = yaml.safe_load(file.read_text()) or {}
         except yaml.YAMLError as exc:
             raise UserError(f"{path} is not valid YAML ({str(exc).splitlines()[0]})") from None
+        except UnicodeDecodeError as exc:
+            raise UserError(
+                f"{path} is not UTF-8 text (byte {exc.start}); accepted: a YAML or JSON file"
+            ) from None
         if not isinstance(data, Mapping):
             raise UserError(f"{path} must hold a mapping of config keys, found {type(data).__name__}")
     config = TrainConfig.from_dict(data)

@@ -250,8 +250,9 @@ def run_gpt_grid(
     """Train every (λ_attn, λ_rest) cell × seed of ``setting`` into ``out`` (resumable; see the experiment layer)."""
     from qkvlab.config import load_config
     from qkvlab.experiments.grid import run_grid
-    from qkvlab.experiments.training import train_status
+    from qkvlab.experiments.training import refuse_run_keys, train_status
 
+    refuse_run_keys(changes or {}, "--set")
     settings = gpt_settings(changes, setting)
     if str(settings["overrides"].get("model.bias", False)).lower() not in ("false", "0"):
         from qkvlab.errors import UserError

@@ -21,12 +21,30 @@ __all__ = [
     "read_metrics",
     "read_spectra",
     "read_training_run",
+    "refuse_run_keys",
     "train_status",
     "train_worker",
 ]
 
 # What a run that died before its first checkpoint leaves behind; removed before it starts over.
 _DEBRIS = ("metrics.jsonl", "spectra.jsonl", "tb", "config.json")
+
+
+# Keys the grid sets for every run itself; given as shared overrides they would be silently replaced.
+_SET_PER_RUN = {
+    "out": "the grid's folder is --out, and each run gets a folder in it",
+    "name": "each run is named after its grid point",
+    "seed": "seeds go in --seeds",
+}
+
+
+def refuse_run_keys(overrides: dict[str, Any], option: str) -> None:
+    """A UserError if ``overrides`` (given with ``option``) sets a key the grid sets per run."""
+    from qkvlab.errors import UserError
+
+    for key, why in _SET_PER_RUN.items():
+        if key in overrides:
+            raise UserError(f"{option} {key}={overrides[key]} would be ignored: {why}")
 
 
 def train_status(run_dir: Path) -> str:

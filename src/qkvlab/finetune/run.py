@@ -97,6 +97,9 @@ class FinetuneConfig:
             raise UserError(f"--rank {self.rank}; accepted: a positive integer")
         if (self.max_steps is None) == (self.epochs is None):
             raise UserError("give exactly one of --max-steps and --epochs")
+        from qkvlab.args import check_outputs
+
+        check_outputs(files=[], folders=[self.out])  # before training, not when the results are written
 
 
 def _model_path(name: str) -> Path:

@@ -18,7 +18,7 @@ from typing import Any
 from qkvlab.config import config_keys, load_config
 from qkvlab.errors import UserError
 from qkvlab.experiments.grid import Run, load_runs, mean_std, run_grid
-from qkvlab.experiments.training import read_training_run, train_status, train_worker
+from qkvlab.experiments.training import read_training_run, refuse_run_keys, train_status, train_worker
 from qkvlab.train.checkpoint import write_atomic
 
 __all__ = ["parse_grid", "plan_sweep", "run_sweep", "sweep_summary"]
@@ -73,6 +73,7 @@ def run_sweep(
 ) -> list[dict[str, Any]]:
     """Run (or continue) every grid point × seed; returns one summary dict per run."""
     extra = dict(extra or {})
+    refuse_run_keys(extra, "override")
     for values in itertools.product(*grid.values()):  # fail fast on a bad key or value in any cell
         base = load_config(config_path, {**extra, **dict(zip(grid, values, strict=True))})
     resolved = base.to_dict()
