@@ -6,6 +6,8 @@ import math
 
 import pytest
 import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from qkvlab.spectra import (
     FactoredProduct,
@@ -173,6 +175,36 @@ def test_non_finite_heads_are_reported_not_fatal() -> None:
     records = spectrum_records(0, "qk", spec, 1e-3)
     assert records[1]["singular_values"] is None and records[1]["effective_rank"] is None
     assert records[0]["rank"] == 4
+    # where LAPACK's QR drops a NaN on the diagonal: a one-column factor with NaN in its first entry
+    one_column = torch.randn(1, 7, 1, dtype=torch.float64)
+    one_column[0, 0, 0] = float("nan")
+    assert torch.isfinite(torch.linalg.qr(one_column, mode="r").R).all()  # why R is not what is checked
+    other = torch.randn(1, 5, 1, dtype=torch.float64)
+    assert torch.isnan(FactoredProduct(one_column, other).spectrum().singular_values).all()
+
+
+@settings(max_examples=200, deadline=None)
+@given(
+    rows=st.integers(1, 40),
+    r=st.integers(1, 12),
+    side=st.sampled_from(["left", "right"]),
+    value=st.sampled_from([float("nan"), float("inf"), -float("inf")]),
+    where=st.tuples(st.floats(0, 0.999), st.floats(0, 0.999)),
+    dtype=st.sampled_from([torch.float32, torch.bfloat16, torch.float64]),
+)
+def test_one_non_finite_value_anywhere_flags_its_head_and_only_it(rows, r, side, value, where, dtype) -> None:
+    """The check runs on the small R factors after the QR, not on the factors: this is why it holds."""
+    gen = torch.Generator().manual_seed(rows * 100 + r)
+    a = torch.randn(3, rows, r, generator=gen).to(dtype)
+    b = torch.randn(3, 7, r, generator=gen).to(dtype)
+    clean = FactoredProduct(a, b).spectrum()
+    broken = a if side == "left" else b
+    broken[1, int(where[0] * broken.shape[1]), int(where[1] * r)] = value
+    spec = FactoredProduct(a, b).spectrum()
+    assert torch.isnan(spec.singular_values[1]).all() and torch.isnan(spec.imbalance[1])
+    for head in (0, 2):
+        assert torch.equal(spec.singular_values[head], clean.singular_values[head])
+        assert torch.equal(spec.l2_half[head], clean.l2_half[head])
 
 
 def test_left_and_right_gram_norms_are_the_two_sides_of_the_imbalance() -> None:

@@ -157,13 +157,17 @@ class FactoredProduct:
         r = self.left.shape[-1]
         li = self._resolve(self.left_index, self.left.shape[0])
         ri = self._resolve(self.right_index, self.right.shape[0])
-        left, right = self.left.to(torch.float64), self.right.to(torch.float64)
-        bad_left = ~torch.isfinite(left).flatten(1).all(1)
-        bad_right = ~torch.isfinite(right).flatten(1).all(1)
-        if bad_left.any() or bad_right.any():  # a diverged run: report NaN for those heads, not a crash
-            left, right = torch.nan_to_num(left, 0.0, 0.0, 0.0), torch.nan_to_num(right, 0.0, 0.0, 0.0)
-        ra = _qr_r(left)[li]  # (heads, ka, r), ka = min(m, r)
-        rb = _qr_r(right)[ri]
+        # A diverged run reports NaN for its heads, not a crash. One float64 sum per factor finds any NaN
+        # or ±inf in it (a sum of float32/bf16 values cannot overflow float64): a reduction that reads
+        # each factor once in its own dtype, a tenth of an elementwise isfinite over a float64 copy.
+        # (Checking R after the QR is not enough: LAPACK's Householder step can drop a NaN that sits
+        # on the diagonal, e.g. a (7, 1) factor with NaN in its first entry gives a finite R.)
+        bad_left = ~torch.isfinite(self.left.sum((-1, -2), dtype=torch.float64))
+        bad_right = ~torch.isfinite(self.right.sum((-1, -2), dtype=torch.float64))
+        ra, rb = _qr_r(self.left), _qr_r(self.right)
+        if bad_left.any() or bad_right.any():
+            ra, rb = torch.nan_to_num(ra, 0.0, 0.0, 0.0), torch.nan_to_num(rb, 0.0, 0.0, 0.0)
+        ra, rb = ra[li], rb[ri]  # (heads, ka, r), ka = min(m, r)
         core = ra @ rb.transpose(-1, -2)  # (heads, ka, kb): same nonzero σ as A Bᵀ
         sv = torch.linalg.svdvals(core)
         if sv.shape[-1] < r:  # only when d_head > d_model: pad the structural zeros

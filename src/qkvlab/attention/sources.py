@@ -1,8 +1,10 @@
 """Where weights come from: a live module, or a checkpoint read lazily from disk.
 
 A source exposes parameter names, their shapes, one tensor at a time, and the HF
-config (if any). On disk nothing is loaded until asked for: safetensors are
-memory-mapped, so reading one layer's attention costs about that layer's memory.
+config (if any). On disk nothing is loaded until asked for, and nothing is memory-mapped: each tensor is
+read with one ``pread`` into memory that the caller owns and frees, so resident memory holds one
+layer's attention at a time whatever the checkpoint's size or shard layout (a memory map keeps every
+page it touched resident until the map is closed, which for a 10 GB shard is most of the run).
 """
 
 from __future__ import annotations
@@ -17,12 +19,19 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors import SafetensorError, safe_open
 from torch import nn
 
 from qkvlab.errors import UserError
 
-__all__ = ["PACKAGED_MODELS", "DiskSource", "LiveSource", "TensorSource", "load_source", "resolve_packaged"]
+__all__ = [
+    "PACKAGED_MODELS",
+    "SAFETENSORS_DTYPES",
+    "DiskSource",
+    "LiveSource",
+    "TensorSource",
+    "load_source",
+    "resolve_packaged",
+]
 
 
 @dataclass(frozen=True)
@@ -142,9 +151,36 @@ def _unwrap(module: nn.Module) -> nn.Module:
     return module
 
 
+#: safetensors dtype names → torch dtypes (the format's own table, for the dtypes torch has)
+SAFETENSORS_DTYPES: dict[str, torch.dtype] = {
+    "F64": torch.float64,
+    "F32": torch.float32,
+    "F16": torch.float16,
+    "BF16": torch.bfloat16,
+    "F8_E4M3": torch.float8_e4m3fn,
+    "F8_E5M2": torch.float8_e5m2,
+    "I64": torch.int64,
+    "I32": torch.int32,
+    "I16": torch.int16,
+    "I8": torch.int8,
+    "U8": torch.uint8,
+    "BOOL": torch.bool,
+}
+
+
+@dataclass(frozen=True)
+class _Entry:
+    file: Path
+    dtype: str
+    shape: tuple[int, ...]
+    start: int  # absolute byte offset in the file
+    end: int
+
+
 class DiskSource(TensorSource):
     """A HF model folder (``model.safetensors`` or sharded with ``model.safetensors.index.json``)
-    or a single ``.safetensors`` file. Tensors are read one at a time, memory-mapped."""
+    or a single ``.safetensors`` file. Only the headers are read up front; each tensor is read on
+    request with one ``pread`` (no memory map), so memory is freed as soon as the caller drops it."""
 
     def __init__(self, path: Path, display_name: str | None = None) -> None:
         self.path = path
@@ -152,36 +188,67 @@ class DiskSource(TensorSource):
         self.heads_hint = {}
         folder = path if path.is_dir() else path.parent
         self.config = _read_config(folder / "config.json") if (folder / "config.json").is_file() else {}
-        files = _weight_files(path)
-        self._handles: dict[Path, Any] = {}
-        self._where: dict[str, Path] = {}
-        for file in files:
-            handle = self._open(file)
-            for key in handle.keys():  # noqa: SIM118 - safe_open is not iterable
-                self._where[key] = file
-        if not self._where:
+        self._entries: dict[str, _Entry] = {}
+        for file in _weight_files(path):
+            header, data_start = _read_safetensors_header(file)
+            for key, entry in header.items():
+                if key != "__metadata__":
+                    begin, end = entry["data_offsets"]
+                    shape = tuple(entry["shape"])
+                    self._entries[key] = _Entry(
+                        file, entry["dtype"], shape, data_start + begin, data_start + end
+                    )
+        if not self._entries:
             raise UserError(f"{path} holds no tensors")
-
-    def _open(self, file: Path) -> Any:
-        if file not in self._handles:
-            _check_safetensors_header(file)
-            try:
-                self._handles[file] = safe_open(str(file), framework="pt", device="cpu")
-            except (SafetensorError, OSError, ValueError) as exc:
-                raise UserError(f"{file} is not a readable safetensors file ({exc})") from None
-        return self._handles[file]
+        self._fds: dict[Path, int] = {}
 
     def keys(self) -> list[str]:
-        return list(self._where)
+        return list(self._entries)
 
     def shape(self, key: str) -> tuple[int, ...]:
-        return tuple(self._open(self._where[key]).get_slice(key).get_shape())
+        return self._entries[key].shape
 
     def get(self, key: str) -> torch.Tensor:
-        try:
-            return self._open(self._where[key]).get_tensor(key)
-        except (SafetensorError, OSError, RuntimeError) as exc:
-            raise UserError(f"cannot read tensor {key} from {self._where[key]} ({exc})") from None
+        entry = self._entries[key]
+        dtype = SAFETENSORS_DTYPES.get(entry.dtype)
+        if dtype is None:
+            raise UserError(f"tensor {key} in {entry.file} has dtype {entry.dtype}, which torch cannot hold")
+        size = entry.end - entry.start
+        buffer = torch.empty(size, dtype=torch.uint8)
+        view = memoryview(buffer.numpy())
+        fd = self._fd(entry.file)
+        done = 0
+        while done < size:  # pread may return less than asked (large reads, signals)
+            got = os.preadv(fd, [view[done:]], entry.start + done)
+            if got == 0:
+                raise UserError(f"{entry.file} ended early while reading tensor {key}; is it truncated?")
+            done += got
+        if dtype.itemsize > 1 and size % dtype.itemsize:
+            raise UserError(
+                f"tensor {key} in {entry.file}: {size} bytes is not a whole number of {entry.dtype}"
+            )
+        tensor = buffer.view(dtype)
+        count = 1
+        for n in entry.shape:
+            count *= n
+        if tensor.numel() != count:
+            raise UserError(
+                f"tensor {key} in {entry.file} has {tensor.numel()} values for shape {list(entry.shape)}"
+            )
+        return tensor.reshape(entry.shape)
+
+    def _fd(self, file: Path) -> int:
+        if file not in self._fds:
+            self._fds[file] = os.open(file, os.O_RDONLY)
+        return self._fds[file]
+
+    def close(self) -> None:
+        for fd in self._fds.values():
+            os.close(fd)
+        self._fds.clear()
+
+    def __del__(self) -> None:
+        self.close()
 
 
 def _read_config(path: Path) -> dict[str, Any]:
@@ -232,8 +299,9 @@ def _weight_files(path: Path) -> list[Path]:
     )
 
 
-def _check_safetensors_header(file: Path) -> None:
-    """Catch non-safetensors and truncated files with a clear message before mmap-ing them."""
+def _read_safetensors_header(file: Path) -> tuple[dict[str, Any], int]:
+    """The header of a safetensors file and where its data starts, checked so that a non-safetensors,
+    garbled or truncated file is one clear line naming it."""
     size = file.stat().st_size
     with file.open("rb") as fh:
         head = fh.read(8)
@@ -252,11 +320,15 @@ def _check_safetensors_header(file: Path) -> None:
         if key == "__metadata__":
             continue
         offsets = entry.get("data_offsets") if isinstance(entry, dict) else None
+        shape = entry.get("shape") if isinstance(entry, dict) else None
         if not (
             isinstance(offsets, list)
             and len(offsets) == 2
             and all(isinstance(o, int) and not isinstance(o, bool) and o >= 0 for o in offsets)
             and offsets[0] <= offsets[1]
+            and isinstance(shape, list)
+            and all(isinstance(n, int) and not isinstance(n, bool) and n >= 0 for n in shape)
+            and isinstance(entry.get("dtype"), str)
         ):
             raise UserError(f"{file} is not a valid safetensors file (bad entry for tensor {key!r})")
     end = max((v["data_offsets"][1] for k, v in header.items() if k != "__metadata__"), default=0)
@@ -264,6 +336,7 @@ def _check_safetensors_header(file: Path) -> None:
         raise UserError(
             f"{file} is truncated: its header needs {8 + header_len + end} bytes, the file has {size}"
         )
+    return header, 8 + header_len
 
 
 def load_source(source: nn.Module | str | os.PathLike[str]) -> TensorSource:

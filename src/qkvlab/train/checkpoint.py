@@ -38,6 +38,7 @@ import torch
 from safetensors.torch import load_file, load_model, save_file, save_model
 from torch import nn
 
+from qkvlab.attention.sources import SAFETENSORS_DTYPES as _DTYPES
 from qkvlab.data.cache import atomic_write_bytes
 from qkvlab.errors import UserError
 
@@ -311,20 +312,6 @@ def _model_mismatch(path: Path, model: nn.Module) -> str | None:
             if _DTYPES.get(dtype) is not want.dtype:
                 return f"model.safetensors: {name} is {dtype}, the model {str(want.dtype).removeprefix('torch.')}"
     return None
-
-
-_DTYPES = {
-    "F64": torch.float64,
-    "F32": torch.float32,
-    "F16": torch.float16,
-    "BF16": torch.bfloat16,
-    "I64": torch.int64,
-    "I32": torch.int32,
-    "I16": torch.int16,
-    "I8": torch.int8,
-    "U8": torch.uint8,
-    "BOOL": torch.bool,
-}
 
 
 def load_checkpoint(
