@@ -325,7 +325,8 @@ def run(size: str, repeats: int) -> dict:
         for _ in range(repeats)
     )
     startup = statistics.median(
-        measure([sys.executable, "-c", "import qkvlab.cli, qkvlab.inspect, torch"])[0] for _ in range(repeats)
+        measure([sys.executable, "-c", "import qkvlab.cli, qkvlab.inspection, torch"])[0]
+        for _ in range(repeats)
     )
     med = {
         k: (statistics.median(x[0] for x in v), statistics.median(x[1] for x in v))
@@ -409,7 +410,7 @@ def render(results: list[dict], repeats: int) -> str:
         "Targets (issue 14): peak RSS ≤ 1 GiB at the 7B shape, whatever the shard layout, and time ≤ 1.3× the floor. "
         "The floor is measured in the same run: one `pread` of exactly the attention tensors' bytes, "
         'batched `torch.linalg.qr(mode="r")` (float64, bf16 converted first, as qkvlab does) on one layer\'s '
-        'per-head factors × the layer count, and `python -c "import qkvlab.cli, qkvlab.inspect, torch"`. '
+        'per-head factors × the layer count, and `python -c "import qkvlab.cli, qkvlab.inspection, torch"`. '
         "The core SVDs (d_head × d_head per head) and the JSON are the rest. The peer is not run at 7B: "
         "`from_pretrained` holds the whole 13.5 GB.",
     ]

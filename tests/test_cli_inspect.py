@@ -12,7 +12,7 @@ import pytest
 from safetensors.torch import save_file
 
 from qkvlab.cli import main
-from qkvlab.inspect import METRICS
+from qkvlab.inspection import METRICS
 
 from conftest import tiny_hf_model
 
@@ -304,7 +304,7 @@ def test_report_object_in_python_and_notebooks() -> None:
 def test_nonfinite_heads_are_flagged_not_silently_dropped(tmp_path, capsys) -> None:
     import torch
 
-    from qkvlab.inspect import inspect, summary_metrics
+    from qkvlab.inspection import inspect, summary_metrics
 
     from conftest import tiny_hf_model
 
@@ -322,3 +322,35 @@ def test_nonfinite_heads_are_flagged_not_silently_dropped(tmp_path, capsys) -> N
     assert inspect_text(report).splitlines()[-1] == (
         "WARNING: non-finite weights (left out of the statistics above): layer 0 QK heads 1"
     )
+
+
+def test_help_version_and_argument_errors_do_not_import_torch() -> None:
+    """Importing torch costs about a second: `--help`, `--version` and argparse's errors of every
+    subcommand answer without it (the package's names load on first use)."""
+    import subprocess
+    import sys
+
+    script = """
+import contextlib, io, sys
+from qkvlab.cli import main
+lines = [["--help"], ["--version"], ["nope"], ["inspect"], ["train", "--nope"], ["theory", "--steps", "x"],
+         ["repro", "wd-rank", "--jobs", "0"], ["repro"]]
+for command in ("inspect", "train", "sweep", "finetune", "theory", "report", "demo", "repro"):
+    lines.append([command, "--help"])
+for claim in ("wd-rank", "decouple", "finetune"):
+    lines.append(["repro", claim, "--help"])
+for argv in lines:
+    with contextlib.redirect_stdout(io.StringIO()), contextlib.redirect_stderr(io.StringIO()):
+        try:
+            main(argv)
+        except SystemExit:
+            pass
+    if "torch" in sys.modules:
+        print("torch imported by", argv)
+        break
+print(len(lines), "torch" in sys.modules)
+"""
+    done = subprocess.run(
+        [sys.executable, "-c", script], capture_output=True, text=True, check=True, timeout=120
+    )
+    assert done.stdout.strip().endswith("False"), done.stdout + done.stderr

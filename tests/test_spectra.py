@@ -170,7 +170,7 @@ def test_non_finite_heads_are_reported_not_fatal() -> None:
     spec = FactoredProduct(a, torch.randn(3, 20, 4, dtype=torch.float64)).spectrum()
     assert torch.isnan(spec.singular_values[1]).all() and torch.isnan(spec.l2_half[1])
     assert torch.isfinite(spec.singular_values[[0, 2]]).all()
-    from qkvlab.inspect import spectrum_records
+    from qkvlab.inspection import spectrum_records
 
     records = spectrum_records(0, "qk", spec, 1e-3)
     assert records[1]["singular_values"] is None and records[1]["effective_rank"] is None

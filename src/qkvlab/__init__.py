@@ -1,50 +1,45 @@
-"""qkvlab: see and control what optimisation does to attention layers."""
+"""qkvlab: see and control what optimisation does to attention layers.
 
-from qkvlab.attention import ArchitectureInfo, families, load_source
-from qkvlab.attention.split import fuse_split_qkv, fuse_state_dict, split_fused_qkv, split_state_dict
-from qkvlab.errors import UserError
-from qkvlab.inspect import InspectReport, inspect
-from qkvlab.optim import PRESETS, ROLES, l2_penalty, param_groups, parse_preset, preset_settings, roles
-from qkvlab.spectra import (
-    DEFAULT_RTOL,
-    FactoredProduct,
-    ProductSpectrum,
-    effective_rank,
-    factor_gap,
-    factored_svdvals,
-    nuclear_norm,
-    rank_at,
-    stable_rank,
-)
+The names below load on first use (PEP 562), so ``import qkvlab`` and the command line's help,
+version and argument errors do not pay for importing torch.
+"""
+
+from __future__ import annotations
+
+from qkvlab._lazy import lazy_exports
 
 __version__ = "0.1.0"
 
-__all__ = [
-    "DEFAULT_RTOL",
-    "PRESETS",
-    "ROLES",
-    "ArchitectureInfo",
-    "FactoredProduct",
-    "InspectReport",
-    "ProductSpectrum",
-    "UserError",
-    "__version__",
-    "effective_rank",
-    "factor_gap",
-    "factored_svdvals",
-    "families",
-    "fuse_split_qkv",
-    "fuse_state_dict",
-    "inspect",
-    "l2_penalty",
-    "load_source",
-    "nuclear_norm",
-    "param_groups",
-    "parse_preset",
-    "preset_settings",
-    "rank_at",
-    "roles",
-    "split_fused_qkv",
-    "split_state_dict",
-    "stable_rank",
-]
+_WHERE = {
+    "ArchitectureInfo": "qkvlab.attention",
+    "families": "qkvlab.attention",
+    "load_source": "qkvlab.attention",
+    "fuse_split_qkv": "qkvlab.attention.split",
+    "fuse_state_dict": "qkvlab.attention.split",
+    "split_fused_qkv": "qkvlab.attention.split",
+    "split_state_dict": "qkvlab.attention.split",
+    "UserError": "qkvlab.errors",
+    "InspectReport": "qkvlab.inspection",
+    "inspect": "qkvlab.inspection",
+    "PRESETS": "qkvlab.presets",
+    "ROLES": "qkvlab.presets",
+    "l2_penalty": "qkvlab.optim",
+    "param_groups": "qkvlab.optim",
+    "parse_preset": "qkvlab.presets",
+    "preset_settings": "qkvlab.presets",
+    "roles": "qkvlab.optim",
+    "DEFAULT_RTOL": "qkvlab.conventions",
+    "FactoredProduct": "qkvlab.spectra",
+    "ProductSpectrum": "qkvlab.spectra",
+    "effective_rank": "qkvlab.spectra",
+    "factor_gap": "qkvlab.spectra",
+    "factored_svdvals": "qkvlab.spectra",
+    "nuclear_norm": "qkvlab.spectra",
+    "rank_at": "qkvlab.spectra",
+    "stable_rank": "qkvlab.spectra",
+}
+
+__all__ = sorted([*_WHERE, "__version__"])
+
+
+__getattr__, __dir__ = lazy_exports(__name__, _WHERE)

@@ -44,8 +44,8 @@ def _version() -> str:
 
 def _build_parser() -> argparse.ArgumentParser:
     from qkvlab.attention.families import FAMILIES
-    from qkvlab.attention.sources import PACKAGED_MODELS
-    from qkvlab.spectra import DEFAULT_RTOL
+    from qkvlab.attention.packaged import PACKAGED_MODELS
+    from qkvlab.conventions import DEFAULT_RTOL
 
     parser = _Parser(prog="qkvlab", description="See and control what optimisation does to attention layers.")
     parser.add_argument("--version", action="version", version=f"qkvlab {_version()}")
@@ -81,7 +81,7 @@ def _build_parser() -> argparse.ArgumentParser:
     )
     insp.set_defaults(handler=_cmd_inspect)
 
-    from qkvlab.optim import PRESETS
+    from qkvlab.presets import PRESETS
 
     presets = "; ".join(
         f"{p.name} ({', '.join(f'{k}={v:g}' for k, v in p.defaults.items())})" for p in PRESETS.values()
@@ -169,7 +169,7 @@ def _build_parser() -> argparse.ArgumentParser:
     ft.add_argument("--quiet", action="store_true")
     ft.set_defaults(handler=_cmd_finetune)
 
-    from qkvlab.experiments.theory import PARTS, TheorySettings
+    from qkvlab.experiments.theory_settings import PARTS, TheorySettings
 
     theory_defaults = TheorySettings()
     th = sub.add_parser(
@@ -276,7 +276,7 @@ def _tqdm_progress(iterable, total):  # type: ignore[no-untyped-def]
 
 
 def _cmd_inspect(args: argparse.Namespace) -> int:
-    from qkvlab.inspect import inspect
+    from qkvlab.inspection import inspect
     from qkvlab.report.tables import inspect_text
 
     check_outputs(files=[args.json, args.csv], folders=[args.plot])
@@ -399,7 +399,7 @@ def _cmd_sweep(args: argparse.Namespace) -> int:
 
 
 def _cmd_compare(args: argparse.Namespace) -> int:
-    from qkvlab.inspect import compare
+    from qkvlab.inspection import compare
     from qkvlab.report.tables import compare_text
 
     report = compare(args.source, args.compare, rtol=args.rtol)
@@ -519,7 +519,7 @@ def _cmd_theory(args: argparse.Namespace) -> int:
     if args.json:
         from pathlib import Path
 
-        from qkvlab.train.checkpoint import write_atomic
+        from qkvlab.data.cache import write_atomic
 
         Path(args.json).parent.mkdir(parents=True, exist_ok=True)
         write_atomic(Path(args.json), json.dumps(result, indent=1, allow_nan=False))

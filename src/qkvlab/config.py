@@ -374,7 +374,7 @@ def load_config(
 
 
 def _check_consistency(config: TrainConfig) -> None:
-    from qkvlab.optim import optimizer_settings
+    from qkvlab.presets import optimizer_settings
 
     # an unknown preset, preset argument, role or override setting fails here, before any data or model
     optimizer_settings(config.preset, overrides=config.overrides, train=config.train_roles)

@@ -21,7 +21,7 @@ from torch import nn
 from transformers import Trainer, TrainerCallback, TrainingArguments
 
 from qkvlab.errors import UserError
-from qkvlab.inspect import inspect, summary_metrics
+from qkvlab.inspection import inspect, summary_metrics
 from qkvlab.optim import optimizer_settings, param_groups
 from qkvlab.spectra import DEFAULT_RTOL
 
@@ -68,7 +68,7 @@ class SpectraCallback(TrainerCallback):
     **inspect-report}`` in the ``qkvlab inspect --json`` shape. It also adds per-layer
     summaries (``spectra/L{layer}/{qk|ov}_{erank_mean,erank_min,rank_mean,stable_rank_mean,
     nuclear_norm_mean,gap_mean,imbalance_mean}`` and model-wide ``spectra/{qk|ov}_erank_mean``;
-    see ``qkvlab.inspect.summary_metrics``) to the Trainer's next log, so TensorBoard,
+    see ``qkvlab.inspection.summary_metrics``) to the Trainer's next log, so TensorBoard,
     W&B and the console see them.
 
     The summaries reach the Trainer's loggers only if this callback runs before them: use

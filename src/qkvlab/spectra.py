@@ -33,6 +33,8 @@ from dataclasses import dataclass
 
 import torch
 
+from qkvlab.conventions import DEFAULT_RTOL
+
 __all__ = [
     "DEFAULT_RTOL",
     "FactoredProduct",
@@ -44,15 +46,6 @@ __all__ = [
     "rank_at",
     "stable_rank",
 ]
-
-#: Default relative threshold for ``rank``: count σᵢ > 1e-3·σ₁.
-#: Why 1e-3: a direction 1000× weaker than the dominant one moves attention logits
-#: (or the residual write) by < 0.1 % of it, so it is functionally negligible; yet the
-#: threshold sits ~250× above the float32 noise floor of a product of float32 factors
-#: (≈ √d_head·eps₃₂ ≈ 1e-6 relative for d_head ≤ 256), so the count reflects training,
-#: not rounding. numpy's default (max(m, n)·eps₆₄) would report full rank for almost
-#: every trained float32 matrix. ``effective_rank`` and ``stable_rank`` need no threshold.
-DEFAULT_RTOL = 1e-3
 
 
 def _as_batch(x: torch.Tensor) -> torch.Tensor:

@@ -43,6 +43,7 @@ from dataclasses import dataclass
 
 import torch
 
+from qkvlab.experiments.theory_settings import OPTIMIZERS
 from qkvlab.spectra import FactoredProduct, factor_gap
 
 __all__ = [
@@ -63,12 +64,6 @@ __all__ = [
 
 #: The update rules ``train_factors`` implements, each identical to the torch optimiser named
 #: (tested against it step by step, with ``qkvlab.l2_penalty`` for the coupled ones).
-OPTIMIZERS = {
-    "gd": "gradient descent on F (coupled L2; torch SGD, no momentum)",
-    "sgd-momentum": "heavy-ball SGD on F (coupled L2; torch SGD(momentum=β), no dampening, no Nesterov)",
-    "adam-l2": "Adam on F: the penalty's gradient λp goes through Adam's normalisation (torch Adam + l2_penalty)",
-    "adamw": "AdamW: Adam on L with decoupled decay p ← p(1 − ηλ) (torch AdamW(weight_decay=λ))",
-}
 _COUPLED = {"gd", "sgd-momentum", "adam-l2"}
 
 

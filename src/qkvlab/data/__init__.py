@@ -47,25 +47,22 @@ accepted.
 
 from __future__ import annotations
 
-from qkvlab.data.base import Dataset, FiniteDataset, SyntheticDataset
-from qkvlab.data.cache import resolve_cache_dir
-from qkvlab.data.icl import ICLDataset
-from qkvlab.data.images import ImageDataset
-from qkvlab.data.sources import DATA_SOURCES, load_dataset
-from qkvlab.data.text import LMDataset
-from qkvlab.data.tokenizer import TOKENIZERS, BPETokenizer, CharTokenizer
+from qkvlab._lazy import lazy_exports
 
-__all__ = [
-    "DATA_SOURCES",
-    "TOKENIZERS",
-    "BPETokenizer",
-    "CharTokenizer",
-    "Dataset",
-    "FiniteDataset",
-    "ICLDataset",
-    "ImageDataset",
-    "LMDataset",
-    "SyntheticDataset",
-    "load_dataset",
-    "resolve_cache_dir",
-]
+# loaded on first use, so qkvlab.data.cache (used by the package fetcher) needs no torch
+_WHERE = {
+    "Dataset": "qkvlab.data.base",
+    "FiniteDataset": "qkvlab.data.base",
+    "SyntheticDataset": "qkvlab.data.base",
+    "resolve_cache_dir": "qkvlab.data.cache",
+    "ICLDataset": "qkvlab.data.icl",
+    "ImageDataset": "qkvlab.data.images",
+    "DATA_SOURCES": "qkvlab.data.sources",
+    "load_dataset": "qkvlab.data.sources",
+    "LMDataset": "qkvlab.data.text",
+    "TOKENIZERS": "qkvlab.data.tokenizer",
+    "BPETokenizer": "qkvlab.data.tokenizer",
+    "CharTokenizer": "qkvlab.data.tokenizer",
+}
+__all__ = sorted(_WHERE)
+__getattr__, __dir__ = lazy_exports(__name__, _WHERE)

@@ -38,3 +38,17 @@ def atomic_write_bytes(path: Path, data: bytes) -> None:
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
+
+
+def fsync_dir(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def write_atomic(path: Path, text: str) -> None:
+    """Write a small text file atomically (temp file, fsync, rename), then fsync the folder."""
+    atomic_write_bytes(path, text.encode("utf-8"))
+    fsync_dir(path.parent)

@@ -19,11 +19,10 @@ from typing import Any
 
 from qkvlab.args import check_outputs, positive_int
 from qkvlab.args import seeds as seeds_list
+from qkvlab.data.cache import write_atomic
 from qkvlab.errors import UserError
 from qkvlab.experiments import grid as grid_layer
 from qkvlab.experiments.grid import Run
-from qkvlab.finetune import FinetuneConfig, finetune
-from qkvlab.train.checkpoint import write_atomic
 
 __all__ = [
     "DEFAULTS",
@@ -112,6 +111,8 @@ DEFAULTS = {"max_steps": 150, "batch_size": 16, "eval_every": 25, "max_val_examp
 
 def _worker(run_dir: Path, point: dict[str, Any], seed: int, settings: dict[str, Any]) -> None:
     """One fine-tuning run of the grid (the experiment layer's worker): writes ``run_dir/result.json``."""
+    from qkvlab.finetune import FinetuneConfig, finetune
+
     data = settings.get("data_sources", {}).get(point["data"], point["data"])
     common = {k: v for k, v in settings.items() if k in DEFAULTS or k in ("model", "device")}
     config = FinetuneConfig(

@@ -46,8 +46,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from qkvlab.data.cache import write_atomic
 from qkvlab.errors import UserError
-from qkvlab.train.checkpoint import write_atomic
 
 __all__ = [
     "REGISTRY",

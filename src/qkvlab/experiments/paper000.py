@@ -35,7 +35,6 @@ from pathlib import Path
 from typing import Any, NamedTuple
 
 from qkvlab.experiments.grid import Experiment, Run, register
-from qkvlab.experiments.training import train_worker
 
 __all__ = ["GPT_BASE", "gpt_runs", "schedule_sum"]
 
@@ -226,6 +225,8 @@ def gpt_runs(cells: list[tuple[float, float]], seeds: list[int]) -> list[Run]:
 
 
 def gpt_worker(run_dir: Path, point: dict[str, Any], seed: int, settings: dict[str, Any]) -> None:
+    from qkvlab.experiments.training import train_worker
+
     train_worker(run_dir, gpt_overrides(point), seed, settings)
 
 
@@ -619,10 +620,10 @@ def _lambdas(text: str, what: str) -> list[float]:
 
 def _finish(out: Path, args: Any, render: Any, rests: list[float]) -> int:
     """Pack the spectra, read every run once, print ``render(summary)``, write summary.json and the figures."""
+    from qkvlab.data.cache import write_atomic
     from qkvlab.experiments.icl_gd import write_alignments
     from qkvlab.experiments.training import pack_spectra
     from qkvlab.report.paper000 import plot_wd_rank
-    from qkvlab.train.checkpoint import write_atomic
 
     pack_spectra(out)
     write_alignments(out)

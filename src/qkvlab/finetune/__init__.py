@@ -1,6 +1,13 @@
 """Fine-tuning chosen attention matrices of pretrained models (paper 001's strategy and its controls)."""
 
-from qkvlab.finetune.data import FINETUNE_DATA, LabelledData, load_labelled
-from qkvlab.finetune.run import FinetuneConfig, finetune
+from qkvlab._lazy import lazy_exports
 
-__all__ = ["FINETUNE_DATA", "FinetuneConfig", "LabelledData", "finetune", "load_labelled"]
+_WHERE = {
+    "FINETUNE_DATA": "qkvlab.finetune.data",
+    "LabelledData": "qkvlab.finetune.data",
+    "load_labelled": "qkvlab.finetune.data",
+    "FinetuneConfig": "qkvlab.finetune.run",
+    "finetune": "qkvlab.finetune.run",
+}
+__all__ = sorted(_WHERE)
+__getattr__, __dir__ = lazy_exports(__name__, _WHERE)

@@ -333,7 +333,7 @@ def _settings_blocks(runs: list[dict[str, Any]]) -> list[Any]:
 
 
 def _final_record_report(run: dict[str, Any]) -> Any:
-    from qkvlab.inspect import InspectReport
+    from qkvlab.inspection import InspectReport
 
     record = dict(run["spectra"][-1])
     record["source"] = f"{run['name']} at step {record['step']}"
@@ -467,7 +467,7 @@ def build_page(paths: Sequence[Path], figures: Path, title: str | None = None, i
     for index, (kind, group) in enumerate(kinds.items()):
         stem = f"k{index}"
         if kind == "inspect":
-            from qkvlab.inspect import InspectReport
+            from qkvlab.inspection import InspectReport
 
             reports = [(_label(p), InspectReport.from_dict(_json(p))) for p in group]
             sections += _inspect_sections(reports, figures, f"{stem}_inspect")

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import numpy as np
 
-from qkvlab.inspect import PRODUCTS, InspectReport
+from qkvlab.inspection import PRODUCTS, InspectReport
 from qkvlab.report.figures import pyplot, save
 
 _TITLES = {

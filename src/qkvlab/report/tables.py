@@ -57,7 +57,7 @@ INSPECT_LEGEND = (
 
 
 def inspect_rows(report: object) -> tuple[list[str], list[list[object]]]:
-    """Headers and rows of an :class:`qkvlab.inspect.InspectReport`'s per-layer summary."""
+    """Headers and rows of an :class:`qkvlab.InspectReport`'s per-layer summary."""
     headers = ["layer", "QK erank", "QK min", "QK rank", "QK gap", "OV erank", "OV min", "OV rank", "OV gap"]
     fields = ["erank_mean", "erank_min", "rank_mean", "gap_mean"]
     rows = [

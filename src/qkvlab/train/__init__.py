@@ -1,5 +1,7 @@
 """Training from scratch: the loop, checkpoints, sweeps."""
 
-from qkvlab.train.trainer import TrainResult, train
+from qkvlab._lazy import lazy_exports
 
-__all__ = ["TrainResult", "train"]
+_WHERE = {"TrainResult": "qkvlab.train.trainer", "train": "qkvlab.train.trainer"}
+__all__ = sorted(_WHERE)
+__getattr__, __dir__ = lazy_exports(__name__, _WHERE)

@@ -39,7 +39,7 @@ from safetensors.torch import load_file, load_model, save_file, save_model
 from torch import nn
 
 from qkvlab.attention.sources import SAFETENSORS_DTYPES as _DTYPES
-from qkvlab.data.cache import atomic_write_bytes
+from qkvlab.data.cache import fsync_dir, write_atomic
 from qkvlab.errors import UserError
 
 __all__ = [
@@ -52,20 +52,6 @@ __all__ = [
     "set_rng_state",
     "write_atomic",
 ]
-
-
-def _fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-def write_atomic(path: Path, text: str) -> None:
-    """Write a small text file atomically (temp file, fsync, rename), then fsync the folder."""
-    atomic_write_bytes(path, text.encode("utf-8"))
-    _fsync_dir(path.parent)
 
 
 def rng_state() -> dict[str, Any]:
@@ -241,11 +227,11 @@ def save_checkpoint(
         for file in tmp.iterdir():
             with file.open("rb") as fh:
                 os.fsync(fh.fileno())
-        _fsync_dir(tmp)
+        fsync_dir(tmp)
         if final.exists():  # re-saving the same step (e.g. after a resume): replace it
             shutil.rmtree(final)
         os.replace(tmp, final)
-        _fsync_dir(run_dir)
+        fsync_dir(run_dir)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise

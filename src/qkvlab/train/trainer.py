@@ -8,7 +8,7 @@ Run folder (``config.out``):
     spectra.jsonl      spectral monitor: the `qkvlab inspect --json` record per firing, plus the
                        predicted and measured per-step decay rates of the factor imbalance and gap
     tb/                TensorBoard scalars (when enabled): train/*, val/*, and spectra/L{layer}/{qk|ov}_{stat}
-                       and spectra/{qk|ov}_erank_mean (qkvlab.inspect.summary_metrics), as the HF callback
+                       and spectra/{qk|ov}_erank_mean (qkvlab.inspection.summary_metrics), as the HF callback
     checkpoint-*/      see qkvlab.train.checkpoint; `latest` points at the newest
     final.json         written last: the run is complete; {"step", "train_loss", "eval", "spectra" (the
                        final weights' summaries, keyed by their TensorBoard tags), "wall_seconds", ...}
@@ -38,7 +38,7 @@ from torch import nn
 
 from qkvlab.config import TrainConfig, check_resume, dump_config, saved_config
 from qkvlab.errors import TrainingInterrupted, TrainingStopped, UserError
-from qkvlab.inspect import inspect, summary_metrics
+from qkvlab.inspection import inspect, summary_metrics
 from qkvlab.models import build_model
 from qkvlab.optim import l2_penalty, optimizer_settings, param_groups
 from qkvlab.train.checkpoint import (
