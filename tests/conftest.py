@@ -20,7 +20,19 @@ def tiny_hf_model(kind: str) -> torch.nn.Module:
     import transformers as tf
 
     torch.manual_seed(
-        {"bert": 0, "roberta": 1, "gpt2": 2, "llama": 3, "mistral": 4, "qwen2": 5, "vit": 6}[kind]
+        {
+            "bert": 0,
+            "roberta": 1,
+            "gpt2": 2,
+            "llama": 3,
+            "mistral": 4,
+            "qwen2": 5,
+            "vit": 6,
+            "gpt-neox": 7,
+            "opt": 8,
+            "phi3": 9,
+            "distilbert": 10,
+        }[kind]
     )
     common = {"hidden_size": 48, "num_attention_heads": 6, "num_hidden_layers": 3, "intermediate_size": 64}
     if kind == "bert":
@@ -41,12 +53,45 @@ def tiny_hf_model(kind: str) -> torch.nn.Module:
         model = tf.Qwen2Model(tf.Qwen2Config(vocab_size=64, num_key_value_heads=2, **common))
     elif kind == "vit":
         model = tf.ViTModel(tf.ViTConfig(image_size=16, patch_size=4, **common))
+    elif kind == "gpt-neox":  # fused query_key_value interleaved per head, rotary on a quarter of each head
+        model = tf.GPTNeoXForCausalLM(tf.GPTNeoXConfig(vocab_size=64, rotary_pct=0.25, **common))
+    elif kind == "opt":
+        model = tf.OPTForCausalLM(
+            tf.OPTConfig(
+                vocab_size=64,
+                hidden_size=48,
+                num_attention_heads=6,
+                num_hidden_layers=3,
+                ffn_dim=64,
+                word_embed_proj_dim=48,
+            )
+        )
+    elif kind == "phi3":  # fused qkv_proj in [q; k; v] blocks with grouped-query attention
+        model = tf.Phi3ForCausalLM(
+            tf.Phi3Config(vocab_size=64, num_key_value_heads=2, pad_token_id=0, eos_token_id=1, **common)
+        )
+    elif kind == "distilbert":
+        model = tf.DistilBertModel(
+            tf.DistilBertConfig(vocab_size=64, dim=48, n_heads=6, n_layers=3, hidden_dim=64)
+        )
     else:
         raise ValueError(kind)
     return model.eval()
 
 
-HF_KINDS = ("bert", "roberta", "gpt2", "llama", "mistral", "qwen2", "vit")
+HF_KINDS = (
+    "bert",
+    "roberta",
+    "gpt2",
+    "llama",
+    "mistral",
+    "qwen2",
+    "vit",
+    "gpt-neox",
+    "opt",
+    "phi3",
+    "distilbert",
+)
 
 
 @pytest.fixture(scope="session")

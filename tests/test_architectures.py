@@ -41,6 +41,31 @@ def _projections(model: nn.Module, kind: str, layer: int, d: int):
             return lambda x: attn.c_attn(x).split(d, dim=-1)[i]  # GPT-2's own split
 
         return part(0), part(1), part(2), attn.c_proj
+    if kind == "gpt-neox":  # HF's own split: view(..., H, 3·d_head), then chunk(3)
+        attn = model.gpt_neox.layers[layer].attention
+        dh = attn.head_size
+
+        def neox(i):
+            return lambda x: (
+                attn.query_key_value(x).view(*x.shape[:-1], -1, 3 * dh).chunk(3, dim=-1)[i].flatten(-2)
+            )
+
+        return neox(0), neox(1), neox(2), attn.dense
+    if kind == "phi3":  # HF's own split: q is the first H·d_head outputs, then k, then v
+        attn = model.model.layers[layer].self_attn
+        q_end = attn.config.num_attention_heads * attn.head_dim
+        k_end = q_end + attn.num_key_value_heads * attn.head_dim
+
+        def phi(lo, hi):
+            return lambda x: attn.qkv_proj(x)[..., lo:hi]
+
+        return phi(0, q_end), phi(q_end, k_end), phi(k_end, None), attn.o_proj
+    if kind == "opt":
+        attn = model.model.decoder.layers[layer].self_attn
+        return attn.q_proj, attn.k_proj, attn.v_proj, attn.out_proj
+    if kind == "distilbert":
+        attn = model.transformer.layer[layer].attention
+        return attn.q_lin, attn.k_lin, attn.v_lin, attn.out_lin
     if kind == "llama":
         attn = model.model.layers[layer].self_attn
     elif kind in ("mistral", "qwen2"):
@@ -93,6 +118,10 @@ EXPECTED = {
     "mistral": ("llama", 6, 3, 8),
     "qwen2": ("llama", 6, 2, 8),
     "vit": ("vit", 6, 6, 8),
+    "gpt-neox": ("gpt-neox", 6, 6, 8),
+    "opt": ("opt", 6, 6, 8),
+    "phi3": ("phi3", 6, 2, 8),
+    "distilbert": ("distilbert", 6, 6, 8),
 }
 
 
@@ -230,3 +259,14 @@ def test_timm_style_fused_qkv_follows_its_reshape_convention() -> None:
 def test_peft_free_unknown_module_is_rejected_with_supported_list() -> None:
     with pytest.raises(qkvlab.UserError, match="supported families: bert"):
         qkvlab.inspect(nn.Sequential(nn.Linear(4, 4), nn.ReLU()))
+
+
+def test_opt_weights_without_a_config_are_not_mistaken_for_llama(tmp_path) -> None:
+    """OPT and LLaMA both name q_proj; only OPT has out_proj. A bare checkpoint (no config.json) is
+    detected by its weights."""
+    model = tiny_hf_model("opt")
+    model.save_pretrained(tmp_path)
+    (tmp_path / "config.json").unlink()
+    report = qkvlab.inspect(tmp_path, n_heads=6)
+    assert report.architecture.family == "opt"
+    _check_model_against_reference(model.double(), "opt", report)

@@ -12,7 +12,7 @@ from safetensors.torch import load_file
 
 from qkvlab.cli import main
 from qkvlab.finetune import FinetuneConfig, finetune
-from qkvlab.inspect import compare
+from qkvlab.inspection import compare
 
 
 def _config(tiny_bert, tiny_csv, tmp_path, **changes) -> FinetuneConfig:
@@ -375,3 +375,42 @@ def test_cli_finetune_prints_its_numbers_and_reports(tiny_bert, tiny_csv, tmp_pa
     assert main(["report", str(run), "--out", str(tmp_path / "report")]) == 0
     md = (tmp_path / "report" / "report.md").read_text()
     assert "## Fine-tuning" in md and "| ft | lora | q,v |" in md
+
+
+@pytest.mark.parametrize("method", ["full", "lora"])
+def test_fused_families_are_split_for_per_matrix_targets_and_saved_fused(
+    method, tiny_bert, tiny_csv, tmp_path
+) -> None:
+    """GPT-NeoX fuses q, k and v per head: `--targets q,v` splits them first (outputs unchanged), trains
+    exactly q and v, and saves an ordinary GPT-NeoX checkpoint."""
+    import shutil
+
+    import transformers as tf
+
+    folder = tmp_path / "neox"
+    config = tf.GPTNeoXConfig(
+        vocab_size=64,
+        hidden_size=32,
+        num_attention_heads=4,
+        num_hidden_layers=2,
+        intermediate_size=48,
+        pad_token_id=0,
+    )
+    torch.manual_seed(0)
+    tf.GPTNeoXModel(config).save_pretrained(folder)
+    for file in tiny_bert.iterdir():  # the tiny word-level tokenizer
+        if file.name.startswith(("tokenizer", "special", "vocab")):
+            shutil.copy(file, folder / file.name)
+    result = finetune(
+        _config(folder, tiny_csv, tmp_path, method=method, rank=2, save_model=True), progress=False
+    )
+    assert result["split_modules"] == [f"gpt_neox.layers.{i}.attention.query_key_value" for i in range(2)]
+    trained = {g["role"] for g in result["groups"]}
+    assert {"q", "v"} <= trained and not trained & {"k", "o", "qkv"}
+    if method == "lora":
+        assert all(m.endswith(("query_key_value.q", "query_key_value.v")) for m in result["lora_modules"])
+    saved = tf.GPTNeoXForSequenceClassification.from_pretrained(
+        tmp_path / "run" / "model", use_safetensors=True
+    )
+    names = {n for n, _ in saved.named_parameters()}
+    assert "gpt_neox.layers.0.attention.query_key_value.weight" in names  # fused again on disk

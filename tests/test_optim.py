@@ -453,8 +453,11 @@ def test_lora_bias_takes_its_module_role() -> None:
 
 
 def test_settings_for_roles_the_model_lacks_are_an_error() -> None:
-    config = tf.DistilBertConfig(vocab_size=64, dim=32, n_heads=4, n_layers=2, hidden_dim=48)
-    model = tf.DistilBertForSequenceClassification(config)  # q_lin/k_lin/...: not in the architecture table
+    model = nn.Module()  # attention named the way no family in the architecture table names it
+    model.layers = nn.ModuleList(
+        nn.ModuleDict({"wq": nn.Linear(8, 8), "wkv": nn.Linear(8, 16)}) for _ in range(2)
+    )
+    model.classifier = nn.Linear(8, 2)
     with pytest.raises(qkvlab.UserError, match="no parameter with role q, v"):
         param_groups(model, lr=LR, weight_decay=WD, **preset_settings("qv-ratio"))
 
@@ -498,3 +501,86 @@ def test_split_mha_with_kdim_splits_its_shared_bias() -> None:
     qkvlab.fuse_split_qkv(mha)
     assert isinstance(mha.in_proj_bias, nn.Parameter)
     torch.testing.assert_close(mha(x, kv, kv)[0], reference)
+
+
+# -- the families whose fused layouts are not thirds: GPT-NeoX (per head), Phi-3 (GQA blocks) -------
+
+
+def test_roles_of_the_newer_families() -> None:
+    neox = roles(tiny_hf_model("gpt-neox"))
+    assert neox["gpt_neox.layers.1.attention.query_key_value.weight"] == "qkv"
+    assert neox["gpt_neox.layers.1.attention.query_key_value.bias"] == "qkv"
+    assert neox["gpt_neox.layers.1.attention.dense.weight"] == "o"
+    assert neox["gpt_neox.layers.1.mlp.dense_h_to_4h.weight"] == "mlp"
+    phi3 = roles(tiny_hf_model("phi3"))
+    assert phi3["model.layers.0.self_attn.qkv_proj.weight"] == "qkv"
+    assert phi3["model.layers.0.self_attn.o_proj.weight"] == "o"
+    assert phi3["model.layers.0.mlp.gate_up_proj.weight"] == "mlp"  # fused too, but MLP
+    opt = roles(tiny_hf_model("opt"))
+    assert [
+        opt[f"model.decoder.layers.2.self_attn.{m}.weight"]
+        for m in ("q_proj", "k_proj", "v_proj", "out_proj")
+    ] == [
+        "q",
+        "k",
+        "v",
+        "o",
+    ]
+    assert opt["model.decoder.layers.2.self_attn.q_proj.bias"] == "q"
+    distil = roles(tiny_hf_model("distilbert"))
+    assert [distil[f"transformer.layer.0.attention.{m}_lin.weight"] for m in ("q", "k", "v", "out")] == [
+        "q",
+        "k",
+        "v",
+        "o",
+    ]
+
+
+@pytest.mark.parametrize("kind", ["gpt-neox", "phi3"])
+def test_split_neox_per_head_and_phi3_blocks_keep_outputs_and_reload(kind: str, tmp_path) -> None:
+    import transformers as tf
+
+    model = tiny_hf_model(kind)
+    ids = torch.randint(0, 64, (2, 9), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        reference = model(ids).logits
+    fused_state = copy.deepcopy(model.state_dict())
+    spectra_before = qkvlab.inspect(model).heads
+    assert len(qkvlab.split_fused_qkv(model)) == 3
+    with torch.no_grad():
+        torch.testing.assert_close(model(ids).logits, reference, rtol=1e-6, atol=1e-6)
+    attn = (
+        "gpt_neox.layers.0.attention.query_key_value"
+        if kind == "gpt-neox"
+        else "model.layers.0.self_attn.qkv_proj"
+    )
+    shapes = {c: model.get_parameter(f"{attn}.{c}.weight").shape for c in "qkv"}
+    # 6 heads of 8; Phi-3 has 2 key/value heads, so its k and v are a third of q
+    assert shapes == (
+        {c: (48, 48) for c in "qkv"} if kind == "gpt-neox" else {"q": (48, 48), "k": (16, 48), "v": (16, 48)}
+    )
+    table = roles(model)
+    assert [table[f"{attn}.{c}.weight"] for c in "qkv"] == ["q", "k", "v"]
+    # each child holds exactly the rows HF's own forward reads as that matrix
+    full = fused_state[f"{attn}.weight"]
+    if kind == "gpt-neox":
+        per_head = full.view(6, 3, 8, 48)
+        torch.testing.assert_close(model.get_parameter(f"{attn}.k.weight"), per_head[:, 1].reshape(48, 48))
+    else:
+        torch.testing.assert_close(model.get_parameter(f"{attn}.v.weight"), full[64:])
+    saved = model.state_dict()  # the original architecture's names and layout
+    assert set(saved) == set(fused_state) and all(torch.equal(saved[k], fused_state[k]) for k in saved)
+    after = qkvlab.inspect(model).heads
+    for x, y in zip(spectra_before, after, strict=True):
+        assert x["singular_values"] == pytest.approx(y["singular_values"], rel=1e-12)
+    with torch.no_grad():  # train the split model a little, save, reload as the original class
+        model.get_parameter(f"{attn}.k.weight").add_(0.01)
+        trained = model(ids).logits
+    model.save_pretrained(tmp_path / kind)
+    cls = tf.GPTNeoXForCausalLM if kind == "gpt-neox" else tf.Phi3ForCausalLM
+    reloaded = cls.from_pretrained(tmp_path / kind, use_safetensors=True)
+    with torch.no_grad():
+        torch.testing.assert_close(reloaded(ids).logits, trained, rtol=1e-6, atol=1e-6)
+    qkvlab.fuse_split_qkv(model)
+    with torch.no_grad():
+        torch.testing.assert_close(model(ids).logits, trained, rtol=1e-6, atol=1e-6)

@@ -58,7 +58,8 @@ class LayerFactors:
     ov: FactoredProduct
 
 
-def _natural_key(text: str) -> list[int | str]:
+def natural_key(text: str) -> list[int | str]:
+    """Sort key that orders "layer.10" after "layer.9"."""
     return [int(part) if part.isdigit() else part for part in re.split(r"(\d+)", text)]
 
 
@@ -71,12 +72,18 @@ def _config_value(config: dict, name: str) -> int | None:
 
 
 def _find_layout(source: TensorSource, family: Family) -> tuple[Layout, list[str]] | None:
+    """The family's first layout whose anchor matches and whose first block has every matrix (OPT and
+    LLaMA share the q_proj anchor; only one of them has o_proj)."""
     keys = source.keys()
+    keyset = set(keys)
     for layout in family.layouts:
         pattern = layout.pattern
-        blocks = [m["block"] for key in keys if (m := pattern.match(key))]
-        if blocks:
-            return layout, sorted(dict.fromkeys(blocks), key=_natural_key)
+        blocks = sorted(
+            dict.fromkeys(m["block"] for key in keys if (m := pattern.match(key))), key=natural_key
+        )
+        templates = [t for t in (layout.q, layout.k, layout.v, layout.qkv, layout.o) if t]
+        if blocks and all(t.format(block=blocks[0]) in keyset for t in templates):
+            return layout, blocks
     return None
 
 
@@ -136,6 +143,14 @@ class AttentionFactors:
     def _architecture(self, n_heads: int | None, n_kv_heads: int | None) -> ArchitectureInfo:
         config, layout = self.source.config, self.layout
         first = self.blocks[0]
+        for name, given in (("n_heads", n_heads), ("n_kv_heads", n_kv_heads)):
+            declared = _config_value(config, name)
+            if given is not None and declared is not None and given != declared:
+                option = "--n-heads" if name == "n_heads" else "--n-kv-heads"
+                raise UserError(
+                    f"{option} {given} contradicts the config, which says {declared}; leave {option} out, "
+                    "or fix config.json"
+                )
         n_heads = n_heads or self.source.heads_hint.get(first) or _config_value(config, "n_heads")
         if not n_heads:
             raise UserError(
@@ -147,11 +162,11 @@ class AttentionFactors:
             raise UserError(
                 f"head counts do not divide: n_heads={n_heads} must be a positive multiple of n_kv_heads={n_kv_heads}"
             )
-        q_rows, d_model = self._q_shape(first)
-        if layout.fused and n_kv_heads != n_heads:
+        if layout.fused and layout.qkv_order == "per-head" and n_kv_heads != n_heads:
             raise UserError(
-                f"a fused qkv projection needs n_kv_heads == n_heads, got {n_kv_heads} and {n_heads}"
+                f"a qkv projection interleaved per head needs n_kv_heads == n_heads, got {n_kv_heads} and {n_heads}"
             )
+        q_rows, d_model = self._q_shape(first, n_heads, n_kv_heads)
         if q_rows % n_heads:
             raise UserError(
                 f"head counts do not divide: W_Q has {q_rows} output rows, not a multiple of n_heads={n_heads}"
@@ -170,6 +185,21 @@ class AttentionFactors:
             )
         return ArchitectureInfo(self.family.name, n_layers, n_heads, n_kv_heads, d_model, d_head)
 
+    def left_out(self) -> list[str]:
+        """Lines saying what W_KᵀW_Q and P·W_V leave out for this model: the family's caveat (rotary
+        embeddings), and every other parameter inside the attention block (biases, q/k norms, gains)."""
+        notes = [f"{self.family.name}: {self.family.caveat}"] if self.family.caveat else []
+        block = self.blocks[0]
+        layout = self.layout
+        used = {t.format(block=block) for t in (layout.q, layout.k, layout.v, layout.qkv, layout.o) if t}
+        others = sorted(k.removeprefix(block) for k in self._keyset if k.startswith(block) and k not in used)
+        if others:
+            notes.append(
+                "in each attention block but not in the products (biases, norms and gains between or "
+                f"after the factors): {', '.join(others)}"
+            )
+        return notes
+
     def _shape(self, key: str) -> tuple[int, ...]:
         if key not in self._keyset:
             raise UserError(
@@ -186,13 +216,17 @@ class AttentionFactors:
             self._keys_cache = set(self.source.keys())
         return self._keys_cache
 
-    def _q_shape(self, block: str) -> tuple[int, int]:
+    def _q_shape(self, block: str, n_heads: int, n_kv_heads: int) -> tuple[int, int]:
+        """Rows of W_Q (n_heads · d_head) and d_model."""
         layout = self.layout
         if layout.fused:
             rows, cols = self._shape(layout.qkv.format(block=block))
-            if rows % 3:
-                raise UserError(f"fused qkv weight in {block} has {rows} rows, not divisible by 3")
-            return rows // 3, cols
+            if rows % (n_heads + 2 * n_kv_heads):
+                raise UserError(
+                    f"fused qkv weight in {block} has {rows} rows, not a multiple of n_heads + 2·n_kv_heads = "
+                    f"{n_heads + 2 * n_kv_heads} (n_heads={n_heads}, n_kv_heads={n_kv_heads})"
+                )
+            return rows // (n_heads + 2 * n_kv_heads) * n_heads, cols
         rows, cols = self._shape(layout.q.format(block=block))
         return rows, cols
 
@@ -205,8 +239,14 @@ class AttentionFactors:
 
     def _projections(self, block: str) -> tuple[torch.Tensor, ...]:
         layout, info = self.layout, self.info
-        if layout.fused:
-            w_q, w_k, w_v = self._matrix(layout.qkv, block).chunk(3, dim=0)
+        if layout.fused and layout.qkv_order == "per-head":  # GPT-NeoX: [q_h, k_h, v_h] per head
+            w = self._matrix(layout.qkv, block)
+            w_q, w_k, w_v = (
+                x.reshape(-1, w.shape[1]) for x in w.reshape(info.n_heads, 3, info.d_head, -1).unbind(1)
+            )
+        elif layout.fused:  # [q; k; v] blocks
+            sizes = [info.n_heads * info.d_head, info.n_kv_heads * info.d_head, info.n_kv_heads * info.d_head]
+            w_q, w_k, w_v = self._matrix(layout.qkv, block).split(sizes, dim=0)
         else:
             w_q, w_k, w_v = (self._matrix(t, block) for t in (layout.q, layout.k, layout.v))
         w_o = self._matrix(layout.o, block)

@@ -9,10 +9,14 @@ Any outer prefix (``bert.``, ``model.``, ``transformer.``…) is absorbed by ``b
 Storage conventions:
 - nn.Linear stores (out, in). Projections with ``transposed=True`` are HF ``Conv1D``
   (GPT-2), which stores (in, out); we transpose on read.
-- A fused ``qkv`` weight stacks q, k, v along the output dimension (q first), and
-  within each the heads in order: rows [q_h0 … q_h(H−1), k_h0 …, v_h0 …]. That is the
-  layout of GPT-2 ``c_attn`` (after transposing), timm ``attn.qkv`` and torch
-  ``nn.MultiheadAttention.in_proj_weight``.
+- A fused ``qkv`` weight (``qkv_order="blocks"``) stacks q, k, v along the output dimension
+  (q first), and within each the heads in order: rows [q_h0 … q_h(H−1), k_g0 … k_g(G−1), v_g0 …],
+  H·d_head + 2·G·d_head rows with G key/value heads. That is the layout of GPT-2 ``c_attn`` (after
+  transposing), timm ``attn.qkv``, torch ``nn.MultiheadAttention.in_proj_weight`` (G = H) and
+  Phi-3 ``qkv_proj`` (grouped-query attention, G ≤ H).
+- GPT-NeoX / Pythia (``qkv_order="per-head"``) interleave per head instead: rows
+  [q_h0, k_h0, v_h0, q_h1, k_h1, v_h1, …], each d_head rows, as its forward reads them with
+  ``view(..., H, 3·d_head)`` then ``chunk(3)``.
 - Heads occupy contiguous blocks of d_head output rows of W_Q, W_K, W_V and the same
   input columns of W_O.
 """
@@ -36,6 +40,8 @@ class Layout:
     v: str | None = None
     qkv: str | None = None
     transposed: bool = False
+    #: How a fused ``qkv`` weight orders its rows: "blocks" ([q; k; v]) or "per-head" (GPT-NeoX).
+    qkv_order: str = "blocks"
     #: Bias (or other) templates that do not follow "<matrix>.weight" → "<matrix>.bias", as (role, template).
     extra: tuple[tuple[str, str], ...] = ()
 
@@ -146,6 +152,78 @@ FAMILIES: tuple[Family, ...] = (
         ),
     ),
     Family(
+        name="gpt-neox",
+        description="HF GPT-NeoX / Pythia (fused query_key_value, interleaved per head)",
+        model_types=("gpt_neox",),
+        layouts=(
+            Layout(
+                anchor=rf"^(?P<block>{_PREFIX}layers\.\d+\.attention\.)query_key_value\.weight$",
+                qkv="{block}query_key_value.weight",
+                o="{block}dense.weight",
+                qkv_order="per-head",
+            ),
+            Layout(  # after qkvlab.split_fused_qkv
+                anchor=rf"^(?P<block>{_PREFIX}layers\.\d+\.attention\.)query_key_value\.q\.weight$",
+                q="{block}query_key_value.q.weight",
+                k="{block}query_key_value.k.weight",
+                v="{block}query_key_value.v.weight",
+                o="{block}dense.weight",
+            ),
+        ),
+        caveat=(
+            "rotary position embeddings on the first rotary_pct of each head's dimensions (Pythia: 25 %): "
+            "W_KᵀW_Q is the relative-offset-0 form of those dimensions and exact for the rest"
+        ),
+    ),
+    Family(
+        name="opt",
+        description="HF OPT (separate q/k/v_proj and out_proj, with biases)",
+        model_types=("opt",),
+        layouts=(
+            Layout(
+                anchor=rf"^(?P<block>{_PREFIX}layers\.\d+\.self_attn\.)q_proj\.weight$",
+                q="{block}q_proj.weight",
+                k="{block}k_proj.weight",
+                v="{block}v_proj.weight",
+                o="{block}out_proj.weight",
+            ),
+        ),
+    ),
+    Family(
+        name="phi3",
+        description="HF Phi-3 (fused qkv_proj as [q; k; v] blocks, grouped-query attention)",
+        model_types=("phi3",),
+        layouts=(
+            Layout(
+                anchor=rf"^(?P<block>{_PREFIX}layers\.\d+\.self_attn\.)qkv_proj\.weight$",
+                qkv="{block}qkv_proj.weight",
+                o="{block}o_proj.weight",
+            ),
+            Layout(  # after qkvlab.split_fused_qkv
+                anchor=rf"^(?P<block>{_PREFIX}layers\.\d+\.self_attn\.)qkv_proj\.q\.weight$",
+                q="{block}qkv_proj.q.weight",
+                k="{block}qkv_proj.k.weight",
+                v="{block}qkv_proj.v.weight",
+                o="{block}o_proj.weight",
+            ),
+        ),
+        caveat="rotary position embeddings: W_KᵀW_Q is the relative-offset-0 form, as for LLaMA",
+    ),
+    Family(
+        name="distilbert",
+        description="HF DistilBERT (q_lin, k_lin, v_lin, out_lin)",
+        model_types=("distilbert",),
+        layouts=(
+            Layout(
+                anchor=rf"^(?P<block>{_PREFIX}layer\.\d+\.attention\.)q_lin\.weight$",
+                q="{block}q_lin.weight",
+                k="{block}k_lin.weight",
+                v="{block}v_lin.weight",
+                o="{block}out_lin.weight",
+            ),
+        ),
+    ),
+    Family(
         name="qkvlab",
         description="qkvlab's own GPT, ViT and in-context regression transformers",
         model_types=("qkvlab-gpt", "qkvlab-vit", "qkvlab-icl"),
@@ -208,8 +286,8 @@ FAMILIES: tuple[Family, ...] = (
 
 #: HF config synonyms, read in order. n_kv_heads defaults to n_heads, d_head to d_model / n_heads.
 CONFIG_KEYS: dict[str, tuple[str, ...]] = {
-    "n_layers": ("num_hidden_layers", "n_layer", "num_layers"),
-    "n_heads": ("num_attention_heads", "n_head", "num_heads"),
+    "n_layers": ("num_hidden_layers", "n_layer", "num_layers", "n_layers"),
+    "n_heads": ("num_attention_heads", "n_head", "num_heads", "n_heads"),
     "n_kv_heads": ("num_key_value_heads", "n_kv_heads", "num_kv_heads"),
     "d_model": ("hidden_size", "n_embd", "d_model"),
     "d_head": ("head_dim", "d_head"),

@@ -7,6 +7,10 @@ A per-matrix learning rate or weight decay needs q, k and v to be separate tenso
   three ``Conv1D`` children ``c_attn.q``, ``c_attn.k``, ``c_attn.v`` (weights (d, d), still (in, out));
 - timm-style ``attn.qkv`` (``nn.Linear``, weight (3d, d)) → ``SplitQKV`` with ``nn.Linear``
   children ``qkv.q``, ``qkv.k``, ``qkv.v``;
+- Phi-3 ``qkv_proj`` ([q; k; v] blocks of H·d_head, G·d_head, G·d_head rows: grouped-query
+  attention) → ``SplitQKV`` with children of those sizes;
+- GPT-NeoX / Pythia ``query_key_value`` (rows interleaved per head: [q_h, k_h, v_h] for each head h)
+  → ``SplitQKV(heads=H)``, whose forward interleaves the children's outputs back per head;
 - ``nn.MultiheadAttention`` with a fused ``in_proj_weight`` → the same module with
   ``q_proj_weight``/``k_proj_weight``/``v_proj_weight`` (torch's own separate-projection
   path) and ``q_bias``/``k_bias``/``v_bias``.
@@ -20,11 +24,12 @@ checkpoints between the two naming schemes without a model.
 
 from __future__ import annotations
 
-import re
 from dataclasses import dataclass
 
 import torch
 from torch import nn
+
+from qkvlab.attention.extract import natural_key
 
 __all__ = [
     "SplitMultiheadAttention",
@@ -37,11 +42,17 @@ __all__ = [
 
 
 class SplitQKV(nn.Module):
-    """Drop-in for a fused projection: cat([q(x), k(x), v(x)], -1), as the fused layer returned."""
+    """Drop-in for a fused projection: its output from separate q, k, v modules.
 
-    def __init__(self, q: nn.Module, k: nn.Module, v: nn.Module) -> None:
+    ``heads=None``: the fused layer stacked [q; k; v] (any sizes), so the output is
+    cat([q(x), k(x), v(x)], -1). ``heads=H``: it interleaved them per head (GPT-NeoX), so the
+    output is [q_h, k_h, v_h] for h = 0 … H−1, each of d_head features.
+    """
+
+    def __init__(self, q: nn.Module, k: nn.Module, v: nn.Module, heads: int | None = None) -> None:
         super().__init__()
         self.q, self.k, self.v = q, k, v
+        self.heads = heads
         # State dicts keep the fused layer's names and layout, so ``save_pretrained``, ``torch.save`` or
         # a Trainer checkpoint of a split model is an ordinary checkpoint of the original architecture
         # (it reloads with ``from_pretrained``), and loading such a checkpoint splits it again.
@@ -49,28 +60,47 @@ class SplitQKV(nn.Module):
         self.register_load_state_dict_pre_hook(_split_own_state)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return torch.cat([self.q(x), self.k(x), self.v(x)], dim=-1)
+        parts = (self.q(x), self.k(x), self.v(x))
+        if self.heads is None:
+            return torch.cat(parts, dim=-1)
+        return torch.stack([p.unflatten(-1, (self.heads, -1)) for p in parts], dim=-2).flatten(-3)
 
     def stack_dim(self, name: str) -> int:
         """The dim along which q|k|v sit in the fused tensor ``name`` ("weight" or "bias")."""
         conv1d = _conv1d_cls()
         return 1 if name == "weight" and conv1d is not None and isinstance(self.q, conv1d) else 0
 
+    def fuse(self, parts: list[torch.Tensor], name: str) -> torch.Tensor:
+        """The fused layer's tensor ``name`` from the q, k, v ones."""
+        dim = self.stack_dim(name)
+        if self.heads is None:
+            return torch.cat(parts, dim=dim)
+        return torch.stack([p.unflatten(dim, (self.heads, -1)) for p in parts], dim=dim + 1).flatten(
+            dim, dim + 2
+        )
+
+    def split(self, fused: torch.Tensor, name: str) -> list[torch.Tensor]:
+        """Inverse of ``fuse``: the q, k, v tensors ``name`` (sizes from this module's children)."""
+        dim = self.stack_dim(name)
+        if self.heads is not None:
+            return [
+                t.flatten(dim, dim + 1) for t in fused.unflatten(dim, (self.heads, 3, -1)).unbind(dim + 1)
+            ]
+        sizes = [getattr(c, name).shape[dim] for c in (self.q, self.k, self.v)]
+        return list(fused.split(sizes, dim=dim))
+
 
 def _fuse_own_state(module: SplitQKV, state_dict: dict, prefix: str, local_metadata: dict) -> None:
     for name in ("weight", "bias"):
         parts = [f"{prefix}{c}.{name}" for c in "qkv"]
         if all(p in state_dict for p in parts):
-            state_dict[prefix + name] = torch.cat(
-                [state_dict.pop(p) for p in parts], dim=module.stack_dim(name)
-            )
+            state_dict[prefix + name] = module.fuse([state_dict.pop(p) for p in parts], name)
 
 
 def _split_own_state(module: SplitQKV, state_dict: dict, prefix: str, *args: object) -> None:
     for name in ("weight", "bias"):
         if prefix + name in state_dict:
-            chunks = state_dict.pop(prefix + name).chunk(3, dim=module.stack_dim(name))
-            for c, chunk in zip("qkv", chunks, strict=True):
+            for c, chunk in zip("qkv", module.split(state_dict.pop(prefix + name), name), strict=True):
                 state_dict[f"{prefix}{c}.{name}"] = chunk
 
 
@@ -105,39 +135,47 @@ def _conv1d_cls() -> type[nn.Module] | None:
     return Conv1D
 
 
-def _split_module(module: nn.Module) -> SplitQKV:
+def _split_module(module: nn.Module, sizes: list[int] | None = None, heads: int | None = None) -> SplitQKV:
+    """``sizes``: the q, k, v output sizes of a [q; k; v] layer (default: thirds); ``heads``: GPT-NeoX's
+    per-head interleave with that many heads."""
     conv1d = _conv1d_cls()
-    weight = module.weight.detach()
-    bias = module.bias.detach() if module.bias is not None else None
+    is_conv = conv1d is not None and isinstance(module, conv1d)
+    out_dim = 1 if is_conv else 0
+    total = module.weight.shape[out_dim]
+    template = SplitQKV(nn.Identity(), nn.Identity(), nn.Identity(), heads=heads)
+    if heads is None:
+        sizes = sizes or [total // 3] * 3
+        weights = list(module.weight.detach().split(sizes, dim=out_dim))
+        biases = list(module.bias.detach().split(sizes)) if module.bias is not None else [None] * 3
+    else:
+        if is_conv:
+            raise ValueError("a per-head interleaved projection stored as Conv1D is not supported")
+        weights = [w.contiguous() for w in template.split(module.weight.detach(), "weight")]
+        biases = (
+            [b.contiguous() for b in template.split(module.bias.detach(), "bias")]
+            if module.bias is not None
+            else [None] * 3
+        )
     children = []
-    if conv1d is not None and isinstance(module, conv1d):  # weight (in, 3·out)
-        for w, b in zip(
-            weight.chunk(3, dim=1), bias.chunk(3) if bias is not None else (None,) * 3, strict=True
-        ):
-            child = conv1d(w.shape[1], w.shape[0]).to(device=weight.device, dtype=weight.dtype)
-            child.weight = nn.Parameter(w.clone(), requires_grad=module.weight.requires_grad)
+    for w, b in zip(weights, biases, strict=True):
+        if is_conv:  # weight (in, out)
+            child = conv1d(w.shape[1], w.shape[0]).to(device=w.device, dtype=w.dtype)
+        else:  # nn.Linear, weight (out, in)
+            child = nn.Linear(w.shape[1], w.shape[0], bias=b is not None, device=w.device, dtype=w.dtype)
+        child.weight = nn.Parameter(w.clone(), requires_grad=module.weight.requires_grad)
+        if b is not None:
             child.bias = nn.Parameter(b.clone(), requires_grad=module.bias.requires_grad)
-            children.append(child)
-    else:  # nn.Linear, weight (3·out, in)
-        for i, w in enumerate(weight.chunk(3, dim=0)):
-            child = nn.Linear(
-                w.shape[1], w.shape[0], bias=bias is not None, device=weight.device, dtype=weight.dtype
-            )
-            child.weight = nn.Parameter(w.clone(), requires_grad=module.weight.requires_grad)
-            if bias is not None:
-                child.bias = nn.Parameter(bias.chunk(3)[i].clone(), requires_grad=module.bias.requires_grad)
-            children.append(child)
-    return SplitQKV(*children)
+        children.append(child)
+    return SplitQKV(*children, heads=heads)
 
 
 def _fuse_module(split: SplitQKV) -> nn.Module:
     conv1d = _conv1d_cls()
     q, k, v = split.q, split.k, split.v
+    weight = split.fuse([q.weight, k.weight, v.weight], "weight").detach()
     if conv1d is not None and isinstance(q, conv1d):
-        weight = torch.cat([q.weight, k.weight, v.weight], dim=1).detach()
         fused = conv1d(weight.shape[1], weight.shape[0]).to(device=weight.device, dtype=weight.dtype)
     else:
-        weight = torch.cat([q.weight, k.weight, v.weight], dim=0).detach()
         fused = nn.Linear(
             weight.shape[1],
             weight.shape[0],
@@ -148,7 +186,7 @@ def _fuse_module(split: SplitQKV) -> nn.Module:
     fused.weight = nn.Parameter(weight.clone(), requires_grad=q.weight.requires_grad)
     if q.bias is not None:
         fused.bias = nn.Parameter(
-            torch.cat([q.bias, k.bias, v.bias]).detach().clone(), requires_grad=q.bias.requires_grad
+            split.fuse([q.bias, k.bias, v.bias], "bias").detach().clone(), requires_grad=q.bias.requires_grad
         )
     return fused
 
@@ -212,12 +250,26 @@ def _fuse_mha(mha: SplitMultiheadAttention) -> None:
     mha._qkv_same_embed_dim = True
 
 
-def _is_fused_projection(name: str, module: nn.Module) -> bool:
+def _fused_layout(name: str, module: nn.Module, parent: nn.Module) -> dict | None:
+    """How to split the module ``name`` (keyword arguments of ``_split_module``), or None if it is
+    not a fused q/k/v projection. Head counts come from the attention module that holds it."""
     last = name.rsplit(".", 1)[-1]
     conv1d = _conv1d_cls()
     if last == "c_attn" and conv1d is not None and isinstance(module, conv1d):
-        return True
-    return last == "qkv" and isinstance(module, nn.Linear) and module.out_features % 3 == 0
+        return {}
+    if not isinstance(module, nn.Linear):
+        return None
+    if last == "qkv" and module.out_features % 3 == 0:
+        return {}
+    config = getattr(parent, "config", None)
+    heads = getattr(config, "num_attention_heads", None)
+    if last == "query_key_value" and isinstance(heads, int):  # GPT-NeoX / Pythia
+        return {"heads": heads}
+    if last == "qkv_proj" and isinstance(heads, int):  # Phi-3
+        kv_heads = getattr(config, "num_key_value_heads", None) or heads
+        d_head = getattr(parent, "head_dim", None) or module.out_features // (heads + 2 * kv_heads)
+        return {"sizes": [heads * d_head, kv_heads * d_head, kv_heads * d_head]}
+    return None
 
 
 def split_fused_qkv(model: nn.Module) -> list[str]:
@@ -236,10 +288,12 @@ def split_fused_qkv(model: nn.Module) -> list[str]:
             elif module.in_proj_bias is not None:
                 _split_mha_bias(module)
                 rewritten.append(name)
-        elif _is_fused_projection(name, module):
-            parent_name, _, child = name.rpartition(".")
-            parent = model.get_submodule(parent_name) if parent_name else model
-            setattr(parent, child, _split_module(module))
+            continue
+        parent_name, _, child = name.rpartition(".")
+        parent = model.get_submodule(parent_name) if parent_name else model
+        layout = _fused_layout(name, module, parent) if name else None
+        if layout is not None:
+            setattr(parent, child, _split_module(module, **layout))
             rewritten.append(name)
     return rewritten
 
@@ -308,12 +362,8 @@ def fuse_state_dict(state_dict: dict[str, torch.Tensor]) -> dict[str, torch.Tens
     for key, tensor in state_dict.items():
         if key not in consumed:
             out[key] = tensor
-    return {k: out[k] for k in sorted(out, key=_natural_key)}
+    return {k: out[k] for k in sorted(out, key=natural_key)}
 
 
 def _is_gpt2_conflict(fused: str, tensor: torch.Tensor) -> bool:
     return fused == "c_attn.weight" and (tensor.ndim != 2 or tensor.shape[1] % 3 != 0)
-
-
-def _natural_key(text: str) -> list[int | str]:
-    return [int(part) if part.isdigit() else part for part in re.split(r"(\d+)", text)]

@@ -272,6 +272,13 @@ def finetune(config: FinetuneConfig, *, progress: bool = True) -> dict[str, Any]
         dtype=torch.float32,  # train in float32 whatever the checkpoint's storage dtype
     )
     targets = set(config.targets)
+    split_modules: list[str] = []
+    if targets != {"all"} and "qkv" in roles(model).values():
+        from qkvlab.attention.split import split_fused_qkv
+
+        # per-matrix targets and rates need q, k and v apart (GPT-2, GPT-NeoX per head, Phi-3 blocks);
+        # outputs are unchanged, and the saved model is written in the fused layout again
+        split_modules = split_fused_qkv(model)
     overrides = {"v": {"lr_scale": config.lr_ratio}} if config.lr_ratio != 1.0 else None
     if config.method == "lora":
         from peft import LoraConfig, get_peft_model
@@ -423,6 +430,7 @@ def finetune(config: FinetuneConfig, *, progress: bool = True) -> dict[str, Any]
             for g in groups
         ],
         "lora_modules": lora_modules,
+        "split_modules": split_modules,
         "total_parameters": total,
         "seconds_per_step": train_seconds / max_steps,
         **_peak_memory(device, rss_reset),
@@ -442,7 +450,7 @@ def finetune(config: FinetuneConfig, *, progress: bool = True) -> dict[str, Any]
             to_save = model.merge_and_unload() if config.method == "lora" else model
             to_save.save_pretrained(out / "model")
             tokenizer.save_pretrained(out / "model")
-        from qkvlab.train.checkpoint import write_atomic
+        from qkvlab.data.cache import write_atomic
 
         write_atomic(out / "result.json", json.dumps(result, indent=1))
     return result
