@@ -39,7 +39,16 @@ def test_inspect_minilm_writes_json_csv_and_plots(tmp_path, capsys) -> None:
     )  # one row per layer
 
     data = json.loads((out / "m.json").read_text())
-    assert set(data) == {"schema_version", "kind", "source", "architecture", "rtol", "heads"}
+    assert set(data) == {
+        "schema_version",
+        "kind",
+        "source",
+        "architecture",
+        "rtol",
+        "notes",
+        "rank_noise_limited",
+        "heads",
+    }
     assert data["kind"] == "inspect"
     assert data["architecture"] == {
         "family": "bert",
@@ -319,8 +328,9 @@ def test_nonfinite_heads_are_flagged_not_silently_dropped(tmp_path, capsys) -> N
     assert metrics["spectra/L0/qk_nonfinite_heads"] == 1.0 and "spectra/L1/qk_nonfinite_heads" not in metrics
     from qkvlab.report.tables import inspect_text
 
-    assert inspect_text(report).splitlines()[-1] == (
+    assert (
         "WARNING: non-finite weights (left out of the statistics above): layer 0 QK heads 1"
+        in inspect_text(report).splitlines()
     )
 
 
@@ -354,3 +364,129 @@ print(len(lines), "torch" in sys.modules)
         [sys.executable, "-c", script], capture_output=True, text=True, check=True, timeout=120
     )
     assert done.stdout.strip().endswith("False"), done.stdout + done.stderr
+
+
+def test_notes_say_what_the_products_leave_out_and_when_rank_is_noise(tmp_path, capsys) -> None:
+    import json
+    import warnings
+
+    import torch
+    import transformers as tf
+
+    import qkvlab
+    from qkvlab.cli import main
+
+    torch.manual_seed(0)
+    qwen3 = tf.Qwen3Model(
+        tf.Qwen3Config(
+            vocab_size=64,
+            hidden_size=48,
+            num_attention_heads=6,
+            num_key_value_heads=2,
+            head_dim=8,
+            num_hidden_layers=2,
+            intermediate_size=64,
+        )
+    ).to(torch.bfloat16)
+    qwen3.save_pretrained(tmp_path / "qwen3")
+    with warnings.catch_warnings(record=True) as caught:  # Python: one warning
+        warnings.simplefilter("always")
+        report = qkvlab.inspect(tmp_path / "qwen3")
+    assert len([w for w in caught if "rounding noise" in str(w.message)]) == 1
+    assert report.rank_noise_limited
+    assert any("q_norm.weight" in n and "k_norm.weight" in n for n in report.notes)
+    assert any("rotary" in n for n in report.notes)
+    # an rtol above 10·eps of bf16 is not noise-limited
+    assert not qkvlab.inspect(tmp_path / "qwen3", rtol=0.1).rank_noise_limited
+    # the terminal prints every note once under the table, and the JSON carries them
+    assert main(["inspect", str(tmp_path / "qwen3"), "--quiet", "--json", str(tmp_path / "q.json")]) == 0
+    data = json.loads((tmp_path / "q.json").read_text())
+    assert data["rank_noise_limited"] is True and data["notes"] == report.notes
+    capsys.readouterr()
+    assert main(["inspect", str(tmp_path / "qwen3")]) == 0
+    captured = capsys.readouterr()
+    assert captured.out.count("note: ") == len(report.notes) and "UserWarning" not in captured.err
+    # float32 weights: nothing to say about precision
+    assert not qkvlab.inspect(qwen3.float()).rank_noise_limited
+
+
+def test_head_counts_that_contradict_the_config_are_refused(tmp_path, capsys) -> None:
+    from qkvlab.cli import main
+
+    from conftest import tiny_hf_model
+
+    tiny_hf_model("llama").save_pretrained(tmp_path)  # 6 heads, 2 KV heads
+    assert main(["inspect", str(tmp_path), "--n-heads", "4"]) == 2
+    assert "--n-heads 4 contradicts the config, which says 6" in capsys.readouterr().err
+    assert main(["inspect", str(tmp_path), "--n-kv-heads", "3"]) == 2
+    assert "--n-kv-heads 3 contradicts the config, which says 2" in capsys.readouterr().err
+    assert main(["inspect", str(tmp_path), "--n-heads", "6", "--quiet"]) == 0  # agreeing is fine
+
+
+def _checkpoints(folder, names, kind="gpt2"):
+    """HF checkpoints of one tiny model at a few states of "training" (more noise each time)."""
+    import torch
+
+    from conftest import tiny_hf_model
+
+    model = tiny_hf_model(kind)
+    for i, name in enumerate(names):
+        with torch.no_grad():
+            for p in model.parameters():
+                p.add_(0.02 * i * torch.randn_like(p))
+        model.save_pretrained(folder / name)
+    return folder
+
+
+def test_many_checkpoints_in_one_call_in_step_order(tmp_path, capsys) -> None:
+    import json
+
+    import qkvlab
+    from qkvlab.cli import main
+    from qkvlab.inspection import InspectSeries, checkpoint_step, expand_sources
+
+    run = _checkpoints(tmp_path / "run", ["checkpoint-200", "checkpoint-50", "checkpoint-1000"])
+    (tmp_path / "run" / ".tmp-checkpoint-9").mkdir()  # a crash's debris is not a checkpoint
+    assert [checkpoint_step(p) for p in expand_sources([run])] == [50, 200, 1000]
+    assert checkpoint_step("pythia-70m/step143000") == 143000 and checkpoint_step("final") is None
+    code = main(["inspect", str(run), "--json", str(tmp_path / "s.json"), "--plot", str(tmp_path / "p")])
+    assert code == 0
+    out = capsys.readouterr().out
+    assert out.startswith("3 checkpoints: gpt2, 3 layers, 6 heads")
+    series = InspectSeries.from_dict(json.loads((tmp_path / "s.json").read_text()))
+    assert series.steps == [50, 200, 1000]
+    # each record is exactly what inspecting that checkpoint alone gives
+    for report, name in zip(
+        series.reports, ["checkpoint-50", "checkpoint-200", "checkpoint-1000"], strict=True
+    ):
+        assert report.heads == qkvlab.inspect(run / name).heads
+    assert (tmp_path / "p" / "rank_and_gap_over_checkpoints.png").is_file()
+    # sources given one by one keep their order; without steps the x axis is the position
+    two = main(
+        [
+            "inspect",
+            str(run / "checkpoint-1000"),
+            str(run / "checkpoint-50"),
+            "--quiet",
+            "--json",
+            str(tmp_path / "t.json"),
+        ]
+    )
+    assert two == 0
+    given = json.loads((tmp_path / "t.json").read_text())
+    assert given["kind"] == "inspect-series" and given["steps"] == [1000, 50]
+    # the report plots rank and gap against the step
+    assert main(["report", str(tmp_path / "s.json"), "--out", str(tmp_path / "page")]) == 0
+    assert "Over 3 checkpoints" in (tmp_path / "page" / "report.md").read_text()
+
+
+def test_a_series_refuses_checkpoints_of_different_models(tmp_path, capsys) -> None:
+    from qkvlab.cli import main
+
+    _checkpoints(tmp_path / "a", ["step1"])
+    _checkpoints(tmp_path / "b", ["step2"], kind="llama")
+    capsys.readouterr()  # drop what saving printed
+    code = main(["inspect", str(tmp_path / "a" / "step1"), str(tmp_path / "b" / "step2")])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert code == 2 and len(err) == 1 and "a series compares checkpoints of one model" in err[0]
+    assert main(["inspect", str(tmp_path / "a" / "step1"), str(tmp_path / "b"), "--compare", "x"]) == 2

@@ -59,7 +59,10 @@ def _build_parser() -> argparse.ArgumentParser:
     )
     insp.add_argument(
         "source",
-        help=f"HF model folder, .safetensors file, or a packaged name ({', '.join(PACKAGED_MODELS)})",
+        nargs="+",
+        help=f"HF model folder, .safetensors file, training run, or a packaged name ({', '.join(PACKAGED_MODELS)}). "
+        "Several, or a folder of checkpoints (checkpoint-N, stepN, …): one record per checkpoint in step "
+        "order, and a table and plots of rank and gap against the step",
     )
     insp.add_argument("--json", metavar="FILE", help="write every head's metrics (fixed schema) to FILE")
     insp.add_argument("--csv", metavar="FILE", help="write one row per (layer, head, product) to FILE")
@@ -280,16 +283,30 @@ def _cmd_inspect(args: argparse.Namespace) -> int:
     from qkvlab.report.tables import inspect_text
 
     check_outputs(files=[args.json, args.csv], folders=[args.plot])
+    from qkvlab.inspection import expand_sources
+
+    sources = expand_sources(args.source)
     if args.compare:
+        if len(sources) != 1:
+            raise UserError(
+                f"--compare takes one base SOURCE, got {len(sources)}; accepted: SOURCE --compare TUNED"
+            )
+        args.source = sources[0]
         return _cmd_compare(args)
-    report = inspect(
-        args.source,
-        rtol=args.rtol,
-        family=args.family,
-        n_heads=args.n_heads,
-        n_kv_heads=args.n_kv_heads,
-        progress=None if args.quiet else _tqdm_progress,
-    )
+    if len(sources) > 1:
+        return _cmd_inspect_series(sources, args)
+    import warnings
+
+    with warnings.catch_warnings():  # the terminal gets them once, as notes under the table
+        warnings.simplefilter("ignore")
+        report = inspect(
+            sources[0],
+            rtol=args.rtol,
+            family=args.family,
+            n_heads=args.n_heads,
+            n_kv_heads=args.n_kv_heads,
+            progress=None if args.quiet else _tqdm_progress,
+        )
     if args.json:
         report.to_json(args.json)
     if args.csv:
@@ -301,6 +318,38 @@ def _cmd_inspect(args: argparse.Namespace) -> int:
         written += [str(p) for p in plot_report(report, args.plot)]
     if not args.quiet:
         print(inspect_text(report))
+        for path in written:
+            print(f"wrote {path}")
+    return 0
+
+
+def _cmd_inspect_series(sources: list[str], args: argparse.Namespace) -> int:
+    import warnings
+
+    from qkvlab.inspection import inspect_series
+    from qkvlab.report.tables import series_text
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        series = inspect_series(
+            sources,
+            rtol=args.rtol,
+            family=args.family,
+            n_heads=args.n_heads,
+            n_kv_heads=args.n_kv_heads,
+            progress=None if args.quiet else _tqdm_progress,
+        )
+    if args.json:
+        series.to_json(args.json)
+    if args.csv:
+        series.to_csv(args.csv)
+    written = [p for p in (args.json, args.csv) if p]
+    if args.plot:
+        from qkvlab.report.inspect_plots import plot_series
+
+        written += [str(p) for p in plot_series(series, args.plot)]
+    if not args.quiet:
+        print(series_text(series))
         for path in written:
             print(f"wrote {path}")
     return 0

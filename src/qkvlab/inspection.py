@@ -6,6 +6,8 @@ reports read (``schema_version`` 1):
     {"schema_version": 1, "source": str,
      "architecture": {"family", "n_layers", "n_heads", "n_kv_heads", "d_model", "d_head"},
      "rtol": float,
+     "notes": [str, ...],  # what the products leave out, and whether rank at rtol is noise-limited
+     "rank_noise_limited": bool,  # rtol < 10·eps of the weights' half-precision dtype
      "heads": [{"layer", "head", "product": "qk"|"ov", "singular_values": [...],
                 "rank", "effective_rank", "stable_rank", "nuclear_norm",
                 "l2_half", "gap", "imbalance", "left_gram", "right_gram"}, ...]}
@@ -22,9 +24,11 @@ from __future__ import annotations
 import csv
 import json
 import os
+import re
 import statistics
-from collections.abc import Callable, Iterable
-from dataclasses import dataclass
+import warnings
+from collections.abc import Callable, Iterable, Sequence
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -32,6 +36,7 @@ import torch
 from torch import nn
 
 from qkvlab.attention import ArchitectureInfo, AttentionFactors, load_source
+from qkvlab.attention.extract import natural_key
 from qkvlab.errors import UserError
 from qkvlab.spectra import DEFAULT_RTOL, ProductSpectrum
 
@@ -39,8 +44,12 @@ __all__ = [
     "METRICS",
     "PRODUCTS",
     "InspectReport",
+    "InspectSeries",
+    "checkpoint_step",
     "compare",
+    "expand_sources",
     "inspect",
+    "inspect_series",
     "spectrum_records",
     "summary_metrics",
 ]
@@ -96,6 +105,11 @@ class InspectReport:
     architecture: ArchitectureInfo
     rtol: float
     heads: list[dict[str, Any]]
+    #: What the products leave out (rotary, norms or gains inside the attention block) and precision
+    #: limits, as lines the terminal prints under the table.
+    notes: list[str] = field(default_factory=list)
+    #: True when the weights are bf16/fp16 and rtol < 10·eps of that dtype: rank at rtol is then noise.
+    rank_noise_limited: bool = False
 
     def to_dict(self) -> dict[str, Any]:
         return {
@@ -104,6 +118,8 @@ class InspectReport:
             "source": self.source,
             "architecture": self.architecture.to_dict(),
             "rtol": self.rtol,
+            "notes": self.notes,
+            "rank_noise_limited": self.rank_noise_limited,
             "heads": self.heads,
         }
 
@@ -113,7 +129,14 @@ class InspectReport:
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> InspectReport:
-        return cls(data["source"], ArchitectureInfo(**data["architecture"]), data["rtol"], data["heads"])
+        return cls(
+            data["source"],
+            ArchitectureInfo(**data["architecture"]),
+            data["rtol"],
+            data["heads"],
+            list(data.get("notes", [])),
+            bool(data.get("rank_noise_limited", False)),
+        )
 
     def to_csv(self, path: str | os.PathLike[str]) -> None:
         """One row per (layer, head, product); singular values space-separated in the last column."""
@@ -231,10 +254,167 @@ def inspect(
     factors = AttentionFactors(tensors, family=family, n_heads=n_heads, n_kv_heads=n_kv_heads)
     layers: Iterable[Any] = factors if progress is None else progress(factors, len(factors))
     records: list[dict[str, Any]] = []
+    dtypes: set[torch.dtype] = set()
     for layer in layers:
+        dtypes.update((layer.qk.left.dtype, layer.qk.right.dtype, layer.ov.left.dtype, layer.ov.right.dtype))
         records += spectrum_records(layer.layer, "qk", layer.qk.spectrum(), rtol)
         records += spectrum_records(layer.layer, "ov", layer.ov.spectrum(), rtol)
-    return InspectReport(tensors.name, factors.info, rtol, records)
+    notes = factors.left_out()
+    half = sorted((d for d in dtypes if d in (torch.bfloat16, torch.float16)), key=str)
+    noisy = bool(half) and rtol < 10 * max(torch.finfo(d).eps for d in half)
+    if noisy:
+        eps = max(torch.finfo(d).eps for d in half)
+        message = (
+            f"the weights are {', '.join(str(d).removeprefix('torch.') for d in half)} (machine epsilon "
+            f"{eps:.2g}): rank at rtol {rtol:g} < 10·eps counts rounding noise; use --rtol {10 * eps:.2g} or "
+            "more, or read effective_rank and stable_rank, which need no threshold"
+        )
+        warnings.warn(message, stacklevel=2)
+        notes.append(message)
+    return InspectReport(tensors.name, factors.info, rtol, records, notes, noisy)
+
+
+# -- many checkpoints in one call -------------------------------------------------------------------
+
+#: A checkpoint folder's step, from its name: checkpoint-00000400 (qkvlab, HF Trainer), step143000
+#: (Pythia's revisions), global_step1000 (DeepSpeed), iter_0001000 (Megatron).
+_STEP = re.compile(r"(?:checkpoint|global_step|step|iter)[-_]?(\d+)$")
+
+
+def checkpoint_step(path: str | os.PathLike[str]) -> int | None:
+    """The training step a checkpoint's folder name says, or None."""
+    match = _STEP.search(Path(path).name)
+    return int(match.group(1)) if match else None
+
+
+def _is_model(folder: Path) -> bool:
+    return any(folder.glob("*.safetensors")) or (folder / "model.safetensors.index.json").is_file()
+
+
+def expand_sources(sources: Sequence[str | os.PathLike[str]]) -> list[str]:
+    """Each source as given, except a folder of several checkpoints (the HF Trainer's output folder,
+    a set of Pythia steps), which becomes its checkpoints in step order. A ``qkvlab train`` run folder
+    stays one source, its latest checkpoint (its spectral monitor already records every step; give
+    ``RUN/checkpoint-*`` to inspect each kept checkpoint)."""
+    out: list[str] = []
+    for source in sources:
+        path = Path(source).expanduser()
+        inner = (
+            sorted(
+                (p for p in path.iterdir() if p.is_dir() and not p.name.startswith(".") and _is_model(p)),
+                key=lambda p: natural_key(p.name),
+            )
+            if path.is_dir() and not _is_model(path)
+            else []
+        )
+        qkvlab_run = (path / "metrics.jsonl").is_file() or (path / "latest").is_file()
+        if len(inner) > 1 and not qkvlab_run:
+            stepped = [p for p in inner if checkpoint_step(p) is not None]
+            chosen = sorted(stepped, key=lambda p: checkpoint_step(p)) if stepped else inner
+            out += [str(p) for p in chosen]
+        else:
+            out.append(str(source))
+    return out
+
+
+@dataclass
+class InspectSeries:
+    """One ``InspectReport`` per checkpoint, in order, with the step each one is at (None: unknown).
+
+    JSON (``kind`` "inspect-series", ``schema_version`` 1): ``{"schema_version", "kind", "steps",
+    "reports": [an inspect JSON each]}``.
+    """
+
+    reports: list[InspectReport]
+    steps: list[int | None]
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "schema_version": 1,
+            "kind": "inspect-series",
+            "steps": self.steps,
+            "reports": [r.to_dict() for r in self.reports],
+        }
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> InspectSeries:
+        return cls([InspectReport.from_dict(r) for r in data["reports"]], list(data["steps"]))
+
+    def to_json(self, path: str | os.PathLike[str]) -> None:
+        Path(path).parent.mkdir(parents=True, exist_ok=True)
+        Path(path).write_text(json.dumps(self.to_dict()))
+
+    def to_csv(self, path: str | os.PathLike[str]) -> None:
+        """One row per (checkpoint, layer, head, product)."""
+        Path(path).parent.mkdir(parents=True, exist_ok=True)
+        with open(path, "w", newline="") as fh:
+            writer = csv.writer(fh)
+            writer.writerow(["source", "step", "layer", "head", "product", *METRICS, "singular_values"])
+            for report, step in zip(self.reports, self.steps, strict=True):
+                for rec in report.heads:
+                    sv = " ".join(f"{s:.9g}" for s in rec["singular_values"] or [])
+                    row = [rec["layer"], rec["head"], rec["product"], *(rec[m] for m in METRICS), sv]
+                    writer.writerow([report.source, "" if step is None else step, *row])
+
+    def x(self) -> tuple[list[float], str]:
+        """The x axis: the steps when every checkpoint has one, else the checkpoint's position."""
+        if all(s is not None for s in self.steps):
+            return [float(s) for s in self.steps], "training step"  # type: ignore[arg-type]
+        return [float(i) for i in range(len(self.reports))], "checkpoint (in the order given)"
+
+    def rows(self) -> list[dict[str, Any]]:
+        """Per checkpoint, over every head of every layer: mean and min effective rank, mean rank and
+        mean gap of each product, and how many heads were non-finite."""
+        rows = []
+        for report, step in zip(self.reports, self.steps, strict=True):
+            row: dict[str, Any] = {"source": report.source, "step": step}
+            for product in PRODUCTS:
+                recs = [r for r in report._records(product) if r["effective_rank"] is not None]
+                row[f"{product}_nonfinite_heads"] = len(report._records(product)) - len(recs)
+                if not recs:
+                    row.update(
+                        {
+                            f"{product}_{k}": float("nan")
+                            for k in ("erank_mean", "erank_min", "rank_mean", "gap_mean")
+                        }
+                    )
+                    continue
+                eranks = [r["effective_rank"] for r in recs]
+                row[f"{product}_erank_mean"] = statistics.fmean(eranks)
+                row[f"{product}_erank_min"] = min(eranks)
+                row[f"{product}_rank_mean"] = statistics.fmean(r["rank"] for r in recs)
+                row[f"{product}_gap_mean"] = statistics.fmean(r["gap"] for r in recs)
+            rows.append(row)
+        return rows
+
+
+def inspect_series(
+    sources: Sequence[nn.Module | str | os.PathLike[str]],
+    *,
+    rtol: float = DEFAULT_RTOL,
+    family: str | None = None,
+    n_heads: int | None = None,
+    n_kv_heads: int | None = None,
+    progress: Callable[[Iterable[Any], int], Iterable[Any]] | None = None,
+) -> InspectSeries:
+    """``inspect`` of each source in order (a folder of checkpoints counts as its checkpoints, in step
+    order): how attention changes over training. Every source must have the same architecture."""
+    paths: list[Any] = []
+    for source in sources:
+        paths += [source] if isinstance(source, nn.Module) else expand_sources([source])
+    reports, steps = [], []
+    items: Iterable[Any] = paths if progress is None else progress(paths, len(paths))
+    for source in items:
+        report = inspect(source, rtol=rtol, family=family, n_heads=n_heads, n_kv_heads=n_kv_heads)
+        if reports and report.architecture != reports[0].architecture:
+            raise UserError(
+                f"{report.source} is a {report.architecture.family} of {report.architecture.n_layers} layers × "
+                f"{report.architecture.n_heads} heads, unlike {reports[0].source}; a series compares checkpoints "
+                "of one model"
+            )
+        reports.append(report)
+        steps.append(None if isinstance(source, nn.Module) else checkpoint_step(source))
+    return InspectSeries(reports, steps)
 
 
 COMPARE_PRODUCTS = ("dqk", "dov", "dq", "dk", "dv", "do")

@@ -154,6 +154,7 @@ class DiskSource(TensorSource):
     request with one ``pread`` (no memory map), so memory is freed as soon as the caller drops it."""
 
     def __init__(self, path: Path, display_name: str | None = None) -> None:
+        self._fds: dict[Path, int] = {}  # first, so close() works whatever __init__ refuses below
         self.path = path
         self.name = display_name or str(path)
         self.heads_hint = {}
@@ -171,7 +172,6 @@ class DiskSource(TensorSource):
                     )
         if not self._entries:
             raise UserError(f"{path} holds no tensors")
-        self._fds: dict[Path, int] = {}
 
     def keys(self) -> list[str]:
         return list(self._entries)

@@ -4,6 +4,7 @@ Kinds (each output file carries ``schema_version`` and ``kind``; files that pred
 are recognised by their shape):
 
 - ``inspect``: an ``inspect --json`` file;
+- ``inspect-series``: an ``inspect SRC1 SRC2 … --json`` file (many checkpoints of one model);
 - ``training-run``: a ``qkvlab train`` run folder (``config.json`` + ``metrics.jsonl``);
 - ``sweep``: a ``qkvlab sweep`` folder (``sweep.json``);
 - ``finetune-run``: a ``qkvlab finetune`` run folder or its ``result.json``;
@@ -28,7 +29,7 @@ from qkvlab.report.page import Figure, Page, Preformatted, Section, Table, Text
 
 __all__ = ["build_page", "detect", "write_report"]
 
-KINDS = ("inspect", "training-run", "sweep", "finetune-run", "theory", "repro:NAME")
+KINDS = ("inspect", "inspect-series", "training-run", "sweep", "finetune-run", "theory", "repro:NAME")
 _PRODUCT = {"qk": "QK = W_KᵀW_Q", "ov": "OV = P·W_V"}
 
 
@@ -44,7 +45,7 @@ def detect(path: Path) -> str:
     if path.is_file() and path.suffix == ".json":
         data = _json(path)
         kind = data.get("kind") if isinstance(data, dict) else None
-        if kind in ("inspect", "theory", "finetune-run"):
+        if kind in ("inspect", "inspect-series", "theory", "finetune-run"):
             return kind
         if isinstance(data, dict) and "heads" in data and "architecture" in data:
             return "inspect"  # inspect --json before it carried a kind
@@ -67,7 +68,7 @@ def detect(path: Path) -> str:
     elif not path.exists():
         raise UserError(f"{path} does not exist")
     raise UserError(
-        f"cannot tell what {path} is; accepted: an `inspect --json` file, a training run folder, a sweep "
+        f"cannot tell what {path} is; accepted: an `inspect --json` file (one or many checkpoints), a training run folder, a sweep "
         "folder, a fine-tuning run, a `theory --json` file, or a `repro` results folder"
     )
 
@@ -471,6 +472,27 @@ def build_page(paths: Sequence[Path], figures: Path, title: str | None = None, i
 
             reports = [(_label(p), InspectReport.from_dict(_json(p))) for p in group]
             sections += _inspect_sections(reports, figures, f"{stem}_inspect")
+        elif kind == "inspect-series":
+            from qkvlab.inspection import InspectSeries
+            from qkvlab.report.inspect_plots import series_figure
+            from qkvlab.report.tables import series_text
+
+            for j, path in enumerate(group):
+                series = InspectSeries.from_dict(_json(path))
+                figure = series_figure(series, figures / f"{stem}_{j}_series.png")
+                sections.append(
+                    Section(
+                        f"Over {len(series.reports)} checkpoints: {_label(path)}",
+                        [
+                            Preformatted(series_text(series)),
+                            Figure(
+                                figure,
+                                "Effective rank and gap of each product against the step: the mean "
+                                "over every head (black), each layer's mean, and the range over heads (grey).",
+                            ),
+                        ],
+                    )
+                )
         elif kind == "training-run":
             sections += _training_sections([_read_run(p) for p in group], figures, stem)
         elif kind == "sweep":

@@ -3,12 +3,13 @@
 from __future__ import annotations
 
 import math
+import os
 import textwrap
 from pathlib import Path
 
 import numpy as np
 
-from qkvlab.inspection import PRODUCTS, InspectReport
+from qkvlab.inspection import PRODUCTS, InspectReport, InspectSeries
 from qkvlab.report.figures import pyplot, save
 
 _TITLES = {
@@ -133,3 +134,58 @@ def plot_compare(report: InspectReport, folder: str | Path) -> list[Path]:
         if p in report.products() and any(r["singular_values"][0] > 0 for r in report.select(p))
     ]  # a product that did not change at all has no spectrum to draw (the heatmap says so)
     return paths
+
+
+def series_figure(series: InspectSeries, path: Path) -> Path:
+    """Effective rank and gap against the step, per product: the mean over every head of every layer,
+    with the range over heads shaded, and each layer's mean as a thin line."""
+    plt = pyplot()
+    x, xlabel = series.x()
+    layers = series.reports[0].architecture.n_layers
+    colours = plt.get_cmap("viridis")
+    fig, axes = plt.subplots(2, 2, figsize=(11, 7), sharex=True)
+    for col, product in enumerate(PRODUCTS):
+        for row, (metric, label) in enumerate(
+            (("effective_rank", "effective rank"), ("gap", "gap ½(‖A‖²+‖B‖²) − ‖ABᵀ‖_*"))
+        ):
+            ax = axes[row][col]
+            values = [
+                [r[metric] for r in rep.select(product) if r[metric] is not None] for rep in series.reports
+            ]
+            means = [float(np.mean(v)) if v else float("nan") for v in values]
+            low = [min(v) if v else float("nan") for v in values]
+            high = [max(v) if v else float("nan") for v in values]
+            ax.fill_between(x, low, high, color="0.85", label="range over heads")
+            for layer in range(layers):
+                per_layer = [
+                    float(
+                        np.mean(
+                            [r[metric] for r in rep.select(product, layer) if r[metric] is not None]
+                            or [np.nan]
+                        )
+                    )
+                    for rep in series.reports
+                ]
+                ax.plot(
+                    x, per_layer, lw=0.8, color=colours(layer / max(layers - 1, 1)), label=f"layer {layer}"
+                )
+            ax.plot(x, means, "o-", color="black", lw=2, label="mean over heads and layers")
+            ax.set_title(f"{_TITLES[product]}: {label}")
+            ax.set_ylabel(label.split(" ")[0] if metric == "gap" else "effective rank (dimensions)")
+            if row == 1:
+                ax.set_xlabel(xlabel)
+            if min(x) > 0 and max(x) / min(x) > 100:  # Pythia-style steps: 1, 2, 4, …, 143000
+                ax.set_xscale("log")
+            ax.legend(fontsize=7, ncol=2)
+    try:
+        common = os.path.commonpath([r.source for r in series.reports])
+    except ValueError:  # packaged names and paths mixed
+        common = ""
+    fig.suptitle(f"{len(series.reports)} checkpoints of {common or 'one model'}", fontsize=10)
+    return save(fig, path)
+
+
+def plot_series(series: InspectSeries, folder: str | Path) -> list[Path]:
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    return [series_figure(series, folder / "rank_and_gap_over_checkpoints.png")]

@@ -85,6 +85,51 @@ def inspect_text(report: object) -> str:
     ]
     if bad:
         lines.append("WARNING: non-finite weights (left out of the statistics above): " + "; ".join(bad))
+    lines += [f"note: {n}" for n in getattr(report, "notes", [])]
+    return "\n".join(lines)
+
+
+def series_text(series: object) -> str:
+    """What ``qkvlab inspect SRC1 SRC2 …`` prints: one row per checkpoint, in order."""
+    rows_in = series.rows()  # type: ignore[attr-defined]
+    arch = series.reports[0].architecture  # type: ignore[attr-defined]
+    headers = [
+        "step",
+        "source",
+        "QK erank",
+        "QK min",
+        "QK rank",
+        "QK gap",
+        "OV erank",
+        "OV min",
+        "OV rank",
+        "OV gap",
+    ]
+    fields = ["erank_mean", "erank_min", "rank_mean", "gap_mean"]
+    rows = [
+        [
+            "?" if r["step"] is None else r["step"],
+            r["source"],
+            *(r[f"qk_{f}"] for f in fields),
+            *(r[f"ov_{f}"] for f in fields),
+        ]
+        for r in rows_in
+    ]
+    lines = [
+        f"{len(rows)} checkpoints: {arch.family}, {arch.n_layers} layers, {arch.n_heads} heads "
+        f"({arch.n_kv_heads} KV), d_head={arch.d_head}; over every head of every layer",
+        format_table(headers, rows),
+        INSPECT_LEGEND,
+    ]
+    bad = [
+        f"{r['source']}: {r['qk_nonfinite_heads'] + r['ov_nonfinite_heads']} heads"
+        for r in rows_in
+        if r["qk_nonfinite_heads"] or r["ov_nonfinite_heads"]
+    ]
+    if bad:
+        lines.append("WARNING: non-finite weights (left out of the statistics above): " + "; ".join(bad))
+    notes = dict.fromkeys(n for rep in series.reports for n in rep.notes)  # type: ignore[attr-defined]
+    lines += [f"note: {n}" for n in notes]
     return "\n".join(lines)
 
 
