@@ -270,3 +270,101 @@ def test_opt_weights_without_a_config_are_not_mistaken_for_llama(tmp_path) -> No
     report = qkvlab.inspect(tmp_path, n_heads=6)
     assert report.architecture.family == "opt"
     _check_model_against_reference(model.double(), "opt", report)
+
+
+def test_t5_three_kinds_of_attention_equal_formed_products(tmp_path) -> None:
+    """T5: encoder self-, decoder self- and cross-attention, each head record with its `attention`, d_head
+    = d_kv, layers counted within each kind; checked against products formed from HF's own modules."""
+    import json
+
+    import transformers as tf
+
+    from qkvlab.cli import main
+    from qkvlab.inspection import InspectReport
+
+    torch.manual_seed(0)
+    config = tf.T5Config(
+        vocab_size=64, d_model=32, d_kv=6, num_heads=4, num_layers=2, num_decoder_layers=3, d_ff=48
+    )
+    model = tf.T5Model(config).double().eval()
+    report = qkvlab.inspect(model)
+    arch = report.architecture
+    assert arch.family == "t5" and arch.d_head == 6 and arch.n_heads == 4
+    assert arch.attention_layers == {"self": 2, "decoder_self": 3, "cross": 3}
+    assert report.attention_kinds() == ["self", "decoder_self", "cross"]
+    modules = {
+        "self": [b.layer[0].SelfAttention for b in model.encoder.block],
+        "decoder_self": [b.layer[0].SelfAttention for b in model.decoder.block],
+        "cross": [b.layer[1].EncDecAttention for b in model.decoder.block],
+    }
+    for kind, attns in modules.items():
+        for layer, attn in enumerate(attns):
+            qt = _probe(attn.q, 32).reshape(32, 4, 6)
+            kt = _probe(attn.k, 32).reshape(32, 4, 6)
+            vt = _probe(attn.v, 32).reshape(32, 4, 6)
+            ot = _probe(attn.o, 24).reshape(4, 6, 32)
+            for product, formed in (
+                ("qk", torch.stack([kt[:, h] @ qt[:, h].T for h in range(4)])),
+                ("ov", torch.stack([ot[h].T @ vt[:, h].T for h in range(4)])),
+            ):
+                recs = report.select(product, layer, attention=kind)
+                assert [r["attention"] for r in recs] == [kind] * 4
+                ours = torch.tensor([r["singular_values"] for r in recs], dtype=F64)
+                torch.testing.assert_close(ours, torch.linalg.svdvals(formed)[:, :6], rtol=1e-9, atol=1e-12)
+    with pytest.raises(ValueError, match="give attention= with layer="):
+        report.select("qk", 0)
+    # streamed from disk: the same; the JSON is schema 2, and a schema-1 file still reads
+    model.float().save_pretrained(tmp_path / "t5")
+    assert main(["inspect", str(tmp_path / "t5"), "--quiet", "--json", str(tmp_path / "t5.json")]) == 0
+    data = json.loads((tmp_path / "t5.json").read_text())
+    assert data["schema_version"] == 2 and {r["attention"] for r in data["heads"]} == set(modules)
+    assert any("1/√d_kv" in n for n in data["notes"])
+    old = {
+        **data,
+        "schema_version": 1,
+        "heads": [
+            {k: v for k, v in r.items() if k != "attention"}
+            for r in data["heads"]
+            if r["attention"] == "self"
+        ],
+    }
+    assert InspectReport.from_dict(old).attention_kinds() == ["self"]
+    rows = report.layer_summary()
+    assert [(r["attention"], r["layer"]) for r in rows] == [
+        ("self", 0),
+        ("self", 1),
+        ("decoder_self", 0),
+        ("decoder_self", 1),
+        ("decoder_self", 2),
+        ("cross", 0),
+        ("cross", 1),
+        ("cross", 2),
+    ]
+    from qkvlab.inspection import summary_metrics
+
+    assert "spectra/cross/L2/qk_erank_mean" in summary_metrics(report)
+    assert "spectra/L1/qk_erank_mean" in summary_metrics(
+        report
+    )  # encoder self-attention keeps the plain tags
+
+
+def test_t5_in_the_terminal_plots_and_report(tmp_path, capsys) -> None:
+    import transformers as tf
+
+    from qkvlab.cli import main
+
+    torch.manual_seed(0)
+    config = tf.T5Config(
+        vocab_size=64, d_model=32, d_kv=8, num_heads=4, num_layers=2, num_decoder_layers=2, d_ff=48
+    )
+    tf.T5Model(config).save_pretrained(tmp_path / "t5")
+    capsys.readouterr()
+    json_path, plots = tmp_path / "t5.json", tmp_path / "plots"
+    assert main(["inspect", str(tmp_path / "t5"), "--json", str(json_path), "--plot", str(plots)]) == 0
+    out = capsys.readouterr().out
+    assert "2 encoder self-attention layers, 2 decoder self-attention layers, 2 cross-attention layers" in out
+    assert out.count("layer  QK erank") == 3 and "cross-attention (decoder queries" in out
+    assert {p.name for p in plots.iterdir()} == {"self", "decoder_self", "cross"}
+    assert main(["report", str(json_path), "--out", str(tmp_path / "page")]) == 0
+    page = (tmp_path / "page" / "report.md").read_text()
+    assert "t5, cross" in page and "t5, decoder_self" in page

@@ -61,7 +61,16 @@ def test_inspect_minilm_writes_json_csv_and_plots(tmp_path, capsys) -> None:
     assert data["rtol"] == 1e-3
     assert len(data["heads"]) == 6 * 12 * 2
     first = data["heads"][0]
-    assert set(first) == {"layer", "head", "product", "singular_values", *METRICS, "left_gram", "right_gram"}
+    assert set(first) == {
+        "attention",
+        "layer",
+        "head",
+        "product",
+        "singular_values",
+        *METRICS,
+        "left_gram",
+        "right_gram",
+    }
     assert (first["layer"], first["head"], first["product"]) == (0, 0, "qk")
     assert {(h["layer"], h["head"], h["product"]) for h in data["heads"]} == {
         (layer, head, p) for layer in range(6) for head in range(12) for p in ("qk", "ov")
@@ -140,13 +149,11 @@ def _bad_truncated(tmp_path):
 def _bad_unsupported(tmp_path):
     import torch
 
-    folder = tmp_path / "t5"
+    folder = tmp_path / "mamba"
     folder.mkdir()
-    (folder / "config.json").write_text(json.dumps({"model_type": "t5", "num_heads": 4}))
-    save_file(
-        {"encoder.block.0.layer.0.SelfAttention.q.weight": torch.zeros(8, 8)}, folder / "model.safetensors"
-    )
-    return [str(folder)], "unsupported architecture .* model_type 't5'.*supported families: bert"
+    (folder / "config.json").write_text(json.dumps({"model_type": "mamba", "num_heads": 4}))
+    save_file({"backbone.layers.0.mixer.in_proj.weight": torch.zeros(8, 8)}, folder / "model.safetensors")
+    return [str(folder)], "unsupported architecture .* model_type 'mamba'.*supported families: bert"
 
 
 def _bad_heads_do_not_divide(tmp_path):
@@ -196,7 +203,7 @@ def _bad_n_heads(tmp_path):
 
 
 def _bad_family(tmp_path):
-    return ["minilm", "--family", "t5"], "invalid choice: 't5'"
+    return ["minilm", "--family", "mamba"], "invalid choice: 'mamba'"
 
 
 BAD_INPUTS = [

@@ -1,14 +1,16 @@
 """Per-head QK/OV spectra of a whole model: ``qkvlab.inspect(model_or_path)``.
 
 The JSON written by ``InspectReport.to_json`` has a fixed shape that other tools and
-reports read (``schema_version`` 1):
+reports read (``schema_version`` 2; readers accept 1, whose records are all self-attention):
 
-    {"schema_version": 1, "source": str,
-     "architecture": {"family", "n_layers", "n_heads", "n_kv_heads", "d_model", "d_head"},
+    {"schema_version": 2, "source": str,
+     "architecture": {"family", "n_layers", "n_heads", "n_kv_heads", "d_model", "d_head",
+                      "attention_layers": {kind: layers}, only with several kinds (T5)},
      "rtol": float,
      "notes": [str, ...],  # what the products leave out, and whether rank at rtol is noise-limited
      "rank_noise_limited": bool,  # rtol < 10·eps of the weights' half-precision dtype
-     "heads": [{"layer", "head", "product": "qk"|"ov", "singular_values": [...],
+     "heads": [{"attention": "self"|"decoder_self"|"cross", "layer" (counted within its kind),
+                "head", "product": "qk"|"ov", "singular_values": [...],
                 "rank", "effective_rank", "stable_rank", "nuclear_norm",
                 "l2_half", "gap", "imbalance", "left_gram", "right_gram"}, ...]}
 
@@ -22,6 +24,7 @@ then head.
 from __future__ import annotations
 
 import csv
+import dataclasses
 import json
 import os
 import re
@@ -54,7 +57,7 @@ __all__ = [
     "summary_metrics",
 ]
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2  # 2: every head record has "attention"; readers accept 1 (all "self")
 PRODUCTS = ("qk", "ov")
 METRICS = ("rank", "effective_rank", "stable_rank", "nuclear_norm", "l2_half", "gap", "imbalance")
 SUMMARY_STATS = (
@@ -69,9 +72,9 @@ SUMMARY_STATS = (
 
 
 def spectrum_records(
-    layer: int, product: str, spectrum: ProductSpectrum, rtol: float
+    layer: int, product: str, spectrum: ProductSpectrum, rtol: float, attention: str = "self"
 ) -> list[dict[str, Any]]:
-    """One JSON-ready record per head of one product of one layer."""
+    """One JSON-ready record per head of one product of one layer (of one kind of attention)."""
     columns = {
         "rank": spectrum.rank(rtol).tolist(),
         "effective_rank": spectrum.effective_rank.tolist(),
@@ -88,6 +91,7 @@ def spectrum_records(
     finite = torch.isfinite(spectrum.singular_values).all(-1).tolist()
     return [
         {
+            "attention": attention,
             "layer": layer,
             "head": head,
             "product": product,
@@ -129,11 +133,12 @@ class InspectReport:
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> InspectReport:
+        """From ``to_dict``'s output, schema_version 2 or 1 (whose records are all self-attention)."""
         return cls(
             data["source"],
             ArchitectureInfo(**data["architecture"]),
             data["rtol"],
-            data["heads"],
+            [r if "attention" in r else {"attention": "self", **r} for r in data["heads"]],
             list(data.get("notes", [])),
             bool(data.get("rank_noise_limited", False)),
         )
@@ -148,16 +153,51 @@ class InspectReport:
                 sv = " ".join(f"{s:.9g}" for s in rec["singular_values"])
                 writer.writerow([rec["layer"], rec["head"], rec["product"], *(rec[m] for m in METRICS), sv])
 
-    def _records(self, product: str, layer: int | None = None) -> list[dict[str, Any]]:
-        return [r for r in self.heads if r["product"] == product and (layer is None or r["layer"] == layer)]
+    def _records(
+        self, product: str, layer: int | None = None, attention: str | None = None
+    ) -> list[dict[str, Any]]:
+        return [
+            r
+            for r in self.heads
+            if r["product"] == product
+            and (layer is None or r["layer"] == layer)
+            and (attention is None or r.get("attention", "self") == attention)
+        ]
+
+    def attention_kinds(self) -> list[str]:
+        """The kinds of attention this report holds, in model order: ["self"], or T5's
+        ["self", "decoder_self", "cross"]."""
+        return list(dict.fromkeys(r.get("attention", "self") for r in self.heads)) or ["self"]
+
+    def for_attention(self, kind: str) -> InspectReport:
+        """The report of one kind of attention alone (its layers counted from 0), as for a one-kind model."""
+        if kind not in self.attention_kinds():
+            raise ValueError(
+                f"unknown attention {kind!r}; this report has: {', '.join(self.attention_kinds())}"
+            )
+        layers = (self.architecture.attention_layers or {}).get(kind, self.architecture.n_layers)
+        arch = dataclasses.replace(self.architecture, n_layers=layers, attention_layers=None)
+        heads = [r for r in self.heads if r.get("attention", "self") == kind]
+        return InspectReport(self.source, arch, self.rtol, heads, self.notes, self.rank_noise_limited)
 
     def products(self) -> list[str]:
         """The products this report holds: ``qk`` and ``ov`` (a compare report: ``dqk``, ``dov``, …)."""
         return list(dict.fromkeys(r["product"] for r in self.heads))
 
-    def select(self, product: str, layer: int | None = None, head: int | None = None) -> list[dict[str, Any]]:
+    def select(
+        self, product: str, layer: int | None = None, head: int | None = None, attention: str | None = None
+    ) -> list[dict[str, Any]]:
         """The records of ``product``, optionally of one layer and/or head (ValueError for an unknown
-        product, layer or head, rather than an empty list that looks like a real answer)."""
+        product, layer or head, rather than an empty list that looks like a real answer). With several
+        kinds of attention (T5), a layer needs ``attention=`` ("self", "decoder_self" or "cross")."""
+        if attention is not None or len(self.attention_kinds()) > 1:
+            if attention is None and layer is not None:
+                raise ValueError(
+                    f"this model has several kinds of attention ({', '.join(self.attention_kinds())}); "
+                    "give attention= with layer="
+                )
+            if attention is not None:
+                return self.for_attention(attention).select(product, layer, head)
         if product not in self.products():
             raise ValueError(f"unknown product {product!r}; this report has: {', '.join(self.products())}")
         arch = self.architecture
@@ -206,7 +246,11 @@ class InspectReport:
         """Per layer and product, over heads: mean/min effective rank, and the mean rank, stable rank,
         nuclear norm, gap and imbalance (``{product}_{erank_mean|erank_min|rank_mean|stable_rank_mean|
         nuclear_norm_mean|gap_mean|imbalance_mean|nonfinite_heads}``). Heads with non-finite weights are
-        left out of the statistics and counted in ``{product}_nonfinite_heads``."""
+        left out of the statistics and counted in ``{product}_nonfinite_heads``. With several kinds of
+        attention (T5) the rows of each kind follow each other, each with its ``attention``."""
+        kinds = self.attention_kinds()
+        if len(kinds) > 1:
+            return [{"attention": k, **row} for k in kinds for row in self.for_attention(k).layer_summary()]
         rows = []
         for layer in range(self.architecture.n_layers):
             row: dict[str, float | int] = {"layer": layer}
@@ -257,8 +301,8 @@ def inspect(
     dtypes: set[torch.dtype] = set()
     for layer in layers:
         dtypes.update((layer.qk.left.dtype, layer.qk.right.dtype, layer.ov.left.dtype, layer.ov.right.dtype))
-        records += spectrum_records(layer.layer, "qk", layer.qk.spectrum(), rtol)
-        records += spectrum_records(layer.layer, "ov", layer.ov.spectrum(), rtol)
+        records += spectrum_records(layer.layer, "qk", layer.qk.spectrum(), rtol, layer.attention)
+        records += spectrum_records(layer.layer, "ov", layer.ov.spectrum(), rtol, layer.attention)
     notes = factors.left_out()
     half = sorted((d for d in dtypes if d in (torch.bfloat16, torch.float16)), key=str)
     noisy = bool(half) and rtol < 10 * max(torch.finfo(d).eps for d in half)
@@ -453,7 +497,7 @@ def compare(
             product = FactoredProduct(left, right, fa.left_index, fa.right_index)
             scale = _scale(fa) + _scale(fb)
             records += _null_factor_fields(
-                spectrum_records(index, name, _clean(product.spectrum(), scale), rtol)
+                spectrum_records(la.layer, name, _clean(product.spectrum(), scale), rtol, la.attention)
             )
         # single weights: ΔW^h as the product ΔW^hᵀ · I (d_head columns): σ(ΔW^h) directly
         deltas = {
@@ -469,11 +513,12 @@ def compare(
             scale = torch.linalg.matrix_norm(delta.double())
             scale = (scale if head_index is None else scale[head_index]) + 1e-300
             records += _null_factor_fields(
-                spectrum_records(index, name, _clean(product.spectrum(), scale), rtol)
+                spectrum_records(la.layer, name, _clean(product.spectrum(), scale), rtol, la.attention)
             )
     source = f"{a_src.name} -> {b_src.name}"
     order = {p: i for i, p in enumerate(COMPARE_PRODUCTS)}
-    records.sort(key=lambda r: (r["layer"], order[r["product"]], r["head"]))
+    kinds = {k: i for i, k in enumerate(dict.fromkeys(r["attention"] for r in records))}
+    records.sort(key=lambda r: (kinds[r["attention"]], r["layer"], order[r["product"]], r["head"]))
     return InspectReport(source, a.info, rtol, records)
 
 
@@ -510,14 +555,14 @@ def summary_metrics(report: InspectReport) -> dict[str, float]:
     metrics: dict[str, float] = {}
     rows = report.layer_summary()
     for row in rows:
+        kind = row.get("attention", "self")
+        where = f"spectra/L{row['layer']}" if kind == "self" else f"spectra/{kind}/L{row['layer']}"
         for product in PRODUCTS:
             for stat in SUMMARY_STATS:
                 if f"{product}_{stat}" in row:
-                    metrics[f"spectra/L{row['layer']}/{product}_{stat}"] = float(row[f"{product}_{stat}"])
+                    metrics[f"{where}/{product}_{stat}"] = float(row[f"{product}_{stat}"])
             if row.get(f"{product}_nonfinite_heads"):  # the tag appears only when there is something to flag
-                metrics[f"spectra/L{row['layer']}/{product}_nonfinite_heads"] = float(
-                    row[f"{product}_nonfinite_heads"]
-                )
+                metrics[f"{where}/{product}_nonfinite_heads"] = float(row[f"{product}_nonfinite_heads"])
     for product in PRODUCTS:
         values = [r[f"{product}_erank_mean"] for r in rows if f"{product}_erank_mean" in r]
         if values:

@@ -19,6 +19,7 @@ from __future__ import annotations
 import re
 from collections.abc import Iterator
 from dataclasses import asdict, dataclass
+from typing import Any
 
 import torch
 
@@ -41,21 +42,29 @@ __all__ = ["ArchitectureInfo", "AttentionFactors", "LayerFactors"]
 @dataclass(frozen=True)
 class ArchitectureInfo:
     family: str
-    n_layers: int
+    n_layers: int  # attention layers; with several kinds (T5), the most of any kind
     n_heads: int
     n_kv_heads: int
     d_model: int
     d_head: int
+    #: Layers per kind of attention, for models with several (T5: {"self": 12, "decoder_self": 12,
+    #: "cross": 12}); None for the usual one kind, self-attention.
+    attention_layers: dict[str, int] | None = None
 
-    def to_dict(self) -> dict[str, int | str]:
-        return asdict(self)
+    def to_dict(self) -> dict[str, Any]:
+        """As JSON: ``attention_layers`` only for models with several kinds of attention."""
+        out = asdict(self)
+        if out["attention_layers"] is None:
+            del out["attention_layers"]
+        return out
 
 
 @dataclass(frozen=True)
 class LayerFactors:
-    layer: int
+    layer: int  # counted within its kind of attention
     qk: FactoredProduct
     ov: FactoredProduct
+    attention: str = "self"
 
 
 def natural_key(text: str) -> list[int | str]:
@@ -71,11 +80,13 @@ def _config_value(config: dict, name: str) -> int | None:
     return None
 
 
-def _find_layout(source: TensorSource, family: Family) -> tuple[Layout, list[str]] | None:
+def _find_layout(source: TensorSource, family: Family) -> list[tuple[Layout, list[str]]]:
     """The family's first layout whose anchor matches and whose first block has every matrix (OPT and
-    LLaMA share the q_proj anchor; only one of them has o_proj)."""
+    LLaMA share the q_proj anchor; only one of them has o_proj); for a family with several kinds of
+    attention (T5), every such layout. Empty if none."""
     keys = source.keys()
     keyset = set(keys)
+    found = []
     for layout in family.layouts:
         pattern = layout.pattern
         blocks = sorted(
@@ -83,8 +94,10 @@ def _find_layout(source: TensorSource, family: Family) -> tuple[Layout, list[str
         )
         templates = [t for t in (layout.q, layout.k, layout.v, layout.qkv, layout.o) if t]
         if blocks and all(t.format(block=blocks[0]) in keyset for t in templates):
-            return layout, blocks
-    return None
+            found.append((layout, blocks))
+            if not family.several_kinds:
+                break
+    return found
 
 
 class AttentionFactors:
@@ -106,11 +119,15 @@ class AttentionFactors:
         n_kv_heads: int | None = None,
     ) -> None:
         self.source = source
-        self.family, self.layout, self.blocks = self._detect(family)
-        self.info = self._architecture(n_heads, n_kv_heads)
+        self.family, found = self._detect(family)
+        # one (layout, block, index within its kind) per attention layer, kinds in the family's order
+        self.units = [(layout, block, i) for layout, blocks in found for i, block in enumerate(blocks)]
+        self.layout = found[0][0]
+        self.blocks = [block for _, block, _ in self.units]
+        self.info = self._architecture(n_heads, n_kv_heads, found)
 
     # -- detection -------------------------------------------------------------------
-    def _detect(self, family_name: str | None) -> tuple[Family, Layout, list[str]]:
+    def _detect(self, family_name: str | None) -> tuple[Family, list[tuple[Layout, list[str]]]]:
         source = self.source
         if family_name is not None:
             family = family_by_name(family_name)
@@ -126,11 +143,16 @@ class AttentionFactors:
         for family in candidates:
             found = _find_layout(source, family)
             if found:
-                return family, *found
+                return family, found
         if family_name is not None:
             raise UserError(
                 f"--family {family_name}: {source.name} has no attention block named the way that family names them; "
                 f"supported families: {supported_families_text()}"
+            )
+        if len(candidates) == 1 and family_name is None:  # the config names a family we know
+            raise UserError(
+                f"{source.name} says model_type '{source.config['model_type']}' ({candidates[0].name} family), but "
+                f"its weights lack that family's attention matrices (q, k, v and o of a block); is it complete?"
             )
         what = (
             f"model_type '{source.config['model_type']}'" if "model_type" in source.config else "its weights"
@@ -140,7 +162,9 @@ class AttentionFactors:
             f"supported families: {supported_families_text()}"
         )
 
-    def _architecture(self, n_heads: int | None, n_kv_heads: int | None) -> ArchitectureInfo:
+    def _architecture(
+        self, n_heads: int | None, n_kv_heads: int | None, found: list[tuple[Layout, list[str]]]
+    ) -> ArchitectureInfo:
         config, layout = self.source.config, self.layout
         first = self.blocks[0]
         for name, given in (("n_heads", n_heads), ("n_kv_heads", n_kv_heads)):
@@ -176,6 +200,11 @@ class AttentionFactors:
             raise UserError(
                 f"head_dim={d_head} × n_heads={n_heads} ≠ {q_rows} rows of W_Q in {self.source.name}"
             )
+        if self.family.several_kinds:
+            per_kind = {layout.attention: len(blocks) for layout, blocks in found}
+            return ArchitectureInfo(
+                self.family.name, max(per_kind.values()), n_heads, n_kv_heads, d_model, d_head, per_kind
+            )
         n_layers = len(self.blocks)
         declared = _config_value(config, "n_layers")
         if declared is not None and declared != n_layers:
@@ -189,10 +218,15 @@ class AttentionFactors:
         """Lines saying what W_KᵀW_Q and P·W_V leave out for this model: the family's caveat (rotary
         embeddings), and every other parameter inside the attention block (biases, q/k norms, gains)."""
         notes = [f"{self.family.name}: {self.family.caveat}"] if self.family.caveat else []
-        block = self.blocks[0]
-        layout = self.layout
-        used = {t.format(block=block) for t in (layout.q, layout.k, layout.v, layout.qkv, layout.o) if t}
-        others = sorted(k.removeprefix(block) for k in self._keyset if k.startswith(block) and k not in used)
+        others: list[str] = []
+        for layout, block, index in self.units:
+            if index:
+                continue  # the first block of each kind stands for its kind
+            used = {t.format(block=block) for t in (layout.q, layout.k, layout.v, layout.qkv, layout.o) if t}
+            others += sorted(
+                k.removeprefix(block) for k in self._keyset if k.startswith(block) and k not in used
+            )
+        others = list(dict.fromkeys(others))
         if others:
             notes.append(
                 "in each attention block but not in the products (biases, norms and gains between or "
@@ -231,25 +265,25 @@ class AttentionFactors:
         return rows, cols
 
     # -- factors ---------------------------------------------------------------------
-    def _matrix(self, template: str, block: str) -> torch.Tensor:
+    def _matrix(self, template: str, block: str, layout: Layout | None = None) -> torch.Tensor:
         key = template.format(block=block)
         self._shape(key)
         tensor = self.source.get(key)
-        return tensor.t() if self.layout.transposed else tensor
+        return tensor.t() if (layout or self.layout).transposed else tensor
 
-    def _projections(self, block: str) -> tuple[torch.Tensor, ...]:
-        layout, info = self.layout, self.info
+    def _projections(self, block: str, layout: Layout | None = None) -> tuple[torch.Tensor, ...]:
+        layout, info = layout or self.layout, self.info
         if layout.fused and layout.qkv_order == "per-head":  # GPT-NeoX: [q_h, k_h, v_h] per head
-            w = self._matrix(layout.qkv, block)
+            w = self._matrix(layout.qkv, block, layout)
             w_q, w_k, w_v = (
                 x.reshape(-1, w.shape[1]) for x in w.reshape(info.n_heads, 3, info.d_head, -1).unbind(1)
             )
         elif layout.fused:  # [q; k; v] blocks
             sizes = [info.n_heads * info.d_head, info.n_kv_heads * info.d_head, info.n_kv_heads * info.d_head]
-            w_q, w_k, w_v = self._matrix(layout.qkv, block).split(sizes, dim=0)
+            w_q, w_k, w_v = self._matrix(layout.qkv, block, layout).split(sizes, dim=0)
         else:
-            w_q, w_k, w_v = (self._matrix(t, block) for t in (layout.q, layout.k, layout.v))
-        w_o = self._matrix(layout.o, block)
+            w_q, w_k, w_v = (self._matrix(t, block, layout) for t in (layout.q, layout.k, layout.v))
+        w_o = self._matrix(layout.o, block, layout)
         hd, kvd = info.n_heads * info.d_head, info.n_kv_heads * info.d_head
         expected = {"W_Q": (w_q, hd), "W_K": (w_k, kvd), "W_V": (w_v, kvd)}
         for name, (w, rows) in expected.items():
@@ -264,8 +298,10 @@ class AttentionFactors:
         return w_q, w_k, w_v, w_o
 
     def layer(self, index: int) -> LayerFactors:
+        """The ``index``-th attention layer (over every kind, in order); its ``layer`` counts within its kind."""
         info = self.info
-        w_q, w_k, w_v, w_o = self._projections(self.blocks[index])
+        layout, block, within = self.units[index]
+        w_q, w_k, w_v, w_o = self._projections(block, layout)
         h, g, dh = info.n_heads, info.n_kv_heads, info.d_head
 
         def per_head(w: torch.Tensor, heads: int) -> torch.Tensor:  # (heads·dh, d) → (heads, d, dh)
@@ -275,7 +311,7 @@ class AttentionFactors:
         p = w_o.reshape(w_o.shape[0], h, dh).permute(1, 0, 2)  # (heads, d_out, dh)
         qk = FactoredProduct(per_head(w_k, g), per_head(w_q, h), left_index=group)
         ov = FactoredProduct(p, per_head(w_v, g), right_index=group)
-        return LayerFactors(index, qk, ov)
+        return LayerFactors(within, qk, ov, layout.attention)
 
     def __iter__(self) -> Iterator[LayerFactors]:
         for index in range(len(self.blocks)):

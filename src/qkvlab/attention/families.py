@@ -42,6 +42,8 @@ class Layout:
     transposed: bool = False
     #: How a fused ``qkv`` weight orders its rows: "blocks" ([q; k; v]) or "per-head" (GPT-NeoX).
     qkv_order: str = "blocks"
+    #: Which attention this is, for models with several kinds (T5): "self", "decoder_self", "cross".
+    attention: str = "self"
     #: Bias (or other) templates that do not follow "<matrix>.weight" → "<matrix>.bias", as (role, template).
     extra: tuple[tuple[str, str], ...] = ()
 
@@ -72,6 +74,9 @@ class Family:
     layouts: tuple[Layout, ...]
     #: Where the true bilinear form differs from W_KᵀW_Q (documented, reported in JSON).
     caveat: str = ""
+    #: Every matching layout is one kind of attention of the model (T5: encoder self-attention,
+    #: decoder self-attention, cross-attention), instead of alternative namings of one kind.
+    several_kinds: bool = False
 
 
 _PREFIX = r"(?:.*\.)?"  # any outer prefix, e.g. "bert." or "base_model.model.model."
@@ -224,6 +229,31 @@ FAMILIES: tuple[Family, ...] = (
         ),
     ),
     Family(
+        name="t5",
+        description="HF T5 / mT5 / Flan-T5 (encoder self-, decoder self- and cross-attention)",
+        model_types=("t5", "mt5", "umt5"),
+        layouts=tuple(
+            Layout(
+                anchor=rf"^(?P<block>{_PREFIX}{where}\.block\.\d+\.layer\.{index}\.{module}\.)q\.weight$",
+                q="{block}q.weight",
+                k="{block}k.weight",
+                v="{block}v.weight",
+                o="{block}o.weight",
+                attention=attention,
+            )
+            for where, index, module, attention in (
+                ("encoder", 0, "SelfAttention", "self"),
+                ("decoder", 0, "SelfAttention", "decoder_self"),
+                ("decoder", 1, "EncDecAttention", "cross"),
+            )
+        ),
+        caveat=(
+            "T5 does not scale scores by 1/√d_kv (the scale is folded into its initialisation) and adds "
+            "learned relative position biases to them; W_KᵀW_Q is the form without the bias"
+        ),
+        several_kinds=True,
+    ),
+    Family(
         name="qkvlab",
         description="qkvlab's own GPT, ViT and in-context regression transformers",
         model_types=("qkvlab-gpt", "qkvlab-vit", "qkvlab-icl"),
@@ -290,7 +320,7 @@ CONFIG_KEYS: dict[str, tuple[str, ...]] = {
     "n_heads": ("num_attention_heads", "n_head", "num_heads", "n_heads"),
     "n_kv_heads": ("num_key_value_heads", "n_kv_heads", "num_kv_heads"),
     "d_model": ("hidden_size", "n_embd", "d_model"),
-    "d_head": ("head_dim", "d_head"),
+    "d_head": ("head_dim", "d_head", "d_kv"),
 }
 
 

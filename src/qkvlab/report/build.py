@@ -105,6 +105,15 @@ def _inspect_sections(reports: list[tuple[str, Any]], figures: Path, prefix: str
     from qkvlab.report.tables import compare_text
 
     sections = []
+    split = []
+    for name, report in reports:  # T5: each kind of attention as its own input
+        kinds = report.attention_kinds()
+        split += (
+            [(name, report)]
+            if len(kinds) == 1
+            else [(f"{name}, {k}", report.for_attention(k)) for k in kinds]
+        )
+    reports = split
     spectra = [(n, r) for n, r in reports if "qk" in r.products()]
     if len(spectra) > 1:
         overlay = _overlay_layer_rank(spectra, figures / f"{prefix}_layer_rank.png")

@@ -92,6 +92,9 @@ def singular_value_curves(report: InspectReport, product: str, path: Path) -> Pa
 def plot_report(report: InspectReport, folder: str | Path) -> list[Path]:
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
+    kinds = report.attention_kinds()
+    if len(kinds) > 1:  # T5: each kind of attention in its own subfolder
+        return [p for kind in kinds for p in plot_report(report.for_attention(kind), folder / kind)]
     paths = [effective_rank_heatmap(report, folder / "effective_rank_heatmap.png")]
     paths += [singular_value_curves(report, p, folder / f"singular_values_{p}.png") for p in PRODUCTS]
     return paths
@@ -123,6 +126,13 @@ def change_heatmap(report: InspectReport, path: Path) -> Path:
 
 
 def plot_compare(report: InspectReport, folder: str | Path) -> list[Path]:
+    kinds = report.attention_kinds()
+    if len(kinds) > 1:
+        return [p for kind in kinds for p in plot_compare(report.for_attention(kind), Path(folder) / kind)]
+    return _plot_compare_one(report, folder)
+
+
+def _plot_compare_one(report: InspectReport, folder: str | Path) -> list[Path]:
     """``inspect --compare --plot``: the ‖Δ‖_* heatmap and the singular values of ΔQK and ΔOV per head
     (of those that changed)."""
     folder = Path(folder)
@@ -156,7 +166,7 @@ def series_figure(series: InspectSeries, path: Path) -> Path:
             low = [min(v) if v else float("nan") for v in values]
             high = [max(v) if v else float("nan") for v in values]
             ax.fill_between(x, low, high, color="0.85", label="range over heads")
-            for layer in range(layers):
+            for layer in range(layers if len(series.reports[0].attention_kinds()) == 1 else 0):
                 per_layer = [
                     float(
                         np.mean(

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Sequence
 
 
@@ -67,8 +68,35 @@ def inspect_rows(report: object) -> tuple[list[str], list[list[object]]]:
     return headers, rows
 
 
+#: How the terminal and the report name each kind of attention.
+ATTENTION_TITLES = {
+    "self": "self-attention",
+    "decoder_self": "decoder self-attention",
+    "cross": "cross-attention (decoder queries, encoder keys and values)",
+}
+
+
 def inspect_text(report: object) -> str:
-    """What ``qkvlab inspect`` prints: one line on the model, the per-layer table, the legend."""
+    """What ``qkvlab inspect`` prints: one line on the model, the per-layer table, the legend. With
+    several kinds of attention (T5): one table per kind."""
+    kinds = report.attention_kinds()  # type: ignore[attr-defined]
+    if len(kinds) > 1:
+        arch = report.architecture  # type: ignore[attr-defined]
+        lines = [
+            f"{report.source}: {arch.family}, "  # type: ignore[attr-defined]
+            + ", ".join(
+                f"{n} {'encoder self-attention' if k == 'self' else ATTENTION_TITLES.get(k, k).split(' (')[0]} layers"
+                for k, n in arch.attention_layers.items()
+            )
+            + f"; {arch.n_heads} heads, d_model={arch.d_model}, d_head={arch.d_head}, rank rtol={report.rtol:g}"  # type: ignore[attr-defined]
+        ]
+        for kind in kinds:
+            sub = report.for_attention(kind)  # type: ignore[attr-defined]
+            body = inspect_text(dataclasses.replace(sub, notes=[])).splitlines()
+            title = "encoder self-attention" if kind == "self" else ATTENTION_TITLES.get(kind, kind)
+            lines += ["", f"{title}:", *[x for x in body[1:] if x != INSPECT_LEGEND]]
+        lines += [INSPECT_LEGEND, *(f"note: {n}" for n in report.notes)]  # type: ignore[attr-defined]
+        return "\n".join(lines)
     arch = report.architecture  # type: ignore[attr-defined]
     head = (
         f"{report.source}: {arch.family}, {arch.n_layers} layers, {arch.n_heads} heads "  # type: ignore[attr-defined]
@@ -134,8 +162,17 @@ def series_text(series: object) -> str:
 
 
 def compare_text(report: object) -> str:
-    """What ``qkvlab inspect --compare`` prints: per layer, mean over heads of ‖Δ‖_* and rank."""
+    """What ``qkvlab inspect --compare`` prints: per layer, mean over heads of ‖Δ‖_* and rank (one
+    table per kind of attention for T5)."""
     import statistics
+
+    kinds = report.attention_kinds()  # type: ignore[attr-defined]
+    if len(kinds) > 1:
+        parts = []
+        for kind in kinds:
+            title = "encoder self-attention" if kind == "self" else ATTENTION_TITLES.get(kind, kind)
+            parts += [f"{title}:", compare_text(report.for_attention(kind))]  # type: ignore[attr-defined]
+        return "\n".join(parts)
 
     products = [p for p in ("dqk", "dov", "dq", "dk", "dv", "do") if p in report.products()]  # type: ignore[attr-defined]
     arch = report.architecture  # type: ignore[attr-defined]
