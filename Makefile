@@ -44,7 +44,7 @@ format: $(STAMP)
 	$(VENV)/bin/ruff check --fix src tests benchmarks examples
 	$(VENV)/bin/ruff format src tests benchmarks examples
 
-# Benchmarks never run in CI. They need the `bench` extra (WeightWatcher, psutil).
+# Benchmarks never run in CI. They need the `bench` extra (WeightWatcher, psutil, TransformerLens).
 bench: $(STAMP)
 	$(PIP) install --quiet -c requirements/constraints.txt -e '.[dev,bench]'
 	$(PY) benchmarks/bench_spectra.py

@@ -536,6 +536,28 @@ def test_roles_of_the_newer_families() -> None:
     ]
 
 
+def test_t5_roles_and_per_role_groups_cover_all_three_kinds_of_attention() -> None:
+    torch.manual_seed(0)
+    config = tf.T5Config(
+        vocab_size=64, d_model=32, d_kv=8, num_heads=4, num_layers=2, num_decoder_layers=2, d_ff=48
+    )
+    model = tf.T5ForConditionalGeneration(config)
+    table = roles(model)
+    for prefix in (
+        "encoder.block.1.layer.0.SelfAttention",
+        "decoder.block.0.layer.0.SelfAttention",
+        "decoder.block.1.layer.1.EncDecAttention",
+    ):
+        assert [table[f"{prefix}.{m}.weight"] for m in "qkvo"] == ["q", "k", "v", "o"]
+    assert table["encoder.block.0.layer.1.DenseReluDense.wi.weight"] == "mlp"
+    groups = param_groups(model, lr=LR, weight_decay=WD, **preset_settings("qv-ratio", ratio=4))
+    trained = {g["role"]: g for g in groups}
+    assert set(trained) == {"q", "v", "head"} or set(trained) <= {"q", "v", "head", "embed"}
+    assert (
+        trained["v"]["lr"] == pytest.approx(4 * LR) and len(trained["q"]["params"]) == 2 * 3
+    )  # 2 enc + 2 dec self + 2 cross
+
+
 @pytest.mark.parametrize("kind", ["gpt-neox", "phi3"])
 def test_split_neox_per_head_and_phi3_blocks_keep_outputs_and_reload(kind: str, tmp_path) -> None:
     import transformers as tf
