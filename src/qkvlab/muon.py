@@ -1,0 +1,118 @@
+"""Muon with per-head orthogonalisation for attention matrices (issue 15).
+
+``torch.optim.Muon`` orthogonalises each 2-D update as a whole: for W_Q (H·d_head × d) that mixes every
+head's rows into one polar factor. ``HeadwiseMuon`` is the same algorithm (momentum buffer,
+Nesterov, torch's own Newton–Schulz iteration with its coefficients, step count and bfloat16
+arithmetic, its learning-rate adjustment, decoupled weight decay p ← p(1 − η·λ)), except that a
+parameter group may say ``heads=H`` and ``head_axis``: the update is then orthogonalised per head,
+on each head's d_head rows (``head_axis=0``: W_Q, W_K, W_V as nn.Linear stores them) or d_head
+columns (``head_axis=1``: W_O). The learning-rate adjustment then uses the shape of the matrix that
+was orthogonalised, the head's slice. Without ``heads`` (or with ``heads=1``) a group is updated
+exactly as ``torch.optim.Muon`` updates it (tested to 1e-6).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from typing import Any
+
+import torch
+from torch import Tensor
+from torch.optim._muon import DEFAULT_A, DEFAULT_B, DEFAULT_C, _adjust_lr, _zeropower_via_newtonschulz
+
+__all__ = ["HeadwiseMuon", "orthogonalize"]
+
+
+def orthogonalize(
+    update: Tensor,
+    heads: int | None = None,
+    head_axis: int = 0,
+    ns_coefficients: tuple[float, float, float] = (DEFAULT_A, DEFAULT_B, DEFAULT_C),
+    ns_steps: int = 5,
+    eps: float = 1e-7,
+) -> list[tuple[Tensor, torch.Size]]:
+    """The Newton–Schulz polar factor of ``update`` as a whole (``heads`` None or 1) or of each head's
+    slice along ``head_axis``; returns (orthogonalised, shape it was orthogonalised at) pieces in order."""
+    if not heads or heads == 1:
+        return [(_zeropower_via_newtonschulz(update, ns_coefficients, ns_steps, eps), update.shape)]
+    if update.shape[head_axis] % heads:
+        raise ValueError(f"{update.shape[head_axis]} rows/columns do not split into {heads} heads")
+    return [
+        (_zeropower_via_newtonschulz(piece, ns_coefficients, ns_steps, eps), piece.shape)
+        for piece in update.chunk(heads, dim=head_axis)
+    ]
+
+
+class HeadwiseMuon(torch.optim.Optimizer):
+    """``torch.optim.Muon``, with per-head orthogonalisation for groups that set ``heads`` (see the module)."""
+
+    def __init__(
+        self,
+        params: Iterable[Tensor] | Iterable[dict[str, Any]],
+        lr: float = 1e-3,
+        weight_decay: float = 0.1,
+        momentum: float = 0.95,
+        nesterov: bool = True,
+        ns_coefficients: tuple[float, float, float] = (DEFAULT_A, DEFAULT_B, DEFAULT_C),
+        eps: float = 1e-7,
+        ns_steps: int = 5,
+        adjust_lr_fn: str | None = None,
+        heads: int | None = None,
+        head_axis: int = 0,
+    ) -> None:
+        if not lr >= 0.0:
+            raise ValueError(f"learning rate should be >= 0 but is: {lr}")
+        if not weight_decay >= 0.0:
+            raise ValueError(f"weight decay should be >= 0 but is: {weight_decay}")
+        if adjust_lr_fn not in (None, "original", "match_rms_adamw"):
+            raise ValueError(f"adjust_lr_fn {adjust_lr_fn!r}; accepted: original, match_rms_adamw")
+        defaults = {
+            "lr": lr,
+            "weight_decay": weight_decay,
+            "momentum": momentum,
+            "nesterov": nesterov,
+            "ns_coefficients": ns_coefficients,
+            "eps": eps,
+            "ns_steps": ns_steps,
+            "adjust_lr_fn": adjust_lr_fn,
+            "heads": heads,
+            "head_axis": head_axis,
+        }
+        super().__init__(params, defaults)
+        for group in self.param_groups:
+            for p in group["params"]:
+                if p.ndim != 2:
+                    raise ValueError(
+                        f"Muon updates 2-D matrices only; got a parameter of shape {tuple(p.shape)}"
+                    )
+
+    @torch.no_grad()
+    def step(self, closure: Any = None) -> Any:
+        loss = None
+        if closure is not None:
+            with torch.enable_grad():
+                loss = closure()
+        for group in self.param_groups:
+            lr, wd, momentum = group["lr"], group["weight_decay"], group["momentum"]
+            for p in group["params"]:
+                if p.grad is None:
+                    continue
+                state = self.state[p]
+                if "momentum_buffer" not in state:
+                    state["momentum_buffer"] = torch.zeros_like(p.grad, memory_format=torch.preserve_format)
+                buf = state["momentum_buffer"]
+                buf.lerp_(p.grad, 1 - momentum)
+                update = p.grad.lerp(buf, momentum) if group["nesterov"] else buf
+                pieces = orthogonalize(
+                    update,
+                    group["heads"],
+                    group["head_axis"],
+                    group["ns_coefficients"],
+                    group["ns_steps"],
+                    group["eps"],
+                )
+                p.mul_(1 - lr * wd)
+                slices = [p] if len(pieces) == 1 else p.chunk(len(pieces), dim=group["head_axis"])
+                for target, (ortho, shape) in zip(slices, pieces, strict=True):
+                    target.add_(ortho, alpha=-_adjust_lr(lr, group["adjust_lr_fn"], shape))
+        return loss
