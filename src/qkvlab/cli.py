@@ -7,7 +7,8 @@ from __future__ import annotations
 
 import argparse
 import sys
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
+from typing import Any
 
 from qkvlab.args import check_outputs, number_list, positive_int
 from qkvlab.args import seeds as seeds_list
@@ -279,12 +280,12 @@ def _tqdm_progress(iterable, total):  # type: ignore[no-untyped-def]
 
 
 def _cmd_inspect(args: argparse.Namespace) -> int:
-    from qkvlab.inspection import inspect
-    from qkvlab.report.tables import inspect_text
+    import warnings
+
+    from qkvlab.inspection import expand_sources, inspect, inspect_series
+    from qkvlab.report.tables import inspect_text, series_text
 
     check_outputs(files=[args.json, args.csv], folders=[args.plot])
-    from qkvlab.inspection import expand_sources
-
     sources = expand_sources(args.source)
     if args.compare:
         if len(sources) != 1:
@@ -293,63 +294,41 @@ def _cmd_inspect(args: argparse.Namespace) -> int:
             )
         args.source = sources[0]
         return _cmd_compare(args)
-    if len(sources) > 1:
-        return _cmd_inspect_series(sources, args)
-    import warnings
-
+    run, text = (inspect_series, series_text) if len(sources) > 1 else (inspect, inspect_text)
     with warnings.catch_warnings():  # the terminal gets them once, as notes under the table
         warnings.simplefilter("ignore")
-        report = inspect(
-            sources[0],
+        result = run(
+            sources if len(sources) > 1 else sources[0],
             rtol=args.rtol,
             family=args.family,
             n_heads=args.n_heads,
             n_kv_heads=args.n_kv_heads,
             progress=None if args.quiet else _tqdm_progress,
         )
+    return _write_and_print(result, args, text)
+
+
+def _write_and_print(result: Any, args: argparse.Namespace, text: Callable[[Any], str]) -> int:
+    """--json, --csv and --plot of an inspect, series or compare result, then its text unless --quiet."""
+    from qkvlab.inspection import InspectSeries
+    from qkvlab.report import inspect_plots
+
     if args.json:
-        report.to_json(args.json)
+        result.to_json(args.json)
     if args.csv:
-        report.to_csv(args.csv)
+        result.to_csv(args.csv)
     written = [p for p in (args.json, args.csv) if p]
     if args.plot:
-        from qkvlab.report.inspect_plots import plot_report
-
-        written += [str(p) for p in plot_report(report, args.plot)]
-    if not args.quiet:
-        print(inspect_text(report))
-        for path in written:
-            print(f"wrote {path}")
-    return 0
-
-
-def _cmd_inspect_series(sources: list[str], args: argparse.Namespace) -> int:
-    import warnings
-
-    from qkvlab.inspection import inspect_series
-    from qkvlab.report.tables import series_text
-
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        series = inspect_series(
-            sources,
-            rtol=args.rtol,
-            family=args.family,
-            n_heads=args.n_heads,
-            n_kv_heads=args.n_kv_heads,
-            progress=None if args.quiet else _tqdm_progress,
+        plot = (
+            inspect_plots.plot_series
+            if isinstance(result, InspectSeries)
+            else inspect_plots.plot_compare
+            if args.compare
+            else inspect_plots.plot_report
         )
-    if args.json:
-        series.to_json(args.json)
-    if args.csv:
-        series.to_csv(args.csv)
-    written = [p for p in (args.json, args.csv) if p]
-    if args.plot:
-        from qkvlab.report.inspect_plots import plot_series
-
-        written += [str(p) for p in plot_series(series, args.plot)]
+        written += [str(p) for p in plot(result, args.plot)]
     if not args.quiet:
-        print(series_text(series))
+        print(text(result))
         for path in written:
             print(f"wrote {path}")
     return 0
@@ -451,21 +430,7 @@ def _cmd_compare(args: argparse.Namespace) -> int:
     from qkvlab.inspection import compare
     from qkvlab.report.tables import compare_text
 
-    report = compare(args.source, args.compare, rtol=args.rtol)
-    if args.json:
-        report.to_json(args.json)
-    if args.csv:
-        report.to_csv(args.csv)
-    written = [p for p in (args.json, args.csv) if p]
-    if args.plot:
-        from qkvlab.report.inspect_plots import plot_compare
-
-        written += [str(p) for p in plot_compare(report, args.plot)]
-    if not args.quiet:
-        print(compare_text(report))
-        for path in written:
-            print(f"wrote {path}")
-    return 0
+    return _write_and_print(compare(args.source, args.compare, rtol=args.rtol), args, compare_text)
 
 
 def _cmd_report(args: argparse.Namespace) -> int:
