@@ -85,3 +85,41 @@ def test_bad_settings_are_refused() -> None:
         orthogonalize(torch.zeros(8, 4), heads=3)
     with pytest.raises(ValueError, match="adjust_lr_fn"):
         HeadwiseMuon([torch.nn.Parameter(torch.zeros(4, 4))], adjust_lr_fn="nope")
+
+
+def test_muon_with_adamw_is_torch_muon_and_torch_adamw_in_one_optimiser() -> None:
+    from qkvlab.muon import MuonWithAdamW
+
+    gen = torch.Generator().manual_seed(3)
+    matrix, vector = torch.randn(24, 16, generator=gen), torch.randn(16, generator=gen)
+    ours = [torch.nn.Parameter(matrix.clone()), torch.nn.Parameter(vector.clone())]
+    muon_ref, adamw_ref = torch.nn.Parameter(matrix.clone()), torch.nn.Parameter(vector.clone())
+    grads = [[torch.randn(24, 16, generator=gen), torch.randn(16, generator=gen)] for _ in range(5)]
+    combined = MuonWithAdamW(
+        [
+            {"params": [ours[0]], "algorithm": "muon", "weight_decay": 0.1},
+            {"params": [ours[1]], "algorithm": "adamw", "weight_decay": 0.05},
+        ],
+        lr=0.01,
+        betas=(0.9, 0.95),
+        momentum=0.95,
+    )
+    _steps(combined, ours, grads)
+    _steps(
+        torch.optim.Muon([muon_ref], lr=0.01, weight_decay=0.1, momentum=0.95),
+        [muon_ref],
+        [[g[0]] for g in grads],
+    )
+    _steps(
+        torch.optim.AdamW([adamw_ref], lr=0.01, betas=(0.9, 0.95), eps=1e-8, weight_decay=0.05),
+        [adamw_ref],
+        [[g[1]] for g in grads],
+    )
+    torch.testing.assert_close(ours[0], muon_ref, rtol=1e-6, atol=1e-6)
+    torch.testing.assert_close(ours[1], adamw_ref, rtol=1e-6, atol=1e-6)
+    # one scheduler drives both kinds of group
+    scheduler = torch.optim.lr_scheduler.LambdaLR(combined, lambda step: 0.5)
+    assert [g["lr"] for g in combined.param_groups] == [0.005, 0.005]
+    assert scheduler.get_last_lr() == [0.005, 0.005]
+    with pytest.raises(ValueError, match="2-D matrices only"):
+        MuonWithAdamW([{"params": [torch.nn.Parameter(torch.zeros(3))], "algorithm": "muon"}])

@@ -20,7 +20,7 @@ import torch
 from torch import Tensor
 from torch.optim._muon import DEFAULT_A, DEFAULT_B, DEFAULT_C, _adjust_lr, _zeropower_via_newtonschulz
 
-__all__ = ["HeadwiseMuon", "orthogonalize"]
+__all__ = ["HeadwiseMuon", "MuonWithAdamW", "muon_update", "orthogonalize"]
 
 
 def orthogonalize(
@@ -93,26 +93,115 @@ class HeadwiseMuon(torch.optim.Optimizer):
             with torch.enable_grad():
                 loss = closure()
         for group in self.param_groups:
-            lr, wd, momentum = group["lr"], group["weight_decay"], group["momentum"]
             for p in group["params"]:
-                if p.grad is None:
-                    continue
-                state = self.state[p]
-                if "momentum_buffer" not in state:
-                    state["momentum_buffer"] = torch.zeros_like(p.grad, memory_format=torch.preserve_format)
-                buf = state["momentum_buffer"]
-                buf.lerp_(p.grad, 1 - momentum)
-                update = p.grad.lerp(buf, momentum) if group["nesterov"] else buf
-                pieces = orthogonalize(
-                    update,
-                    group["heads"],
-                    group["head_axis"],
-                    group["ns_coefficients"],
-                    group["ns_steps"],
-                    group["eps"],
-                )
-                p.mul_(1 - lr * wd)
-                slices = [p] if len(pieces) == 1 else p.chunk(len(pieces), dim=group["head_axis"])
-                for target, (ortho, shape) in zip(slices, pieces, strict=True):
-                    target.add_(ortho, alpha=-_adjust_lr(lr, group["adjust_lr_fn"], shape))
+                if p.grad is not None:
+                    muon_update(p, self.state[p], group)
+        return loss
+
+
+def muon_update(p: Tensor, state: dict[str, Any], group: dict[str, Any]) -> None:
+    """One Muon step of ``p`` (torch's algorithm; per head when ``group["heads"]`` is set)."""
+    lr, wd, momentum = group["lr"], group["weight_decay"], group["momentum"]
+    if "momentum_buffer" not in state:
+        state["momentum_buffer"] = torch.zeros_like(p.grad, memory_format=torch.preserve_format)
+    buf = state["momentum_buffer"]
+    buf.lerp_(p.grad, 1 - momentum)
+    update = p.grad.lerp(buf, momentum) if group["nesterov"] else buf
+    pieces = orthogonalize(
+        update,
+        group["heads"],
+        group["head_axis"],
+        tuple(group["ns_coefficients"]),
+        group["ns_steps"],
+        group["eps"],
+    )
+    p.mul_(1 - lr * wd)
+    slices = [p] if len(pieces) == 1 else p.chunk(len(pieces), dim=group["head_axis"])
+    for target, (ortho, shape) in zip(slices, pieces, strict=True):
+        target.add_(ortho, alpha=-_adjust_lr(lr, group["adjust_lr_fn"], shape))
+
+
+class MuonWithAdamW(torch.optim.Optimizer):
+    """Muon for the 2-D hidden matrices and AdamW for the rest, as Muon is meant to be used, in one
+    optimiser: each group says ``algorithm`` "muon" or "adamw", so one learning-rate scheduler drives
+    both, one state dict holds both, and a checkpoint resumes both. AdamW groups run torch's own
+    functional AdamW (``betas``, ``eps``); Muon groups run :func:`muon_update` (``momentum``,
+    ``nesterov``, ``adjust_lr_fn``, and ``heads``/``head_axis`` for per-head orthogonalisation). Every
+    group's ``weight_decay`` is its own (torch's Muon would default to 0.1): decoupled, p ← p(1 − η·λ).
+    """
+
+    def __init__(
+        self,
+        params: Iterable[dict[str, Any]],
+        lr: float = 1e-3,
+        betas: tuple[float, float] = (0.9, 0.95),
+        eps: float = 1e-8,
+        momentum: float = 0.95,
+        nesterov: bool = True,
+        adjust_lr_fn: str | None = None,
+    ) -> None:
+        if adjust_lr_fn not in (None, "original", "match_rms_adamw"):
+            raise ValueError(f"adjust_lr_fn {adjust_lr_fn!r}; accepted: original, match_rms_adamw")
+        defaults = {
+            "lr": lr,
+            "weight_decay": 0.0,
+            "algorithm": "adamw",
+            "betas": betas,
+            "eps": eps,
+            "momentum": momentum,
+            "nesterov": nesterov,
+            "ns_coefficients": (DEFAULT_A, DEFAULT_B, DEFAULT_C),
+            "ns_steps": 5,
+            "muon_eps": 1e-7,
+            "adjust_lr_fn": adjust_lr_fn,
+            "heads": None,
+            "head_axis": 0,
+        }
+        super().__init__(params, defaults)
+        for group in self.param_groups:
+            if group["algorithm"] not in ("muon", "adamw"):
+                raise ValueError(f"algorithm {group['algorithm']!r}; accepted: muon, adamw")
+            if group["algorithm"] == "muon" and any(p.ndim != 2 for p in group["params"]):
+                raise ValueError("Muon groups hold 2-D matrices only")
+
+    @torch.no_grad()
+    def step(self, closure: Any = None) -> Any:
+        from torch.optim.adamw import adamw
+
+        loss = None
+        if closure is not None:
+            with torch.enable_grad():
+                loss = closure()
+        for group in self.param_groups:
+            params = [p for p in group["params"] if p.grad is not None]
+            if not params:
+                continue
+            if group["algorithm"] == "muon":
+                muon_group = {**group, "eps": group["muon_eps"]}
+                for p in params:
+                    muon_update(p, self.state[p], muon_group)
+                continue
+            states = [self.state[p] for p in params]
+            for state, p in zip(states, params, strict=True):
+                if not state:
+                    state["step"] = torch.tensor(0.0)
+                    state["exp_avg"] = torch.zeros_like(p, memory_format=torch.preserve_format)
+                    state["exp_avg_sq"] = torch.zeros_like(p, memory_format=torch.preserve_format)
+            beta1, beta2 = group["betas"]
+            adamw(
+                params,
+                [p.grad for p in params],
+                [s["exp_avg"] for s in states],
+                [s["exp_avg_sq"] for s in states],
+                [],
+                [s["step"] for s in states],
+                foreach=False,
+                amsgrad=False,
+                beta1=beta1,
+                beta2=beta2,
+                lr=group["lr"],
+                weight_decay=group["weight_decay"],
+                eps=group["eps"],
+                maximize=False,
+            )
         return loss
