@@ -123,7 +123,7 @@ def test_config_from_yaml_and_overrides(tmp_path) -> None:
         ({"lr": "inf"}, r"lr=inf is out of range; accepted: finite and > 0"),
         ({"grad_clip": "nan"}, r"grad_clip=nan is out of range; accepted: finite and ≥ 0"),
         ({"val_fraction": "0.9"}, r"accepted: in \(0, 0.5\]"),
-        ({"optimizer": "lion"}, "accepted: adamw, adam or sgd"),
+        ({"optimizer": "lion"}, "accepted: adamw, adam, sgd or muon"),
         ({"max_steps": "ten"}, "accepted: an integer"),
         ({"online": "maybe"}, "accepted: true or false"),
         ({"model.attention": "linear"}, "only for model.kind=icl"),

@@ -58,6 +58,15 @@ def test_resume_is_bit_identical(corpus, tmp_path) -> None:
     assert a.keys() == b.keys()
     for key in a:
         assert torch.equal(a[key], b[key]), key
+    # the spectral monitor's records too, its weight-decay prediction included (it once read the
+    # learning rate from group dicts that loading the checkpoint had replaced)
+    records = [
+        [json.loads(x) for x in (tmp_path / run / "spectra.jsonl").read_text().splitlines()]
+        for run in ("straight", "split")
+    ]
+    assert [r["step"] for r in records[0]] == [r["step"] for r in records[1]]
+    for x, y in zip(*records, strict=True):
+        assert x["imbalance_decay_per_step"] == y["imbalance_decay_per_step"] and x["heads"] == y["heads"]
     losses = [
         [
             json.loads(line)["loss"]
@@ -829,3 +838,30 @@ def test_sigkill_at_random_moments_resumes_bit_identically(corpus, tmp_path) -> 
 @pytest.mark.slow
 def test_sigkill_harness_many_trials(corpus, tmp_path) -> None:
     _kill_trials(corpus, tmp_path, trials=12)
+
+
+def test_muon_trains_resumes_bit_identically_and_puts_each_role_in_its_place(corpus, tmp_path) -> None:
+    """optimizer=muon: Muon for the 2-D q/k/v/o/MLP matrices (q and o per head here), AdamW for
+    embeddings and norms, one optimiser and one schedule; a resume gives the same weights."""
+    muon = {"optimizer": "muon", "muon_per_head": "q,o", "model.dropout": 0.0}
+    straight = train(load_config(None, _gpt(corpus, tmp_path / "straight", **muon)))
+    assert straight.complete
+    train(load_config(None, _gpt(corpus, tmp_path / "split", stop_at=6, **muon)))
+    train(load_config(None, _gpt(corpus, tmp_path / "split", **muon)), resume=tmp_path / "split")
+    a, b = _weights(tmp_path / "straight"), _weights(tmp_path / "split")
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    state = json.loads((latest_checkpoint(tmp_path / "straight") / "state.json").read_text())
+    placed = {
+        (g["role"], g["algorithm"], g["heads"], g["head_axis"]) for g in state["optimizer"]["param_groups"]
+    }
+    assert placed == {
+        ("q", "muon", 2, 0),
+        ("k", "muon", None, 0),
+        ("v", "muon", None, 0),
+        ("o", "muon", 2, 1),
+        ("mlp", "muon", None, 0),
+        ("embed", "adamw", None, 0),
+        ("norm", "adamw", None, 0),
+    }
+    with pytest.raises(qkvlab.UserError, match="muon_per_head"):
+        load_config(None, {"optimizer": "muon", "muon_per_head": "q,mlp"})

@@ -50,14 +50,18 @@ class TrainConfig:
     # model (kind, sizes; data-dependent fields are filled in by the trainer)
     model: ModelConfig = field(default_factory=ModelConfig)
     # optimisation
-    optimizer: str = (
-        "adamw"  # adamw: decoupled decay | adam: coupled L2 in the loss | sgd: L2 in the gradient
-    )
+    # adamw: decoupled decay | adam: coupled L2 in the loss | sgd: L2 in the gradient |
+    # muon: torch's Muon on the 2-D q/k/v/o/mlp matrices, AdamW on embeddings, head, norms and biases
+    # (one optimiser; decoupled decay per role in both)
+    optimizer: str = "adamw"
     lr: float = 1e-3
     weight_decay: float = 0.1
     beta1: float = 0.9
     beta2: float = 0.95
     momentum: float = 0.0  # sgd
+    muon_momentum: float = 0.95  # muon: torch's default
+    muon_adjust_lr: str = "original"  # muon: torch's adjust_lr_fn, "original" or "match_rms_adamw"
+    muon_per_head: list = field(default_factory=list)  # muon: roles (q, k, v, o) orthogonalised per head
     preset: str | None = None  # e.g. "decoupled-attn:attn_weight_decay=0"
     overrides: dict = field(default_factory=dict)  # {role: {lr_scale, weight_decay}}
     train_roles: list | None = None  # roles that train; None = all
@@ -209,7 +213,10 @@ _CHECKS: dict[str, tuple[Callable[[Any], bool], str]] = {
     "recall_pairs": _pos,
     "recall_queries": _pos,
     "recall_min_pairs": _pos,
-    "optimizer": (lambda v: v in ("adamw", "adam", "sgd"), "adamw, adam or sgd"),
+    "optimizer": (lambda v: v in ("adamw", "adam", "sgd", "muon"), "adamw, adam, sgd or muon"),
+    "muon_momentum": (lambda v: 0 <= v < 1, "in [0, 1)"),
+    "muon_adjust_lr": (lambda v: v in ("original", "match_rms_adamw"), "original or match_rms_adamw"),
+    "muon_per_head": (lambda v: set(v) <= {"q", "k", "v", "o"}, "a subset of q, k, v, o"),
     "lr": _pos,
     "weight_decay": _nonneg,
     "beta1": (lambda v: 0 <= v < 1, "in [0, 1)"),

@@ -153,9 +153,37 @@ def _optimizer(config: TrainConfig, model: nn.Module) -> tuple[torch.optim.Optim
         opt = torch.optim.AdamW(groups, lr=config.lr, betas=(config.beta1, config.beta2), eps=1e-8)
     elif config.optimizer == "adam":  # coupled: weight_decay 0 here, Σ λ/2‖θ‖² in the loss
         opt = torch.optim.Adam(groups, lr=config.lr, betas=(config.beta1, config.beta2), eps=1e-8)
+    elif config.optimizer == "muon":
+        opt = _muon(config, model, groups)
     else:  # SGD's weight_decay adds λθ to the gradient: L2, coupled
         opt = torch.optim.SGD(groups, lr=config.lr, momentum=config.momentum)
     return opt, groups
+
+
+#: Roles whose 2-D weights Muon updates; everything else (embeddings, head, norms, biases) gets AdamW.
+MUON_ROLES = ("q", "k", "v", "o", "qkv", "mlp")
+
+
+def _muon(config: TrainConfig, model: nn.Module, groups: list[dict]) -> torch.optim.Optimizer:
+    """``optimizer=muon``: tag each per-role group in place (the spectral monitor holds these very dicts)
+    with its algorithm, and per-head orthogonalisation for the roles in ``muon_per_head``."""
+    from qkvlab.muon import MuonWithAdamW
+
+    heads = config.model.n_head
+    for group in groups:
+        matrices = all(p.ndim == 2 for p in group["params"])
+        group["algorithm"] = "muon" if group["role"] in MUON_ROLES and matrices else "adamw"
+        if group["algorithm"] == "muon" and group["role"] in config.muon_per_head:
+            # q, k, v: each head's d_head rows of (n_head·d_head, d); o: each head's columns of (d, n_head·d_head)
+            group["heads"], group["head_axis"] = heads, 1 if group["role"] == "o" else 0
+    return MuonWithAdamW(
+        groups,
+        lr=config.lr,
+        betas=(config.beta1, config.beta2),
+        eps=1e-8,
+        momentum=config.muon_momentum,
+        adjust_lr_fn=config.muon_adjust_lr,
+    )
 
 
 class _Logger:
@@ -236,6 +264,15 @@ class SpectralMonitor:
                 last = json.loads(lines[-1])
                 self.previous_step = last["step"]
                 self.previous = {name: _per_head(last["heads"], name) for name in ("imbalance", "gap")}
+
+    def state(self) -> dict[str, Any]:
+        """What a checkpoint keeps so that a resumed run predicts exactly as an uninterrupted one: the
+        2·η_t·λ accumulated since the last firing."""
+        return {"sum": dict(self._sum), "steps": self._steps}
+
+    def load_state(self, state: dict[str, Any] | None) -> None:
+        if state:  # checkpoints from before this field: the interval restarts at the resume
+            self._sum, self._steps = dict(state["sum"]), int(state["steps"])
 
     def accumulate(self) -> None:
         """Called once per optimiser step: adds this step's 2·η_t·λ, so the prediction averages the schedule."""
@@ -600,8 +637,14 @@ def _train(config: TrainConfig, resume: Path | None, run_dir: Path) -> TrainResu
         _truncate_history(run_dir, start_step)  # lines after the checkpoint are logged again
     logger = _Logger(run_dir, ddp.main, config.tensorboard, start_step if resume is not None else None)
     monitor = (
-        SpectralMonitor(run_dir / "spectra.jsonl", groups) if ddp.main and config.spectra_every else None
+        # the optimiser's own group dicts: loading a checkpoint replaced the ones _optimizer built, and the
+        # prediction must read the learning rate the scheduler sets now
+        SpectralMonitor(run_dir / "spectra.jsonl", optimizer.param_groups)
+        if ddp.main and config.spectra_every
+        else None
     )
+    if monitor is not None and resume is not None:
+        monitor.load_state(state.get("monitor"))
     use_bf16 = config.precision == "bf16"
 
     def autocast():
@@ -705,7 +748,7 @@ def _train(config: TrainConfig, resume: Path | None, run_dir: Path) -> TrainResu
                         model,
                         optimizer,
                         scheduler,
-                        {"data_position": {"step": step}},
+                        {"data_position": {"step": step}, **({"monitor": monitor.state()} if monitor else {})},
                         model_cfg.hf_config(),
                         keep=config.keep_checkpoints,
                     )
