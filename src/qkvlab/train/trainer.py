@@ -748,7 +748,10 @@ def _train(config: TrainConfig, resume: Path | None, run_dir: Path) -> TrainResu
                         model,
                         optimizer,
                         scheduler,
-                        {"data_position": {"step": step}, **({"monitor": monitor.state()} if monitor else {})},
+                        {
+                            "data_position": {"step": step},
+                            **({"monitor": monitor.state()} if monitor else {}),
+                        },
                         model_cfg.hf_config(),
                         keep=config.keep_checkpoints,
                     )
