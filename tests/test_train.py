@@ -865,3 +865,43 @@ def test_muon_trains_resumes_bit_identically_and_puts_each_role_in_its_place(cor
     }
     with pytest.raises(qkvlab.UserError, match="muon_per_head"):
         load_config(None, {"optimizer": "muon", "muon_per_head": "q,mlp"})
+
+
+@pytest.mark.parametrize("optimizer", ["adamw", "muon"])
+def test_corrected_weight_decay_follows_the_schedule_and_resumes(optimizer, corpus, tmp_path) -> None:
+    """corrected_weight_decay: λ_t = λ·η_t/η_max for the chosen roles, so the decay per step is λ·η_t²/η_max;
+    the monitor predicts with η_t·λ_t; a resume gives the same weights and records."""
+    import math
+
+    from qkvlab.train.trainer import _lr_lambda
+
+    changes = {
+        "optimizer": optimizer,
+        "corrected_weight_decay": "q,k",
+        "weight_decay": 0.5,
+        "model.dropout": 0.0,
+    }
+    config = load_config(None, _gpt(corpus, tmp_path / "straight", **changes))
+    train(config)
+    state = json.loads((latest_checkpoint(tmp_path / "straight") / "state.json").read_text())
+    factor = _lr_lambda(config)
+    step = state["step"]  # the groups as the next step would use them
+    for group in state["optimizer"]["param_groups"]:
+        expected = (
+            0.5 * factor(step)
+            if group["role"] in ("q", "k") and group["base_weight_decay"]
+            else group["base_weight_decay"]
+        )
+        assert group["weight_decay"] == pytest.approx(expected, rel=1e-12), group["role"]
+    # the monitor's prediction for QK: the mean over the interval of 2·η_t·λ_t = 2·λ·lr·f(t)²
+    records = [json.loads(x) for x in (tmp_path / "straight" / "spectra.jsonl").read_text().splitlines()]
+    first, second = records[1], records[2]
+    ts = range(first["step"], second["step"])
+    predicted = math.fsum(2 * config.lr * 0.5 * factor(t) ** 2 for t in ts) / len(ts)
+    assert second["imbalance_decay_per_step"]["predicted_weight_decay_part"]["qk"] == pytest.approx(predicted)
+    train(load_config(None, _gpt(corpus, tmp_path / "split", stop_at=6, **changes)))
+    train(load_config(None, _gpt(corpus, tmp_path / "split", **changes)), resume=tmp_path / "split")
+    a, b = _weights(tmp_path / "straight"), _weights(tmp_path / "split")
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    with pytest.raises(qkvlab.UserError, match="corrected_weight_decay needs decoupled decay"):
+        load_config(None, {"optimizer": "sgd", "corrected_weight_decay": "all"})

@@ -62,6 +62,9 @@ class TrainConfig:
     muon_momentum: float = 0.95  # muon: torch's default
     muon_adjust_lr: str = "original"  # muon: torch's adjust_lr_fn, "original" or "match_rms_adamw"
     muon_per_head: list = field(default_factory=list)  # muon: roles (q, k, v, o) orthogonalised per head
+    # corrected weight decay (adamw, muon): these roles' decay follows the schedule, λ_t = λ·η_t/η_max,
+    # so p ← p(1 − λ·η_t²/η_max); a list of roles, or [all]
+    corrected_weight_decay: list = field(default_factory=list)
     preset: str | None = None  # e.g. "decoupled-attn:attn_weight_decay=0"
     overrides: dict = field(default_factory=dict)  # {role: {lr_scale, weight_decay}}
     train_roles: list | None = None  # roles that train; None = all
@@ -217,6 +220,10 @@ _CHECKS: dict[str, tuple[Callable[[Any], bool], str]] = {
     "muon_momentum": (lambda v: 0 <= v < 1, "in [0, 1)"),
     "muon_adjust_lr": (lambda v: v in ("original", "match_rms_adamw"), "original or match_rms_adamw"),
     "muon_per_head": (lambda v: set(v) <= {"q", "k", "v", "o"}, "a subset of q, k, v, o"),
+    "corrected_weight_decay": (
+        lambda v: set(v) <= {"all", "q", "k", "v", "o", "qkv", "mlp", "embed", "norm", "head", "other"},
+        "roles (q, k, v, o, qkv, mlp, embed, norm, head, other) or all",
+    ),
     "lr": _pos,
     "weight_decay": _nonneg,
     "beta1": (lambda v: 0 <= v < 1, "in [0, 1)"),
@@ -387,6 +394,10 @@ def _check_consistency(config: TrainConfig) -> None:
     optimizer_settings(config.preset, overrides=config.overrides, train=config.train_roles)
     config.run_dir()  # a bad out= template fails here, before any data or model
     model = config.model
+    if config.corrected_weight_decay and config.optimizer not in ("adamw", "muon"):
+        raise UserError(
+            f"corrected_weight_decay needs decoupled decay; accepted with optimizer=adamw or muon, not {config.optimizer}"
+        )
     if model.attention == "linear" and model.kind != "icl":
         raise UserError("model.attention=linear is only for model.kind=icl")
     if config.stop_at is not None and config.stop_at > config.max_steps:

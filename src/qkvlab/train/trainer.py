@@ -97,6 +97,14 @@ def _device(config: TrainConfig, ddp: _Dist) -> torch.device:
     return torch.device("cpu")
 
 
+def _schedule_weight_decay(optimizer: torch.optim.Optimizer) -> None:
+    """Corrected weight decay: λ_t = λ · η_t / η_max for the groups that ask for it, where η_t / η_max is
+    the schedule's factor (the LR scheduler's lr over the group's initial_lr, its peak)."""
+    for group in optimizer.param_groups:
+        if group.get("corrected_weight_decay"):
+            group["weight_decay"] = group["base_weight_decay"] * group["lr"] / group["initial_lr"]
+
+
 def _lr_lambda(config: TrainConfig):
     warmup, total, floor = config.warmup_steps, config.max_steps, config.min_lr_ratio
 
@@ -149,6 +157,10 @@ def _optimizer(config: TrainConfig, model: nn.Module) -> tuple[torch.optim.Optim
         regularization="l2" if config.optimizer == "adam" else "decoupled",
         **settings,
     )
+    corrected = set(config.corrected_weight_decay)
+    for group in groups:  # corrected weight decay: the decay each step is base · η_t / η_max
+        group["corrected_weight_decay"] = "all" in corrected or group["role"] in corrected
+        group["base_weight_decay"] = group["weight_decay"]
     if config.optimizer == "adamw":
         opt = torch.optim.AdamW(groups, lr=config.lr, betas=(config.beta1, config.beta2), eps=1e-8)
     elif config.optimizer == "adam":  # coupled: weight_decay 0 here, Σ λ/2‖θ‖² in the loss
@@ -252,12 +264,11 @@ class SpectralMonitor:
         self.previous_step: int | None = None
         self.last_summary: tuple[int, dict[str, float]] | None = None  # (step, summary_metrics)
         self.roles_lambda = {}
-        for group in groups:
-            lam = group.get("l2", group["weight_decay"])
+        for group in groups:  # λ is read from the group at each step: corrected decay moves it
             if group["role"] in ("q", "k", "v", "o") and any(
                 n.endswith("weight") for n in group["param_names"]
             ):
-                self.roles_lambda[group["role"]] = (group, lam)
+                self.roles_lambda[group["role"]] = group
         if path.is_file():  # resume: continue the measured rates from the last firing
             lines = path.read_text().splitlines()
             if lines:
@@ -293,8 +304,8 @@ class SpectralMonitor:
         for role in roles:
             if role not in self.roles_lambda:
                 return None  # a frozen factor: no weight-decay-driven balancing
-            group, lam = self.roles_lambda[role]
-            rates.append(2 * group["lr"] * lam)
+            group = self.roles_lambda[role]
+            rates.append(2 * group["lr"] * group.get("l2", group["weight_decay"]))
         return statistics.fmean(rates)
 
     def _measured_rates(self, current: dict, name: str, step: int) -> dict[str, float | None]:
@@ -606,6 +617,7 @@ def _train(config: TrainConfig, resume: Path | None, run_dir: Path) -> TrainResu
     model = build_model(model_cfg).to(device)
     optimizer, groups = _optimizer(config, model)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, _lr_lambda(config))
+    _schedule_weight_decay(optimizer)
     train_model: nn.Module = model
     if ddp.world_size > 1:
         train_model = nn.parallel.DistributedDataParallel(
@@ -707,6 +719,7 @@ def _train(config: TrainConfig, resume: Path | None, run_dir: Path) -> TrainResu
                         file=sys.stderr,
                     )
             scheduler.step()
+            _schedule_weight_decay(optimizer)
             optimizer.zero_grad(set_to_none=True)
             step += 1
             window_steps += 1
