@@ -414,3 +414,73 @@ def test_fused_families_are_split_for_per_matrix_targets_and_saved_fused(
     )
     names = {n for n, _ in saved.named_parameters()}
     assert "gpt_neox.layers.0.attention.query_key_value.weight" in names  # fused again on disk
+
+
+def _tiny_family(kind: str):
+    import transformers as tf
+
+    torch.manual_seed(0)
+    return {
+        "opt": lambda: tf.OPTModel(
+            tf.OPTConfig(
+                vocab_size=64,
+                hidden_size=32,
+                num_attention_heads=4,
+                num_hidden_layers=2,
+                ffn_dim=48,
+                word_embed_proj_dim=32,
+                pad_token_id=0,
+            )
+        ),
+        "phi3": lambda: tf.Phi3Model(
+            tf.Phi3Config(
+                vocab_size=64,
+                hidden_size=32,
+                num_attention_heads=4,
+                num_key_value_heads=2,
+                num_hidden_layers=2,
+                intermediate_size=48,
+                pad_token_id=0,
+                eos_token_id=1,
+            )
+        ),
+        "distilbert": lambda: tf.DistilBertModel(
+            tf.DistilBertConfig(vocab_size=64, dim=32, n_heads=4, n_layers=2, hidden_dim=48)
+        ),
+        "t5": lambda: tf.T5Model(
+            tf.T5Config(
+                vocab_size=64,
+                d_model=32,
+                d_kv=8,
+                num_heads=4,
+                num_layers=2,
+                d_ff=48,
+                pad_token_id=0,
+                decoder_start_token_id=0,
+            )
+        ),
+    }[kind]()
+
+
+@pytest.mark.parametrize("method", ["full", "lora"])
+@pytest.mark.parametrize("kind", ["opt", "phi3", "distilbert", "t5"])
+def test_every_family_fine_tunes_q_v_and_its_head(kind, method, tiny_bert, tiny_csv, tmp_path) -> None:
+    """--targets q,v trains exactly q, v and the task head (DistilBERT's pre_classifier and T5's
+    classification_head included: they were frozen before), whether the projections are separate
+    (OPT, DistilBERT, T5) or fused (Phi-3, split first)."""
+    import shutil
+
+    folder = tmp_path / kind
+    _tiny_family(kind).save_pretrained(folder)
+    for file in tiny_bert.iterdir():  # the tiny word-level tokenizer
+        if file.name.startswith(("tokenizer", "special", "vocab")):
+            shutil.copy(file, folder / file.name)
+    result = finetune(
+        _config(folder, tiny_csv, tmp_path, method=method, rank=2, save_model=False), progress=False
+    )
+    assert {g["role"] for g in result["groups"]} == {"q", "v", "head"}
+    assert bool(result["split_modules"]) == (kind == "phi3")
+    if method == "lora":
+        assert result["lora_modules"] and all(
+            m.endswith(("q", "v", "q_proj", "v_proj", "q_lin", "v_lin")) for m in result["lora_modules"]
+        )

@@ -62,7 +62,19 @@ __all__ = [
 
 
 # Module names (any path component) that hold a task head.
-_HEAD_NAMES = frozenset({"classifier", "lm_head", "score", "qa_outputs", "head", "cls", "heads"})
+_HEAD_NAMES = frozenset(
+    {
+        "classifier",
+        "pre_classifier",
+        "classification_head",
+        "lm_head",
+        "score",
+        "qa_outputs",
+        "head",
+        "cls",
+        "heads",
+    }
+)
 # Parameter names of embeddings stored as bare parameters (ViT, timm).
 _EMBED_PARAMS = frozenset(
     {"cls_token", "dist_token", "reg_token", "mask_token", "pos_embed", "position_embeddings"}

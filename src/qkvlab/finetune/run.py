@@ -284,11 +284,15 @@ def finetune(config: FinetuneConfig, *, progress: bool = True) -> dict[str, Any]
         from peft import LoraConfig, get_peft_model
 
         modules = _target_modules(model, targets)
+        # the task head trains in full: PEFT's SEQ_CLS default only knows "classifier" and "score", not
+        # DistilBERT's pre_classifier or T5's classification_head
+        head = sorted({n.rsplit(".", 1)[0] for n, r in roles(model).items() if r == "head" and "." in n})
         lora = LoraConfig(
             r=config.rank,
             lora_alpha=config.alpha,
             lora_dropout=config.lora_dropout,
             target_modules=modules,
+            modules_to_save=head or None,
             task_type="SEQ_CLS",
         )
         model = get_peft_model(model, lora)
