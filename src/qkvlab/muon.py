@@ -43,62 +43,6 @@ def orthogonalize(
     ]
 
 
-class HeadwiseMuon(torch.optim.Optimizer):
-    """``torch.optim.Muon``, with per-head orthogonalisation for groups that set ``heads`` (see the module)."""
-
-    def __init__(
-        self,
-        params: Iterable[Tensor] | Iterable[dict[str, Any]],
-        lr: float = 1e-3,
-        weight_decay: float = 0.1,
-        momentum: float = 0.95,
-        nesterov: bool = True,
-        ns_coefficients: tuple[float, float, float] = (DEFAULT_A, DEFAULT_B, DEFAULT_C),
-        eps: float = 1e-7,
-        ns_steps: int = 5,
-        adjust_lr_fn: str | None = None,
-        heads: int | None = None,
-        head_axis: int = 0,
-    ) -> None:
-        if not lr >= 0.0:
-            raise ValueError(f"learning rate should be >= 0 but is: {lr}")
-        if not weight_decay >= 0.0:
-            raise ValueError(f"weight decay should be >= 0 but is: {weight_decay}")
-        if adjust_lr_fn not in (None, "original", "match_rms_adamw"):
-            raise ValueError(f"adjust_lr_fn {adjust_lr_fn!r}; accepted: original, match_rms_adamw")
-        defaults = {
-            "lr": lr,
-            "weight_decay": weight_decay,
-            "momentum": momentum,
-            "nesterov": nesterov,
-            "ns_coefficients": ns_coefficients,
-            "eps": eps,
-            "ns_steps": ns_steps,
-            "adjust_lr_fn": adjust_lr_fn,
-            "heads": heads,
-            "head_axis": head_axis,
-        }
-        super().__init__(params, defaults)
-        for group in self.param_groups:
-            for p in group["params"]:
-                if p.ndim != 2:
-                    raise ValueError(
-                        f"Muon updates 2-D matrices only; got a parameter of shape {tuple(p.shape)}"
-                    )
-
-    @torch.no_grad()
-    def step(self, closure: Any = None) -> Any:
-        loss = None
-        if closure is not None:
-            with torch.enable_grad():
-                loss = closure()
-        for group in self.param_groups:
-            for p in group["params"]:
-                if p.grad is not None:
-                    muon_update(p, self.state[p], group)
-        return loss
-
-
 def muon_update(p: Tensor, state: dict[str, Any], group: dict[str, Any]) -> None:
     """One Muon step of ``p`` (torch's algorithm; per head when ``group["heads"]`` is set)."""
     lr, wd, momentum = group["lr"], group["weight_decay"], group["momentum"]
@@ -113,7 +57,7 @@ def muon_update(p: Tensor, state: dict[str, Any], group: dict[str, Any]) -> None
         group["head_axis"],
         tuple(group["ns_coefficients"]),
         group["ns_steps"],
-        group["eps"],
+        group["muon_eps"],
     )
     p.mul_(1 - lr * wd)
     slices = [p] if len(pieces) == 1 else p.chunk(len(pieces), dim=group["head_axis"])
@@ -132,37 +76,50 @@ class MuonWithAdamW(torch.optim.Optimizer):
 
     def __init__(
         self,
-        params: Iterable[dict[str, Any]],
+        params: Iterable[Tensor] | Iterable[dict[str, Any]],
         lr: float = 1e-3,
         betas: tuple[float, float] = (0.9, 0.95),
         eps: float = 1e-8,
         momentum: float = 0.95,
         nesterov: bool = True,
         adjust_lr_fn: str | None = None,
+        *,
+        weight_decay: float = 0.0,
+        algorithm: str = "adamw",
+        ns_coefficients: tuple[float, float, float] = (DEFAULT_A, DEFAULT_B, DEFAULT_C),
+        ns_steps: int = 5,
+        muon_eps: float = 1e-7,
+        heads: int | None = None,
+        head_axis: int = 0,
     ) -> None:
+        if not lr >= 0.0:
+            raise ValueError(f"learning rate should be >= 0 but is: {lr}")
+        if not weight_decay >= 0.0:
+            raise ValueError(f"weight decay should be >= 0 but is: {weight_decay}")
         if adjust_lr_fn not in (None, "original", "match_rms_adamw"):
             raise ValueError(f"adjust_lr_fn {adjust_lr_fn!r}; accepted: original, match_rms_adamw")
         defaults = {
             "lr": lr,
-            "weight_decay": 0.0,
-            "algorithm": "adamw",
+            "weight_decay": weight_decay,
+            "algorithm": algorithm,
             "betas": betas,
             "eps": eps,
             "momentum": momentum,
             "nesterov": nesterov,
-            "ns_coefficients": (DEFAULT_A, DEFAULT_B, DEFAULT_C),
-            "ns_steps": 5,
-            "muon_eps": 1e-7,
+            "ns_coefficients": ns_coefficients,
+            "ns_steps": ns_steps,
+            "muon_eps": muon_eps,
             "adjust_lr_fn": adjust_lr_fn,
-            "heads": None,
-            "head_axis": 0,
+            "heads": heads,
+            "head_axis": head_axis,
         }
         super().__init__(params, defaults)
         for group in self.param_groups:
             if group["algorithm"] not in ("muon", "adamw"):
                 raise ValueError(f"algorithm {group['algorithm']!r}; accepted: muon, adamw")
             if group["algorithm"] == "muon" and any(p.ndim != 2 for p in group["params"]):
-                raise ValueError("Muon groups hold 2-D matrices only")
+                shapes = [tuple(p.shape) for p in group["params"] if p.ndim != 2]
+                raise ValueError(f"Muon updates 2-D matrices only; got parameters of shape {shapes}")
 
     @torch.no_grad()
     def step(self, closure: Any = None) -> Any:
@@ -177,9 +134,8 @@ class MuonWithAdamW(torch.optim.Optimizer):
             if not params:
                 continue
             if group["algorithm"] == "muon":
-                muon_group = {**group, "eps": group["muon_eps"]}
                 for p in params:
-                    muon_update(p, self.state[p], muon_group)
+                    muon_update(p, self.state[p], group)
                 continue
             states = [self.state[p] for p in params]
             for state, p in zip(states, params, strict=True):
@@ -205,3 +161,37 @@ class MuonWithAdamW(torch.optim.Optimizer):
                 maximize=False,
             )
         return loss
+
+
+class HeadwiseMuon(MuonWithAdamW):
+    """``torch.optim.Muon`` (same defaults, weight decay 0.1 included), with per-head orthogonalisation
+    for groups that set ``heads`` (see the module): :class:`MuonWithAdamW` with every group on Muon."""
+
+    def __init__(
+        self,
+        params: Iterable[Tensor] | Iterable[dict[str, Any]],
+        lr: float = 1e-3,
+        weight_decay: float = 0.1,
+        momentum: float = 0.95,
+        nesterov: bool = True,
+        ns_coefficients: tuple[float, float, float] = (DEFAULT_A, DEFAULT_B, DEFAULT_C),
+        eps: float = 1e-7,
+        ns_steps: int = 5,
+        adjust_lr_fn: str | None = None,
+        heads: int | None = None,
+        head_axis: int = 0,
+    ) -> None:
+        super().__init__(
+            params,
+            lr=lr,
+            momentum=momentum,
+            nesterov=nesterov,
+            adjust_lr_fn=adjust_lr_fn,
+            weight_decay=weight_decay,
+            algorithm="muon",
+            ns_coefficients=ns_coefficients,
+            ns_steps=ns_steps,
+            muon_eps=eps,
+            heads=heads,
+            head_axis=head_axis,
+        )
