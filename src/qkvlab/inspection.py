@@ -103,6 +103,24 @@ def spectrum_records(
     ]
 
 
+def head_stats(product: str, records: list[dict[str, Any]]) -> dict[str, float | int]:
+    """Over ``records`` (heads of one product): ``{product}_{erank_mean|erank_min|rank_mean|
+    stable_rank_mean|nuclear_norm_mean|gap_mean|imbalance_mean}``, and ``{product}_nonfinite_heads``.
+    Heads with non-finite weights are counted there, never averaged in; if every head is, the
+    statistics are NaN."""
+    finite = [r for r in records if r["effective_rank"] is not None]
+    stats: dict[str, float | int] = {f"{product}_nonfinite_heads": len(records) - len(finite)}
+    if not finite:
+        return {**stats, **{f"{product}_{k}": float("nan") for k in SUMMARY_STATS}}
+    eranks = [r["effective_rank"] for r in finite]
+    stats[f"{product}_erank_mean"] = statistics.fmean(eranks)
+    stats[f"{product}_erank_min"] = min(eranks)
+    stats[f"{product}_rank_mean"] = statistics.fmean(r["rank"] for r in finite)
+    for name in ("stable_rank", "nuclear_norm", "gap", "imbalance"):
+        stats[f"{product}_{name}_mean"] = statistics.fmean(r[name] for r in finite)
+    return stats
+
+
 @dataclass
 class InspectReport:
     source: str
@@ -256,20 +274,8 @@ class InspectReport:
             row: dict[str, float | int] = {"layer": layer}
             for product in PRODUCTS:
                 recs = self._records(product, layer)
-                if not recs:  # e.g. a compare report (dqk, dov, …)
-                    continue
-                finite = [r for r in recs if r["effective_rank"] is not None]
-                row[f"{product}_nonfinite_heads"] = len(recs) - len(finite)  # flagged, never averaged in
-                recs = finite or recs
-                if recs[0]["effective_rank"] is None:
-                    row.update({f"{product}_{k}": float("nan") for k in SUMMARY_STATS})
-                    continue
-                eranks = [r["effective_rank"] for r in recs]
-                row[f"{product}_erank_mean"] = statistics.fmean(eranks)
-                row[f"{product}_erank_min"] = min(eranks)
-                row[f"{product}_rank_mean"] = statistics.fmean(r["rank"] for r in recs)
-                for name in ("stable_rank", "nuclear_norm", "gap", "imbalance"):
-                    row[f"{product}_{name}_mean"] = statistics.fmean(r[name] for r in recs)
+                if recs:  # none: e.g. a compare report (dqk, dov, …)
+                    row.update(head_stats(product, recs))
             rows.append(row)
         return rows
 
@@ -407,27 +413,12 @@ class InspectSeries:
         return [float(i) for i in range(len(self.reports))], "checkpoint (in the order given)"
 
     def rows(self) -> list[dict[str, Any]]:
-        """Per checkpoint, over every head of every layer: mean and min effective rank, mean rank and
-        mean gap of each product, and how many heads were non-finite."""
+        """Per checkpoint, over every head of every layer: the statistics of :func:`head_stats`."""
         rows = []
         for report, step in zip(self.reports, self.steps, strict=True):
             row: dict[str, Any] = {"source": report.source, "step": step}
             for product in PRODUCTS:
-                recs = [r for r in report._records(product) if r["effective_rank"] is not None]
-                row[f"{product}_nonfinite_heads"] = len(report._records(product)) - len(recs)
-                if not recs:
-                    row.update(
-                        {
-                            f"{product}_{k}": float("nan")
-                            for k in ("erank_mean", "erank_min", "rank_mean", "gap_mean")
-                        }
-                    )
-                    continue
-                eranks = [r["effective_rank"] for r in recs]
-                row[f"{product}_erank_mean"] = statistics.fmean(eranks)
-                row[f"{product}_erank_min"] = min(eranks)
-                row[f"{product}_rank_mean"] = statistics.fmean(r["rank"] for r in recs)
-                row[f"{product}_gap_mean"] = statistics.fmean(r["gap"] for r in recs)
+                row.update(head_stats(product, report._records(product)))
             rows.append(row)
         return rows
 
