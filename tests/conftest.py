@@ -32,6 +32,7 @@ def tiny_hf_model(kind: str) -> torch.nn.Module:
             "opt": 8,
             "phi3": 9,
             "distilbert": 10,
+            "t5": 11,
         }[kind]
     )
     common = {"hidden_size": 48, "num_attention_heads": 6, "num_hidden_layers": 3, "intermediate_size": 64}
@@ -54,7 +55,9 @@ def tiny_hf_model(kind: str) -> torch.nn.Module:
     elif kind == "vit":
         model = tf.ViTModel(tf.ViTConfig(image_size=16, patch_size=4, **common))
     elif kind == "gpt-neox":  # fused query_key_value interleaved per head, rotary on a quarter of each head
-        model = tf.GPTNeoXForCausalLM(tf.GPTNeoXConfig(vocab_size=64, rotary_pct=0.25, **common))
+        model = tf.GPTNeoXForCausalLM(
+            tf.GPTNeoXConfig(vocab_size=64, rotary_pct=0.25, pad_token_id=0, **common)
+        )
     elif kind == "opt":
         model = tf.OPTForCausalLM(
             tf.OPTConfig(
@@ -64,6 +67,7 @@ def tiny_hf_model(kind: str) -> torch.nn.Module:
                 num_hidden_layers=3,
                 ffn_dim=64,
                 word_embed_proj_dim=48,
+                pad_token_id=0,
             )
         )
     elif kind == "phi3":  # fused qkv_proj in [q; k; v] blocks with grouped-query attention
@@ -73,6 +77,19 @@ def tiny_hf_model(kind: str) -> torch.nn.Module:
     elif kind == "distilbert":
         model = tf.DistilBertModel(
             tf.DistilBertConfig(vocab_size=64, dim=48, n_heads=6, n_layers=3, hidden_dim=64)
+        )
+    elif kind == "t5":  # encoder self-, decoder self- and cross-attention
+        model = tf.T5Model(
+            tf.T5Config(
+                vocab_size=64,
+                d_model=48,
+                d_kv=8,
+                num_heads=6,
+                num_layers=3,
+                d_ff=64,
+                pad_token_id=0,
+                decoder_start_token_id=0,
+            )
         )
     else:
         raise ValueError(kind)

@@ -349,20 +349,14 @@ def test_t5_three_kinds_of_attention_equal_formed_products(tmp_path) -> None:
 
 
 def test_t5_in_the_terminal_plots_and_report(tmp_path, capsys) -> None:
-    import transformers as tf
-
     from qkvlab.cli import main
 
-    torch.manual_seed(0)
-    config = tf.T5Config(
-        vocab_size=64, d_model=32, d_kv=8, num_heads=4, num_layers=2, num_decoder_layers=2, d_ff=48
-    )
-    tf.T5Model(config).save_pretrained(tmp_path / "t5")
+    tiny_hf_model("t5").save_pretrained(tmp_path / "t5")
     capsys.readouterr()
     json_path, plots = tmp_path / "t5.json", tmp_path / "plots"
     assert main(["inspect", str(tmp_path / "t5"), "--json", str(json_path), "--plot", str(plots)]) == 0
     out = capsys.readouterr().out
-    assert "2 encoder self-attention layers, 2 decoder self-attention layers, 2 cross-attention layers" in out
+    assert "3 encoder self-attention layers, 3 decoder self-attention layers, 3 cross-attention layers" in out
     assert out.count("layer  QK erank") == 3 and "cross-attention (decoder queries" in out
     assert {p.name for p in plots.iterdir()} == {"self", "decoder_self", "cross"}
     assert main(["report", str(json_path), "--out", str(tmp_path / "page")]) == 0

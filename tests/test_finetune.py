@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -383,28 +384,11 @@ def test_fused_families_are_split_for_per_matrix_targets_and_saved_fused(
 ) -> None:
     """GPT-NeoX fuses q, k and v per head: `--targets q,v` splits them first (outputs unchanged), trains
     exactly q and v, and saves an ordinary GPT-NeoX checkpoint."""
-    import shutil
-
-    import transformers as tf
-
-    folder = tmp_path / "neox"
-    config = tf.GPTNeoXConfig(
-        vocab_size=64,
-        hidden_size=32,
-        num_attention_heads=4,
-        num_hidden_layers=2,
-        intermediate_size=48,
-        pad_token_id=0,
-    )
-    torch.manual_seed(0)
-    tf.GPTNeoXModel(config).save_pretrained(folder)
-    for file in tiny_bert.iterdir():  # the tiny word-level tokenizer
-        if file.name.startswith(("tokenizer", "special", "vocab")):
-            shutil.copy(file, folder / file.name)
+    folder = _tiny_model_folder("gpt-neox", tiny_bert, tmp_path / "neox")
     result = finetune(
         _config(folder, tiny_csv, tmp_path, method=method, rank=2, save_model=True), progress=False
     )
-    assert result["split_modules"] == [f"gpt_neox.layers.{i}.attention.query_key_value" for i in range(2)]
+    assert result["split_modules"] == [f"gpt_neox.layers.{i}.attention.query_key_value" for i in range(3)]
     trained = {g["role"] for g in result["groups"]}
     assert {"q", "v"} <= trained and not trained & {"k", "o", "qkv"}
     if method == "lora":
@@ -416,50 +400,17 @@ def test_fused_families_are_split_for_per_matrix_targets_and_saved_fused(
     assert "gpt_neox.layers.0.attention.query_key_value.weight" in names  # fused again on disk
 
 
-def _tiny_family(kind: str):
-    import transformers as tf
+def _tiny_model_folder(kind: str, tiny_bert: Path, folder: Path) -> Path:
+    """A tiny HF model of ``kind`` (conftest.tiny_hf_model) saved with the tiny word-level tokenizer."""
+    import shutil
 
-    torch.manual_seed(0)
-    return {
-        "opt": lambda: tf.OPTModel(
-            tf.OPTConfig(
-                vocab_size=64,
-                hidden_size=32,
-                num_attention_heads=4,
-                num_hidden_layers=2,
-                ffn_dim=48,
-                word_embed_proj_dim=32,
-                pad_token_id=0,
-            )
-        ),
-        "phi3": lambda: tf.Phi3Model(
-            tf.Phi3Config(
-                vocab_size=64,
-                hidden_size=32,
-                num_attention_heads=4,
-                num_key_value_heads=2,
-                num_hidden_layers=2,
-                intermediate_size=48,
-                pad_token_id=0,
-                eos_token_id=1,
-            )
-        ),
-        "distilbert": lambda: tf.DistilBertModel(
-            tf.DistilBertConfig(vocab_size=64, dim=32, n_heads=4, n_layers=2, hidden_dim=48)
-        ),
-        "t5": lambda: tf.T5Model(
-            tf.T5Config(
-                vocab_size=64,
-                d_model=32,
-                d_kv=8,
-                num_heads=4,
-                num_layers=2,
-                d_ff=48,
-                pad_token_id=0,
-                decoder_start_token_id=0,
-            )
-        ),
-    }[kind]()
+    from conftest import tiny_hf_model
+
+    tiny_hf_model(kind).save_pretrained(folder)
+    for file in tiny_bert.iterdir():
+        if file.name.startswith(("tokenizer", "special", "vocab")):
+            shutil.copy(file, folder / file.name)
+    return folder
 
 
 @pytest.mark.parametrize("method", ["full", "lora"])
@@ -468,13 +419,7 @@ def test_every_family_fine_tunes_q_v_and_its_head(kind, method, tiny_bert, tiny_
     """--targets q,v trains exactly q, v and the task head (DistilBERT's pre_classifier and T5's
     classification_head included: they were frozen before), whether the projections are separate
     (OPT, DistilBERT, T5) or fused (Phi-3, split first)."""
-    import shutil
-
-    folder = tmp_path / kind
-    _tiny_family(kind).save_pretrained(folder)
-    for file in tiny_bert.iterdir():  # the tiny word-level tokenizer
-        if file.name.startswith(("tokenizer", "special", "vocab")):
-            shutil.copy(file, folder / file.name)
+    folder = _tiny_model_folder(kind, tiny_bert, tmp_path / kind)
     result = finetune(
         _config(folder, tiny_csv, tmp_path, method=method, rank=2, save_model=False), progress=False
     )
