@@ -79,6 +79,23 @@ class Family:
     several_kinds: bool = False
 
 
+def _with_split(fused: Layout) -> tuple[Layout, Layout]:
+    """A fused layout, and the names of the same block after ``qkvlab.split_fused_qkv``: the fused
+    module ``X`` holds children ``X.q``, ``X.k``, ``X.v`` (same storage convention), so the split
+    weights are ``X.q.weight`` and so on, in a plain [q, k, v] layout."""
+    assert fused.qkv is not None and fused.qkv.endswith(".weight") and fused.anchor.endswith(r"\.weight$")
+    module = fused.qkv[: -len(".weight")]
+    return fused, Layout(
+        anchor=fused.anchor[: -len(r"\.weight$")] + r"\.q\.weight$",
+        q=f"{module}.q.weight",
+        k=f"{module}.k.weight",
+        v=f"{module}.v.weight",
+        o=fused.o,
+        transposed=fused.transposed,
+        attention=fused.attention,
+    )
+
+
 _PREFIX = r"(?:.*\.)?"  # any outer prefix, e.g. "bert." or "base_model.model.model."
 
 _BERT = Layout(
@@ -108,21 +125,13 @@ FAMILIES: tuple[Family, ...] = (
         name="gpt2",
         description="HF GPT-2 (fused, transposed Conv1D c_attn)",
         model_types=("gpt2",),
-        layouts=(
+        layouts=_with_split(  # split: c_attn holds three Conv1D children
             Layout(
                 anchor=rf"^(?P<block>{_PREFIX}h\.\d+\.attn\.)c_attn\.weight$",
                 qkv="{block}c_attn.weight",
                 o="{block}c_proj.weight",
                 transposed=True,
-            ),
-            Layout(  # after qkvlab.split_fused_qkv: c_attn holds three Conv1D children
-                anchor=rf"^(?P<block>{_PREFIX}h\.\d+\.attn\.)c_attn\.q\.weight$",
-                q="{block}c_attn.q.weight",
-                k="{block}c_attn.k.weight",
-                v="{block}c_attn.v.weight",
-                o="{block}c_proj.weight",
-                transposed=True,
-            ),
+            )
         ),
     ),
     Family(
@@ -160,20 +169,13 @@ FAMILIES: tuple[Family, ...] = (
         name="gpt-neox",
         description="HF GPT-NeoX / Pythia (fused query_key_value, interleaved per head)",
         model_types=("gpt_neox",),
-        layouts=(
+        layouts=_with_split(
             Layout(
                 anchor=rf"^(?P<block>{_PREFIX}layers\.\d+\.attention\.)query_key_value\.weight$",
                 qkv="{block}query_key_value.weight",
                 o="{block}dense.weight",
                 qkv_order="per-head",
-            ),
-            Layout(  # after qkvlab.split_fused_qkv
-                anchor=rf"^(?P<block>{_PREFIX}layers\.\d+\.attention\.)query_key_value\.q\.weight$",
-                q="{block}query_key_value.q.weight",
-                k="{block}query_key_value.k.weight",
-                v="{block}query_key_value.v.weight",
-                o="{block}dense.weight",
-            ),
+            )
         ),
         caveat=(
             "rotary position embeddings on the first rotary_pct of each head's dimensions (Pythia: 25 %): "
@@ -198,19 +200,12 @@ FAMILIES: tuple[Family, ...] = (
         name="phi3",
         description="HF Phi-3 (fused qkv_proj as [q; k; v] blocks, grouped-query attention)",
         model_types=("phi3",),
-        layouts=(
+        layouts=_with_split(
             Layout(
                 anchor=rf"^(?P<block>{_PREFIX}layers\.\d+\.self_attn\.)qkv_proj\.weight$",
                 qkv="{block}qkv_proj.weight",
                 o="{block}o_proj.weight",
-            ),
-            Layout(  # after qkvlab.split_fused_qkv
-                anchor=rf"^(?P<block>{_PREFIX}layers\.\d+\.self_attn\.)qkv_proj\.q\.weight$",
-                q="{block}qkv_proj.q.weight",
-                k="{block}qkv_proj.k.weight",
-                v="{block}qkv_proj.v.weight",
-                o="{block}o_proj.weight",
-            ),
+            )
         ),
         caveat="rotary position embeddings: W_KᵀW_Q is the relative-offset-0 form, as for LLaMA",
     ),
@@ -271,19 +266,12 @@ FAMILIES: tuple[Family, ...] = (
         name="timm-vit",
         description="timm VisionTransformer (fused attn.qkv)",
         model_types=(),
-        layouts=(
+        layouts=_with_split(
             Layout(
                 anchor=rf"^(?P<block>{_PREFIX}blocks\.\d+\.attn\.)qkv\.weight$",
                 qkv="{block}qkv.weight",
                 o="{block}proj.weight",
-            ),
-            Layout(  # after qkvlab.split_fused_qkv
-                anchor=rf"^(?P<block>{_PREFIX}blocks\.\d+\.attn\.)qkv\.q\.weight$",
-                q="{block}qkv.q.weight",
-                k="{block}qkv.k.weight",
-                v="{block}qkv.v.weight",
-                o="{block}proj.weight",
-            ),
+            )
         ),
     ),
     Family(
