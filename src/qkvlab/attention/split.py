@@ -24,6 +24,7 @@ checkpoints between the two naming schemes without a model.
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 
 import torch
@@ -250,26 +251,42 @@ def _fuse_mha(mha: SplitMultiheadAttention) -> None:
     mha._qkv_same_embed_dim = True
 
 
+@functools.cache
+def _fused_modules() -> dict[str, str]:
+    """The leaf name of every fused q/k/v module in the architecture table → how it orders its rows
+    ("blocks" or "per-head"): c_attn, qkv, query_key_value, qkv_proj."""
+    from qkvlab.attention.families import FAMILIES
+
+    return {
+        layout.qkv.removeprefix("{block}").removesuffix(".weight"): layout.qkv_order
+        for family in FAMILIES
+        for layout in family.layouts
+        if layout.qkv and layout.qkv.endswith(".weight")
+    }
+
+
 def _fused_layout(name: str, module: nn.Module, parent: nn.Module) -> dict | None:
     """How to split the module ``name`` (keyword arguments of ``_split_module``), or None if it is
-    not a fused q/k/v projection. Head counts come from the attention module that holds it."""
-    last = name.rsplit(".", 1)[-1]
+    not a fused q/k/v projection of the architecture table. Head counts come from the attention
+    module that holds it (its HF config and head_dim); without them, [q; k; v] thirds."""
+    order = _fused_modules().get(name.rsplit(".", 1)[-1])
     conv1d = _conv1d_cls()
-    if last == "c_attn" and conv1d is not None and isinstance(module, conv1d):
-        return {}
+    if order is None:
+        return None
+    if conv1d is not None and isinstance(module, conv1d):  # GPT-2: [q; k; v] thirds, stored (in, out)
+        return {} if order == "blocks" else None
     if not isinstance(module, nn.Linear):
         return None
-    if last == "qkv" and module.out_features % 3 == 0:
-        return {}
     config = getattr(parent, "config", None)
     heads = getattr(config, "num_attention_heads", None)
-    if last == "query_key_value" and isinstance(heads, int):  # GPT-NeoX / Pythia
-        return {"heads": heads}
-    if last == "qkv_proj" and isinstance(heads, int):  # Phi-3
+    if order == "per-head":  # GPT-NeoX / Pythia
+        return {"heads": heads} if isinstance(heads, int) else None
+    if isinstance(heads, int):  # [q; k; v] blocks sized by the head counts (Phi-3: grouped-query)
         kv_heads = getattr(config, "num_key_value_heads", None) or heads
         d_head = getattr(parent, "head_dim", None) or module.out_features // (heads + 2 * kv_heads)
-        return {"sizes": [heads * d_head, kv_heads * d_head, kv_heads * d_head]}
-    return None
+        sizes = [heads * d_head, kv_heads * d_head, kv_heads * d_head]
+        return {"sizes": sizes} if sum(sizes) == module.out_features else None
+    return {} if module.out_features % 3 == 0 else None  # timm: no config, q, k and v of one size
 
 
 def split_fused_qkv(model: nn.Module) -> list[str]:
