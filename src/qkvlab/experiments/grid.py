@@ -408,7 +408,11 @@ class Experiment:
 REGISTRY: dict[str, Experiment] = {}
 
 # Modules that register the built-in experiments when imported.
-_BUILTIN = ("qkvlab.experiments.finetune_claims", "qkvlab.experiments.paper000")
+_BUILTIN = (
+    "qkvlab.experiments.finetune_claims",
+    "qkvlab.experiments.paper000",
+    "qkvlab.experiments.optimizer_rank",
+)
 
 
 def register(experiment: Experiment) -> Experiment:
