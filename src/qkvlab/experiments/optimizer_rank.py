@@ -163,9 +163,8 @@ def status(run_dir: Path) -> str:
 
 def worker(run_dir: Path, point: dict[str, Any], seed: int, settings: dict[str, Any]) -> None:
     from qkvlab.data.cache import write_atomic
-    from qkvlab.experiments.training import train_worker
-
     from qkvlab.errors import TrainingStopped
+    from qkvlab.experiments.training import train_worker
 
     base = settings["overrides"]
     if not (run_dir / "final.json").is_file():
