@@ -417,6 +417,17 @@ OPTIONS = {
         "--plot": OUTS,
         "--summary-only": None,
     },
+    "repro optimizer-rank": {
+        "--setting": ["gpt", "recall", "nope"],
+        "--budgets": NUMBERS,
+        "--variants": ["adamw,muon", "muon-head", "adam-l2,", "sgd", "", ","],
+        "--seeds": NUMBERS,
+        "--jobs": NUMBERS,
+        "--set": SETS,
+        "--plot": OUTS,
+        "--out": OUTS,
+        "--summary-only": None,
+    },
     "repro finetune": {"--seeds": NUMBERS, "--out": OUTS, "--summary-only": None},
     "finetune": {
         "--model": MODELS,

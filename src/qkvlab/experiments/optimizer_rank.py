@@ -415,9 +415,179 @@ register(
 )
 
 
-def finish(out: Path, plot: str | None) -> int:  # replaced below
+# -- results -------------------------------------------------------------------------------------
+
+PRODUCTS = ("qk", "ov")
+HEAD_MEASURES = ("effective_rank", "rank", "nuclear_norm", "spectral_norm", "gap")
+
+
+def _product_measures(record: dict[str, Any]) -> dict[str, float]:
+    """Means over every head (all layers) of one spectral-monitor record, and the smallest effective rank."""
+    out: dict[str, float] = {}
+    for product in PRODUCTS:
+        heads = [h for h in record["heads"] if h["product"] == product]
+        values = {
+            "effective_rank": [h["effective_rank"] for h in heads],
+            "rank": [h["rank"] for h in heads],
+            "nuclear_norm": [h["nuclear_norm"] for h in heads],
+            "spectral_norm": [h["singular_values"][0] if h["singular_values"] else 0.0 for h in heads],
+            "gap": [h["gap"] for h in heads],
+        }
+        for name, vals in values.items():
+            out[f"{product}_{name}"] = math.fsum(vals) / len(vals)
+        out[f"{product}_effective_rank_min"] = min(values["effective_rank"])
+    return out
+
+
+def _factor_measures(factors: dict[str, Any]) -> dict[str, float]:
+    """Per factor: the spectral norm of the whole matrix and of a head's slice (means over layers and heads),
+    and the ratio of the largest head's to the smallest head's (mean over layers)."""
+    out: dict[str, float] = {}
+    for role in ATTENTION:
+        matrix, heads = factors[role]["matrix"], factors[role]["heads"]
+        out[f"{role}_matrix_norm"] = math.fsum(matrix) / len(matrix)
+        out[f"{role}_head_norm"] = math.fsum(x for layer in heads for x in layer) / sum(map(len, heads))
+        out[f"{role}_head_spread"] = math.fsum(max(layer) / min(layer) for layer in heads) / len(heads)
+    return out
+
+
+def read_run(run_dir: Path) -> dict[str, Any] | None:
+    """One finished run reduced to what the tables and plots use; ``{"stopped": why}`` for a run that met a
+    non-finite value; None while unfinished."""
+    from qkvlab.experiments.training import read_training_run
+
+    if (run_dir / STOPPED_FILE).is_file():
+        return {"stopped": json.loads((run_dir / STOPPED_FILE).read_text())["reason"]}
+    if not (run_dir / FACTORS_FILE).is_file():
+        return None
+    result = read_training_run(run_dir)
+    if result is None or not result.get("spectra"):
+        return None
+    records = result["spectra"]
+    final = result["final"]
+    measures = {
+        **_product_measures(records[-1]),
+        **_factor_measures(json.loads((run_dir / FACTORS_FILE).read_text())),
+        "val_loss": final["eval"]["loss"],
+        "wall_minutes": final["wall_seconds"] / 60,
+    }
+    if "accuracy" in final["eval"]:
+        measures["val_accuracy"] = final["eval"]["accuracy"]
+    return {
+        "measures": measures,
+        "init": _product_measures(records[0]) if records[0]["step"] == 0 else None,
+        "steps": [r["step"] for r in records],
+        "erank": {
+            p: [
+                math.fsum(h["effective_rank"] for h in r["heads"] if h["product"] == p)
+                / sum(h["product"] == p for h in r["heads"])
+                for r in records
+            ]
+            for p in PRODUCTS
+        },
+        "device": final.get("device_name", "not recorded"),
+    }
+
+
+def aggregate(out: Path) -> dict[str, Any]:
+    """Every (variant, budget) cell that has runs: mean ± std over the reported seeds (not the selection
+    seed) of each measure, seed-paired differences against AdamW at the same budget and against the
+    variant's own budget 0, the mean rank over training, and the learning-rate selection."""
+    from qkvlab.experiments.grid import load_runs, mean_std, paired, point_key
+
+    settings = json.loads((out / "settings.json").read_text())
+    selection_path = out / "selection.json"
+    summary: dict[str, Any] = {"setting": settings["setting"], "cells": [], "selection": None}
+    if not selection_path.is_file():
+        return summary
+    selection = json.loads(selection_path.read_text())
+    summary["selection"] = selection
+    runs = load_runs(out, read_run)
+    base = settings["overrides"]
+    budgets = sorted({float(dict(key)["budget"]) for key in runs})
+
+    def results(variant: str, budget: float) -> dict[int, dict[str, Any]]:
+        lr = selection[VARIANTS[variant].algorithm]["chosen"]
+        key = point_key({"variant": canonical(variant, budget), "budget": float(budget), "lr": float(lr)})
+        return {s: r for s, r in runs.get(key, {}).items() if s != SELECT_SEED}
+
+    def measure(found: dict[int, dict[str, Any]], name: str) -> dict[int, float]:
+        return {s: r["measures"][name] for s, r in found.items() if "measures" in r}
+
+    compared = ("val_loss", "qk_effective_rank", "ov_effective_rank")
+    for variant in SETTINGS[settings["setting"]].variants:
+        if VARIANTS[variant].algorithm not in selection:
+            continue
+        ran = any(results(variant, b) for b in budgets if b > 0)
+        for budget in budgets:
+            found = results(variant, budget)
+            finished = {s: r for s, r in found.items() if "measures" in r}
+            if not found or (budget == 0 and not ran and variant != VARIANTS[variant].algorithm):
+                continue  # a variant that was not run: not shown through the run it would share
+            names = sorted({n for r in finished.values() for n in r["measures"]})
+            cell: dict[str, Any] = {
+                "variant": variant,
+                "rule": VARIANTS[variant].algorithm,
+                "budget": budget,
+                "lr": selection[VARIANTS[variant].algorithm]["chosen"],
+                "lambda": decay_for(base, variant, budget, selection[VARIANTS[variant].algorithm]["chosen"]),
+                "seeds": sorted(finished),
+                "stopped": sorted(s for s, r in found.items() if "stopped" in r),
+                "measures": {n: mean_std(measure(finished, n).values()) for n in names},
+                "devices": sorted({r["device"] for r in finished.values()}),
+            }
+            inits = [r["init"] for r in finished.values() if r["init"]]
+            cell["init"] = (
+                {n: mean_std(i[n] for i in inits) for n in ("qk_effective_rank", "ov_effective_rank")}
+                if inits
+                else None
+            )
+            adamw, own_zero = results("adamw", budget), results(variant, 0.0) if 0.0 in budgets else {}
+            cell["vs_adamw"] = {n: paired(measure(finished, n), measure(adamw, n)) for n in compared}
+            cell["vs_budget0"] = {n: paired(measure(finished, n), measure(own_zero, n)) for n in compared}
+            if finished:
+                steps = min((r["steps"] for r in finished.values()), key=len)
+                cell["trajectory"] = {
+                    "steps": steps,
+                    **{
+                        p: [
+                            math.fsum(r["erank"][p][r["steps"].index(t)] for r in finished.values())
+                            / len(finished)
+                            for t in steps
+                        ]
+                        for p in PRODUCTS
+                    },
+                }
+            summary["cells"].append(cell)
+    return summary
+
+
+def finish(out: Path, plot: str | None) -> int:
+    """Pack the spectra, print the tables, write OUT/summary.json and (with ``plot``) the figures."""
+    from qkvlab.data.cache import write_atomic
+    from qkvlab.experiments.training import pack_spectra
+    from qkvlab.report.optimizer_rank import plot_optimizer_rank, tables
+
+    pack_spectra(out)
+    summary = aggregate(out)
+    print(tables(summary) or "no complete runs yet")
+    path = out / "summary.json"
+    write_atomic(path, json.dumps(summary, indent=1))
+    print(f"\nwrote {path}")
+    if plot:
+        for written in plot_optimizer_rank(summary, Path(plot)):
+            print(f"wrote {written}")
     return 0
 
 
 def report_sections(folder: Path, figures: Path) -> list[Any]:
-    return []
+    """The tables and figures of a results folder, for ``qkvlab report``."""
+    from qkvlab.report.optimizer_rank import plot_optimizer_rank, tables
+    from qkvlab.report.page import Figure, Markdown, Section
+
+    summary = aggregate(folder)
+    if not summary["cells"]:
+        return []
+    blocks: list[Any] = [Markdown(tables(summary))]
+    blocks += [Figure(p, p.stem.replace("_", " ")) for p in plot_optimizer_rank(summary, figures)]
+    return [Section(f"Optimisers and attention rank ({folder.name}, {summary['setting']})", blocks)]

@@ -1,0 +1,225 @@
+"""Tables (Markdown, as ``qkvlab repro optimizer-rank`` prints them) and figures of the optimiser × rank study."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+from qkvlab.report.paper000 import _diff
+from qkvlab.report.tables import pm
+
+__all__ = ["plot_optimizer_rank", "tables"]
+
+_PRODUCT = {"qk": "W_KᵀW_Q", "ov": "P·W_V"}
+
+
+def _row_head(c: dict[str, Any]) -> str:
+    seeds = f"{len(c['seeds'])}" + (f" (+{len(c['stopped'])} stopped)" if c["stopped"] else "")
+    return f"| {c['variant']} | {c['budget']:g} | {c['lambda']:.3g} | {seeds} |"
+
+
+def _selection_table(selection: dict[str, Any]) -> list[str]:
+    lines = [
+        "Learning rate of each update rule: final validation loss at Σηλ = 0 on the selection seed "
+        "(a grid of ½, 1, 2 × the setting's lr, extended past an edge winner at most twice); "
+        "AdamW, Adam + L2 and corrected AdamW share Adam's, Muon and corrected Muon share Muon's.",
+        "",
+        "| rule | val loss per lr | chosen |",
+        "|---|---|---|",
+    ]
+    for rule, s in selection.items():
+        losses = ", ".join(f"{lr}: {loss:.4f}" for lr, loss in s["losses"].items())
+        edge = " (at the grid's edge)" if s["at_edge"] else ""
+        lines.append(f"| {rule} | {losses} | {s['chosen']:g}{edge} |")
+    return lines
+
+
+def tables(summary: dict[str, Any]) -> str:
+    """Every table of a summary: selection, ranks and loss, norms, factors, and the paired differences."""
+    if not summary.get("selection"):
+        return ""
+    lines = _selection_table(summary["selection"])
+    # At Σηλ = 0 the Adam rules are one run, and so are the Muon ones: each shown once.
+    cells = [c for c in summary["cells"] if c["budget"] > 0 or c["variant"] == c["rule"]]
+    if not cells:
+        return "\n".join(lines)
+    accuracy = any("val_accuracy" in c["measures"] for c in cells)
+    devices = sorted({d for c in cells for d in c["devices"]})
+    m = lambda c, name, digits=2, scale=1.0: pm(c["measures"].get(name), digits, scale)  # noqa: E731
+    lines += [
+        "",
+        "Final weights, mean over every head of every layer (erank: effective rank; rank: #σᵢ > 10⁻³·σ₁; "
+        "min: the smallest head's erank), mean ± std over seeds; Σηλ on q, k, v, o only; λ the attention "
+        f"weight decay that gives it; minutes of wall-clock on {', '.join(devices)} (shared machine).",
+        "",
+        "| variant | Σηλ | λ | seeds | val loss |"
+        + (" val accuracy (%) |" if accuracy else "")
+        + " QK erank | QK min | QK rank | OV erank | OV min | OV rank | minutes |",
+        "|---|---|---|---|---|" + ("---|" if accuracy else "") + "---|---|---|---|---|---|---|",
+    ]
+    init = next((c["init"] for c in cells if c.get("init")), None)
+    if init:
+        lines.append(
+            "| init | — | — | — | — |"
+            + (" — |" if accuracy else "")
+            + f" {pm(init['qk_effective_rank'], 2)} | — | — | {pm(init['ov_effective_rank'], 2)} | — | — | — |"
+        )
+    for c in cells:
+        lines.append(
+            _row_head(c)
+            + f" {m(c, 'val_loss', 4)} |"
+            + (f" {m(c, 'val_accuracy', 1, 100)} |" if accuracy else "")
+            + " | ".join(
+                f" {m(c, f'{p}_effective_rank')} | {m(c, f'{p}_effective_rank_min')} | {m(c, f'{p}_rank', 1)}"
+                for p in ("qk", "ov")
+            )
+            + f" | {m(c, 'wall_minutes', 1)} |"
+        )
+    lines += [
+        "",
+        "Norms of the products (mean over heads): nuclear ‖·‖_*, spectral ‖·‖₂, and the gap "
+        "½(‖A‖²_F + ‖B‖²_F) − ‖ABᵀ‖_* between the factors' Frobenius cost and the nuclear norm.",
+        "",
+        "| variant | Σηλ | λ | seeds | QK ‖·‖_* | QK ‖·‖₂ | QK gap | OV ‖·‖_* | OV ‖·‖₂ | OV gap |",
+        "|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    for c in cells:
+        lines.append(
+            _row_head(c)
+            + " | ".join(
+                f" {m(c, f'{p}_nuclear_norm', 3)} | {m(c, f'{p}_spectral_norm', 3)} | {m(c, f'{p}_gap', 3)}"
+                for p in ("qk", "ov")
+            )
+            + " |"
+        )
+    lines += [
+        "",
+        "Spectral norms of the factors (what Muon's decay bounds): the whole matrix / a head's slice "
+        "(d_head rows of W_Q, W_K, W_V; d_head columns of W_O), and the largest head's over the smallest "
+        "head's (×), means over layers.",
+        "",
+        "| variant | Σηλ | λ | seeds | W_Q | W_K | W_V | W_O |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
+    for c in cells:
+        lines.append(
+            _row_head(c)
+            + " | ".join(
+                f" {m(c, f'{r}_matrix_norm', 3)} / {m(c, f'{r}_head_norm', 3)} ({m(c, f'{r}_head_spread', 2)}×)"
+                for r in ("q", "k", "v", "o")
+            )
+            + " |"
+        )
+    for key, title in (
+        ("vs_budget0", "Seed-paired differences from the same variant at Σηλ = 0: what its decay does."),
+        ("vs_adamw", "Seed-paired differences from AdamW at the same Σηλ: what the update rule changes."),
+    ):
+        lines += [
+            "",
+            title,
+            "",
+            "| variant | Σηλ | Δ val loss | Δ QK erank | Δ OV erank |",
+            "|---|---|---|---|---|",
+        ]
+        for c in cells:
+            d = c[key]
+            skip = c["budget"] == 0 if key == "vs_budget0" else c["variant"] == "adamw"
+            if skip or not d["val_loss"]:
+                continue
+            lines.append(
+                f"| {c['variant']} | {c['budget']:g} | {_diff(d['val_loss'], 4)} | "
+                f"{_diff(d['qk_effective_rank'])} | {_diff(d['ov_effective_rank'])} |"
+            )
+    return "\n".join(lines)
+
+
+def _by_variant(cells: list[dict[str, Any]]) -> dict[str, list[dict[str, Any]]]:
+    out: dict[str, list[dict[str, Any]]] = {}
+    for c in cells:
+        if c["seeds"]:
+            out.setdefault(c["variant"], []).append(c)
+    return out
+
+
+def _budget_axis(ax: Any, budgets: list[float]) -> None:
+    ax.set_xticks(budgets, [f"{b:g}" for b in budgets])
+    ax.set_xlabel("Σₜ η_t λ_t on q, k, v, o")
+    ax.grid(alpha=0.3)
+
+
+def plot_optimizer_rank(summary: dict[str, Any], folder: Path) -> list[Path]:
+    """Rank and loss against the decay budget per variant, rank over training per budget, factor norms."""
+    from qkvlab.report.figures import pyplot, save
+
+    variants = _by_variant(summary["cells"])
+    if not variants:
+        return []
+    plt = pyplot()
+    folder.mkdir(parents=True, exist_ok=True)
+    budgets = sorted({c["budget"] for cs in variants.values() for c in cs})
+    seeds = max(len(c["seeds"]) for cs in variants.values() for c in cs)
+    setting = summary["setting"]
+    written = []
+
+    def series(ax: Any, name: str) -> None:
+        for variant, cs in variants.items():
+            stats = [c["measures"][name] for c in cs]
+            ax.errorbar(
+                [c["budget"] for c in cs],
+                [s["mean"] for s in stats],
+                yerr=[s["std"] for s in stats],
+                marker="o",
+                ms=4,
+                capsize=3,
+                label=variant,
+            )
+        _budget_axis(ax, budgets)
+
+    fig, axes = plt.subplots(1, 3, figsize=(15, 4))
+    for ax, product in zip(axes[:2], ("qk", "ov"), strict=True):
+        series(ax, f"{product}_effective_rank")
+        init = next((c["init"] for cs in variants.values() for c in cs if c.get("init")), None)
+        if init:
+            ax.axhline(init[f"{product}_effective_rank"]["mean"], color="grey", ls="--", lw=1, label="init")
+        ax.set_ylabel("effective rank (mean over heads)")
+        ax.set_title(f"{_PRODUCT[product]} per head")
+        ax.legend(fontsize=7)
+    series(axes[2], "val_loss")
+    axes[2].set_ylabel("final validation loss")
+    axes[2].set_title("validation loss")
+    axes[2].legend(fontsize=7)
+    fig.suptitle(
+        f"Optimisers and attention rank ({setting}; mean ± std over up to {seeds} seeds)", fontsize=10
+    )
+    written.append(save(fig, folder / "rank_and_loss_vs_budget.png"))
+
+    fig, axes = plt.subplots(len(budgets), 2, figsize=(11, 3.4 * len(budgets)), squeeze=False)
+    for i, budget in enumerate(budgets):
+        for j, product in enumerate(("qk", "ov")):
+            ax = axes[i][j]
+            for variant, cs in variants.items():
+                c = next((c for c in cs if c["budget"] == budget and c.get("trajectory")), None)
+                if c:
+                    t = c["trajectory"]
+                    ax.plot(t["steps"], t[product], label=variant)
+            ax.set_xlabel("step")
+            ax.set_ylabel("effective rank")
+            ax.set_title(f"{_PRODUCT[product]}, Σηλ = {budget:g}")
+            ax.grid(alpha=0.3)
+            ax.legend(fontsize=7)
+    fig.suptitle(f"Effective rank over training ({setting}; mean over heads and seeds)", fontsize=10)
+    written.append(save(fig, folder / "rank_over_time.png"))
+
+    fig, axes = plt.subplots(1, 4, figsize=(17, 3.8))
+    for ax, role in zip(axes, ("q", "k", "v", "o"), strict=True):
+        series(ax, f"{role}_matrix_norm")
+        ax.set_ylabel("spectral norm (whole matrix)")
+        ax.set_title(f"W_{role.upper()}")
+        ax.legend(fontsize=7)
+    fig.suptitle(
+        f"Spectral norms of the attention factors ({setting}; mean over layers, ± std over seeds)",
+        fontsize=10,
+    )
+    written.append(save(fig, folder / "factor_norms.png"))
+    plt.close("all")
+    return written
