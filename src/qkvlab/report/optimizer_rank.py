@@ -189,7 +189,8 @@ def plot_optimizer_rank(summary: dict[str, Any], folder: Path) -> list[Path]:
     axes[2].set_title("validation loss")
     axes[2].legend(fontsize=7)
     fig.suptitle(
-        f"Optimisers and attention rank ({setting}; mean ± std over up to {seeds} seeds)", fontsize=10
+        f"Optimisers and attention rank ({setting}; mean ± std over up to {seeds} seed{'s' * (seeds > 1)})",
+        fontsize=10,
     )
     written.append(save(fig, folder / "rank_and_loss_vs_budget.png"))
 
