@@ -299,6 +299,8 @@ def fuzz_place(tmp_path_factory, tiny_bert, tiny_csv) -> Path:
     shutil.copytree(tiny_bert, place / "notok", ignore=shutil.ignore_patterns("*.txt", "tok*", "special*"))
     settings = tiny_gpt_settings(place / "corpus.txt", place / "run", max_steps=4, spectra_every=2)
     assert main(["train", *(f"{k}={v}" for k, v in settings.items())]) == 0
+    # repro rank-guard's default --reference
+    (place / "results" / "paper000-gpt" / "runs").mkdir(parents=True)
     return place
 
 
@@ -421,6 +423,16 @@ OPTIONS = {
         "--setting": ["gpt", "recall", "nope"],
         "--budgets": NUMBERS,
         "--variants": ["adamw,muon", "muon-head", "adam-l2,", "sgd", "", ","],
+        "--seeds": NUMBERS,
+        "--jobs": NUMBERS,
+        "--set": SETS,
+        "--plot": OUTS,
+        "--out": OUTS,
+        "--summary-only": None,
+    },
+    "repro rank-guard": {
+        "--targets": ["mild", "mild,strong", "nope", "", ","],
+        "--reference": OUTS,
         "--seeds": NUMBERS,
         "--jobs": NUMBERS,
         "--set": SETS,

@@ -65,6 +65,13 @@ class TrainConfig:
     # corrected weight decay (adamw, muon): these roles' decay follows the schedule, λ_t = λ·η_t/η_max,
     # so p ← p(1 − λ·η_t²/η_max); a list of roles, or [all]
     corrected_weight_decay: list = field(default_factory=list)
+    # rank guard (adamw, muon; qkvlab.guard): at every spectral-monitor firing, each layer's decay of (q, k)
+    # and of (v, o) becomes clip(λ·exp(κ(erank_min − target)/d_head), λ_min, λ_max); target = fraction × d_head
+    rank_guard_qk: float = 0.0  # target effective rank of W_KᵀW_Q as a fraction of d_head; 0 = unguarded
+    rank_guard_ov: float = 0.0  # the same for P·W_V
+    rank_guard_kappa: float = 2.0  # κ
+    rank_guard_min: float = 1e-3  # λ_min
+    rank_guard_max: float = 10.0  # λ_max
     preset: str | None = None  # e.g. "decoupled-attn:attn_weight_decay=0"
     overrides: dict = field(default_factory=dict)  # {role: {lr_scale, weight_decay}}
     train_roles: list | None = None  # roles that train; None = all
@@ -102,6 +109,20 @@ class TrainConfig:
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
+
+    def rank_guard(self) -> Any:
+        """The :class:`qkvlab.guard.RankGuard` these keys describe, or None when neither target is set."""
+        if not (self.rank_guard_qk or self.rank_guard_ov):
+            return None
+        from qkvlab.guard import RankGuard
+
+        return RankGuard(
+            self.rank_guard_qk or None,
+            self.rank_guard_ov or None,
+            self.rank_guard_kappa,
+            self.rank_guard_min,
+            self.rank_guard_max,
+        )
 
     @classmethod
     def from_dict(cls, data: Mapping[str, Any]) -> TrainConfig:
@@ -147,6 +168,8 @@ RESUME_CHANGEABLE = frozenset(
 
 
 def resume_changeable(key: str, config: TrainConfig) -> bool:
+    if key == "spectra_every" and config.rank_guard():  # the guard acts when the monitor fires
+        return False
     return key in RESUME_CHANGEABLE or (key == "max_steps" and config.schedule == "constant")
 
 
@@ -224,6 +247,11 @@ _CHECKS: dict[str, tuple[Callable[[Any], bool], str]] = {
         lambda v: set(v) <= {"all", "q", "k", "v", "o", "qkv", "mlp", "embed", "norm", "head", "other"},
         "roles (q, k, v, o, qkv, mlp, embed, norm, head, other) or all",
     ),
+    "rank_guard_qk": (lambda v: 0 <= v <= 1, "a fraction of d_head in [0, 1] (0: unguarded)"),
+    "rank_guard_ov": (lambda v: 0 <= v <= 1, "a fraction of d_head in [0, 1] (0: unguarded)"),
+    "rank_guard_kappa": (lambda v: 0 < v < math.inf, "finite and > 0"),
+    "rank_guard_min": (lambda v: 0 < v < math.inf, "finite and > 0"),
+    "rank_guard_max": (lambda v: 0 < v < math.inf, "finite and > 0"),
     "lr": _pos,
     "weight_decay": _nonneg,
     "beta1": (lambda v: 0 <= v < 1, "in [0, 1)"),
@@ -398,6 +426,13 @@ def _check_consistency(config: TrainConfig) -> None:
         raise UserError(
             f"corrected_weight_decay needs decoupled decay; accepted with optimizer=adamw or muon, not {config.optimizer}"
         )
+    if config.rank_guard() is not None:
+        if config.optimizer not in ("adamw", "muon"):
+            raise UserError(
+                f"the rank guard sets decoupled weight decay; accepted with optimizer=adamw or muon, not {config.optimizer}"
+            )
+        if not config.spectra_every:
+            raise UserError("the rank guard acts when the spectral monitor fires; set spectra_every > 0")
     if model.attention == "linear" and model.kind != "icl":
         raise UserError("model.attention=linear is only for model.kind=icl")
     if config.stop_at is not None and config.stop_at > config.max_steps:

@@ -25,7 +25,7 @@ from qkvlab.inspection import inspect, summary_metrics
 from qkvlab.optim import optimizer_settings, param_groups
 from qkvlab.spectra import DEFAULT_RTOL
 
-__all__ = ["SpectraCallback", "create_optimizer", "summary_metrics"]
+__all__ = ["RankGuardCallback", "SpectraCallback", "create_optimizer", "summary_metrics"]
 
 
 def create_optimizer(
@@ -108,6 +108,80 @@ class SpectraCallback(TrainerCallback):
         with path.open("a") as fh:
             fh.write(json.dumps(record) + "\n")
         self._pending = summary_metrics(report)
+        control.should_log = True
+        return control
+
+    def on_log(self, args, state, control, logs=None, **kwargs):  # type: ignore[no-untyped-def]
+        if self._pending is not None and logs is not None:
+            logs.update(self._pending)
+            if state.log_history:
+                state.log_history[-1].update(self._pending)
+            self._pending = None
+        return control
+
+
+class RankGuardCallback(TrainerCallback):
+    """The rank guard (:mod:`qkvlab.guard`) for the HF Trainer: every ``every_n_steps`` optimiser steps,
+    each layer's weight decay of (q, k) and of (v, o) follows the smallest effective rank of its heads.
+
+    The Trainer's optimiser must hold qkvlab's groups split by layer::
+
+        optimizer = create_optimizer(model, args, per_layer="q,k,v,o")
+        trainer = Trainer(model=model, args=args, train_dataset=ds, optimizers=(optimizer, None))
+        RankGuardCallback.install(trainer, target_qk=0.25, target_ov=0.4, every_n_steps=100)
+
+    λ starts from each group's configured decay (``args.weight_decay`` or its override), clipped into the
+    bounds. Every rank computes the same ranks from the same weights, so under DDP all decay alike. The
+    λ values live in the optimiser's groups, so the Trainer's optimizer checkpoint carries them and
+    ``resume_from_checkpoint`` restores them. Each firing adds ``guard/L{layer}/{qk|ov}_lambda`` and
+    ``guard/L{layer}/{qk|ov}_erank_min`` to the Trainer's next log (TensorBoard, W&B, console).
+    """
+
+    def __init__(
+        self,
+        *,
+        target_qk: float | None = None,
+        target_ov: float | None = None,
+        kappa: float = 2.0,
+        lambda_min: float = 1e-3,
+        lambda_max: float = 10.0,
+        every_n_steps: int = 100,
+        rtol: float = DEFAULT_RTOL,
+    ) -> None:
+        from qkvlab.guard import RankGuard
+
+        if every_n_steps <= 0:
+            raise ValueError(f"every_n_steps must be a positive integer, got {every_n_steps}")
+        self.guard = RankGuard(target_qk, target_ov, kappa, lambda_min, lambda_max)
+        self.every_n_steps = every_n_steps
+        self.rtol = rtol
+        self._pending: dict[str, float] | None = None
+
+    @classmethod
+    def install(cls, trainer: Trainer, **kwargs: Any) -> RankGuardCallback:
+        """Add the callback first, so its λ values reach the Trainer's loggers at the next log."""
+        callback = cls(**kwargs)
+        trainer.callback_handler.callbacks.insert(0, callback)
+        return callback
+
+    def on_train_begin(self, args, state, control, optimizer=None, **kwargs):  # type: ignore[no-untyped-def]
+        if optimizer is None:
+            return control
+        from qkvlab.guard import guarded_groups
+
+        guarded_groups(optimizer.param_groups, self.guard.targets())  # groups not split by layer: said now
+        if state.global_step == 0:  # a resumed run's groups come from its checkpoint, already guarded
+            self.guard.start(optimizer.param_groups)
+        return control
+
+    def on_step_end(self, args, state, control, model=None, optimizer=None, **kwargs):  # type: ignore[no-untyped-def]
+        if model is None or optimizer is None or state.global_step % self.every_n_steps:
+            return control
+        was_training = model.training
+        report = inspect(model, rtol=self.rtol)
+        model.train(was_training)
+        logged = self.guard.update(report.to_dict(), optimizer.param_groups)
+        self._pending = {f"guard/{k}": v for k, v in logged.items()}
         control.should_log = True
         return control
 

@@ -211,6 +211,7 @@ def param_groups(
     train: Iterable[str] | str | None = None,
     lora_ratio: float | None = None,
     regularization: str = "decoupled",
+    per_layer: Iterable[str] | str = (),
 ) -> list[dict[str, Any]]:
     """Parameter groups with a learning rate and weight decay per role.
 
@@ -229,10 +230,14 @@ def param_groups(
         regularization: ``"decoupled"`` (groups carry ``weight_decay``, use AdamW) or
             ``"l2"`` (groups carry ``weight_decay=0`` and ``l2=λ_g``; add ``l2_penalty(groups)``
             to the loss).
+        per_layer: roles (e.g. ``"q,k,v,o"``) whose groups are split by layer, each with a
+            ``layer`` key: the layer is the first integer in the parameter's dotted name
+            (``blocks.3.attn.q_proj.weight``, ``model.layers.3.self_attn.q_proj.weight``). The
+            rank guard (:mod:`qkvlab.guard`) sets each layer's weight decay apart.
 
     Returns:
-        One dict per (role, decay, LoRA part) with ``params``, ``param_names``, ``role``,
-        ``lr``, ``weight_decay`` (and ``l2`` for coupled L2).
+        One dict per (role, decay, LoRA part, layer) with ``params``, ``param_names``, ``role``,
+        ``lr``, ``weight_decay`` (and ``l2`` for coupled L2, ``layer`` for ``per_layer`` roles).
     """
     if not lr > 0:  # `not >` also rejects NaN
         raise UserError(f"lr must be > 0, got {lr}")
@@ -244,6 +249,9 @@ def param_groups(
         raise UserError(f"regularization must be 'decoupled' or 'l2', got {regularization!r}")
     settings = _normalise_overrides(overrides)
     train_roles, _ = _train_set(train)
+    split = {r.strip() for r in (per_layer.split(",") if isinstance(per_layer, str) else per_layer)} - {""}
+    if split - {"q", "k", "v", "o"}:
+        raise UserError(f"per_layer {sorted(split)}; accepted: a subset of q, k, v, o")
     role_of = roles(model)
     fused_names = [n for n, r in role_of.items() if r == "qkv"]
     _resolve_fused(set(role_of.values()), settings, train_roles, fused_names)
@@ -259,7 +267,7 @@ def param_groups(
             f"this model has no parameter with role {', '.join(missing)} (roles found: {', '.join(sorted(present))}); "
             "is its attention layout in the architecture table? see qkvlab.attention.families"
         )
-    groups: dict[tuple[str, bool, bool], dict[str, Any]] = {}
+    groups: dict[tuple[str, bool, bool, int], dict[str, Any]] = {}
     for name, param in model.named_parameters():
         role = role_of[name]
         if _is_frozen_base(name):
@@ -276,7 +284,10 @@ def param_groups(
             continue
         decay = _decays(name, param, role)
         is_b = _lora_part(name) == "B" and lora_ratio is not None
-        key = (role, decay, is_b)
+        layer = layer_of(name) if role in split else None
+        if role in split and layer is None:
+            raise UserError(f"per_layer: {name} has no layer number in its name")
+        key = (role, decay, is_b, -1 if layer is None else layer)
         if key not in groups:
             role_settings = settings.get(role, {})
             rate = lr * role_settings.get("lr_scale", 1.0) * (lora_ratio if is_b else 1.0)
@@ -284,6 +295,8 @@ def param_groups(
             group = {"params": [], "param_names": [], "role": role, "lr": rate, "weight_decay": lam}
             if is_b:
                 group["lora"] = "B"
+            if layer is not None:
+                group["layer"] = layer
             if regularization == "l2":
                 group["l2"], group["weight_decay"] = lam, 0.0
             groups[key] = group
@@ -296,7 +309,13 @@ def param_groups(
         present = sorted(set(role_of.values()))
         raise UserError(f"{asked} leaves nothing trainable; roles in this model: {', '.join(present)}")
     order = {r: i for i, r in enumerate(ROLES)}
-    return [groups[k] for k in sorted(groups, key=lambda k: (order[k[0]], not k[1], k[2]))]
+    return [groups[k] for k in sorted(groups, key=lambda k: (order[k[0]], k[3], not k[1], k[2]))]
+
+
+def layer_of(name: str) -> int | None:
+    """The layer of a parameter: the first integer in its dotted name (None if it has none)."""
+    match = re.search(r"(?:^|\.)(\d+)(?:\.|$)", name)
+    return int(match.group(1)) if match else None
 
 
 def l2_penalty(groups: Iterable[Mapping[str, Any]]) -> torch.Tensor:

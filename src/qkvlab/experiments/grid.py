@@ -412,6 +412,7 @@ _BUILTIN = (
     "qkvlab.experiments.finetune_claims",
     "qkvlab.experiments.paper000",
     "qkvlab.experiments.optimizer_rank",
+    "qkvlab.experiments.rank_guard",
 )
 
 

@@ -150,17 +150,21 @@ def _model_config(config: TrainConfig, info: dict[str, Any]):
 
 def _optimizer(config: TrainConfig, model: nn.Module) -> tuple[torch.optim.Optimizer, list[dict]]:
     settings = optimizer_settings(config.preset, overrides=config.overrides, train=config.train_roles)
+    guard = config.rank_guard()
     groups = param_groups(
         model,
         lr=config.lr,
         weight_decay=config.weight_decay,
         regularization="l2" if config.optimizer == "adam" else "decoupled",
+        per_layer="q,k,v,o" if guard is not None else (),
         **settings,
     )
     corrected = set(config.corrected_weight_decay)
     for group in groups:  # corrected weight decay: the decay each step is base · η_t / η_max
         group["corrected_weight_decay"] = "all" in corrected or group["role"] in corrected
         group["base_weight_decay"] = group["weight_decay"]
+    if guard is not None:
+        guard.start(groups)  # the configured attention decay, clipped into [λ_min, λ_max]
     if config.optimizer == "adamw":
         opt = torch.optim.AdamW(groups, lr=config.lr, betas=(config.beta1, config.beta2), eps=1e-8)
     elif config.optimizer == "adam":  # coupled: weight_decay 0 here, Σ λ/2‖θ‖² in the loss
@@ -170,6 +174,30 @@ def _optimizer(config: TrainConfig, model: nn.Module) -> tuple[torch.optim.Optim
     else:  # SGD's weight_decay adds λθ to the gradient: L2, coupled
         opt = torch.optim.SGD(groups, lr=config.lr, momentum=config.momentum)
     return opt, groups
+
+
+def _guard_step(
+    guard: Any,
+    record: dict[str, Any] | None,
+    optimizer: torch.optim.Optimizer,
+    ddp: _Dist,
+    device: torch.device,
+) -> dict[str, float]:
+    """One rank-guard firing: rank 0 (which holds the monitor's record) updates every guarded group's λ;
+    under DDP the others receive the same values, so every rank decays alike."""
+    logged = guard.update(record, optimizer.param_groups) if record is not None else {}
+    if ddp.world_size > 1:
+        from qkvlab.guard import guarded_groups
+
+        pairs = guarded_groups(optimizer.param_groups, guard.targets())
+        groups = [g for key in sorted(pairs) for g in pairs[key]]
+        values = torch.tensor([g["base_weight_decay"] for g in groups], dtype=torch.float64, device=device)
+        dist.broadcast(values, src=0)
+        from qkvlab.guard import set_decay
+
+        for group, value in zip(groups, values.tolist(), strict=True):
+            set_decay(group, value)
+    return logged
 
 
 #: Roles whose 2-D weights Muon updates; everything else (embeddings, head, norms, biases) gets AdamW.
@@ -263,12 +291,12 @@ class SpectralMonitor:
         self.previous: dict[str, dict[tuple[int, str], list[float]]] | None = None
         self.previous_step: int | None = None
         self.last_summary: tuple[int, dict[str, float]] | None = None  # (step, summary_metrics)
-        self.roles_lambda = {}
-        for group in groups:  # λ is read from the group at each step: corrected decay moves it
+        self.roles_lambda: dict[str, list[dict]] = {}
+        for group in groups:  # λ is read from the groups at each step: corrected decay and the guard move it
             if group["role"] in ("q", "k", "v", "o") and any(
                 n.endswith("weight") for n in group["param_names"]
             ):
-                self.roles_lambda[group["role"]] = group
+                self.roles_lambda.setdefault(group["role"], []).append(group)
         if path.is_file():  # resume: continue the measured rates from the last firing
             lines = path.read_text().splitlines()
             if lines:
@@ -304,8 +332,8 @@ class SpectralMonitor:
         for role in roles:
             if role not in self.roles_lambda:
                 return None  # a frozen factor: no weight-decay-driven balancing
-            group = self.roles_lambda[role]
-            rates.append(2 * group["lr"] * group.get("l2", group["weight_decay"]))
+            for group in self.roles_lambda[role]:  # per-layer groups (rank guard): their mean
+                rates.append(2 * group["lr"] * group.get("l2", group["weight_decay"]))
         return statistics.fmean(rates)
 
     def _measured_rates(self, current: dict, name: str, step: int) -> dict[str, float | None]:
@@ -657,6 +685,7 @@ def _train(config: TrainConfig, resume: Path | None, run_dir: Path) -> TrainResu
     )
     if monitor is not None and resume is not None:
         monitor.load_state(state.get("monitor"))
+    guard = config.rank_guard()
     use_bf16 = config.precision == "bf16"
 
     def autocast():
@@ -741,9 +770,13 @@ def _train(config: TrainConfig, resume: Path | None, run_dir: Path) -> TrainResu
             if config.eval_every and (step % config.eval_every == 0 or step == config.max_steps) and ddp.main:
                 last_eval = (step, _evaluate(model, dataset, config, device, autocast))
                 logger.log(step, "val", last_eval[1])
-            if monitor is not None and (step % config.spectra_every == 0 or step == config.max_steps):
-                monitor.record(step, model)
-                logger.tags(step, monitor.last_summary[1])
+            if config.spectra_every and (step % config.spectra_every == 0 or step == config.max_steps):
+                record = None
+                if monitor is not None:
+                    record = monitor.record(step, model)
+                    logger.tags(step, monitor.last_summary[1])
+                if guard is not None:  # each layer's attention decay, from this firing's ranks
+                    logger.log(step, "guard", _guard_step(guard, record, optimizer, ddp, device))
             # a stop signal is honoured after a whole step, on every rank at the same step; the last
             # step of the run completes as usual
             interrupt = signals.requested(ddp, device) if step < config.max_steps else 0

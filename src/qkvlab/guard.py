@@ -1,0 +1,147 @@
+"""The rank guard: attention weight decay that adapts during training to hold attention rank.
+
+Paper 000 shows that weight decay on the attention factors lowers the rank of W_KᵀW_Q and P·W_V, and
+that low rank costs language models loss; its remedy is a fixed attention decay found by a sweep.
+The guard does that job inside one run: it keeps each layer's attention decay as high as the rank
+allows.
+
+**The rule.** Every time the spectral monitor fires, for each layer ℓ separately and for the pairs
+(q, k) (product W_KᵀW_Q) and (v, o) (product P·W_V) separately::
+
+    λ ← clip(λ · exp(κ · (erank_min − target) / d_head), λ_min, λ_max)
+
+where erank_min is the smallest effective rank (Roy–Vetterli, as ``qkvlab inspect``) over the
+layer's heads, target = ``target_qk`` (or ``target_ov``) × d_head, and λ is the weight decay of
+both factors of the pair in that layer. So λ rises while the rank has room above the target and
+falls when it nears or crosses it; each firing moves λ by at most a factor e^κ (erank and target lie
+in [0, d_head]). A pair with no target keeps its decay.
+
+**Defaults.** κ = 2 (a head at full rank against a target of d_head/2 raises λ by e ≈ 2.7× per
+firing; one two ranks short of it, in d_head = 32, lowers it by 12%); λ_min = 10⁻³, λ_max = 10;
+the starting λ is the configured attention decay, clipped into [λ_min, λ_max].
+
+**Where λ lives.** In the optimiser's own parameter groups (split by layer: ``param_groups(...,
+per_layer="q,k,v,o")``), as ``base_weight_decay``; ``weight_decay`` is that (times η_t/η_max where
+corrected weight decay is on). A checkpoint of the optimiser's state therefore holds the guard's
+state, and resuming restores it bit for bit. Decoupled decay only (AdamW, Muon): with coupled L2 the
+decay passes through the optimiser's normalisation and λ means something else.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass
+from typing import Any
+
+from qkvlab.errors import UserError
+
+__all__ = ["PAIRS", "RankGuard", "guarded_groups", "set_decay"]
+
+#: The two products and the factors whose decay shapes each.
+PAIRS = {"qk": ("q", "k"), "ov": ("v", "o")}
+
+
+@dataclass(frozen=True)
+class RankGuard:
+    """The controller (see the module's docstring). ``target_qk``/``target_ov``: target effective rank as a
+    fraction of d_head, in (0, 1], or None to leave that pair's decay alone."""
+
+    target_qk: float | None = None
+    target_ov: float | None = None
+    kappa: float = 2.0
+    lambda_min: float = 1e-3
+    lambda_max: float = 10.0
+
+    def __post_init__(self) -> None:
+        for name in ("target_qk", "target_ov"):
+            value = getattr(self, name)
+            if value is not None and not 0 < value <= 1:
+                raise UserError(f"rank guard {name}={value}; accepted: a fraction of d_head in (0, 1]")
+        if self.target_qk is None and self.target_ov is None:
+            raise UserError("the rank guard needs a target: target_qk, target_ov or both, in (0, 1]")
+        if not self.kappa > 0:
+            raise UserError(f"rank guard kappa={self.kappa}; accepted: a number > 0")
+        if not 0 < self.lambda_min <= self.lambda_max < math.inf:
+            raise UserError(
+                f"rank guard bounds λ_min={self.lambda_min}, λ_max={self.lambda_max}; accepted: 0 < λ_min ≤ λ_max"
+            )
+
+    def targets(self) -> dict[str, float]:
+        return {p: t for p, t in (("qk", self.target_qk), ("ov", self.target_ov)) if t is not None}
+
+    def step(self, lam: float, erank_min: float, target: float, d_head: int) -> float:
+        """One firing's update of one (layer, pair): λ · e^(κ(erank_min − target·d_head)/d_head), clipped."""
+        factor = math.exp(self.kappa * (erank_min - target * d_head) / d_head)
+        return min(self.lambda_max, max(self.lambda_min, lam * factor))
+
+    def start(self, groups: Iterable[dict[str, Any]]) -> None:
+        """Clip the configured decay of every guarded group into the bounds (before the first step)."""
+        for pair_groups in guarded_groups(groups, self.targets()).values():
+            for group in pair_groups:
+                set_decay(group, min(self.lambda_max, max(self.lambda_min, _base(group))))
+
+    def update(self, record: Mapping[str, Any], groups: Iterable[dict[str, Any]]) -> dict[str, float]:
+        """Apply one firing: ``record`` is an inspect record of the current weights (``heads``, and
+        ``architecture`` with ``d_head``), ``groups`` the optimiser's parameter groups. Returns what to log:
+        ``L{ℓ}/{pair}_lambda`` (after the update) and ``L{ℓ}/{pair}_erank_min`` per guarded layer and pair."""
+        d_head = int(record["architecture"]["d_head"])
+        erank: dict[tuple[int, str], float] = {}
+        for head in record["heads"]:
+            if head.get("attention", "self") != "self":
+                continue
+            key = (head["layer"], head["product"])
+            value = head["effective_rank"]
+            if value is None or not math.isfinite(value):
+                continue  # a head with non-finite weights says nothing about the rank
+            erank[key] = min(erank.get(key, math.inf), value)
+        logged: dict[str, float] = {}
+        for (layer, pair), pair_groups in guarded_groups(groups, self.targets()).items():
+            if (layer, pair) not in erank:
+                continue
+            target = self.targets()[pair]
+            for group in pair_groups:
+                set_decay(group, self.step(_base(group), erank[(layer, pair)], target, d_head))
+            logged[f"L{layer}/{pair}_lambda"] = _base(pair_groups[0])
+            logged[f"L{layer}/{pair}_erank_min"] = erank[(layer, pair)]
+        return logged
+
+
+def _base(group: Mapping[str, Any]) -> float:
+    return float(group.get("base_weight_decay", group["weight_decay"]))
+
+
+def set_decay(group: dict[str, Any], lam: float) -> None:
+    """The group's decay is λ; with corrected decay, λ · η_t/η_max at the current step."""
+    group["base_weight_decay"] = lam
+    if group.get("corrected_weight_decay"):
+        group["weight_decay"] = lam * group["lr"] / group["initial_lr"]
+    else:
+        group["weight_decay"] = lam
+
+
+def guarded_groups(
+    groups: Iterable[dict[str, Any]], targets: Mapping[str, float]
+) -> dict[tuple[int, str], list[dict[str, Any]]]:
+    """(layer, pair) → the decayed groups of the pair's two factors in that layer.
+
+    Groups must be split by layer (``param_groups(..., per_layer="q,k,v,o")``); a guarded role in one
+    group for every layer is a UserError saying so.
+    """
+    found: dict[tuple[int, str], list[dict[str, Any]]] = {}
+    for group in groups:
+        role = group.get("role")
+        pair = next((p for p, roles in PAIRS.items() if role in roles and p in targets), None)
+        if pair is None:
+            continue
+        if not any(str(n).endswith("weight") for n in group.get("param_names", ["weight"])):
+            continue  # biases: not decayed, not guarded
+        if "layer" not in group:
+            raise UserError(
+                f"the rank guard sets each layer's decay apart, but the {role} parameters of every layer share "
+                'one group; build the groups with per_layer="q,k,v,o" (qkvlab.param_groups or create_optimizer)'
+            )
+        if "l2" in group:
+            raise UserError("the rank guard needs decoupled weight decay (AdamW or Muon), not coupled L2")
+        found.setdefault((group["layer"], pair), []).append(group)
+    return found

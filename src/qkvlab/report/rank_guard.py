@@ -1,0 +1,170 @@
+"""Tables (Markdown, as ``qkvlab repro rank-guard`` prints them) and figures of the rank-guard study."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+from qkvlab.report.paper000 import _diff
+from qkvlab.report.tables import pm
+
+__all__ = ["plot_rank_guard", "tables"]
+
+
+def _ranks(measures: dict[str, Any]) -> str:
+    return " | ".join(
+        pm(measures.get(f"{p}_{m}"), 2)
+        for p in ("qk", "ov")
+        for m in ("effective_rank", "effective_rank_min")
+    )
+
+
+def tables(summary: dict[str, Any]) -> str:
+    """The fixed decays, the guard's targets, the seed-paired comparison, the final λ per layer, the run counts."""
+    lines: list[str] = []
+    if summary["fixed"]:
+        lines += [
+            f"Fixed attention weight decay (λ_rest = 0.1; from {summary['reference']}); erank: mean over heads, "
+            "min: the smallest head (both the mean over layers); mean ± std over seeds.",
+            "",
+            "| λ_attn | seeds | val loss | QK erank | QK min | OV erank | OV min |",
+            "|---|---|---|---|---|---|---|",
+        ]
+        for c in summary["fixed"]:
+            best = " (best)" if c["attn"] == summary["best_fixed"] else ""
+            lines.append(
+                f"| {c['attn']:g}{best} | {len(c['seeds'])} | {pm(c['measures']['val_loss'], 4)} | {_ranks(c['measures'])} |"
+            )
+    targets = summary["targets"]
+    if not targets:
+        return "\n".join(lines)
+    lines += [
+        "",
+        "Rank guard: target smallest-head effective rank as a fraction of d_head; Σηλ the decay it applied, "
+        "Σₜ η_t λ_t (mean over layers); minutes of wall-clock (shared machine).",
+        "",
+        "| target | QK, OV | seeds | val loss | QK erank | QK min | OV erank | OV min | Σηλ (q, k) | Σηλ (v, o) | minutes |",
+        "|---|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    for e in targets:
+        m = e["measures"]
+        lines.append(
+            f"| {e['target']} | {e['target_qk']:g}, {e['target_ov']:g} | {len(e['seeds'])} | {pm(m['val_loss'], 4)} | "
+            f"{_ranks(m)} | {pm(m['qk_eta_lambda'], 3)} | {pm(m['ov_eta_lambda'], 3)} | {pm(m['wall_minutes'], 1)} |"
+        )
+    for key, title in (
+        (
+            "vs_best_fixed",
+            f"Seed-paired differences from the best fixed decay (λ_attn = {summary['best_fixed']}).",
+        ),
+        ("vs_fixed_0", "Seed-paired differences from no attention decay (λ_attn = 0)."),
+    ):
+        if not any(key in e for e in targets):
+            continue
+        lines += ["", title, "", "| target | Δ val loss | Δ QK erank | Δ OV erank |", "|---|---|---|---|"]
+        for e in targets:
+            d = e.get(key)
+            if d:
+                lines.append(
+                    f"| {e['target']} | {_diff(d['val_loss'], 4)} | {_diff(d['qk_effective_rank'])} | "
+                    f"{_diff(d['ov_effective_rank'])} |"
+                )
+    layers = sorted({int(k[1:].split("/")[0]) for e in targets for k in e["lambda"] if k.endswith("_lambda")})
+    lines += [
+        "",
+        "The guard's final λ per layer (mean over seeds), (q, k) / (v, o).",
+        "",
+        "| target | " + " | ".join(f"layer {i}" for i in layers) + " |",
+        "|---|" + "---|" * len(layers),
+    ]
+    for e in targets:
+        lam = e["lambda"]
+        cells = [
+            f"{lam[f'L{i}/qk_lambda'][-1]:.3g} / {lam[f'L{i}/ov_lambda'][-1]:.3g}"
+            if f"L{i}/qk_lambda" in lam and f"L{i}/ov_lambda" in lam
+            else "—"
+            for i in layers
+        ]
+        lines.append(f"| {e['target']} | " + " | ".join(cells) + " |")
+    r = summary["runs"]
+    lines += [
+        "",
+        f"Runs: the fixed grid {r['fixed_grid']} ({r['fixed_grid_cells']} decays × seeds) to find its best; the guard "
+        f"{r['guard_per_target']} per target, {r['guard_all_targets']} for every target tried.",
+    ]
+    return "\n".join(lines)
+
+
+def plot_rank_guard(summary: dict[str, Any], folder: Path) -> list[Path]:
+    """λ over training per layer, rank over training, and loss against rank (fixed decays and guard targets)."""
+    from qkvlab.report.figures import pyplot, save
+
+    targets = summary["targets"]
+    if not targets:
+        return []
+    plt = pyplot()
+    folder.mkdir(parents=True, exist_ok=True)
+    written = []
+
+    fig, axes = plt.subplots(len(targets), 2, figsize=(11, 3.2 * len(targets)), squeeze=False)
+    for i, e in enumerate(targets):
+        for j, pair in enumerate(("qk", "ov")):
+            ax = axes[i][j]
+            lam = e["lambda"]
+            for key in sorted(k for k in lam if k.endswith(f"{pair}_lambda")):
+                ax.plot(lam["steps"], lam[key], marker=".", label=f"layer {key[1:].split('/')[0]}")
+            ax.set_yscale("log")
+            ax.set_xlabel("step")
+            ax.set_ylabel("λ")
+            ax.set_title(
+                f"{e['target']}: ({pair[0]}, {pair[1]}) decay, target {e[f'target_{pair}']:g}·d_head"
+            )
+            ax.grid(alpha=0.3)
+            ax.legend(fontsize=7)
+    fig.suptitle("The rank guard's λ per layer (mean over seeds)", fontsize=10)
+    written.append(save(fig, folder / "guard_lambda.png"))
+
+    fig, axes = plt.subplots(1, 2, figsize=(11, 3.8))
+    for ax, product in zip(axes, ("qk", "ov"), strict=True):
+        for e in targets:
+            t = e["erank_over_time"]
+            ax.plot(t["steps"], t[product], label=e["target"])
+        ax.set_xlabel("step")
+        ax.set_ylabel("effective rank (mean over heads)")
+        ax.set_title("W_KᵀW_Q" if product == "qk" else "P·W_V")
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=7)
+    fig.suptitle("Effective rank over training under the guard (mean over seeds)", fontsize=10)
+    written.append(save(fig, folder / "guard_rank_over_time.png"))
+
+    fig, axes = plt.subplots(1, 2, figsize=(11, 3.8))
+    for ax, product in zip(axes, ("qk", "ov"), strict=True):
+        if summary["fixed"]:
+            f = summary["fixed"]
+            ax.errorbar(
+                [c["measures"][f"{product}_effective_rank"]["mean"] for c in f],
+                [c["measures"]["val_loss"]["mean"] for c in f],
+                yerr=[c["measures"]["val_loss"]["std"] for c in f],
+                marker="o",
+                capsize=3,
+                label="fixed λ_attn",
+            )
+        for e in targets:
+            ax.errorbar(
+                [e["measures"][f"{product}_effective_rank"]["mean"]],
+                [e["measures"]["val_loss"]["mean"]],
+                yerr=[e["measures"]["val_loss"]["std"]],
+                marker="s",
+                capsize=3,
+                ls="none",
+                label=f"guard, {e['target']}",
+            )
+        ax.set_xlabel(f"{'W_KᵀW_Q' if product == 'qk' else 'P·W_V'} effective rank (mean over heads)")
+        ax.set_ylabel("final validation loss")
+        ax.set_title("loss against rank")
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=7)
+    fig.suptitle("Loss at a given rank: fixed decays and the guard (mean ± std over seeds)", fontsize=10)
+    written.append(save(fig, folder / "guard_loss_vs_rank.png"))
+    plt.close("all")
+    return written
