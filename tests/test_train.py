@@ -232,10 +232,22 @@ def test_sweep_skips_complete_and_resumes_partial(corpus, tmp_path, capsys) -> N
     assert all(f"| weight_decay={w},seed={s} |" in md for w in ("0", "0.5") for s in (0, 1))
 
 
-def test_ddp_two_processes_match_one(corpus, tmp_path) -> None:
-    common = [
-        f"{k}={v}" for k, v in _gpt(corpus, tmp_path / "x", **{"model.dropout": 0.0}).items() if k != "out"
-    ]
+# With the rank guard: rank 0 alone measures the ranks; the others must apply the λ it sets, or their
+# weights (decayed differently) would pull the all-reduced gradients, and the losses, away from one process.
+GUARDED = {
+    "rank_guard_qk": 0.5,
+    "rank_guard_ov": 0.5,
+    "rank_guard_kappa": 2,
+    "rank_guard_max": 100,
+    "spectra_every": 2,
+    "lr": 0.03,
+}
+
+
+@pytest.mark.parametrize("extra", [{}, GUARDED], ids=["plain", "rank-guard"])
+def test_ddp_two_processes_match_one(corpus, tmp_path, extra) -> None:
+    settings = _gpt(corpus, tmp_path / "x", **{"model.dropout": 0.0, **extra})
+    common = [f"{k}={v}" for k, v in settings.items() if k != "out"]
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     single = subprocess.run(
         [sys.executable, "-m", "qkvlab", "train", *common, f"out={tmp_path / 'one'}"],
@@ -275,6 +287,16 @@ def test_ddp_two_processes_match_one(corpus, tmp_path) -> None:
     one, two = losses("one"), losses("two")
     assert len(one) == len(two) == 12
     assert two == pytest.approx(one, rel=1e-5)
+    if extra:  # the guard moved λ, and alike in both
+        guard = {
+            run: [json.loads(x) for x in (tmp_path / run / "metrics.jsonl").read_text().splitlines()]
+            for run in ("one", "two")
+        }
+        lams = {
+            run: [x["L1/qk_lambda"] for x in lines if x["split"] == "guard"] for run, lines in guard.items()
+        }
+        assert len(lams["one"]) == 6 and len(set(lams["one"])) == 6
+        assert lams["two"] == pytest.approx(lams["one"], rel=1e-4)
 
 
 # Run under torchrun: on rank 1 only, at its 5th step, the step's check sees a NaN loss (FAULT=nan)
