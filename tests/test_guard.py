@@ -361,6 +361,11 @@ def test_repro_rank_guard_against_a_fixed_grid(tmp_path, capsys) -> None:
         "guard_loss_vs_rank.png",
         "guard_rank_over_time.png",
     ]
+    assert main(["report", str(out), "--out", str(tmp_path / "report")]) == 0
+    capsys.readouterr()
+    md = (tmp_path / "report" / "report.md").read_text()
+    assert "## Rank guard (guard)" in md and "| mild | 0.22, 0.4 | 2 |" in md
+    assert "Weight decay and attention rank" not in md  # not taken for a wd-rank folder
     assert main([*args, "--targets", "nope"]) == 2
     assert "accepted: a subset of mild, medium, strong" in capsys.readouterr().err
     assert main([*args, "--reference", str(tmp_path / "nowhere")]) == 2

@@ -153,6 +153,11 @@ def test_repro_optimizer_rank_on_a_tiny_gpt(changes, tmp_path, capsys, monkeypat
     assert "Seed-paired differences from AdamW" in printed
     figures = sorted(p.name for p in (tmp_path / "plots").glob("*.png"))
     assert figures == ["factor_norms.png", "rank_and_loss_vs_budget.png", "rank_over_time.png"]
+    # `qkvlab report` finds the folder's experiment and draws its section
+    assert main(["report", str(out), "--out", str(tmp_path / "report")]) == 0
+    capsys.readouterr()
+    md = (tmp_path / "report" / "report.md").read_text()
+    assert "## Optimisers and attention rank (or, gpt)" in md and "| adam-l2 | 1 |" in md
     # resumable: nothing runs again; --summary-only prints the same tables
     assert main(args) == 0
     again = capsys.readouterr().out

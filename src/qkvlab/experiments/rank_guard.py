@@ -329,7 +329,9 @@ def _report(folder: Path, figures: Path) -> list[Any]:
     from qkvlab.report.page import Figure, Markdown, Section
     from qkvlab.report.rank_guard import plot_rank_guard, tables
 
-    reference = Path(REFERENCE)
+    saved = folder / "summary.json"  # the reference the command compared with, else the default
+    named = json.loads(saved.read_text()).get("reference") if saved.is_file() else None
+    reference = Path(named or REFERENCE)
     summary = aggregate(folder, reference if (reference / "runs").is_dir() else None)
     if not summary["targets"]:
         return []
