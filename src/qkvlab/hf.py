@@ -61,7 +61,22 @@ def create_optimizer(
     return optimizer_cls(groups, lr=args.learning_rate, **optimizer_kwargs)
 
 
-class SpectraCallback(TrainerCallback):
+class _LogsNext(TrainerCallback):
+    """A callback that hands its numbers (``self._pending``) to the Trainer's next log: the loggers
+    (TensorBoard, W&B, console) and ``trainer_state.json``'s history."""
+
+    _pending: dict[str, float] | None = None
+
+    def on_log(self, args, state, control, logs=None, **kwargs):  # type: ignore[no-untyped-def]
+        if self._pending is not None and logs is not None:
+            logs.update(self._pending)
+            if state.log_history:
+                state.log_history[-1].update(self._pending)
+            self._pending = None
+        return control
+
+
+class SpectraCallback(_LogsNext):
     """Every ``every_n_steps`` optimiser steps: inspect the model's attention spectra.
 
     Writes one JSON line per firing to ``{output_dir}/spectra.jsonl``: ``{"step", "epoch",
@@ -111,16 +126,8 @@ class SpectraCallback(TrainerCallback):
         control.should_log = True
         return control
 
-    def on_log(self, args, state, control, logs=None, **kwargs):  # type: ignore[no-untyped-def]
-        if self._pending is not None and logs is not None:
-            logs.update(self._pending)
-            if state.log_history:
-                state.log_history[-1].update(self._pending)
-            self._pending = None
-        return control
 
-
-class RankGuardCallback(TrainerCallback):
+class RankGuardCallback(_LogsNext):
     """The rank guard (:mod:`qkvlab.guard`) for the HF Trainer: every ``every_n_steps`` optimiser steps,
     each layer's weight decay of (q, k) and of (v, o) follows the smallest effective rank of its heads.
 
@@ -183,12 +190,4 @@ class RankGuardCallback(TrainerCallback):
         logged = self.guard.update(report.to_dict(), optimizer.param_groups)
         self._pending = {f"guard/{k}": v for k, v in logged.items()}
         control.should_log = True
-        return control
-
-    def on_log(self, args, state, control, logs=None, **kwargs):  # type: ignore[no-untyped-def]
-        if self._pending is not None and logs is not None:
-            logs.update(self._pending)
-            if state.log_history:
-                state.log_history[-1].update(self._pending)
-            self._pending = None
         return control

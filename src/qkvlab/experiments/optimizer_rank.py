@@ -564,20 +564,12 @@ def aggregate(out: Path) -> dict[str, Any]:
 
 def finish(out: Path, plot: str | None) -> int:
     """Pack the spectra, print the tables, write OUT/summary.json and (with ``plot``) the figures."""
-    from qkvlab.data.cache import write_atomic
-    from qkvlab.experiments.training import pack_spectra
+    from qkvlab.experiments.training import pack_spectra, publish
     from qkvlab.report.optimizer_rank import plot_optimizer_rank, tables
 
     pack_spectra(out)
     summary = aggregate(out)
-    print(tables(summary) or "no complete runs yet")
-    path = out / "summary.json"
-    write_atomic(path, json.dumps(summary, indent=1))
-    print(f"\nwrote {path}")
-    if plot:
-        for written in plot_optimizer_rank(summary, Path(plot)):
-            print(f"wrote {written}")
-    return 0
+    return publish(out, summary, tables(summary), plot, plot_optimizer_rank)
 
 
 def report_sections(folder: Path, figures: Path) -> list[Any]:

@@ -249,20 +249,12 @@ def summary_mean(runs: dict[int, dict[str, Any]], name: str) -> float:
 
 
 def finish(out: Path, reference: Path | None, plot: str | None) -> int:
-    from qkvlab.data.cache import write_atomic
-    from qkvlab.experiments.training import pack_spectra
+    from qkvlab.experiments.training import pack_spectra, publish
     from qkvlab.report.rank_guard import plot_rank_guard, tables
 
     pack_spectra(out)
     summary = aggregate(out, reference)
-    print(tables(summary) or "no complete runs yet")
-    path = out / "summary.json"
-    write_atomic(path, json.dumps(summary, indent=1))
-    print(f"\nwrote {path}")
-    if plot:
-        for written in plot_rank_guard(summary, Path(plot)):
-            print(f"wrote {written}")
-    return 0
+    return publish(out, summary, tables(summary), plot, plot_rank_guard)
 
 
 # -- `qkvlab repro rank-guard` ---------------------------------------------------------------------

@@ -18,6 +18,7 @@ from qkvlab.train.checkpoint import latest_checkpoint
 
 __all__ = [
     "pack_spectra",
+    "publish",
     "read_metrics",
     "read_spectra",
     "read_training_run",
@@ -140,3 +141,18 @@ def pack_spectra(out: Path) -> int:
             tmp.replace(packed)
             written += 1
     return written
+
+
+def publish(out: Path, summary: dict[str, Any], text: str, plot: str | None, draw: Any) -> int:
+    """Print an experiment's tables, write ``OUT/summary.json``, and with ``plot`` the figures ``draw(summary,
+    folder)`` makes there; each file written is named on its own line."""
+    from qkvlab.data.cache import write_atomic
+
+    print(text or "no complete runs yet")
+    path = out / "summary.json"
+    write_atomic(path, json.dumps(summary, indent=1))
+    print(f"\nwrote {path}")
+    if plot:
+        for written in draw(summary, Path(plot)):
+            print(f"wrote {written}")
+    return 0
