@@ -370,3 +370,17 @@ def test_repro_rank_guard_against_a_fixed_grid(tmp_path, capsys) -> None:
     assert "accepted: a subset of mild, medium, strong" in capsys.readouterr().err
     assert main([*args, "--reference", str(tmp_path / "nowhere")]) == 2
     assert "holds no runs" in capsys.readouterr().err
+
+
+def test_the_guards_lambdas_reach_tensorboard(tmp_path) -> None:
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    from qkvlab.train import train
+
+    train(_config(tmp_path, "run", tensorboard=True))
+    events = EventAccumulator(str(tmp_path / "run" / "tb"))
+    events.Reload()
+    tags = set(events.Tags()["scalars"])
+    assert {"guard/L0/qk_lambda", "guard/L1/ov_lambda", "guard/L1/qk_erank_min"} <= tags
+    logged = [x["L1/ov_lambda"] for x in _guard_lines(tmp_path / "run")]
+    assert [e.value for e in events.Scalars("guard/L1/ov_lambda")] == pytest.approx(logged, rel=1e-6)
