@@ -542,7 +542,8 @@ def aggregate(out: Path) -> dict[str, Any]:
                 if inits
                 else None
             )
-            adamw, own_zero = results("adamw", budget), results(variant, 0.0) if 0.0 in budgets else {}
+            adamw = results("adamw", budget) if "adamw" in selection else {}
+            own_zero = results(variant, 0.0) if 0.0 in budgets else {}
             cell["vs_adamw"] = {n: paired(measure(finished, n), measure(adamw, n)) for n in compared}
             cell["vs_budget0"] = {n: paired(measure(finished, n), measure(own_zero, n)) for n in compared}
             if finished:

@@ -114,22 +114,22 @@ def tables(summary: dict[str, Any]) -> str:
         ("vs_budget0", "Seed-paired differences from the same variant at Σηλ = 0: what its decay does."),
         ("vs_adamw", "Seed-paired differences from AdamW at the same Σηλ: what the update rule changes."),
     ):
-        lines += [
-            "",
-            title,
-            "",
-            "| variant | Σηλ | Δ val loss | Δ QK erank | Δ OV erank |",
-            "|---|---|---|---|---|",
+        rows = [
+            f"| {c['variant']} | {c['budget']:g} | {_diff(c[key]['val_loss'], 4)} | "
+            f"{_diff(c[key]['qk_effective_rank'])} | {_diff(c[key]['ov_effective_rank'])} |"
+            for c in cells
+            if c[key]["val_loss"]
+            and not (c["budget"] == 0 if key == "vs_budget0" else c["variant"] == "adamw")
         ]
-        for c in cells:
-            d = c[key]
-            skip = c["budget"] == 0 if key == "vs_budget0" else c["variant"] == "adamw"
-            if skip or not d["val_loss"]:
-                continue
-            lines.append(
-                f"| {c['variant']} | {c['budget']:g} | {_diff(d['val_loss'], 4)} | "
-                f"{_diff(d['qk_effective_rank'])} | {_diff(d['ov_effective_rank'])} |"
-            )
+        if rows:
+            lines += [
+                "",
+                title,
+                "",
+                "| variant | Σηλ | Δ val loss | Δ QK erank | Δ OV erank |",
+                "|---|---|---|---|---|",
+            ]
+            lines += rows
     return "\n".join(lines)
 
 
