@@ -61,6 +61,14 @@ def create_optimizer(
     return optimizer_cls(groups, lr=args.learning_rate, **optimizer_kwargs)
 
 
+def _inspect(model: nn.Module, rtol: float) -> Any:
+    """The attention spectra of the model the Trainer is training, leaving it in the mode it was in."""
+    was_training = model.training
+    report = inspect(model, rtol=rtol)
+    model.train(was_training)
+    return report
+
+
 class _LogsNext(TrainerCallback):
     """A callback that hands its numbers (``self._pending``) to the Trainer's next log: the loggers
     (TensorBoard, W&B, console) and ``trainer_state.json``'s history."""
@@ -114,9 +122,7 @@ class SpectraCallback(_LogsNext):
         control.should_log = True  # on every rank: the Trainer's logging step gathers the loss across ranks
         if not state.is_world_process_zero:
             return control
-        was_training = model.training
-        report = inspect(model, rtol=self.rtol)
-        model.train(was_training)
+        report = _inspect(model, self.rtol)
         record = {"step": state.global_step, "epoch": state.epoch, **report.to_dict()}
         path = Path(args.output_dir) / self.filename
         path.parent.mkdir(parents=True, exist_ok=True)
@@ -184,9 +190,7 @@ class RankGuardCallback(_LogsNext):
     def on_step_end(self, args, state, control, model=None, optimizer=None, **kwargs):  # type: ignore[no-untyped-def]
         if model is None or optimizer is None or state.global_step % self.every_n_steps:
             return control
-        was_training = model.training
-        report = inspect(model, rtol=self.rtol)
-        model.train(was_training)
+        report = _inspect(model, self.rtol)
         logged = self.guard.update(report.to_dict(), optimizer.param_groups)
         self._pending = {f"guard/{k}": v for k, v in logged.items()}
         control.should_log = True

@@ -417,27 +417,6 @@ register(
 
 # -- results -------------------------------------------------------------------------------------
 
-PRODUCTS = ("qk", "ov")
-HEAD_MEASURES = ("effective_rank", "rank", "nuclear_norm", "spectral_norm", "gap")
-
-
-def _product_measures(record: dict[str, Any]) -> dict[str, float]:
-    """Means over every head (all layers) of one spectral-monitor record, and the smallest effective rank."""
-    out: dict[str, float] = {}
-    for product in PRODUCTS:
-        heads = [h for h in record["heads"] if h["product"] == product]
-        values = {
-            "effective_rank": [h["effective_rank"] for h in heads],
-            "rank": [h["rank"] for h in heads],
-            "nuclear_norm": [h["nuclear_norm"] for h in heads],
-            "spectral_norm": [h["singular_values"][0] if h["singular_values"] else 0.0 for h in heads],
-            "gap": [h["gap"] for h in heads],
-        }
-        for name, vals in values.items():
-            out[f"{product}_{name}"] = math.fsum(vals) / len(vals)
-        out[f"{product}_effective_rank_min"] = min(values["effective_rank"])
-    return out
-
 
 def _factor_measures(factors: dict[str, Any]) -> dict[str, float]:
     """Per factor: the spectral norm of the whole matrix and of a head's slice (means over layers and heads),
@@ -454,7 +433,7 @@ def _factor_measures(factors: dict[str, Any]) -> dict[str, float]:
 def read_run(run_dir: Path) -> dict[str, Any] | None:
     """One finished run reduced to what the tables and plots use; ``{"stopped": why}`` for a run that met a
     non-finite value; None while unfinished."""
-    from qkvlab.experiments.training import read_training_run
+    from qkvlab.experiments.training import erank_over_time, final_measures, head_measures, read_training_run
 
     if (run_dir / STOPPED_FILE).is_file():
         return {"stopped": json.loads((run_dir / STOPPED_FILE).read_text())["reason"]}
@@ -464,28 +443,15 @@ def read_run(run_dir: Path) -> dict[str, Any] | None:
     if result is None or not result.get("spectra"):
         return None
     records = result["spectra"]
-    final = result["final"]
-    measures = {
-        **_product_measures(records[-1]),
-        **_factor_measures(json.loads((run_dir / FACTORS_FILE).read_text())),
-        "val_loss": final["eval"]["loss"],
-        "wall_minutes": final["wall_seconds"] / 60,
-    }
-    if "accuracy" in final["eval"]:
-        measures["val_accuracy"] = final["eval"]["accuracy"]
     return {
-        "measures": measures,
-        "init": _product_measures(records[0]) if records[0]["step"] == 0 else None,
-        "steps": [r["step"] for r in records],
-        "erank": {
-            p: [
-                math.fsum(h["effective_rank"] for h in r["heads"] if h["product"] == p)
-                / sum(h["product"] == p for h in r["heads"])
-                for r in records
-            ]
-            for p in PRODUCTS
+        "measures": {
+            **final_measures(result),
+            **_factor_measures(json.loads((run_dir / FACTORS_FILE).read_text())),
         },
-        "device": final.get("device_name", "not recorded"),
+        "init": head_measures(records[0]) if records[0]["step"] == 0 else None,
+        "steps": [r["step"] for r in records],
+        "erank": erank_over_time(records),
+        "device": result["final"].get("device_name", "not recorded"),
     }
 
 
@@ -556,7 +522,7 @@ def aggregate(out: Path) -> dict[str, Any]:
                             / len(finished)
                             for t in steps
                         ]
-                        for p in PRODUCTS
+                        for p in ("qk", "ov")
                     },
                 }
             summary["cells"].append(cell)

@@ -87,79 +87,62 @@ def _guard_trajectory(run_dir: Path) -> dict[str, Any]:
     return {"steps": [r["step"] for r in lines], **{k: [r[k] for r in lines] for k in keys}}
 
 
-def decay_integral(config: dict[str, Any], steps: list[int], lambdas: list[float], start: float) -> float:
-    """Σₜ η_t λ_t under the run's schedule, λ_t piecewise constant: ``start`` until the first firing, then
-    each firing's value from the step after it."""
+def decay_integrals(
+    config: dict[str, Any], steps: list[int], trajectories: dict[str, list[float]], start: float
+) -> dict[str, float]:
+    """Σₜ η_t λ_t of each λ trajectory under the run's schedule (``config``: its saved config.json), λ_t
+    piecewise constant: ``start`` (clipped into the guard's bounds) until the first firing, then each
+    firing's value from the step after it."""
     from qkvlab.config import TrainConfig
     from qkvlab.train.trainer import _lr_lambda
 
-    resolved = TrainConfig.from_dict(config)  # a run's saved config.json
+    resolved = TrainConfig.from_dict(config)
     factor = _lr_lambda(resolved)
-    total, k = 0.0, 0
-    lam = min(max(start, resolved.rank_guard_min), resolved.rank_guard_max)
-    for t in range(resolved.max_steps):
-        while k < len(steps) and steps[k] <= t:  # a firing after step s sets λ for steps s+1, …
-            lam = lambdas[k]
-            k += 1
-        total += resolved.lr * factor(t) * lam
-    return total
+    etas = [resolved.lr * factor(t) for t in range(resolved.max_steps)]  # the schedule, once per run
+    first = min(max(start, resolved.rank_guard_min), resolved.rank_guard_max)
+    out = {}
+    for key, lambdas in trajectories.items():
+        total, k, lam = 0.0, 0, first
+        for t, eta in enumerate(etas):
+            while k < len(steps) and steps[k] <= t:  # a firing after step s sets λ for steps s+1, …
+                lam = lambdas[k]
+                k += 1
+            total += eta * lam
+        out[key] = total
+    return out
 
 
 def _read(run_dir: Path) -> dict[str, Any] | None:
-    from qkvlab.experiments.optimizer_rank import _product_measures
-    from qkvlab.experiments.training import read_training_run
+    from qkvlab.experiments.training import erank_over_time, final_measures, read_training_run
 
     result = read_training_run(run_dir)
     if result is None or not result.get("spectra"):
         return None
     trajectory = _guard_trajectory(run_dir)
-    lam_keys = [k for k in trajectory if k.endswith("_lambda")]
-    integral = {
-        pair: math.fsum(
-            decay_integral(result["config"], trajectory["steps"], trajectory[k], START_ATTN)
-            for k in lam_keys
-            if k.endswith(f"{pair}_lambda")
-        )
-        / max(1, sum(k.endswith(f"{pair}_lambda") for k in lam_keys))
+    lambdas = {k: v for k, v in trajectory.items() if k.endswith("_lambda")}
+    integrals = decay_integrals(result["config"], trajectory["steps"], lambdas, START_ATTN)
+    mean = {  # over layers
+        pair: math.fsum(v for k, v in integrals.items() if k.endswith(f"{pair}_lambda"))
+        / max(1, sum(k.endswith(f"{pair}_lambda") for k in integrals))
         for pair in ("qk", "ov")
     }
     records = result["spectra"]
     return {
-        "measures": {
-            **_product_measures(records[-1]),
-            "val_loss": result["final"]["eval"]["loss"],
-            "wall_minutes": result["final"]["wall_seconds"] / 60,
-            "qk_eta_lambda": integral["qk"],
-            "ov_eta_lambda": integral["ov"],
-        },
+        "measures": {**final_measures(result), "qk_eta_lambda": mean["qk"], "ov_eta_lambda": mean["ov"]},
         "guard": trajectory,
         "steps": [r["step"] for r in records],
-        "erank": {
-            p: [
-                math.fsum(h["effective_rank"] for h in r["heads"] if h["product"] == p)
-                / sum(h["product"] == p for h in r["heads"])
-                for r in records
-            ]
-            for p in ("qk", "ov")
-        },
+        "erank": erank_over_time(records),
     }
 
 
 def _fixed_cells(reference: Path) -> list[dict[str, Any]]:
     """The fixed-decay runs at λ_rest = 0.1 of the reference folder: λ_attn → seed → measures."""
     from qkvlab.experiments.grid import load_runs
-    from qkvlab.experiments.optimizer_rank import _product_measures
-    from qkvlab.experiments.training import read_training_run
+    from qkvlab.experiments.training import final_measures, read_training_run
 
     def read(run_dir: Path) -> dict[str, Any] | None:
         result = read_training_run(run_dir)
-        if result is None or not result.get("spectra"):
-            return None
-        return {
-            **_product_measures(result["spectra"][-1]),
-            "val_loss": result["final"]["eval"]["loss"],
-            "wall_minutes": result["final"]["wall_seconds"] / 60,
-        }
+        return final_measures(result) if result is not None and result.get("spectra") else None
 
     cells = []
     for key, by_seed in load_runs(reference, read).items():

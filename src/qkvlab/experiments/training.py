@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import gzip
 import json
+import math
 import shutil
 from pathlib import Path
 from typing import Any
@@ -17,6 +18,9 @@ from typing import Any
 from qkvlab.train.checkpoint import latest_checkpoint
 
 __all__ = [
+    "erank_over_time",
+    "final_measures",
+    "head_measures",
     "pack_spectra",
     "publish",
     "read_metrics",
@@ -156,3 +160,51 @@ def publish(out: Path, summary: dict[str, Any], text: str, plot: str | None, dra
         for written in draw(summary, Path(plot)):
             print(f"wrote {written}")
     return 0
+
+
+PRODUCTS = ("qk", "ov")
+
+
+def head_measures(record: dict[str, Any]) -> dict[str, float]:
+    """Means over every head (all layers) of one spectral-monitor record: ``{qk,ov}_{effective_rank, rank,
+    nuclear_norm, spectral_norm, gap}``, and the smallest head's ``{qk,ov}_effective_rank_min``."""
+    out: dict[str, float] = {}
+    for product in PRODUCTS:
+        heads = [h for h in record["heads"] if h["product"] == product]
+        values = {
+            "effective_rank": [h["effective_rank"] for h in heads],
+            "rank": [h["rank"] for h in heads],
+            "nuclear_norm": [h["nuclear_norm"] for h in heads],
+            "spectral_norm": [h["singular_values"][0] if h["singular_values"] else 0.0 for h in heads],
+            "gap": [h["gap"] for h in heads],
+        }
+        for name, vals in values.items():
+            out[f"{product}_{name}"] = math.fsum(vals) / len(vals)
+        out[f"{product}_effective_rank_min"] = min(values["effective_rank"])
+    return out
+
+
+def final_measures(result: dict[str, Any]) -> dict[str, float]:
+    """A :func:`read_training_run` result with spectra reduced to its final weights' :func:`head_measures`,
+    final validation loss (and accuracy where the task has one) and minutes of wall-clock."""
+    final = result["final"]
+    measures = {
+        **head_measures(result["spectra"][-1]),
+        "val_loss": final["eval"]["loss"],
+        "wall_minutes": final["wall_seconds"] / 60,
+    }
+    if "accuracy" in final["eval"]:
+        measures["val_accuracy"] = final["eval"]["accuracy"]
+    return measures
+
+
+def erank_over_time(records: list[dict[str, Any]]) -> dict[str, list[float]]:
+    """Product → the mean effective rank over every head, at each spectral-monitor record."""
+    return {
+        p: [
+            math.fsum(h["effective_rank"] for h in r["heads"] if h["product"] == p)
+            / sum(h["product"] == p for h in r["heads"])
+            for r in records
+        ]
+        for p in PRODUCTS
+    }
