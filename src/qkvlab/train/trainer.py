@@ -38,6 +38,7 @@ from torch import nn
 
 from qkvlab.config import TrainConfig, check_resume, dump_config, saved_config
 from qkvlab.errors import TrainingInterrupted, TrainingStopped, UserError
+from qkvlab.guard import set_decay
 from qkvlab.inspection import inspect, summary_metrics
 from qkvlab.models import build_model
 from qkvlab.optim import l2_penalty, optimizer_settings, param_groups
@@ -100,9 +101,9 @@ def _device(config: TrainConfig, ddp: _Dist) -> torch.device:
 def _schedule_weight_decay(optimizer: torch.optim.Optimizer) -> None:
     """Corrected weight decay: λ_t = λ · η_t / η_max for the groups that ask for it, where η_t / η_max is
     the schedule's factor (the LR scheduler's lr over the group's initial_lr, its peak)."""
-    for group in optimizer.param_groups:
+    for group in optimizer.param_groups:  # set_decay: the one place λ_t is formed from a group's base decay
         if group.get("corrected_weight_decay"):
-            group["weight_decay"] = group["base_weight_decay"] * group["lr"] / group["initial_lr"]
+            set_decay(group, group["base_weight_decay"])
 
 
 def _lr_lambda(config: TrainConfig):
@@ -193,8 +194,6 @@ def _guard_step(
         groups = [g for key in sorted(pairs) for g in pairs[key]]
         values = torch.tensor([g["base_weight_decay"] for g in groups], dtype=torch.float64, device=device)
         dist.broadcast(values, src=0)
-        from qkvlab.guard import set_decay
-
         for group, value in zip(groups, values.tolist(), strict=True):
             set_decay(group, value)
     return logged
