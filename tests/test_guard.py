@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import gzip
 import itertools
 import json
 import math
@@ -355,7 +356,27 @@ def test_repro_rank_guard_against_a_fixed_grid(tmp_path, capsys) -> None:
     config = json.loads((out / "runs" / "target=mild,seed=0" / "config.json").read_text())
     assert (config["rank_guard_qk"], config["rank_guard_ov"], config["rank_guard_max"]) == (0.22, 0.4, 3.0)
     assert config["overrides"]["q"]["weight_decay"] == 0.1 and config["weight_decay"] == 0.1
-    assert "| mild | 0.22, 0.4 | 2 |" in printed and "Runs: the fixed grid 4" in printed
+    assert "| mild | 0.22, 0.4 (1.8, 3.2) | 2 |" in printed and "Runs: the fixed grid 4" in printed
+    # "min" is what the guard holds: each layer's smallest head, averaged over layers, from the last record
+    per_seed = []
+    for seed in (0, 1):
+        run = out / "runs" / f"target=mild,seed={seed}"
+        opener = gzip.open if (run / "spectra.jsonl.gz").is_file() else open
+        name = "spectra.jsonl.gz" if (run / "spectra.jsonl.gz").is_file() else "spectra.jsonl"
+        with opener(run / name, "rt") as f:
+            last = [json.loads(line) for line in f if line.strip()][-1]
+        smallest = {}
+        for h in last["heads"]:
+            if h["product"] == "qk":
+                smallest[h["layer"]] = min(smallest.get(h["layer"], 99.0), h["effective_rank"])
+        assert len(smallest) == 2
+        per_seed.append(sum(smallest.values()) / 2)
+    assert mild["measures"]["qk_layer_min"]["mean"] == pytest.approx(sum(per_seed) / 2, rel=1e-12)
+    assert mild["layer_min_over_time"]["qk"][-1] == pytest.approx(sum(per_seed) / 2, rel=1e-12)
+    assert all(len(c["layer_min_over_time"]["qk"]) == 4 for c in summary["fixed"])  # steps 0, 3, 6, 9
+    # one comparison table when the best fixed decay is no decay, two otherwise
+    said_once = printed.count("Seed-paired differences") == 1
+    assert said_once == (summary["best_fixed"] == 0)
     assert sorted(p.name for p in (tmp_path / "plots").glob("*.png")) == [
         "guard_lambda.png",
         "guard_loss_vs_rank.png",
@@ -364,7 +385,7 @@ def test_repro_rank_guard_against_a_fixed_grid(tmp_path, capsys) -> None:
     assert main(["report", str(out), "--out", str(tmp_path / "report")]) == 0
     capsys.readouterr()
     md = (tmp_path / "report" / "report.md").read_text()
-    assert "## Rank guard (guard)" in md and "| mild | 0.22, 0.4 | 2 |" in md
+    assert "## Rank guard (guard)" in md and "| mild | 0.22, 0.4 (1.8, 3.2) | 2 |" in md
     assert "Weight decay and attention rank" not in md  # not taken for a wd-rank folder
     assert main([*args, "--targets", "nope"]) == 2
     assert "accepted: a subset of mild, medium, strong" in capsys.readouterr().err

@@ -112,8 +112,30 @@ def decay_integrals(
     return out
 
 
+def _measures(result: dict[str, Any]) -> dict[str, float]:
+    """final_measures, with ``{qk,ov}_layer_min`` (the final mean over layers of each layer's smallest-head
+    effective rank: what the guard holds) and ``d_head``."""
+    from qkvlab.experiments.training import final_measures, layer_min_erank
+
+    config = result["config"]
+    smallest = layer_min_erank(result["spectra"][-1])
+    return {
+        **final_measures(result),
+        "qk_layer_min": smallest["qk"],
+        "ov_layer_min": smallest["ov"],
+        "d_head": float(config["model"]["d_head"]),
+    }
+
+
+def _layer_min_over_time(records: list[dict[str, Any]]) -> dict[str, list[float]]:
+    from qkvlab.experiments.training import PRODUCTS, layer_min_erank
+
+    values = [layer_min_erank(r) for r in records]
+    return {p: [v[p] for v in values] for p in PRODUCTS}
+
+
 def _read(run_dir: Path) -> dict[str, Any] | None:
-    from qkvlab.experiments.training import erank_over_time, final_measures, read_training_run
+    from qkvlab.experiments.training import erank_over_time, read_training_run
 
     result = read_training_run(run_dir)
     if result is None or not result.get("spectra"):
@@ -128,21 +150,29 @@ def _read(run_dir: Path) -> dict[str, Any] | None:
     }
     records = result["spectra"]
     return {
-        "measures": {**final_measures(result), "qk_eta_lambda": mean["qk"], "ov_eta_lambda": mean["ov"]},
+        "measures": {**_measures(result), "qk_eta_lambda": mean["qk"], "ov_eta_lambda": mean["ov"]},
         "guard": trajectory,
         "steps": [r["step"] for r in records],
         "erank": erank_over_time(records),
+        "layer_min": _layer_min_over_time(records),
     }
 
 
 def _fixed_cells(reference: Path) -> list[dict[str, Any]]:
     """The fixed-decay runs at λ_rest = 0.1 of the reference folder: λ_attn → seed → measures."""
     from qkvlab.experiments.grid import load_runs
-    from qkvlab.experiments.training import final_measures, read_training_run
+    from qkvlab.experiments.training import read_training_run
 
     def read(run_dir: Path) -> dict[str, Any] | None:
         result = read_training_run(run_dir)
-        return final_measures(result) if result is not None and result.get("spectra") else None
+        if result is None or not result.get("spectra"):
+            return None
+        records = result["spectra"]
+        return {
+            **_measures(result),
+            "steps": [r["step"] for r in records],
+            "layer_min": _layer_min_over_time(records),
+        }
 
     cells = []
     for key, by_seed in load_runs(reference, read).items():
@@ -162,12 +192,14 @@ def aggregate(out: Path, reference: Path | None) -> dict[str, Any]:
     fixed = _fixed_cells(reference) if reference is not None and (reference / "runs").is_dir() else []
     summary: dict[str, Any] = {"targets": [], "fixed": [], "reference": str(reference) if fixed else None}
     for c in fixed:
-        names = sorted(next(iter(c["runs"].values())))
+        first = next(iter(c["runs"].values()))
+        names = sorted(n for n, v in first.items() if isinstance(v, float | int))
         summary["fixed"].append(
             {
                 "attn": c["attn"],
                 "seeds": sorted(c["runs"]),
                 "measures": {n: mean_std(r[n] for r in c["runs"].values()) for n in names},
+                "layer_min_over_time": _mean_series(list(c["runs"].values()), "layer_min"),
             }
         )
     best = min(fixed, key=lambda c: summary_mean(c["runs"], "val_loss")) if fixed else None
@@ -207,13 +239,8 @@ def aggregate(out: Path, reference: Path | None) -> dict[str, Any]:
                 for k in common
             },
         }
-        entry["erank_over_time"] = {
-            "steps": first["steps"],
-            **{
-                p: [math.fsum(r["erank"][p][i] for r in same) / len(same) for i in range(len(first["steps"]))]
-                for p in ("qk", "ov")
-            },
-        }
+        entry["erank_over_time"] = _mean_series(list(by_seed.values()), "erank")
+        entry["layer_min_over_time"] = _mean_series(list(by_seed.values()), "layer_min")
         summary["targets"].append(entry)
     order = list(TARGETS)
     summary["targets"].sort(key=lambda e: order.index(e["target"]) if e["target"] in order else len(order))
@@ -225,6 +252,20 @@ def aggregate(out: Path, reference: Path | None) -> dict[str, Any]:
         "guard_all_targets": sum(len(e["seeds"]) for e in summary["targets"]),
     }
     return summary
+
+
+def _mean_series(runs: list[dict[str, Any]], key: str) -> dict[str, list[float]]:
+    """``{steps, qk, ov}``: the mean over runs of ``run[key][product]`` at each monitor step, over the runs
+    whose monitor steps are the first run's."""
+    steps = runs[0]["steps"]
+    same = [r for r in runs if r["steps"] == steps]
+    return {
+        "steps": steps,
+        **{
+            p: [math.fsum(r[key][p][i] for r in same) / len(same) for i in range(len(steps))]
+            for p in ("qk", "ov")
+        },
+    }
 
 
 def summary_mean(runs: dict[int, dict[str, Any]], name: str) -> float:

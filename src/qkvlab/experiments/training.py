@@ -21,6 +21,7 @@ __all__ = [
     "erank_over_time",
     "final_measures",
     "head_measures",
+    "layer_min_erank",
     "pack_spectra",
     "publish",
     "read_metrics",
@@ -196,6 +197,20 @@ def final_measures(result: dict[str, Any]) -> dict[str, float]:
     if "accuracy" in final["eval"]:
         measures["val_accuracy"] = final["eval"]["accuracy"]
     return measures
+
+
+def layer_min_erank(record: dict[str, Any]) -> dict[str, float]:
+    """Product → the mean over layers of each layer's smallest-head effective rank: the quantity the rank
+    guard holds (it acts per layer on ``erank_min``), where ``head_measures``' ``_min`` is the model's
+    smallest head."""
+    out = {}
+    for product in PRODUCTS:
+        smallest: dict[int, float] = {}
+        for h in record["heads"]:
+            if h["product"] == product:
+                smallest[h["layer"]] = min(smallest.get(h["layer"], math.inf), h["effective_rank"])
+        out[product] = math.fsum(smallest.values()) / len(smallest)
+    return out
 
 
 def erank_over_time(records: list[dict[str, Any]]) -> dict[str, list[float]]:

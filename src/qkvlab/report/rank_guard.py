@@ -13,10 +13,14 @@ __all__ = ["plot_rank_guard", "tables"]
 
 def _ranks(measures: dict[str, Any]) -> str:
     return " | ".join(
-        pm(measures.get(f"{p}_{m}"), 2)
-        for p in ("qk", "ov")
-        for m in ("effective_rank", "effective_rank_min")
+        pm(measures.get(f"{p}_{m}"), 2) for p in ("qk", "ov") for m in ("effective_rank", "layer_min")
     )
+
+
+RANKS = (
+    "erank: the effective rank, mean over every head; min: each layer's smallest head, mean over layers "
+    "(what the guard holds)"
+)
 
 
 def tables(summary: dict[str, Any]) -> str:
@@ -24,8 +28,8 @@ def tables(summary: dict[str, Any]) -> str:
     lines: list[str] = []
     if summary["fixed"]:
         lines += [
-            f"Fixed attention weight decay (λ_rest = 0.1; from {summary['reference']}); erank: mean over heads, "
-            "min: the smallest head (both the mean over layers); mean ± std over seeds.",
+            f"Fixed attention weight decay (λ_rest = 0.1; from {summary['reference']}); {RANKS}; mean ± std "
+            "over seeds.",
             "",
             "| λ_attn | seeds | val loss | QK erank | QK min | OV erank | OV min |",
             "|---|---|---|---|---|---|---|",
@@ -40,25 +44,35 @@ def tables(summary: dict[str, Any]) -> str:
         return "\n".join(lines)
     lines += [
         "",
-        "Rank guard: target smallest-head effective rank as a fraction of d_head; Σηλ the decay it applied, "
-        "Σₜ η_t λ_t (mean over layers); minutes of wall-clock (shared machine).",
+        "Rank guard: the target smallest-head effective rank per layer as a fraction of d_head (and in ranks); "
+        f"{RANKS}; Σηλ the decay it applied, Σₜ η_t λ_t (mean over layers); minutes of wall-clock (shared "
+        "machine).",
         "",
         "| target | QK, OV | seeds | val loss | QK erank | QK min | OV erank | OV min | Σηλ (q, k) | Σηλ (v, o) | minutes |",
         "|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for e in targets:
         m = e["measures"]
+        d = m["d_head"]["mean"] if "d_head" in m else None
+        ranks = f" ({e['target_qk'] * d:.1f}, {e['target_ov'] * d:.1f})" if d else ""
         lines.append(
-            f"| {e['target']} | {e['target_qk']:g}, {e['target_ov']:g} | {len(e['seeds'])} | {pm(m['val_loss'], 4)} | "
+            f"| {e['target']} | {e['target_qk']:g}, {e['target_ov']:g}{ranks} | {len(e['seeds'])} | {pm(m['val_loss'], 4)} | "
             f"{_ranks(m)} | {pm(m['qk_eta_lambda'], 3)} | {pm(m['ov_eta_lambda'], 3)} | {pm(m['wall_minutes'], 1)} |"
         )
-    for key, title in (
+    comparisons = [
         (
             "vs_best_fixed",
-            f"Seed-paired differences from the best fixed decay (λ_attn = {summary['best_fixed']}).",
-        ),
-        ("vs_fixed_0", "Seed-paired differences from no attention decay (λ_attn = 0)."),
-    ):
+            f"Seed-paired differences from the best fixed decay (λ_attn = {summary['best_fixed']:g}",
+        )
+    ]
+    if summary["best_fixed"] == 0:  # one comparison, said once
+        comparisons[0] = (comparisons[0][0], comparisons[0][1] + ": no attention decay).")
+    else:
+        comparisons = [
+            (comparisons[0][0], comparisons[0][1] + ")."),
+            ("vs_fixed_0", "Seed-paired differences from no attention decay (λ_attn = 0)."),
+        ]
+    for key, title in comparisons:
         if not any(key in e for e in targets):
             continue
         lines += ["", title, "", "| target | Δ val loss | Δ QK erank | Δ OV erank |", "|---|---|---|---|"]
@@ -124,42 +138,69 @@ def plot_rank_guard(summary: dict[str, Any], folder: Path) -> list[Path]:
     fig.suptitle("The rank guard's λ per layer (mean over seeds)", fontsize=10)
     written.append(save(fig, folder / "guard_lambda.png"))
 
-    fig, axes = plt.subplots(1, 2, figsize=(11, 3.8))
+    names = {"qk": "W_KᵀW_Q", "ov": "P·W_V"}
+    colours = plt.rcParams["axes.prop_cycle"].by_key()["color"]
+    fig, axes = plt.subplots(1, 2, figsize=(11, 4.2))
     for ax, product in zip(axes, ("qk", "ov"), strict=True):
-        for e in targets:
-            t = e["erank_over_time"]
-            ax.plot(t["steps"], t[product], label=e["target"])
+        for shade, c in enumerate(summary["fixed"]):
+            t = c.get("layer_min_over_time")
+            if t:
+                grey = str(0.25 + 0.5 * shade / max(1, len(summary["fixed"]) - 1))
+                ax.plot(
+                    t["steps"], t[product], color=grey, lw=1, ls=":", label=f"fixed λ_attn = {c['attn']:g}"
+                )
+        for i, e in enumerate(targets):
+            t, colour = e.get("layer_min_over_time") or e["erank_over_time"], colours[i % len(colours)]
+            ax.plot(t["steps"], t[product], color=colour, lw=2, label=f"guard, {e['target']}")
+            d = e["measures"].get("d_head", {}).get("mean")
+            if d:
+                ax.axhline(e[f"target_{product}"] * d, color=colour, ls="--", lw=1)
         ax.set_xlabel("step")
-        ax.set_ylabel("effective rank (mean over heads)")
-        ax.set_title("W_KᵀW_Q" if product == "qk" else "P·W_V")
+        ax.set_ylabel("smallest head's effective rank (mean over layers)")
+        ax.set_title(f"{names[product]} (dashed: the guard's targets)")
         ax.grid(alpha=0.3)
-        ax.legend(fontsize=7)
-    fig.suptitle("Effective rank over training under the guard (mean over seeds)", fontsize=10)
+        ax.legend(fontsize=6, ncol=2)
+    fig.suptitle(
+        "What the guard holds, over training: guarded runs and fixed decays (mean over seeds)", fontsize=10
+    )
     written.append(save(fig, folder / "guard_rank_over_time.png"))
 
     fig, axes = plt.subplots(1, 2, figsize=(11, 3.8))
     for ax, product in zip(axes, ("qk", "ov"), strict=True):
+        x = f"{product}_layer_min"
         if summary["fixed"]:
-            f = summary["fixed"]
+            f = [c for c in summary["fixed"] if x in c["measures"]]
             ax.errorbar(
-                [c["measures"][f"{product}_effective_rank"]["mean"] for c in f],
+                [c["measures"][x]["mean"] for c in f],
                 [c["measures"]["val_loss"]["mean"] for c in f],
                 yerr=[c["measures"]["val_loss"]["std"] for c in f],
                 marker="o",
                 capsize=3,
+                color="grey",
                 label="fixed λ_attn",
             )
-        for e in targets:
+            for c in f:
+                ax.annotate(
+                    f"{c['attn']:g}",
+                    (c["measures"][x]["mean"], c["measures"]["val_loss"]["mean"]),
+                    fontsize=7,
+                    xytext=(3, 3),
+                    textcoords="offset points",
+                )
+        for i, e in enumerate(targets):
+            if x not in e["measures"]:
+                continue
             ax.errorbar(
-                [e["measures"][f"{product}_effective_rank"]["mean"]],
+                [e["measures"][x]["mean"]],
                 [e["measures"]["val_loss"]["mean"]],
                 yerr=[e["measures"]["val_loss"]["std"]],
                 marker="s",
                 capsize=3,
                 ls="none",
+                color=colours[i % len(colours)],
                 label=f"guard, {e['target']}",
             )
-        ax.set_xlabel(f"{'W_KᵀW_Q' if product == 'qk' else 'P·W_V'} effective rank (mean over heads)")
+        ax.set_xlabel(f"{names[product]}: smallest head's effective rank (mean over layers)")
         ax.set_ylabel("final validation loss")
         ax.set_title("loss against rank")
         ax.grid(alpha=0.3)
