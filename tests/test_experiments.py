@@ -95,7 +95,13 @@ def test_ctrl_c_starts_nothing_more_and_keeps_checkpoints(corpus, tmp_path, sign
     cmd = [sys.executable, "-m", "qkvlab", "sweep", *args, "--grid", "weight_decay=0,0.1,0.2,0.3"]
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     parent = subprocess.Popen(
-        [*cmd, "--jobs", "2", "--out", str(out)], env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT
+        [*cmd, "--jobs", "2", "--out", str(out)],
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        # a suite started in the background by a non-interactive shell (`make test &`) inherits SIGINT
+        # ignored, and so would the grid: give it the terminal's default, as a user's shell does
+        preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL),
     )
     deadline = time.monotonic() + 120
     while time.monotonic() < deadline:  # both runs have a checkpoint
@@ -106,7 +112,15 @@ def test_ctrl_c_starts_nothing_more_and_keeps_checkpoints(corpus, tmp_path, sign
         parent.kill()
         pytest.fail("the two first runs never wrote a checkpoint")
     parent.send_signal(signum)
-    output = parent.communicate(timeout=90)[0].decode()
+    try:  # the grid itself gives its runs 60 s, then SIGTERM and SIGKILL 10 s apart
+        output = parent.communicate(timeout=120)[0].decode()
+    except subprocess.TimeoutExpired:
+        parent.kill()
+        logs = {p.parent.name: p.read_text()[-1500:] for p in out.glob("runs/*/train.log")}
+        said = parent.communicate()[0].decode()
+        pytest.fail(
+            f"the grid did not stop within 120 s of {signum!r}; it said {said!r}; its runs' logs: {logs}"
+        )
     assert parent.returncode == 130, output
     started = sorted(p.parent.name for p in out.glob("runs/*/run.json"))
     assert started == ["weight_decay=0,seed=0", "weight_decay=0.1,seed=0"], output
@@ -119,6 +133,53 @@ def test_ctrl_c_starts_nothing_more_and_keeps_checkpoints(corpus, tmp_path, sign
     # resuming continues the interrupted runs from their checkpoints
     for run in started:
         assert (out / "runs" / run / "latest").is_file()
+
+
+def _stubborn_worker(run_dir: Path, point: dict, seed: int, settings: dict) -> None:
+    """A run that ignores SIGINT and SIGTERM (as one stuck in native code would); the other run waits
+    until it is so, then finishes."""
+    if point["kind"] == "stuck":
+        signal.signal(signal.SIGINT, signal.SIG_IGN)
+        signal.signal(signal.SIGTERM, signal.SIG_IGN)
+        (run_dir / "pid").write_text(str(os.getpid()))
+        time.sleep(600)
+    else:
+        while not (run_dir.parent / "kind=stuck,seed=0" / "pid").is_file():
+            time.sleep(0.05)
+
+
+def test_a_stopped_grid_terminates_then_kills_a_run_that_will_not_stop(tmp_path, monkeypatch, capfd) -> None:
+    from qkvlab.experiments import grid
+
+    monkeypatch.setattr(grid, "STOP_SECONDS", 0.5)
+    monkeypatch.setattr(grid, "KILL_SECONDS", 0.5)
+    runs = [
+        grid.Run("kind=stuck,seed=0", {"kind": "stuck"}, 0),
+        grid.Run("kind=quick,seed=0", {"kind": "quick"}, 0),
+    ]
+
+    def echo(line: str) -> None:  # the grid's own failure while a run is going: when the quick run is shown
+        if "kind=quick" in line:
+            raise RuntimeError("the grid failed")
+
+    started = time.monotonic()
+    with pytest.raises(RuntimeError, match="the grid failed"):
+        grid.run_grid(
+            tmp_path / "g",
+            runs,
+            _stubborn_worker,
+            settings={},
+            status=lambda folder: "complete" if (folder / "done").is_file() else "new",
+            jobs=2,
+            echo=echo,
+        )
+    assert time.monotonic() - started < 60  # not the 600 s the stuck run would sleep
+    err = capfd.readouterr().err
+    assert "kind=stuck,seed=0: still running 0.5 s after the stop signal; terminate" in err
+    assert "; kill" in err  # SIGTERM was ignored too
+    pid = int((tmp_path / "g" / "runs" / "kind=stuck,seed=0" / "pid").read_text())
+    with pytest.raises(ProcessLookupError):
+        os.kill(pid, 0)  # gone, and reaped
 
 
 def test_assoc_recall_task() -> None:

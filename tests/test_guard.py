@@ -286,6 +286,33 @@ def test_the_hf_callback_guards_each_layer_logs_and_resumes(tmp_path) -> None:
         plain.train()
 
 
+def test_spectra_and_guard_callbacks_share_one_measurement_per_firing(tmp_path, monkeypatch) -> None:
+    import qkvlab.hf
+    from qkvlab.hf import SpectraCallback
+
+    calls = []
+    measure = qkvlab.hf.inspect
+
+    def counted(model, **kwargs):  # type: ignore[no-untyped-def]
+        calls.append(model)
+        return measure(model, **kwargs)
+
+    monkeypatch.setattr(qkvlab.hf, "inspect", counted)
+    trainer, _, _ = _hf_trainer(tmp_path, 8)
+    SpectraCallback.install(trainer, every_n_steps=2)
+    trainer.train()
+    assert len(calls) == 4  # steps 2, 4, 6, 8: one measurement each, not one per callback
+    logged = [e for e in trainer.state.log_history if "guard/L0/qk_lambda" in e]
+    assert [e["step"] for e in logged] == [2, 4, 6, 8]
+    for e in logged:  # both callbacks read the same report
+        assert e["guard/L1/qk_erank_min"] == e["spectra/L1/qk_erank_min"]
+    assert len({e["spectra/L0/qk_erank_min"] for e in logged}) == 4  # and fresh at every firing
+    # a second training of the same model at the same step numbers measures afresh
+    again, _, _ = _hf_trainer(tmp_path / "again", 2)
+    again.train()
+    assert len(calls) == 5
+
+
 # -- repro rank-guard ------------------------------------------------------------------------------
 
 

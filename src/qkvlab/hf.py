@@ -13,6 +13,7 @@ from ``TrainingArguments``, so the Trainer's ``weight_decay`` is honoured (PEFT'
 from __future__ import annotations
 
 import json
+import weakref
 from pathlib import Path
 from typing import Any
 
@@ -61,11 +62,27 @@ def create_optimizer(
     return optimizer_cls(groups, lr=args.learning_rate, **optimizer_kwargs)
 
 
-def _inspect(model: nn.Module, rtol: float) -> Any:
-    """The attention spectra of the model the Trainer is training, leaving it in the mode it was in."""
+_LAST_INSPECT: weakref.WeakKeyDictionary[nn.Module, tuple[Any, tuple[int, float], Any]] = (
+    weakref.WeakKeyDictionary()
+)
+
+
+def _inspect(model: nn.Module, rtol: float, state: Any) -> Any:
+    """The attention spectra of the model the Trainer is training, leaving it in the mode it was in.
+
+    SpectraCallback and RankGuardCallback firing at the same step share one measurement: the report is
+    kept per model and reused within the same training (``state``, the Trainer's state object, new for
+    every ``train()``) at the same ``global_step`` and ``rtol``; no optimiser step falls between two
+    callbacks' ``on_step_end``. (The parameters' version counters would not do: fused optimisers
+    update in place without bumping them.)"""
+    key = (state.global_step, rtol)
+    kept = _LAST_INSPECT.get(model)
+    if kept is not None and kept[0] is state and kept[1] == key:
+        return kept[2]
     was_training = model.training
     report = inspect(model, rtol=rtol)
     model.train(was_training)
+    _LAST_INSPECT[model] = (state, key, report)
     return report
 
 
@@ -122,7 +139,7 @@ class SpectraCallback(_LogsNext):
         control.should_log = True  # on every rank: the Trainer's logging step gathers the loss across ranks
         if not state.is_world_process_zero:
             return control
-        report = _inspect(model, self.rtol)
+        report = _inspect(model, self.rtol, state)
         record = {"step": state.global_step, "epoch": state.epoch, **report.to_dict()}
         path = Path(args.output_dir) / self.filename
         path.parent.mkdir(parents=True, exist_ok=True)
@@ -190,7 +207,7 @@ class RankGuardCallback(_LogsNext):
     def on_step_end(self, args, state, control, model=None, optimizer=None, **kwargs):  # type: ignore[no-untyped-def]
         if model is None or optimizer is None or state.global_step % self.every_n_steps:
             return control
-        report = _inspect(model, self.rtol)
+        report = _inspect(model, self.rtol, state)
         logged = self.guard.update(report.to_dict(), optimizer.param_groups)
         self._pending = {f"guard/{k}": v for k, v in logged.items()}
         control.should_log = True

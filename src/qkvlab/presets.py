@@ -64,7 +64,12 @@ def _train_set(train: Iterable[str] | str | None) -> tuple[set[str] | None, bool
     """Parse ``train``: roles to keep trainable; "-head" freezes the head explicitly."""
     if train is None:
         return None, True
-    items = {t.strip() for t in (train.split(",") if isinstance(train, str) else train) if t.strip()}
+    listed = train.split(",") if isinstance(train, str) else list(train)
+    if any(not isinstance(t, str) for t in listed):
+        raise UserError(
+            f"train {train!r}; accepted: role names, comma-separated or a list ({', '.join(ROLES)})"
+        )
+    items = {t.strip() for t in listed if t.strip()}
     keep_head = "-head" not in items
     items.discard("-head")
     _check_roles(items, "train")

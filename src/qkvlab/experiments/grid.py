@@ -19,7 +19,8 @@ result in ``run_dir``. :func:`run_grid` does the rest, the same way for every ex
   the next; a CUDA context is never forked), with its output in ``run_dir/LOG``, ``cpu_count // jobs``
   threads each, and the parent's death delivering SIGTERM to it (Linux).
 - **Stopping.** Ctrl-C (or SIGTERM to the parent) starts nothing new: the running runs get SIGINT,
-  are waited for (they keep their last checkpoint), and the interruption propagates.
+  are waited for (they keep their last checkpoint; after ``STOP_SECONDS`` SIGTERM, then SIGKILL), and
+  the interruption propagates.
 - **Log.** ``OUT/grid.json`` gets one entry per session, finished or interrupted: what ran, how long.
 
 :func:`mean_std` and :func:`paired` are the statistics every summary uses: mean ± sample standard
@@ -38,6 +39,7 @@ import json
 import os
 import signal
 import statistics
+import sys
 import threading
 import time
 import traceback
@@ -48,6 +50,12 @@ from typing import Any
 
 from qkvlab.data.cache import write_atomic
 from qkvlab.errors import UserError
+
+STOP_SECONDS = 60.0
+"""How long a stopped grid waits for its runs to finish their step and write a checkpoint before it
+sends SIGTERM (and ``KILL_SECONDS`` later SIGKILL): a run stuck where Python cannot act on a signal
+never holds the grid forever."""
+KILL_SECONDS = 10.0
 
 __all__ = [
     "REGISTRY",
@@ -309,12 +317,19 @@ def _run_spawned(out, todo, before, worker, settings, status, jobs, log, show) -
         for job in running.values():
             if job.process.is_alive():
                 os.kill(job.process.pid, signal.SIGINT)
-        deadline = time.monotonic() + 60
+        deadline = time.monotonic() + STOP_SECONDS
         for job in running.values():
             job.process.join(max(0.0, deadline - time.monotonic()))
-            if job.process.is_alive():
-                job.process.terminate()
-                job.process.join()
+            for how in ("terminate", "kill"):  # a run that cannot finish its step: SIGTERM, then SIGKILL
+                if not job.process.is_alive():
+                    break
+                print(
+                    f"{job.run.name}: still running {STOP_SECONDS:g} s after the stop signal; {how}",
+                    file=sys.stderr,
+                    flush=True,
+                )
+                getattr(job.process, how)()
+                job.process.join(KILL_SECONDS)
             show(job.run, {"name": job.run.name, "status": "interrupted", "seconds": 0.0})
         raise
 

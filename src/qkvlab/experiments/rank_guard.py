@@ -117,13 +117,15 @@ def _measures(result: dict[str, Any]) -> dict[str, float]:
     effective rank: what the guard holds) and ``d_head``."""
     from qkvlab.experiments.training import final_measures, layer_min_erank
 
-    config = result["config"]
-    smallest = layer_min_erank(result["spectra"][-1])
+    last = result["spectra"][-1]
+    smallest = layer_min_erank(last)
     return {
         **final_measures(result),
         "qk_layer_min": smallest["qk"],
         "ov_layer_min": smallest["ov"],
-        "d_head": float(config["model"]["d_head"]),
+        "d_head": float(
+            last["architecture"]["d_head"]
+        ),  # as measured (the config may leave it to d_model/n_head)
     }
 
 

@@ -17,6 +17,7 @@ def _ranks(measures: dict[str, Any]) -> str:
     )
 
 
+PAIRS = {"qk": "(q, k)", "ov": "(v, o)"}
 RANKS = (
     "erank: the effective rank, mean over every head; min: each layer's smallest head, mean over layers "
     "(what the guard holds)"
@@ -130,9 +131,7 @@ def plot_rank_guard(summary: dict[str, Any], folder: Path) -> list[Path]:
             ax.set_yscale("log")
             ax.set_xlabel("step")
             ax.set_ylabel("λ")
-            ax.set_title(
-                f"{e['target']}: ({pair[0]}, {pair[1]}) decay, target {e[f'target_{pair}']:g}·d_head"
-            )
+            ax.set_title(f"{e['target']}: {PAIRS[pair]} decay, target {e[f'target_{pair}']:g}·d_head")
             ax.grid(alpha=0.3)
             ax.legend(fontsize=7)
     fig.suptitle("The rank guard's λ per layer (mean over seeds)", fontsize=10)
