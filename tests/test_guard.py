@@ -336,6 +336,17 @@ def test_the_decay_integral_is_the_decay_the_optimiser_applied(tmp_path) -> None
     assert load_config(None, {"rank_guard_qk": 0.5}).rank_guard().lambda_max == 10.0
 
 
+def test_loss_at_rank_interpolates_between_the_bracketing_fixed_runs() -> None:
+    from qkvlab.experiments.rank_guard import loss_at_rank
+
+    points = [(8.0, 1.66), (2.0, 1.70), (4.0, 1.68)]  # (final rank, val loss), in any order
+    assert loss_at_rank(points, 3.0) == pytest.approx(1.69)
+    assert loss_at_rank(points, 6.0) == pytest.approx(1.67)
+    assert loss_at_rank(points, 8.0) == pytest.approx(1.66)
+    assert loss_at_rank(points, 1.9) is None and loss_at_rank(points, 8.1) is None  # never extrapolated
+    assert loss_at_rank([(3.0, 1.5)], 3.0) is None  # one run brackets nothing
+
+
 def test_repro_rank_guard_against_a_fixed_grid(tmp_path, capsys) -> None:
     from qkvlab.cli import main
 
@@ -401,6 +412,31 @@ def test_repro_rank_guard_against_a_fixed_grid(tmp_path, capsys) -> None:
     assert mild["measures"]["qk_layer_min"]["mean"] == pytest.approx(sum(per_seed) / 2, rel=1e-12)
     assert mild["layer_min_over_time"]["qk"][-1] == pytest.approx(sum(per_seed) / 2, rel=1e-12)
     assert all(len(c["layer_min_over_time"]["qk"]) == 4 for c in summary["fixed"])  # steps 0, 3, 6, 9
+    # post hoc: the guard against the fixed decays interpolated at its own final rank, seed by seed
+    assert "Post hoc (not in the design fixed before the runs)" in printed
+    from qkvlab.experiments.rank_guard import _fixed_cells, _measures, loss_at_rank
+    from qkvlab.experiments.training import read_training_run
+
+    cells = _fixed_cells(fixed)
+    compared = 0
+    for e in summary["targets"]:
+        for p in ("qk", "ov"):
+            expected = {}
+            for seed in (0, 1):
+                guard = _measures(read_training_run(out / "runs" / f"target={e['target']},seed={seed}"))
+                points = [(c["runs"][seed][f"{p}_layer_min"], c["runs"][seed]["val_loss"]) for c in cells]
+                at = loss_at_rank(points, guard[f"{p}_layer_min"])
+                if at is not None:
+                    expected[seed] = guard["val_loss"] - at
+            got = e["vs_fixed_at_rank"][p]
+            if not expected:
+                assert got is None
+                continue
+            compared += 1
+            assert got["seeds"] == sorted(expected)
+            assert got["mean"] == pytest.approx(sum(expected.values()) / len(expected), rel=1e-9)
+    assert compared  # the tiny guard lands inside the fixed range for some target and product
+    assert f"| {summary['targets'][0]['target']} | " in printed.split("Post hoc")[1]
     # one comparison table when the best fixed decay is no decay, two otherwise
     said_once = printed.count("Seed-paired differences") == 1
     assert said_once == (summary["best_fixed"] == 0)

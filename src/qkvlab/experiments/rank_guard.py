@@ -21,6 +21,7 @@ needs one run per seed for a target (and every target tried counts).
 
 from __future__ import annotations
 
+import itertools
 import json
 import math
 from pathlib import Path
@@ -28,7 +29,7 @@ from typing import Any
 
 from qkvlab.experiments.grid import Experiment, Run, register
 
-__all__ = ["TARGETS", "guard_settings"]
+__all__ = ["TARGETS", "guard_settings", "loss_at_rank"]
 
 TARGETS: dict[str, tuple[float, float]] = {
     "mild": (0.22, 0.40),
@@ -230,6 +231,8 @@ def aggregate(out: Path, reference: Path | None) -> dict[str, Any]:
                         for p in ("qk", "ov")
                     },
                 }
+        if fixed:
+            entry["vs_fixed_at_rank"] = _vs_fixed_at_rank(by_seed, fixed)
         first = next(iter(by_seed.values()))
         common = [k for k in first["guard"] if k.endswith("_lambda")]
         steps = first["guard"]["steps"]
@@ -268,6 +271,38 @@ def _mean_series(runs: list[dict[str, Any]], key: str) -> dict[str, list[float]]
             for p in ("qk", "ov")
         },
     }
+
+
+def loss_at_rank(points: list[tuple[float, float]], rank: float) -> float | None:
+    """The validation loss the fixed decays would have at ``rank``: linear interpolation in the final rank
+    between the two fixed runs (``points``: (final rank, val loss), one per λ_attn, of one seed) whose ranks
+    bracket it; None outside their range (no extrapolation)."""
+    ordered = sorted(points)
+    for (r0, l0), (r1, l1) in itertools.pairwise(ordered):
+        if r0 <= rank <= r1:
+            return l0 if r1 == r0 else l0 + (l1 - l0) * (rank - r0) / (r1 - r0)
+    return None
+
+
+def _vs_fixed_at_rank(by_seed: dict[int, Any], fixed: list[dict[str, Any]]) -> dict[str, Any]:
+    """Post hoc (not in the design fixed before the runs): per seed, the guard's loss against the fixed
+    decays' loss interpolated at the guard's final smallest-head rank, for QK and for OV apart (a fixed
+    λ_attn moves both; the guard sets them apart)."""
+    from qkvlab.experiments.grid import paired
+
+    out: dict[str, Any] = {}
+    for p in ("qk", "ov"):
+        guard = {s: r["measures"]["val_loss"] for s, r in by_seed.items()}
+        matched = {}
+        for s, r in by_seed.items():
+            points = [
+                (c["runs"][s][f"{p}_layer_min"], c["runs"][s]["val_loss"]) for c in fixed if s in c["runs"]
+            ]
+            value = loss_at_rank(points, r["measures"][f"{p}_layer_min"])
+            if value is not None:
+                matched[s] = value
+        out[p] = paired(guard, matched)
+    return out
 
 
 def summary_mean(runs: dict[int, dict[str, Any]], name: str) -> float:

@@ -84,6 +84,21 @@ def tables(summary: dict[str, Any]) -> str:
                     f"| {e['target']} | {_diff(d['val_loss'], 4)} | {_diff(d['qk_effective_rank'])} | "
                     f"{_diff(d['ov_effective_rank'])} |"
                 )
+    if any(e.get("vs_fixed_at_rank") for e in targets):
+        lines += [
+            "",
+            "Post hoc (not in the design fixed before the runs): the guard's validation loss minus the fixed "
+            "decays' at the same final rank (each seed's fixed runs interpolated linearly in their final "
+            "smallest-head effective rank, per layer then averaged; — where the guard's rank lies outside "
+            "the fixed runs' range), matched on QK and on OV apart.",
+            "",
+            "| target | Δ val loss at the guard's QK min | Δ val loss at the guard's OV min |",
+            "|---|---|---|",
+        ]
+        for e in targets:
+            d = e.get("vs_fixed_at_rank") or {}
+            cells = [_diff(d[p], 4) if d.get(p) else "—" for p in ("qk", "ov")]
+            lines.append(f"| {e['target']} | " + " | ".join(cells) + " |")
     layers = sorted({int(k[1:].split("/")[0]) for e in targets for k in e["lambda"] if k.endswith("_lambda")})
     lines += [
         "",
