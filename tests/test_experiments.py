@@ -135,6 +135,34 @@ def test_ctrl_c_starts_nothing_more_and_keeps_checkpoints(corpus, tmp_path, sign
         assert (out / "runs" / run / "latest").is_file()
 
 
+def _terminated_worker(run_dir: Path, point: dict, seed: int, settings: dict) -> None:
+    """The first run gets SIGTERM while it works (outside any handler of its own); the others just finish."""
+    if point["i"] == 0:
+        os.kill(os.getpid(), signal.SIGTERM)
+        time.sleep(5)  # the handler interrupts this
+    (run_dir / "done").write_text("done")
+
+
+def test_sigterm_to_a_grid_running_in_process_stops_it_instead_of_failing_one_run(tmp_path) -> None:
+    from qkvlab.experiments import grid
+
+    runs = [grid.Run(f"i={i},seed=0", {"i": i}, 0) for i in range(3)]
+    with pytest.raises(KeyboardInterrupt):
+        grid.run_grid(
+            tmp_path / "g",
+            runs,
+            _terminated_worker,
+            settings={},
+            status=lambda folder: "complete" if (folder / "done").is_file() else "new",
+            jobs=1,
+            echo=lambda line: None,
+        )
+    assert not (tmp_path / "g" / "runs" / "i=1,seed=0").exists()  # nothing more started
+    assert not (tmp_path / "g" / "runs" / "i=0,seed=0" / "done").exists()
+    session = json.loads((tmp_path / "g" / "grid.json").read_text())["sessions"][-1]
+    assert session["finished"] is False
+
+
 def _stubborn_worker(run_dir: Path, point: dict, seed: int, settings: dict) -> None:
     """A run that ignores SIGINT and SIGTERM (as one stuck in native code would); the other run waits
     until it is so, then finishes."""

@@ -137,8 +137,9 @@ class _Job:
     process: Any = None
 
 
-class _Stop(Exception):
-    """SIGTERM to the parent: stop like Ctrl-C."""
+class _Stop(KeyboardInterrupt):
+    """SIGTERM to the parent: stop like Ctrl-C. Not an Exception, so that a worker running in this process
+    (``jobs=1``) cannot take it for its own failure and let the grid go on."""
 
 
 def _child(
