@@ -183,3 +183,39 @@ def test_mistakes_are_one_line(tmp_path, capsys, extra, message) -> None:
     assert main(["repro", "optimizer-rank", "--out", str(tmp_path / "or"), *extra]) == 2
     err = capsys.readouterr().err
     assert message in err and "Traceback" not in err and len(err.strip().splitlines()) == 1
+
+
+def test_a_product_that_ended_numerically_zero_is_marked_switched_off() -> None:
+    from qkvlab.report.optimizer_rank import SWITCHED_OFF, switched_off, tables
+
+    def cell(variant: str, budget: float, qk_norm: float) -> dict:
+        stat = lambda v: {"mean": v, "std": 0.0, "n": 1}  # noqa: E731
+        measures = {
+            "val_loss": stat(2.5),
+            "wall_minutes": stat(1.0),
+            **{
+                f"{p}_{n}": stat(9.0)
+                for p in ("qk", "ov")
+                for n in ("effective_rank", "effective_rank_min", "rank")
+            },
+            "qk_nuclear_norm": stat(qk_norm),
+            "ov_nuclear_norm": stat(1.0),
+        }
+        init = {"qk_effective_rank": stat(30.0), "ov_effective_rank": stat(30.0)}
+        init |= {"qk_nuclear_norm": stat(1.0), "ov_nuclear_norm": stat(1.0)}
+        return {
+            "variant": variant, "rule": "adamw", "budget": budget, "lr": 1e-3, "lambda": 0.1, "seeds": [0],
+            "stopped": [], "devices": ["cpu"], "measures": measures, "init": init, "vs_budget0": {"val_loss": None}, "vs_adamw": {"val_loss": None},
+        }  # fmt: skip
+
+    alive, dead = cell("adamw", 1.0, 0.5), cell("adam-l2", 1.0, SWITCHED_OFF * 0.5)
+    assert not switched_off(alive, "qk") and switched_off(dead, "qk") and not switched_off(dead, "ov")
+    assert not switched_off({**dead, "init": None}, "qk")  # nothing to compare with: no mark
+    text = tables({"selection": {"adamw": {"losses": {"0.001": 2.5}, "chosen": 0.001, "at_edge": False}},
+                   "cells": [alive, dead]})  # fmt: skip
+    rows: dict[str, str] = {}
+    for line in text.splitlines():  # the first table with these rows is the ranks'
+        if line.startswith("| adam"):
+            rows.setdefault(line.split("|")[1].strip(), line)
+    assert rows["adam-l2"].count("†") == 3 and "†" not in rows["adamw"]  # QK's three rank columns only
+    assert "path of attention is switched off" in text

@@ -504,7 +504,10 @@ def aggregate(out: Path) -> dict[str, Any]:
             }
             inits = [r["init"] for r in finished.values() if r["init"]]
             cell["init"] = (
-                {n: mean_std(i[n] for i in inits) for n in ("qk_effective_rank", "ov_effective_rank")}
+                {
+                    n: mean_std(i[n] for i in inits)
+                    for n in ("qk_effective_rank", "ov_effective_rank", "qk_nuclear_norm", "ov_nuclear_norm")
+                }
                 if inits
                 else None
             )

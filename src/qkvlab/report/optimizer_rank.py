@@ -34,6 +34,17 @@ def _selection_table(selection: dict[str, Any]) -> list[str]:
     return lines
 
 
+SWITCHED_OFF = 0.01
+"""A product whose mean nuclear norm ends below this fraction of its value at initialisation is switched off."""
+
+
+def switched_off(cell: dict[str, Any], product: str) -> bool:
+    """Whether ``product`` ("qk" or "ov") of a summary cell ended numerically zero (see SWITCHED_OFF)."""
+    init = (cell.get("init") or {}).get(f"{product}_nuclear_norm")
+    final = cell["measures"].get(f"{product}_nuclear_norm")
+    return bool(init and final and final["mean"] < SWITCHED_OFF * init["mean"])
+
+
 def tables(summary: dict[str, Any]) -> str:
     """Every table of a summary: selection, ranks and loss, norms, factors, and the paired differences."""
     if not summary.get("selection"):
@@ -64,17 +75,36 @@ def tables(summary: dict[str, Any]) -> str:
             + (" — |" if accuracy else "")
             + f" {pm(init['qk_effective_rank'], 2)} | — | — | {pm(init['ov_effective_rank'], 2)} | — | — | — |"
         )
+    marked = False
     for c in cells:
+        cols = []
+        for p in ("qk", "ov"):
+            dead = switched_off(c, p)
+            marked |= dead
+            cols.append(
+                " | ".join(
+                    m(c, name, digits) + (" †" if dead else "")
+                    for name, digits in (
+                        (f"{p}_effective_rank", 2),
+                        (f"{p}_effective_rank_min", 2),
+                        (f"{p}_rank", 1),
+                    )
+                )
+            )
         lines.append(
             _row_head(c)
             + f" {m(c, 'val_loss', 4)} |"
             + (f" {m(c, 'val_accuracy', 1, 100)} |" if accuracy else "")
-            + " | ".join(
-                f" {m(c, f'{p}_effective_rank')} | {m(c, f'{p}_effective_rank_min')} | {m(c, f'{p}_rank', 1)}"
-                for p in ("qk", "ov")
-            )
+            + " "
+            + " |  ".join(cols)
             + f" | {m(c, 'wall_minutes', 1)} |"
         )
+    if marked:
+        lines += [
+            "",
+            f"† the product's nuclear norm is below {SWITCHED_OFF:.0%} of its value at initialisation: that "
+            "path of attention is switched off, and its ranks are those of numerical noise.",
+        ]
     lines += [
         "",
         "Norms of the products (mean over heads): nuclear ‖·‖_*, spectral ‖·‖₂, and the gap "
