@@ -167,6 +167,13 @@ def test_repro_optimizer_rank_on_a_tiny_gpt(changes, tmp_path, capsys, monkeypat
         capsys.readouterr().out.split("\nwrote")[0]
         == printed[printed.index("Learning rate") :].split("\nwrote")[0]
     )
+    # a later run of fewer variants keeps the other rules' learning rates, and the summary keeps their cells
+    subset = [a if a != "adamw,adam-l2,muon-head" else "adamw" for a in args]
+    assert main(subset) == 0
+    capsys.readouterr()
+    assert json.loads((out / "selection.json").read_text()) == selection
+    assert main([*args, "--summary-only"]) == 0
+    assert "| muon-head | 1 |" in capsys.readouterr().out
 
 
 @pytest.mark.parametrize(

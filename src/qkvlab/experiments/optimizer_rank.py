@@ -287,7 +287,9 @@ def select_lrs(
             "chosen": best,
             "at_edge": best in (grids[rule][0], grids[rule][-1]),
         }
-    write_atomic(out / "selection.json", json.dumps(selection, indent=1))
+    path = out / "selection.json"  # a run with fewer --variants keeps the other rules' choices
+    kept = json.loads(path.read_text()) if path.is_file() else {}
+    write_atomic(path, json.dumps({**kept, **selection}, indent=1))
     return selection
 
 
