@@ -6,6 +6,7 @@ import gzip
 import itertools
 import json
 import math
+from pathlib import Path
 
 import pytest
 import torch
@@ -13,7 +14,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from qkvlab.errors import UserError
-from qkvlab.guard import RankGuard, guarded_groups
+from qkvlab.guard import RankGuard, broadcast_decay, guarded_groups
 
 D_HEAD = 32
 
@@ -111,6 +112,34 @@ def test_groups_must_be_split_by_layer_and_decoupled() -> None:
             RankGuard(**bad)
     with pytest.raises(UserError, match="λ_min"):
         RankGuard(target_ov=0.5, lambda_min=1.0, lambda_max=0.1)
+
+
+def _broadcast_on_rank(rank: int, init: str, out: str) -> None:
+    """One of two Gloo ranks: each starts from its own λ (rank 1's differ in the last bits), then
+    broadcast_decay gives both rank 0's; the mlp group is not the guard's and keeps its own."""
+    import torch.distributed as dist
+
+    dist.init_process_group("gloo", init_method=init, rank=rank, world_size=2)
+    try:
+        groups = _groups()
+        for i, group in enumerate(groups):
+            group["base_weight_decay"] = group["weight_decay"] = 0.1 * (i + 1) + rank * 1e-15
+        broadcast_decay(RankGuard(target_qk=0.5, target_ov=0.5), groups)
+        Path(out, f"rank{rank}.json").write_text(json.dumps([g["weight_decay"] for g in groups]))
+    finally:
+        dist.destroy_process_group()
+
+
+def test_broadcast_decay_gives_every_rank_rank_zeros_lambda(tmp_path) -> None:
+    import torch.multiprocessing as mp
+
+    init = f"file://{tmp_path / 'rendezvous'}"
+    mp.spawn(_broadcast_on_rank, args=(init, str(tmp_path)), nprocs=2, join=True)
+    zero, one = (json.loads((tmp_path / f"rank{r}.json").read_text()) for r in (0, 1))
+    assert zero[:-1] == one[:-1] == [0.1 * (i + 1) for i in range(8)]  # the eight q, k, v, o groups
+    assert one[-1] != zero[-1]  # the mlp group is not guarded: untouched
+    broadcast_decay(RankGuard(target_qk=0.5), groups := _groups(0.3))  # one process: a no-op
+    assert [g["weight_decay"] for g in groups] == [g["weight_decay"] for g in _groups(0.3)]
 
 
 def test_param_groups_split_attention_by_layer() -> None:

@@ -36,7 +36,7 @@ from typing import Any
 
 from qkvlab.errors import UserError
 
-__all__ = ["PAIRS", "RankGuard", "guarded_groups", "set_decay"]
+__all__ = ["PAIRS", "RankGuard", "broadcast_decay", "guarded_groups", "set_decay"]
 
 #: The two products and the factors whose decay shapes each.
 PAIRS = {"qk": ("q", "k"), "ov": ("v", "o")}
@@ -145,3 +145,21 @@ def guarded_groups(
             raise UserError("the rank guard needs decoupled weight decay (AdamW or Muon), not coupled L2")
         found.setdefault((group["layer"], pair), []).append(group)
     return found
+
+
+def broadcast_decay(guard: RankGuard, groups: list[dict[str, Any]], device: Any = "cpu") -> None:
+    """Under torch.distributed, give every rank rank 0's λ for each guarded group, so that all ranks decay
+    alike (DDP averages gradients, not weights: a λ differing in its last bit would let the replicas
+    drift apart). A no-op in a single process. ``device``: where the collective's tensor lives (a CUDA
+    device for NCCL, the CPU for Gloo)."""
+    import torch
+    import torch.distributed as dist
+
+    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
+        return
+    pairs = guarded_groups(groups, guard.targets())
+    ordered = [g for key in sorted(pairs) for g in pairs[key]]
+    values = torch.tensor([_base(g) for g in ordered], dtype=torch.float64, device=device)
+    dist.broadcast(values, src=0)
+    for group, value in zip(ordered, values.tolist(), strict=True):
+        set_decay(group, value)

@@ -150,6 +150,15 @@ class SpectraCallback(_LogsNext):
         return control
 
 
+def _collective_device(model: nn.Module) -> Any:
+    """Where a torch.distributed collective's tensor must live: the model's CUDA device under NCCL."""
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized() and dist.get_backend() == "nccl":
+        return next(model.parameters()).device
+    return "cpu"
+
+
 class RankGuardCallback(_LogsNext):
     """The rank guard (:mod:`qkvlab.guard`) for the HF Trainer: every ``every_n_steps`` optimiser steps,
     each layer's weight decay of (q, k) and of (v, o) follows the smallest effective rank of its heads.
@@ -161,7 +170,8 @@ class RankGuardCallback(_LogsNext):
         RankGuardCallback.install(trainer, target_qk=0.25, target_ov=0.4, every_n_steps=100)
 
     λ starts from each group's configured decay (``args.weight_decay`` or its override), clipped into the
-    bounds. Every rank computes the same ranks from the same weights, so under DDP all decay alike. The
+    bounds. Under DDP rank 0 measures and every other rank receives its λ values (a broadcast), so all
+    ranks decay alike even where their arithmetic differs in the last bit. The
     λ values live in the optimiser's groups, so the Trainer's optimizer checkpoint carries them and
     ``resume_from_checkpoint`` restores them. Each firing adds ``guard/L{layer}/{qk|ov}_lambda`` and
     ``guard/L{layer}/{qk|ov}_erank_min`` to the Trainer's next log (TensorBoard, W&B, console).
@@ -207,8 +217,13 @@ class RankGuardCallback(_LogsNext):
     def on_step_end(self, args, state, control, model=None, optimizer=None, **kwargs):  # type: ignore[no-untyped-def]
         if model is None or optimizer is None or state.global_step % self.every_n_steps:
             return control
-        report = _inspect(model, self.rtol, state)
-        logged = self.guard.update(report.to_dict(), optimizer.param_groups)
+        from qkvlab.guard import broadcast_decay
+
+        logged = {}
+        if state.is_world_process_zero:  # under DDP rank 0 measures and the others receive its λ
+            report = _inspect(model, self.rtol, state)
+            logged = self.guard.update(report.to_dict(), optimizer.param_groups)
+        broadcast_decay(self.guard, optimizer.param_groups, _collective_device(model))
         self._pending = {f"guard/{k}": v for k, v in logged.items()}
-        control.should_log = True
+        control.should_log = True  # on every rank: the Trainer's logging step gathers the loss across ranks
         return control

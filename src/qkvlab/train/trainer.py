@@ -186,16 +186,11 @@ def _guard_step(
 ) -> dict[str, float]:
     """One rank-guard firing: rank 0 (which holds the monitor's record) updates every guarded group's λ;
     under DDP the others receive the same values, so every rank decays alike."""
+    from qkvlab.guard import broadcast_decay
+
     logged = guard.update(record, optimizer.param_groups) if record is not None else {}
     if ddp.world_size > 1:
-        from qkvlab.guard import guarded_groups
-
-        pairs = guarded_groups(optimizer.param_groups, guard.targets())
-        groups = [g for key in sorted(pairs) for g in pairs[key]]
-        values = torch.tensor([g["base_weight_decay"] for g in groups], dtype=torch.float64, device=device)
-        dist.broadcast(values, src=0)
-        for group, value in zip(groups, values.tolist(), strict=True):
-            set_decay(group, value)
+        broadcast_decay(guard, optimizer.param_groups, device)
     return logged
 
 
