@@ -76,6 +76,11 @@ def test_resume_is_bit_identical(corpus, tmp_path) -> None:
         for run in ("straight", "split")
     ]
     assert losses[0] == losses[1]
+    # wall-clock counts every session: the first up to its checkpoint, then the resumed one
+    final = json.loads((tmp_path / "split" / "final.json").read_text())
+    earlier = final["wall_seconds"] - final["session_wall_seconds"]  # what the checkpoint carried over
+    assert 0 < earlier <= first.wall_seconds
+    assert second.wall_seconds == final["wall_seconds"]
 
 
 def test_checkpoint_is_inspectable_and_crash_safe(corpus, tmp_path, monkeypatch) -> None:

@@ -504,6 +504,10 @@ def aggregate(out: Path) -> dict[str, Any]:
                 "measures": {n: mean_std(measure(finished, n).values()) for n in names},
                 "devices": sorted({r["device"] for r in finished.values()}),
             }
+            cell["minutes_by_device"] = {  # wall-clock means only within one device
+                d: mean_std(r["measures"]["wall_minutes"] for r in finished.values() if r["device"] == d)
+                for d in cell["devices"]
+            }
             inits = [r["init"] for r in finished.values() if r["init"]]
             cell["init"] = (
                 {

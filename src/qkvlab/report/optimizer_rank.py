@@ -45,6 +45,15 @@ def switched_off(cell: dict[str, Any], product: str) -> bool:
     return bool(init and final and final["mean"] < SWITCHED_OFF * init["mean"])
 
 
+def _minutes(cell: dict[str, Any], devices: list[str]) -> str:
+    """Wall-clock minutes of a cell: one mean ± std when every run of the table had one device, else per
+    device (the run on an H200 and the one on a laptop CPU are not two samples of one quantity)."""
+    by_device = cell.get("minutes_by_device")
+    if len(devices) <= 1 or not by_device:
+        return pm(cell["measures"].get("wall_minutes"), 1)
+    return ", ".join(f"{pm(v, 1)} ({d})" for d, v in by_device.items())
+
+
 def tables(summary: dict[str, Any]) -> str:
     """Every table of a summary: selection, ranks and loss, norms, factors, and the paired differences."""
     if not summary.get("selection"):
@@ -61,7 +70,8 @@ def tables(summary: dict[str, Any]) -> str:
         "",
         "Final weights, mean over every head of every layer (erank: effective rank; rank: #σᵢ > 10⁻³·σ₁; "
         "min: the smallest head's erank), mean ± std over seeds; Σηλ on q, k, v, o only; λ the attention "
-        f"weight decay that gives it; minutes of wall-clock on {', '.join(devices)} (shared machine).",
+        f"weight decay that gives it; minutes of wall-clock on {', '.join(devices)} (shared machines; "
+        "with runs on more than one device, per device: a mean across devices would mean nothing).",
         "",
         "| variant | Σηλ | λ | seeds | val loss |"
         + (" val accuracy (%) |" if accuracy else "")
@@ -97,7 +107,7 @@ def tables(summary: dict[str, Any]) -> str:
             + (f" {m(c, 'val_accuracy', 1, 100)} |" if accuracy else "")
             + " "
             + " |  ".join(cols)
-            + f" | {m(c, 'wall_minutes', 1)} |"
+            + f" | {_minutes(c, devices)} |"
         )
     if marked:
         lines += [

@@ -11,7 +11,9 @@ Run folder (``config.out``):
                        and spectra/{qk|ov}_erank_mean (qkvlab.inspection.summary_metrics), as the HF callback
     checkpoint-*/      see qkvlab.train.checkpoint; `latest` points at the newest
     final.json         written last: the run is complete; {"step", "train_loss", "eval", "spectra" (the
-                       final weights' summaries, keyed by their TensorBoard tags), "wall_seconds", ...}
+                       final weights' summaries, keyed by their TensorBoard tags), "wall_seconds" (every
+                       session's training time, each step counted once: checkpoints carry it over a
+                       resume), "session_wall_seconds" (the last session's), ...}
 
 Under torchrun the global batch (``batch_size``) is split across ranks and every rank sees its
 slice of the same global batch, so the loss curve matches one process; only rank 0 writes.
@@ -647,6 +649,7 @@ def _train(config: TrainConfig, resume: Path | None, run_dir: Path) -> TrainResu
         )
 
     start_step = 0
+    earlier_wall = 0.0  # training time of the sessions before this one, up to the checkpoint resumed from
     if resume is not None:
         # newest checkpoint that verifies and loads; each damaged one is named and skipped
         _, state = resumable_checkpoint(
@@ -655,6 +658,7 @@ def _train(config: TrainConfig, resume: Path | None, run_dir: Path) -> TrainResu
             echo=lambda line: print(f"{run_dir}: {line}", file=sys.stderr, flush=True),
         )
         start_step = state["step"]
+        earlier_wall = float(state.get("wall_seconds", 0.0))
     elif ddp.main:
         if (run_dir / "final.json").exists() or latest_checkpoint(run_dir) is not None:
             raise UserError(
@@ -790,6 +794,7 @@ def _train(config: TrainConfig, resume: Path | None, run_dir: Path) -> TrainResu
                         scheduler,
                         {
                             "data_position": {"step": step},
+                            "wall_seconds": earlier_wall + time.perf_counter() - started,
                             **({"monitor": monitor.state()} if monitor else {}),
                         },
                         model_cfg.hf_config(),
@@ -811,7 +816,8 @@ def _train(config: TrainConfig, resume: Path | None, run_dir: Path) -> TrainResu
         signals.restore()
     if bar is not None:
         bar.close()
-    wall = time.perf_counter() - started
+    session_wall = time.perf_counter() - started
+    wall = earlier_wall + session_wall
     complete = step >= config.max_steps
     final_eval: dict[str, float] = {}
     if ddp.main:
@@ -835,7 +841,9 @@ def _train(config: TrainConfig, resume: Path | None, run_dir: Path) -> TrainResu
                 "train_loss": last_loss,
                 "eval": final_eval,
                 "spectra": spectra,  # per-layer summaries of the final weights, named as their TensorBoard tags
+                # every step once: the sessions before up to the checkpoint resumed from, plus this one
                 "wall_seconds": wall,
+                "session_wall_seconds": session_wall,
                 "device": device.type,
                 "device_name": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
                 "world_size": ddp.world_size,
