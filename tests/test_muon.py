@@ -62,6 +62,31 @@ def test_per_head_orthogonalisation_orthogonalises_each_head(head_axis) -> None:
         torch.testing.assert_close(applied, -0.1 * factor * piece.float(), rtol=1e-6, atol=1e-6)
 
 
+@pytest.mark.parametrize("shape", [(32, 128), (128, 32), (64, 64)])
+def test_float32_newton_schulz_is_torchs_iteration_in_other_arithmetic(shape) -> None:
+    """newton_schulz(dtype="float32") is torch's quintic iteration (same coefficients, steps, scaling,
+    transposition): equal to a float64 run of it to float32 precision, and to torch's bfloat16 result to
+    bfloat16's."""
+    from torch.optim._muon import DEFAULT_A, DEFAULT_B, DEFAULT_C
+
+    from qkvlab.muon import newton_schulz
+
+    a, b, c = DEFAULT_A, DEFAULT_B, DEFAULT_C
+    grad = torch.randn(shape, generator=torch.Generator().manual_seed(5))
+    x = grad.double().T if shape[0] > shape[1] else grad.double()
+    x = x / x.norm()
+    for _ in range(5):
+        gram = x @ x.T
+        x = a * x + (b * gram + c * gram @ gram) @ x
+    reference = x.T if shape[0] > shape[1] else x
+    fast = newton_schulz(grad, dtype="float32")
+    assert fast.dtype == torch.float32 and fast.shape == grad.shape
+    torch.testing.assert_close(fast.double(), reference, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(fast, newton_schulz(grad).float(), rtol=0.03, atol=0.02)  # torch's, bfloat16
+    with pytest.raises(ValueError, match="accepted: bfloat16, float32"):
+        newton_schulz(grad, dtype="float16")
+
+
 def test_state_round_trip_resumes_identically() -> None:
     gen = torch.Generator().manual_seed(2)
     params = [torch.nn.Parameter(torch.randn(32, 16, generator=gen))]

@@ -894,6 +894,19 @@ def test_muon_trains_resumes_bit_identically_and_puts_each_role_in_its_place(cor
         load_config(None, {"optimizer": "muon", "muon_per_head": "q,mlp"})
 
 
+def test_muon_ns_dtype_float32_reaches_every_muon_group_and_trains(corpus, tmp_path) -> None:
+    muon = {"optimizer": "muon", "muon_per_head": "q", "model.dropout": 0.0}
+    fast = train(load_config(None, _gpt(corpus, tmp_path / "fast", muon_ns_dtype="float32", **muon)))
+    torch_way = train(load_config(None, _gpt(corpus, tmp_path / "bf16", **muon)))
+    state = json.loads((latest_checkpoint(tmp_path / "fast") / "state.json").read_text())
+    assert {g["ns_dtype"] for g in state["optimizer"]["param_groups"]} == {"float32"}
+    # the same iteration in other arithmetic: the runs part only by rounding, not in where they go
+    assert fast.final_train_loss == pytest.approx(torch_way.final_train_loss, rel=0.02)
+    assert fast.final_train_loss != torch_way.final_train_loss
+    with pytest.raises(qkvlab.UserError, match=r"muon_ns_dtype.*bfloat16 or float32"):
+        load_config(None, {"optimizer": "muon", "muon_ns_dtype": "float16"})
+
+
 @pytest.mark.parametrize("optimizer", ["adamw", "muon"])
 def test_corrected_weight_decay_follows_the_schedule_and_resumes(optimizer, corpus, tmp_path) -> None:
     """corrected_weight_decay: λ_t = λ·η_t/η_max for the chosen roles, so the decay per step is λ·η_t²/η_max;

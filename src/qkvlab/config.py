@@ -62,6 +62,9 @@ class TrainConfig:
     muon_momentum: float = 0.95  # muon: torch's default
     muon_adjust_lr: str = "original"  # muon: torch's adjust_lr_fn, "original" or "match_rms_adamw"
     muon_per_head: list = field(default_factory=list)  # muon: roles (q, k, v, o) orthogonalised per head
+    muon_ns_dtype: str = (
+        "bfloat16"  # muon: Newton–Schulz arithmetic; torch's bfloat16, or float32 (fast on CPUs)
+    )
     # corrected weight decay (adamw, muon): these roles' decay follows the schedule, λ_t = λ·η_t/η_max,
     # so p ← p(1 − λ·η_t²/η_max); a list of roles, or [all]
     corrected_weight_decay: list = field(default_factory=list)
@@ -243,6 +246,7 @@ _CHECKS: dict[str, tuple[Callable[[Any], bool], str]] = {
     "muon_momentum": (lambda v: 0 <= v < 1, "in [0, 1)"),
     "muon_adjust_lr": (lambda v: v in ("original", "match_rms_adamw"), "original or match_rms_adamw"),
     "muon_per_head": (lambda v: set(v) <= {"q", "k", "v", "o"}, "a subset of q, k, v, o"),
+    "muon_ns_dtype": (lambda v: v in ("bfloat16", "float32"), "bfloat16 or float32"),
     "corrected_weight_decay": (
         lambda v: set(v) <= {"all", "q", "k", "v", "o", "qkv", "mlp", "embed", "norm", "head", "other"},
         "roles (q, k, v, o, qkv, mlp, embed, norm, head, other) or all",

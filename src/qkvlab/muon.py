@@ -20,7 +20,41 @@ import torch
 from torch import Tensor
 from torch.optim._muon import DEFAULT_A, DEFAULT_B, DEFAULT_C, _adjust_lr, _zeropower_via_newtonschulz
 
-__all__ = ["HeadwiseMuon", "MuonWithAdamW", "muon_update", "orthogonalize"]
+__all__ = ["NS_DTYPES", "HeadwiseMuon", "MuonWithAdamW", "muon_update", "newton_schulz", "orthogonalize"]
+
+
+NS_DTYPES = {"bfloat16": torch.bfloat16, "float32": torch.float32}
+"""The arithmetic of the Newton–Schulz iteration: torch's bfloat16, or float32 (see :func:`newton_schulz`)."""
+
+
+def newton_schulz(
+    update: Tensor,
+    ns_coefficients: tuple[float, float, float] = (DEFAULT_A, DEFAULT_B, DEFAULT_C),
+    ns_steps: int = 5,
+    eps: float = 1e-7,
+    dtype: str = "bfloat16",
+) -> Tensor:
+    """The Newton–Schulz polar factor of a 2-D ``update``: torch's own function in bfloat16, or the same
+    iteration (coefficients, steps, normalisation by the Frobenius norm, transposing a tall matrix) in
+    float32. A CPU without native bfloat16 runs torch's bfloat16 products 20–40× slower than float32
+    (measured here: 43 ms against 1.6 ms for 128 × 128), so ``float32`` is the fast choice there; on a GPU
+    bfloat16 is. The two agree to bfloat16's rounding."""
+    if dtype == "bfloat16":
+        return _zeropower_via_newtonschulz(update, ns_coefficients, ns_steps, eps)
+    if dtype != "float32":
+        raise ValueError(f"ns_dtype {dtype!r}; accepted: {', '.join(NS_DTYPES)}")
+    if ns_steps >= 100:
+        raise ValueError("Number of steps must be less than 100 for computational efficiency")
+    a, b, c = ns_coefficients
+    x = update.float()
+    tall = update.size(0) > update.size(1)
+    if tall:
+        x = x.T
+    x = x / x.norm().clamp(min=eps)
+    for _ in range(ns_steps):
+        gram = x @ x.T
+        x = torch.addmm(x, torch.addmm(gram, gram, gram, beta=b, alpha=c), x, beta=a)
+    return x.T if tall else x
 
 
 def orthogonalize(
@@ -30,15 +64,16 @@ def orthogonalize(
     ns_coefficients: tuple[float, float, float] = (DEFAULT_A, DEFAULT_B, DEFAULT_C),
     ns_steps: int = 5,
     eps: float = 1e-7,
+    dtype: str = "bfloat16",
 ) -> list[tuple[Tensor, torch.Size]]:
     """The Newton–Schulz polar factor of ``update`` as a whole (``heads`` None or 1) or of each head's
     slice along ``head_axis``; returns (orthogonalised, shape it was orthogonalised at) pieces in order."""
     if not heads or heads == 1:
-        return [(_zeropower_via_newtonschulz(update, ns_coefficients, ns_steps, eps), update.shape)]
+        return [(newton_schulz(update, ns_coefficients, ns_steps, eps, dtype), update.shape)]
     if update.shape[head_axis] % heads:
         raise ValueError(f"{update.shape[head_axis]} rows/columns do not split into {heads} heads")
     return [
-        (_zeropower_via_newtonschulz(piece, ns_coefficients, ns_steps, eps), piece.shape)
+        (newton_schulz(piece, ns_coefficients, ns_steps, eps, dtype), piece.shape)
         for piece in update.chunk(heads, dim=head_axis)
     ]
 
@@ -58,6 +93,7 @@ def muon_update(p: Tensor, state: dict[str, Any], group: dict[str, Any]) -> None
         tuple(group["ns_coefficients"]),
         group["ns_steps"],
         group["muon_eps"],
+        group["ns_dtype"],
     )
     p.mul_(1 - lr * wd)
     slices = [p] if len(pieces) == 1 else p.chunk(len(pieces), dim=group["head_axis"])
@@ -91,6 +127,7 @@ class MuonWithAdamW(torch.optim.Optimizer):
         muon_eps: float = 1e-7,
         heads: int | None = None,
         head_axis: int = 0,
+        ns_dtype: str = "bfloat16",
     ) -> None:
         if not lr >= 0.0:
             raise ValueError(f"learning rate should be >= 0 but is: {lr}")
@@ -112,11 +149,14 @@ class MuonWithAdamW(torch.optim.Optimizer):
             "adjust_lr_fn": adjust_lr_fn,
             "heads": heads,
             "head_axis": head_axis,
+            "ns_dtype": ns_dtype,
         }
         super().__init__(params, defaults)
         for group in self.param_groups:
             if group["algorithm"] not in ("muon", "adamw"):
                 raise ValueError(f"algorithm {group['algorithm']!r}; accepted: muon, adamw")
+            if group["ns_dtype"] not in NS_DTYPES:
+                raise ValueError(f"ns_dtype {group['ns_dtype']!r}; accepted: {', '.join(NS_DTYPES)}")
             if group["algorithm"] == "muon" and any(p.ndim != 2 for p in group["params"]):
                 shapes = [tuple(p.shape) for p in group["params"] if p.ndim != 2]
                 raise ValueError(f"Muon updates 2-D matrices only; got parameters of shape {shapes}")

@@ -219,6 +219,7 @@ def _muon(config: TrainConfig, model: nn.Module, groups: list[dict]) -> torch.op
         eps=1e-8,
         momentum=config.muon_momentum,
         adjust_lr_fn=config.muon_adjust_lr,
+        ns_dtype=config.muon_ns_dtype,
     )
 
 
