@@ -62,9 +62,7 @@ class TrainConfig:
     muon_momentum: float = 0.95  # muon: torch's default
     muon_adjust_lr: str = "original"  # muon: torch's adjust_lr_fn, "original" or "match_rms_adamw"
     muon_per_head: list = field(default_factory=list)  # muon: roles (q, k, v, o) orthogonalised per head
-    muon_ns_dtype: str = (
-        "bfloat16"  # muon: Newton–Schulz arithmetic; torch's bfloat16, or float32 (fast on CPUs)
-    )
+    muon_ns_dtype: str = "bfloat16"  # muon: Newton–Schulz in torch's bfloat16, or float32 (fast on CPUs)
     # corrected weight decay (adamw, muon): these roles' decay follows the schedule, λ_t = λ·η_t/η_max,
     # so p ← p(1 − λ·η_t²/η_max); a list of roles, or [all]
     corrected_weight_decay: list = field(default_factory=list)

@@ -147,11 +147,11 @@ def guarded_groups(
     return found
 
 
-def broadcast_decay(guard: RankGuard, groups: list[dict[str, Any]], device: Any = "cpu") -> None:
+def broadcast_decay(guard: RankGuard, groups: list[dict[str, Any]]) -> None:
     """Under torch.distributed, give every rank rank 0's λ for each guarded group, so that all ranks decay
     alike (DDP averages gradients, not weights: a λ differing in its last bit would let the replicas
-    drift apart). A no-op in a single process. ``device``: where the collective's tensor lives (a CUDA
-    device for NCCL, the CPU for Gloo)."""
+    drift apart). A no-op in a single process. The collective's tensor lives where the backend needs it:
+    on the parameters' CUDA device under NCCL, on the CPU otherwise."""
     import torch
     import torch.distributed as dist
 
@@ -159,6 +159,7 @@ def broadcast_decay(guard: RankGuard, groups: list[dict[str, Any]], device: Any 
         return
     pairs = guarded_groups(groups, guard.targets())
     ordered = [g for key in sorted(pairs) for g in pairs[key]]
+    device = ordered[0]["params"][0].device if ordered and dist.get_backend() == "nccl" else "cpu"
     values = torch.tensor([_base(g) for g in ordered], dtype=torch.float64, device=device)
     dist.broadcast(values, src=0)
     for group, value in zip(ordered, values.tolist(), strict=True):

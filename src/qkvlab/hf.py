@@ -150,15 +150,6 @@ class SpectraCallback(_LogsNext):
         return control
 
 
-def _collective_device(model: nn.Module) -> Any:
-    """Where a torch.distributed collective's tensor must live: the model's CUDA device under NCCL."""
-    import torch.distributed as dist
-
-    if dist.is_available() and dist.is_initialized() and dist.get_backend() == "nccl":
-        return next(model.parameters()).device
-    return "cpu"
-
-
 class RankGuardCallback(_LogsNext):
     """The rank guard (:mod:`qkvlab.guard`) for the HF Trainer: every ``every_n_steps`` optimiser steps,
     each layer's weight decay of (q, k) and of (v, o) follows the smallest effective rank of its heads.
@@ -223,7 +214,7 @@ class RankGuardCallback(_LogsNext):
         if state.is_world_process_zero:  # under DDP rank 0 measures and the others receive its λ
             report = _inspect(model, self.rtol, state)
             logged = self.guard.update(report.to_dict(), optimizer.param_groups)
-        broadcast_decay(self.guard, optimizer.param_groups, _collective_device(model))
+        broadcast_decay(self.guard, optimizer.param_groups)
         self._pending = {f"guard/{k}": v for k, v in logged.items()}
         control.should_log = True  # on every rank: the Trainer's logging step gathers the loss across ranks
         return control

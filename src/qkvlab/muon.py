@@ -23,7 +23,7 @@ from torch.optim._muon import DEFAULT_A, DEFAULT_B, DEFAULT_C, _adjust_lr, _zero
 __all__ = ["NS_DTYPES", "HeadwiseMuon", "MuonWithAdamW", "muon_update", "newton_schulz", "orthogonalize"]
 
 
-NS_DTYPES = {"bfloat16": torch.bfloat16, "float32": torch.float32}
+NS_DTYPES = ("bfloat16", "float32")
 """The arithmetic of the Newton–Schulz iteration: torch's bfloat16, or float32 (see :func:`newton_schulz`)."""
 
 

@@ -124,9 +124,8 @@ def _measures(result: dict[str, Any]) -> dict[str, float]:
         **final_measures(result),
         "qk_layer_min": smallest["qk"],
         "ov_layer_min": smallest["ov"],
-        "d_head": float(
-            last["architecture"]["d_head"]
-        ),  # as measured (the config may leave it to d_model/n_head)
+        # as measured: the config may leave it to d_model / n_head
+        "d_head": float(last["architecture"]["d_head"]),
     }
 
 
@@ -291,8 +290,8 @@ def _vs_fixed_at_rank(by_seed: dict[int, Any], fixed: list[dict[str, Any]]) -> d
     from qkvlab.experiments.grid import paired
 
     out: dict[str, Any] = {}
+    guard = {s: r["measures"]["val_loss"] for s, r in by_seed.items()}
     for p in ("qk", "ov"):
-        guard = {s: r["measures"]["val_loss"] for s, r in by_seed.items()}
         matched = {}
         for s, r in by_seed.items():
             points = [

@@ -97,7 +97,7 @@ def tables(summary: dict[str, Any]) -> str:
         ]
         for e in targets:
             d = e.get("vs_fixed_at_rank") or {}
-            cells = [_diff(d[p], 4) if d.get(p) else "—" for p in ("qk", "ov")]
+            cells = [_diff(d.get(p), 4) for p in ("qk", "ov")]
             lines.append(f"| {e['target']} | " + " | ".join(cells) + " |")
     layers = sorted({int(k[1:].split("/")[0]) for e in targets for k in e["lambda"] if k.endswith("_lambda")})
     lines += [

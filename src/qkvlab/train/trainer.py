@@ -183,16 +183,13 @@ def _guard_step(
     guard: Any,
     record: dict[str, Any] | None,
     optimizer: torch.optim.Optimizer,
-    ddp: _Dist,
-    device: torch.device,
 ) -> dict[str, float]:
     """One rank-guard firing: rank 0 (which holds the monitor's record) updates every guarded group's λ;
     under DDP the others receive the same values, so every rank decays alike."""
     from qkvlab.guard import broadcast_decay
 
     logged = guard.update(record, optimizer.param_groups) if record is not None else {}
-    if ddp.world_size > 1:
-        broadcast_decay(guard, optimizer.param_groups, device)
+    broadcast_decay(guard, optimizer.param_groups)  # a no-op in one process
     return logged
 
 
@@ -775,7 +772,7 @@ def _train(config: TrainConfig, resume: Path | None, run_dir: Path) -> TrainResu
                     record = monitor.record(step, model)
                     logger.tags(step, monitor.last_summary[1])
                 if guard is not None:  # each layer's attention decay, from this firing's ranks
-                    logger.log(step, "guard", _guard_step(guard, record, optimizer, ddp, device))
+                    logger.log(step, "guard", _guard_step(guard, record, optimizer))
             # a stop signal is honoured after a whole step, on every rank at the same step; the last
             # step of the run completes as usual
             interrupt = signals.requested(ddp, device) if step < config.max_steps else 0
