@@ -216,6 +216,8 @@ def test_a_product_that_ended_numerically_zero_is_marked_switched_off() -> None:
         }  # fmt: skip
 
     alive, dead = cell("adamw", 1.0, 0.5), cell("adam-l2", 1.0, SWITCHED_OFF * 0.5)
+    delta = {"mean": 4.0, "std": 0.0, "n": 1, "wins": 1, "seeds": [0]}
+    dead["vs_adamw"] = {"val_loss": delta, "qk_effective_rank": delta, "ov_effective_rank": delta}
     assert not switched_off(alive, "qk") and switched_off(dead, "qk") and not switched_off(dead, "ov")
     assert not switched_off({**dead, "init": None}, "qk")  # nothing to compare with: no mark
     text = tables({"selection": {"adamw": {"losses": {"0.001": 2.5}, "chosen": 0.001, "at_edge": False}},
@@ -226,3 +228,37 @@ def test_a_product_that_ended_numerically_zero_is_marked_switched_off() -> None:
             rows.setdefault(line.split("|")[1].strip(), line)
     assert rows["adam-l2"].count("†") == 3 and "†" not in rows["adamw"]  # QK's three rank columns only
     assert "path of attention is switched off" in text
+    # In the paired differences a rank delta of a switched-off path is noise too: QK's is marked, OV's not.
+    paired = text.split("what the update rule changes.")[1]
+    (row,) = [line for line in paired.splitlines() if line.startswith("| adam-l2")]
+    qk, ov = row.split("|")[4:6]
+    assert qk.strip().endswith("†") and "†" not in ov
+
+
+def test_the_figures_draw_a_switched_off_path_apart(tmp_path, monkeypatch) -> None:
+    """Its final ranks hollow and off the line, its rank over time dotted: noise is not drawn as data."""
+    import qkvlab.report.figures as figures
+    from qkvlab.report.optimizer_rank import SWITCHED_OFF, plot_optimizer_rank
+
+    stat = lambda v: {"mean": v, "std": 0.0, "n": 1}  # noqa: E731
+    init = {f"{p}_{n}": stat(1.0) for p in ("qk", "ov") for n in ("effective_rank", "nuclear_norm")}
+
+    def cell(variant: str, budget: float, qk_norm: float) -> dict:
+        measures = {f"{p}_effective_rank": stat(5.0) for p in ("qk", "ov")}
+        measures |= {"val_loss": stat(1.0), "qk_nuclear_norm": stat(qk_norm), "ov_nuclear_norm": stat(1.0)}
+        measures |= {f"{r}_matrix_norm": stat(1.0) for r in "qkvo"}
+        trajectory = {"steps": [0, 10], "qk": [5.0, 5.0], "ov": [5.0, 5.0]}
+        return {"variant": variant, "budget": budget, "seeds": [0], "measures": measures, "init": init,
+                "trajectory": trajectory}  # fmt: skip
+
+    cells = [cell("adamw", 0.0, 1.0), cell("adamw", 1.0, 1.0), cell("adam-l2", 1.0, SWITCHED_OFF / 2)]
+    figs = {}
+    monkeypatch.setattr(figures, "save", lambda fig, path: figs.setdefault(path.name, fig) and path)
+    plot_optimizer_rank({"setting": "tiny", "cells": cells}, tmp_path)
+    qk_panel, ov_panel = figs["rank_and_loss_vs_budget.png"].axes[:2]
+    labels = lambda ax: ax.get_legend_handles_labels()[1]  # noqa: E731
+    assert "adam-l2 † (switched off: noise)" in labels(qk_panel)
+    assert not any("†" in label for label in labels(ov_panel))  # its OV path is alive
+    qk_time = figs["rank_over_time.png"].axes[2]  # Σηλ = 1, W_KᵀW_Q
+    styles = {line.get_label(): line.get_linestyle() for line in qk_time.get_lines()}
+    assert styles == {"adamw": "-", "adam-l2 † (switched off)": ":"}

@@ -154,9 +154,12 @@ def tables(summary: dict[str, Any]) -> str:
         ("vs_budget0", "Seed-paired differences from the same variant at Σηλ = 0: what its decay does."),
         ("vs_adamw", "Seed-paired differences from AdamW at the same Σηλ: what the update rule changes."),
     ):
+        # A rank difference involving a switched-off path is a difference of numerical noise: marked †.
+        dagger = lambda c, p: " †" if switched_off(c, p) else ""  # noqa: E731
         rows = [
             f"| {c['variant']} | {c['budget']:g} | {_diff(c[key]['val_loss'], 4)} | "
-            f"{_diff(c[key]['qk_effective_rank'])} | {_diff(c[key]['ov_effective_rank'])} |"
+            f"{_diff(c[key]['qk_effective_rank'])}{dagger(c, 'qk')} | "
+            f"{_diff(c[key]['ov_effective_rank'])}{dagger(c, 'ov')} |"
             for c in cells
             if c[key]["val_loss"]
             and not (c["budget"] == 0 if key == "vs_budget0" else c["variant"] == "adamw")
@@ -201,11 +204,15 @@ def plot_optimizer_rank(summary: dict[str, Any], folder: Path) -> list[Path]:
     setting = summary["setting"]
     written = []
 
-    def series(ax: Any, name: str) -> None:
+    def series(ax: Any, name: str, product: str | None = None) -> None:
+        """One line per variant; with ``product``, its switched-off points (ranks of noise) drawn hollow
+        and off the line."""
         for variant, cs in variants.items():
-            stats = [c["measures"][name] for c in cs]
-            ax.errorbar(
-                [c["budget"] for c in cs],
+            dead = [product is not None and switched_off(c, product) for c in cs]
+            live = [c for c, d in zip(cs, dead, strict=True) if not d]
+            stats = [c["measures"][name] for c in live]
+            line = ax.errorbar(
+                [c["budget"] for c in live],
                 [s["mean"] for s in stats],
                 yerr=[s["std"] for s in stats],
                 marker="o",
@@ -213,11 +220,23 @@ def plot_optimizer_rank(summary: dict[str, Any], folder: Path) -> list[Path]:
                 capsize=3,
                 label=variant,
             )
+            off = [c for c, d in zip(cs, dead, strict=True) if d]
+            if off:
+                ax.plot(
+                    [c["budget"] for c in off],
+                    [c["measures"][name]["mean"] for c in off],
+                    ls="none",
+                    marker="o",
+                    ms=7,
+                    mfc="none",
+                    color=line[0].get_color(),
+                    label=f"{variant} † (switched off: noise)",
+                )
         _budget_axis(ax, budgets)
 
     fig, axes = plt.subplots(1, 3, figsize=(15, 4))
     for ax, product in zip(axes[:2], ("qk", "ov"), strict=True):
-        series(ax, f"{product}_effective_rank")
+        series(ax, f"{product}_effective_rank", product)
         init = next((c["init"] for cs in variants.values() for c in cs if c.get("init")), None)
         if init:
             ax.axhline(init[f"{product}_effective_rank"]["mean"], color="grey", ls="--", lw=1, label="init")
@@ -242,7 +261,9 @@ def plot_optimizer_rank(summary: dict[str, Any], folder: Path) -> list[Path]:
                 c = next((c for c in cs if c["budget"] == budget and c.get("trajectory")), None)
                 if c:
                     t = c["trajectory"]
-                    ax.plot(t["steps"], t[product], label=variant)
+                    dead = switched_off(c, product)  # by the end: its later ranks are noise, dotted
+                    label = f"{variant} † (switched off)" if dead else variant
+                    ax.plot(t["steps"], t[product], ls=":" if dead else "-", label=label)
             ax.set_xlabel("step")
             ax.set_ylabel("effective rank")
             ax.set_title(f"{_PRODUCT[product]}, Σηλ = {budget:g}")
