@@ -233,6 +233,11 @@ def test_a_product_that_ended_numerically_zero_is_marked_switched_off() -> None:
     (row,) = [line for line in paired.splitlines() if line.startswith("| adam-l2")]
     qk, ov = row.split("|")[4:6]
     assert qk.strip().endswith("†") and "†" not in ov
+    # A selection whose losses are all ~0 (a solved task) still shows which lr won.
+    solved = {"adamw": {"losses": {"0.001": 2e-8, "0.002": 3e-10}, "chosen": 0.002, "at_edge": True}}
+    assert "| adamw | 0.001: 2.0e-08, 0.002: 3.0e-10 | 0.002 (at the grid's edge) |" in tables(
+        {"selection": solved, "cells": [alive]}
+    )
 
 
 def test_the_figures_draw_a_switched_off_path_apart(tmp_path, monkeypatch) -> None:

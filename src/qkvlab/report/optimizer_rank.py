@@ -28,7 +28,10 @@ def _selection_table(selection: dict[str, Any]) -> list[str]:
         "|---|---|---|",
     ]
     for rule, s in selection.items():
-        losses = ", ".join(f"{lr}: {loss:.4f}" for lr, loss in s["losses"].items())
+        # A task solved at every lr (associative recall) has losses of 1e-8: shown, not rounded to 0.0000.
+        losses = ", ".join(
+            f"{lr}: {loss:.4f}" if loss >= 1e-3 else f"{lr}: {loss:.1e}" for lr, loss in s["losses"].items()
+        )
         edge = " (at the grid's edge)" if s["at_edge"] else ""
         lines.append(f"| {rule} | {losses} | {s['chosen']:g}{edge} |")
     return lines
