@@ -50,6 +50,7 @@ bench: $(STAMP)
 	$(PY) benchmarks/bench_spectra.py
 	$(PY) benchmarks/bench_inspect_vs_weightwatcher.py
 	$(PY) benchmarks/bench_streaming.py
+	$(PY) benchmarks/bench_muon.py
 
 clean:
 	rm -rf $(VENV) runs build dist src/*.egg-info

@@ -62,6 +62,28 @@ def test_per_head_orthogonalisation_orthogonalises_each_head(head_axis) -> None:
         torch.testing.assert_close(applied, -0.1 * factor * piece.float(), rtol=1e-6, atol=1e-6)
 
 
+@pytest.mark.parametrize("head_axis", [0, 1])
+@pytest.mark.parametrize("dtype", ["bfloat16", "float32"])
+def test_all_heads_in_one_batched_iteration_equal_each_head_alone(head_axis, dtype) -> None:
+    """orthogonalize runs every head's Newton–Schulz at once (a 3-D stack); each piece is what the 2-D
+    iteration gives that head's slice alone: torch's own function in bfloat16 (to bfloat16's rounding:
+    a batched GEMM may sum in another order), ours in float32 (to float32's)."""
+    from qkvlab.muon import newton_schulz
+
+    heads, d_head, d = 4, 16, 64
+    shape = (heads * d_head, d) if head_axis == 0 else (d, heads * d_head)
+    grad = torch.randn(shape, generator=torch.Generator().manual_seed(6))
+    grad = grad * torch.tensor([1.0, 0.1, 0.01, 3.0]).repeat_interleave(d_head).unsqueeze(1 - head_axis)
+    pieces = orthogonalize(grad, heads, head_axis, dtype=dtype)
+    tol = {"bfloat16": {"rtol": 0.02, "atol": 0.008}, "float32": {"rtol": 1e-5, "atol": 1e-6}}[dtype]
+    for (ortho, piece_shape), alone in zip(pieces, grad.chunk(heads, dim=head_axis), strict=True):
+        assert piece_shape == alone.shape and ortho.shape == alone.shape
+        assert ortho.dtype == getattr(torch, dtype)
+        torch.testing.assert_close(ortho.float(), newton_schulz(alone, dtype=dtype).float(), **tol)
+    with pytest.raises(ValueError, match="a matrix or a stack of matrices"):
+        newton_schulz(torch.zeros(2, 2, 2, 2))
+
+
 @pytest.mark.parametrize("shape", [(32, 128), (128, 32), (64, 64)])
 def test_float32_newton_schulz_is_torchs_iteration_in_other_arithmetic(shape) -> None:
     """newton_schulz(dtype="float32") is torch's quintic iteration (same coefficients, steps, scaling,
