@@ -139,8 +139,11 @@ GEMM rate, {rate:,.0f} GFLOP/s measured on a 1024³ matmul.
 Per head, each head's d_head × d slice is orthogonalised, which costs fewer flops than the whole
 d × d matrix (by about the number of heads), but as many small GEMMs as there are heads: run one head
 at a time they are launch- and cache-bound. Batching every head of a matrix into one 3-D Newton–Schulz
-(`baddbmm`) gives {"bitwise the loop's result" if all(same) else "the loop's result to bfloat16's rounding (not bitwise)"} on this machine and keeps per-head Muon's step near the whole
-matrix's. Absolute times on this shared machine are noisy; the ratios are measured in one run.
+(`baddbmm`) gives {"bitwise the loop's result" if all(same) else "the loop's result to bfloat16's rounding (not bitwise)"} on this machine and makes per-head Muon's step cheaper than the
+whole matrix's, as its flops say it should be. On a GPU, where one launch per head costs more, the
+batching should matter more; not measured here (the H200 runs of `repro optimizer-rank`, made with
+the loop, took 1.3× whole-matrix Muon's wall time). Absolute times on this shared machine are noisy;
+the ratios are measured in one run.
 """
     write_section("muon", body)
 
