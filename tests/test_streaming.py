@@ -76,4 +76,9 @@ def test_bf16_checkpoint(tmp_path) -> None:
     model.save_pretrained(tmp_path)
     config = json.loads((tmp_path / "config.json").read_text())
     assert config["model_type"] == "qwen2"
-    _same_report(qkvlab.inspect(tmp_path), qkvlab.inspect(model))
+    # bfloat16 weights at the default rtol 1e-3 < 10·eps: inspect warns that rank counts rounding noise.
+    with pytest.warns(UserWarning, match="counts rounding noise"):
+        from_disk = qkvlab.inspect(tmp_path)
+    with pytest.warns(UserWarning, match="counts rounding noise"):
+        in_memory = qkvlab.inspect(model)
+    _same_report(from_disk, in_memory)
