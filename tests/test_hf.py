@@ -157,3 +157,93 @@ def test_create_optimizer_keeps_a_preset_decay_under_an_lr_override(tmp_path) ->
     assert v and all(g["weight_decay"] == 0.0 and g["lr"] == pytest.approx(4e-3) for g in v)
     mlp = [g for g in optimizer.param_groups if g["role"] == "mlp" and g["params"][0].ndim == 2]
     assert mlp[0]["weight_decay"] == 0.1
+
+
+class _Tokens(torch.utils.data.Dataset):
+    def __init__(self, n: int = 48) -> None:
+        self.ids = torch.randint(0, 64, (n, 16), generator=torch.Generator().manual_seed(1))
+
+    def __len__(self) -> int:
+        return len(self.ids)
+
+    def __getitem__(self, i: int) -> dict[str, torch.Tensor]:
+        return {"input_ids": self.ids[i], "labels": self.ids[i]}
+
+
+def _llama() -> tf.PreTrainedModel:
+    """A tiny Llama with grouped-query attention: 4 query heads, 2 key/value heads of 16."""
+    torch.manual_seed(0)
+    config = tf.LlamaConfig(
+        vocab_size=64, hidden_size=64, num_attention_heads=4, num_key_value_heads=2,
+        num_hidden_layers=2, intermediate_size=96,
+    )  # fmt: skip
+    return tf.LlamaForCausalLM(config)
+
+
+def _muon_args(tmp_path, **kwargs) -> tf.TrainingArguments:
+    return tf.TrainingArguments(
+        output_dir=str(tmp_path), learning_rate=3e-3, weight_decay=0.1, per_device_train_batch_size=8,
+        logging_steps=100, report_to=[], use_cpu=True, disable_tqdm=True, seed=0, **kwargs,
+    )  # fmt: skip
+
+
+def test_muon_for_the_trainer_groups_heads_and_resumes_identically(tmp_path) -> None:
+    """create_muon_optimizer: Muon on the hidden matrices (per head where asked, with the model's own
+    head counts under GQA), AdamW on the rest; the Trainer trains with it, and a run resumed from its
+    checkpoint ends on the same weights as one that was not stopped."""
+    from qkvlab.hf import create_muon_optimizer
+
+    model = _llama()
+    optimizer = create_muon_optimizer(model, _muon_args(tmp_path), per_head="q,k,v,o")
+    tags = {g["role"]: (g["algorithm"], g["heads"], g["head_axis"]) for g in optimizer.param_groups}
+    assert tags["q"] == ("muon", 4, 0) and tags["o"] == ("muon", 4, 1)
+    assert tags["k"] == ("muon", 2, 0) and tags["v"] == ("muon", 2, 0)  # key/value heads, not query heads
+    assert tags["mlp"] == ("muon", None, 0)  # whole matrices
+    assert {tags[r][0] for r in ("embed", "norm", "head")} == {"adamw"}
+    assert all(g["weight_decay"] == (0.1 if g["role"] != "norm" else 0.0) for g in optimizer.param_groups)
+
+    def run(out, max_steps, resume=False) -> dict[str, torch.Tensor]:
+        model = _llama()
+        args = _muon_args(out, max_steps=6, save_steps=3, save_strategy="steps")
+        optimizer = create_muon_optimizer(model, args, per_head="q,k,v,o")
+        trainer = tf.Trainer(model=model, args=args, train_dataset=_Tokens(), optimizers=(optimizer, None))
+        if max_steps < 6:  # stop after the checkpoint at step 3, as a crash would
+            trainer.add_callback(_StopAt(max_steps))
+        trainer.train(resume_from_checkpoint=resume or None)
+        return {k: v.detach().clone() for k, v in model.state_dict().items()}
+
+    straight = run(tmp_path / "straight", 6)
+    first = _llama().state_dict()
+    assert any(not torch.equal(straight[k], first[k]) for k in straight)  # it trained
+    run(tmp_path / "stopped", 3)
+    resumed = run(tmp_path / "stopped", 6, resume=True)
+    for key, value in straight.items():
+        assert torch.equal(value, resumed[key]), key
+
+
+class _StopAt(tf.TrainerCallback):
+    def __init__(self, step: int) -> None:
+        self.step = step
+
+    def on_step_end(self, args, state, control, **kwargs):  # type: ignore[no-untyped-def]
+        control.should_training_stop = state.global_step >= self.step
+        return control
+
+
+def test_muon_for_the_trainer_refuses_what_it_cannot_split(tmp_path) -> None:
+    from qkvlab.errors import UserError
+    from qkvlab.hf import create_muon_optimizer
+
+    args = _muon_args(tmp_path)
+    with pytest.raises(UserError, match="accepted: a subset of q, k, v, o"):
+        create_muon_optimizer(_llama(), args, per_head="q,x")
+    with pytest.raises(UserError, match="adjust_lr"):
+        create_muon_optimizer(_llama(), args, adjust_lr="rms")
+    gpt2 = tf.GPT2LMHeadModel(tf.GPT2Config(vocab_size=64, n_embd=32, n_head=4, n_layer=1, n_positions=16))
+    with pytest.raises(UserError, match="Conv1D"):  # W_O is (in, out) there: its heads are rows, not columns
+        create_muon_optimizer(gpt2, args, per_head="o")
+    with pytest.raises(UserError, match="fused qkv"):  # GPT-2 has no separate q projection
+        create_muon_optimizer(gpt2, args, per_head="q")
+    whole = create_muon_optimizer(gpt2, args)  # whole matrices are fine, Conv1D or not
+    qkv = {(g["algorithm"], g["params"][0].ndim) for g in whole.param_groups if g["role"] == "qkv"}
+    assert qkv == {("muon", 2), ("adamw", 1)}  # the fused weight by Muon, its bias by AdamW

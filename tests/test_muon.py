@@ -170,3 +170,27 @@ def test_muon_with_adamw_is_torch_muon_and_torch_adamw_in_one_optimiser() -> Non
     assert scheduler.get_last_lr() == [0.005, 0.005]
     with pytest.raises(ValueError, match="2-D matrices only"):
         MuonWithAdamW([{"params": [torch.nn.Parameter(torch.zeros(3))], "algorithm": "muon"}])
+
+
+def test_tag_groups_puts_matrices_on_muon_and_refuses_a_head_split_it_cannot_make() -> None:
+    from qkvlab.muon import tag_groups
+
+    def group(role: str, *shapes: tuple[int, ...], names: tuple[str, ...] = ()) -> dict:
+        params = [torch.nn.Parameter(torch.zeros(s)) for s in shapes]
+        return {"role": role, "params": params, "param_names": list(names) or [f"{role}.{i}" for i in range(len(params))]}  # fmt: skip
+
+    groups = [group("q", (32, 16)), group("o", (16, 32)), group("q", (32,)), group("embed", (50, 16)),
+              group("v", (8, 32), names=("layers.0.v_proj.lora_A.default.weight",)), group("mlp", (64, 16))]  # fmt: skip
+    tag_groups(groups, per_head="q,o", heads={"q": 4, "o": 4})
+    assert [g["algorithm"] for g in groups] == ["muon", "muon", "adamw", "adamw", "adamw", "muon"]
+    assert (groups[0]["heads"], groups[0]["head_axis"], groups[1]["heads"], groups[1]["head_axis"]) == (
+        4,
+        0,
+        4,
+        1,
+    )
+    assert "heads" not in groups[5]  # mlp: whole matrices
+    with pytest.raises(ValueError, match="does not split into 3 heads along dim 0"):
+        tag_groups([group("q", (32, 16))], per_head="q", heads={"q": 3})
+    with pytest.raises(ValueError, match="per-head Muon for k: no trainable 2-D matrix"):
+        tag_groups([group("q", (32, 16))], per_head="q,k", heads={"q": 4, "k": 4})

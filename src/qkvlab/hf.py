@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import json
 import weakref
+from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
@@ -26,7 +27,13 @@ from qkvlab.inspection import inspect, summary_metrics
 from qkvlab.optim import optimizer_settings, param_groups
 from qkvlab.spectra import DEFAULT_RTOL
 
-__all__ = ["RankGuardCallback", "SpectraCallback", "create_optimizer", "summary_metrics"]
+__all__ = [
+    "RankGuardCallback",
+    "SpectraCallback",
+    "create_muon_optimizer",
+    "create_optimizer",
+    "summary_metrics",
+]
 
 
 def create_optimizer(
@@ -60,6 +67,86 @@ def create_optimizer(
     optimizer_cls, optimizer_kwargs = Trainer.get_optimizer_cls_and_kwargs(args, model)
     optimizer_kwargs = {k: v for k, v in optimizer_kwargs.items() if k not in ("lr", "weight_decay")}
     return optimizer_cls(groups, lr=args.learning_rate, **optimizer_kwargs)
+
+
+def create_muon_optimizer(
+    model: nn.Module,
+    args: TrainingArguments,
+    *,
+    per_head: Iterable[str] | str = (),
+    adjust_lr: str | None = "match_rms_adamw",
+    momentum: float = 0.95,
+    ns_dtype: str = "bfloat16",
+    preset: str | None = None,
+    preset_args: dict[str, float] | None = None,
+    **settings: Any,
+) -> torch.optim.Optimizer:
+    """Muon for the 2-D attention and MLP matrices and AdamW for the rest, over qkvlab parameter groups.
+
+    The optimiser ``qkvlab train optimizer=muon`` uses (:class:`qkvlab.muon.MuonWithAdamW`), for the HF
+    Trainer: one optimiser, so the Trainer's one scheduler drives both parts and its checkpoint holds
+    both states. Groups, presets and overrides are :func:`create_optimizer`'s; every group's weight decay
+    is its own, decoupled (torch's Muon would default to 0.1). LoRA factors, embeddings, norms, biases
+    and the task head get AdamW with ``args``' betas and epsilon.
+
+    Args:
+        per_head: roles among q, k, v, o (a set or ``"q,k,v,o"``) orthogonalised per head: each head's
+            rows of W_Q, W_K, W_V and columns of W_O (nn.Linear layout), head counts read from the
+            model (key/value heads under grouped-query attention). Empty: whole matrices.
+        adjust_lr: torch's ``adjust_lr_fn``. The default, ``"match_rms_adamw"``, scales Muon's update to
+            AdamW's RMS, so the Trainer's one ``learning_rate`` serves both parts; ``"original"`` or None
+            is torch's default (Keller Jordan's scaling).
+        momentum: Muon's momentum (Nesterov).
+        ns_dtype: the Newton–Schulz arithmetic, ``"bfloat16"`` (torch's) or ``"float32"``.
+    """
+    from qkvlab.muon import MuonWithAdamW, tag_groups
+
+    if settings.get("regularization", "decoupled") != "decoupled":
+        raise UserError(
+            "create_muon_optimizer decays each group decoupled; accepted: regularization='decoupled'"
+        )
+    roles = (
+        {r.strip() for r in per_head.split(",") if r.strip()} if isinstance(per_head, str) else set(per_head)
+    )
+    if roles - {"q", "k", "v", "o"}:
+        raise UserError(f"per_head={','.join(sorted(roles))}: accepted: a subset of q, k, v, o")
+    if adjust_lr not in (None, "original", "match_rms_adamw"):
+        raise UserError(f"adjust_lr {adjust_lr!r}; accepted: match_rms_adamw, original, None")
+    if ns_dtype not in ("bfloat16", "float32"):
+        raise UserError(f"ns_dtype {ns_dtype!r}; accepted: bfloat16, float32")
+    options = optimizer_settings(preset, preset_args=preset_args, **settings)
+    groups = param_groups(model, lr=args.learning_rate, weight_decay=args.weight_decay, **options)
+    heads: dict[str, int] = {}
+    if roles:
+        from qkvlab.attention.extract import AttentionFactors
+        from qkvlab.attention.sources import load_source
+
+        info = AttentionFactors(load_source(model)).info
+        heads = {"q": info.n_heads, "o": info.n_heads, "k": info.n_kv_heads, "v": info.n_kv_heads}
+    if roles:  # Conv1D (GPT-2) stores (in, out): its head axis is not nn.Linear's, and square shapes hide it
+        from transformers.pytorch_utils import Conv1D
+
+        conv = {id(m.weight): name for name, m in model.named_modules() if isinstance(m, Conv1D)}
+        for group in groups:
+            for p in group["params"] if group["role"] in roles else ():
+                if id(p) in conv:
+                    raise UserError(
+                        f"per-head Muon expects nn.Linear's (out, in) layout; {conv[id(p)]} is a Conv1D "
+                        "(in, out); accepted: per_head=() (whole matrices) for this model"
+                    )
+    try:
+        tag_groups(groups, roles, heads)
+    except ValueError as error:
+        raise UserError(str(error)) from None
+    return MuonWithAdamW(
+        groups,
+        lr=args.learning_rate,
+        betas=(args.adam_beta1, args.adam_beta2),
+        eps=args.adam_epsilon,
+        momentum=momentum,
+        adjust_lr_fn=adjust_lr,
+        ns_dtype=ns_dtype,
+    )
 
 
 _LAST_INSPECT: weakref.WeakKeyDictionary[nn.Module, tuple[Any, tuple[int, float], Any]] = (

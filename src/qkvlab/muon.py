@@ -20,7 +20,16 @@ import torch
 from torch import Tensor
 from torch.optim._muon import DEFAULT_A, DEFAULT_B, DEFAULT_C, _adjust_lr, _zeropower_via_newtonschulz
 
-__all__ = ["NS_DTYPES", "HeadwiseMuon", "MuonWithAdamW", "muon_update", "newton_schulz", "orthogonalize"]
+__all__ = [
+    "MUON_ROLES",
+    "NS_DTYPES",
+    "HeadwiseMuon",
+    "MuonWithAdamW",
+    "muon_update",
+    "newton_schulz",
+    "orthogonalize",
+    "tag_groups",
+]
 
 
 NS_DTYPES = ("bfloat16", "float32")
@@ -107,6 +116,56 @@ def muon_update(p: Tensor, state: dict[str, Any], group: dict[str, Any]) -> None
     slices = [p] if len(pieces) == 1 else p.chunk(len(pieces), dim=group["head_axis"])
     for target, (ortho, shape) in zip(slices, pieces, strict=True):
         target.add_(ortho, alpha=-_adjust_lr(lr, group["adjust_lr_fn"], shape))
+
+
+#: Roles whose 2-D weights Muon updates; everything else (embeddings, head, norms, biases) gets AdamW.
+MUON_ROLES = ("q", "k", "v", "o", "qkv", "mlp")
+
+
+def tag_groups(
+    groups: list[dict[str, Any]], per_head: Iterable[str] | str = (), heads: dict[str, int] | None = None
+) -> list[dict[str, Any]]:
+    """Tag qkvlab parameter groups (``qkvlab.param_groups``) in place for :class:`MuonWithAdamW`.
+
+    A group gets ``algorithm="muon"`` when its role is in :data:`MUON_ROLES` and every parameter is a
+    2-D matrix that is not a LoRA factor; every other group gets ``"adamw"``. A Muon group whose role is
+    in ``per_head`` (q, k, v, o) also gets ``heads`` (``heads[role]``: query heads for q and o, key/value
+    heads for k and v under grouped-query attention) and ``head_axis``, for nn.Linear's (out, in)
+    layout: each head's rows of W_Q, W_K, W_V (axis 0) and each head's columns of W_O (axis 1). A matrix
+    whose head axis does not split into that many heads is refused (for example GPT-2's Conv1D, which
+    stores (in, out)). Returns ``groups``.
+    """
+    per_head = (
+        {r.strip() for r in per_head.split(",") if r.strip()} if isinstance(per_head, str) else set(per_head)
+    )
+    if per_head - {"q", "k", "v", "o"}:
+        raise ValueError(f"per-head Muon roles {sorted(per_head)}; accepted: a subset of q, k, v, o")
+    for group in groups:
+        matrices = all(p.ndim == 2 for p in group["params"])
+        lora = any("lora_" in name for name in group.get("param_names", ()))
+        group["algorithm"] = "muon" if group["role"] in MUON_ROLES and matrices and not lora else "adamw"
+        if group["algorithm"] != "muon" or group["role"] not in per_head:
+            continue
+        count, axis = (heads or {}).get(group["role"]), 1 if group["role"] == "o" else 0
+        if not count:
+            raise ValueError(f"per-head Muon for {group['role']} needs its head count")
+        for name, p in zip(
+            group.get("param_names", [""] * len(group["params"])), group["params"], strict=True
+        ):
+            if p.shape[axis] % count:
+                raise ValueError(
+                    f"per-head Muon: {name or group['role']} of shape {tuple(p.shape)} does not split into "
+                    f"{count} heads along dim {axis} (nn.Linear's (out, in) layout is expected)"
+                )
+        group["heads"], group["head_axis"] = count, axis
+    missing = per_head - {g["role"] for g in groups if g.get("heads")}
+    if missing:
+        present = sorted({g["role"] for g in groups if g["algorithm"] == "muon"})
+        raise ValueError(
+            f"per-head Muon for {', '.join(sorted(missing))}: no trainable 2-D matrix has that role "
+            f"(Muon's roles here: {', '.join(present) or 'none'}; a fused qkv projection cannot be split per head)"
+        )
+    return groups
 
 
 class MuonWithAdamW(torch.optim.Optimizer):

@@ -193,22 +193,16 @@ def _guard_step(
     return logged
 
 
-#: Roles whose 2-D weights Muon updates; everything else (embeddings, head, norms, biases) gets AdamW.
-MUON_ROLES = ("q", "k", "v", "o", "qkv", "mlp")
-
-
 def _muon(config: TrainConfig, model: nn.Module, groups: list[dict]) -> torch.optim.Optimizer:
     """``optimizer=muon``: tag each per-role group in place (the spectral monitor holds these very dicts)
     with its algorithm, and per-head orthogonalisation for the roles in ``muon_per_head``."""
-    from qkvlab.muon import MuonWithAdamW
+    from qkvlab.muon import MuonWithAdamW, tag_groups
 
     heads = config.model.n_head
-    for group in groups:
-        matrices = all(p.ndim == 2 for p in group["params"])
-        group["algorithm"] = "muon" if group["role"] in MUON_ROLES and matrices else "adamw"
-        if group["algorithm"] == "muon" and group["role"] in config.muon_per_head:
-            # q, k, v: each head's d_head rows of (n_head·d_head, d); o: each head's columns of (d, n_head·d_head)
-            group["heads"], group["head_axis"] = heads, 1 if group["role"] == "o" else 0
+    try:
+        tag_groups(groups, config.muon_per_head, dict.fromkeys("qkvo", heads))
+    except ValueError as error:  # e.g. muon_per_head=q with q frozen by train_roles
+        raise UserError(f"muon_per_head: {error}") from None
     return MuonWithAdamW(
         groups,
         lr=config.lr,
