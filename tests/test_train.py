@@ -829,9 +829,13 @@ def _kill_trials(corpus: Path, tmp_path: Path, trials: int) -> None:
     )
     settings.pop("out")
     args = [f"{k}={v}" for k, v in settings.items()]
+    started = time.monotonic()
     straight = _train_cli([*args, f"out={tmp_path / 'straight'}"])
     straight.communicate(timeout=300)
     assert straight.returncode == 0
+    # Kill moments scale with how long a whole run takes on this machine (start-up included), so a fast
+    # machine does not finish a run before its first kill and a slow one still gets kills mid-run.
+    whole = time.monotonic() - started
     reference = _weights(tmp_path / "straight")
     for trial in range(trials):
         rng = random.Random(trial)
@@ -839,7 +843,7 @@ def _kill_trials(corpus: Path, tmp_path: Path, trials: int) -> None:
         kills = 0
         proc = _train_cli([*args, f"out={run}"])
         while True:
-            time.sleep(rng.uniform(0.5, 4.0))
+            time.sleep(rng.uniform(0.1, 0.9) * whole)
             if proc.poll() is None and kills < 3:
                 proc.kill()
                 kills += 1
