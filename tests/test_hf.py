@@ -247,3 +247,53 @@ def test_muon_for_the_trainer_refuses_what_it_cannot_split(tmp_path) -> None:
     whole = create_muon_optimizer(gpt2, args)  # whole matrices are fine, Conv1D or not
     qkv = {(g["algorithm"], g["params"][0].ndim) for g in whole.param_groups if g["role"] == "qkv"}
     assert qkv == {("muon", 2), ("adamw", 1)}  # the fused weight by Muon, its bias by AdamW
+
+
+class _Record(tf.TrainerCallback):
+    """(role, lr, weight_decay, base) of every group at each optimiser step, as the step used them."""
+
+    def __init__(self) -> None:
+        self.steps: list[list[tuple]] = []
+        self.optimizer = None
+
+    def on_optimizer_step(self, args, state, control, **kwargs):  # type: ignore[no-untyped-def]
+        self.steps.append(
+            [
+                (g["role"], g["lr"], g["weight_decay"], g["base_weight_decay"])
+                for g in self.optimizer.param_groups
+            ]
+        )
+
+
+@pytest.mark.parametrize("muon", [False, True])
+def test_corrected_weight_decay_in_the_trainer_follows_its_schedule(tmp_path, muon) -> None:
+    """λ_t = λ·η_t/η_max at every step for the corrected roles (η_max the schedule's peak), λ for the rest,
+    under the Trainer's own warm-up + cosine schedule, for AdamW and for Muon."""
+    from qkvlab.hf import create_muon_optimizer
+
+    args = _muon_args(tmp_path, max_steps=6, warmup_steps=2, lr_scheduler_type="cosine", save_strategy="no")
+    model = _llama()
+    make = create_muon_optimizer if muon else create_optimizer
+    optimizer = make(model, args, corrected_weight_decay="q,k")
+    record = _Record()
+    record.optimizer = optimizer
+    trainer = tf.Trainer(model=model, args=args, train_dataset=_Tokens(), optimizers=(optimizer, None))
+    trainer.add_callback(record)
+    trainer.train()
+    assert len(record.steps) == 6
+    lrs = {round(lr / 3e-3, 6) for step in record.steps for role, lr, _, _ in step if role == "q"}
+    assert len(lrs) >= 5 and max(lrs) == 1.0  # the schedule moved η, and its peak is η_max
+    for step in record.steps:
+        for role, lr, decay, base in step:
+            want = base * lr / 3e-3 if role in ("q", "k") else base
+            assert decay == pytest.approx(want, rel=1e-12, abs=1e-15), (role, lr, decay, base)
+    assert any(base == 0.1 for step in record.steps for role, _, _, base in step if role == "q")
+
+
+def test_corrected_weight_decay_in_the_trainer_refuses_coupled_optimisers_and_unknown_roles(tmp_path) -> None:
+    from qkvlab.errors import UserError
+
+    with pytest.raises(UserError, match="needs decoupled decay"):
+        create_optimizer(_llama(), _muon_args(tmp_path, optim="sgd"), corrected_weight_decay="q")
+    with pytest.raises(UserError, match="no trainable group has role x"):
+        create_optimizer(_llama(), _muon_args(tmp_path), corrected_weight_decay="q,x")

@@ -42,6 +42,7 @@ def create_optimizer(
     *,
     preset: str | None = None,
     preset_args: dict[str, float] | None = None,
+    corrected_weight_decay: Iterable[str] | str = (),
     **settings: Any,
 ) -> torch.optim.Optimizer:
     """An optimiser of the class ``args.optim`` names, over qkvlab parameter groups.
@@ -51,6 +52,9 @@ def create_optimizer(
         args: its ``TrainingArguments``: ``learning_rate`` and ``weight_decay`` are the base
             values of every group; betas/eps/fused come from ``args.optim``.
         preset: a named preset (``qkvlab.optim.PRESETS``), with ``preset_args``.
+        corrected_weight_decay: roles (``"q,k,v,o"``, or ``"all"``) whose decay follows the schedule,
+            λ_t = λ · η_t/η_max, so a step decays by λ·η_t²/η_max, as ``qkvlab train
+            corrected_weight_decay=`` (an AdamW-type ``args.optim`` only: decoupled decay).
         **settings: ``overrides``, ``train``, ``lora_ratio``, ``regularization`` as in
             ``qkvlab.param_groups``; they update the preset's settings.
 
@@ -66,7 +70,46 @@ def create_optimizer(
     groups = param_groups(model, lr=args.learning_rate, weight_decay=args.weight_decay, **options)
     optimizer_cls, optimizer_kwargs = Trainer.get_optimizer_cls_and_kwargs(args, model)
     optimizer_kwargs = {k: v for k, v in optimizer_kwargs.items() if k not in ("lr", "weight_decay")}
-    return optimizer_cls(groups, lr=args.learning_rate, **optimizer_kwargs)
+    if corrected_weight_decay and "adamw" not in optimizer_cls.__name__.lower():
+        raise UserError(
+            f"corrected_weight_decay needs decoupled decay; args.optim={args.optim} builds {optimizer_cls.__name__}; "
+            "accepted: an AdamW optimiser (adamw_torch, adamw_torch_fused, ...) or create_muon_optimizer"
+        )
+    return _with_corrected_decay(
+        optimizer_cls(groups, lr=args.learning_rate, **optimizer_kwargs), corrected_weight_decay
+    )
+
+
+def _with_corrected_decay(
+    optimizer: torch.optim.Optimizer, roles: Iterable[str] | str
+) -> torch.optim.Optimizer:
+    """Corrected weight decay for the Trainer: the groups of ``roles`` keep their λ as ``base_weight_decay``
+    and, before every step, decay with λ · η_t/η_max (η_max the group's ``initial_lr``, the peak of every
+    HF schedule), through the same :func:`qkvlab.guard.set_decay` ``qkvlab train`` uses. A step pre-hook,
+    so nothing else has to be installed, and a resumed Trainer recomputes it from the restored lr."""
+    from qkvlab.guard import set_decay
+
+    roles = {r.strip() for r in roles.split(",") if r.strip()} if isinstance(roles, str) else set(roles)
+    if not roles:
+        return optimizer
+    known = {g["role"] for g in optimizer.param_groups}
+    if roles - known - {"all"}:
+        raise UserError(
+            f"corrected_weight_decay={','.join(sorted(roles))}: no trainable group has role "
+            f"{', '.join(sorted(roles - known - {'all'}))}; accepted: all, or roles of this model ({', '.join(sorted(known))})"
+        )
+    for group in optimizer.param_groups:
+        group["corrected_weight_decay"] = "all" in roles or group["role"] in roles
+        group["base_weight_decay"] = group["weight_decay"]
+        group.setdefault("initial_lr", group["lr"])  # what a scheduler sets; without one η_t/η_max = 1
+
+    def decay_for_this_step(opt: torch.optim.Optimizer, args: Any, kwargs: Any) -> None:
+        for group in opt.param_groups:
+            if group.get("corrected_weight_decay"):
+                set_decay(group, group["base_weight_decay"])
+
+    optimizer.register_step_pre_hook(decay_for_this_step)
+    return optimizer
 
 
 def create_muon_optimizer(
@@ -79,6 +122,7 @@ def create_muon_optimizer(
     ns_dtype: str = "bfloat16",
     preset: str | None = None,
     preset_args: dict[str, float] | None = None,
+    corrected_weight_decay: Iterable[str] | str = (),
     **settings: Any,
 ) -> torch.optim.Optimizer:
     """Muon for the 2-D attention and MLP matrices and AdamW for the rest, over qkvlab parameter groups.
@@ -98,6 +142,7 @@ def create_muon_optimizer(
             is torch's default (Keller Jordan's scaling).
         momentum: Muon's momentum (Nesterov).
         ns_dtype: the Newton–Schulz arithmetic, ``"bfloat16"`` (torch's) or ``"float32"``.
+        corrected_weight_decay: roles whose decay follows the schedule, as in :func:`create_optimizer`.
     """
     from qkvlab.muon import MuonWithAdamW, tag_groups
 
@@ -138,7 +183,7 @@ def create_muon_optimizer(
         tag_groups(groups, roles, heads)
     except ValueError as error:
         raise UserError(str(error)) from None
-    return MuonWithAdamW(
+    optimizer = MuonWithAdamW(
         groups,
         lr=args.learning_rate,
         betas=(args.adam_beta1, args.adam_beta2),
@@ -147,6 +192,7 @@ def create_muon_optimizer(
         adjust_lr_fn=adjust_lr,
         ns_dtype=ns_dtype,
     )
+    return _with_corrected_decay(optimizer, corrected_weight_decay)
 
 
 _LAST_INSPECT: weakref.WeakKeyDictionary[nn.Module, tuple[Any, tuple[int, float], Any]] = (
