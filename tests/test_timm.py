@@ -1,7 +1,10 @@
 """timm's VisionTransformer, where timm is installed.
 
-timm needs torchvision, which does not install beside the pinned CPU torch of `make test`, so
-this module runs where timm exists (the GPU machine's image has it) and is skipped elsewhere.
+timm needs torchvision, and the registry's torchvision is built against CUDA torch: beside the
+pinned CPU torch of `make test` it installs but does not load (torchvision 0.28.0 with torch
+2.13.0+cpu: "operator torchvision::nms does not exist", checked 2026-12-06), and no CPU build of it is
+on the package registries this project may use. So this module runs where timm exists (the GPU
+machine's image has it) and is skipped elsewhere.
 The in-tree test ``test_timm_style_fused_qkv_follows_its_reshape_convention`` covers timm's
 layout without timm.
 """
