@@ -111,6 +111,23 @@ def _base(group: Mapping[str, Any]) -> float:
     return float(group.get("base_weight_decay", group["weight_decay"]))
 
 
+def mark_corrected(groups: Iterable[dict[str, Any]], roles: Iterable[str]) -> None:
+    """Corrected weight decay for the groups of ``roles`` (or every group with ``"all"``): each keeps its λ
+    as ``base_weight_decay``, and :func:`schedule_weight_decay` forms λ · η_t/η_max from it each step."""
+    roles = set(roles)
+    for group in groups:
+        group["corrected_weight_decay"] = "all" in roles or group["role"] in roles
+        group["base_weight_decay"] = group["weight_decay"]
+
+
+def schedule_weight_decay(groups: Iterable[dict[str, Any]]) -> None:
+    """Corrected weight decay at this step: λ_t = λ · η_t / η_max for the groups that ask for it, where
+    η_t / η_max is the schedule's factor (the LR scheduler's lr over the group's initial_lr, its peak)."""
+    for group in groups:
+        if group.get("corrected_weight_decay"):
+            set_decay(group, group["base_weight_decay"])
+
+
 def set_decay(group: dict[str, Any], lam: float) -> None:
     """The group's decay is λ; with corrected decay, λ · η_t/η_max at the current step."""
     group["base_weight_decay"] = lam

@@ -24,7 +24,7 @@ from transformers import Trainer, TrainerCallback, TrainingArguments
 
 from qkvlab.errors import UserError
 from qkvlab.inspection import inspect, summary_metrics
-from qkvlab.optim import optimizer_settings, param_groups
+from qkvlab.optim import optimizer_settings, param_groups, role_set
 from qkvlab.spectra import DEFAULT_RTOL
 
 __all__ = [
@@ -87,9 +87,9 @@ def _with_corrected_decay(
     and, before every step, decay with λ · η_t/η_max (η_max the group's ``initial_lr``, the peak of every
     HF schedule), through the same :func:`qkvlab.guard.set_decay` ``qkvlab train`` uses. A step pre-hook,
     so nothing else has to be installed, and a resumed Trainer recomputes it from the restored lr."""
-    from qkvlab.guard import set_decay
+    from qkvlab.guard import mark_corrected, schedule_weight_decay
 
-    roles = {r.strip() for r in roles.split(",") if r.strip()} if isinstance(roles, str) else set(roles)
+    roles = role_set(roles)
     if not roles:
         return optimizer
     known = {g["role"] for g in optimizer.param_groups}
@@ -98,17 +98,10 @@ def _with_corrected_decay(
             f"corrected_weight_decay={','.join(sorted(roles))}: no trainable group has role "
             f"{', '.join(sorted(roles - known - {'all'}))}; accepted: all, or roles of this model ({', '.join(sorted(known))})"
         )
+    mark_corrected(optimizer.param_groups, roles)
     for group in optimizer.param_groups:
-        group["corrected_weight_decay"] = "all" in roles or group["role"] in roles
-        group["base_weight_decay"] = group["weight_decay"]
         group.setdefault("initial_lr", group["lr"])  # what a scheduler sets; without one η_t/η_max = 1
-
-    def decay_for_this_step(opt: torch.optim.Optimizer, args: Any, kwargs: Any) -> None:
-        for group in opt.param_groups:
-            if group.get("corrected_weight_decay"):
-                set_decay(group, group["base_weight_decay"])
-
-    optimizer.register_step_pre_hook(decay_for_this_step)
+    optimizer.register_step_pre_hook(lambda opt, args, kwargs: schedule_weight_decay(opt.param_groups))
     return optimizer
 
 
@@ -150,27 +143,19 @@ def create_muon_optimizer(
         raise UserError(
             "create_muon_optimizer decays each group decoupled; accepted: regularization='decoupled'"
         )
-    roles = (
-        {r.strip() for r in per_head.split(",") if r.strip()} if isinstance(per_head, str) else set(per_head)
-    )
-    if roles - {"q", "k", "v", "o"}:
-        raise UserError(f"per_head={','.join(sorted(roles))}: accepted: a subset of q, k, v, o")
-    if adjust_lr not in (None, "original", "match_rms_adamw"):
-        raise UserError(f"adjust_lr {adjust_lr!r}; accepted: match_rms_adamw, original, None")
-    if ns_dtype not in ("bfloat16", "float32"):
-        raise UserError(f"ns_dtype {ns_dtype!r}; accepted: bfloat16, float32")
+    roles = role_set(per_head)
     options = optimizer_settings(preset, preset_args=preset_args, **settings)
     groups = param_groups(model, lr=args.learning_rate, weight_decay=args.weight_decay, **options)
     heads: dict[str, int] = {}
     if roles:
+        from transformers.pytorch_utils import Conv1D
+
         from qkvlab.attention.extract import AttentionFactors
         from qkvlab.attention.sources import load_source
 
         info = AttentionFactors(load_source(model)).info
         heads = {"q": info.n_heads, "o": info.n_heads, "k": info.n_kv_heads, "v": info.n_kv_heads}
-    if roles:  # Conv1D (GPT-2) stores (in, out): its head axis is not nn.Linear's, and square shapes hide it
-        from transformers.pytorch_utils import Conv1D
-
+        # Conv1D (GPT-2) stores (in, out): its head axis is not nn.Linear's, and square shapes hide it
         conv = {id(m.weight): name for name, m in model.named_modules() if isinstance(m, Conv1D)}
         for group in groups:
             for p in group["params"] if group["role"] in roles else ():
@@ -179,19 +164,18 @@ def create_muon_optimizer(
                         f"per-head Muon expects nn.Linear's (out, in) layout; {conv[id(p)]} is a Conv1D "
                         "(in, out); accepted: per_head=() (whole matrices) for this model"
                     )
-    try:
-        tag_groups(groups, roles, heads)
+    try:  # per_head's roles, adjust_lr and ns_dtype are checked where they are used, said in one line
+        optimizer = MuonWithAdamW(
+            tag_groups(groups, roles, heads),
+            lr=args.learning_rate,
+            betas=(args.adam_beta1, args.adam_beta2),
+            eps=args.adam_epsilon,
+            momentum=momentum,
+            adjust_lr_fn=adjust_lr,
+            ns_dtype=ns_dtype,
+        )
     except ValueError as error:
         raise UserError(str(error)) from None
-    optimizer = MuonWithAdamW(
-        groups,
-        lr=args.learning_rate,
-        betas=(args.adam_beta1, args.adam_beta2),
-        eps=args.adam_epsilon,
-        momentum=momentum,
-        adjust_lr_fn=adjust_lr,
-        ns_dtype=ns_dtype,
-    )
     return _with_corrected_decay(optimizer, corrected_weight_decay)
 
 

@@ -20,6 +20,8 @@ import torch
 from torch import Tensor
 from torch.optim._muon import DEFAULT_A, DEFAULT_B, DEFAULT_C, _adjust_lr, _zeropower_via_newtonschulz
 
+from qkvlab.optim import lora_part, role_set
+
 __all__ = [
     "MUON_ROLES",
     "NS_DTYPES",
@@ -135,14 +137,12 @@ def tag_groups(
     whose head axis does not split into that many heads is refused (for example GPT-2's Conv1D, which
     stores (in, out)). Returns ``groups``.
     """
-    per_head = (
-        {r.strip() for r in per_head.split(",") if r.strip()} if isinstance(per_head, str) else set(per_head)
-    )
+    per_head = role_set(per_head)
     if per_head - {"q", "k", "v", "o"}:
         raise ValueError(f"per-head Muon roles {sorted(per_head)}; accepted: a subset of q, k, v, o")
     for group in groups:
         matrices = all(p.ndim == 2 for p in group["params"])
-        lora = any("lora_" in name for name in group.get("param_names", ()))
+        lora = any(lora_part(name) for name in group.get("param_names", ()))
         group["algorithm"] = "muon" if group["role"] in MUON_ROLES and matrices and not lora else "adamw"
         if group["algorithm"] != "muon" or group["role"] not in per_head:
             continue

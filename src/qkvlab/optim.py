@@ -94,7 +94,12 @@ def _canonical(name: str) -> str:
     return _LORA.sub(lambda m: ".bias" if m.group(2) == "bias" else ".weight", name)
 
 
-def _lora_part(name: str) -> str | None:
+def role_set(roles: Iterable[str] | str) -> set[str]:
+    """Roles given as ``"q,k,v,o"`` or as an iterable of names, as a set (blanks dropped)."""
+    return {r.strip() for r in (roles.split(",") if isinstance(roles, str) else roles)} - {""}
+
+
+def lora_part(name: str) -> str | None:
     match = _LORA.search(name)
     if not match:
         return None
@@ -249,14 +254,14 @@ def param_groups(
         raise UserError(f"regularization must be 'decoupled' or 'l2', got {regularization!r}")
     settings = _normalise_overrides(overrides)
     train_roles, _ = _train_set(train)
-    split = {r.strip() for r in (per_layer.split(",") if isinstance(per_layer, str) else per_layer)} - {""}
+    split = role_set(per_layer)
     if split - {"q", "k", "v", "o"}:
         raise UserError(f"per_layer {sorted(split)}; accepted: a subset of q, k, v, o")
     role_of = roles(model)
     fused_names = [n for n, r in role_of.items() if r == "qkv"]
     _resolve_fused(set(role_of.values()), settings, train_roles, fused_names)
 
-    peft_model = any(_lora_part(n) or _is_frozen_base(n) or ".modules_to_save." in n for n in role_of)
+    peft_model = any(lora_part(n) or _is_frozen_base(n) or ".modules_to_save." in n for n in role_of)
     present = set(role_of.values())
     asked = set(settings) | (set(train_roles) - {"head"} if train_roles is not None else set())
     missing = sorted(
@@ -283,7 +288,7 @@ def param_groups(
         if not param.requires_grad:
             continue
         decay = _decays(name, param, role)
-        is_b = _lora_part(name) == "B" and lora_ratio is not None
+        is_b = lora_part(name) == "B" and lora_ratio is not None
         layer = layer_of(name) if role in split else None
         if role in split and layer is None:
             raise UserError(f"per_layer: {name} has no layer number in its name")

@@ -40,7 +40,7 @@ from torch import nn
 
 from qkvlab.config import TrainConfig, check_resume, dump_config, saved_config
 from qkvlab.errors import TrainingInterrupted, TrainingStopped, UserError
-from qkvlab.guard import set_decay
+from qkvlab.guard import mark_corrected, schedule_weight_decay
 from qkvlab.inspection import inspect, summary_metrics
 from qkvlab.models import build_model
 from qkvlab.optim import l2_penalty, optimizer_settings, param_groups
@@ -100,14 +100,6 @@ def _device(config: TrainConfig, ddp: _Dist) -> torch.device:
     return torch.device("cpu")
 
 
-def _schedule_weight_decay(optimizer: torch.optim.Optimizer) -> None:
-    """Corrected weight decay: λ_t = λ · η_t / η_max for the groups that ask for it, where η_t / η_max is
-    the schedule's factor (the LR scheduler's lr over the group's initial_lr, its peak)."""
-    for group in optimizer.param_groups:  # set_decay: the one place λ_t is formed from a group's base decay
-        if group.get("corrected_weight_decay"):
-            set_decay(group, group["base_weight_decay"])
-
-
 def _lr_lambda(config: TrainConfig):
     warmup, total, floor = config.warmup_steps, config.max_steps, config.min_lr_ratio
 
@@ -162,10 +154,7 @@ def _optimizer(config: TrainConfig, model: nn.Module) -> tuple[torch.optim.Optim
         per_layer="q,k,v,o" if guard is not None else (),
         **settings,
     )
-    corrected = set(config.corrected_weight_decay)
-    for group in groups:  # corrected weight decay: the decay each step is base · η_t / η_max
-        group["corrected_weight_decay"] = "all" in corrected or group["role"] in corrected
-        group["base_weight_decay"] = group["weight_decay"]
+    mark_corrected(groups, config.corrected_weight_decay)  # the decay each step is base · η_t / η_max
     if guard is not None:
         guard.start(groups)  # the configured attention decay, clipped into [λ_min, λ_max]
     if config.optimizer == "adamw":
@@ -633,7 +622,7 @@ def _train(config: TrainConfig, resume: Path | None, run_dir: Path) -> TrainResu
     model = build_model(model_cfg).to(device)
     optimizer, groups = _optimizer(config, model)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, _lr_lambda(config))
-    _schedule_weight_decay(optimizer)
+    schedule_weight_decay(optimizer.param_groups)
     train_model: nn.Module = model
     if ddp.world_size > 1:
         train_model = nn.parallel.DistributedDataParallel(
@@ -738,7 +727,7 @@ def _train(config: TrainConfig, resume: Path | None, run_dir: Path) -> TrainResu
                         file=sys.stderr,
                     )
             scheduler.step()
-            _schedule_weight_decay(optimizer)
+            schedule_weight_decay(optimizer.param_groups)
             optimizer.zero_grad(set_to_none=True)
             step += 1
             window_steps += 1
