@@ -818,38 +818,83 @@ def test_disk_full_or_read_only_is_one_line(corpus, tmp_path, capsys, monkeypatc
     assert len(err) == 1 and err[0].endswith(os.strerror(code)) and "model.safetensors" in err[0]
 
 
-def _kill_trials(corpus: Path, tmp_path: Path, trials: int) -> None:
-    """SIGKILL `qkvlab train` at seeded random moments (before, during and between checkpoint writes),
-    resume until it completes, and require the weights of an uninterrupted run, bit for bit."""
-    import random
+def _last_logged_step(run: Path) -> int:
+    """The step of the last complete line of RUN/metrics.jsonl (0 before the first)."""
+    try:
+        text = (run / "metrics.jsonl").read_text()
+    except OSError:
+        return 0
+    lines = text.split("\n")[:-1]  # the part after the last newline may be half written
+    return json.loads(lines[-1])["step"] if lines else 0
+
+
+def _checkpoint_being_written(run: Path) -> bool:
+    try:
+        return any(e.name.startswith(".tmp-checkpoint-") for e in os.scandir(run))
+    except OSError:
+        return False
+
+
+def _kill_on_event(proc: subprocess.Popen, run: Path, step: int, inside_write: bool) -> str | None:
+    """SIGKILL `proc` once the run has logged `step` (and, with inside_write, once a checkpoint's
+    temporary folder exists after that step, or at the latest 6 steps on). Returns what the kill hit,
+    or None when the process ended first. Events, not wall-clock moments: a cold machine (first
+    imports, empty page cache) or a busy one only makes the wait longer, never skips the kill."""
     import time
 
+    while proc.poll() is None:
+        logged = _last_logged_step(run)
+        if logged >= step and (not inside_write or logged >= step + 6):
+            proc.kill()
+            return f"after step {logged}"
+        if inside_write and logged >= step and _checkpoint_being_written(run):
+            proc.kill()
+            return "inside a checkpoint write"
+        time.sleep(0.0005)
+    return None
+
+
+def _kill_trials(corpus: Path, tmp_path: Path, trials: int) -> None:
+    """SIGKILL `qkvlab train` at seeded events (after a logged step, or while a checkpoint's temporary
+    folder exists), resume until it completes, and require the weights of an uninterrupted run, bit
+    for bit, with every metric line once."""
+    import random
+
+    total = 120
     settings = _gpt(
-        corpus, tmp_path / "x", max_steps=120, eval_every=0, spectra_every=0, checkpoint_every=3, log_every=1
+        corpus,
+        tmp_path / "x",
+        max_steps=total,
+        eval_every=0,
+        spectra_every=0,
+        checkpoint_every=3,
+        log_every=1,
     )
     settings.pop("out")
     args = [f"{k}={v}" for k, v in settings.items()]
-    started = time.monotonic()
     straight = _train_cli([*args, f"out={tmp_path / 'straight'}"])
     straight.communicate(timeout=300)
     assert straight.returncode == 0
-    # Kill moments scale with how long a whole run takes on this machine (start-up included), so a fast
-    # machine does not finish a run before its first kill and a slow one still gets kills mid-run.
-    whole = time.monotonic() - started
     reference = _weights(tmp_path / "straight")
+    hit: list[str] = []
     for trial in range(trials):
         rng = random.Random(trial)
         run = tmp_path / f"trial{trial}"
         kills = 0
         proc = _train_cli([*args, f"out={run}"])
         while True:
-            time.sleep(rng.uniform(0.1, 0.9) * whole)
-            if proc.poll() is None and kills < 3:
-                proc.kill()
-                kills += 1
+            if kills < 3:
+                # a step strictly ahead of what the run has logged, and short of its end
+                done = _last_logged_step(run)
+                at = rng.randint(min(done + 1, total - 10), total - 10)
+                what = _kill_on_event(proc, run, at, inside_write=rng.random() < 0.5)
+                if what is not None:
+                    kills += 1
+                    hit.append(what)
             proc.communicate(timeout=300)
             if (run / "final.json").exists():
                 break
+            assert kills <= 3 and proc.returncode != 0, f"trial {trial}: ended without final.json"
             if latest_checkpoint(run) is None:  # killed before its first checkpoint: start again
                 shutil.rmtree(run, ignore_errors=True)
                 proc = _train_cli([*args, f"out={run}"])
@@ -859,7 +904,8 @@ def _kill_trials(corpus: Path, tmp_path: Path, trials: int) -> None:
         weights = _weights(run)
         assert all(torch.equal(weights[k], reference[k]) for k in reference), f"trial {trial}"
         steps = [json.loads(x)["step"] for x in (run / "metrics.jsonl").read_text().splitlines()]
-        assert steps == list(range(1, 121)), f"trial {trial}: metric lines lost or repeated"
+        assert steps == list(range(1, total + 1)), f"trial {trial}: metric lines lost or repeated"
+    print(f"kills: {len(hit)}, inside a checkpoint write: {sum(h.startswith('inside') for h in hit)}")
 
 
 def test_sigkill_at_random_moments_resumes_bit_identically(corpus, tmp_path) -> None:

@@ -1,0 +1,138 @@
+"""Paper 001's tuned study: the rate search, its edge extensions, the controls, and a tiny run."""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+import pytest
+
+from qkvlab.experiments import finetune_tuned as study
+from qkvlab.experiments.finetune_tuned import SELECTION_SEED, Cell, plan, rate
+
+
+def _finish(out: Path, cell: Cell, exponent: float, seed: int, final_val: float) -> None:
+    """A finished run as the grid layer and the worker leave it (run.json + result.json)."""
+    run = cell.run(exponent, seed)
+    folder = run.folder(out)
+    folder.mkdir(parents=True)
+    (folder / "run.json").write_text(json.dumps({"point": dict(run.point), "seed": seed}))
+    (folder / "result.json").write_text(json.dumps({"final_val": final_val}))
+
+
+def _names(runs) -> set[str]:
+    return {r.name for r in runs}
+
+
+QV2 = Cell("lora", ("q", "v"), 2.0)
+QV4 = Cell("lora", ("q", "v"), 4.0)
+GRID = {"lora": (-7, -6, -5, -4)}
+
+
+def test_an_interior_best_is_chosen_and_only_then_are_the_seeds_planned(tmp_path) -> None:
+    runs, states = plan(tmp_path, [QV2], GRID)
+    assert _names(runs) == {QV2.run(k, SELECTION_SEED).name for k in (-7, -6, -5, -4)}
+    assert states[QV2]["chosen"] is None
+    for k, score in zip((-7, -6, -5, -4), (0.6, 0.8, 0.7, 0.5), strict=True):
+        _finish(tmp_path, QV2, k, SELECTION_SEED, score)
+        runs, states = plan(tmp_path, [QV2], GRID)
+        assert (states[QV2]["chosen"] is None) == (k != -4), "chosen before every rate had run"
+    assert states[QV2] | {"scores": None} == {
+        "exponents": [-7, -6, -5, -4],
+        "scores": None,
+        "pending": [],
+        "extensions": 0,
+        "chosen": -6,
+        "at_edge": False,
+    }
+    assert {QV2.run(-6, s).name for s in (0, 1, 2)} <= _names(runs)
+    reported = [r for r in runs if r.seed != SELECTION_SEED and r.point["lr_ratio"] == 2.0]
+    assert {r.point["lr_exponent"] for r in reported} == {-6}
+    # and λ = 1 at η_V of the only λ > 1 cell here: the equal-rate control
+    control = {r.point["lr_exponent"] for r in runs if r.point["lr_ratio"] == 1.0}
+    assert list(control) == [pytest.approx(-6 + 2 * math.log10(2.0))]
+
+
+def test_a_best_rate_at_an_edge_extends_the_grid_at_most_twice(tmp_path) -> None:
+    for k, score in zip((-7, -6, -5, -4), (0.5, 0.6, 0.7, 0.8), strict=True):  # rising: best at the top
+        _finish(tmp_path, QV2, k, SELECTION_SEED, score)
+    runs, states = plan(tmp_path, [QV2], GRID)
+    assert states[QV2]["pending"] == [-3] and states[QV2]["extensions"] == 1 and states[QV2]["chosen"] is None
+    assert QV2.run(-3, SELECTION_SEED).name in _names(runs)
+    _finish(tmp_path, QV2, -3, SELECTION_SEED, 0.9)
+    _, states = plan(tmp_path, [QV2], GRID)
+    assert states[QV2]["pending"] == [-2] and states[QV2]["extensions"] == 2
+    _finish(tmp_path, QV2, -2, SELECTION_SEED, 0.95)
+    _, states = plan(tmp_path, [QV2], GRID)
+    assert states[QV2]["chosen"] == -2 and states[QV2]["at_edge"] is True and states[QV2]["extensions"] == 2
+    # the same search when the lower edge wins, and a tie goes to the smaller rate
+    low = Cell("lora", ("v",), 1.0)
+    for k in (-7, -6, -5, -4):
+        _finish(tmp_path, low, k, SELECTION_SEED, 0.7)
+    _, states = plan(tmp_path, [low], GRID)
+    assert states[low]["pending"] == [-8]
+    _finish(tmp_path, low, -8, SELECTION_SEED, 0.6)
+    _, states = plan(tmp_path, [low], GRID)
+    assert states[low]["chosen"] == -7 and states[low]["at_edge"] is False
+
+
+def test_the_equal_rate_control_runs_lambda_1_at_the_best_cells_value_rate(tmp_path) -> None:
+    for cell, best in ((QV2, 0.8), (QV4, 0.85)):
+        for k, score in zip((-7, -6, -5, -4), (0.5, best, 0.6, 0.5), strict=True):
+            _finish(tmp_path, cell, k, SELECTION_SEED, score)
+    _, states = plan(tmp_path, [QV2], GRID)
+    assert study.controls(states) and study.controls(states)[0]["from"] == QV2  # QV4 not in this plan
+    runs, states = plan(tmp_path, [QV2, QV4], GRID)
+    (control,) = study.controls(states)
+    assert control["from"] == QV4 and control["cell"] == Cell("lora", ("q", "v"), 1.0)
+    # η_V of QV λ=4 at η_QK = 1e-3 is 4e-3: the control trains Q and V both at 4e-3
+    assert rate(control["exponent"]) == pytest.approx(4e-3, rel=1e-12)
+    assert {control["cell"].run(control["exponent"], s).name for s in (0, 1, 2)} <= _names(runs)
+    assert control["cell"].run(control["exponent"], 0).name == "lora_q-v_lam1_lr0.004_seed0"
+    # one λ > 1 cell still searching: no control yet
+    (tmp_path / "runs" / QV4.run(-4, SELECTION_SEED).name / "result.json").unlink()
+    _, states = plan(tmp_path, [QV2, QV4], GRID)
+    assert study.controls(states) == []
+
+
+def test_the_design_is_the_one_in_the_docstring() -> None:
+    assert len(study.CELLS) == 20 and len(set(study.CELLS)) == 20
+    assert [rate(k) for k in study.RATE_EXPONENTS["full"]] == pytest.approx([10**-4.5, 1e-4, 10**-3.5, 1e-3])
+    assert SELECTION_SEED not in study.REPORTED_SEEDS
+    assert study.SETTINGS["epochs"] == 1.0 and study.SETTINGS["max_val_examples"] is None
+    assert math.isclose(study.SETTINGS["eval_every"], 80)
+
+
+def test_the_study_runs_to_the_end_on_a_tiny_model_and_resumes(tiny_bert, tiny_csv, tmp_path) -> None:
+    cells = [Cell("lora", ("q", "v"), 1.0), Cell("lora", ("q", "v"), 2.0)]
+    common = dict(
+        model=str(tiny_bert),
+        cell_list=cells,
+        exponents={"lora": (-4, -3)},
+        data=f"csv:{tiny_csv}",
+        batch_size=16,
+        eval_every=4,
+        echo=lambda *_: None,
+    )
+    out = tmp_path / "study"
+    states = study.run_study(out, **common)
+    assert all(s["chosen"] is not None and not s["pending"] for s in states.values())
+    runs, _ = plan(out, cells, {"lora": (-4, -3)})
+    results = {r.name: json.loads((r.folder(out) / "result.json").read_text()) for r in runs}
+    # every planned run finished: the selection seed at each tried rate, seeds 0-2, the controls
+    assert {n.rsplit("_seed", 1)[1] for n in results} == {"100", "0", "1", "2"}
+    one = next(iter(results.values()))
+    n_train = int(one["splits_used"].split("train (")[1].split(")")[0])
+    assert one["curve"][-1]["step"] == n_train // 16  # one epoch, validated every 4 steps and at the end
+    assert one["config"]["max_val_examples"] is None and one["config"]["epochs"] == 1.0
+    for name, result in results.items():
+        lam = float(name.split("_lam")[1].split("_")[0])
+        lr = float(name.split("_lr")[1].split("_")[0])
+        v_rates = {g["lr"] for g in result["groups"] if g["role"] == "v"}
+        assert list(v_rates) == [pytest.approx(lam * lr, rel=1e-2)], name
+    mtimes = {p: p.stat().st_mtime_ns for p in out.glob("runs/*/result.json")}
+    study.run_study(out, **common)  # nothing new to run
+    assert {p: p.stat().st_mtime_ns for p in out.glob("runs/*/result.json")} == mtimes
+    with pytest.raises(Exception, match="batch_size 16 -> 8"):
+        study.run_study(out, **{**common, "batch_size": 8, "exponents": {"lora": (-5,)}})
