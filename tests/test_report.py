@@ -3,6 +3,7 @@ and the page in a real headless browser (Debian's chromium, driven by selenium).
 
 from __future__ import annotations
 
+import html as htmllib
 import json
 import os
 import re
@@ -86,7 +87,11 @@ def _report(paths: list[Path], out: Path, capsys) -> tuple[Path, Path]:
 def _sections(html: Path, md: Path) -> tuple[_Structure, list[str]]:
     parser = _Structure()
     parser.feed(html.read_text())
-    headings = re.findall(r"^## (.+)$", md.read_text(), flags=re.M)
+    # Markdown headings as a reader sees them: backslash escapes and entities resolved
+    headings = [
+        htmllib.unescape(re.sub(r"\\(.)", r"\1", h))
+        for h in re.findall(r"^## (.+)$", md.read_text(), flags=re.M)
+    ]
     assert [h.strip() for h in parser.h2] == headings  # the twins carry the same sections, in order
     return parser, headings
 
@@ -232,3 +237,75 @@ def test_demo_end_to_end_at_toy_size(tmp_path, monkeypatch, capsys) -> None:
     # idempotent: a second run trains nothing and writes the same page
     assert main(["demo", "--out", str(tmp_path / "demo"), "--jobs", "1"]) == 0
     assert "3 complete, 0 to resume, 0 new" in capsys.readouterr().out
+
+
+# valid raw HTML for CommonMark (quoted attribute values), so a viewer that passes HTML through runs them
+PAYLOADS = [
+    '<img src="x" onerror="document.body.dataset.pwned=1">',
+    '<svg onload="document.body.dataset.pwned=2">',
+    "[click](javascript:document.body.dataset.pwned=3)",
+]
+
+
+def test_both_twins_are_inert_in_a_real_browser(outputs, tmp_path, capsys) -> None:
+    """Promise 11: folder names and inspect sources with HTML in them stay text in report.html and in
+    report.md as a CommonMark viewer (markdown-it, raw HTML allowed) renders it, opened in Chromium."""
+    from markdown_it import MarkdownIt
+
+    paths = []
+    for i, payload in enumerate(PAYLOADS):
+        run = outputs["tmp"] / payload.replace("/", "∕")  # a folder name cannot hold a slash
+        if not run.exists():
+            shutil.copytree(outputs["run-a"], run)
+        paths.append(run)
+        data = json.loads(outputs["inspect"].read_text())
+        data["source"] = payload
+        (tmp_path / f"inspect{i}.json").write_text(json.dumps(data))
+        paths.append(tmp_path / f"inspect{i}.json")
+    html, md = _report(paths, tmp_path / "evil", capsys)
+    rendered = tmp_path / "evil" / "md.html"  # beside report.md, so its figure links resolve
+    rendered.write_text(
+        "<!DOCTYPE html><html><body>"
+        + MarkdownIt("commonmark", {"html": True}).enable("table").render(md.read_text())
+        + "</body></html>"
+    )
+    browser = _browser()
+    try:
+        seen = {}
+        for page in (html, rendered):
+            browser.get(page.resolve().as_uri())
+            seen[page.name] = browser.execute_script(
+                "return [document.body.getAttribute('data-pwned'),"
+                " document.querySelectorAll('script,svg,[onerror],[onload],a[href^=javascript]').length,"
+                " document.body.innerText]"
+            )
+    finally:
+        browser.quit()
+    for name, (pwned, live, text) in seen.items():
+        assert pwned is None and live == 0, name
+        assert 'onerror="document.body' in text and "<svg onload" in text, name  # shown, as text
+
+
+def test_a_failed_report_leaves_nothing_and_reports_of_same_named_paths_do_not_collide(
+    outputs, tmp_path, capsys, monkeypatch
+) -> None:
+    from qkvlab.report import build
+
+    monkeypatch.chdir(tmp_path)
+    broken = tmp_path / "broken.json"
+    broken.write_text(json.dumps({"kind": "inspect", "schema_version": 2}))  # no heads, no source
+    assert main(["report", str(broken)]) == 2
+    assert "broken.json" in capsys.readouterr().err
+    assert not (tmp_path / "runs" / "report-broken").exists()
+    # two runs both called "run", in different places: the second report gets its own folder
+    a, b = tmp_path / "a" / "run", tmp_path / "b" / "run"
+    for folder in (a, b):
+        shutil.copytree(outputs["run-a"], folder)
+    assert main(["report", str(a)]) == 0 and main(["report", str(b)]) == 0
+    assert main(["report", str(a)]) == 0  # the same paths again: its own folder, refreshed
+    capsys.readouterr()
+    made = sorted(p.name for p in (tmp_path / "runs").iterdir())
+    assert made == ["report-run", "report-run-2"]
+    sources = [json.loads((tmp_path / "runs" / m / build.SOURCES).read_text())["paths"] for m in made]
+    assert sources == [[str(a.resolve())], [str(b.resolve())]]
+    assert not list((tmp_path / "runs").glob("*/.figures-*"))

@@ -469,7 +469,21 @@ def _flip_byte(path: Path, offset_from_end: int = 100) -> None:
     path.write_bytes(bytes(data))
 
 
-@pytest.mark.parametrize("damage", ["flip", "truncate", "dtype", "shape", "garble-state"])
+@pytest.mark.parametrize(
+    "damage",
+    [
+        "flip",
+        "truncate",
+        "dtype",
+        "shape",
+        "garble-state",
+        "no-checksums-flip",
+        "no-checksums-optimizer",
+        "no-checksums-step",
+        "nan",
+        "file",
+    ],
+)
 def test_damaged_checkpoint_is_named_skipped_and_survived(corpus, tmp_path, capsys, damage) -> None:
     from safetensors.torch import save_file
 
@@ -485,17 +499,42 @@ def test_damaged_checkpoint_is_named_skipped_and_survived(corpus, tmp_path, caps
         data = (newest / "optimizer.safetensors").read_bytes()
         (newest / "optimizer.safetensors").write_bytes(data[: len(data) // 2])
         expected = "optimizer.safetensors has"
-    elif damage == "dtype":  # re-saved in float16 by someone else, checksums removed with it
+    elif damage == "dtype":  # re-saved in float16 by someone else, in a run from before checksums
         weights = load_file(str(newest / "model.safetensors"))
         save_file({k: v.half() for k, v in weights.items()}, str(newest / "model.safetensors"))
-        (newest / "checksums.json").unlink()
+        for sums in run.glob("checkpoint-*/checksums.json"):
+            sums.unlink()
         expected = "model.safetensors: blocks.0.attn.k_proj.weight is F16, the model float32"
-    elif damage == "shape":  # another model's weights under the same names
+    elif damage == "shape":  # another model's weights under the same names (a run from before checksums)
         weights = load_file(str(newest / "model.safetensors"))
         weights["blocks.0.attn.k_proj.weight"] = weights["blocks.0.attn.k_proj.weight"][:8].contiguous()
         save_file(weights, str(newest / "model.safetensors"))
-        (newest / "checksums.json").unlink()
+        for sums in run.glob("checkpoint-*/checksums.json"):
+            sums.unlink()
         expected = "model.safetensors: blocks.0.attn.k_proj.weight has shape (8, 32), the model (32, 32)"
+    elif damage in ("no-checksums-flip", "no-checksums-optimizer", "no-checksums-step"):
+        # its checksums deleted along with the damage, while the run's older checkpoint keeps its own
+        (newest / "checksums.json").unlink()
+        if damage == "no-checksums-flip":
+            _flip_byte(newest / "model.safetensors")
+        elif damage == "no-checksums-optimizer":
+            _flip_byte(newest / "optimizer.safetensors")
+        else:
+            state = json.loads((newest / "state.json").read_text())
+            (newest / "state.json").write_text(json.dumps({**state, "step": 6}))
+        expected = "checksums.json is missing, though this run's checkpoints are written with one (damaged)"
+    elif damage == "nan":  # non-finite weights, consistently checksummed: never a good checkpoint
+        from qkvlab.train.checkpoint import _write_checksums
+
+        weights = load_file(str(newest / "model.safetensors"))
+        weights["blocks.0.attn.q_proj.weight"][0, 0] = float("nan")
+        save_file(weights, str(newest / "model.safetensors"))
+        _write_checksums(newest)
+        expected = "model.safetensors holds non-finite values in blocks.0.attn.q_proj.weight"
+    elif damage == "file":  # the checkpoint folder replaced by a file
+        shutil.rmtree(newest)
+        newest.write_text("not a checkpoint")
+        expected = "it is not a folder (replaced by a file or a link)"
     else:
         text = (newest / "state.json").read_text()
         (newest / "state.json").write_text("x" + text[1:])  # same size, not JSON any more
@@ -533,7 +572,7 @@ def test_rotation_keeps_the_last_verified_checkpoint(corpus, tmp_path, monkeypat
     real = ckpt.checkpoint_problem
     # the next checkpoint does not read back intact (a failing disk): the verified one must stay
     monkeypatch.setattr(
-        ckpt, "checkpoint_problem", lambda p: "read-back failed" if p.name.endswith("12") else real(p)
+        ckpt, "checkpoint_problem", lambda p, *a: "read-back failed" if p.name.endswith("12") else real(p, *a)
     )
     with pytest.warns(UserWarning, match="did not verify after writing"):
         train(load_config(None, _gpt(corpus, run, keep_checkpoints=1)), resume=run)

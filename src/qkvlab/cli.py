@@ -436,15 +436,10 @@ def _cmd_compare(args: argparse.Namespace) -> int:
 def _cmd_report(args: argparse.Namespace) -> int:
     from pathlib import Path
 
-    from qkvlab.report.build import write_report
+    from qkvlab.report.build import default_report_folder, write_report
 
     paths = [Path(p) for p in args.paths]
-    first = paths[0].resolve()
-    out = (
-        Path(args.out)
-        if args.out
-        else Path("runs") / f"report-{first.stem if first.is_file() else first.name}"
-    )
+    out = Path(args.out) if args.out else default_report_folder(paths)
     check_outputs(files=[], folders=[out])
     html_path, md_path = write_report(paths, out)
     print(f"wrote {md_path}")
@@ -533,7 +528,7 @@ def _cmd_theory(args: argparse.Namespace) -> int:
     if args.json:
         from pathlib import Path
 
-        from qkvlab.data.cache import write_atomic
+        from qkvlab.files import write_atomic
 
         Path(args.json).parent.mkdir(parents=True, exist_ok=True)
         write_atomic(Path(args.json), json.dumps(result, indent=1, allow_nan=False))

@@ -444,12 +444,30 @@ def _check_consistency(config: TrainConfig) -> None:
 
 
 def dump_config(config: TrainConfig, path: Path) -> None:
-    path.write_text(json.dumps(config.to_dict(), indent=1))
+    from qkvlab.files import write_atomic
+
+    write_atomic(path, json.dumps(config.to_dict(), indent=1))
 
 
 def saved_config(run_dir: Path) -> TrainConfig:
     """The config a run folder was trained with (its ``config.json``); a UserError if there is none."""
+    from qkvlab.files import refuse_links
+
+    refuse_links(Path(run_dir))  # before anything is read from a folder that qkvlab will write into
     path = Path(run_dir) / "config.json"
     if not path.is_file():
         raise UserError(f"cannot resume {run_dir}: no config.json there (is it a qkvlab run folder?)")
-    return TrainConfig.from_dict(json.loads(path.read_text()))
+    try:
+        saved = json.loads(path.read_bytes().decode("utf-8"))
+    except (UnicodeDecodeError, ValueError) as exc:
+        raise UserError(f"cannot resume {run_dir}: {path} is damaged (not JSON: {exc})") from None
+    if not isinstance(saved, dict):
+        raise UserError(
+            f"cannot resume {run_dir}: {path} is damaged (a JSON {type(saved).__name__}, not an object)"
+        )
+    try:
+        return TrainConfig.from_dict(saved)
+    except (TypeError, ValueError, AttributeError, KeyError) as exc:
+        if isinstance(exc, UserError):
+            raise
+        raise UserError(f"cannot resume {run_dir}: {path} is damaged ({exc})") from None

@@ -55,9 +55,9 @@ def demo_lambdas() -> tuple[float, float, float, float]:
 
 def run_demo(out: Path, jobs: int = 2, echo: Any = print) -> Path:
     """Run the demo into ``out``; returns the report's HTML path."""
-    from qkvlab.data.cache import write_atomic
     from qkvlab.experiments.paper000 import run_gpt_grid
     from qkvlab.experiments.theory import TheorySettings, run_theory
+    from qkvlab.files import write_atomic
     from qkvlab.inspection import inspect
     from qkvlab.report.build import write_report
 

@@ -260,7 +260,9 @@ class SpectraCallback(_LogsNext):
         record = {"step": state.global_step, "epoch": state.epoch, **report.to_dict()}
         path = Path(args.output_dir) / self.filename
         path.parent.mkdir(parents=True, exist_ok=True)
-        with path.open("a") as fh:
+        from qkvlab.files import open_append
+
+        with open_append(path) as fh:
             fh.write(json.dumps(record) + "\n")
         self._pending = summary_metrics(report)
         control.should_log = True

@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import csv
 import dataclasses
+import io
 import json
 import os
 import re
@@ -41,6 +42,7 @@ from torch import nn
 from qkvlab.attention import ArchitectureInfo, AttentionFactors, load_source
 from qkvlab.attention.extract import natural_key
 from qkvlab.errors import UserError
+from qkvlab.files import write_atomic
 from qkvlab.spectra import DEFAULT_RTOL, ProductSpectrum
 
 __all__ = [
@@ -146,8 +148,7 @@ class InspectReport:
         }
 
     def to_json(self, path: str | os.PathLike[str]) -> None:
-        Path(path).parent.mkdir(parents=True, exist_ok=True)
-        Path(path).write_text(json.dumps(self.to_dict()))
+        write_atomic(path, json.dumps(self.to_dict()))
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> InspectReport:
@@ -163,13 +164,13 @@ class InspectReport:
 
     def to_csv(self, path: str | os.PathLike[str]) -> None:
         """One row per (layer, head, product); singular values space-separated in the last column."""
-        Path(path).parent.mkdir(parents=True, exist_ok=True)
-        with open(path, "w", newline="") as fh:
-            writer = csv.writer(fh)
-            writer.writerow(["layer", "head", "product", *METRICS, "singular_values"])
-            for rec in self.heads:
-                sv = " ".join(f"{s:.9g}" for s in rec["singular_values"])
-                writer.writerow([rec["layer"], rec["head"], rec["product"], *(rec[m] for m in METRICS), sv])
+        fh = io.StringIO(newline="")
+        writer = csv.writer(fh)
+        writer.writerow(["layer", "head", "product", *METRICS, "singular_values"])
+        for rec in self.heads:
+            sv = " ".join(f"{s:.9g}" for s in rec["singular_values"])
+            writer.writerow([rec["layer"], rec["head"], rec["product"], *(rec[m] for m in METRICS), sv])
+        write_atomic(path, fh.getvalue())
 
     def _records(
         self, product: str, layer: int | None = None, attention: str | None = None
@@ -391,20 +392,19 @@ class InspectSeries:
         return cls([InspectReport.from_dict(r) for r in data["reports"]], list(data["steps"]))
 
     def to_json(self, path: str | os.PathLike[str]) -> None:
-        Path(path).parent.mkdir(parents=True, exist_ok=True)
-        Path(path).write_text(json.dumps(self.to_dict()))
+        write_atomic(path, json.dumps(self.to_dict()))
 
     def to_csv(self, path: str | os.PathLike[str]) -> None:
         """One row per (checkpoint, layer, head, product)."""
-        Path(path).parent.mkdir(parents=True, exist_ok=True)
-        with open(path, "w", newline="") as fh:
-            writer = csv.writer(fh)
-            writer.writerow(["source", "step", "layer", "head", "product", *METRICS, "singular_values"])
-            for report, step in zip(self.reports, self.steps, strict=True):
-                for rec in report.heads:
-                    sv = " ".join(f"{s:.9g}" for s in rec["singular_values"] or [])
-                    row = [rec["layer"], rec["head"], rec["product"], *(rec[m] for m in METRICS), sv]
-                    writer.writerow([report.source, "" if step is None else step, *row])
+        fh = io.StringIO(newline="")
+        writer = csv.writer(fh)
+        writer.writerow(["source", "step", "layer", "head", "product", *METRICS, "singular_values"])
+        for report, step in zip(self.reports, self.steps, strict=True):
+            for rec in report.heads:
+                sv = " ".join(f"{s:.9g}" for s in rec["singular_values"] or [])
+                row = [rec["layer"], rec["head"], rec["product"], *(rec[m] for m in METRICS), sv]
+                writer.writerow([report.source, "" if step is None else step, *row])
+        write_atomic(path, fh.getvalue())
 
     def x(self) -> tuple[list[float], str]:
         """The x axis: the steps when every checkpoint has one, else the checkpoint's position."""

@@ -3,8 +3,9 @@
 from __future__ import annotations
 
 import os
-import tempfile
 from pathlib import Path
+
+from qkvlab.files import fsync_dir, write_atomic
 
 __all__ = ["atomic_write_bytes", "resolve_cache_dir"]
 
@@ -17,38 +18,12 @@ def resolve_cache_dir(cache_dir: str | Path | None = None) -> Path:
 
 
 def atomic_write_bytes(path: Path, data: bytes) -> None:
-    """Write ``data`` to ``path`` so that readers see the old file or the whole new one, never a part.
+    """Write ``data`` to ``path`` atomically, never through a link (:func:`qkvlab.files.write_atomic`).
 
-    Temp file in the same folder, fsync, then ``os.replace`` (atomic on POSIX and Windows). Several
-    processes (DDP ranks) may race to write the same cache entry; the last replace wins and every
-    reader sees a complete file.
+    Several processes (DDP ranks) may race to write the same cache entry; the last rename wins and
+    every reader sees a complete file.
     """
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        # mkstemp makes the file 0600; give it the mode an ordinary open() would (0666 less umask)
-        umask = os.umask(0)
-        os.umask(umask)
-        os.fchmod(fd, 0o666 & ~umask)
-        with os.fdopen(fd, "wb") as fh:
-            fh.write(data)
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    write_atomic(path, data, sync_folder=False)
 
 
-def fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-def write_atomic(path: Path, text: str) -> None:
-    """Write a small text file atomically (temp file, fsync, rename), then fsync the folder."""
-    atomic_write_bytes(path, text.encode("utf-8"))
-    fsync_dir(path.parent)
+__all__ += ["fsync_dir", "write_atomic"]

@@ -19,10 +19,10 @@ from typing import Any
 
 from qkvlab.args import check_outputs, positive_int
 from qkvlab.args import seeds as seeds_list
-from qkvlab.data.cache import write_atomic
 from qkvlab.errors import UserError
 from qkvlab.experiments import grid as grid_layer
 from qkvlab.experiments.grid import Run
+from qkvlab.files import write_atomic
 
 __all__ = [
     "DEFAULTS",

@@ -48,8 +48,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from qkvlab.data.cache import write_atomic
 from qkvlab.errors import UserError
+from qkvlab.files import open_append, refuse_links, write_atomic
 
 STOP_SECONDS = 60.0
 """How long a stopped grid waits for its runs to finish their step and write a checkpoint before it
@@ -157,7 +157,7 @@ def _child(
         pass
     os.environ["OMP_NUM_THREADS"] = os.environ["MKL_NUM_THREADS"] = str(threads)
     run_dir.mkdir(parents=True, exist_ok=True)
-    with open(run_dir / log, "a", buffering=1) as fh:
+    with open_append(run_dir / log, line_buffered=True) as fh:
         os.dup2(fh.fileno(), 1)
         os.dup2(fh.fileno(), 2)
         sys.stdout = sys.stderr = fh
@@ -200,6 +200,7 @@ def run_grid(
     if jobs < 1:
         raise UserError(f"--jobs must be ≥ 1, got {jobs}")
     runs = list(dict.fromkeys(runs))  # a repeated run would train one folder twice at once
+    refuse_links(out)  # a grid folder may come from someone else: no link in it carries a write elsewhere
     guard_settings(out, settings)
     given = dict(worker_settings if worker_settings is not None else settings)
     before = {run: status(run.folder(out)) for run in runs}

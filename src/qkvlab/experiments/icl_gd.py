@@ -112,7 +112,7 @@ def run_alignment(run_dir: Path) -> dict[str, Any] | None:
 
 def write_alignments(out: Path) -> int:
     """Write ``gd_alignment.json`` into every complete ICL run under ``OUT/runs`` that lacks one; returns how many."""
-    from qkvlab.data.cache import write_atomic
+    from qkvlab.files import write_atomic
 
     written = 0
     for folder in sorted((out / "runs").glob("*")):

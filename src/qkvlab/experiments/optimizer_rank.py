@@ -162,9 +162,9 @@ def status(run_dir: Path) -> str:
 
 
 def worker(run_dir: Path, point: dict[str, Any], seed: int, settings: dict[str, Any]) -> None:
-    from qkvlab.data.cache import write_atomic
     from qkvlab.errors import TrainingStopped
     from qkvlab.experiments.training import train_worker
+    from qkvlab.files import write_atomic
 
     base = settings["overrides"]
     if not (run_dir / "final.json").is_file():
@@ -257,7 +257,7 @@ def select_lrs(
     Returns ``{rule: {"losses": {lr: loss}, "chosen": lr, "at_edge": bool}}`` (also written to
     OUT/selection.json), or None while some selection run is unfinished.
     """
-    from qkvlab.data.cache import write_atomic
+    from qkvlab.files import write_atomic
 
     base_lr = float(settings["overrides"]["lr"])
     rules = list(dict.fromkeys(VARIANTS[v].algorithm for v in variants))

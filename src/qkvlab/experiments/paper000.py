@@ -620,9 +620,9 @@ def _lambdas(text: str, what: str) -> list[float]:
 
 def _finish(out: Path, args: Any, render: Any, rests: list[float]) -> int:
     """Pack the spectra, read every run once, print ``render(summary)``, write summary.json and the figures."""
-    from qkvlab.data.cache import write_atomic
     from qkvlab.experiments.icl_gd import write_alignments
     from qkvlab.experiments.training import pack_spectra
+    from qkvlab.files import write_atomic
     from qkvlab.report.paper000 import plot_wd_rank
 
     pack_spectra(out)

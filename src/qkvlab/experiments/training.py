@@ -15,6 +15,7 @@ import shutil
 from pathlib import Path
 from typing import Any
 
+from qkvlab.errors import UserError
 from qkvlab.train.checkpoint import latest_checkpoint
 
 __all__ = [
@@ -94,14 +95,34 @@ def _last_per_step(records: list[dict[str, Any]]) -> list[dict[str, Any]]:
     return [by_step[s] for s in sorted(by_step)]
 
 
-def _json_lines(text: str) -> list[dict[str, Any]]:
-    return [json.loads(line) for line in text.splitlines() if line.strip()]
+def _json_lines(data: bytes, path: Path) -> list[dict[str, Any]]:
+    """The records of a JSON-lines log; a damaged line is a UserError naming the file and the line.
+    A last line without its newline is a write cut short by a crash (or a run still writing): skipped."""
+    try:
+        text = data.decode("utf-8")
+    except UnicodeDecodeError:
+        raise UserError(f"{path} is damaged (not UTF-8 text)") from None
+    lines = text.split("\n")
+    if lines and not text.endswith("\n"):
+        lines = lines[:-1]
+    records = []
+    for number, line in enumerate(lines, 1):
+        if not line.strip():
+            continue
+        try:
+            record = json.loads(line)
+        except ValueError:
+            raise UserError(f"{path} is damaged (line {number} is not JSON)") from None
+        if not isinstance(record, dict) or not isinstance(record.get("step"), int):
+            raise UserError(f"{path} is damaged (line {number} has no step)")
+        records.append(record)
+    return records
 
 
 def read_metrics(run_dir: Path) -> dict[str, list[dict[str, Any]]]:
     """``metrics.jsonl`` as ``{"train": [...], "val": [...]}``, one record per step in each."""
     path = run_dir / "metrics.jsonl"
-    records = _json_lines(path.read_text()) if path.is_file() else []
+    records = _json_lines(path.read_bytes(), path) if path.is_file() else []
     return {name: _last_per_step([r for r in records if r.get("split") == name]) for name in ("train", "val")}
 
 
@@ -109,9 +130,13 @@ def read_spectra(run_dir: Path) -> list[dict[str, Any]]:
     """The spectral monitor's records (``spectra.jsonl``, or its packed ``.gz``), one per step."""
     path, packed = run_dir / "spectra.jsonl", run_dir / "spectra.jsonl.gz"
     if path.is_file():
-        return _last_per_step(_json_lines(path.read_text()))
+        return _last_per_step(_json_lines(path.read_bytes(), path))
     if packed.is_file():
-        return _last_per_step(_json_lines(gzip.decompress(packed.read_bytes()).decode()))
+        try:
+            data = gzip.decompress(packed.read_bytes())
+        except (OSError, EOFError):
+            raise UserError(f"{packed} is damaged (not a whole gzip file)") from None
+        return _last_per_step(_json_lines(data, packed))
     return []
 
 
@@ -151,7 +176,7 @@ def pack_spectra(out: Path) -> int:
 def publish(out: Path, summary: dict[str, Any], text: str, plot: str | None, draw: Any) -> int:
     """Print an experiment's tables, write ``OUT/summary.json``, and with ``plot`` the figures ``draw(summary,
     folder)`` makes there; each file written is named on its own line."""
-    from qkvlab.data.cache import write_atomic
+    from qkvlab.files import write_atomic
 
     print(text or "no complete runs yet")
     path = out / "summary.json"

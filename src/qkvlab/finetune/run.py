@@ -454,7 +454,7 @@ def finetune(config: FinetuneConfig, *, progress: bool = True) -> dict[str, Any]
             to_save = model.merge_and_unload() if config.method == "lora" else model
             to_save.save_pretrained(out / "model")
             tokenizer.save_pretrained(out / "model")
-        from qkvlab.data.cache import write_atomic
+        from qkvlab.files import write_atomic
 
         write_atomic(out / "result.json", json.dumps(result, indent=1))
     return result

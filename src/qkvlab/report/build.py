@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -38,6 +39,18 @@ def _json(path: Path) -> Any:
         return json.loads(path.read_text())
     except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
         raise UserError(f"{path} is not a JSON file qkvlab wrote ({exc.__class__.__name__})") from None
+
+
+def _inspect_file(path: Path, kind: Any) -> Any:
+    """``kind.from_dict`` of an inspect file; a file that lacks what inspect writes is one line."""
+    try:
+        return kind.from_dict(_json(path))
+    except (KeyError, TypeError, ValueError, AttributeError) as exc:
+        if isinstance(exc, UserError):
+            raise
+        raise UserError(
+            f"{path} is damaged: not what `qkvlab inspect --json` writes ({exc!r} missing or wrong)"
+        ) from None
 
 
 def detect(path: Path) -> str:
@@ -479,7 +492,7 @@ def build_page(paths: Sequence[Path], figures: Path, title: str | None = None, i
         if kind == "inspect":
             from qkvlab.inspection import InspectReport
 
-            reports = [(_label(p), InspectReport.from_dict(_json(p))) for p in group]
+            reports = [(_label(p), _inspect_file(p, InspectReport)) for p in group]
             sections += _inspect_sections(reports, figures, f"{stem}_inspect")
         elif kind == "inspect-series":
             from qkvlab.inspection import InspectSeries
@@ -487,7 +500,7 @@ def build_page(paths: Sequence[Path], figures: Path, title: str | None = None, i
             from qkvlab.report.tables import series_text
 
             for j, path in enumerate(group):
-                series = InspectSeries.from_dict(_json(path))
+                series = _inspect_file(path, InspectSeries)
                 figure = series_figure(series, figures / f"{stem}_{j}_series.png")
                 sections.append(
                     Section(
@@ -523,18 +536,70 @@ def build_page(paths: Sequence[Path], figures: Path, title: str | None = None, i
     return Page(title, sections, subtitle=f"From {described}: " + " ".join(f"`{p}`" for p in paths))
 
 
+def default_report_folder(paths: Sequence[Path], root: Path = Path("runs")) -> Path:
+    """``runs/report-<name of the first PATH>``; when that folder holds a report of other paths (two
+    runs both called ``run``), ``…-2``, ``…-3``: a report never silently replaces another one."""
+    first = paths[0].resolve()
+    base = f"report-{first.stem if first.is_file() else first.name}"
+    wanted = sorted(str(p.resolve()) for p in paths)
+    for n in range(1, 10_000):
+        out = root / (base if n == 1 else f"{base}-{n}")
+        try:
+            sources = json.loads((out / SOURCES).read_text())["paths"]
+        except (OSError, ValueError, KeyError, TypeError):
+            sources = None
+        if not out.exists() or sources == wanted:
+            return out
+    raise UserError(f"{root} holds 9,999 reports named {base}; give one with --out")
+
+
+SOURCES = "report.json"  # the paths a report was made from, so a later report of others picks its own folder
+
+
 def write_report(
     paths: Sequence[Path], out: Path, title: str | None = None, intro: str = ""
 ) -> tuple[Path, Path]:
     """Write ``OUT/report.html`` (self-contained) and ``OUT/report.md`` with ``OUT/figures/``.
 
-    ``intro``: paragraphs (blank-line separated) for a first section, "What this page shows"."""
+    ``intro``: paragraphs (blank-line separated) for a first section, "What this page shows".
+    The figures are drawn into a temporary folder and moved into place only when the whole page was
+    built: a report that fails leaves no empty or half-drawn folder behind (and no ``OUT`` it created).
+    """
+    import dataclasses
     import shutil
+    import tempfile
 
-    from qkvlab.report.page import write_html, write_markdown
+    from qkvlab.files import refuse_links, write_atomic
+    from qkvlab.report.page import Figure, write_html, write_markdown
 
+    figures = out / "figures"
+    if figures.exists() and not (out / "report.html").is_file():
+        raise UserError(f"{out} holds a figures folder that is not a qkvlab report's; give another --out")
+    created = not out.exists()
     out.mkdir(parents=True, exist_ok=True)
-    if (out / "report.html").is_file() and (out / "figures").is_dir():  # an earlier report's figures
-        shutil.rmtree(out / "figures")
-    page = build_page(paths, out / "figures", title, intro)
-    return write_html(page, out / "report.html"), write_markdown(page, out / "report.md")
+    try:
+        refuse_links(out)  # an earlier report's folder may come from someone else
+        drawing = Path(tempfile.mkdtemp(dir=out, prefix=".figures-"))
+        try:
+            page = build_page(paths, drawing, title, intro)
+        except BaseException:
+            shutil.rmtree(drawing, ignore_errors=True)
+            raise
+    except BaseException:
+        if created:
+            shutil.rmtree(out, ignore_errors=True)
+        raise
+    if figures.is_dir():  # an earlier report's figures
+        shutil.rmtree(figures)
+    os.replace(drawing, figures)
+
+    def moved(block: Any) -> Any:
+        if isinstance(block, Figure) and Path(block.path).is_relative_to(drawing):
+            return dataclasses.replace(block, path=figures / Path(block.path).relative_to(drawing))
+        return block
+
+    for section in page.sections:
+        section.blocks = [moved(b) for b in section.blocks]
+    written = write_html(page, out / "report.html"), write_markdown(page, out / "report.md")
+    write_atomic(out / SOURCES, json.dumps({"paths": sorted(str(p.resolve()) for p in paths)}, indent=1))
+    return written

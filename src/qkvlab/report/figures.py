@@ -8,9 +8,12 @@ environment (the test suite sets it) a figure that fails the check is an error, 
 
 from __future__ import annotations
 
+import io
 import os
 from pathlib import Path
 from typing import Any
+
+from qkvlab.files import write_atomic
 
 __all__ = ["FigureProblem", "figure_problems", "pyplot", "save"]
 
@@ -99,6 +102,8 @@ def save(fig: Any, path: Path, dpi: int = 110) -> Path:
             raise FigureProblem(f"{Path(path).name}: " + "; ".join(problems))
     if fig.get_layout_engine() is None:  # figures laid out by "constrained" keep their engine
         fig.tight_layout()
-    fig.savefig(path, dpi=dpi)
+    buffer = io.BytesIO()  # rendered in memory, then written atomically and never through a link
+    fig.savefig(buffer, dpi=dpi, format=Path(path).suffix.lstrip(".") or "png")
     pyplot().close(fig)
+    write_atomic(path, buffer.getvalue())
     return path

@@ -11,8 +11,11 @@ from __future__ import annotations
 import base64
 import html
 import re
+import urllib.parse
 from dataclasses import dataclass, field
 from pathlib import Path
+
+from qkvlab.files import write_atomic
 
 __all__ = [
     "Figure",
@@ -125,7 +128,7 @@ def _html_block(block: Block) -> str:
     if isinstance(block, Markdown):
         import markdown
 
-        return markdown.markdown(block.text, extensions=["tables"], output_format="html")
+        return markdown.markdown(inert_markdown(block.text), extensions=["tables"], output_format="html")
     if isinstance(block, Preformatted):
         caption = f"<p>{_inline(block.caption)}</p>" if block.caption else ""
         return f"{caption}<pre>{html.escape(block.text)}</pre>"
@@ -154,39 +157,57 @@ def write_html(page: Page, path: Path) -> Path:
         + "\n".join(body)
         + "</body></html>\n"
     )
-    path.write_text(text, encoding="utf-8")
+    write_atomic(path, text)
     return path
 
 
+# Markdown punctuation that could start a link, an image, emphasis, a heading or a table cell; with
+# a backslash before it, CommonMark shows the character itself
+_MD_ACTIVE = re.compile(r"([\\`*_\[\]()!#|{}])")
+
+
 def _md_escape(value: object) -> str:
-    return _cell(value).replace("|", "\\|")
+    """A string from a file or a folder name, inert in Markdown: no HTML, no link, no markup."""
+    return _MD_ACTIVE.sub(r"\\\1", html.escape(_cell(value), quote=False)).replace("\n", " ")
+
+
+_CODE = re.compile(r"(```.*?```|`+[^`]*`+)", re.S)
+
+
+def inert_markdown(text: str) -> str:
+    """Markdown that qkvlab composed around names from files: ``<``, ``>`` and ``&`` escaped outside
+    code, so no raw HTML in it renders (``<img onerror=…>`` shows as text); code is inert already."""
+    parts = _CODE.split(text)
+    return "".join(p if i % 2 else html.escape(p, quote=False) for i, p in enumerate(parts))
 
 
 def _md_block(block: Block, root: Path) -> str:
     if isinstance(block, Text | Markdown):
-        return block.text
+        return inert_markdown(block.text)
     if isinstance(block, Preformatted):
-        caption = f"{block.caption}\n\n" if block.caption else ""
-        return f"{caption}```\n{block.text}\n```"
+        caption = f"{inert_markdown(block.caption)}\n\n" if block.caption else ""
+        fence = "`" * max(3, 1 + max((len(r) for r in re.findall(r"`+", block.text)), default=0))
+        return f"{caption}{fence}\n{block.text}\n{fence}"
     if isinstance(block, Table):
-        lines = [f"{block.caption}\n"] if block.caption else []
+        lines = [f"{inert_markdown(block.caption)}\n"] if block.caption else []
         lines.append("| " + " | ".join(_md_escape(h) for h in block.headers) + " |")
         lines.append("|" + "---|" * len(block.headers))
         lines += ["| " + " | ".join(_md_escape(v) for v in row) + " |" for row in block.rows]
         return "\n".join(lines)
     relative = Path(block.path).resolve().relative_to(root.resolve()).as_posix()
-    alt = block.caption or Path(block.path).stem
-    return f"![{alt}]({relative})" + (f"\n\n*{block.caption}*" if block.caption else "")
+    alt = _md_escape(block.caption or Path(block.path).stem)
+    target = urllib.parse.quote(relative)  # spaces, brackets and quotes in folder names stay in the path
+    return f"![{alt}]({target})" + (f"\n\n*{inert_markdown(block.caption)}*" if block.caption else "")
 
 
 def write_markdown(page: Page, path: Path) -> Path:
     """The same page in Markdown; figures are referenced relative to ``path``'s folder."""
-    lines = [f"# {page.title}", ""]
+    lines = [f"# {_md_escape(page.title)}", ""]
     if page.subtitle:
-        lines += [page.subtitle, ""]
+        lines += [inert_markdown(page.subtitle), ""]
     for section in page.sections:
-        lines += [f"## {section.title}", ""]
+        lines += [f"## {_md_escape(section.title)}", ""]
         for block in section.blocks:
             lines += [_md_block(block, path.parent), ""]
-    path.write_text("\n".join(lines), encoding="utf-8")
+    write_atomic(path, "\n".join(lines))
     return path

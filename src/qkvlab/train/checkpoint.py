@@ -39,8 +39,8 @@ from safetensors.torch import load_file, load_model, save_file, save_model
 from torch import nn
 
 from qkvlab.attention.sources import SAFETENSORS_DTYPES as _DTYPES
-from qkvlab.data.cache import fsync_dir, write_atomic
 from qkvlab.errors import UserError
+from qkvlab.files import fsync_dir, write_atomic
 
 __all__ = [
     "checkpoint_problem",
@@ -158,22 +158,31 @@ def _write_checksums(folder: Path) -> None:
     (folder / CHECKSUMS).write_text(json.dumps({"algorithm": "sha256", "files": files}, indent=1))
 
 
-def checkpoint_problem(path: Path) -> str | None:
+def checkpoint_problem(path: Path, checksums_expected: bool = False) -> str | None:
     """What is wrong with the checkpoint folder ``path`` on disk, in a few words naming the file; None if
     its files are all there and match ``checksums.json`` (or, for an older checkpoint without one, if
-    its JSON parses and its safetensors headers read)."""
+    its JSON parses and its safetensors headers read). With ``checksums_expected`` (the run's other
+    checkpoints have checksums), a missing ``checksums.json`` is damage."""
+    if path.is_symlink() or not path.is_dir():
+        return "it is not a folder (replaced by a file or a link)"
     for name in _FILES:
+        if (path / name).is_symlink():
+            return f"{name} is a symbolic link"
         if not (path / name).is_file():
             return f"{name} is missing"
     sums = path / CHECKSUMS
+    if not sums.is_file() and checksums_expected:
+        return f"{CHECKSUMS} is missing, though this run's checkpoints are written with one (damaged)"
     if sums.is_file():
         try:
-            expected = json.loads(sums.read_text())["files"]
+            expected = json.loads(sums.read_bytes())["files"]
+            if not isinstance(expected, dict):
+                raise TypeError
         except (ValueError, KeyError, TypeError):
             return f"{CHECKSUMS} is not valid JSON"
         for name in _FILES:
             want = expected.get(name)
-            if want is None:
+            if not isinstance(want, dict) or not {"bytes", "sha256"} <= set(want):
                 return f"{CHECKSUMS} has no entry for {name}"
             size = (path / name).stat().st_size
             if size != want["bytes"]:
@@ -183,7 +192,7 @@ def checkpoint_problem(path: Path) -> str | None:
         return None
     for name in ("state.json", "config.json"):  # a checkpoint from before checksums: structure only
         try:
-            json.loads((path / name).read_text())
+            json.loads((path / name).read_bytes())
         except (ValueError, UnicodeDecodeError):
             return f"{name} is not valid JSON"
     from safetensors import safe_open
@@ -228,8 +237,10 @@ def save_checkpoint(
             with file.open("rb") as fh:
                 os.fsync(fh.fileno())
         fsync_dir(tmp)
-        if final.exists():  # re-saving the same step (e.g. after a resume): replace it
+        if final.is_dir() and not final.is_symlink():  # re-saving the same step (after a resume)
             shutil.rmtree(final)
+        elif final.exists() or final.is_symlink():  # debris under its name: a file or a link
+            final.unlink()
         os.replace(tmp, final)
         fsync_dir(run_dir)
     except BaseException:
@@ -245,7 +256,10 @@ def save_checkpoint(
         )
         return final
     for old in sorted(run_dir.glob("checkpoint-*"))[:-keep]:
-        shutil.rmtree(old, ignore_errors=True)
+        if old.is_dir() and not old.is_symlink():
+            shutil.rmtree(old, ignore_errors=True)
+        else:  # debris under a checkpoint's name (a file, a link): only the entry itself goes
+            old.unlink(missing_ok=True)
     return final
 
 
@@ -256,24 +270,34 @@ def resumable_checkpoint(run_dir: Path, restore: Any, echo: Any = print) -> tupl
     candidates = sorted(run_dir.glob("checkpoint-*"), reverse=True)
     if not candidates:
         raise UserError(f"nothing to resume in {run_dir}: no checkpoint-* folder")
+    expected = _writes_checksums(run_dir, candidates)
     skipped = []
     for path in candidates:
-        problem = checkpoint_problem(path)
+        problem = checkpoint_problem(path, expected)
         if problem is None:
             try:
                 return path, restore(path)
             except UserError as exc:
                 problem = str(exc).removeprefix(f"cannot resume from {path}: ")
-        echo(f"skipping {path.name}: {problem}")
         skipped.append(f"{path.name} ({problem})")
+        if len(skipped) < len(candidates):  # when every one fails, the error below names them all
+            echo(f"skipping {path.name}: {problem}")
     raise UserError(f"no checkpoint in {run_dir} can be resumed: " + "; ".join(skipped))
+
+
+def _writes_checksums(run_dir: Path, candidates: list[Path]) -> bool:
+    """Whether this run's checkpoints are written with checksums: then one without is damaged, not old.
+    (A run with a single checkpoint that lost its checksums cannot be told from an old run; it gets the
+    structural checks of one.)"""
+    return any((p / CHECKSUMS).is_file() for p in candidates if p.is_dir() and not p.is_symlink())
 
 
 def latest_checkpoint(run_dir: Path) -> Path | None:
     pointer = run_dir / "latest"
-    if pointer.is_file():
-        candidate = run_dir / pointer.read_text().strip()
-        if (candidate / "state.json").is_file():
+    if pointer.is_file() and not pointer.is_symlink():
+        named = pointer.read_text(errors="replace").split()
+        candidate = run_dir / named[0] if named and named[0].startswith("checkpoint-") else None
+        if candidate is not None and (candidate / "state.json").is_file():
             return candidate
     complete = [p for p in sorted(run_dir.glob("checkpoint-*")) if (p / "state.json").is_file()]
     return complete[-1] if complete else None
@@ -307,10 +331,12 @@ def load_checkpoint(
 
     A checkpoint that cannot be restored raises a UserError naming the file and the problem."""
     try:
-        state = json.loads((path / "state.json").read_text())
+        state = json.loads((path / "state.json").read_bytes())
         mismatch = _model_mismatch(path, model)
     except (OSError, ValueError) as exc:
         raise UserError(f"cannot resume from {path}: {exc.__class__.__name__}: {exc}") from None
+    if not isinstance(state, dict) or not isinstance(state.get("step"), int) or state["step"] < 0:
+        raise UserError(f"cannot resume from {path}: state.json has no step (damaged)")
     if mismatch is not None:
         raise UserError(f"cannot resume from {path}: {mismatch}")
     try:
@@ -328,6 +354,12 @@ def load_checkpoint(
         raise UserError(
             f"cannot resume from {path}: the checkpoint does not match the model ({missing or unexpected})"
         )
+    # a checkpoint is never written with non-finite weights; one that has them is damaged, not "good"
+    own = model.state_dict()
+    for name, value in [*own.items(), *tensors.items()]:
+        if value.is_floating_point() and not bool(torch.isfinite(value).all()):
+            where = "model.safetensors" if name in own else "optimizer.safetensors"
+            raise UserError(f"cannot resume from {path}: {where} holds non-finite values in {name}")
     try:
         _restore_optimizer(optimizer, tensors, state["optimizer"])
     except (ValueError, KeyError, RuntimeError) as exc:

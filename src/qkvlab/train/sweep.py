@@ -16,10 +16,10 @@ from pathlib import Path
 from typing import Any
 
 from qkvlab.config import config_keys, load_config
-from qkvlab.data.cache import write_atomic
 from qkvlab.errors import UserError
 from qkvlab.experiments.grid import Run, load_runs, mean_std, run_grid
 from qkvlab.experiments.training import read_training_run, refuse_run_keys, train_status, train_worker
+from qkvlab.files import write_atomic
 
 __all__ = ["parse_grid", "plan_sweep", "run_sweep", "sweep_summary"]
 

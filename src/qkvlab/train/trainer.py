@@ -40,6 +40,7 @@ from torch import nn
 
 from qkvlab.config import TrainConfig, check_resume, dump_config, saved_config
 from qkvlab.errors import TrainingInterrupted, TrainingStopped, UserError
+from qkvlab.files import open_append, open_lock, refuse_links
 from qkvlab.guard import mark_corrected, schedule_weight_decay
 from qkvlab.inspection import inspect, summary_metrics
 from qkvlab.models import build_model
@@ -210,7 +211,7 @@ class _Logger:
         self, run_dir: Path, enabled: bool, tensorboard: bool, resumed_at: int | None = None
     ) -> None:
         self.enabled = enabled
-        self.file = (run_dir / "metrics.jsonl").open("a") if enabled else None
+        self.file = open_append(run_dir / "metrics.jsonl") if enabled else None
         self.tb = None
         if enabled and tensorboard:
             from torch.utils.tensorboard import SummaryWriter
@@ -350,7 +351,7 @@ class SpectralMonitor:
                 "ones), so within [2ηλ, 4ηλ], and 2ηλ once a direction carries no signal (docs/theory.md)",
             },
         }
-        with self.path.open("a") as fh:
+        with open_append(self.path) as fh:
             fh.write(json.dumps(record) + "\n")
         self.previous, self.previous_step = current, step
         self.last_summary = (step, summary_metrics(report))
@@ -430,7 +431,13 @@ def _truncate_history(run_dir: Path, step: int) -> None:
         path = run_dir / name
         if not path.is_file():
             continue
-        lines = path.read_text().splitlines(keepends=True)
+        try:
+            lines = path.read_bytes().decode("utf-8").splitlines(keepends=True)
+        except UnicodeDecodeError:
+            raise UserError(
+                f"cannot resume {run_dir}: {path} is damaged (not UTF-8 text); move it aside to resume "
+                "without the history logged so far"
+            ) from None
         keep = []
         for line in lines:
             try:
@@ -468,8 +475,8 @@ def _nonfinite_parameter(model: nn.Module) -> str | None:
     return None
 
 
-def _stopped_message(run_dir: Path, where: str, allowed: int) -> str:
-    last = latest_checkpoint(run_dir)
+def _stopped_message(last: Path | None, where: str, allowed: int) -> str:
+    """``last``: the newest checkpoint this run verified (resumed from, or written and read back)."""
     kept = (
         f"the last good checkpoint, {last.name}, is kept"
         if last is not None
@@ -587,8 +594,10 @@ class _RunLock:
         import fcntl
 
         run_dir.mkdir(parents=True, exist_ok=True)
+        # a run folder may come from someone else: no link below it may carry a write elsewhere
+        refuse_links(run_dir)
         self.path = run_dir / ".lock"
-        self.fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+        self.fd = open_lock(self.path)
         try:
             fcntl.flock(self.fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
@@ -630,10 +639,11 @@ def _train(config: TrainConfig, resume: Path | None, run_dir: Path) -> TrainResu
         )
 
     start_step = 0
+    last_good: Path | None = None
     earlier_wall = 0.0  # training time of the sessions before this one, up to the checkpoint resumed from
     if resume is not None:
         # newest checkpoint that verifies and loads; each damaged one is named and skipped
-        _, state = resumable_checkpoint(
+        last_good, state = resumable_checkpoint(
             run_dir,
             lambda path: load_checkpoint(path, model, optimizer, scheduler, device),
             echo=lambda line: print(f"{run_dir}: {line}", file=sys.stderr, flush=True),
@@ -719,7 +729,7 @@ def _train(config: TrainConfig, resume: Path | None, run_dir: Path) -> TrainResu
                 where = f"step {step + 1}: {bad}"
                 if bad_steps > config.max_bad_steps:
                     logger.close()
-                    raise TrainingStopped(_stopped_message(run_dir, where, config.max_bad_steps))
+                    raise TrainingStopped(_stopped_message(last_good, where, config.max_bad_steps))
                 logger.log(step + 1, "skipped", {"bad_steps": bad_steps}, note=bad)
                 if ddp.main:
                     print(
@@ -764,10 +774,10 @@ def _train(config: TrainConfig, resume: Path | None, run_dir: Path) -> TrainResu
                 if broken is not None:
                     logger.close()
                     raise TrainingStopped(
-                        _stopped_message(run_dir, f"step {step}: parameter {broken} is not finite", 0)
+                        _stopped_message(last_good, f"step {step}: parameter {broken} is not finite", 0)
                     )
                 if ddp.main:
-                    save_checkpoint(
+                    last_good = save_checkpoint(
                         run_dir,
                         step,
                         model,
