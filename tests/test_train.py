@@ -557,6 +557,7 @@ def test_no_verifiable_checkpoint_refuses_in_one_line(corpus, tmp_path, capsys) 
     capsys.readouterr()
     assert main(["train", "--resume", str(run), *[a for a in args if not a.startswith("out=")]]) == 2
     err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1, err  # one line naming every checkpoint, not one line per checkpoint first
     assert err[-1].startswith(
         f"qkvlab train: error: no checkpoint in {run} can be resumed: checkpoint-00000008 ("
     )

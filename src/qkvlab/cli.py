@@ -383,6 +383,7 @@ def _cmd_train(args: argparse.Namespace) -> int:
         result = train(config, resume=run_dir)
     else:
         config = load_config(args.config, overrides)
+        check_outputs(files=[], folders=[str(config.run_dir())])
         result = train(config)
     if int(__import__("os").environ.get("RANK", "0")) == 0:
         state = (
@@ -421,7 +422,12 @@ def _cmd_sweep(args: argparse.Namespace) -> int:
     print(sweep_table(sweep_summary(sweep_dir)))
     print(
         f"wrote {sweep_dir / 'sweep.json'}"
-        + (f"; {len(failed)} run(s) failed, see their train.log" if failed else "")
+        + (
+            f"; {len(failed)} run(s) failed, see "
+            + ("their train.log" if args.jobs > 1 else "the messages above")
+            if failed
+            else ""
+        )
     )
     return 1 if failed else 0
 

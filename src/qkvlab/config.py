@@ -266,7 +266,7 @@ _CHECKS: dict[str, tuple[Callable[[Any], bool], str]] = {
     "batch_size": _pos,
     "max_steps": _pos,
     "stop_at": _pos,
-    "seed": _nonneg,
+    "seed": (lambda v: 0 <= v <= 2**31 - 1, "an integer in [0, 2147483647]"),
     "precision": (lambda v: v in ("fp32", "bf16"), "fp32 or bf16"),
     "device": (lambda v: v in ("auto", "cpu", "cuda"), "auto, cpu or cuda"),
     "log_every": _pos,
@@ -338,6 +338,11 @@ def _coerce(key: str, value: Any) -> Any:
     return value
 
 
+def coerce_value(key: str, value: Any) -> Any:
+    """``value`` of config key ``key`` as training reads it (``"1e-3"`` and ``"0.001"`` are one value)."""
+    return _coerce(key, value)
+
+
 def apply_overrides(config: TrainConfig, overrides: Mapping[str, Any]) -> TrainConfig:
     """Set dotted keys on ``config`` in place, validating each; returns it."""
     valid = config_keys()
@@ -367,7 +372,8 @@ def parse_assignments(items: list[str]) -> dict[str, str]:
         key, sep, value = item.partition("=")
         if not sep or not key.strip():
             raise UserError(f"override {item!r} must look like key=value (e.g. lr=3e-4)")
-        out[key.strip()] = value.strip()
+        # a path keeps its spaces, so that out="DIR " is refused instead of writing into DIR
+        out[key.strip()] = value if key.strip() == "out" else value.strip()
     return out
 
 
@@ -441,6 +447,12 @@ def _check_consistency(config: TrainConfig) -> None:
         raise UserError(f"stop_at={config.stop_at} is beyond max_steps={config.max_steps}")
     if config.warmup_steps >= config.max_steps and config.warmup_steps > 0:
         raise UserError(f"warmup_steps={config.warmup_steps} must be < max_steps={config.max_steps}")
+    model = config.model
+    if not model.d_head and model.d_model // model.n_head == 0:
+        raise UserError(
+            f"model.n_head={model.n_head} leaves d_head = d_model // n_head = 0; accepted: "
+            f"model.n_head ≤ model.d_model ({model.d_model}), or a model.d_head of its own"
+        )
 
 
 def dump_config(config: TrainConfig, path: Path) -> None:

@@ -202,16 +202,17 @@ def run_grid(
 
 def _legacy(folder: Path) -> tuple[dict[str, Any], int] | None:
     """Runs written before run.json: their point and seed from the config in result.json."""
-    path = folder / "result.json"
-    if not path.is_file():
+    result = grid_layer.read_result(folder)
+    if result is None:
         return None
-    config = json.loads(path.read_text())["config"]
+    config = result.get("config")
+    if not isinstance(config, dict) or not {"data", "targets", "method", "lr_ratio", "seed"} <= set(config):
+        raise UserError(f"{folder / 'result.json'} is damaged (no run config in it)")
     return {k: config[k] for k in ("data", "targets", "method", "lr_ratio")}, int(config["seed"])
 
 
 def _read(folder: Path) -> dict[str, Any] | None:
-    path = folder / "result.json"
-    return json.loads(path.read_text()) if path.is_file() else None
+    return grid_layer.read_result(folder)
 
 
 def _load(out: Path) -> dict[GridPoint, list[dict[str, Any]]]:

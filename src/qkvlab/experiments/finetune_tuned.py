@@ -52,7 +52,6 @@ it). Theorem 2 (η_QK = Θ(1/n), η_V = Θ(1)) predicts a best λ about 2× larg
 
 from __future__ import annotations
 
-import json
 import math
 from collections.abc import Iterable
 from dataclasses import dataclass
@@ -143,12 +142,8 @@ CELLS = cells()
 def _results(out: Path) -> dict[tuple[Cell, float, int], dict[str, Any]]:
     """(cell, lr exponent, seed) → result.json of every finished run."""
 
-    def read(folder: Path) -> dict[str, Any] | None:
-        path = folder / "result.json"
-        return json.loads(path.read_text()) if path.is_file() else None
-
     found = {}
-    for key, by_seed in grid_layer.load_runs(out, read).items():
+    for key, by_seed in grid_layer.load_runs(out, grid_layer.read_result).items():
         point = dict(key)
         cell = Cell(point["method"], tuple(point["targets"]), float(point["lr_ratio"]))
         for seed, result in by_seed.items():

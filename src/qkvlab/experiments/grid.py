@@ -34,6 +34,7 @@ batch order, so a paired difference removes that part of the spread).
 from __future__ import annotations
 
 import argparse
+import errno
 import importlib
 import json
 import os
@@ -261,6 +262,9 @@ def _outcome(before: str, now: str, failure: str | None) -> str:
     return failure or "failed (no result)"
 
 
+_NO_ROOM = {errno.ENOSPC, errno.EROFS, errno.EDQUOT, errno.EFBIG}
+
+
 def _run_here(out, run, before, worker, settings, status, show) -> None:  # type: ignore[no-untyped-def]
     folder = _prepare(out, run)
     started = time.perf_counter()
@@ -269,6 +273,11 @@ def _run_here(out, run, before, worker, settings, status, show) -> None:  # type
         worker(folder, dict(run.point), run.seed, dict(settings))
     except UserError:
         raise  # a mistake in the settings: every run would fail the same way
+    except OSError as exc:
+        if exc.errno in _NO_ROOM:
+            raise  # a full or read-only disk fails every later run too: stop here, one line, no traceback
+        failure = f"failed ({type(exc).__name__}: {exc})"
+        traceback.print_exc()
     except Exception as exc:  # one broken run is reported; the others go on
         failure = f"failed ({type(exc).__name__}: {exc})"
         traceback.print_exc()
@@ -368,8 +377,10 @@ def load_runs(
     for folder in sorted(p for p in (out / "runs").glob("*") if p.is_dir()):
         record = folder / "run.json"
         if record.is_file():
-            data = json.loads(record.read_text())
-            point, seed = data["point"], int(data["seed"])
+            data = read_result(folder, "run.json")
+            if not isinstance(data.get("point"), dict) or not isinstance(data.get("seed"), int):
+                raise UserError(f"{record} is damaged (no point and seed in it)")
+            point, seed = data["point"], data["seed"]
         elif legacy is not None and (described := legacy(folder)) is not None:
             point, seed = described
         else:
@@ -378,6 +389,20 @@ def load_runs(
         if result is not None:
             found.setdefault(point_key(point), {})[seed] = result
     return found
+
+
+def read_result(folder: Path, name: str = "result.json") -> Any:
+    """``folder/name`` as JSON, None if it is not there; a damaged one is a UserError naming it."""
+    path = folder / name
+    if not path.is_file():
+        return None
+    try:
+        data = json.loads(path.read_bytes())
+    except (UnicodeDecodeError, ValueError):
+        raise UserError(f"{path} is damaged (not JSON); delete it to run that run again") from None
+    if not isinstance(data, dict):
+        raise UserError(f"{path} is damaged (a JSON {type(data).__name__}, not an object)")
+    return data
 
 
 def mean_std(values: Iterable[float]) -> dict[str, float]:

@@ -34,6 +34,11 @@ GAP_FLOOR = 1e-26
 CURVE_POINTS = 200
 
 
+#: The most steps a theory part takes: beyond it a run is hours per λ and seed, and its step records
+#: would not fit in memory.
+MAX_STEPS = 10_000_000
+
+
 @dataclass(frozen=True)
 class TheorySettings:
     """Every knob of ``qkvlab theory``; the defaults run in well under a minute on 2 CPU cores."""
@@ -70,8 +75,8 @@ class TheorySettings:
             values = getattr(self, name)
             if not values or any(not math.isfinite(v) or v < 0 for v in values):
                 raise UserError(f"{name} {list(values)}; accepted: one or more numbers ≥ 0")
-        if not self.seeds or any(s < 0 for s in self.seeds):
-            raise UserError(f"seeds {list(self.seeds)}; accepted: one or more integers ≥ 0")
+        if not self.seeds or any(not 0 <= s <= 2**31 - 1 for s in self.seeds):
+            raise UserError(f"seeds {list(self.seeds)}; accepted: one or more integers in [0, 2147483647]")
         unknown = sorted(set(self.optimizers) - (set(OPTIMIZERS) - {"gd"}))
         if unknown:
             accepted = ", ".join(o for o in OPTIMIZERS if o != "gd")
@@ -80,8 +85,8 @@ class TheorySettings:
         if unknown or not self.parts:
             raise UserError(f"unknown part {', '.join(unknown) or '(none)'}; accepted: {', '.join(PARTS)}")
         for name in ("steps", "adam_steps", "completion_steps", "record_every"):
-            if getattr(self, name) <= 0:
-                raise UserError(f"{name} must be a positive integer, got {getattr(self, name)}")
+            if not 0 < getattr(self, name) <= MAX_STEPS:
+                raise UserError(f"{name} {getattr(self, name)}; accepted: an integer in [1, {MAX_STEPS:,}]")
         for name in ("lr", "momentum_lr", "adam_lr", "completion_lr"):
             value = getattr(self, name)
             if not math.isfinite(value) or value <= 0:

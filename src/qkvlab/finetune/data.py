@@ -118,7 +118,16 @@ def _from_rows(name: str, texts: list[str], labels: list, pairs: list[str] | Non
             raise UserError(
                 f"{name}: every example has the label {names[0]!r}; a classifier needs at least 2 labels"
             )
-    return LabelledData(name, texts, pairs, y, names, _stratified_split(y, regression))
+    splits = _stratified_split(y, regression)
+    empty = [k for k, v in splits.items() if len(v) == 0]
+    if empty:
+        smallest = min(np.bincount(y)) if not regression else len(y)
+        raise UserError(
+            f"{name}: {len(y)} examples leave the {' and '.join(empty)} split empty (each takes "
+            f"{SPLIT[1]:.0%} of every class, rounded; the smallest class has {smallest}); accepted: at least "
+            "5 examples of some class, and more of each for a split that means anything"
+        )
+    return LabelledData(name, texts, pairs, y, names, splits)
 
 
 def _rotten_tomatoes() -> LabelledData:
@@ -157,6 +166,7 @@ def _local(kind: str, path: Path) -> LabelledData:
         raise UserError(f"{name}: no such file")
     try:
         if kind == "csv":
+            csv.field_size_limit(1 << 26)  # long documents are fine (they are cut to --max-length)
             with path.open(newline="", encoding="utf-8") as fh:
                 reader = csv.DictReader(fh)
                 rows = list(reader)
@@ -184,6 +194,14 @@ def _local(kind: str, path: Path) -> LabelledData:
         raise UserError(f"{name}: missing column {', '.join(missing)}; found {', '.join(columns) or 'none'}")
     if any(r.get("label") in (None, "") for r in rows):
         raise UserError(f"{name}: some rows have no label")
+    odd = next((n for n, r in enumerate(rows, 1) if not isinstance(r["label"], str | int | float)), None)
+    if odd is not None:
+        kind_of = {"dict": "object", "list": "array", "bool": "boolean", "NoneType": "null"}.get(
+            type(rows[odd - 1]["label"]).__name__, type(rows[odd - 1]["label"]).__name__
+        )
+        raise UserError(
+            f"{name}: row {odd} has a label that is a JSON {kind_of}; accepted: a string or a number"
+        )
     pairs = [str(r["text_pair"]) for r in rows] if "text_pair" in columns else None
     labels = [_parse_label(r["label"]) for r in rows]
     bad = next((i for i, v in enumerate(labels) if isinstance(v, float) and not math.isfinite(v)), None)

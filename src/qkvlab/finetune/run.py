@@ -86,8 +86,10 @@ class FinetuneConfig:
             raise UserError(f"--weight-decay {self.weight_decay}; accepted: finite and ≥ 0")
         if self.loraplus_ratio is not None and not 0 < self.loraplus_ratio < math.inf:
             raise UserError(f"--loraplus-ratio {self.loraplus_ratio}; accepted: finite and > 0")
-        if self.seed < 0:
-            raise UserError(f"--seed {self.seed}; accepted: an integer ≥ 0")
+        from qkvlab.args import MAX_SEED
+
+        if not 0 <= self.seed <= MAX_SEED:
+            raise UserError(f"--seed {self.seed}; accepted: an integer in [0, {MAX_SEED}]")
         if self.epochs is not None and not 0 < self.epochs < math.inf:
             raise UserError(f"--epochs {self.epochs:g}; accepted: a finite number > 0")
         if self.max_steps is not None and self.max_steps <= 0:
@@ -112,10 +114,27 @@ def _model_path(name: str) -> Path:
         raise UserError(
             f"--model {name}: not a packaged name ({', '.join(PACKAGED_MODELS)}) nor a HF model folder with config.json"
         )
-    from qkvlab.attention.sources import _weight_files
+    from qkvlab.attention.sources import _read_safetensors_header, _weight_files
 
-    _weight_files(path)  # safetensors or a one-line refusal: pickled weights are never loaded
+    # safetensors or a one-line refusal: pickled weights are never loaded, and a file that only carries
+    # the name (a pickle renamed, a truncated download) is named before transformers reads it
+    for file in _weight_files(path):
+        _read_safetensors_header(file)
     return path
+
+
+def _write_error(exc: Exception, where: Path) -> Exception:
+    """An OSError naming ``where`` for a write that failed inside a library (safetensors' "os error 28")."""
+    import errno
+    import re
+
+    if isinstance(exc, OSError):
+        exc.filename = exc.filename or str(where)
+        return exc
+    code = re.search(r"os error (\d+)", str(exc))
+    if code and int(code.group(1)) in errno.errorcode:
+        return OSError(int(code.group(1)), os.strerror(int(code.group(1))), str(where))
+    return exc
 
 
 def _device(kind: str) -> torch.device:
@@ -335,6 +354,10 @@ def finetune(config: FinetuneConfig, *, progress: bool = True) -> dict[str, Any]
 
     left = getattr(tokenizer, "padding_side", "right") == "left"
     n = len(train_y)
+    if config.batch_size > n:
+        raise UserError(
+            f"--batch-size {config.batch_size} is larger than the {n} training examples; accepted: ≤ {n}"
+        )
     steps_per_epoch = max(1, n // config.batch_size)
     max_steps = (
         config.max_steps if config.max_steps is not None else math.ceil(config.epochs * steps_per_epoch)
@@ -383,8 +406,16 @@ def finetune(config: FinetuneConfig, *, progress: bool = True) -> dict[str, Any]
             k: v.to(device) for k, v in _trim({k: v[index] for k, v in train_inputs.items()}, left).items()
         }
         started = time.perf_counter()
-        loss = model(**batch, labels=train_y[index].to(device)).loss
-        loss.backward()
+        try:
+            loss = model(**batch, labels=train_y[index].to(device)).loss
+            loss.backward()
+        except (torch.OutOfMemoryError, RuntimeError) as exc:
+            if not isinstance(exc, torch.OutOfMemoryError) and "allocate" not in str(exc):
+                raise
+            raise UserError(
+                f"out of memory in a training step at --batch-size {config.batch_size} × "
+                f"--max-length {config.max_length} ({str(exc).splitlines()[0]}); lower either"
+            ) from None
         torch.nn.utils.clip_grad_norm_([p for g in groups for p in g["params"]], 1.0)
         optimizer.step()
         scheduler.step()
@@ -452,8 +483,11 @@ def finetune(config: FinetuneConfig, *, progress: bool = True) -> dict[str, Any]
         out.mkdir(parents=True, exist_ok=True)
         if config.save_model:
             to_save = model.merge_and_unload() if config.method == "lora" else model
-            to_save.save_pretrained(out / "model")
-            tokenizer.save_pretrained(out / "model")
+            try:
+                to_save.save_pretrained(out / "model")
+                tokenizer.save_pretrained(out / "model")
+            except Exception as exc:  # safetensors reports a failed write as its own error type
+                raise _write_error(exc, out / "model") from None
         from qkvlab.files import write_atomic
 
         write_atomic(out / "result.json", json.dumps(result, indent=1))

@@ -376,10 +376,15 @@ def _plot_rates(result: dict[str, Any], folder: Path) -> Path:
     )
     for name, toy, marker, colour in toys:
         for ax, key in ((axes[0], "decay_rate_measured"), (axes[1], "gap_decay_rate_measured")):
-            means = [toy[key][i] for i in index]
-            stds = [toy[f"{key}_std"][i] or 0.0 for i in index]
+            # a rate that could not be fitted (too few steps to see the decay) is left out, not drawn at 0
+            fitted = [i for i in index if toy[key][i] is not None]
+            means = [toy[key][i] for i in fitted]
+            stds = [toy[f"{key}_std"][i] or 0.0 for i in fitted]
+            if not fitted:
+                ax.text(0.5, 0.5, f"{name}: no rate could be fitted", transform=ax.transAxes, ha="center")
+                continue
             ax.errorbar(
-                lambdas,
+                [result["lambda"][i] for i in fitted],
                 means,
                 yerr=stds,
                 fmt=marker,

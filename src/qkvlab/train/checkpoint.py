@@ -276,13 +276,16 @@ def resumable_checkpoint(run_dir: Path, restore: Any, echo: Any = print) -> tupl
         problem = checkpoint_problem(path, expected)
         if problem is None:
             try:
-                return path, restore(path)
+                restored = restore(path)
             except UserError as exc:
                 problem = str(exc).removeprefix(f"cannot resume from {path}: ")
-        skipped.append(f"{path.name} ({problem})")
-        if len(skipped) < len(candidates):  # when every one fails, the error below names them all
-            echo(f"skipping {path.name}: {problem}")
-    raise UserError(f"no checkpoint in {run_dir} can be resumed: " + "; ".join(skipped))
+            else:
+                for name, why in skipped:  # said only now: when none works, the one error names them all
+                    echo(f"skipping {name}: {why}")
+                return path, restored
+        skipped.append((path.name, problem))
+    named = "; ".join(f"{name} ({why})" for name, why in skipped)
+    raise UserError(f"no checkpoint in {run_dir} can be resumed: {named}")
 
 
 def _writes_checksums(run_dir: Path, candidates: list[Path]) -> bool:

@@ -15,7 +15,7 @@ import re
 from pathlib import Path
 from typing import Any
 
-from qkvlab.config import config_keys, load_config
+from qkvlab.config import coerce_value, config_keys, load_config
 from qkvlab.errors import UserError
 from qkvlab.experiments.grid import Run, load_runs, mean_std, run_grid
 from qkvlab.experiments.training import read_training_run, refuse_run_keys, train_status, train_worker
@@ -40,9 +40,18 @@ def parse_grid(items: list[str]) -> dict[str, list[str]]:
             raise UserError(f"--grid key {key!r} is not a config key; see `qkvlab train --help-keys`")
         if key == "seed":
             raise UserError("put seeds in --seeds, not in --grid")
+        if key in grid:
+            raise UserError(f"--grid names {key} twice; accepted: each key once, with all its values")
         grid[key] = [v.strip() for v in values.split(",")]
         if not all(grid[key]):  # "lr=,,," or "lr=1e-3,,3e-3": a typo, not a value
             raise UserError(f"--grid {item!r} has an empty value; accepted: key=v1,v2,... with no empty item")
+        # the values as training reads them: lr=1e-3,0.001 is one value twice, refused before any run
+        parsed = [coerce_value(key, v) for v in grid[key]]
+        repeated = next((v for i, v in enumerate(grid[key]) if parsed[i] in parsed[:i]), None)
+        if repeated is not None:
+            raise UserError(
+                f"--grid {item!r} gives the value {repeated} of {key} twice; accepted: distinct values"
+            )
     return grid
 
 
