@@ -90,7 +90,7 @@ def test_lora_adapters_only_on_chosen_roles(tiny_bert, tiny_csv, tmp_path) -> No
         (["--lr", "inf"], "--lr inf; accepted: finite and > 0"),
         (["--alpha", "nan"], "--alpha nan; accepted: finite and > 0"),
         (["--targets", "q,q"], "--targets q,q repeats a matrix"),
-        (["--seed", "-1"], "--seed -1; accepted: an integer ≥ 0"),
+        (["--seed", "-1"], "--seed -1; accepted: an integer in [0, 2147483647]"),
         (["--epochs", "0"], "--epochs 0; accepted: a finite number > 0"),
         (["--epochs", "nan"], "--epochs nan; accepted: a finite number > 0"),
         (["--data", "csv:{missing_label}"], "missing column label"),
@@ -273,7 +273,7 @@ def test_repro_cli_bad_input_is_one_line_exit_2(tmp_path, capsys) -> None:
         == 2
     )
     err = capsys.readouterr().err.strip().splitlines()
-    assert len(err) == 4 and "holds no runs" in err[0] and "comma-separated integers" in err[1]
+    assert len(err) == 4 and "holds no finished runs" in err[0] and "comma-separated integers" in err[1]
     assert "integers ≥ 0" in err[2] and "is a file; accepted: a folder path" in err[3]
     assert not (tmp_path / "x").exists()  # refused before any run
 

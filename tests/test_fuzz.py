@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import itertools
 import math
+import os
 import string
 import tempfile
 from pathlib import Path
@@ -301,6 +302,25 @@ def fuzz_place(tmp_path_factory, tiny_bert, tiny_csv) -> Path:
     assert main(["train", *(f"{k}={v}" for k, v in settings.items())]) == 0
     # repro rank-guard's default --reference
     (place / "results" / "paper000-gpt" / "runs").mkdir(parents=True)
+    # what someone else's folder or a damaged disk may hold (issue 28's probe)
+    (place / "outside.txt").write_text("keep me\n")
+    for name, plant in (("linkedrun", ".lock"), ("linkedmetrics", "metrics.jsonl")):
+        shutil.copytree(place / "run", place / name)
+        (place / name / plant).unlink(missing_ok=True)
+        (place / name / plant).symlink_to(place / "outside.txt")
+    shutil.copytree(place / "run", place / "garbledrun")
+    (place / "garbledrun" / "config.json").write_bytes(b"\xff\xfe[1, 2")
+    shutil.copytree(place / "run", place / "listrun")
+    (place / "listrun" / "config.json").write_text("[1, 2]")
+    (place / "three.csv").write_text("text,label\na,pos\nb,neg\nc,pos\n")
+    (place / "thirty.csv").write_text("text,label\n" + "".join(f"x{i},c{i}\n" for i in range(30)))
+    (place / "objects.jsonl").write_text(
+        "".join(f'{{"text": "t{i}", "label": {{"a": {i % 2}}}}}\n' for i in range(40))
+    )
+    shutil.copytree(tiny_bert, place / "pickled")
+    import pickle
+
+    (place / "pickled" / "model.safetensors").write_bytes(pickle.dumps({"weights": [1, 2, 3]}))
     return place
 
 
@@ -318,8 +338,18 @@ PATHS = [
     "{tmp}/good.yaml",
     "{tmp}/missing.yaml",
     "shakespeare-gpt",
+    "{tmp}/linkedrun",
+    "{tmp}/linkedmetrics",
+    "{tmp}/garbledrun",
+    "{tmp}/listrun",
+    "/proc/nope/out",
+    "{tmp}/" + "n" * 300,
+    "{tmp}/run ",
 ]
-NUMBERS = ["0", "1", "-1", "2", "0.5", "1e-3", "nan", "inf", "-inf", "1e400", "", "x", "0,1", "0,,1", "1,nan"]
+NUMBERS = [
+    *["0", "1", "-1", "2", "0.5", "1e-3", "nan", "inf", "-inf", "1e400", "", "x", "0,1", "0,,1", "1,nan"],
+    *["99999999999999999999", "99999999999999999999999", "2147483648", "0,99999999999999999999", "1e30"],
+]
 OVERRIDES = [
     "max_steps=3",
     "max_steps=0",
@@ -349,6 +379,12 @@ OVERRIDES = [
     "=1",
     "lr=",
     "spectra_every=-1",
+    "seed=99999999999999999999",
+    "seed=2147483648",
+    "model.n_head=5000000",
+    "out=/proc/nope/x",
+    "out={tmp}/" + "o" * 300,
+    "out={tmp}/run ",
 ]
 
 
@@ -374,6 +410,9 @@ GRIDS = [
     "out=a,b",
     "max_steps=0,1",
     "lr",
+    "lr=1e-3,0.001",
+    "lr=1e-3,1e-3",
+    "seed=99999999999999999999",
 ]
 SETS = [
     "model.bias=true",
@@ -392,8 +431,11 @@ DATA = [
     "csv:{tmp}",
     "jsonl:",
     "nope",
+    "csv:{tmp}/three.csv",
+    "csv:{tmp}/thirty.csv",
+    "jsonl:{tmp}/objects.jsonl",
 ]
-MODELS = ["{tmp}/bert", "{tmp}/notok", "{tmp}/run", "{tmp}/afile", "{tmp}/missing", "{tmp}"]
+MODELS = ["{tmp}/bert", "{tmp}/notok", "{tmp}/run", "{tmp}/afile", "{tmp}/missing", "{tmp}", "{tmp}/pickled"]
 # option → the values people give it: each command line is a shuffled set of options with values
 # from these pools (or a number or word that belongs elsewhere), plus positionals
 OPTIONS = {
@@ -440,7 +482,7 @@ OPTIONS = {
         "--out": OUTS,
         "--summary-only": None,
     },
-    "repro finetune": {"--seeds": NUMBERS, "--out": OUTS, "--summary-only": None},
+    "repro finetune": {"--seeds": NUMBERS, "--out": OUTS, "--summary-only": None, "--pilot": None},
     "finetune": {
         "--model": MODELS,
         "--data": DATA,
@@ -539,8 +581,9 @@ def stubbed_work(monkeypatch):
     monkeypatch.setattr(theory, "run_theory", run_theory)
 
 
+# `make test` runs 400; a hand run sets QKVLAB_FUZZ_LINES=5000 (RELIABILITY.md says what it found)
 @settings(
-    max_examples=400,
+    max_examples=int(os.environ.get("QKVLAB_FUZZ_LINES", "400")),
     deadline=None,
     suppress_health_check=[HealthCheck.too_slow, HealthCheck.function_scoped_fixture],
 )
@@ -575,5 +618,9 @@ def test_any_command_line_of_every_command_is_handled(fuzz_place, stubbed_work, 
                 given["out="] = token.removeprefix("out=")
         json_file = given.pop("--json", "")
         assert not any("/afile" in f for f in given.values()) and "/afile/" not in json_file, argv
+        for path in [*given.values(), json_file]:  # unwritable, over-long or space-padded: refused first
+            assert "/proc/nope" not in path and path == path.strip(), argv
+            assert all(len(part.encode()) <= 255 for part in Path(path).parts), argv
+        assert (fuzz_place / "outside.txt").read_text() == "keep me\n", argv
     elif code == 0:  # exit 0 without reaching the work: only help, --help-keys and --summary-only
         assert {"-h", "--help", "--help-keys", "--summary-only"} & set(argv) or "help" in out.getvalue(), argv

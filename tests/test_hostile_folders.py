@@ -37,9 +37,11 @@ def outside(tmp_path) -> Path:
 
 
 def _one_line(capsys) -> str:
-    err = capsys.readouterr().err.strip().splitlines()
-    assert len(err) == 1, err
-    return err[0]
+    """The one error line (progress bars of model loading may come before it), and no traceback."""
+    err = capsys.readouterr().err
+    lines = [x for x in err.strip().splitlines() if not x.startswith("Loading weights")]
+    assert len(lines) == 1 and "Traceback" not in err, lines
+    return lines[0]
 
 
 @pytest.mark.parametrize("name", [".lock", "metrics.jsonl", "config.json", "spectra.jsonl", "latest"])
@@ -132,3 +134,163 @@ def test_a_binary_metrics_file_on_resume_is_one_line(corpus, tmp_path, capsys) -
     (run / "metrics.jsonl").write_bytes(b"\x00\xff\xfe" * 50)
     assert main(["train", "--resume", str(run)]) == 2
     assert "metrics.jsonl is damaged (not UTF-8 text)" in _one_line(capsys)
+
+
+# -- issue 28's tracebacks, each now one line -------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def place(tmp_path_factory, tiny_bert) -> Path:
+    import pickle
+    import shutil
+
+    place = tmp_path_factory.mktemp("round3")
+    (place / "corpus.txt").write_text(TEXT)
+    (place / "three.csv").write_text("text,label\na,pos\nb,neg\nc,pos\n")
+    (place / "three.jsonl").write_text(
+        "".join(f'{{"text": "{t}", "label": "{y}"}}\n' for t, y in ("ab", "ba", "ab"))
+    )
+    (place / "thirty.csv").write_text("text,label\n" + "".join(f"x{i},c{i}\n" for i in range(30)))
+    (place / "objects.jsonl").write_text(
+        "".join(f'{{"text": "t{i}", "label": {{"a": {i % 2}}}}}\n' for i in range(40))
+    )
+    shutil.copytree(tiny_bert, place / "pickled")
+    (place / "pickled" / "model.safetensors").write_bytes(pickle.dumps({"weights": [1, 2, 3]}))
+    (place / "empty").mkdir()
+    (place / "inspect-broken.json").write_text(json.dumps({"kind": "inspect", "schema_version": 2}))
+    run = place / "badmetrics"
+    assert (
+        main(["train", *(f"{k}={v}" for k, v in tiny_gpt_settings(place / "corpus.txt", run).items())]) == 0
+    )
+    (run / "metrics.jsonl").write_text('{"step": 1, "split": "train", "loss": 1.0}\n{not json\n')
+    garbled = place / "garbled-finetune" / "runs" / "x"
+    garbled.mkdir(parents=True)
+    (garbled / "run.json").write_text(
+        json.dumps({"point": {"data": "d", "targets": ["q"], "method": "lora", "lr_ratio": 1}, "seed": 0})
+    )
+    (garbled / "result.json").write_text("{garbled")
+    return place
+
+
+LONG = "n" * 300
+CASES = {
+    # huge numbers
+    "finetune seed": (["finetune", "--seed", "99999999999999999999999", "--max-steps", "1"], "--seed"),
+    "sweep seeds": (["sweep", "--seeds", "99999999999999999999", "--grid", "lr=1e-3"], "--seeds"),
+    "train seed": (["train", "seed=99999999999999999999"], "seed="),
+    "theory steps": (["theory", "--steps", "99999999999999999999", "--parts", "toy"], "steps"),
+    "n_head": (["train", "model.n_head=5000000"], "model.n_head=5000000"),
+    "batch size": (
+        ["finetune", "--model", "{bert}", "--data", "csv:{csv}", "--batch-size", "100000"],
+        "--batch-size",
+    ),
+    # tiny and odd data files
+    "3 csv rows": (["finetune", "--model", "{bert}", "--data", "csv:{p}/three.csv"], "split empty"),
+    "3 jsonl lines": (["finetune", "--model", "{bert}", "--data", "jsonl:{p}/three.jsonl"], "split empty"),
+    "30 classes": (["finetune", "--model", "{bert}", "--data", "csv:{p}/thirty.csv"], "split empty"),
+    "object label": (["finetune", "--model", "{bert}", "--data", "jsonl:{p}/objects.jsonl"], "JSON object"),
+    "pickle as safetensors": (
+        ["finetune", "--model", "{p}/pickled", "--data", "csv:{csv}"],
+        "not a safetensors file",
+    ),
+    # outputs that cannot be written
+    "train out /proc": (["train", "out=/proc/nope/x"], "cannot write /proc/nope/x"),
+    "train out long": (["train", "out={p}/" + LONG], "at most 255 bytes"),
+    "train out space": (["train", "out={p}/run "], "white space"),
+    "sweep out": (["sweep", "--grid", "lr=1e-3", "--out", "/proc/nope/s"], "cannot write"),
+    "finetune out": (["finetune", "--out", "{p}/" + LONG], "at most 255 bytes"),
+    "inspect json": (["inspect", "{bert}", "--json", "/proc/nope/x.json"], "cannot write"),
+    "inspect csv": (["inspect", "{bert}", "--csv", "{p}/" + LONG + ".csv"], "at most 255 bytes"),
+    "inspect plot": (["inspect", "{bert}", "--plot", "/proc/nope/plots"], "cannot write"),
+    "theory json": (["theory", "--parts", "toy", "--json", "/proc/nope/t.json"], "cannot write"),
+    "theory plot": (["theory", "--parts", "toy", "--plot", "{p}/" + LONG], "at most 255 bytes"),
+    "report out": (["report", "{p}/badmetrics", "--out", "/proc/nope/r"], "cannot write"),
+    "repro out": (["repro", "wd-rank", "--out", "/proc/nope/w"], "cannot write"),
+    "demo out": (["demo", "--out", "{p}/" + LONG], "at most 255 bytes"),
+    # summaries and reports of damaged or empty folders
+    "optimizer-rank none": (
+        ["repro", "optimizer-rank", "--summary-only", "--out", "/nonexistent"],
+        "holds no runs",
+    ),
+    "wd-rank empty": (["repro", "wd-rank", "--summary-only", "--out", "{p}/empty"], "holds no runs"),
+    "decouple empty": (["repro", "decouple", "--summary-only", "--out", "{p}/empty"], "holds no runs"),
+    "finetune garbled": (
+        ["repro", "finetune", "--summary-only", "--out", "{p}/garbled-finetune"],
+        "is damaged",
+    ),
+    "report inspect": (
+        ["report", "{p}/inspect-broken.json", "--out", "{p}/r1"],
+        "inspect-broken.json is damaged",
+    ),
+    "report metrics": (["report", "{p}/badmetrics", "--out", "{p}/r2"], "line 2 is not JSON"),
+    # a sweep that would train and then fail
+    "sweep repeated value": (["sweep", "--grid", "lr=1e-3,0.001", "--out", "{p}/sw"], "twice"),
+}
+
+
+@pytest.mark.parametrize("case", sorted(CASES))
+def test_each_case_of_the_probe_is_one_line_exit_2(
+    case, place, tiny_bert, tiny_csv, capsys, monkeypatch
+) -> None:
+    monkeypatch.chdir(place)
+    argv, expected = CASES[case]
+    argv = [a.format(p=place, bert=tiny_bert, csv=tiny_csv) for a in argv]
+    if argv[0] in ("train", "sweep") and not any(a.startswith("data=") for a in argv):
+        argv += [f"data=text:{place / 'corpus.txt'}", "seq_len=16", "max_steps=2", "warmup_steps=0"]
+    assert main(argv) == 2
+    assert expected in _one_line(capsys)
+    assert not (place / "sw").exists() and not list(place.glob("r1")) and not list(place.glob("r2"))
+
+
+def test_a_plot_of_a_run_too_short_to_fit_a_rate_is_drawn(tmp_path, capsys) -> None:
+    assert (
+        main(["theory", "--parts", "toy", "--steps", "5", "--plot", str(tmp_path / "plots"), "--quiet"]) == 0
+    )
+    assert (tmp_path / "plots" / "theory_rates.png").stat().st_size > 0
+
+
+def test_disk_full_under_sweep_and_finetune_is_one_line_naming_the_file(
+    corpus, tiny_bert, tiny_csv, tmp_path, capsys, monkeypatch
+) -> None:
+    import errno
+
+    from qkvlab.train import checkpoint
+
+    def full(*args, **kwargs):  # type: ignore[no-untyped-def]
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), str(tmp_path / "sw" / "x.safetensors"))
+
+    monkeypatch.setattr(checkpoint, "save_model", full)
+    settings = tiny_gpt_settings(corpus, tmp_path / "x", max_steps=4)
+    args = [f"{k}={v}" for k, v in settings.items() if k != "out"]
+    assert main(["sweep", "--grid", "lr=1e-3,2e-3", "--out", str(tmp_path / "sw"), *args]) == 1
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err == [
+        f"qkvlab sweep: error: cannot write: {tmp_path / 'sw' / 'x.safetensors'}: No space left on device"
+    ]
+    monkeypatch.undo()
+
+    import transformers
+
+    class SafetensorError(Exception):  # what safetensors raises for a failed write
+        __module__ = "safetensors_rust"
+
+    def fails(self, *args, **kwargs):  # type: ignore[no-untyped-def]
+        raise SafetensorError("Error while serializing: I/O error: No space left on device (os error 28)")
+
+    monkeypatch.setattr(transformers.PreTrainedModel, "save_pretrained", fails)
+    out = tmp_path / "ft"
+    argv = [
+        "finetune",
+        "--model",
+        str(tiny_bert),
+        "--data",
+        f"csv:{tiny_csv}",
+        "--max-steps",
+        "1",
+        "--out",
+        str(out),
+    ]
+    assert main(argv) == 1
+    assert capsys.readouterr().err.strip().splitlines()[-1] == (
+        f"qkvlab finetune: error: cannot write: {out / 'model'}: No space left on device"
+    )

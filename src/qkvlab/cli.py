@@ -590,6 +590,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     except OSError as exc:
         import errno
 
+        if exc.errno == errno.ENAMETOOLONG:  # a path the user gave has a name over the file system's limit
+            print(f"qkvlab {args.command}: error: {exc.strerror}: {exc.filename}", file=sys.stderr)
+            return EXIT_USER_ERROR
         if exc.errno not in (errno.ENOSPC, errno.EROFS, errno.EFBIG, errno.EDQUOT, errno.EACCES):
             raise  # anything else is our bug, with its traceback
         # disk full, read-only, file-size or quota limit: nothing the program can fix, one clear line

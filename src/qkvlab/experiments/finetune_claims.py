@@ -302,16 +302,26 @@ def write_summary(out: Path) -> Path:
 # -- `qkvlab repro finetune` ---------------------------------------------------------------------
 
 
+_PILOT_ONLY = {"--max-steps": 150, "--batch-size": 16, "--eval-every": 25, "--max-val-examples": 500}
+
+
 def _arguments(parser: Any) -> None:
-    parser.add_argument("--out", default="runs/repro-finetune", help="results folder (resumable)")
-    parser.add_argument("--seeds", default="0,1,2")
-    parser.add_argument("--jobs", type=positive_int, default=1, help="runs in parallel processes")
-    parser.add_argument("--max-steps", type=positive_int, default=150, help="steps per run (default 150)")
-    parser.add_argument("--batch-size", type=positive_int, default=16)
-    parser.add_argument("--eval-every", type=positive_int, default=25)
     parser.add_argument(
-        "--max-val-examples", type=positive_int, default=500, help="learning-curve subset of validation"
+        "--out",
+        default=None,
+        help="results folder, resumable (default runs/finetune-tuned/MODEL; with --pilot runs/repro-finetune)",
     )
+    parser.add_argument(
+        "--pilot",
+        action="store_true",
+        help="the earlier 150-step grid at two fixed rates (a pilot: its rates were not tuned per λ)",
+    )
+    parser.add_argument(
+        "--seeds", default=None, help="--pilot only (default 0,1,2); the tuned study fixes its own"
+    )
+    parser.add_argument("--jobs", type=positive_int, default=1, help="runs in parallel processes")
+    for option, default in _PILOT_ONLY.items():
+        parser.add_argument(option, type=positive_int, default=None, help=f"--pilot only (default {default})")
     parser.add_argument("--plot", metavar="DIR", default=None, help="write convergence plots (PNG) here")
     parser.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
     parser.add_argument(
@@ -321,7 +331,19 @@ def _arguments(parser: Any) -> None:
 
 
 def _main(args: Any) -> int:
-    seeds = seeds_list(args.seeds)
+    seeds = seeds_list(args.seeds or "0,1,2")
+    pilot_only = [o for o in ["--seeds", *_PILOT_ONLY] if getattr(args, o[2:].replace("-", "_")) is not None]
+    if not args.pilot:
+        if pilot_only:
+            raise UserError(
+                f"{pilot_only[0]} belongs to the 150-step pilot (add --pilot); the tuned study fixes its seeds "
+                "(selection 100; reported 0, 1, 2), one epoch, batch 16 and validation every 80 steps in its design"
+            )
+        return _main_tuned(args)
+    for option, default in _PILOT_ONLY.items():
+        name = option[2:].replace("-", "_")
+        setattr(args, name, getattr(args, name) or default)
+    args.out = args.out or "runs/repro-finetune"
     check_outputs([], [args.out, args.plot])  # before hours of runs, not after
     out = Path(args.out)
     if not args.summary_only:
@@ -336,8 +358,10 @@ def _main(args: Any) -> int:
             eval_every=args.eval_every,
             max_val_examples=args.max_val_examples,
         )
-    elif not (out / "runs").is_dir():
-        raise UserError(f"{out} holds no runs; run `qkvlab repro finetune --out {out}` first")
+    elif not any((out / "runs").glob("*/result.json")):
+        raise UserError(
+            f"{out} holds no finished runs; run `qkvlab repro finetune --pilot --out {out}` first"
+        )
     from qkvlab.report.finetune import claims_markdown, plot_convergence, summarize
 
     print(summarize(out))
@@ -350,10 +374,32 @@ def _main(args: Any) -> int:
     return 0
 
 
+def _main_tuned(args: Any) -> int:
+    """The tuned study (``experiments/finetune_tuned``): every cell at its own rate, whole epochs."""
+    from qkvlab.experiments.finetune_tuned import run_study
+    from qkvlab.report.finetune_tuned import study_markdown
+
+    args.out = args.out or f"runs/finetune-tuned/{Path(args.model).name}"
+    check_outputs([], [args.out, args.plot])
+    out = Path(args.out)
+    if not args.summary_only:
+        run_study(out, model=args.model, jobs=args.jobs, device=args.device)
+    elif not any((out / "runs").glob("*/result.json")):
+        raise UserError(f"{out} holds no finished runs; run `qkvlab repro finetune --out {out}` first")
+    print(study_markdown(out))
+    return 0
+
+
 def _report(folder: Path, figures: Path) -> list[Any]:
     """Sections for ``qkvlab report``: every setting's numbers, the per-claim tables and the curves."""
     from qkvlab.report.finetune import claims_markdown, plot_convergence, summarize
     from qkvlab.report.page import Figure, Markdown, Section
+
+    settings = folder / "settings.json"
+    if settings.is_file() and "rate_exponents" in json.loads(settings.read_text()):
+        from qkvlab.report.finetune_tuned import study_markdown
+
+        return [Section(f"Paper 001, every cell tuned ({folder.name})", [Markdown(study_markdown(folder))])]
 
     figures.mkdir(parents=True, exist_ok=True)
     curves = [Figure(p, p.stem.replace("_", " ")) for p in plot_convergence(folder, figures)]

@@ -52,6 +52,7 @@ it). Theorem 2 (η_QK = Θ(1/n), η_V = Θ(1)) predicts a best λ about 2× larg
 
 from __future__ import annotations
 
+import json
 import math
 from collections.abc import Iterable
 from dataclasses import dataclass
@@ -301,3 +302,115 @@ def run_study(
             raise RuntimeError(
                 f"{len(failed)} runs failed ({', '.join(failed[:3])}…); see their finetune.log"
             )
+
+
+# -- what the runs say -----------------------------------------------------------------------------
+
+
+def _auc(result: dict[str, Any]) -> float:
+    """Mean validation accuracy over the learning curve (the area under it, per evaluation)."""
+    return sum(c["accuracy"] for c in result["curve"]) / len(result["curve"])
+
+
+def summarize(
+    out: Path, cell_list: list[Cell] | None = None, exponents: dict[str, tuple[int, ...]] | None = None
+):
+    """Every cell's rate search and reported runs, the controls, and the paired comparisons (plain data).
+
+    Convergence: per method, the threshold is 95 % of the best mean final validation accuracy of any
+    cell at its tuned rate; a run's step to it is its first evaluation at or above it (None: never).
+    """
+    import statistics
+
+    settings_path = out / "settings.json"
+    exponents = exponents or (
+        {k: tuple(v) for k, v in json.loads(settings_path.read_text())["rate_exponents"].items()}
+        if settings_path.is_file()
+        else RATE_EXPONENTS
+    )
+    cell_list = cell_list or [c for c in CELLS if c.method in exponents]
+    _, states = plan(out, cell_list, exponents)
+    results = _results(out)
+
+    def runs_at(cell: Cell, exponent: float, seeds: Iterable[int]) -> dict[int, dict[str, Any]]:
+        return {s: results[cell, float(exponent), s] for s in seeds if (cell, float(exponent), s) in results}
+
+    rows: dict[Cell, dict[str, Any]] = {}
+    for cell, state in states.items():
+        row: dict[str, Any] = {"cell": cell, "search": state, "runs": {}}
+        if state["chosen"] is not None:
+            row["runs"] = runs_at(cell, state["chosen"], REPORTED_SEEDS)
+        rows[cell] = row
+    thresholds = {}
+    for method in {c.method for c in rows}:
+        means = [
+            statistics.fmean(r["final_val"] for r in row["runs"].values())
+            for c, row in rows.items()
+            if c.method == method and row["runs"]
+        ]
+        thresholds[method] = 0.95 * max(means) if means else None
+    for cell, row in rows.items():
+        threshold = thresholds[cell.method]
+        row["steps_to_threshold"] = {
+            s: next((c["step"] for c in r["curve"] if c["accuracy"] >= threshold), None)
+            if threshold
+            else None
+            for s, r in row["runs"].items()
+        }
+    found_controls = []
+    for control in controls(states):
+        found_controls.append(
+            {**control, "runs": runs_at(control["cell"], control["exponent"], CONTROL_SEEDS)}
+        )
+    return {"rows": rows, "thresholds": thresholds, "controls": found_controls, "auc": _auc}
+
+
+def _metric(runs: dict[int, dict[str, Any]], name: str) -> dict[int, float]:
+    if name == "auc":
+        return {s: _auc(r) for s, r in runs.items()}
+    if name == "test":
+        return {s: r["test"]["accuracy"] for s, r in runs.items()}
+    return {s: r[name] for s, r in runs.items()}
+
+
+def comparisons(summary: dict[str, Any]) -> list[dict[str, Any]]:
+    """The paired comparisons the claims rest on, each at both cells' tuned rates (seed-paired)."""
+    rows = summary["rows"]
+    out = []
+
+    def add(claim: str, a: Cell | dict, b: Cell | dict) -> None:
+        runs_a = a["runs"] if isinstance(a, dict) else rows.get(a, {}).get("runs", {})
+        runs_b = b["runs"] if isinstance(b, dict) else rows.get(b, {}).get("runs", {})
+        if not runs_a or not runs_b:
+            return
+        label_a = f"{a['cell'].label} at η = {rate(a['exponent']):.3g}" if isinstance(a, dict) else a.label
+        label_b = f"{b['cell'].label} at η = {rate(b['exponent']):.3g}" if isinstance(b, dict) else b.label
+        out.append(
+            {
+                "claim": claim,
+                "a": label_a,
+                "b": label_b,
+                **{
+                    m: grid_layer.paired(_metric(runs_a, m), _metric(runs_b, m), 100)
+                    for m in ("test", "final_val", "auc")
+                },
+            }
+        )
+
+    methods = sorted({c.method for c in rows})
+    for method in methods:
+        for targets in (("q", "v"), ("q", "k", "v")):
+            base = Cell(method, targets, 1.0)
+            for lam in LAMBDAS[1:]:
+                add("λ > 1 beats tuned λ = 1", Cell(method, targets, lam), base)
+        for lam in LAMBDAS:
+            add(
+                "QV beats QKV at the same λ",
+                Cell(method, ("q", "v"), lam),
+                Cell(method, ("q", "k", "v"), lam),
+            )
+        add("V beats K (each at its own rate)", Cell(method, ("v",), 1.0), Cell(method, ("k",), 1.0))
+    for control in summary["controls"]:
+        best = control["from"]
+        add("best λ > 1 beats λ = 1 at its η_V", best, control)
+    return out

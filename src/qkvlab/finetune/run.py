@@ -273,6 +273,11 @@ def finetune(config: FinetuneConfig, *, progress: bool = True) -> dict[str, Any]
     warnings.filterwarnings("ignore", message=r".*is_gradient_checkpointing.*", category=FutureWarning)
     device = _device(config.device)
     data = load_labelled(config.data)
+    n_train = min(len(data.splits["train"]), config.max_train_examples or len(data.splits["train"]))
+    if config.batch_size > n_train:
+        raise UserError(
+            f"--batch-size {config.batch_size} is larger than the {n_train} training examples; accepted: ≤ {n_train}"
+        )
     path = _model_path(config.model)
     torch.manual_seed(config.seed)
     np_rng = np.random.default_rng(config.seed)

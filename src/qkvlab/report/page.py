@@ -25,6 +25,8 @@ __all__ = [
     "Section",
     "Table",
     "Text",
+    "inert_markdown",
+    "table_markdown",
     "write_html",
     "write_markdown",
 ]
@@ -161,9 +163,9 @@ def write_html(page: Page, path: Path) -> Path:
     return path
 
 
-# Markdown punctuation that could start a link, an image, emphasis, a heading or a table cell; with
-# a backslash before it, CommonMark shows the character itself
-_MD_ACTIVE = re.compile(r"([\\`*_\[\]()!#|{}])")
+# Markdown punctuation that could make a link or an image, code, or a new table cell out of a name;
+# with a backslash before it, CommonMark shows the character itself (emphasis is left: it runs nothing)
+_MD_ACTIVE = re.compile(r"([\\`\[\]|])")
 
 
 def _md_escape(value: object) -> str:
@@ -181,6 +183,15 @@ def inert_markdown(text: str) -> str:
     return "".join(p if i % 2 else html.escape(p, quote=False) for i, p in enumerate(parts))
 
 
+def table_markdown(table: Table) -> str:
+    """A :class:`Table` as a Markdown table (caption above it); every cell escaped (inert)."""
+    lines = [f"{inert_markdown(table.caption)}\n"] if table.caption else []
+    lines.append("| " + " | ".join(_md_escape(h) for h in table.headers) + " |")
+    lines.append("|" + "---|" * len(table.headers))
+    lines += ["| " + " | ".join(_md_escape(v) for v in row) + " |" for row in table.rows]
+    return "\n".join(lines)
+
+
 def _md_block(block: Block, root: Path) -> str:
     if isinstance(block, Text | Markdown):
         return inert_markdown(block.text)
@@ -189,11 +200,7 @@ def _md_block(block: Block, root: Path) -> str:
         fence = "`" * max(3, 1 + max((len(r) for r in re.findall(r"`+", block.text)), default=0))
         return f"{caption}{fence}\n{block.text}\n{fence}"
     if isinstance(block, Table):
-        lines = [f"{inert_markdown(block.caption)}\n"] if block.caption else []
-        lines.append("| " + " | ".join(_md_escape(h) for h in block.headers) + " |")
-        lines.append("|" + "---|" * len(block.headers))
-        lines += ["| " + " | ".join(_md_escape(v) for v in row) + " |" for row in block.rows]
-        return "\n".join(lines)
+        return table_markdown(block)
     relative = Path(block.path).resolve().relative_to(root.resolve()).as_posix()
     alt = _md_escape(block.caption or Path(block.path).stem)
     target = urllib.parse.quote(relative)  # spaces, brackets and quotes in folder names stay in the path
