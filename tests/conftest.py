@@ -33,6 +33,7 @@ def tiny_hf_model(kind: str) -> torch.nn.Module:
             "phi3": 9,
             "distilbert": 10,
             "t5": 11,
+            "mpnet": 12,
         }[kind]
     )
     common = {"hidden_size": 48, "num_attention_heads": 6, "num_hidden_layers": 3, "intermediate_size": 64}
@@ -78,6 +79,8 @@ def tiny_hf_model(kind: str) -> torch.nn.Module:
         model = tf.DistilBertModel(
             tf.DistilBertConfig(vocab_size=64, dim=48, n_heads=6, n_layers=3, hidden_dim=64)
         )
+    elif kind == "mpnet":  # attention.attn.{q,k,v,o} with a relative-position bias on the scores
+        model = tf.MPNetModel(tf.MPNetConfig(vocab_size=64, **common))
     elif kind == "t5":  # encoder self-, decoder self- and cross-attention
         model = tf.T5Model(
             tf.T5Config(
@@ -108,6 +111,7 @@ HF_KINDS = (
     "opt",
     "phi3",
     "distilbert",
+    "mpnet",
 )
 
 

@@ -66,6 +66,9 @@ def _projections(model: nn.Module, kind: str, layer: int, d: int):
     if kind == "distilbert":
         attn = model.transformer.layer[layer].attention
         return attn.q_lin, attn.k_lin, attn.v_lin, attn.out_lin
+    if kind == "mpnet":  # the model's own modules, as its forward calls them
+        attn = model.encoder.layer[layer].attention.attn
+        return attn.q, attn.k, attn.v, attn.o
     if kind == "llama":
         attn = model.model.layers[layer].self_attn
     elif kind in ("mistral", "qwen2"):
@@ -122,6 +125,7 @@ EXPECTED = {
     "opt": ("opt", 6, 6, 8),
     "phi3": ("phi3", 6, 2, 8),
     "distilbert": ("distilbert", 6, 6, 8),
+    "mpnet": ("mpnet", 6, 6, 8),
 }
 
 

@@ -414,11 +414,11 @@ def _tiny_model_folder(kind: str, tiny_bert: Path, folder: Path) -> Path:
 
 
 @pytest.mark.parametrize("method", ["full", "lora"])
-@pytest.mark.parametrize("kind", ["opt", "phi3", "distilbert", "t5"])
+@pytest.mark.parametrize("kind", ["opt", "phi3", "distilbert", "t5", "mpnet"])
 def test_every_family_fine_tunes_q_v_and_its_head(kind, method, tiny_bert, tiny_csv, tmp_path) -> None:
     """--targets q,v trains exactly q, v and the task head (DistilBERT's pre_classifier and T5's
     classification_head included: they were frozen before), whether the projections are separate
-    (OPT, DistilBERT, T5) or fused (Phi-3, split first)."""
+    (OPT, DistilBERT, T5, MPNet) or fused (Phi-3, split first)."""
     folder = _tiny_model_folder(kind, tiny_bert, tmp_path / kind)
     result = finetune(
         _config(folder, tiny_csv, tmp_path, method=method, rank=2, save_model=False), progress=False

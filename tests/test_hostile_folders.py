@@ -180,6 +180,10 @@ CASES = {
     "train seed": (["train", "seed=99999999999999999999"], "seed="),
     "theory steps": (["theory", "--steps", "99999999999999999999", "--parts", "toy"], "steps"),
     "n_head": (["train", "model.n_head=5000000"], "model.n_head=5000000"),
+    "lora rank": (
+        ["finetune", "--model", "{bert}", "--data", "csv:{csv}", "--rank", "99999999999999999999"],
+        "--rank",
+    ),
     "batch size": (
         ["finetune", "--model", "{bert}", "--data", "csv:{csv}", "--batch-size", "100000"],
         "--batch-size",

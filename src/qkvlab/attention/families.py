@@ -224,6 +224,21 @@ FAMILIES: tuple[Family, ...] = (
         ),
     ),
     Family(
+        name="mpnet",
+        description="HF MPNet (attention.attn.{q,k,v,o}; incl. all-mpnet-base-v2)",
+        model_types=("mpnet",),
+        layouts=(
+            Layout(
+                anchor=rf"^(?P<block>{_PREFIX}layer\.\d+\.attention\.attn\.)q\.weight$",
+                q="{block}q.weight",
+                k="{block}k.weight",
+                v="{block}v.weight",
+                o="{block}o.weight",
+            ),
+        ),
+        caveat="a learned relative-position bias is added to the scores; it does not enter W_KᵀW_Q",
+    ),
+    Family(
         name="t5",
         description="HF T5 / mT5 / Flan-T5 (encoder self-, decoder self- and cross-attention)",
         model_types=("t5", "mt5", "umt5"),

@@ -308,6 +308,13 @@ def finetune(config: FinetuneConfig, *, progress: bool = True) -> dict[str, Any]
         from peft import LoraConfig, get_peft_model
 
         modules = _target_modules(model, targets)
+        # a rank beyond the adapted matrices' size adds nothing but memory (and a huge one cannot be allocated)
+        smallest = min(min(model.get_submodule(m).weight.shape) for m in modules)
+        if config.rank > smallest:
+            raise UserError(
+                f"--rank {config.rank} is larger than the adapted matrices ({smallest} on their short side); "
+                f"accepted: 1 to {smallest}"
+            )
         # the task head trains in full: PEFT's SEQ_CLS default only knows "classifier" and "score", not
         # DistilBERT's pre_classifier or T5's classification_head
         head = sorted({n.rsplit(".", 1)[0] for n, r in roles(model).items() if r == "head" and "." in n})
