@@ -136,3 +136,40 @@ def test_the_study_runs_to_the_end_on_a_tiny_model_and_resumes(tiny_bert, tiny_c
     assert {p: p.stat().st_mtime_ns for p in out.glob("runs/*/result.json")} == mtimes
     with pytest.raises(Exception, match="batch_size 16 -> 8"):
         study.run_study(out, **{**common, "batch_size": 8, "exponents": {"lora": (-5,)}})
+
+
+def test_the_second_models_grid_is_sized_from_the_first_models_lora_qv(tmp_path) -> None:
+    """λ* is LoRA QV's best λ by the mean final validation accuracy of seeds 0-2 (never test)."""
+    cells = [Cell("lora", ("q", "v"), lam) for lam in (1.0, 2.0, 4.0, 8.0)]
+    grid = {"lora": (-7, -6, -5, -4)}
+
+    def finish(cell: Cell, k: int, seed: int, val: float, test: float) -> None:
+        run = cell.run(k, seed)
+        folder = run.folder(tmp_path)
+        folder.mkdir(parents=True)
+        (folder / "run.json").write_text(json.dumps({"point": dict(run.point), "seed": seed}))
+        result = {"final_val": val, "curve": [{"step": 80, "accuracy": val}], "test": {"accuracy": test}}
+        (folder / "result.json").write_text(json.dumps(result))
+
+    (tmp_path / "settings.json").write_text(json.dumps({"rate_exponents": {"lora": list(grid["lora"])}}))
+    best_rate = {1.0: -5, 2.0: -6, 4.0: -6, 8.0: -6}
+    for cell in cells:
+        for k in grid["lora"]:
+            finish(cell, k, SELECTION_SEED, 0.7 + 0.01 * (k == best_rate[cell.lr_ratio]), 0.5)
+    with pytest.raises(Exception, match="LoRA QV is not finished"):
+        study.second_model_design(tmp_path)
+    for cell in cells:  # λ = 2 ends best on validation; λ = 8 would win on test, which must not matter
+        for seed in (0, 1, 2):
+            val = {1.0: 0.80, 2.0: 0.83, 4.0: 0.81, 8.0: 0.79}[cell.lr_ratio]
+            finish(
+                cell,
+                best_rate[cell.lr_ratio],
+                seed,
+                val + 0.001 * seed,
+                0.99 if cell.lr_ratio == 8.0 else 0.5,
+            )
+    design_cells, exponents, lam = study.second_model_design(tmp_path)
+    assert lam == 2.0 and exponents == {"lora": (-7, -6, -5)}
+    assert design_cells == [
+        Cell("lora", t, x) for t in (("q", "v"), ("q", "k", "v")) for x in (1.0, 2.0, 4.0)
+    ]

@@ -328,6 +328,11 @@ def _arguments(parser: Any) -> None:
         "--model", default="minilm", help="the pretrained model (default: the packaged MiniLM)"
     )
     parser.add_argument("--summary-only", action="store_true", help="print the tables from existing results")
+    parser.add_argument(
+        "--reference",
+        default="results/finetune-tuned/minilm",
+        help="with a model other than minilm: MiniLM's finished study, which sizes its reduced grid",
+    )
 
 
 def _main(args: Any) -> int:
@@ -383,7 +388,13 @@ def _main_tuned(args: Any) -> int:
     check_outputs([], [args.out, args.plot])
     out = Path(args.out)
     if not args.summary_only:
-        run_study(out, model=args.model, jobs=args.jobs, device=args.device)
+        design = {}
+        if args.model != "minilm":  # the second model's reduced grid is sized from MiniLM's study
+            from qkvlab.experiments.finetune_tuned import second_model_design
+
+            cells, exponents, _ = second_model_design(Path(args.reference))
+            design = {"cell_list": cells, "exponents": exponents}
+        run_study(out, model=args.model, jobs=args.jobs, device=args.device, **design)
     elif not any((out / "runs").glob("*/result.json")):
         raise UserError(f"{out} holds no finished runs; run `qkvlab repro finetune --out {out}` first")
     print(study_markdown(out))

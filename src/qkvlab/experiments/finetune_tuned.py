@@ -45,8 +45,10 @@ curve (area under it).
 
 **Second model.** ``mpnet`` (all-mpnet-base-v2: 12 layers, d 768, 12 heads, RoBERTa-base's shape)
 gets a reduced grid, sized from one measured run: LoRA only, QV and QKV at λ ∈ {1, λ*, 2λ*} where
-λ* is MiniLM's best LoRA QV λ, three rates (MiniLM's chosen LoRA rate and the half-decades around
-it). Theorem 2 (η_QK = Θ(1/n), η_V = Θ(1)) predicts a best λ about 2× larger at width 768 than at
+λ* is MiniLM's best LoRA QV λ (best mean final validation accuracy of its reported seeds at its
+tuned rate; the test split is not consulted), three rates (MiniLM's tuned η_QK of LoRA QV at λ*
+and the half-decades on either side, extended at an edge as above); the same selection seed,
+reported seeds, controls and training (:func:`second_model_design`). Theorem 2 (η_QK = Θ(1/n), η_V = Θ(1)) predicts a best λ about 2× larger at width 768 than at
 384; the models also differ in depth and pretraining, so it is an exploratory comparison.
 """
 
@@ -222,6 +224,38 @@ def controls(states: dict[Cell, dict[str, Any]]) -> list[dict[str, Any]]:
             exponent = above[best]["chosen"] + 2 * math.log10(best.lr_ratio)
             found.append({"cell": Cell(method, targets, 1.0), "exponent": exponent, "from": best})
     return found
+
+
+def second_model_design(first: Path) -> tuple[list[Cell], dict[str, tuple[int, ...]], float]:
+    """The reduced grid of the second model (mpnet), from the first model's finished study in ``first``.
+
+    λ* is the λ of LoRA QV whose reported runs (seeds 0, 1, 2, at the cell's tuned rate) have the best
+    mean final *validation* accuracy (the test split is not looked at); the cells are LoRA QV and QKV
+    at λ ∈ {1, λ*, 2λ*}, and the rate grid is the first model's tuned rate of LoRA QV at λ* and the
+    half-decades on either side (extended at an edge as for the first model).
+    """
+    import statistics
+
+    from qkvlab.errors import UserError
+
+    summary = summarize(first)
+    qv = {c: r for c, r in summary["rows"].items() if c.method == "lora" and c.targets == ("q", "v")}
+    if not qv or any(len(r["runs"]) < len(REPORTED_SEEDS) for r in qv.values()):
+        raise UserError(
+            f"{first}: LoRA QV is not finished for every λ; the second model's grid is sized from it"
+        )
+    best = max(
+        sorted(qv, key=lambda c: c.lr_ratio),
+        key=lambda c: statistics.fmean(r["final_val"] for r in qv[c]["runs"].values()),
+    )
+    lam = best.lr_ratio
+    chosen = int(qv[best]["search"]["chosen"])
+    cells = [
+        Cell("lora", targets, x)
+        for targets in (("q", "v"), ("q", "k", "v"))
+        for x in sorted({1.0, lam, 2 * lam})
+    ]
+    return cells, {"lora": (chosen - 1, chosen, chosen + 1)}, lam
 
 
 # -- running -------------------------------------------------------------------------------------
