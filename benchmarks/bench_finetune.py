@@ -1,6 +1,8 @@
-"""Time per step and peak memory of fine-tuning MiniLM: everything vs QKV vs QV, full vs LoRA.
+"""Time per step and peak memory of fine-tuning: everything vs QKV vs QV, full vs LoRA.
 
-    .venv/bin/python benchmarks/bench_finetune.py [--steps 20] [--repeats 2]
+    .venv/bin/python benchmarks/bench_finetune.py [--model minilm|mpnet] [--steps 20] [--repeats 2]
+
+MiniLM writes BENCHMARKS.md §6, mpnet (110 M parameters, RoBERTa-base's shape) §6b.
 
 Each configuration runs in a fresh process (peak RSS is per process) on rotten-tomatoes,
 batch 32 × 64 tokens, AdamW. Seconds per step count forward + backward + optimiser step only.
@@ -29,7 +31,7 @@ CONFIGS = [
 ]
 
 
-def run(args: list[str], steps: int) -> dict:
+def run(args: list[str], steps: int, model: str) -> dict:
     with tempfile.TemporaryDirectory() as tmp:
         cmd = [
             sys.executable,
@@ -37,7 +39,7 @@ def run(args: list[str], steps: int) -> dict:
             "qkvlab",
             "finetune",
             "--model",
-            "minilm",
+            model,
             "--data",
             "rotten-tomatoes",
             "--max-steps",
@@ -60,11 +62,12 @@ def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--steps", type=int, default=20)
     parser.add_argument("--repeats", type=int, default=2)
+    parser.add_argument("--model", choices=["minilm", "mpnet"], default="minilm")
     args = parser.parse_args()
     results: dict[str, list[dict]] = {name: [] for name, _ in CONFIGS}
     for _ in range(args.repeats):
         for name, extra in CONFIGS:
-            results[name].append(run(extra, args.steps))
+            results[name].append(run(extra, args.steps, args.model))
             r = results[name][-1]
             print(
                 f"{name:<32} {r['seconds_per_step'] * 1e3:7.0f} ms/step  {r['peak_rss_gib']:.2f} GiB",
@@ -94,10 +97,24 @@ def main() -> None:
         f"peak RSS {med[f'{kind}, QV'][1] / med[f'{kind}, QKV'][1]:.2f}×."
         for kind in ("full", "LoRA r=8")
     )
-    body = f"""## 6. Fine-tuning MiniLM: time per step and peak memory by target set
+    # Adam's state and the gradient: 3 float32 numbers per trained parameter (grad, exp_avg, exp_avg_sq)
+    state = {name: runs[0]["trainable_parameters"] * 12 / 2**30 for name, runs in results.items()}
+    arithmetic = "\n".join(
+        f"| {name} | {state[name]:.3f} | {med[name][1] - med[CONFIGS[-1][0] if 'LoRA' in name else 'full, QV'][1]:+.3f} | "
+        f"{state[name] - state[CONFIGS[-1][0] if 'LoRA' in name else 'full, QV']:+.3f} |"
+        for name, _ in CONFIGS
+    )
+    title = {"minilm": "6. Fine-tuning MiniLM", "mpnet": "6b. Fine-tuning mpnet (RoBERTa-base's shape)"}[
+        args.model
+    ]
+    described = {
+        "minilm": "MiniLM-L6 (22.8 M parameters)",
+        "mpnet": "all-mpnet-base-v2 (MPNet, 12 layers, d 768, 109.5 M parameters)",
+    }[args.model]
+    body = f"""## {title}: time per step and peak memory by target set
 
 Machine: {machine()}.
-Command: `.venv/bin/python benchmarks/bench_finetune.py --steps {args.steps} --repeats {args.repeats}`. MiniLM-L6 (22.8 M parameters)
+Command: `.venv/bin/python benchmarks/bench_finetune.py --model {args.model} --steps {args.steps} --repeats {args.repeats}`. {described}
 + classifier on rotten-tomatoes, batch 32, at most 64 tokens (dynamic padding), AdamW; each configuration in a fresh
 process, the repeats interleaved, median of {args.repeats} (min–max in brackets). Shared 2-core machine: absolute
 times are noisy. The peer is full fine-tuning of every parameter, in the same run.
@@ -120,9 +137,17 @@ layer (q, k, v, o: 4·d²; MLP: 8·d²), the floor relative to the peer's encode
 and (2 + 3/12)/3 = 0.75× for QKV (LoRA's products are negligible at r = 8). The peer also runs Adam over the
 11.7 M-parameter word-embedding table and materialises its dense gradient every step, which the attention-only
 configurations do not; that is how they come in under those floors.
+
+Memory against the arithmetic: a trained parameter costs its gradient and Adam's two moments, 3 float32
+numbers (12 bytes). The table sets each configuration's measured peak RSS beside that arithmetic, both as
+differences from QV (full from full QV, LoRA from LoRA QV):
+
+| configuration | grad + Adam state (GiB) | measured RSS − QV's (GiB) | arithmetic − QV's (GiB) |
+|---|---|---|---|
+{arithmetic}
 """
     print(body)
-    write_section("finetune", body)
+    write_section("finetune" if args.model == "minilm" else "finetune-mpnet", body)
 
 
 if __name__ == "__main__":

@@ -173,3 +173,39 @@ def test_the_second_models_grid_is_sized_from_the_first_models_lora_qv(tmp_path)
     assert design_cells == [
         Cell("lora", t, x) for t in (("q", "v"), ("q", "k", "v")) for x in (1.0, 2.0, 4.0)
     ]
+
+
+def test_the_summary_tables_pair_seeds_at_each_cells_tuned_rate(tmp_path) -> None:
+    from qkvlab.report.finetune_tuned import study_markdown
+
+    cells = [Cell("lora", ("q", "v"), 1.0), Cell("lora", ("q", "v"), 4.0)]
+    grid = {"lora": (-7, -6, -5)}
+    (tmp_path / "settings.json").write_text(json.dumps({"rate_exponents": {"lora": [-7, -6, -5]}}))
+
+    def finish(cell: Cell, k: float, seed: int, val: float, curve: list[float]) -> None:
+        run = cell.run(k, seed)
+        folder = run.folder(tmp_path)
+        folder.mkdir(parents=True)
+        (folder / "run.json").write_text(json.dumps({"point": dict(run.point), "seed": seed}))
+        result = {
+            "final_val": val,
+            "curve": [{"step": 80 * (i + 1), "accuracy": a} for i, a in enumerate(curve)],
+            "test": {"accuracy": val - 0.01},
+        }
+        (folder / "result.json").write_text(json.dumps(result))
+
+    for cell in cells:
+        for k, score in zip((-7, -6, -5), (0.7, 0.8, 0.75), strict=True):
+            finish(cell, k, SELECTION_SEED, score, [score])
+    for seed in (0, 1, 2):
+        finish(cells[0], -6, seed, 0.80, [0.5, 0.7, 0.80])  # λ = 1 converges later
+        finish(cells[1], -6, seed, 0.80 + 0.01 * (seed + 1), [0.78, 0.80, 0.80 + 0.01 * (seed + 1)])
+    summary = study.summarize(tmp_path, cells, grid)
+    assert summary["thresholds"]["lora"] == pytest.approx(0.95 * 0.82)
+    assert summary["rows"][cells[0]]["steps_to_threshold"] == {0: 240, 1: 240, 2: 240}
+    assert summary["rows"][cells[1]]["steps_to_threshold"] == {0: 80, 1: 80, 2: 80}
+    (pair,) = [c for c in study.comparisons(summary) if c["claim"] == "λ > 1 beats tuned λ = 1"]
+    assert pair["test"]["mean"] == pytest.approx(2.0) and pair["test"]["wins"] == 3 and pair["test"]["n"] == 3
+    text = study_markdown(tmp_path)
+    assert "| lora QV λ=4 | 0.000316: 70.0, 0.001: 80.0, 0.00316: 75.0 | 0.001 | 0.004 | no |" in text
+    assert "| λ > 1 beats tuned λ = 1 | lora QV λ=4 | lora QV λ=1 | +2.0 ± 1.0 (3/3)" in text

@@ -39,7 +39,7 @@ then linear decay to 0, gradients clipped at 1. The validation split (1,275 exam
 is scored every 80 steps and at the end.
 
 **Convergence** is measured per run, at each cell's tuned rate, in two ways: the step at which
-validation accuracy first reaches 95 % of the best mean validation accuracy of any cell of that
+validation accuracy first reaches 95 % of the best mean final validation accuracy of any cell of that
 model and method (a run that never reaches it has not converged); and the mean of the validation
 curve (area under it).
 
@@ -341,7 +341,7 @@ def run_study(
 # -- what the runs say -----------------------------------------------------------------------------
 
 
-def _auc(result: dict[str, Any]) -> float:
+def curve_mean(result: dict[str, Any]) -> float:
     """Mean validation accuracy over the learning curve (the area under it, per evaluation)."""
     return sum(c["accuracy"] for c in result["curve"]) / len(result["curve"])
 
@@ -396,12 +396,16 @@ def summarize(
         found_controls.append(
             {**control, "runs": runs_at(control["cell"], control["exponent"], CONTROL_SEEDS)}
         )
-    return {"rows": rows, "thresholds": thresholds, "controls": found_controls, "auc": _auc}
+    return {
+        "rows": rows,
+        "thresholds": thresholds,
+        "controls": found_controls,
+    }
 
 
 def _metric(runs: dict[int, dict[str, Any]], name: str) -> dict[int, float]:
     if name == "auc":
-        return {s: _auc(r) for s, r in runs.items()}
+        return {s: curve_mean(r) for s, r in runs.items()}
     if name == "test":
         return {s: r["test"]["accuracy"] for s, r in runs.items()}
     return {s: r[name] for s, r in runs.items()}

@@ -6,7 +6,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-from qkvlab.experiments.finetune_tuned import comparisons, rate, summarize
+from qkvlab.experiments.finetune_tuned import comparisons, curve_mean, rate, summarize
 from qkvlab.report.page import Table, table_markdown
 
 __all__ = ["study_markdown"]
@@ -72,7 +72,7 @@ def study_markdown(out: Path) -> str:
                 ",".join(map(str, sorted(row["runs"]))),
                 _pm([r["test"]["accuracy"] for r in row["runs"].values()]),
                 _pm([r["final_val"] for r in row["runs"].values()]),
-                _pm([summary["auc"](r) for r in row["runs"].values()]),
+                _pm([curve_mean(r) for r in row["runs"].values()]),
                 " / ".join(
                     "never" if v is None else str(v) for _, v in sorted(row["steps_to_threshold"].items())
                 ),
@@ -89,7 +89,7 @@ def study_markdown(out: Path) -> str:
             ",".join(map(str, sorted(c["runs"]))),
             _pm([r["test"]["accuracy"] for r in c["runs"].values()]),
             _pm([r["final_val"] for r in c["runs"].values()]),
-            _pm([summary["auc"](r) for r in c["runs"].values()]),
+            _pm([curve_mean(r) for r in c["runs"].values()]),
         ]
         for c in summary["controls"]
         if c["runs"]

@@ -170,17 +170,18 @@ _MD_ACTIVE = re.compile(r"([\\`\[\]|])")
 
 def _md_escape(value: object) -> str:
     """A string from a file or a folder name, inert in Markdown: no HTML, no link, no markup."""
-    return _MD_ACTIVE.sub(r"\\\1", html.escape(_cell(value), quote=False)).replace("\n", " ")
+    return _MD_ACTIVE.sub(r"\\\1", _cell(value).replace("<", "&lt;")).replace("\n", " ")
 
 
 _CODE = re.compile(r"(```.*?```|`+[^`]*`+)", re.S)
 
 
 def inert_markdown(text: str) -> str:
-    """Markdown that qkvlab composed around names from files: ``<``, ``>`` and ``&`` escaped outside
-    code, so no raw HTML in it renders (``<img onerror=…>`` shows as text); code is inert already."""
+    """Markdown that qkvlab composed around names from files: every ``<`` outside code written as
+    ``&lt;``, so no raw HTML in it renders (``<img onerror=…>`` shows as text; without a ``<`` there is
+    no tag); code is inert already."""
     parts = _CODE.split(text)
-    return "".join(p if i % 2 else html.escape(p, quote=False) for i, p in enumerate(parts))
+    return "".join(p if i % 2 else p.replace("<", "&lt;") for i, p in enumerate(parts))
 
 
 def table_markdown(table: Table) -> str:
