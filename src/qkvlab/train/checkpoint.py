@@ -40,7 +40,7 @@ from torch import nn
 
 from qkvlab.attention.sources import SAFETENSORS_DTYPES as _DTYPES
 from qkvlab.errors import UserError
-from qkvlab.files import fsync_dir, write_atomic
+from qkvlab.files import fsync_dir, sha256_file, write_atomic
 
 __all__ = [
     "checkpoint_problem",
@@ -141,19 +141,10 @@ _FILES = ("model.safetensors", "optimizer.safetensors", "state.json", "config.js
 CHECKSUMS = "checksums.json"
 
 
-def _sha256(path: Path) -> str:
-    import hashlib
-
-    digest = hashlib.sha256()
-    with path.open("rb") as fh:
-        for block in iter(lambda: fh.read(1 << 22), b""):
-            digest.update(block)
-    return digest.hexdigest()
-
-
 def _write_checksums(folder: Path) -> None:
     files = {
-        name: {"sha256": _sha256(folder / name), "bytes": (folder / name).stat().st_size} for name in _FILES
+        name: {"sha256": sha256_file(folder / name), "bytes": (folder / name).stat().st_size}
+        for name in _FILES
     }
     (folder / CHECKSUMS).write_text(json.dumps({"algorithm": "sha256", "files": files}, indent=1))
 
@@ -187,7 +178,7 @@ def checkpoint_problem(path: Path, checksums_expected: bool = False) -> str | No
             size = (path / name).stat().st_size
             if size != want["bytes"]:
                 return f"{name} has {size} bytes, {want['bytes']} were written (truncated or replaced)"
-            if _sha256(path / name) != want["sha256"]:
+            if sha256_file(path / name) != want["sha256"]:
                 return f"{name} does not match its checksum (its bytes changed after it was written)"
         return None
     for name in ("state.json", "config.json"):  # a checkpoint from before checksums: structure only
