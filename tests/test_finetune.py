@@ -274,7 +274,7 @@ def test_repro_cli_bad_input_is_one_line_exit_2(tmp_path, capsys) -> None:
     )
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 4 and "holds no finished runs" in err[0] and "comma-separated integers" in err[1]
-    assert "integers ≥ 0" in err[2] and "is a file; accepted: a folder path" in err[3]
+    assert "integers in [0, 2147483647]" in err[2] and "is a file; accepted: a folder path" in err[3]
     assert not (tmp_path / "x").exists()  # refused before any run
 
 

@@ -298,3 +298,13 @@ def test_disk_full_under_sweep_and_finetune_is_one_line_naming_the_file(
     assert capsys.readouterr().err.strip().splitlines()[-1] == (
         f"qkvlab finetune: error: cannot write: {out / 'model'}: No space left on device"
     )
+
+
+def test_a_data_file_with_300_kB_fields_loads(tmp_path) -> None:
+    """CSV's default field limit (128 kB) made a long review a parse error; it is cut to --max-length later."""
+    from qkvlab.finetune.data import load_labelled
+
+    path = tmp_path / "long.csv"
+    path.write_text("text,label\n" + "".join(f"{'word ' * 60_000},{i % 2}\n" for i in range(40)))
+    data = load_labelled(f"csv:{path}")
+    assert len(data.texts) == 40 and len(data.texts[0]) == 300_000 and data.num_labels == 2

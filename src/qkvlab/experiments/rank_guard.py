@@ -82,7 +82,8 @@ def _guard_trajectory(run_dir: Path) -> dict[str, Any]:
     """The guard's λ per (layer, pair) at every firing, from metrics.jsonl (last record per step)."""
     from qkvlab.experiments.training import _json_lines, _last_per_step
 
-    lines = [r for r in _json_lines((run_dir / "metrics.jsonl").read_text()) if r.get("split") == "guard"]
+    path = run_dir / "metrics.jsonl"
+    lines = [r for r in _json_lines(path.read_bytes(), path) if r.get("split") == "guard"]
     lines = _last_per_step(lines)
     keys = sorted({k for r in lines for k in r if k.endswith("_lambda")})
     return {"steps": [r["step"] for r in lines], **{k: [r[k] for r in lines] for k in keys}}
