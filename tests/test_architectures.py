@@ -34,11 +34,11 @@ def _projections(model: nn.Module, kind: str, layer: int, d: int):
     if kind in ("bert", "roberta", "minilm"):
         enc = model.encoder.layer[layer].attention
         return enc.self.query, enc.self.key, enc.self.value, enc.output.dense
-    if kind == "gpt2":
+    if kind in ("gpt2", "nanogpt"):
         attn = model.transformer.h[layer].attn
 
         def part(i):
-            return lambda x: attn.c_attn(x).split(d, dim=-1)[i]  # GPT-2's own split
+            return lambda x: attn.c_attn(x).split(d, dim=-1)[i]  # GPT-2's (and nanoGPT's) own split
 
         return part(0), part(1), part(2), attn.c_proj
     if kind == "gpt-neox":  # HF's own split: view(..., H, 3·d_head), then chunk(3)
@@ -145,6 +145,62 @@ def test_hf_family_spectra_equal_formed_products(kind: str) -> None:
     )
     assert len(report.heads) == 3 * 2 * n_heads
     _check_model_against_reference(model, kind, report)
+
+
+class _NanoAttention(nn.Module):
+    """nanoGPT's CausalSelfAttention, as far as its weights go: c_attn and c_proj are nn.Linear."""
+
+    def __init__(self, d: int, n_head: int) -> None:
+        super().__init__()
+        self.c_attn = nn.Linear(d, 3 * d)
+        self.c_proj = nn.Linear(d, d)
+        self.n_head = n_head
+
+
+class _NanoBlock(nn.Module):
+    def __init__(self, d: int, n_head: int) -> None:
+        super().__init__()
+        self.ln_1 = nn.LayerNorm(d)
+        self.attn = _NanoAttention(d, n_head)
+        self.mlp = nn.ModuleDict({"c_fc": nn.Linear(d, 4 * d), "c_proj": nn.Linear(4 * d, d)})
+
+
+class _NanoGPT(nn.Module):
+    """nanoGPT's module tree and names (transformer.wte, transformer.h.N.attn.c_attn, …)."""
+
+    def __init__(self, d: int = 48, n_head: int = 6, n_layer: int = 3) -> None:
+        super().__init__()
+        self.transformer = nn.ModuleDict(
+            {"wte": nn.Embedding(65, d), "h": nn.ModuleList(_NanoBlock(d, n_head) for _ in range(n_layer))}
+        )
+
+
+@pytest.mark.parametrize("split", [False, True])
+def test_nanogpt_is_told_from_gpt2_by_shape_and_inspected_exactly(split, tmp_path) -> None:
+    """nanoGPT names its attention like GPT-2 but stores c_attn as nn.Linear (3d, d), not Conv1D (d, 3d)."""
+    from safetensors.torch import save_file
+
+    from qkvlab.attention.split import split_fused_qkv
+
+    torch.manual_seed(0)
+    model = _NanoGPT().double()
+    if split:
+        split_fused_qkv(model)
+    report = qkvlab.inspect(model, n_heads=6)
+    arch = report.architecture
+    assert (arch.family, arch.n_layers, arch.n_heads, arch.d_head, arch.d_model) == ("nanogpt", 3, 6, 8, 48)
+    _check_model_against_reference(model, "nanogpt", report)
+    # the same weights as a bare safetensors file with the head count given
+    path = tmp_path / "nano.safetensors"
+    save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(path))
+    from_file = qkvlab.inspect(path, n_heads=6)
+    assert from_file.architecture.family == "nanogpt"
+    torch.testing.assert_close(
+        torch.tensor([r["singular_values"] for r in from_file.heads]),
+        torch.tensor([r["singular_values"] for r in report.heads]),
+    )
+    # and GPT-2 itself is still GPT-2
+    assert qkvlab.inspect(tiny_hf_model("gpt2")).architecture.family == "gpt2"
 
 
 def test_every_head_of_real_minilm(minilm_path) -> None:

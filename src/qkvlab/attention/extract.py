@@ -94,10 +94,23 @@ def _find_layout(source: TensorSource, family: Family) -> list[tuple[Layout, lis
         )
         templates = [t for t in (layout.q, layout.k, layout.v, layout.qkv, layout.o) if t]
         if blocks and all(t.format(block=blocks[0]) in keyset for t in templates):
+            if layout.fused and not _fused_orientation_fits(source, layout, blocks[0]):
+                continue  # GPT-2's Conv1D c_attn is (d, 3d); nanoGPT's nn.Linear of the same name is (3d, d)
             found.append((layout, blocks))
             if not family.several_kinds:
                 break
     return found
+
+
+def _fused_orientation_fits(source: TensorSource, layout: Layout, block: str) -> bool:
+    """Whether a fused q/k/v weight is stored the way ``layout`` says: it has more outputs (q, k and v
+    of every head) than inputs (d_model), so (out, in) for nn.Linear and (in, out) for a transposed
+    Conv1D."""
+    shape = source.shape(layout.qkv.format(block=block))
+    if len(shape) != 2 or shape[0] == shape[1]:
+        return True  # nothing to tell them apart by; the head-count checks speak later
+    out, inp = (shape[1], shape[0]) if layout.transposed else shape
+    return out > inp
 
 
 class AttentionFactors:

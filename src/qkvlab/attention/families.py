@@ -135,6 +135,18 @@ FAMILIES: tuple[Family, ...] = (
         ),
     ),
     Family(
+        name="nanogpt",
+        description="nanoGPT (c_attn and c_proj as nn.Linear under GPT-2's names; told from GPT-2 by shape)",
+        model_types=(),
+        layouts=_with_split(
+            Layout(
+                anchor=rf"^(?P<block>{_PREFIX}h\.\d+\.attn\.)c_attn\.weight$",
+                qkv="{block}c_attn.weight",
+                o="{block}c_proj.weight",
+            )
+        ),
+    ),
+    Family(
         name="llama",
         description="HF LLaMA / Mistral / Mixtral / Qwen2 / Qwen3 (grouped-query attention)",
         model_types=("llama", "mistral", "mixtral", "qwen2", "qwen2_moe", "qwen3", "qwen3_moe"),
