@@ -497,3 +497,29 @@ def test_a_series_refuses_checkpoints_of_different_models(tmp_path, capsys) -> N
     err = capsys.readouterr().err.strip().splitlines()
     assert code == 2 and len(err) == 1 and "a series compares checkpoints of one model" in err[0]
     assert main(["inspect", str(tmp_path / "a" / "step1"), str(tmp_path / "b"), "--compare", "x"]) == 2
+
+
+def test_a_hub_name_is_found_in_the_local_cache_or_refused_saying_so(
+    tiny_bert, tmp_path, monkeypatch, capsys
+) -> None:
+    """Issue 30: `inspect org/model` reads the local Hugging Face cache (never the network); a name that is
+    not cached says that hub names are not fetched; a pickled checkpoint says why it is not read."""
+    import shutil
+
+    cache = tmp_path / "hub"
+    snapshot = cache / "models--someone--tiny-bert" / "snapshots" / "abc123"
+    shutil.copytree(tiny_bert, snapshot)
+    (cache / "models--someone--tiny-bert" / "refs").mkdir()
+    (cache / "models--someone--tiny-bert" / "refs" / "main").write_text("abc123")
+    monkeypatch.setenv("HF_HUB_CACHE", str(cache))
+    monkeypatch.setattr("huggingface_hub.constants.HF_HUB_CACHE", str(cache))
+    assert main(["inspect", "someone/tiny-bert", "--json", str(tmp_path / "r.json"), "--quiet"]) == 0
+    assert json.loads((tmp_path / "r.json").read_text())["source"] == "someone/tiny-bert"
+    assert main(["inspect", "someone/not-cached"]) == 2
+    err = capsys.readouterr().err
+    assert (
+        "nor a Hub model in the local Hugging Face cache" in err and "hf download someone/not-cached" in err
+    )
+    (tmp_path / "ckpt.pt").write_bytes(b"\x80\x04not really")
+    assert main(["inspect", str(tmp_path / "ckpt.pt")]) == 2
+    assert "qkvlab never unpickles weights" in capsys.readouterr().err

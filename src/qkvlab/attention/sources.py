@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import struct
 from collections.abc import Mapping
 from dataclasses import dataclass, field
@@ -235,8 +236,14 @@ def _read_config(path: Path) -> dict[str, Any]:
 def _weight_files(path: Path) -> list[Path]:
     if path.is_file():
         if path.suffix != ".safetensors":
+            pickled = (
+                " (a pickle, as nanoGPT's ckpt.pt or pytorch_model.bin: qkvlab never unpickles weights, since "
+                "loading a pickle can run code; save its state dict with safetensors.torch.save_file)"
+                if path.suffix in {".pt", ".pth", ".bin", ".ckpt", ".pkl"}
+                else ""
+            )
             raise UserError(
-                f"{path} is not a .safetensors file; accepted: a HF model folder, a .safetensors file"
+                f"{path} is not a .safetensors file{pickled}; accepted: a HF model folder, a .safetensors file"
             )
         return [path]
     index = path / "model.safetensors.index.json"
@@ -310,6 +317,29 @@ def _read_safetensors_header(file: Path) -> tuple[dict[str, Any], int]:
     return header, 8 + header_len
 
 
+_HUB_NAME = re.compile(r"[A-Za-z0-9][\w.-]*(/[A-Za-z0-9][\w.-]*)?")
+
+
+def _hub_cache_dir() -> str:
+    from huggingface_hub import constants
+
+    return str(constants.HF_HUB_CACHE)
+
+
+def _hub_cache_folder(name: str) -> Path | None:
+    """The local snapshot of Hub model ``name`` (``bert-base-uncased``, ``org/model``) if the Hugging Face
+    cache holds one; never a download."""
+    if not _HUB_NAME.fullmatch(name) or name.endswith(".safetensors"):
+        return None
+    try:
+        from huggingface_hub import snapshot_download
+
+        folder = Path(snapshot_download(name, local_files_only=True))
+    except Exception:  # not cached (LocalEntryNotFoundError), or a name the hub library refuses
+        return None
+    return folder if (folder / "config.json").is_file() else None
+
+
 def load_source(source: nn.Module | str | os.PathLike[str]) -> TensorSource:
     """A live module, a packaged name (``minilm``), a HF model folder, a ``.safetensors`` file, or a
     ``qkvlab train`` run folder (its latest checkpoint)."""
@@ -320,9 +350,18 @@ def load_source(source: nn.Module | str | os.PathLike[str]) -> TensorSource:
         return DiskSource(resolve_packaged(text), display_name=text)
     path = Path(text).expanduser()
     if not path.exists():
+        cached = _hub_cache_folder(text)
+        if cached is not None:
+            return DiskSource(cached, display_name=text)
         names = ", ".join(PACKAGED_MODELS)
+        hub = (
+            f", nor a Hub model in the local Hugging Face cache ({_hub_cache_dir()}); qkvlab reads no hub at "
+            f"run time: download it once (`hf download {text}`) or give its folder"
+            if _HUB_NAME.fullmatch(text)
+            else ""
+        )
         raise UserError(
-            f"no such file or folder: {text}; accepted: a HF model folder, a .safetensors file, "
+            f"no such file or folder: {text}{hub}; accepted: a HF model folder, a .safetensors file, "
             f"or a packaged name ({names})"
         )
     if path.is_dir() and not (path / "model.safetensors").is_file() and not any(path.glob("*.safetensors*")):

@@ -110,6 +110,10 @@ def _model_path(name: str) -> Path:
     if name in PACKAGED_MODELS:
         return resolve_packaged(name)
     path = Path(name).expanduser()
+    if not path.exists():
+        from qkvlab.attention.sources import _hub_cache_folder
+
+        path = _hub_cache_folder(name) or path  # a Hub name already in the local cache; never a download
     if not (path / "config.json").is_file():
         raise UserError(
             f"--model {name}: not a packaged name ({', '.join(PACKAGED_MODELS)}) nor a HF model folder with config.json"
