@@ -328,7 +328,7 @@ def test_spectra_and_guard_callbacks_share_one_measurement_per_firing(tmp_path, 
 
     monkeypatch.setattr(qkvlab.hf, "inspect", counted)
     trainer, _, _ = _hf_trainer(tmp_path, 8)
-    SpectraCallback.install(trainer, every_n_steps=2)
+    SpectraCallback.install(trainer, every_n_steps=2, per_layer=True)
     trainer.train()
     assert len(calls) == 4  # steps 2, 4, 6, 8: one measurement each, not one per callback
     logged = [e for e in trainer.state.log_history if "guard/L0/qk_lambda" in e]

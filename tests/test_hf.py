@@ -75,7 +75,11 @@ def test_trainer_with_qkvlab_optimizer_and_spectra_callback(tmp_path) -> None:
 
     logged = [entry for entry in trainer.state.log_history if "spectra/qk_erank_mean" in entry]
     assert [entry["step"] for entry in logged] == [2, 4]
-    assert "spectra/L1/ov_gap_mean" in logged[0]
+    # the console gets the model-wide numbers only (per-layer keys flooded it: 86 for MiniLM)
+    assert {k for k in logged[0] if k.startswith("spectra/")} == {
+        "spectra/qk_erank_mean",
+        "spectra/ov_erank_mean",
+    }
 
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 

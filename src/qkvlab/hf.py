@@ -222,11 +222,13 @@ class SpectraCallback(_LogsNext):
     """Every ``every_n_steps`` optimiser steps: inspect the model's attention spectra.
 
     Writes one JSON line per firing to ``{output_dir}/spectra.jsonl``: ``{"step", "epoch",
-    **inspect-report}`` in the ``qkvlab inspect --json`` shape. It also adds per-layer
-    summaries (``spectra/L{layer}/{qk|ov}_{erank_mean,erank_min,rank_mean,stable_rank_mean,
-    nuclear_norm_mean,gap_mean,imbalance_mean}`` and model-wide ``spectra/{qk|ov}_erank_mean``;
-    see ``qkvlab.inspection.summary_metrics``) to the Trainer's next log, so TensorBoard,
-    W&B and the console see them.
+    **inspect-report}`` in the ``qkvlab inspect --json`` shape (``qkvlab report`` draws it against the
+    step). It also adds the model-wide ``spectra/{qk|ov}_erank_mean`` to the Trainer's next log, so
+    TensorBoard, W&B and the console see them; with ``per_layer=True`` also every layer's summaries
+    (``spectra/L{layer}/{qk|ov}_{erank_mean,erank_min,rank_mean,stable_rank_mean,nuclear_norm_mean,
+    gap_mean,imbalance_mean}``; see ``qkvlab.inspection.summary_metrics``): 14 keys per layer, which
+    the Trainer's console prints in full at every firing. A layer with non-finite heads is always
+    logged (``spectra/L{layer}/{qk|ov}_nonfinite_heads``).
 
     The summaries reach the Trainer's loggers only if this callback runs before them: use
     ``SpectraCallback.install(trainer, ...)``, which puts it first. Passed through
@@ -235,13 +237,19 @@ class SpectraCallback(_LogsNext):
     """
 
     def __init__(
-        self, every_n_steps: int = 100, *, rtol: float = DEFAULT_RTOL, filename: str = "spectra.jsonl"
+        self,
+        every_n_steps: int = 100,
+        *,
+        rtol: float = DEFAULT_RTOL,
+        filename: str = "spectra.jsonl",
+        per_layer: bool = False,
     ) -> None:
         if every_n_steps <= 0:
             raise ValueError(f"every_n_steps must be a positive integer, got {every_n_steps}")
         self.every_n_steps = every_n_steps
         self.rtol = rtol
         self.filename = filename
+        self.per_layer = per_layer
         self._pending: dict[str, float] | None = None
 
     @classmethod
@@ -264,7 +272,12 @@ class SpectraCallback(_LogsNext):
 
         with open_append(path) as fh:
             fh.write(json.dumps(record) + "\n")
-        self._pending = summary_metrics(report)
+        metrics = summary_metrics(report)
+        self._pending = {
+            k: v
+            for k, v in metrics.items()
+            if self.per_layer or "/L" not in k or k.endswith("_nonfinite_heads")
+        }
         control.should_log = True
         return control
 
