@@ -72,6 +72,11 @@ def test_trainer_with_qkvlab_optimizer_and_spectra_callback(tmp_path) -> None:
     # the spectra in the file are those of the model at that step
     final = qkvlab.inspect(model)
     assert record["heads"][0]["singular_values"] == pytest.approx(final.heads[0]["singular_values"])
+    # and `qkvlab report` draws the callback's log against the step (it used to refuse it)
+    from qkvlab.cli import main
+
+    assert main(["report", str(tmp_path / "spectra.jsonl"), "--out", str(tmp_path / "report")]) == 0
+    assert "## Over 2 checkpoints: spectra" in (tmp_path / "report" / "report.md").read_text()
 
     logged = [entry for entry in trainer.state.log_history if "spectra/qk_erank_mean" in entry]
     assert [entry["step"] for entry in logged] == [2, 4]

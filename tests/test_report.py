@@ -309,3 +309,38 @@ def test_a_failed_report_leaves_nothing_and_reports_of_same_named_paths_do_not_c
     sources = [json.loads((tmp_path / "runs" / m / build.SOURCES).read_text())["paths"] for m in made]
     assert sources == [[str(a.resolve())], [str(b.resolve())]]
     assert not list((tmp_path / "runs").glob("*/.figures-*"))
+
+
+def test_a_plain_loops_spectra_log_and_stepped_inspect_files_are_drawn_against_the_step(
+    tiny_bert, tmp_path, capsys
+) -> None:
+    """Issue 30: qkvlab.record_spectra in any loop writes the log SpectraCallback writes; report draws it
+    (and several `to_json(step=…)` files) against the step instead of overlaying them."""
+    import torch
+    from transformers import AutoModel
+
+    import qkvlab
+
+    model = AutoModel.from_pretrained(tiny_bert).train()
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-2, weight_decay=0.5)
+    log = tmp_path / "out" / "spectra.jsonl"
+    for step in range(1, 7):
+        loss = model(input_ids=torch.randint(5, 20, (4, 8))).last_hidden_state.pow(2).mean()
+        loss.backward()
+        optimizer.step()
+        optimizer.zero_grad()
+        if step % 2 == 0:
+            report = qkvlab.record_spectra(model, log, step)
+            report.to_json(tmp_path / f"at{step}.json", step=step)
+    assert model.training  # left in the mode it was in
+    series = qkvlab.InspectSeries.from_jsonl(log)
+    assert series.steps == [2, 4, 6] and series.x()[1] == "training step"
+    _, md = _report([log], tmp_path / "r1", capsys)
+    assert "## Over 3 checkpoints: spectra" in md.read_text()
+    _, md = _report([tmp_path / f"at{s}.json" for s in (6, 2, 4)], tmp_path / "r2", capsys)
+    text = md.read_text()
+    assert "## Over 3 checkpoints: 3 inspect files" in text
+    # a log cut short by a crash: the whole lines count, the partial one is skipped
+    with log.open("a") as fh:
+        fh.write('{"step": 8, "heads": [')
+    assert qkvlab.InspectSeries.from_jsonl(log).steps == [2, 4, 6]

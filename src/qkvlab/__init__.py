@@ -21,6 +21,8 @@ _WHERE = {
     "UserError": "qkvlab.errors",
     "InspectReport": "qkvlab.inspection",
     "inspect": "qkvlab.inspection",
+    "InspectSeries": "qkvlab.inspection",
+    "record_spectra": "qkvlab.inspection",
     "PRESETS": "qkvlab.presets",
     "ROLES": "qkvlab.presets",
     "l2_penalty": "qkvlab.optim",

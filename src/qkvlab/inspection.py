@@ -55,6 +55,7 @@ __all__ = [
     "expand_sources",
     "inspect",
     "inspect_series",
+    "record_spectra",
     "spectrum_records",
     "summary_metrics",
 ]
@@ -147,8 +148,10 @@ class InspectReport:
             "heads": self.heads,
         }
 
-    def to_json(self, path: str | os.PathLike[str]) -> None:
-        write_atomic(path, json.dumps(self.to_dict()))
+    def to_json(self, path: str | os.PathLike[str], *, step: int | None = None) -> None:
+        """Write the report (atomically); ``step`` records the training step it was taken at, so
+        ``qkvlab report`` draws several such files against the step."""
+        write_atomic(path, json.dumps({**self.to_dict(), **({"step": step} if step is not None else {})}))
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> InspectReport:
@@ -281,6 +284,40 @@ class InspectReport:
         return rows
 
 
+def record_spectra(
+    model: nn.Module,
+    path: str | os.PathLike[str],
+    step: int,
+    *,
+    epoch: float | None = None,
+    rtol: float = DEFAULT_RTOL,
+) -> InspectReport:
+    """Measure ``model``'s attention spectra and append one record to the spectra log ``path``.
+
+    For a plain PyTorch loop (or Lightning, Accelerate: call it from rank 0)::
+
+        for step, batch in enumerate(loader, 1):
+            ...
+            if step % 100 == 0:
+                qkvlab.record_spectra(model, "out/spectra.jsonl", step)
+
+    Each line is ``{"step", "epoch", **inspect-record}``, the shape ``qkvlab.hf.SpectraCallback`` writes;
+    ``qkvlab report out/spectra.jsonl`` draws every product's effective rank and gap against the step.
+    The line is appended whole (never through a symbolic link); returns the report.
+    """
+    from qkvlab.files import open_append
+
+    was_training = model.training
+    report = inspect(model, rtol=rtol)
+    model.train(was_training)
+    record = {"step": step, "epoch": epoch, **report.to_dict()}
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open_append(path) as fh:
+        fh.write(json.dumps(record) + "\n")
+    return report
+
+
 def inspect(
     source: nn.Module | str | os.PathLike[str],
     *,
@@ -393,6 +430,30 @@ class InspectSeries:
 
     def to_json(self, path: str | os.PathLike[str]) -> None:
         write_atomic(path, json.dumps(self.to_dict()))
+
+    @classmethod
+    def from_jsonl(cls, path: str | os.PathLike[str]) -> InspectSeries:
+        """The records of a spectra log (:func:`record_spectra`, ``qkvlab.hf.SpectraCallback``): one inspect
+        record with its ``step`` per line. A last line without its newline (a write cut short) is skipped."""
+        path = Path(path)
+        try:
+            text = path.read_bytes().decode("utf-8")
+        except UnicodeDecodeError:
+            raise UserError(f"{path} is damaged (not UTF-8 text)") from None
+        lines = text.split("\n")[: -1 if not text.endswith("\n") else None]
+        reports, steps = [], []
+        for number, line in enumerate(lines, 1):
+            if not line.strip():
+                continue
+            try:
+                record = json.loads(line)
+                reports.append(InspectReport.from_dict(record))
+            except (ValueError, KeyError, TypeError, AttributeError):
+                raise UserError(f"{path} is damaged (line {number} is not an inspect record)") from None
+            steps.append(record.get("step"))
+        if not reports:
+            raise UserError(f"{path} holds no spectra record yet")
+        return cls(reports, steps)
 
     def to_csv(self, path: str | os.PathLike[str]) -> None:
         """One row per (checkpoint, layer, head, product)."""

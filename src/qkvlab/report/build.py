@@ -53,6 +53,21 @@ def _inspect_file(path: Path, kind: Any) -> Any:
         ) from None
 
 
+def _is_spectra_log(path: Path) -> bool:
+    try:
+        with path.open("rb") as fh:
+            first = json.loads(fh.readline())
+    except (OSError, ValueError):
+        return False
+    return isinstance(first, dict) and "heads" in first and "architecture" in first
+
+
+def _series(path: Path) -> Any:
+    from qkvlab.inspection import InspectSeries
+
+    return InspectSeries.from_jsonl(path) if path.suffix == ".jsonl" else _inspect_file(path, InspectSeries)
+
+
 def detect(path: Path) -> str:
     """The kind of ``path`` (see the module docstring); a UserError naming the accepted kinds if none fits."""
     if path.is_file() and path.suffix == ".json":
@@ -66,6 +81,8 @@ def detect(path: Path) -> str:
             return "finetune-run"
         if path.name in ("sweep.json", "summary.json", "settings.json", "final.json", "config.json"):
             return detect(path.parent)
+    elif path.is_file() and path.suffix == ".jsonl" and _is_spectra_log(path):
+        return "inspect-series"  # qkvlab.record_spectra / hf.SpectraCallback: one inspect record a step
     elif path.is_dir():
         if (path / "sweep.json").is_file():
             return "sweep"
@@ -81,7 +98,8 @@ def detect(path: Path) -> str:
     elif not path.exists():
         raise UserError(f"{path} does not exist")
     raise UserError(
-        f"cannot tell what {path} is; accepted: an `inspect --json` file (one or many checkpoints), a training run folder, a sweep "
+        f"cannot tell what {path} is; accepted: an `inspect --json` file (one or many checkpoints), a spectra log "
+        "(spectra.jsonl of qkvlab.record_spectra or the HF SpectraCallback), a training run folder, a sweep "
         "folder, a fine-tuning run, a `theory --json` file, or a `repro` results folder"
     )
 
@@ -480,6 +498,23 @@ def _repro_sections(name: str, folder: Path, figures: Path) -> list[Section]:
 # -- the page --------------------------------------------------------------------------------------
 
 
+def _series_sections(series: Any, label: str, figures: Path, stem: str) -> list[Section]:
+    from qkvlab.report.inspect_plots import series_figure
+    from qkvlab.report.tables import series_text
+
+    figure = series_figure(series, figures / f"{stem}_series.png")
+    caption = (
+        "Effective rank and gap of each product against the step: the mean over every head (black), each "
+        "layer's mean, and the range over heads (grey)."
+    )
+    return [
+        Section(
+            f"Over {len(series.reports)} checkpoints: {label}",
+            [Preformatted(series_text(series)), Figure(figure, caption)],
+        )
+    ]
+
+
 def build_page(paths: Sequence[Path], figures: Path, title: str | None = None, intro: str = "") -> Page:
     """Detect each path, group by kind (one overlay per kind) and build the sections."""
     figures.mkdir(parents=True, exist_ok=True)
@@ -493,28 +528,19 @@ def build_page(paths: Sequence[Path], figures: Path, title: str | None = None, i
             from qkvlab.inspection import InspectReport
 
             reports = [(_label(p), _inspect_file(p, InspectReport)) for p in group]
+            steps = [_json(p).get("step") for p in group]
+            if len(group) > 1 and all(isinstance(x, int) for x in steps):  # to_json(step=…): one series
+                from qkvlab.inspection import InspectSeries
+
+                order = sorted(range(len(group)), key=lambda i: steps[i])
+                series = InspectSeries([reports[i][1] for i in order], [steps[i] for i in order])
+                sections += _series_sections(series, f"{len(group)} inspect files", figures, f"{stem}_steps")
             sections += _inspect_sections(reports, figures, f"{stem}_inspect")
         elif kind == "inspect-series":
             from qkvlab.inspection import InspectSeries
-            from qkvlab.report.inspect_plots import series_figure
-            from qkvlab.report.tables import series_text
 
             for j, path in enumerate(group):
-                series = _inspect_file(path, InspectSeries)
-                figure = series_figure(series, figures / f"{stem}_{j}_series.png")
-                sections.append(
-                    Section(
-                        f"Over {len(series.reports)} checkpoints: {_label(path)}",
-                        [
-                            Preformatted(series_text(series)),
-                            Figure(
-                                figure,
-                                "Effective rank and gap of each product against the step: the mean "
-                                "over every head (black), each layer's mean, and the range over heads (grey).",
-                            ),
-                        ],
-                    )
-                )
+                sections += _series_sections(_series(path), _label(path), figures, f"{stem}_{j}")
         elif kind == "training-run":
             sections += _training_sections([_read_run(p) for p in group], figures, stem)
         elif kind == "sweep":
