@@ -19,9 +19,8 @@ import torch
 import transformers as tf
 from peft import LoraConfig, get_peft_model
 
-from qkvlab.finetune import load_labelled
+from qkvlab.finetune import load_labelled, model_path, target_modules
 from qkvlab.finetune.metrics import classification_metrics, regression_metrics
-from qkvlab.finetune.run import _model_path, _target_modules
 from qkvlab.hf import SpectraCallback, create_optimizer
 
 
@@ -54,11 +53,11 @@ def main(argv: list[str] | None = None) -> tf.Trainer:
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
     data = load_labelled(args.data)
-    path = _model_path(args.model)
+    path = model_path(args.model)
     tokenizer = tf.AutoTokenizer.from_pretrained(path)
     model = tf.AutoModelForSequenceClassification.from_pretrained(path, num_labels=data.num_labels)
     # LoRA on the q and v projections, whatever this architecture calls them (query/value, q_proj/v_proj, …)
-    modules = _target_modules(model, {"q", "v"})
+    modules = target_modules(model, {"q", "v"})
     model = get_peft_model(model, LoraConfig(r=8, lora_alpha=16, target_modules=modules, task_type="SEQ_CLS"))
     training = tf.TrainingArguments(
         output_dir=args.out,

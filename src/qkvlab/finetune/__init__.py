@@ -8,6 +8,8 @@ _WHERE = {
     "load_labelled": "qkvlab.finetune.data",
     "FinetuneConfig": "qkvlab.finetune.run",
     "finetune": "qkvlab.finetune.run",
+    "model_path": "qkvlab.finetune.run",
+    "target_modules": "qkvlab.finetune.run",
 }
 __all__ = sorted(_WHERE)
 __getattr__, __dir__ = lazy_exports(__name__, _WHERE)

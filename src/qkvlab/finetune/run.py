@@ -26,7 +26,7 @@ from qkvlab.finetune.data import LabelledData, load_labelled
 from qkvlab.finetune.metrics import classification_metrics, regression_metrics, steps_to_fraction_of_best
 from qkvlab.optim import optimizer_settings, param_groups, roles
 
-__all__ = ["FinetuneConfig", "finetune"]
+__all__ = ["FinetuneConfig", "finetune", "model_path", "target_modules"]
 
 TARGET_ROLES = ("q", "k", "v", "o")
 
@@ -104,7 +104,9 @@ class FinetuneConfig:
         check_outputs(files=[], folders=[self.out])  # before training, not when the results are written
 
 
-def _model_path(name: str) -> Path:
+def model_path(name: str) -> Path:
+    """The HF folder of ``name``: a packaged name (``minilm``, ``mpnet``), a folder, or a Hub name already in
+    the local cache; a UserError saying what is accepted otherwise (pickled weights are never read)."""
     from qkvlab.attention.sources import PACKAGED_MODELS, resolve_packaged
 
     if name in PACKAGED_MODELS:
@@ -149,7 +151,10 @@ def _device(kind: str) -> torch.device:
     return torch.device(kind)
 
 
-def _target_modules(model: torch.nn.Module, targets: set[str]) -> list[str]:
+def target_modules(model: torch.nn.Module, targets: set[str]) -> list[str]:
+    """The module names of ``model`` that hold the roles ``targets`` (``{"q", "v"}``), for PEFT's
+    ``LoraConfig(target_modules=…)``; per architecture from the one table (``query``/``value`` on BERT,
+    ``q_proj``/``v_proj`` on LLaMA)."""
     role_of = roles(model)
     if any(r == "qkv" for r in role_of.values()):
         raise UserError(
@@ -282,7 +287,7 @@ def finetune(config: FinetuneConfig, *, progress: bool = True) -> dict[str, Any]
         raise UserError(
             f"--batch-size {config.batch_size} is larger than the {n_train} training examples; accepted: ≤ {n_train}"
         )
-    path = _model_path(config.model)
+    path = model_path(config.model)
     torch.manual_seed(config.seed)
     np_rng = np.random.default_rng(config.seed)
     try:
@@ -311,7 +316,7 @@ def finetune(config: FinetuneConfig, *, progress: bool = True) -> dict[str, Any]
     if config.method == "lora":
         from peft import LoraConfig, get_peft_model
 
-        modules = _target_modules(model, targets)
+        modules = target_modules(model, targets)
         # a rank beyond the adapted matrices' size adds nothing but memory (and a huge one cannot be allocated)
         smallest = min(min(model.get_submodule(m).weight.shape) for m in modules)
         if config.rank > smallest:
