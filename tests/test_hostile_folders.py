@@ -308,3 +308,18 @@ def test_a_data_file_with_300_kB_fields_loads(tmp_path) -> None:
     path.write_text("text,label\n" + "".join(f"{'word ' * 60_000},{i % 2}\n" for i in range(40)))
     data = load_labelled(f"csv:{path}")
     assert len(data.texts) == 40 and len(data.texts[0]) == 300_000 and data.num_labels == 2
+
+
+@pytest.mark.parametrize(
+    "argv, hint",
+    [
+        (["train", "--lr", "3e-4"], "did you mean lr=3e-4"),
+        (["train", "--max-steps=5"], "did you mean max_steps=5"),
+        (["sweep", "--grid", "lr=1e-3", "--weight-decay", "0.1"], "did you mean weight_decay=0.1"),
+    ],
+)
+def test_an_option_named_like_a_config_key_says_how_to_write_it(argv, hint, capsys) -> None:
+    with pytest.raises(SystemExit) as stopped:
+        main(argv)
+    assert stopped.value.code == 2
+    assert hint in _one_line(capsys)

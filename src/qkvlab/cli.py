@@ -559,6 +559,24 @@ def _other_rank() -> bool:
     return os.environ.get("RANK", "0") != "0"
 
 
+def _did_you_mean(command: str, extra: list[str], argv: Sequence[str] | None) -> str:
+    """``train --lr 3e-4``: config keys are key=value, not options; say so with the line to type."""
+    if command not in ("train", "sweep"):
+        return ""
+    from qkvlab.config import config_keys
+
+    keys = set(config_keys())
+    line = list(sys.argv[1:] if argv is None else argv)
+    for token in extra:
+        key, _, value = token.removeprefix("--").partition("=")
+        name = key.replace("-", "_")
+        if token.startswith("--") and name in keys:
+            after = line.index(token) + 1 if token in line else len(line)
+            value = value or (line[after] if after < len(line) and not line[after].startswith("-") else "VALUE")
+            return f"; did you mean {name}={value} (config keys are given as key=value)"
+    return ""
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     import shlex
 
@@ -568,10 +586,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser = _build_parser()
     args, extra = parser.parse_known_args(argv)
     if extra:  # `train CONFIG --preset X lr=1e-3`: key=value overrides may come after options too
-        if args.command == "train" and all("=" in x and not x.startswith("-") for x in extra):
+        if args.command in ("train", "sweep") and all("=" in x and not x.startswith("-") for x in extra):
             args.overrides = [*args.overrides, *extra]
         else:
-            parser.error(f"unrecognized arguments: {' '.join(extra)}")
+            parser.error(f"unrecognized arguments: {' '.join(extra)}{_did_you_mean(args.command, extra, argv)}")
     try:
         return args.handler(args)
     except UserError as exc:
