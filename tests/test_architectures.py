@@ -8,6 +8,7 @@ head_dim)``), forms QK_h = W_K^hᵀ W_Q^h and OV_h = P^h W_V^h explicitly, and t
 
 from __future__ import annotations
 
+import json
 import math
 
 import pytest
@@ -422,3 +423,44 @@ def test_t5_in_the_terminal_plots_and_report(tmp_path, capsys) -> None:
     assert main(["report", str(json_path), "--out", str(tmp_path / "page")]) == 0
     page = (tmp_path / "page" / "report.md").read_text()
     assert "t5, cross" in page and "t5, decoder_self" in page
+
+
+def test_torch_checkpoints_are_read_through_the_restricted_loader(tmp_path) -> None:
+    """nanoGPT's ckpt.pt (with torch.compile's `_orig_mod.` prefixes and its `model_args`) and a HF folder
+    holding pytorch_model.bin (one file, and sharded) give the spectra of the live model, exactly."""
+    torch.manual_seed(1)
+    nano = _NanoGPT().double()
+    args = {"n_layer": 3, "n_head": 6, "n_embd": 48, "block_size": 64, "bias": True, "vocab_size": 65}
+    compiled = {f"_orig_mod.{k}": v for k, v in nano.state_dict().items()}
+    torch.save(
+        {"model": compiled, "model_args": args, "iter_num": 10, "best_val_loss": torch.tensor(1.5)},
+        tmp_path / "ckpt.pt",
+    )
+    from_ckpt = qkvlab.inspect(tmp_path / "ckpt.pt")  # the head count from model_args
+    assert from_ckpt.architecture.family == "nanogpt" and from_ckpt.architecture.n_heads == 6
+    _check_model_against_reference(nano, "nanogpt", from_ckpt)
+
+    bert = tiny_hf_model("bert").double()
+    single = tmp_path / "bert"
+    single.mkdir()
+    bert.config.to_json_file(single / "config.json")
+    torch.save(
+        bert.state_dict(), single / "pytorch_model.bin", _use_new_zipfile_serialization=False
+    )  # legacy
+    sharded = tmp_path / "bert-sharded"
+    sharded.mkdir()
+    bert.config.to_json_file(sharded / "config.json")
+    state = bert.state_dict()
+    names = sorted(state)
+    parts = {
+        "pytorch_model-00001-of-00002.bin": names[: len(names) // 2],
+        "pytorch_model-00002-of-00002.bin": names[len(names) // 2 :],
+    }
+    for file, keys in parts.items():
+        torch.save({k: state[k] for k in keys}, sharded / file)
+    index = {"weight_map": {k: file for file, keys in parts.items() for k in keys}}
+    (sharded / "pytorch_model.bin.index.json").write_text(json.dumps(index))
+    for folder in (single, sharded):
+        report = qkvlab.inspect(folder)
+        assert report.architecture.family == "bert"
+        _check_model_against_reference(bert, "bert", report)

@@ -59,7 +59,32 @@ def test_every_command_refuses_pickled_weights(pickled_model, tiny_bert, tiny_cs
         err = capsys.readouterr().err.strip().splitlines()
         assert len(err) == 1 and err[0].startswith(f"qkvlab {command[0]}: error:"), (command, err)
         assert not sentinel.exists(), f"{command} ran code from the pickle"
-    assert "never unpickles weights" in main_error(["inspect", str(folder)], capsys)
+    refused = main_error(["inspect", str(folder)], capsys)
+    assert "weights_only=True" in refused and "never runs a full unpickle" in refused
+
+
+@pytest.mark.parametrize("zipped", [True, False], ids=["torch-zip", "legacy"])
+def test_a_torch_checkpoint_carrying_a_payload_never_runs_it(zipped, tmp_path, capsys) -> None:
+    """Torch checkpoints (nanoGPT's ckpt.pt, pytorch_model.bin) are read only through torch.load(weights_only=True):
+    a payload inside one, in torch's zip format or the legacy one, is refused in one line and never runs."""
+    import torch
+
+    sentinel = tmp_path / "pwned"
+    checkpoint = tmp_path / "ckpt.pt"
+    torch.save(
+        {"model": {"w": torch.zeros(2, 2)}, "model_args": _Payload(sentinel)},
+        checkpoint,
+        _use_new_zipfile_serialization=zipped,
+    )
+    for command in (
+        ["inspect", str(checkpoint)],
+        ["inspect", str(checkpoint), "--compare", str(checkpoint)],
+    ):
+        capsys.readouterr()
+        assert main(command) == 2
+        err = capsys.readouterr().err.strip().splitlines()
+        assert len(err) == 1 and "weights_only=True" in err[0], err
+    assert not sentinel.exists()
 
 
 def main_error(command: list[str], capsys) -> str:

@@ -572,7 +572,9 @@ def _did_you_mean(command: str, extra: list[str], argv: Sequence[str] | None) ->
         name = key.replace("-", "_")
         if token.startswith("--") and name in keys:
             after = line.index(token) + 1 if token in line else len(line)
-            value = value or (line[after] if after < len(line) and not line[after].startswith("-") else "VALUE")
+            value = value or (
+                line[after] if after < len(line) and not line[after].startswith("-") else "VALUE"
+            )
             return f"; did you mean {name}={value} (config keys are given as key=value)"
     return ""
 
@@ -589,7 +591,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         if args.command in ("train", "sweep") and all("=" in x and not x.startswith("-") for x in extra):
             args.overrides = [*args.overrides, *extra]
         else:
-            parser.error(f"unrecognized arguments: {' '.join(extra)}{_did_you_mean(args.command, extra, argv)}")
+            parser.error(
+                f"unrecognized arguments: {' '.join(extra)}{_did_you_mean(args.command, extra, argv)}"
+            )
     try:
         return args.handler(args)
     except UserError as exc:

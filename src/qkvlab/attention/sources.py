@@ -223,6 +223,96 @@ class DiskSource(TensorSource):
         self.close()
 
 
+class StateDictSource(TensorSource):
+    """Tensors from a torch checkpoint file (``.pt/.pth/.bin/.ckpt``), read only through torch's restricted
+    unpickler (``torch.load(weights_only=True)``, memory-mapped for torch's zip format): it rebuilds
+    tensors and plain containers and refuses every other global, so a checkpoint cannot run code.
+
+    Understood shapes: a state dict; nanoGPT's ``{"model": state dict, "model_args": {...}}`` (its
+    ``model_args`` give the head count); ``{"state_dict": …}`` (Lightning); a HF folder whose weights are
+    ``pytorch_model.bin`` (sharded with ``pytorch_model.bin.index.json`` too), its ``config.json`` beside
+    them. ``_orig_mod.`` (``torch.compile``) and ``module.`` (DDP) prefixes are stripped.
+    """
+
+    def __init__(self, files: list[Path], config: dict[str, Any], display_name: str) -> None:
+        self.name = display_name
+        self.heads_hint = {}
+        self.config = dict(config)
+        self._tensors: dict[str, torch.Tensor] = {}
+        for file in files:
+            tensors, extra_config = _torch_checkpoint(file)
+            self._tensors.update(tensors)
+            self.config = {**extra_config, **self.config}
+        if not self._tensors:
+            raise UserError(f"{display_name} holds no tensors")
+
+    def keys(self) -> list[str]:
+        return list(self._tensors)
+
+    def shape(self, key: str) -> tuple[int, ...]:
+        return tuple(self._tensors[key].shape)
+
+    def get(self, key: str) -> torch.Tensor:
+        return self._tensors[key]
+
+
+TORCH_SUFFIXES = frozenset({".pt", ".pth", ".bin", ".ckpt"})
+
+
+def _torch_checkpoint(file: Path) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+    """(state dict, config found inside) of one torch checkpoint file, through ``weights_only=True``."""
+    import pickle
+    import warnings
+    import zipfile
+
+    try:
+        with warnings.catch_warnings():  # torch notes a pickle protocol it did not write itself: harmless
+            warnings.filterwarnings("ignore", message=".*pickle protocol.*")
+            loaded = torch.load(file, map_location="cpu", weights_only=True, mmap=zipfile.is_zipfile(file))
+    except (pickle.UnpicklingError, RuntimeError, EOFError, ValueError, TypeError, AttributeError) as exc:
+        reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise UserError(
+            f"{file}: torch's restricted loader (weights_only=True) refused it ({reason[:200]}); qkvlab never "
+            "runs a full unpickle, which can run code: save the state dict with safetensors.torch.save_file"
+        ) from None
+    config: dict[str, Any] = {}
+    if isinstance(loaded, dict) and isinstance(loaded.get("model"), dict):  # nanoGPT's ckpt.pt
+        args = loaded.get("model_args")
+        config = dict(args) if isinstance(args, dict) else {}
+        loaded = loaded["model"]
+    elif isinstance(loaded, dict) and isinstance(loaded.get("state_dict"), dict):  # Lightning
+        loaded = loaded["state_dict"]
+    if not isinstance(loaded, dict) or not any(isinstance(v, torch.Tensor) for v in loaded.values()):
+        raise UserError(
+            f"{file} holds no state dict (a mapping of names to tensors, or nanoGPT's {{'model': …}}); "
+            f"found {type(loaded).__name__}"
+        )
+    tensors = {}
+    for key, value in loaded.items():
+        if isinstance(value, torch.Tensor):
+            name = str(key)
+            for prefix in ("_orig_mod.", "module."):  # torch.compile, DistributedDataParallel
+                name = name.removeprefix(prefix)
+            tensors[name] = value
+    return tensors, config
+
+
+def _torch_weight_files(folder: Path) -> list[Path] | None:
+    """A HF folder's ``pytorch_model.bin`` (or its shards), when it has no safetensors weights."""
+    index = folder / "pytorch_model.bin.index.json"
+    if index.is_file():
+        weight_map = _read_config(index).get("weight_map")
+        if not isinstance(weight_map, dict) or not weight_map:
+            raise UserError(f"{index} has no 'weight_map'")
+        names = list(dict.fromkeys(weight_map.values()))
+        bad = [n for n in names if not isinstance(n, str) or Path(n).is_absolute() or ".." in Path(n).parts]
+        if bad:
+            raise UserError(f"{index} maps tensors to {bad[0]!r}; accepted: shard file names inside {folder}")
+        return [folder / n for n in names]
+    single = folder / "pytorch_model.bin"
+    return [single] if single.is_file() else None
+
+
 def _read_config(path: Path) -> dict[str, Any]:
     try:
         config = json.loads(path.read_text())
@@ -237,9 +327,10 @@ def _weight_files(path: Path) -> list[Path]:
     if path.is_file():
         if path.suffix != ".safetensors":
             pickled = (
-                " (a pickle, as nanoGPT's ckpt.pt or pytorch_model.bin: qkvlab never unpickles weights, since "
-                "loading a pickle can run code; save its state dict with safetensors.torch.save_file)"
-                if path.suffix in {".pt", ".pth", ".bin", ".ckpt", ".pkl"}
+                " (a torch checkpoint: `qkvlab inspect` reads one through torch's restricted loader, "
+                "weights_only=True; this command loads safetensors only: save its state dict with "
+                "safetensors.torch.save_file)"
+                if path.suffix in TORCH_SUFFIXES
                 else ""
             )
             raise UserError(
@@ -268,7 +359,8 @@ def _weight_files(path: Path) -> list[Path]:
         return [path / others[0]]
     found = sorted(p.name for p in path.iterdir() if p.suffix in {".bin", ".pt", ".pth", ".ckpt"})
     hint = (
-        f" (found {', '.join(found)}; qkvlab never unpickles weights, save them as safetensors)"
+        f" (found {', '.join(found)}: `qkvlab inspect` reads torch checkpoints through torch's restricted "
+        "loader, weights_only=True; this command loads safetensors only, and never a full unpickle)"
         if found
         else ""
     )
@@ -364,10 +456,17 @@ def load_source(source: nn.Module | str | os.PathLike[str]) -> TensorSource:
             f"no such file or folder: {text}{hub}; accepted: a HF model folder, a .safetensors file, "
             f"or a packaged name ({names})"
         )
+    if path.is_file() and path.suffix in TORCH_SUFFIXES:
+        beside = path.parent / "config.json"
+        return StateDictSource([path], _read_config(beside) if beside.is_file() else {}, text)
     if path.is_dir() and not (path / "model.safetensors").is_file() and not any(path.glob("*.safetensors*")):
         from qkvlab.train.checkpoint import latest_checkpoint
 
         checkpoint = latest_checkpoint(path)  # a qkvlab training run folder: its latest checkpoint
         if checkpoint is not None:
             return DiskSource(checkpoint, display_name=f"{text.rstrip('/')} ({checkpoint.name})")
+        files = _torch_weight_files(path)
+        if files is not None:
+            config = _read_config(path / "config.json") if (path / "config.json").is_file() else {}
+            return StateDictSource(files, config, text)
     return DiskSource(path)
