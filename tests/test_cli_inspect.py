@@ -523,3 +523,11 @@ def test_a_hub_name_is_found_in_the_local_cache_or_refused_saying_so(
     (tmp_path / "ckpt.pt").write_bytes(b"\x80\x04not really")
     assert main(["inspect", str(tmp_path / "ckpt.pt")]) == 2
     assert "qkvlab never unpickles weights" in capsys.readouterr().err
+
+
+def test_step_is_recorded_in_the_json_of_one_checkpoint(tiny_bert, tmp_path, capsys) -> None:
+    out = tmp_path / "at5.json"
+    assert main(["inspect", str(tiny_bert), "--json", str(out), "--step", "5", "--quiet"]) == 0
+    assert json.loads(out.read_text())["step"] == 5
+    assert main(["inspect", str(tiny_bert), "--step", "5"]) == 2  # nowhere to record it
+    assert "accepted: one SOURCE with --json" in capsys.readouterr().err

@@ -66,6 +66,13 @@ def _build_parser() -> argparse.ArgumentParser:
         "order, and a table and plots of rank and gap against the step",
     )
     insp.add_argument("--json", metavar="FILE", help="write every head's metrics (fixed schema) to FILE")
+    insp.add_argument(
+        "--step",
+        type=_non_negative_int,
+        default=None,
+        help="the training step of a checkpoint loaded by hand, recorded in --json (report then draws "
+        "several such files against the step)",
+    )
     insp.add_argument("--csv", metavar="FILE", help="write one row per (layer, head, product) to FILE")
     insp.add_argument("--plot", metavar="DIR", help="write effective-rank heatmaps and singular-value curves")
     insp.add_argument(
@@ -279,6 +286,16 @@ def _tqdm_progress(iterable, total):  # type: ignore[no-untyped-def]
     return tqdm(iterable, total=total, desc="layers", unit="layer", delay=0.5, leave=False, file=sys.stderr)
 
 
+def _non_negative_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected an integer ≥ 0, got '{text}'") from None
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"expected an integer ≥ 0, got {value}")
+    return value
+
+
 def _cmd_inspect(args: argparse.Namespace) -> int:
     import warnings
 
@@ -287,6 +304,8 @@ def _cmd_inspect(args: argparse.Namespace) -> int:
 
     check_outputs(files=[args.json, args.csv], folders=[args.plot])
     sources = expand_sources(args.source)
+    if args.step is not None and (len(sources) != 1 or args.compare or not args.json):
+        raise UserError("--step records the step of one checkpoint in its --json; accepted: one SOURCE with --json")
     if args.compare:
         if len(sources) != 1:
             raise UserError(
@@ -314,7 +333,8 @@ def _write_and_print(result: Any, args: argparse.Namespace, text: Callable[[Any]
     from qkvlab.report import inspect_plots
 
     if args.json:
-        result.to_json(args.json)
+        step = getattr(args, "step", None)
+        result.to_json(args.json, **({"step": step} if step is not None else {}))
     if args.csv:
         result.to_csv(args.csv)
     written = [p for p in (args.json, args.csv) if p]
