@@ -141,29 +141,36 @@ def _build_parser() -> argparse.ArgumentParser:
         help="fine-tune chosen attention matrices (full or LoRA) of a pretrained model",
         description="Fine-tune only the chosen attention matrices of a pretrained HF model on labelled text, "
         "with η_V = λ·η_QK (paper 001). Targets are roles, mapped to module names per architecture.",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
-    ft.add_argument("--model", default="minilm", help="a packaged name (minilm) or a local HF model folder")
+    ft.add_argument(
+        "--model",
+        default="minilm",
+        help="a packaged name (minilm, mpnet), a local HF model folder, or a cached Hub name",
+    )
     ft.add_argument(
         "--data", default="rotten-tomatoes", help="; ".join(f"{k}: {v}" for k, v in FINETUNE_DATA.items())
     )
+    ft.add_argument("--targets", default="q,v", help="roles to train: a subset of q,k,v,o, or all")
     ft.add_argument(
-        "--targets", default="q,v", help="roles to train: a subset of q,k,v,o, or all (default q,v)"
+        "--method", default="lora", choices=["full", "lora"], help="full matrices or LoRA adapters"
     )
-    ft.add_argument("--method", default="lora", choices=["full", "lora"])
-    ft.add_argument("--rank", type=positive_int, default=8, help="LoRA rank (default 8)")
-    ft.add_argument("--alpha", type=float, default=16.0, help="LoRA alpha (default 16)")
+    ft.add_argument("--rank", type=positive_int, default=8, help="LoRA rank")
+    ft.add_argument("--alpha", type=float, default=16.0, help="LoRA alpha")
     ft.add_argument("--lr", type=float, default=1e-4, help="η_QK, the rate of every trained matrix but V")
-    ft.add_argument("--lr-ratio", type=float, default=1.0, help="λ: η_V = λ·η_QK (default 1)")
+    ft.add_argument("--lr-ratio", type=float, default=1.0, help="λ: η_V = λ·η_QK")
     ft.add_argument("--loraplus-ratio", type=float, default=None, help="LoRA+: lora_B rate × R")
     ft.add_argument(
         "--preset", default=None, help="optimiser preset NAME[:key=value,...], merged per role and key"
     )
-    ft.add_argument("--weight-decay", type=float, default=0.0)
-    ft.add_argument("--max-steps", type=positive_int, default=300)
-    ft.add_argument("--epochs", type=float, default=None, help="instead of --max-steps")
-    ft.add_argument("--batch-size", type=positive_int, default=32)
-    ft.add_argument("--max-length", type=positive_int, default=64, help="tokens per example (default 64)")
-    ft.add_argument("--eval-every", type=positive_int, default=25)
+    ft.add_argument("--weight-decay", type=float, default=0.0, help="AdamW's decoupled weight decay λ")
+    ft.add_argument("--max-steps", type=positive_int, default=300, help="optimiser steps")
+    ft.add_argument(
+        "--epochs", type=float, default=None, help="passes over the training split, instead of --max-steps"
+    )
+    ft.add_argument("--batch-size", type=positive_int, default=32, help="examples per step")
+    ft.add_argument("--max-length", type=positive_int, default=64, help="tokens per example")
+    ft.add_argument("--eval-every", type=positive_int, default=25, help="steps between validation scores")
     ft.add_argument(
         "--max-train-examples", type=positive_int, default=None, help="subsample the training split"
     )
@@ -173,11 +180,11 @@ def _build_parser() -> argparse.ArgumentParser:
         default=None,
         help="learning curve on a fixed subset of the validation split (test is always scored in full)",
     )
-    ft.add_argument("--seed", type=int, default=0)
-    ft.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
+    ft.add_argument("--seed", type=int, default=0, help="batch order and new weights' initialisation")
+    ft.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"], help="where to train")
     ft.add_argument("--out", metavar="RUN_DIR", help="write result.json (and the fine-tuned model) here")
     ft.add_argument("--no-save", action="store_true", help="do not save the fine-tuned model")
-    ft.add_argument("--quiet", action="store_true")
+    ft.add_argument("--quiet", action="store_true", help="no progress bars")
     ft.set_defaults(handler=_cmd_finetune)
 
     from qkvlab.experiments.theory_settings import PARTS, TheorySettings
@@ -305,7 +312,9 @@ def _cmd_inspect(args: argparse.Namespace) -> int:
     check_outputs(files=[args.json, args.csv], folders=[args.plot])
     sources = expand_sources(args.source)
     if args.step is not None and (len(sources) != 1 or args.compare or not args.json):
-        raise UserError("--step records the step of one checkpoint in its --json; accepted: one SOURCE with --json")
+        raise UserError(
+            "--step records the step of one checkpoint in its --json; accepted: one SOURCE with --json"
+        )
     if args.compare:
         if len(sources) != 1:
             raise UserError(

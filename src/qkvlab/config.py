@@ -446,7 +446,10 @@ def _check_consistency(config: TrainConfig) -> None:
     if config.stop_at is not None and config.stop_at > config.max_steps:
         raise UserError(f"stop_at={config.stop_at} is beyond max_steps={config.max_steps}")
     if config.warmup_steps >= config.max_steps and config.warmup_steps > 0:
-        raise UserError(f"warmup_steps={config.warmup_steps} must be < max_steps={config.max_steps}")
+        raise UserError(
+            f"warmup_steps={config.warmup_steps} must be < max_steps={config.max_steps}; accepted: warmup_steps="
+            f"0 … {config.max_steps - 1} (e.g. warmup_steps={config.max_steps // 10}, a tenth of the run)"
+        )
     model = config.model
     if not model.d_head and model.d_model // model.n_head == 0:
         raise UserError(
