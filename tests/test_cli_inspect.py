@@ -520,9 +520,13 @@ def test_a_hub_name_is_found_in_the_local_cache_or_refused_saying_so(
     assert (
         "nor a Hub model in the local Hugging Face cache" in err and "hf download someone/not-cached" in err
     )
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")  # --download while offline: one line, the hub library's reason
+    assert main(["inspect", "someone/not-cached", "--download"]) == 2
+    assert "--download someone/not-cached: the Hub could not be read" in capsys.readouterr().err
+    assert main(["inspect", "someone/tiny-bert", "--download", "--quiet"]) == 0  # cached: nothing fetched
     (tmp_path / "ckpt.pt").write_bytes(b"\x80\x04not really")
     assert main(["inspect", str(tmp_path / "ckpt.pt")]) == 2
-    assert "qkvlab never unpickles weights" in capsys.readouterr().err
+    assert "never runs a full unpickle" in capsys.readouterr().err
 
 
 def test_step_is_recorded_in_the_json_of_one_checkpoint(tiny_bert, tmp_path, capsys) -> None:

@@ -67,6 +67,12 @@ def _build_parser() -> argparse.ArgumentParser:
     )
     insp.add_argument("--json", metavar="FILE", help="write every head's metrics (fixed schema) to FILE")
     insp.add_argument(
+        "--download",
+        action="store_true",
+        help="fetch a Hub name that is not in the local Hugging Face cache (otherwise hub names are read "
+        "from the cache only, never downloaded)",
+    )
+    insp.add_argument(
         "--step",
         type=_non_negative_int,
         default=None,
@@ -310,6 +316,17 @@ def _cmd_inspect(args: argparse.Namespace) -> int:
     from qkvlab.report.tables import inspect_text, series_text
 
     check_outputs(files=[args.json, args.csv], folders=[args.plot])
+    if args.download:
+        from pathlib import Path
+
+        from qkvlab.attention.sources import PACKAGED_MODELS, _hub_cache_folder, download_hub_model
+
+        args.source = [
+            s
+            if s in PACKAGED_MODELS or Path(s).exists()
+            else str(_hub_cache_folder(s) or download_hub_model(s))
+            for s in args.source
+        ]
     sources = expand_sources(args.source)
     if args.step is not None and (len(sources) != 1 or args.compare or not args.json):
         raise UserError(

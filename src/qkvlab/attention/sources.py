@@ -432,6 +432,26 @@ def _hub_cache_folder(name: str) -> Path | None:
     return folder if (folder / "config.json").is_file() else None
 
 
+def download_hub_model(name: str) -> Path:
+    """Fetch Hub model ``name`` into the local Hugging Face cache (config, tokenizer, safetensors weights
+    only) and return its folder; only on the user's explicit ``--download``. Offline, or a name the Hub
+    does not have, is one line."""
+    if not _HUB_NAME.fullmatch(name):
+        raise UserError(f"--download {name}: not a Hub model name (NAME or ORG/NAME)")
+    try:
+        from huggingface_hub import snapshot_download
+
+        folder = Path(
+            snapshot_download(
+                name, allow_patterns=["*.json", "*.safetensors", "*.txt", "*.model", "tokenizer*"]
+            )
+        )
+    except Exception as exc:  # offline (HF_HUB_OFFLINE), not found, no network: the hub library's own words
+        reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise UserError(f"--download {name}: the Hub could not be read ({reason[:200]})") from None
+    return folder
+
+
 def load_source(source: nn.Module | str | os.PathLike[str]) -> TensorSource:
     """A live module, a packaged name (``minilm``), a HF model folder, a ``.safetensors`` file, or a
     ``qkvlab train`` run folder (its latest checkpoint)."""
@@ -448,7 +468,7 @@ def load_source(source: nn.Module | str | os.PathLike[str]) -> TensorSource:
         names = ", ".join(PACKAGED_MODELS)
         hub = (
             f", nor a Hub model in the local Hugging Face cache ({_hub_cache_dir()}); qkvlab reads no hub at "
-            f"run time: download it once (`hf download {text}`) or give its folder"
+            f"run time: download it once (`qkvlab inspect {text} --download`, or `hf download {text}`) or give its folder"
             if _HUB_NAME.fullmatch(text)
             else ""
         )
