@@ -129,8 +129,13 @@ def _bad_text_file(tmp_path):
 
 
 def _bad_wrong_suffix(tmp_path):
-    (tmp_path / "w.bin").write_bytes(b"\0" * 100)
-    return [str(tmp_path / "w.bin")], "not a .safetensors file"
+    (tmp_path / "w.npy").write_bytes(b"\0" * 100)
+    return [str(tmp_path / "w.npy")], "not a .safetensors file"
+
+
+def _bad_torch_file(tmp_path):
+    (tmp_path / "w.bin").write_bytes(b"\0" * 100)  # a .bin that is no torch checkpoint either
+    return [str(tmp_path / "w.bin")], r"torch's restricted loader \(weights_only=True\) refused it"
 
 
 def _bad_garbage_in_folder(tmp_path):
@@ -185,7 +190,7 @@ def _bad_pickle_only(tmp_path):
     folder = tmp_path / "pt"
     folder.mkdir()
     (folder / "pytorch_model.bin").write_bytes(b"\0" * 10)
-    return [str(folder)], "no safetensors weights .*found pytorch_model.bin.*never unpickles"
+    return [str(folder)], r"pytorch_model.bin: torch's restricted loader .*never runs a full unpickle"
 
 
 def _bad_config_json(tmp_path):
@@ -210,6 +215,7 @@ BAD_INPUTS = [
     _bad_missing,
     _bad_text_file,
     _bad_wrong_suffix,
+    _bad_torch_file,
     _bad_garbage_in_folder,
     _bad_truncated,
     _bad_unsupported,

@@ -606,22 +606,21 @@ def _other_rank() -> bool:
 
 
 def _did_you_mean(command: str, extra: list[str], argv: Sequence[str] | None) -> str:
-    """``train --lr 3e-4``: config keys are key=value, not options; say so with the line to type."""
+    """``train --lr 3e-4``: config keys are key=value, not options; say so with the line to type.
+    (Without loading the config schema: it imports torch, and a mistake should answer at once.)"""
     if command not in ("train", "sweep"):
         return ""
-    from qkvlab.config import config_keys
+    import re
 
-    keys = set(config_keys())
     line = list(sys.argv[1:] if argv is None else argv)
     for token in extra:
-        key, _, value = token.removeprefix("--").partition("=")
-        name = key.replace("-", "_")
-        if token.startswith("--") and name in keys:
+        match = re.fullmatch(r"--([a-z][a-z0-9_.-]*)(?:=(.*))?", token)
+        if match:
+            name, value = match[1].replace("-", "_"), match[2]
             after = line.index(token) + 1 if token in line else len(line)
-            value = value or (
-                line[after] if after < len(line) and not line[after].startswith("-") else "VALUE"
-            )
-            return f"; did you mean {name}={value} (config keys are given as key=value)"
+            if value is None:
+                value = line[after] if after < len(line) and not line[after].startswith("-") else "VALUE"
+            return f"; config keys are given as key=value: did you mean {name}={value}? (`qkvlab train --help-keys`)"
     return ""
 
 

@@ -13,7 +13,7 @@ import json
 import os
 import re
 import struct
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -476,17 +476,64 @@ def load_source(source: nn.Module | str | os.PathLike[str]) -> TensorSource:
             f"no such file or folder: {text}{hub}; accepted: a HF model folder, a .safetensors file, "
             f"or a packaged name ({names})"
         )
-    if path.is_file() and path.suffix in TORCH_SUFFIXES:
-        beside = path.parent / "config.json"
-        return StateDictSource([path], _read_config(beside) if beside.is_file() else {}, text)
-    if path.is_dir() and not (path / "model.safetensors").is_file() and not any(path.glob("*.safetensors*")):
-        from qkvlab.train.checkpoint import latest_checkpoint
+    for reader in READERS:
+        if reader.claims(path):
+            return reader.open(path, text)
+    return DiskSource(path)  # names what is missing: no safetensors, no torch weights, no run
 
-        checkpoint = latest_checkpoint(path)  # a qkvlab training run folder: its latest checkpoint
-        if checkpoint is not None:
-            return DiskSource(checkpoint, display_name=f"{text.rstrip('/')} ({checkpoint.name})")
-        files = _torch_weight_files(path)
-        if files is not None:
-            config = _read_config(path / "config.json") if (path / "config.json").is_file() else {}
-            return StateDictSource(files, config, text)
-    return DiskSource(path)
+
+# -- readers of weights on disk, by what the path holds (a later kind, such as GGUF, adds one entry) --
+
+
+@dataclass(frozen=True)
+class Reader:
+    """One kind of weights on disk: ``claims(path)`` says whether ``path`` holds it; ``open`` reads it."""
+
+    name: str
+    claims: Callable[[Path], bool]
+    open: Callable[[Path, str], TensorSource]
+
+
+def _has_safetensors(path: Path) -> bool:
+    if path.is_file():
+        return path.suffix == ".safetensors"
+    return (path / "model.safetensors").is_file() or any(path.glob("*.safetensors*"))
+
+
+def _open_run(path: Path, text: str) -> TensorSource:
+    from qkvlab.train.checkpoint import latest_checkpoint
+
+    checkpoint = latest_checkpoint(path)
+    assert checkpoint is not None
+    return DiskSource(checkpoint, display_name=f"{text.rstrip('/')} ({checkpoint.name})")
+
+
+def _is_run(path: Path) -> bool:
+    if not path.is_dir() or _has_safetensors(path):
+        return False
+    from qkvlab.train.checkpoint import latest_checkpoint
+
+    return latest_checkpoint(path) is not None
+
+
+def _open_torch(path: Path, text: str) -> TensorSource:
+    folder = path.parent if path.is_file() else path
+    config = _read_config(folder / "config.json") if (folder / "config.json").is_file() else {}
+    files = [path] if path.is_file() else _torch_weight_files(path)
+    assert files is not None
+    return StateDictSource(files, config, text)
+
+
+def _is_torch(path: Path) -> bool:
+    if path.is_file():
+        return path.suffix in TORCH_SUFFIXES
+    return path.is_dir() and not _has_safetensors(path) and _torch_weight_files(path) is not None
+
+
+#: In order: a safetensors file or folder (streamed, header by header), a ``qkvlab train`` run folder
+#: (its latest checkpoint), a torch checkpoint (through torch's restricted unpickler only).
+READERS: tuple[Reader, ...] = (
+    Reader("safetensors", _has_safetensors, lambda path, text: DiskSource(path)),
+    Reader("qkvlab-run", _is_run, _open_run),
+    Reader("torch", _is_torch, _open_torch),
+)
