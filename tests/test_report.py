@@ -344,3 +344,21 @@ def test_a_plain_loops_spectra_log_and_stepped_inspect_files_are_drawn_against_t
     with log.open("a") as fh:
         fh.write('{"step": 8, "heads": [')
     assert qkvlab.InspectSeries.from_jsonl(log).steps == [2, 4, 6]
+
+
+def test_a_full_disk_under_report_names_the_figure_and_leaves_nothing(
+    outputs, tmp_path, capsys, monkeypatch
+) -> None:
+    import errno
+
+    import qkvlab.report.figures as figures
+
+    def full(path, data, **kwargs):  # type: ignore[no-untyped-def]
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), str(path))
+
+    monkeypatch.setattr(figures, "write_atomic", full)
+    out = tmp_path / "rep"
+    assert main(["report", str(outputs["run-a"]), "--out", str(out)]) == 1
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith(f"qkvlab report: error: cannot write: {out / 'figures'}/"), err
+    assert err[0].endswith("No space left on device") and not out.exists()

@@ -608,8 +608,11 @@ def write_report(
         drawing = Path(tempfile.mkdtemp(dir=out, prefix=".figures-"))
         try:
             page = build_page(paths, drawing, title, intro)
-        except BaseException:
+        except BaseException as exc:
             shutil.rmtree(drawing, ignore_errors=True)
+            if isinstance(exc, OSError) and exc.filename and str(exc.filename).startswith(str(drawing)):
+                # name the place the user will look for (a disk-full message), not the temporary folder
+                exc.filename = str(figures) + str(exc.filename)[len(str(drawing)) :]
             raise
     except BaseException:
         if created:
