@@ -12,7 +12,6 @@ from ``TrainingArguments``, so the Trainer's ``weight_decay`` is honoured (PEFT'
 
 from __future__ import annotations
 
-import json
 import weakref
 from collections.abc import Iterable
 from pathlib import Path
@@ -23,7 +22,7 @@ from torch import nn
 from transformers import Trainer, TrainerCallback, TrainingArguments
 
 from qkvlab.errors import UserError
-from qkvlab.inspection import inspect, summary_metrics
+from qkvlab.inspection import append_spectra_record, inspect, summary_metrics
 from qkvlab.optim import optimizer_settings, param_groups, role_set
 from qkvlab.spectra import DEFAULT_RTOL
 
@@ -265,13 +264,7 @@ class SpectraCallback(_LogsNext):
         if not state.is_world_process_zero:
             return control
         report = _inspect(model, self.rtol, state)
-        record = {"step": state.global_step, "epoch": state.epoch, **report.to_dict()}
-        path = Path(args.output_dir) / self.filename
-        path.parent.mkdir(parents=True, exist_ok=True)
-        from qkvlab.files import open_append
-
-        with open_append(path) as fh:
-            fh.write(json.dumps(record) + "\n")
+        append_spectra_record(Path(args.output_dir) / self.filename, report, state.global_step, state.epoch)
         metrics = summary_metrics(report)
         self._pending = {
             k: v

@@ -50,6 +50,7 @@ __all__ = [
     "PRODUCTS",
     "InspectReport",
     "InspectSeries",
+    "append_spectra_record",
     "checkpoint_step",
     "compare",
     "expand_sources",
@@ -305,17 +306,23 @@ def record_spectra(
     ``qkvlab report out/spectra.jsonl`` draws every product's effective rank and gap against the step.
     The line is appended whole (never through a symbolic link); returns the report.
     """
-    from qkvlab.files import open_append
-
     was_training = model.training
     report = inspect(model, rtol=rtol)
     model.train(was_training)
-    record = {"step": step, "epoch": epoch, **report.to_dict()}
+    append_spectra_record(path, report, step, epoch)
+    return report
+
+
+def append_spectra_record(
+    path: str | os.PathLike[str], report: InspectReport, step: int, epoch: float | None = None
+) -> None:
+    """One line ``{"step", "epoch", **inspect-record}`` appended to a spectra log, never through a link."""
+    from qkvlab.files import open_append
+
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     with open_append(path) as fh:
-        fh.write(json.dumps(record) + "\n")
-    return report
+        fh.write(json.dumps({"step": step, "epoch": epoch, **report.to_dict()}) + "\n")
 
 
 def inspect(

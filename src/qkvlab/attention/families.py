@@ -23,6 +23,7 @@ Storage conventions:
 
 from __future__ import annotations
 
+import dataclasses
 import re
 from dataclasses import dataclass
 
@@ -106,6 +107,13 @@ _BERT = Layout(
     o="{block}output.dense.weight",
 )
 
+_GPT2 = Layout(
+    anchor=rf"^(?P<block>{_PREFIX}h\.\d+\.attn\.)c_attn\.weight$",
+    qkv="{block}c_attn.weight",
+    o="{block}c_proj.weight",
+    transposed=True,
+)
+
 _LLAMA = Layout(
     anchor=rf"^(?P<block>{_PREFIX}layers\.\d+\.self_attn\.)q_proj\.weight$",
     q="{block}q_proj.weight",
@@ -125,26 +133,13 @@ FAMILIES: tuple[Family, ...] = (
         name="gpt2",
         description="HF GPT-2 (fused, transposed Conv1D c_attn)",
         model_types=("gpt2",),
-        layouts=_with_split(  # split: c_attn holds three Conv1D children
-            Layout(
-                anchor=rf"^(?P<block>{_PREFIX}h\.\d+\.attn\.)c_attn\.weight$",
-                qkv="{block}c_attn.weight",
-                o="{block}c_proj.weight",
-                transposed=True,
-            )
-        ),
+        layouts=_with_split(_GPT2),  # split: c_attn holds three Conv1D children
     ),
     Family(
         name="nanogpt",
         description="nanoGPT (c_attn and c_proj as nn.Linear under GPT-2's names; told from GPT-2 by shape)",
         model_types=(),
-        layouts=_with_split(
-            Layout(
-                anchor=rf"^(?P<block>{_PREFIX}h\.\d+\.attn\.)c_attn\.weight$",
-                qkv="{block}c_attn.weight",
-                o="{block}c_proj.weight",
-            )
-        ),
+        layouts=_with_split(dataclasses.replace(_GPT2, transposed=False)),
     ),
     Family(
         name="llama",

@@ -301,16 +301,25 @@ def _torch_weight_files(folder: Path) -> list[Path] | None:
     """A HF folder's ``pytorch_model.bin`` (or its shards), when it has no safetensors weights."""
     index = folder / "pytorch_model.bin.index.json"
     if index.is_file():
-        weight_map = _read_config(index).get("weight_map")
-        if not isinstance(weight_map, dict) or not weight_map:
-            raise UserError(f"{index} has no 'weight_map'")
-        names = list(dict.fromkeys(weight_map.values()))
-        bad = [n for n in names if not isinstance(n, str) or Path(n).is_absolute() or ".." in Path(n).parts]
-        if bad:
-            raise UserError(f"{index} maps tensors to {bad[0]!r}; accepted: shard file names inside {folder}")
-        return [folder / n for n in names]
+        return _shard_files(index, folder)
     single = folder / "pytorch_model.bin"
     return [single] if single.is_file() else None
+
+
+def _shard_files(index: Path, folder: Path) -> list[Path]:
+    """The shard files a HF ``*.index.json`` names (safetensors or torch), each inside ``folder`` and present."""
+    weight_map = _read_config(index).get("weight_map")
+    if not isinstance(weight_map, Mapping) or not weight_map:
+        raise UserError(f"{index} has no 'weight_map'")
+    names = list(dict.fromkeys(weight_map.values()))
+    bad = [n for n in names if not isinstance(n, str) or Path(n).is_absolute() or ".." in Path(n).parts]
+    if bad:
+        raise UserError(f"{index} maps tensors to {bad[0]!r}; accepted: shard file names inside {folder}")
+    files = [folder / name for name in names]
+    missing = [f.name for f in files if not f.is_file()]
+    if missing:
+        raise UserError(f"{index} lists shards that are missing: {', '.join(missing)}")
+    return files
 
 
 def _read_config(path: Path) -> dict[str, Any]:
@@ -339,18 +348,7 @@ def _weight_files(path: Path) -> list[Path]:
         return [path]
     index = path / "model.safetensors.index.json"
     if index.is_file():
-        weight_map = _read_config(index).get("weight_map")
-        if not isinstance(weight_map, Mapping) or not weight_map:
-            raise UserError(f"{index} has no 'weight_map'")
-        names = list(dict.fromkeys(weight_map.values()))
-        bad = [n for n in names if not isinstance(n, str) or Path(n).is_absolute() or ".." in Path(n).parts]
-        if bad:
-            raise UserError(f"{index} maps tensors to {bad[0]!r}; accepted: shard file names inside {path}")
-        files = [path / name for name in names]
-        missing = [f.name for f in files if not f.is_file()]
-        if missing:
-            raise UserError(f"{index} lists shards that are missing: {', '.join(missing)}")
-        return files
+        return _shard_files(index, path)
     single = path / "model.safetensors"
     if single.is_file():
         return [single]
