@@ -95,6 +95,11 @@ def test_trainer_with_qkvlab_optimizer_and_spectra_callback(tmp_path) -> None:
     assert "train/spectra/qk_erank_mean" in tags or "spectra/qk_erank_mean" in tags, tags
     tag = "train/spectra/qk_erank_mean" if "train/spectra/qk_erank_mean" in tags else "spectra/qk_erank_mean"
     assert [e.step for e in events.Scalars(tag)] == [2, 4]
+    # the per-layer detail goes to the same TensorBoard run (not to the console), and the file is the
+    # versioned series; k and o are frozen here, so no decay prediction is made for either product
+    assert [e.step for e in events.Scalars("spectra/L1/ov_erank_min")] == [2, 4]
+    assert record["series_version"] == 1 and record["epoch"] == pytest.approx(trainer.state.epoch)
+    assert record["imbalance_decay_per_step"]["predicted_weight_decay_part"] == {"qk": None, "ov": None}
 
 
 def test_trainer_weight_decay_is_not_dropped_with_loraplus(tmp_path) -> None:

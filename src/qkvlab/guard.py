@@ -36,7 +36,7 @@ from typing import Any
 
 from qkvlab.errors import UserError
 
-__all__ = ["PAIRS", "RankGuard", "broadcast_decay", "guarded_groups", "set_decay"]
+__all__ = ["PAIRS", "RankGuard", "broadcast_decay", "corrected_weight_decay", "guarded_groups", "set_decay"]
 
 #: The two products and the factors whose decay shapes each.
 PAIRS = {"qk": ("q", "k"), "ov": ("v", "o")}
@@ -126,6 +126,38 @@ def schedule_weight_decay(groups: Iterable[dict[str, Any]]) -> None:
     for group in groups:
         if group.get("corrected_weight_decay"):
             set_decay(group, group["base_weight_decay"])
+
+
+def corrected_weight_decay(optimizer: Any, roles: Iterable[str] | str) -> Any:
+    """Corrected weight decay for any loop: the groups of ``roles`` keep their λ as ``base_weight_decay`` and,
+    before every ``optimizer.step()``, decay with λ · η_t/η_max (η_max the group's ``initial_lr``, which every
+    torch and HF scheduler sets: the schedule's peak; without a scheduler η_t/η_max = 1), so a step decays by
+    λ·η_t²/η_max, as ``qkvlab train corrected_weight_decay=``. A step pre-hook: nothing else to call, and a
+    resumed run recomputes it from the restored lr. The optimiser must hold qkvlab's groups
+    (:func:`qkvlab.param_groups`) with decoupled decay (AdamW, Muon). Returns ``optimizer``.
+
+    ``roles``: ``"q,k,v,o"``, a set of roles, or ``"all"``."""
+    from qkvlab.optim import role_set
+
+    roles = role_set(roles)
+    if not roles:
+        return optimizer
+    if not all("role" in g for g in optimizer.param_groups):
+        raise UserError(
+            "corrected_weight_decay needs qkvlab's parameter groups, which say each group's role; "
+            "accepted: an optimiser built over qkvlab.param_groups(model, ...)"
+        )
+    known = {g["role"] for g in optimizer.param_groups}
+    if roles - known - {"all"}:
+        raise UserError(
+            f"corrected_weight_decay={','.join(sorted(roles))}: no trainable group has role "
+            f"{', '.join(sorted(roles - known - {'all'}))}; accepted: all, or roles of this model ({', '.join(sorted(known))})"
+        )
+    mark_corrected(optimizer.param_groups, roles)
+    for group in optimizer.param_groups:
+        group.setdefault("initial_lr", group["lr"])  # what a scheduler sets; without one η_t/η_max = 1
+    optimizer.register_step_pre_hook(lambda opt, args, kwargs: schedule_weight_decay(opt.param_groups))
+    return optimizer
 
 
 def set_decay(group: dict[str, Any], lam: float) -> None:

@@ -22,7 +22,9 @@ from torch import nn
 from transformers import Trainer, TrainerCallback, TrainingArguments
 
 from qkvlab.errors import UserError
-from qkvlab.inspection import append_spectra_record, inspect, summary_metrics
+from qkvlab.guard import corrected_weight_decay as _corrected_decay
+from qkvlab.inspection import inspect, summary_metrics
+from qkvlab.monitor import Monitor
 from qkvlab.optim import optimizer_settings, param_groups, role_set
 from qkvlab.spectra import DEFAULT_RTOL
 
@@ -74,34 +76,9 @@ def create_optimizer(
             f"corrected_weight_decay needs decoupled decay; args.optim={args.optim} builds {optimizer_cls.__name__}; "
             "accepted: an AdamW optimiser (adamw_torch, adamw_torch_fused, ...) or create_muon_optimizer"
         )
-    return _with_corrected_decay(
+    return _corrected_decay(
         optimizer_cls(groups, lr=args.learning_rate, **optimizer_kwargs), corrected_weight_decay
     )
-
-
-def _with_corrected_decay(
-    optimizer: torch.optim.Optimizer, roles: Iterable[str] | str
-) -> torch.optim.Optimizer:
-    """Corrected weight decay for the Trainer: the groups of ``roles`` keep their λ as ``base_weight_decay``
-    and, before every step, decay with λ · η_t/η_max (η_max the group's ``initial_lr``, the peak of every
-    HF schedule), through the same :func:`qkvlab.guard.set_decay` ``qkvlab train`` uses. A step pre-hook,
-    so nothing else has to be installed, and a resumed Trainer recomputes it from the restored lr."""
-    from qkvlab.guard import mark_corrected, schedule_weight_decay
-
-    roles = role_set(roles)
-    if not roles:
-        return optimizer
-    known = {g["role"] for g in optimizer.param_groups}
-    if roles - known - {"all"}:
-        raise UserError(
-            f"corrected_weight_decay={','.join(sorted(roles))}: no trainable group has role "
-            f"{', '.join(sorted(roles - known - {'all'}))}; accepted: all, or roles of this model ({', '.join(sorted(known))})"
-        )
-    mark_corrected(optimizer.param_groups, roles)
-    for group in optimizer.param_groups:
-        group.setdefault("initial_lr", group["lr"])  # what a scheduler sets; without one η_t/η_max = 1
-    optimizer.register_step_pre_hook(lambda opt, args, kwargs: schedule_weight_decay(opt.param_groups))
-    return optimizer
 
 
 def create_muon_optimizer(
@@ -175,7 +152,7 @@ def create_muon_optimizer(
         )
     except ValueError as error:
         raise UserError(str(error)) from None
-    return _with_corrected_decay(optimizer, corrected_weight_decay)
+    return _corrected_decay(optimizer, corrected_weight_decay)
 
 
 _LAST_INSPECT: weakref.WeakKeyDictionary[nn.Module, tuple[Any, tuple[int, float], Any]] = (
@@ -218,22 +195,34 @@ class _LogsNext(TrainerCallback):
 
 
 class SpectraCallback(_LogsNext):
-    """Every ``every_n_steps`` optimiser steps: inspect the model's attention spectra.
+    """Every ``every_n_steps`` optimiser steps: inspect the model's attention spectra (a :class:`qkvlab.Monitor`).
 
-    Writes one JSON line per firing to ``{output_dir}/spectra.jsonl``: ``{"step", "epoch",
-    **inspect-report}`` in the ``qkvlab inspect --json`` shape (``qkvlab report`` draws it against the
-    step). It also adds the model-wide ``spectra/{qk|ov}_erank_mean`` to the Trainer's next log, so
-    TensorBoard, W&B and the console see them; with ``per_layer=True`` also every layer's summaries
-    (``spectra/L{layer}/{qk|ov}_{erank_mean,erank_min,rank_mean,stable_rank_mean,nuclear_norm_mean,
-    gap_mean,imbalance_mean}``; see ``qkvlab.inspection.summary_metrics``): 14 keys per layer, which
-    the Trainer's console prints in full at every firing. A layer with non-finite heads is always
-    logged (``spectra/L{layer}/{qk|ov}_nonfinite_heads``).
+    Writes one line per firing to ``{output_dir}/spectra.jsonl`` in the versioned series format of
+    :mod:`qkvlab.monitor` (``{"series_version", "step", "epoch", **inspect-record}``, plus the predicted and
+    measured decay rates of the factor imbalance and gap, the prediction read from the Trainer's optimiser);
+    ``qkvlab report OUTPUT_DIR`` draws it against the step.
+
+    Where the numbers go:
+
+    * **TensorBoard** (``report_to`` includes it, and the callback was added with :meth:`install`): every
+      layer's summaries, ``spectra/L{layer}/{qk|ov}_{erank_mean,erank_min,rank_mean,stable_rank_mean,
+      nuclear_norm_mean,gap_mean,imbalance_mean}`` (see ``qkvlab.inspection.summary_metrics``), the
+      model-wide means and the decay rates, written through the Trainer's own ``SummaryWriter``: one run.
+    * **The Trainer's log** (console, W&B, MLflow, ``trainer_state.json``): only the keys in ``console``,
+      by default the model-wide ``spectra/{qk|ov}_erank_mean``, plus ``spectra/L{layer}/{qk|ov}_nonfinite_heads``
+      for any layer with non-finite heads. ``per_layer=True`` sends every summary there too (14 keys per
+      layer, which the console prints in full at every firing).
 
     The summaries reach the Trainer's loggers only if this callback runs before them: use
-    ``SpectraCallback.install(trainer, ...)``, which puts it first. Passed through
-    ``Trainer(callbacks=[...])`` it lands after the reporting callbacks, and only the JSON
-    lines and ``trainer_state.json`` get the numbers.
+    ``SpectraCallback.install(trainer, ...)``, which puts it first. Passed through ``Trainer(callbacks=[...])``
+    it lands after the reporting callbacks and cannot find the Trainer's TensorBoard writer; then only the
+    JSON lines and ``trainer_state.json`` get the numbers.
+
+    A resumed Trainer continues the measured rates from the file's last line; the predicted rate's
+    average restarts at the resume.
     """
+
+    DEFAULT_CONSOLE = ("spectra/qk_erank_mean", "spectra/ov_erank_mean")
 
     def __init__(
         self,
@@ -242,6 +231,7 @@ class SpectraCallback(_LogsNext):
         rtol: float = DEFAULT_RTOL,
         filename: str = "spectra.jsonl",
         per_layer: bool = False,
+        console: Iterable[str] = DEFAULT_CONSOLE,
     ) -> None:
         if every_n_steps <= 0:
             raise ValueError(f"every_n_steps must be a positive integer, got {every_n_steps}")
@@ -249,13 +239,36 @@ class SpectraCallback(_LogsNext):
         self.rtol = rtol
         self.filename = filename
         self.per_layer = per_layer
+        self.console = tuple(console)
+        self.monitor: Monitor | None = None
+        self._tensorboard: Any = None  # the Trainer's TensorBoardCallback, found by install()
         self._pending: dict[str, float] | None = None
 
     @classmethod
     def install(cls, trainer: Trainer, every_n_steps: int = 100, **kwargs: Any) -> SpectraCallback:
         callback = cls(every_n_steps, **kwargs)
         trainer.callback_handler.callbacks.insert(0, callback)
+        from transformers.integrations import TensorBoardCallback
+
+        found = [c for c in trainer.callback_handler.callbacks if isinstance(c, TensorBoardCallback)]
+        callback._tensorboard = found[0] if found else None
         return callback
+
+    def on_train_begin(self, args, state, control, model=None, optimizer=None, **kwargs):  # type: ignore[no-untyped-def]
+        if model is not None and state.is_world_process_zero:
+            self.monitor = Monitor(
+                model,
+                every=self.every_n_steps,
+                out=Path(args.output_dir) / self.filename,
+                optimizer=optimizer,
+                rtol=self.rtol,
+            )
+        return control
+
+    def on_optimizer_step(self, args, state, control, **kwargs):  # type: ignore[no-untyped-def]
+        if self.monitor is not None:
+            self.monitor.accumulate()  # this step's lr, before the Trainer's scheduler moves it
+        return control
 
     def on_step_end(self, args, state, control, model=None, **kwargs):  # type: ignore[no-untyped-def]
         if model is None or state.global_step % self.every_n_steps:
@@ -263,15 +276,19 @@ class SpectraCallback(_LogsNext):
         control.should_log = True  # on every rank: the Trainer's logging step gathers the loss across ranks
         if not state.is_world_process_zero:
             return control
+        if self.monitor is None or self.monitor.model is not model:  # a Trainer driven without on_train_begin
+            self.monitor = Monitor(
+                model, every=self.every_n_steps, out=Path(args.output_dir) / self.filename, rtol=self.rtol
+            )
+        self.monitor.writer = getattr(self._tensorboard, "tb_writer", None)
         report = _inspect(model, self.rtol, state)
-        append_spectra_record(Path(args.output_dir) / self.filename, report, state.global_step, state.epoch)
-        metrics = summary_metrics(report)
+        self.monitor.record(state.global_step, epoch=state.epoch, report=report)
+        metrics = self.monitor.last_summary[1]
         self._pending = {
             k: v
             for k, v in metrics.items()
-            if self.per_layer or "/L" not in k or k.endswith("_nonfinite_heads")
+            if self.per_layer or k in self.console or k.endswith("_nonfinite_heads")
         }
-        control.should_log = True
         return control
 
 

@@ -318,11 +318,15 @@ def append_spectra_record(
 ) -> None:
     """One line ``{"step", "epoch", **inspect-record}`` appended to a spectra log, never through a link."""
     from qkvlab.files import open_append
+    from qkvlab.monitor import SERIES_VERSION
 
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     with open_append(path) as fh:
-        fh.write(json.dumps({"step": step, "epoch": epoch, **report.to_dict()}) + "\n")
+        fh.write(
+            json.dumps({"series_version": SERIES_VERSION, "step": step, "epoch": epoch, **report.to_dict()})
+            + "\n"
+        )
 
 
 def inspect(
@@ -440,8 +444,11 @@ class InspectSeries:
 
     @classmethod
     def from_jsonl(cls, path: str | os.PathLike[str]) -> InspectSeries:
-        """The records of a spectra log (:func:`record_spectra`, ``qkvlab.hf.SpectraCallback``): one inspect
-        record with its ``step`` per line. A last line without its newline (a write cut short) is skipped."""
+        """The records of a spectra log (:class:`qkvlab.Monitor` and every callback built on it,
+        :func:`record_spectra`): one inspect record with its ``step`` per line, the series format of
+        :mod:`qkvlab.monitor`. A last line without its newline (a write cut short) is skipped."""
+        from qkvlab.monitor import read_series_line
+
         path = Path(path)
         try:
             text = path.read_bytes().decode("utf-8")
@@ -453,8 +460,10 @@ class InspectSeries:
             if not line.strip():
                 continue
             try:
-                record = json.loads(line)
+                record = read_series_line(line)
                 reports.append(InspectReport.from_dict(record))
+            except UserError:
+                raise
             except (ValueError, KeyError, TypeError, AttributeError):
                 raise UserError(f"{path} is damaged (line {number} is not an inspect record)") from None
             steps.append(record.get("step"))

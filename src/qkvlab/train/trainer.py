@@ -44,6 +44,7 @@ from qkvlab.files import open_append, open_lock, refuse_links
 from qkvlab.guard import mark_corrected, schedule_weight_decay
 from qkvlab.inspection import inspect, summary_metrics
 from qkvlab.models import build_model
+from qkvlab.monitor import Monitor
 from qkvlab.optim import l2_penalty, optimizer_settings, param_groups
 from qkvlab.train.checkpoint import (
     latest_checkpoint,
@@ -247,125 +248,6 @@ class _Logger:
             self.file.close()
         if self.tb is not None:
             self.tb.close()
-
-
-class SpectralMonitor:
-    """Records per-head spectra every N steps, with the imbalance-decay prediction next to the measurement.
-
-    Prediction (weight-decay part only): factors decayed by (1 − ηλ) per step make AᵀA − BᵀB
-    shrink by (1 − ηλ)² ≈ 1 − 2ηλ, i.e. a per-step rate 2ηλ; exact for gradient flow on
-    L(ABᵀ) + (λ/2)(‖A‖² + ‖B‖²) (t = η·steps), a reference line under Adam/AdamW. The gap
-    ½(‖A‖² + ‖B‖²) − ‖ABᵀ‖_* decays, asymptotically, at the slowest of 4ηλ (directions that survive)
-    and 2η(λ + dᵢ) (directions thresholded to zero, dᵢ their signal): between 2ηλ and 4ηλ, and 2ηλ as
-    soon as one direction carries no signal, as in most attention heads (docs/theory.md). Measured:
-    −Δ ln(value) / Δsteps between firings, median over heads, for both.
-    """
-
-    def __init__(self, path: Path, groups: list[dict]) -> None:
-        self.path = path
-        self.seconds = 0.0  # wall time spent here, for the overhead figure in final.json
-        self._sum: dict[str, float] = {}
-        self._steps = 0
-        self.previous: dict[str, dict[tuple[int, str], list[float]]] | None = None
-        self.previous_step: int | None = None
-        self.last_summary: tuple[int, dict[str, float]] | None = None  # (step, summary_metrics)
-        self.roles_lambda: dict[str, list[dict]] = {}
-        for group in groups:  # λ is read from the groups at each step: corrected decay and the guard move it
-            if group["role"] in ("q", "k", "v", "o") and any(
-                n.endswith("weight") for n in group["param_names"]
-            ):
-                self.roles_lambda.setdefault(group["role"], []).append(group)
-        if path.is_file():  # resume: continue the measured rates from the last firing
-            lines = path.read_text().splitlines()
-            if lines:
-                last = json.loads(lines[-1])
-                self.previous_step = last["step"]
-                self.previous = {name: _per_head(last["heads"], name) for name in ("imbalance", "gap")}
-
-    def state(self) -> dict[str, Any]:
-        """What a checkpoint keeps so that a resumed run predicts exactly as an uninterrupted one: the
-        2·η_t·λ accumulated since the last firing."""
-        return {"sum": dict(self._sum), "steps": self._steps}
-
-    def load_state(self, state: dict[str, Any] | None) -> None:
-        if state:  # checkpoints from before this field: the interval restarts at the resume
-            self._sum, self._steps = dict(state["sum"]), int(state["steps"])
-
-    def accumulate(self) -> None:
-        """Called once per optimiser step: adds this step's 2·η_t·λ, so the prediction averages the schedule."""
-        for product in ("qk", "ov"):
-            rate = self._predicted(product)
-            if rate is not None:
-                self._sum[product] = self._sum.get(product, 0.0) + rate
-        self._steps += 1
-
-    def _interval_prediction(self, product: str) -> float | None:
-        if self._steps == 0 or product not in self._sum:
-            return self._predicted(product)
-        return self._sum[product] / self._steps
-
-    def _predicted(self, product: str) -> float | None:
-        roles = ("q", "k") if product == "qk" else ("v", "o")
-        rates = []
-        for role in roles:
-            if role not in self.roles_lambda:
-                return None  # a frozen factor: no weight-decay-driven balancing
-            for group in self.roles_lambda[role]:  # per-layer groups (rank guard): their mean
-                rates.append(2 * group["lr"] * group.get("l2", group["weight_decay"]))
-        return statistics.fmean(rates)
-
-    def _measured_rates(self, current: dict, name: str, step: int) -> dict[str, float | None]:
-        """−Δ ln(value)/Δsteps since the previous firing, median over heads, per product."""
-        measured: dict[str, float | None] = {}
-        previous = None if self.previous is None else self.previous.get(name)
-        for product in ("qk", "ov"):
-            rates = []
-            if previous is not None and step > (self.previous_step or 0):
-                for key, values in current.items():
-                    if key[1] != product or key not in previous:
-                        continue
-                    for now, before in zip(values, previous[key], strict=True):
-                        if now and before and now > 0 and before > 0:
-                            rates.append(-math.log(now / before) / (step - self.previous_step))
-            measured[product] = statistics.median(rates) if rates else None
-        return measured
-
-    def record(self, step: int, model: nn.Module) -> dict[str, Any]:
-        started = time.perf_counter()
-        report = inspect(model)
-        current = {name: _per_head(report.heads, name) for name in ("imbalance", "gap")}
-        predicted = {p: self._interval_prediction(p) for p in ("qk", "ov")}
-        record = {
-            "step": step,
-            **report.to_dict(),
-            "imbalance_decay_per_step": {
-                # mean of 2·η_t·λ over the steps since the previous firing (the lr follows the schedule)
-                "predicted_weight_decay_part": predicted,
-                "measured": self._measured_rates(current["imbalance"], "imbalance", step),
-                "note": "predicted = 2·η·λ (exact for gradient flow, a reference line under Adam/AdamW)",
-            },
-            "gap_decay_per_step": {
-                "predicted_range": {p: None if r is None else [r, 2 * r] for p, r in predicted.items()},
-                "measured": self._measured_rates(current["gap"], "gap", step),
-                "note": "gradient flow: the slowest of 4ηλ (surviving directions) and 2η(λ + dᵢ) (thresholded "
-                "ones), so within [2ηλ, 4ηλ], and 2ηλ once a direction carries no signal (docs/theory.md)",
-            },
-        }
-        with open_append(self.path) as fh:
-            fh.write(json.dumps(record) + "\n")
-        self.previous, self.previous_step = current, step
-        self.last_summary = (step, summary_metrics(report))
-        self._sum, self._steps = {}, 0
-        self.seconds += time.perf_counter() - started
-        return record
-
-
-def _per_head(heads: list[dict], name: str) -> dict[tuple[int, str], list[float]]:
-    """{(layer, product): [value of every head]} for one field of inspect's head records."""
-    out: dict[tuple[int, str], list[float]] = {}
-    for rec in heads:
-        out.setdefault((rec["layer"], rec["product"]), []).append(rec[name])
-    return out
 
 
 class _GracefulStop:
@@ -668,12 +550,12 @@ def _train(config: TrainConfig, resume: Path | None, run_dir: Path) -> TrainResu
     monitor = (
         # the optimiser's own group dicts: loading a checkpoint replaced the ones _optimizer built, and the
         # prediction must read the learning rate the scheduler sets now
-        SpectralMonitor(run_dir / "spectra.jsonl", optimizer.param_groups)
+        Monitor(model, every=config.spectra_every, out=run_dir / "spectra.jsonl", optimizer=optimizer)
         if ddp.main and config.spectra_every
         else None
     )
     if monitor is not None and resume is not None:
-        monitor.load_state(state.get("monitor"))
+        monitor.load_state_dict(state.get("monitor"))
     guard = config.rank_guard()
     use_bf16 = config.precision == "bf16"
 
@@ -696,7 +578,7 @@ def _train(config: TrainConfig, resume: Path | None, run_dir: Path) -> TrainResu
     last_loss: float | None = None
     last_eval: tuple[int, dict[str, float]] | None = None
     if monitor is not None and start_step == 0:
-        monitor.record(0, model)
+        monitor.record(0)
         logger.tags(0, monitor.last_summary[1])
     step = start_step
     bad_steps = 0
@@ -762,7 +644,7 @@ def _train(config: TrainConfig, resume: Path | None, run_dir: Path) -> TrainResu
             if config.spectra_every and (step % config.spectra_every == 0 or step == config.max_steps):
                 record = None
                 if monitor is not None:
-                    record = monitor.record(step, model)
+                    record = monitor.record(step)
                     logger.tags(step, monitor.last_summary[1])
                 if guard is not None:  # each layer's attention decay, from this firing's ranks
                     logger.log(step, "guard", _guard_step(guard, record, optimizer))
@@ -786,7 +668,7 @@ def _train(config: TrainConfig, resume: Path | None, run_dir: Path) -> TrainResu
                         {
                             "data_position": {"step": step},
                             "wall_seconds": earlier_wall + time.perf_counter() - started,
-                            **({"monitor": monitor.state()} if monitor else {}),
+                            **({"monitor": monitor.state_dict()} if monitor else {}),
                         },
                         model_cfg.hf_config(),
                         keep=config.keep_checkpoints,
