@@ -15,7 +15,7 @@ $(STAMP): pyproject.toml requirements/constraints.txt
 	$(PIP) install --quiet --upgrade pip
 	# torch first, pinned: the CPU wheel on disk. Nothing later may swap it for a CUDA build.
 	$(PIP) install --quiet $(TORCH)
-	$(PIP) install --quiet -c requirements/constraints.txt -e '.[dev]'
+	$(PIP) install --quiet -c requirements/constraints.txt -e '.[dev,lightning]'
 	$(PIP) list 2>/dev/null | grep -E '^torch ' | grep -q '2.13.0' || { echo "torch is not 2.13.0"; exit 1; }
 	touch $(STAMP)
 
@@ -46,7 +46,7 @@ format: $(STAMP)
 
 # Benchmarks never run in CI. They need the `bench` extra (WeightWatcher, psutil, TransformerLens).
 bench: $(STAMP)
-	$(PIP) install --quiet -c requirements/constraints.txt -e '.[dev,bench]'
+	$(PIP) install --quiet -c requirements/constraints.txt -e '.[dev,lightning,bench]'
 	$(PY) benchmarks/bench_spectra.py
 	$(PY) benchmarks/bench_inspect_vs_weightwatcher.py
 	$(PY) benchmarks/bench_streaming.py

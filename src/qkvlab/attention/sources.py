@@ -80,6 +80,15 @@ class LiveSource(TensorSource):
                 self._adapted[f"{prefix}.weight"] = sub
                 self._tensors[f"{prefix}.weight"] = sub.base_layer.weight
         hf_config = getattr(self.module, "config", None)
+        if not hasattr(hf_config, "to_dict"):
+            # a wrapper of one HF model (a LightningModule, a user's nn.Module holding ``self.model``): its
+            # config, where exactly one distinct config sits below
+            found = {
+                id(c): c
+                for _, sub in self.module.named_modules()
+                if hasattr(c := getattr(sub, "config", None), "to_dict") and hasattr(c, "model_type")
+            }
+            hf_config = next(iter(found.values())) if len(found) == 1 else None
         if hf_config is not None and hasattr(hf_config, "to_dict"):
             self.config = hf_config.to_dict()
         for prefix, sub in self.module.named_modules():
