@@ -76,7 +76,7 @@ def test_trainer_with_qkvlab_optimizer_and_spectra_callback(tmp_path) -> None:
     from qkvlab.cli import main
 
     assert main(["report", str(tmp_path / "spectra.jsonl"), "--out", str(tmp_path / "report")]) == 0
-    assert "## Over 2 checkpoints: spectra" in (tmp_path / "report" / "report.md").read_text()
+    assert f"## Over 2 checkpoints: {tmp_path.name}" in (tmp_path / "report" / "report.md").read_text()
 
     logged = [entry for entry in trainer.state.log_history if "spectra/qk_erank_mean" in entry]
     assert [entry["step"] for entry in logged] == [2, 4]

@@ -237,3 +237,22 @@ def test_a_newer_series_version_is_refused_in_one_line(tmp_path) -> None:
     (tmp_path / "spectra.jsonl").write_text(json.dumps({**line, "series_version": 99}) + "\n")
     with pytest.raises(qkvlab.UserError, match=r"series_version 99.*upgrade"):
         InspectSeries.from_jsonl(tmp_path / "spectra.jsonl")
+
+
+def test_report_overlays_several_monitor_folders_with_rank_at_rtol(tmp_path) -> None:
+    from qkvlab.cli import main
+
+    for name, lr in (("slow", 1e-3), ("fast", 3e-2)):
+        model = _bert()
+        optimizer = torch.optim.AdamW(qkvlab.param_groups(model, lr=lr, weight_decay=0.1))
+        scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: 1.0)
+        monitor = qkvlab.Monitor(model, every=2, out=tmp_path / name, optimizer=optimizer)
+        monitor.record(0)
+        _train(model, optimizer, scheduler, monitor, range(1, 5))
+    assert main(["report", str(tmp_path / "slow"), str(tmp_path / "fast"), "--out", str(tmp_path / "r")]) == 0
+    page = (tmp_path / "r" / "report.md").read_text()
+    assert "## 2 runs overlaid" in page
+    assert "## Over 3 checkpoints: slow" in page and "## Over 3 checkpoints: fast" in page
+    assert "rank at rtol" in page
+    figures = {p.name for p in (tmp_path / "r" / "figures").iterdir()}
+    assert any(name.endswith("_overlay.png") for name in figures), figures

@@ -336,7 +336,7 @@ def test_a_plain_loops_spectra_log_and_stepped_inspect_files_are_drawn_against_t
     series = qkvlab.InspectSeries.from_jsonl(log)
     assert series.steps == [2, 4, 6] and series.x()[1] == "training step"
     _, md = _report([log], tmp_path / "r1", capsys)
-    assert "## Over 3 checkpoints: spectra" in md.read_text()
+    assert "## Over 3 checkpoints: out" in md.read_text()
     _, md = _report([tmp_path / f"at{s}.json" for s in (6, 2, 4)], tmp_path / "r2", capsys)
     text = md.read_text()
     assert "## Over 3 checkpoints: 3 inspect files" in text

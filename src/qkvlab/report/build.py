@@ -65,6 +65,8 @@ def _is_spectra_log(path: Path) -> bool:
 def _series(path: Path) -> Any:
     from qkvlab.inspection import InspectSeries
 
+    if path.is_dir():  # a Monitor's or a callback's folder (HF output_dir, Lightning log_dir)
+        return InspectSeries.from_jsonl(path / "spectra.jsonl")
     return InspectSeries.from_jsonl(path) if path.suffix == ".jsonl" else _inspect_file(path, InspectSeries)
 
 
@@ -90,6 +92,8 @@ def detect(path: Path) -> str:
             return "training-run"
         if (path / "result.json").is_file():
             return "finetune-run"
+        if (path / "spectra.jsonl").is_file() and _is_spectra_log(path / "spectra.jsonl"):
+            return "inspect-series"  # qkvlab.Monitor(out=folder), the HF and Lightning callbacks' folders
         from qkvlab.experiments.grid import experiments
 
         for name, experiment in experiments().items():
@@ -99,7 +103,7 @@ def detect(path: Path) -> str:
         raise UserError(f"{path} does not exist")
     raise UserError(
         f"cannot tell what {path} is; accepted: an `inspect --json` file (one or many checkpoints), a spectra log "
-        "(spectra.jsonl of qkvlab.record_spectra or the HF SpectraCallback), a training run folder, a sweep "
+        "(spectra.jsonl of qkvlab.Monitor or a callback, or the folder holding it), a training run folder, a sweep "
         "folder, a fine-tuning run, a `theory --json` file, or a `repro` results folder"
     )
 
@@ -504,8 +508,8 @@ def _series_sections(series: Any, label: str, figures: Path, stem: str) -> list[
 
     figure = series_figure(series, figures / f"{stem}_series.png")
     caption = (
-        "Effective rank and gap of each product against the step: the mean over every head (black), each "
-        "layer's mean, and the range over heads (grey)."
+        "Effective rank, rank at rtol and gap of each product against the step: the mean over every head "
+        "(black), each layer's mean, and the range over heads (grey)."
     )
     return [
         Section(
@@ -513,6 +517,24 @@ def _series_sections(series: Any, label: str, figures: Path, stem: str) -> list[
             [Preformatted(series_text(series)), Figure(figure, caption)],
         )
     ]
+
+
+def _run_label(path: Path) -> str:
+    """A run's name in a legend: its folder's name for ``…/run/spectra.jsonl``, else the file's stem."""
+    if path.is_file() and path.name == "spectra.jsonl":
+        return path.parent.name or path.stem
+    return _label(path)
+
+
+def _overlay_sections(runs: list[tuple[str, Any]], figures: Path, stem: str) -> list[Section]:
+    from qkvlab.report.inspect_plots import series_overlay_figure
+
+    figure = series_overlay_figure(runs, figures / f"{stem}_overlay.png")
+    caption = (
+        f"{len(runs)} runs on shared axes: each run's mean over every head of every layer (line) and the range "
+        "over its heads (band), for effective rank, rank at rtol and gap."
+    )
+    return [Section(f"{len(runs)} runs overlaid", [Figure(figure, caption)])]
 
 
 def build_page(paths: Sequence[Path], figures: Path, title: str | None = None, intro: str = "") -> Page:
@@ -537,10 +559,11 @@ def build_page(paths: Sequence[Path], figures: Path, title: str | None = None, i
                 sections += _series_sections(series, f"{len(group)} inspect files", figures, f"{stem}_steps")
             sections += _inspect_sections(reports, figures, f"{stem}_inspect")
         elif kind == "inspect-series":
-            from qkvlab.inspection import InspectSeries
-
-            for j, path in enumerate(group):
-                sections += _series_sections(_series(path), _label(path), figures, f"{stem}_{j}")
+            runs = [(_run_label(p), _series(p)) for p in group]
+            if len(runs) > 1:
+                sections += _overlay_sections(runs, figures, stem)
+            for j, (label, series) in enumerate(runs):
+                sections += _series_sections(series, label, figures, f"{stem}_{j}")
         elif kind == "training-run":
             sections += _training_sections([_read_run(p) for p in group], figures, stem)
         elif kind == "sweep":

@@ -146,52 +146,100 @@ def _plot_compare_one(report: InspectReport, folder: str | Path) -> list[Path]:
     return paths
 
 
+SERIES_METRICS = (
+    ("effective_rank", "effective rank"),
+    ("rank", "rank at rtol"),
+    ("gap", "gap ½(‖A‖²+‖B‖²) − ‖ABᵀ‖_*"),
+)
+
+
+def _head_values(report: InspectReport, product: str, metric: str, layer: int | None = None) -> list[float]:
+    return [r[metric] for r in report.select(product, layer) if r[metric] is not None]
+
+
 def series_figure(series: InspectSeries, path: Path) -> Path:
-    """Effective rank and gap against the step, per product: the mean over every head of every layer,
-    with the range over heads shaded, and each layer's mean as a thin line."""
+    """Effective rank, rank at rtol and gap against the step, per product: the mean over every head of every
+    layer, with the range over heads shaded, and each layer's mean as a thin line."""
     plt = pyplot()
     x, xlabel = series.x()
     layers = series.reports[0].architecture.n_layers
     colours = plt.get_cmap("viridis")
-    fig, axes = plt.subplots(2, 2, figsize=(11, 7), sharex=True)
+    fig, axes = plt.subplots(len(SERIES_METRICS), 2, figsize=(11, 10), sharex=True)
     for col, product in enumerate(PRODUCTS):
-        for row, (metric, label) in enumerate(
-            (("effective_rank", "effective rank"), ("gap", "gap ½(‖A‖²+‖B‖²) − ‖ABᵀ‖_*"))
-        ):
+        for row, (metric, label) in enumerate(SERIES_METRICS):
             ax = axes[row][col]
-            values = [
-                [r[metric] for r in rep.select(product) if r[metric] is not None] for rep in series.reports
-            ]
+            values = [_head_values(rep, product, metric) for rep in series.reports]
             means = [float(np.mean(v)) if v else float("nan") for v in values]
             low = [min(v) if v else float("nan") for v in values]
             high = [max(v) if v else float("nan") for v in values]
             ax.fill_between(x, low, high, color="0.85", label="range over heads")
             for layer in range(layers if len(series.reports[0].attention_kinds()) == 1 else 0):
                 per_layer = [
-                    float(
-                        np.mean(
-                            [r[metric] for r in rep.select(product, layer) if r[metric] is not None]
-                            or [np.nan]
-                        )
-                    )
+                    float(np.mean(_head_values(rep, product, metric, layer) or [np.nan]))
                     for rep in series.reports
                 ]
                 ax.plot(
                     x, per_layer, lw=0.8, color=colours(layer / max(layers - 1, 1)), label=f"layer {layer}"
                 )
             ax.plot(x, means, "o-", color="black", lw=2, label="mean over heads and layers")
-            ax.set_title(f"{_TITLES[product]}: {label}")
-            ax.set_ylabel(label.split(" ")[0] if metric == "gap" else "effective rank (dimensions)")
-            if row == 1:
-                ax.set_xlabel(xlabel)
-            if min(x) > 0 and max(x) / min(x) > 100:  # Pythia-style steps: 1, 2, 4, …, 143000
-                ax.set_xscale("log")
+            _series_axes(ax, product, metric, label, x, xlabel if row == len(SERIES_METRICS) - 1 else None)
+            if metric == "rank":
+                ax.set_title(f"{_TITLES[product]}: rank (#σᵢ > {series.reports[0].rtol:g}·σ₁)")
             ax.legend(fontsize=7, ncol=2)
     try:
         common = os.path.commonpath([r.source for r in series.reports])
     except ValueError:  # packaged names and paths mixed
         common = ""
     fig.suptitle(f"{len(series.reports)} checkpoints of {common or 'one model'}", fontsize=10)
+    return save(fig, path)
+
+
+def _series_axes(ax, product: str, metric: str, label: str, x: list[float], xlabel: str | None) -> None:  # type: ignore[no-untyped-def]
+    ax.set_title(f"{_TITLES[product]}: {label}")
+    ax.set_ylabel("gap" if metric == "gap" else f"{label} (dimensions)")
+    if xlabel:
+        ax.set_xlabel(xlabel)
+    if x and min(x) > 0 and max(x) / min(x) > 100:  # Pythia-style steps: 1, 2, 4, …, 143000
+        ax.set_xscale("log")
+
+
+def series_overlay_figure(runs: list[tuple[str, InspectSeries]], path: Path) -> Path:
+    """Several runs' series on shared axes: per product, effective rank, rank at rtol and gap against the
+    step, each run's mean over every head of every layer as one line, the range over its heads shaded."""
+    plt = pyplot()
+    cmap = plt.get_cmap("tab10" if len(runs) <= 10 else "viridis")
+    fig, axes = plt.subplots(len(SERIES_METRICS), 2, figsize=(11, 10), sharex=True)
+    xlabels = set()
+    for index, (name, series) in enumerate(runs):
+        x, xlabel = series.x()
+        xlabels.add(xlabel)
+        colour = cmap(index % 10) if len(runs) <= 10 else cmap(index / max(len(runs) - 1, 1))
+        for col, product in enumerate(PRODUCTS):
+            for row, (metric, _) in enumerate(SERIES_METRICS):
+                values = [_head_values(rep, product, metric) for rep in series.reports]
+                ax = axes[row][col]
+                ax.fill_between(
+                    x,
+                    [min(v) if v else np.nan for v in values],
+                    [max(v) if v else np.nan for v in values],
+                    color=colour,
+                    alpha=0.12,
+                )
+                ax.plot(
+                    x, [np.mean(v) if v else np.nan for v in values], "o-", ms=3, color=colour, label=name
+                )
+    xlabel = xlabels.pop() if len(xlabels) == 1 else "step (or checkpoint position)"
+    for col, product in enumerate(PRODUCTS):
+        for row, (metric, label) in enumerate(SERIES_METRICS):
+            ax = axes[row][col]
+            all_x = [float(v) for _, s in runs for v in s.x()[0]]
+            _series_axes(
+                ax, product, metric, label, all_x, xlabel if row == len(SERIES_METRICS) - 1 else None
+            )
+            ax.legend(fontsize=7)
+    fig.suptitle(
+        f"{len(runs)} runs overlaid: mean over every head (line) and range over heads (band)", fontsize=10
+    )
     return save(fig, path)
 
 
