@@ -204,6 +204,41 @@ def test_nanogpt_is_told_from_gpt2_by_shape_and_inspected_exactly(split, tmp_pat
     assert qkvlab.inspect(tiny_hf_model("gpt2")).architecture.family == "gpt2"
 
 
+def test_split_nanogpt_weights_are_split_by_rows_and_a_file_that_cannot_say_its_layout_is_refused(
+    tmp_path,
+) -> None:
+    """Split, nanoGPT's c_attn parts and GPT-2's are all square: a file without a config cannot tell an
+    nn.Linear (out, in) from a Conv1D (in, out). It is refused in one line naming the option that settles it."""
+    from safetensors.torch import save_file
+
+    from qkvlab.attention.split import fuse_state_dict, split_state_dict
+
+    torch.manual_seed(0)
+    model = _NanoGPT().double()
+    fused = model.state_dict()
+    split = split_state_dict(fused)
+    w = fused["transformer.h.0.attn.c_attn.weight"]  # (3d, d): q, k, v are row blocks
+    assert torch.equal(split["transformer.h.0.attn.c_attn.k.weight"], w[48:96])
+    assert torch.equal(
+        split["transformer.h.0.attn.c_attn.v.bias"], fused["transformer.h.0.attn.c_attn.bias"][96:]
+    )
+    back = fuse_state_dict(split, conv1d=False)
+    assert set(back) == set(fused) and all(torch.equal(back[k], fused[k]) for k in fused)
+    path = tmp_path / "split.safetensors"
+    save_file({k: v.contiguous() for k, v in split.items()}, str(path))
+    with pytest.raises(qkvlab.UserError, match=r"--family gpt2 or --family nanogpt") as error:
+        qkvlab.inspect(path, n_heads=6)
+    assert "\n" not in str(error.value)
+    settled = qkvlab.inspect(path, n_heads=6, family="nanogpt")
+    torch.testing.assert_close(
+        torch.tensor([r["singular_values"] for r in settled.heads]),
+        torch.tensor([r["singular_values"] for r in qkvlab.inspect(model, n_heads=6).heads]),
+    )
+    from qkvlab.cli import main
+
+    assert main(["inspect", str(path), "--n-heads", "6"]) == 2
+
+
 def test_every_head_of_real_minilm(minilm_path) -> None:
     from transformers import AutoModel
 

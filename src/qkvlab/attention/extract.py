@@ -102,6 +102,46 @@ def _find_layout(source: TensorSource, family: Family) -> list[tuple[Layout, lis
     return found
 
 
+def _reading(found: list[tuple[Layout, list[str]]]) -> tuple:
+    """What the spectra depend on in a match: which tensors are q, k, v, o and which way they are stored."""
+    return tuple(
+        (layout.q, layout.k, layout.v, layout.qkv, layout.o, layout.transposed, layout.qkv_order)
+        for layout, _ in found
+    )
+
+
+def _one_reading(
+    source: TensorSource, matches: list[tuple[Family, list[tuple[Layout, list[str]]]]]
+) -> tuple[Family, list[tuple[Layout, list[str]]]]:
+    """The first family whose layout fits, unless families that fit read the weights differently (GPT-2's
+    Conv1D and nanoGPT's nn.Linear, both square once split): then a live module's types settle it (a
+    ``Conv1D`` is stored (in, out), an ``nn.Linear`` (out, in)); a file cannot, and is refused in one line."""
+    readings = {_reading(found) for _, found in matches}
+    if len(readings) == 1:
+        return matches[0]
+    module = getattr(source, "module", None)
+    if module is not None:
+        modules = dict(module.named_modules())
+        settled = []
+        for family, found in matches:
+            layout, blocks = found[0]
+            weight = (layout.qkv or layout.q).format(block=blocks[0])
+            kind = type(modules.get(weight.rsplit(".", 1)[0])).__name__
+            if (kind == "Conv1D") == layout.transposed and kind in ("Conv1D", "Linear"):
+                settled.append((family, found))
+        if len({_reading(found) for _, found in settled}) == 1:
+            return settled[0]
+    names = [family.name for family, _ in matches]
+    ways = "; ".join(
+        f"{family.name}: {'(in, out) like a Conv1D' if found[0][0].transposed else '(out, in) like nn.Linear'}"
+        for family, found in matches
+    )
+    raise UserError(
+        f"{source.name}: its attention weights fit {len(names)} layouts that read them differently ({ways}), and "
+        f"nothing in it says which; pass --family {' or --family '.join(names)} (family= in Python)"
+    )
+
+
 def _fused_orientation_fits(source: TensorSource, layout: Layout, block: str) -> bool:
     """Whether a fused q/k/v weight is stored the way ``layout`` says: it has more outputs (q, k and v
     of every head) than inputs (d_model), so (out, in) for nn.Linear and (in, out) for a transposed
@@ -153,10 +193,9 @@ class AttentionFactors:
             model_type = source.config.get("model_type")
             by_type = family_by_model_type(model_type) if isinstance(model_type, str) else None
             candidates = (by_type,) if by_type else FAMILIES
-        for family in candidates:
-            found = _find_layout(source, family)
-            if found:
-                return family, found
+        matches = [(family, found) for family in candidates if (found := _find_layout(source, family))]
+        if matches:
+            return _one_reading(source, matches)
         if family_name is not None:
             raise UserError(
                 f"--family {family_name}: {source.name} has no attention block named the way that family names them; "

@@ -357,6 +357,8 @@ def split_state_dict(state_dict: dict[str, torch.Tensor]) -> dict[str, torch.Ten
         for fused, parts, dim in _STATE_DICT_RULES:
             prefix = _rule_prefix(key, fused)
             if prefix is not None and not _is_gpt2_conflict(fused, tensor):
+                if fused == "c_attn.weight":  # GPT-2's Conv1D (in, 3d) or nanoGPT's nn.Linear (3d, in)
+                    dim = 1 if tensor.shape[1] == 3 * tensor.shape[0] else 0
                 for part, chunk in zip(parts, tensor.chunk(3, dim=dim), strict=True):
                     out[prefix + part] = chunk.clone()
                 break
@@ -365,13 +367,17 @@ def split_state_dict(state_dict: dict[str, torch.Tensor]) -> dict[str, torch.Ten
     return out
 
 
-def fuse_state_dict(state_dict: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    """Inverse of ``split_state_dict``."""
+def fuse_state_dict(state_dict: dict[str, torch.Tensor], *, conv1d: bool = True) -> dict[str, torch.Tensor]:
+    """Inverse of ``split_state_dict``. ``conv1d``: whether ``c_attn`` is GPT-2's Conv1D, stored (in, out)
+    (the default), or nanoGPT's nn.Linear (``conv1d=False``); its split parts are square either way, so
+    they cannot say."""
     out: dict[str, torch.Tensor] = {}
     consumed: set[str] = set()
     for key in state_dict:
         for fused, parts, dim in _STATE_DICT_RULES:
             prefix = _rule_prefix(key, parts[0])
+            if fused == "c_attn.weight" and not conv1d:
+                dim = 0
             if prefix is not None and all(prefix + p in state_dict for p in parts):
                 out[prefix + fused] = torch.cat([state_dict[prefix + p] for p in parts], dim=dim)
                 consumed.update(prefix + p for p in parts)
@@ -383,4 +389,9 @@ def fuse_state_dict(state_dict: dict[str, torch.Tensor]) -> dict[str, torch.Tens
 
 
 def _is_gpt2_conflict(fused: str, tensor: torch.Tensor) -> bool:
-    return fused == "c_attn.weight" and (tensor.ndim != 2 or tensor.shape[1] % 3 != 0)
+    """A ``c_attn.weight`` that is neither GPT-2's (in, 3·in) nor nanoGPT's (3·in, in): not ours to split."""
+    if fused != "c_attn.weight":
+        return False
+    return tensor.ndim != 2 or not (
+        tensor.shape[1] == 3 * tensor.shape[0] or tensor.shape[0] == 3 * tensor.shape[1]
+    )
