@@ -692,7 +692,13 @@ def test_resume_applies_and_records_changeable_keys(corpus, tmp_path, capsys) ->
     assert json.loads((const / "final.json").read_text())["step"] == 16
     assert main(["train", "--help-keys"]) == 0
     keys = capsys.readouterr().out
-    assert "eval_every = 200  # changeable on --resume" in keys and "\nlr = 0.001\n" in keys
+    lines = {line.split(" = ")[0]: line for line in keys.splitlines() if " = " in line}
+    assert "(changeable on --resume)" in lines["eval_every"] and "lr = 0.001 " in lines["lr"]
+    from qkvlab.config import KEY_HELP, config_keys
+
+    # every key has its one-line description, printed beside its default
+    assert set(KEY_HELP) == set(config_keys())
+    assert all(KEY_HELP[key] in lines[key] for key in config_keys())
 
 
 def _train_cli(args: list[str]) -> subprocess.Popen:

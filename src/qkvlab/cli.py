@@ -407,17 +407,20 @@ def _cmd_train(args: argparse.Namespace) -> int:
     from qkvlab.train import train
 
     if args.help_keys:
+        from qkvlab.config import KEY_HELP
+
         defaults = TrainConfig()
         for key in config_keys():
             target = defaults.model if key.startswith("model.") else defaults
             note = (
-                "  # changeable on --resume"
+                " (changeable on --resume)"
                 if key in RESUME_CHANGEABLE
-                else "  # changeable on --resume with schedule=constant"
+                else " (changeable on --resume with schedule=constant)"
                 if key == "max_steps"
                 else ""
             )
-            print(f"{key} = {getattr(target, key.removeprefix('model.'))!r}{note}")
+            default = f"{key} = {getattr(target, key.removeprefix('model.'))!r}"
+            print(f"{default:<34} {KEY_HELP.get(key, '')}{note}")
         print("every other key is fixed for a run: a --resume that changes it is refused")
         return 0
     overrides = _train_overrides(args)
