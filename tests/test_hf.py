@@ -311,3 +311,47 @@ def test_corrected_weight_decay_in_the_trainer_refuses_coupled_optimisers_and_un
         create_optimizer(_llama(), _muon_args(tmp_path, optim="sgd"), corrected_weight_decay="q")
     with pytest.raises(UserError, match="no trainable group has role x"):
         create_optimizer(_llama(), _muon_args(tmp_path), corrected_weight_decay="q,x")
+
+
+def test_spectra_callback_resumes_its_monitor_from_the_trainers_checkpoint(tmp_path) -> None:
+    """The predicted rate's accumulator and the last firing's per-head values travel in trainer_state.json:
+    a resumed Trainer writing to a fresh folder measures step 6 exactly as an uninterrupted one."""
+
+    def run(out, max_steps: int, resume=None) -> None:
+        torch.manual_seed(0)
+        model = _model()
+        model.config.hidden_dropout_prob = model.config.attention_probs_dropout_prob = 0.0
+        for module in model.modules():
+            if isinstance(module, torch.nn.Dropout):
+                module.p = 0.0
+        args = tf.TrainingArguments(
+            output_dir=str(out),
+            learning_rate=1e-2,
+            weight_decay=0.1,
+            lr_scheduler_type="constant",
+            max_steps=max_steps,
+            per_device_train_batch_size=8,
+            logging_steps=100,
+            report_to=[],
+            save_strategy="steps",
+            save_steps=4,
+            use_cpu=True,
+            disable_tqdm=True,
+            seed=0,
+        )
+        trainer = tf.Trainer(
+            model=model, args=args, train_dataset=_Toy(), optimizers=(create_optimizer(model, args), None)
+        )
+        SpectraCallback.install(trainer, every_n_steps=3)
+        trainer.train(resume_from_checkpoint=resume)
+
+    run(tmp_path / "whole", 8)
+    run(tmp_path / "first", 4)
+    run(tmp_path / "resumed", 8, resume=str(tmp_path / "first" / "checkpoint-4"))
+    expected = [json.loads(x) for x in (tmp_path / "whole" / "spectra.jsonl").read_text().splitlines()]
+    got = [json.loads(x) for x in (tmp_path / "resumed" / "spectra.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in got] == [6]
+    (six,) = [r for r in expected if r["step"] == 6]
+    for block in ("imbalance_decay_per_step", "gap_decay_per_step"):
+        assert got[0][block] == six[block]
+    assert got[0]["imbalance_decay_per_step"]["measured"]["qk"] is not None

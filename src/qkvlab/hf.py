@@ -20,6 +20,7 @@ from typing import Any
 import torch
 from torch import nn
 from transformers import Trainer, TrainerCallback, TrainingArguments
+from transformers.trainer_callback import ExportableState
 
 from qkvlab.errors import UserError
 from qkvlab.guard import corrected_weight_decay as _corrected_decay
@@ -194,7 +195,7 @@ class _LogsNext(TrainerCallback):
         return control
 
 
-class SpectraCallback(_LogsNext):
+class SpectraCallback(_LogsNext, ExportableState):
     """Every ``every_n_steps`` optimiser steps: inspect the model's attention spectra (a :class:`qkvlab.Monitor`).
 
     Writes one line per firing to ``{output_dir}/spectra.jsonl`` in the versioned series format of
@@ -218,8 +219,9 @@ class SpectraCallback(_LogsNext):
     it lands after the reporting callbacks and cannot find the Trainer's TensorBoard writer; then only the
     JSON lines and ``trainer_state.json`` get the numbers.
 
-    A resumed Trainer continues the measured rates from the file's last line; the predicted rate's
-    average restarts at the resume.
+    The monitor's state (the predicted rate's accumulator and the last firing's per-head values) is saved
+    in each checkpoint's ``trainer_state.json`` (``stateful_callbacks``), so ``train(resume_from_checkpoint=…)``
+    predicts and measures as an uninterrupted run would, whatever ``restore_callback_states_from_checkpoint`` says.
     """
 
     DEFAULT_CONSOLE = ("spectra/qk_erank_mean", "spectra/ov_erank_mean")
@@ -241,8 +243,24 @@ class SpectraCallback(_LogsNext):
         self.per_layer = per_layer
         self.console = tuple(console)
         self.monitor: Monitor | None = None
+        self._restored: dict[str, Any] | None = None
         self._tensorboard: Any = None  # the Trainer's TensorBoardCallback, found by install()
         self._pending: dict[str, float] | None = None
+
+    def state(self) -> dict[str, Any]:
+        """For the Trainer's checkpoints (``ExportableState``): the arguments, and the monitor's state."""
+        return {
+            "args": {
+                "every_n_steps": self.every_n_steps,
+                "rtol": self.rtol,
+                "filename": self.filename,
+                "per_layer": self.per_layer,
+                "console": list(self.console),
+            },
+            "attributes": {
+                "_restored": self.monitor.state_dict() if self.monitor is not None else self._restored
+            },
+        }
 
     @classmethod
     def install(cls, trainer: Trainer, every_n_steps: int = 100, **kwargs: Any) -> SpectraCallback:
@@ -263,6 +281,7 @@ class SpectraCallback(_LogsNext):
                 optimizer=optimizer,
                 rtol=self.rtol,
             )
+            self.monitor.load_state_dict(self._restored or _saved_state(state, type(self).__name__))
         return control
 
     def on_optimizer_step(self, args, state, control, **kwargs):  # type: ignore[no-untyped-def]
@@ -290,6 +309,16 @@ class SpectraCallback(_LogsNext):
             if self.per_layer or k in self.console or k.endswith("_nonfinite_heads")
         }
         return control
+
+
+def _saved_state(state: Any, name: str) -> dict[str, Any] | None:
+    """The monitor's state in a resumed Trainer's ``trainer_state.json`` (None at a fresh start)."""
+    if not state.global_step:
+        return None
+    saved = getattr(state, "stateful_callbacks", {}).get(name)
+    if isinstance(saved, list):
+        saved = saved[0] if saved else None
+    return saved.get("attributes", {}).get("_restored") if isinstance(saved, dict) else None
 
 
 class RankGuardCallback(_LogsNext):
