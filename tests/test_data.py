@@ -558,7 +558,7 @@ def test_hf_without_the_datasets_package_says_how_to_install_it(monkeypatch) -> 
 def test_atomic_write_gives_the_file_the_umask_mode_not_mkstemps_0600(tmp_path) -> None:
     import os
 
-    from qkvlab.data.cache import atomic_write_bytes
+    from qkvlab.cache import atomic_write_bytes
 
     old = os.umask(0o022)
     try:

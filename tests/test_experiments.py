@@ -16,7 +16,8 @@ import torch
 from qkvlab.cli import main
 from qkvlab.data import load_dataset
 from qkvlab.errors import UserError
-from qkvlab.experiments.grid import experiments, mean_std, paired
+from qkvlab.experiments.registry import experiments
+from qkvlab.grid.runner import mean_std, paired
 
 TEXT = "It is a truth universally acknowledged, that a single man in possession of a good fortune. " * 60
 
@@ -144,7 +145,7 @@ def _terminated_worker(run_dir: Path, point: dict, seed: int, settings: dict) ->
 
 
 def test_sigterm_to_a_grid_running_in_process_stops_it_instead_of_failing_one_run(tmp_path) -> None:
-    from qkvlab.experiments import grid
+    from qkvlab.grid import runner as grid
 
     runs = [grid.Run(f"i={i},seed=0", {"i": i}, 0) for i in range(3)]
     with pytest.raises(KeyboardInterrupt):
@@ -177,7 +178,7 @@ def _stubborn_worker(run_dir: Path, point: dict, seed: int, settings: dict) -> N
 
 
 def test_a_stopped_grid_terminates_then_kills_a_run_that_will_not_stop(tmp_path, monkeypatch, capfd) -> None:
-    from qkvlab.experiments import grid
+    from qkvlab.grid import runner as grid
 
     monkeypatch.setattr(grid, "STOP_SECONDS", 0.5)
     monkeypatch.setattr(grid, "KILL_SECONDS", 0.5)

@@ -547,10 +547,10 @@ def command_lines(draw: st.DrawFn) -> list[str]:
 @pytest.fixture
 def stubbed_work(monkeypatch):
     """Replace the first step of each command's real work by a check of what reached it."""
-    import qkvlab.experiments.grid as grid
     import qkvlab.experiments.theory as theory
     import qkvlab.finetune.run as finetune_run
-    import qkvlab.train.sweep as sweep
+    import qkvlab.grid.runner as grid
+    import qkvlab.grid.sweep as sweep
     import qkvlab.train.trainer as trainer
 
     def build_model(model_config):  # train: config, resume checks and data all passed
@@ -569,9 +569,9 @@ def stubbed_work(monkeypatch):
 
     original_train = trainer._train
 
-    def checked_train(config, resume, run_dir):
+    def checked_train(config, resume, run_dir, command):
         _check_config(config)
-        return original_train(config, resume, run_dir)
+        return original_train(config, resume, run_dir, command)
 
     monkeypatch.setattr(trainer, "build_model", build_model)
     monkeypatch.setattr(trainer, "_train", checked_train)

@@ -350,7 +350,7 @@ def test_the_decay_integral_is_the_decay_the_optimiser_applied(tmp_path) -> None
     from the live groups), summed: the guard's λ is applied from the step after each firing."""
     from qkvlab.config import load_config
     from qkvlab.experiments.rank_guard import _read
-    from qkvlab.experiments.training import read_spectra
+    from qkvlab.grid.training import read_spectra
     from qkvlab.train import train
 
     train(_config(tmp_path, "run", spectra_every=2, eval_every=12))
@@ -444,7 +444,7 @@ def test_repro_rank_guard_against_a_fixed_grid(tmp_path, capsys) -> None:
     # post hoc: the guard against the fixed decays interpolated at its own final rank, seed by seed
     assert "Post hoc (not in the design fixed before the runs)" in printed
     from qkvlab.experiments.rank_guard import _fixed_cells, _measures, loss_at_rank
-    from qkvlab.experiments.training import read_training_run
+    from qkvlab.grid.training import read_training_run
 
     cells = _fixed_cells(fixed)
     compared = 0

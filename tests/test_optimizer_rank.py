@@ -11,7 +11,7 @@ import torch
 
 from qkvlab.cli import main
 from qkvlab.experiments import optimizer_rank as orank
-from qkvlab.experiments.training import read_spectra
+from qkvlab.grid.training import read_spectra
 
 TEXT = "It is a truth universally acknowledged, that a single man in possession of a good fortune. " * 60
 

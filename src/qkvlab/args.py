@@ -10,11 +10,7 @@ from pathlib import Path
 
 from qkvlab.errors import UserError
 
-# The command line this process was started with when it came through `qkvlab` (set by cli.main);
-# output files record it so a report can show the exact command behind each result.
-INVOCATION: str | None = None
-
-__all__ = ["INVOCATION", "check_outputs", "number_list", "positive_int", "seeds"]
+__all__ = ["check_outputs", "number_list", "positive_int", "seeds"]
 
 
 def positive_int(text: str) -> int:

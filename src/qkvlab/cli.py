@@ -275,7 +275,7 @@ pretrained (how balanced a pretrained model's factor pairs are, Fig. 4). docs/th
     demo.add_argument("--jobs", type=positive_int, default=2, help="runs in parallel (default %(default)s)")
     demo.set_defaults(handler=_cmd_demo)
 
-    from qkvlab.experiments.grid import experiments
+    from qkvlab.experiments.registry import experiments
 
     known = experiments()
     rp = sub.add_parser(
@@ -429,11 +429,11 @@ def _cmd_train(args: argparse.Namespace) -> int:
         config = saved_config(run_dir)
         config.stop_at = None  # an earlier stop_at ended the first leg; give it again to stop again
         apply_overrides(config, overrides)
-        result = train(config, resume=run_dir)
+        result = train(config, resume=run_dir, command=args.invocation)
     else:
         config = load_config(args.config, overrides)
         check_outputs(files=[], folders=[str(config.run_dir())])
-        result = train(config)
+        result = train(config, command=args.invocation)
     if int(__import__("os").environ.get("RANK", "0")) == 0:
         state = (
             "complete"
@@ -449,8 +449,8 @@ def _cmd_train(args: argparse.Namespace) -> int:
 def _cmd_sweep(args: argparse.Namespace) -> int:
     from pathlib import Path
 
+    from qkvlab.grid.sweep import parse_grid, run_sweep, sweep_summary
     from qkvlab.report.tables import sweep_table
-    from qkvlab.train.sweep import parse_grid, run_sweep, sweep_summary
 
     overrides = _train_overrides(args)
     if not args.grid:
@@ -630,11 +630,10 @@ def _did_you_mean(command: str, extra: list[str], argv: Sequence[str] | None) ->
 def main(argv: Sequence[str] | None = None) -> int:
     import shlex
 
-    import qkvlab.args
-
-    qkvlab.args.INVOCATION = shlex.join(["qkvlab", *(sys.argv[1:] if argv is None else argv)])
     parser = _build_parser()
     args, extra = parser.parse_known_args(argv)
+    # the command line as typed, which the trainer records so a report shows the command behind a run
+    args.invocation = shlex.join(["qkvlab", *(sys.argv[1:] if argv is None else argv)])
     if extra:  # `train CONFIG --preset X lr=1e-3`: key=value overrides may come after options too
         if args.command in ("train", "sweep") and all("=" in x and not x.startswith("-") for x in extra):
             args.overrides = [*args.overrides, *extra]

@@ -14,7 +14,7 @@ import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
-from qkvlab.data.cache import atomic_write_bytes, resolve_cache_dir
+from qkvlab.cache import atomic_write_bytes, resolve_cache_dir
 from qkvlab.errors import UserError
 
 __all__ = ["PyPIFile", "atomic_write_bytes", "cache_dir", "fetch_pypi"]

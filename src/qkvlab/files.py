@@ -30,6 +30,7 @@ from qkvlab.errors import UserError
 __all__ = [
     "LinkRefused",
     "fsync_dir",
+    "latest_checkpoint",
     "open_append",
     "open_lock",
     "refuse_links",
@@ -144,3 +145,16 @@ def open_append(path: str | os.PathLike[str], *, line_buffered: bool = False) ->
 def open_lock(path: str | os.PathLike[str]) -> int:
     """A file descriptor for ``flock`` on ``path`` (created if missing), refusing a link there."""
     return _open_no_follow(Path(path), os.O_RDWR | os.O_CREAT)
+
+
+def latest_checkpoint(run_dir: Path) -> Path | None:
+    """A run folder's newest complete checkpoint: the one ``latest`` names (a file, never a link), else the
+    last ``checkpoint-*`` holding ``state.json``; None if it has none."""
+    pointer = run_dir / "latest"
+    if pointer.is_file() and not pointer.is_symlink():
+        named = pointer.read_text(errors="replace").split()
+        candidate = run_dir / named[0] if named and named[0].startswith("checkpoint-") else None
+        if candidate is not None and (candidate / "state.json").is_file():
+            return candidate
+    complete = [p for p in sorted(run_dir.glob("checkpoint-*")) if (p / "state.json").is_file()]
+    return complete[-1] if complete else None

@@ -285,6 +285,23 @@ class InspectReport:
         return rows
 
 
+#: The version of the spectra series format (``spectra.jsonl``; see :mod:`qkvlab.monitor`).
+SERIES_VERSION = 1
+
+
+def read_series_line(line: str) -> dict[str, Any]:
+    """One line of ``spectra.jsonl`` as a dict; a ``series_version`` newer than this qkvlab's is refused."""
+    record = json.loads(line)
+    if not isinstance(record, dict):
+        raise ValueError("not a JSON object")
+    version = record.get("series_version", 1)
+    if not isinstance(version, int) or version > SERIES_VERSION:
+        raise UserError(
+            f"a spectra record has series_version {version!r}; this qkvlab reads up to {SERIES_VERSION}: upgrade qkvlab"
+        )
+    return record
+
+
 def record_spectra(
     model: nn.Module,
     path: str | os.PathLike[str],
@@ -318,7 +335,6 @@ def append_spectra_record(
 ) -> None:
     """One line ``{"step", "epoch", **inspect-record}`` appended to a spectra log, never through a link."""
     from qkvlab.files import open_append
-    from qkvlab.monitor import SERIES_VERSION
 
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -447,8 +463,6 @@ class InspectSeries:
         """The records of a spectra log (:class:`qkvlab.Monitor` and every callback built on it,
         :func:`record_spectra`): one inspect record with its ``step`` per line, the series format of
         :mod:`qkvlab.monitor`. A last line without its newline (a write cut short) is skipped."""
-        from qkvlab.monitor import read_series_line
-
         path = Path(path)
         try:
             text = path.read_bytes().decode("utf-8")

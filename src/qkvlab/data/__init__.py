@@ -49,12 +49,12 @@ from __future__ import annotations
 
 from qkvlab._lazy import lazy_exports
 
-# loaded on first use, so qkvlab.data.cache (used by the package fetcher) needs no torch
+# loaded on first use, so qkvlab.cache (used by the package fetcher) needs no torch
 _WHERE = {
     "Dataset": "qkvlab.data.base",
     "FiniteDataset": "qkvlab.data.base",
     "SyntheticDataset": "qkvlab.data.base",
-    "resolve_cache_dir": "qkvlab.data.cache",
+    "resolve_cache_dir": "qkvlab.cache",
     "ICLDataset": "qkvlab.data.icl",
     "ImageDataset": "qkvlab.data.images",
     "DATA_SOURCES": "qkvlab.data.sources",

@@ -15,7 +15,7 @@ import tarfile
 import tempfile
 from pathlib import Path, PurePosixPath
 
-from qkvlab.data.cache import atomic_write_bytes
+from qkvlab.cache import atomic_write_bytes
 from qkvlab.errors import UserError
 
 __all__ = [

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from qkvlab.cache import resolve_cache_dir
 from qkvlab.data.base import Dataset
-from qkvlab.data.cache import resolve_cache_dir
 from qkvlab.data.icl import ICLDataset
 from qkvlab.data.images import ImageDataset, load_digits, load_mnist5k
 from qkvlab.data.recall import RecallDataset

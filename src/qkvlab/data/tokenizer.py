@@ -15,7 +15,7 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
-from qkvlab.data.cache import atomic_write_bytes
+from qkvlab.cache import atomic_write_bytes
 from qkvlab.errors import UserError
 
 if TYPE_CHECKING:

@@ -20,9 +20,10 @@ from typing import Any
 from qkvlab.args import check_outputs, positive_int
 from qkvlab.args import seeds as seeds_list
 from qkvlab.errors import UserError
-from qkvlab.experiments import grid as grid_layer
-from qkvlab.experiments.grid import Run
+from qkvlab.experiments.registry import Experiment, register
 from qkvlab.files import write_atomic
+from qkvlab.grid import runner as grid_layer
+from qkvlab.grid.runner import Run
 
 __all__ = [
     "DEFAULTS",
@@ -420,8 +421,8 @@ def _report(folder: Path, figures: Path) -> list[Any]:
     ]
 
 
-EXPERIMENT = grid_layer.register(
-    grid_layer.Experiment(
+EXPERIMENT = register(
+    Experiment(
         "finetune",
         "paper 001 on MiniLM: QV vs QKV, V vs K, λ = η_V/η_QK (full and LoRA)",
         _arguments,

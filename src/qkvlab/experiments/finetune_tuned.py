@@ -61,8 +61,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from qkvlab.experiments import grid as grid_layer
-from qkvlab.experiments.grid import Run
+from qkvlab.grid import runner as grid_layer
+from qkvlab.grid.runner import Run
 
 __all__ = [
     "CELLS",

@@ -52,8 +52,9 @@ import math
 from pathlib import Path
 from typing import Any, NamedTuple
 
-from qkvlab.experiments.grid import Experiment, Run, register
 from qkvlab.experiments.paper000 import GPT_BASE, RECALL_BASE
+from qkvlab.experiments.registry import Experiment, register
+from qkvlab.grid.runner import Run
 
 __all__ = ["SETTINGS", "VARIANTS", "decay_for", "variant_overrides"]
 
@@ -152,7 +153,7 @@ FACTORS_FILE = "factors.json"
 
 def status(run_dir: Path) -> str:
     """Complete once training finished and the factor norms are written."""
-    from qkvlab.experiments.training import train_status
+    from qkvlab.grid.training import train_status
 
     if (run_dir / STOPPED_FILE).is_file():
         return "complete"  # stopped on a non-finite value: it would stop again
@@ -163,8 +164,8 @@ def status(run_dir: Path) -> str:
 
 def worker(run_dir: Path, point: dict[str, Any], seed: int, settings: dict[str, Any]) -> None:
     from qkvlab.errors import TrainingStopped
-    from qkvlab.experiments.training import train_worker
     from qkvlab.files import write_atomic
+    from qkvlab.grid.training import train_worker
 
     base = settings["overrides"]
     if not (run_dir / "final.json").is_file():
@@ -223,7 +224,7 @@ def shared_settings(setting: str, changes: dict[str, Any] | None = None) -> dict
 
 
 def _grid(out: Path, runs: list[Run], settings: dict[str, Any], jobs: int, echo: Any, stage: str) -> None:
-    from qkvlab.experiments.grid import run_grid
+    from qkvlab.grid.runner import run_grid
 
     run_grid(
         out,
@@ -319,7 +320,7 @@ def run_experiment(
 ) -> bool:
     """Both stages into ``out`` (resumable); False if the selection is not finished (a run failed)."""
     from qkvlab.config import load_config
-    from qkvlab.experiments.training import refuse_run_keys
+    from qkvlab.grid.training import refuse_run_keys
 
     refuse_run_keys(changes or {}, "--set")
     settings = shared_settings(setting, changes)
@@ -435,7 +436,7 @@ def _factor_measures(factors: dict[str, Any]) -> dict[str, float]:
 def read_run(run_dir: Path) -> dict[str, Any] | None:
     """One finished run reduced to what the tables and plots use; ``{"stopped": why}`` for a run that met a
     non-finite value; None while unfinished."""
-    from qkvlab.experiments.training import erank_over_time, final_measures, head_measures, read_training_run
+    from qkvlab.grid.training import erank_over_time, final_measures, head_measures, read_training_run
 
     if (run_dir / STOPPED_FILE).is_file():
         return {"stopped": json.loads((run_dir / STOPPED_FILE).read_text())["reason"]}
@@ -461,7 +462,7 @@ def aggregate(out: Path) -> dict[str, Any]:
     """Every (variant, budget) cell that has runs: mean ± std over the reported seeds (not the selection
     seed) of each measure, seed-paired differences against AdamW at the same budget and against the
     variant's own budget 0, the mean rank over training, and the learning-rate selection."""
-    from qkvlab.experiments.grid import load_runs, mean_std, paired, point_key
+    from qkvlab.grid.runner import load_runs, mean_std, paired, point_key
 
     settings = json.loads((out / "settings.json").read_text())
     selection_path = out / "selection.json"
@@ -540,7 +541,7 @@ def aggregate(out: Path) -> dict[str, Any]:
 
 def finish(out: Path, plot: str | None) -> int:
     """Pack the spectra, print the tables, write OUT/summary.json and (with ``plot``) the figures."""
-    from qkvlab.experiments.training import pack_spectra, publish
+    from qkvlab.grid.training import pack_spectra, publish
     from qkvlab.report.optimizer_rank import plot_optimizer_rank, tables
 
     pack_spectra(out)

@@ -34,7 +34,8 @@ import math
 from pathlib import Path
 from typing import Any, NamedTuple
 
-from qkvlab.experiments.grid import Experiment, Run, register
+from qkvlab.experiments.registry import Experiment, register
+from qkvlab.grid.runner import Run
 
 __all__ = ["GPT_BASE", "gpt_runs", "schedule_sum"]
 
@@ -225,7 +226,7 @@ def gpt_runs(cells: list[tuple[float, float]], seeds: list[int]) -> list[Run]:
 
 
 def gpt_worker(run_dir: Path, point: dict[str, Any], seed: int, settings: dict[str, Any]) -> None:
-    from qkvlab.experiments.training import train_worker
+    from qkvlab.grid.training import train_worker
 
     train_worker(run_dir, gpt_overrides(point), seed, settings)
 
@@ -250,8 +251,8 @@ def run_gpt_grid(
 ) -> list[dict[str, Any]]:
     """Train every (λ_attn, λ_rest) cell × seed of ``setting`` into ``out`` (resumable; see the experiment layer)."""
     from qkvlab.config import load_config
-    from qkvlab.experiments.grid import run_grid
-    from qkvlab.experiments.training import refuse_run_keys, train_status
+    from qkvlab.grid.runner import run_grid
+    from qkvlab.grid.training import refuse_run_keys, train_status
 
     refuse_run_keys(changes or {}, "--set")
     settings = gpt_settings(changes, setting)
@@ -347,7 +348,7 @@ def _per_head(record: dict[str, Any], metric: str) -> dict[str, list[list[float]
 def _read_run(run_dir: Path) -> dict[str, Any] | None:
     """:func:`read_training_run`, plus the weight-space comparison with one GD step where the run has one."""
     from qkvlab.experiments.icl_gd import ALIGNMENT_FILE
-    from qkvlab.experiments.training import read_training_run
+    from qkvlab.grid.training import read_training_run
 
     result = read_training_run(run_dir)
     if result is not None and (run_dir / ALIGNMENT_FILE).is_file():
@@ -357,7 +358,7 @@ def _read_run(run_dir: Path) -> dict[str, Any] | None:
 
 def load_numbers(out: Path) -> dict[tuple, dict[int, dict[str, Any]]]:
     """point key → seed → :func:`run_numbers`, for every complete run in ``out``."""
-    from qkvlab.experiments.grid import load_runs
+    from qkvlab.grid.runner import load_runs
 
     return {
         key: {seed: run_numbers(result) for seed, result in by_seed.items()}
@@ -371,7 +372,7 @@ def _model_mean(layers: list[float]) -> float:
 
 def aggregate(out: Path, numbers: dict[tuple, dict[int, dict[str, Any]]] | None = None) -> dict[str, Any]:
     """Every cell of ``out`` with mean ± std over seeds: val metrics, ranks per layer and model-wide, Σηλ."""
-    from qkvlab.experiments.grid import mean_std, paired
+    from qkvlab.grid.runner import mean_std, paired
 
     settings = json.loads((out / "settings.json").read_text())
     eta_sum = schedule_sum(settings["overrides"])
@@ -473,7 +474,7 @@ def _balance(runs: dict[int, dict[str, Any]]) -> dict[str, Any]:
     Per product, mean over layers of |‖AᵀA‖_F − ‖BᵀB‖_F| / (½(‖AᵀA‖_F + ‖BᵀB‖_F)) (0 when balanced),
     mean ± std over the seeds whose runs recorded the Gram norms (older runs did not), listed in "seeds".
     """
-    from qkvlab.experiments.grid import mean_std
+    from qkvlab.grid.runner import mean_std
 
     runs = {s: r for s, r in runs.items() if "left_gram" in r["trajectory"][-1]["qk"]}
     if not runs:
@@ -500,7 +501,7 @@ def _early(mine: dict[int, dict[str, Any]], zero: dict[int, dict[str, Any]]) -> 
     At the recorded steps nearest to 5%, 12.5%, 25%, 50% and 100% of the run: Δ (mean ± std, wins)
     per product, and Δ as a fraction of its final value, per seed then averaged.
     """
-    from qkvlab.experiments.grid import mean_std, paired
+    from qkvlab.grid.runner import mean_std, paired
 
     seeds = sorted(set(mine) & set(zero))
     if not seeds:
@@ -530,7 +531,7 @@ def _early(mine: dict[int, dict[str, Any]], zero: dict[int, dict[str, Any]]) -> 
 
 
 def point_key_of(cell: dict[str, Any]) -> tuple:
-    from qkvlab.experiments.grid import point_key
+    from qkvlab.grid.runner import point_key
 
     return point_key(gpt_point(cell["attn_weight_decay"], cell["rest_weight_decay"]))
 
@@ -621,8 +622,8 @@ def _lambdas(text: str, what: str) -> list[float]:
 def _finish(out: Path, args: Any, render: Any, rests: list[float]) -> int:
     """Pack the spectra, read every run once, print ``render(summary)``, write summary.json and the figures."""
     from qkvlab.experiments.icl_gd import write_alignments
-    from qkvlab.experiments.training import pack_spectra
     from qkvlab.files import write_atomic
+    from qkvlab.grid.training import pack_spectra
     from qkvlab.report.paper000 import plot_wd_rank
 
     pack_spectra(out)

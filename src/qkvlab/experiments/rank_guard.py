@@ -27,7 +27,8 @@ import math
 from pathlib import Path
 from typing import Any
 
-from qkvlab.experiments.grid import Experiment, Run, register
+from qkvlab.experiments.registry import Experiment, register
+from qkvlab.grid.runner import Run
 
 __all__ = ["TARGETS", "guard_settings", "loss_at_rank"]
 
@@ -70,7 +71,7 @@ def runs(targets: list[str], seeds: list[int]) -> list[Run]:
 
 
 def worker(run_dir: Path, point: dict[str, Any], seed: int, settings: dict[str, Any]) -> None:
-    from qkvlab.experiments.training import train_worker
+    from qkvlab.grid.training import train_worker
 
     train_worker(run_dir, {k: v for k, v in point.items() if k != "target"}, seed, settings)
 
@@ -80,7 +81,7 @@ def worker(run_dir: Path, point: dict[str, Any], seed: int, settings: dict[str, 
 
 def _guard_trajectory(run_dir: Path) -> dict[str, Any]:
     """The guard's λ per (layer, pair) at every firing, from metrics.jsonl (last record per step)."""
-    from qkvlab.experiments.training import _json_lines, _last_per_step
+    from qkvlab.grid.training import _json_lines, _last_per_step
 
     path = run_dir / "metrics.jsonl"
     lines = [r for r in _json_lines(path.read_bytes(), path) if r.get("split") == "guard"]
@@ -117,7 +118,7 @@ def decay_integrals(
 def _measures(result: dict[str, Any]) -> dict[str, float]:
     """final_measures, with ``{qk,ov}_layer_min`` (the final mean over layers of each layer's smallest-head
     effective rank: what the guard holds) and ``d_head``."""
-    from qkvlab.experiments.training import final_measures, layer_min_erank
+    from qkvlab.grid.training import final_measures, layer_min_erank
 
     last = result["spectra"][-1]
     smallest = layer_min_erank(last)
@@ -131,14 +132,14 @@ def _measures(result: dict[str, Any]) -> dict[str, float]:
 
 
 def _layer_min_over_time(records: list[dict[str, Any]]) -> dict[str, list[float]]:
-    from qkvlab.experiments.training import PRODUCTS, layer_min_erank
+    from qkvlab.grid.training import PRODUCTS, layer_min_erank
 
     values = [layer_min_erank(r) for r in records]
     return {p: [v[p] for v in values] for p in PRODUCTS}
 
 
 def _read(run_dir: Path) -> dict[str, Any] | None:
-    from qkvlab.experiments.training import erank_over_time, read_training_run
+    from qkvlab.grid.training import erank_over_time, read_training_run
 
     result = read_training_run(run_dir)
     if result is None or not result.get("spectra"):
@@ -163,8 +164,8 @@ def _read(run_dir: Path) -> dict[str, Any] | None:
 
 def _fixed_cells(reference: Path) -> list[dict[str, Any]]:
     """The fixed-decay runs at λ_rest = 0.1 of the reference folder: λ_attn → seed → measures."""
-    from qkvlab.experiments.grid import load_runs
-    from qkvlab.experiments.training import read_training_run
+    from qkvlab.grid.runner import load_runs
+    from qkvlab.grid.training import read_training_run
 
     def read(run_dir: Path) -> dict[str, Any] | None:
         result = read_training_run(run_dir)
@@ -189,7 +190,7 @@ def aggregate(out: Path, reference: Path | None) -> dict[str, Any]:
     """Per target: mean ± std of each measure, the λ trajectories (mean over seeds), and seed-paired
     differences against the best fixed decay (lowest mean validation loss) and against fixed λ_attn = 0;
     the fixed cells themselves; and the run counts of each approach."""
-    from qkvlab.experiments.grid import load_runs, mean_std, paired
+    from qkvlab.grid.runner import load_runs, mean_std, paired
 
     found = load_runs(out, _read)
     fixed = _fixed_cells(reference) if reference is not None and (reference / "runs").is_dir() else []
@@ -288,7 +289,7 @@ def _vs_fixed_at_rank(by_seed: dict[int, Any], fixed: list[dict[str, Any]]) -> d
     """Post hoc (not in the design fixed before the runs): per seed, the guard's loss against the fixed
     decays' loss interpolated at the guard's final smallest-head rank, for QK and for OV apart (a fixed
     λ_attn moves both; the guard sets them apart)."""
-    from qkvlab.experiments.grid import paired
+    from qkvlab.grid.runner import paired
 
     out: dict[str, Any] = {}
     guard = {s: r["measures"]["val_loss"] for s, r in by_seed.items()}
@@ -310,7 +311,7 @@ def summary_mean(runs: dict[int, dict[str, Any]], name: str) -> float:
 
 
 def finish(out: Path, reference: Path | None, plot: str | None) -> int:
-    from qkvlab.experiments.training import pack_spectra, publish
+    from qkvlab.grid.training import pack_spectra, publish
     from qkvlab.report.rank_guard import plot_rank_guard, tables
 
     pack_spectra(out)
@@ -340,9 +341,9 @@ def _arguments(parser: Any) -> None:
 def _main(args: Any) -> int:
     from qkvlab.config import load_config
     from qkvlab.errors import UserError
-    from qkvlab.experiments.grid import run_grid
     from qkvlab.experiments.paper000 import _prepare
-    from qkvlab.experiments.training import refuse_run_keys, train_status
+    from qkvlab.grid.runner import run_grid
+    from qkvlab.grid.training import refuse_run_keys, train_status
 
     if args.out is None:
         args.out = "runs/rank-guard"

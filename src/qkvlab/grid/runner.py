@@ -27,15 +27,12 @@ result in ``run_dir``. :func:`run_grid` does the rest, the same way for every ex
 deviation over seeds, and seed-paired differences (the same seed gives the same initialisation and
 batch order, so a paired difference removes that part of the spread).
 
-:data:`REGISTRY` holds every experiment ``qkvlab repro`` knows; each registers itself with
-:func:`register` and supplies its own arguments, run and summary.
+The claims that run on it register in :mod:`qkvlab.experiments.registry`.
 """
 
 from __future__ import annotations
 
-import argparse
 import errno
-import importlib
 import json
 import os
 import signal
@@ -58,18 +55,7 @@ sends SIGTERM (and ``KILL_SECONDS`` later SIGKILL): a run stuck where Python can
 never holds the grid forever."""
 KILL_SECONDS = 10.0
 
-__all__ = [
-    "REGISTRY",
-    "Experiment",
-    "Run",
-    "experiments",
-    "guard_settings",
-    "load_runs",
-    "mean_std",
-    "paired",
-    "register",
-    "run_grid",
-]
+__all__ = ["Run", "guard_settings", "load_runs", "mean_std", "paired", "run_grid"]
 
 Point = tuple[tuple[str, Any], ...]
 
@@ -425,46 +411,3 @@ def paired(a: Mapping[int, float], b: Mapping[int, float], scale: float = 1.0) -
         return None
     diffs = [scale * (a[s] - b[s]) for s in seeds]
     return {**mean_std(diffs), "wins": sum(d > 0 for d in diffs), "seeds": seeds}
-
-
-# -- registry ------------------------------------------------------------------------------------
-
-
-@dataclass(frozen=True)
-class Experiment:
-    """A reproducible claim: ``qkvlab repro NAME`` adds its arguments, runs it and prints its summary.
-
-    ``detect(folder)`` says whether a results folder is this experiment's, and ``report(folder,
-    figures)`` returns its :class:`qkvlab.report.page.Section` list, figures written under ``figures``
-    (both for ``qkvlab report``).
-    """
-
-    name: str
-    help: str
-    add_arguments: Callable[[argparse.ArgumentParser], None]
-    main: Callable[[argparse.Namespace], int]
-    detect: Callable[[Path], bool] = lambda folder: False
-    report: Callable[[Path, Path], list[Any]] | None = None
-
-
-REGISTRY: dict[str, Experiment] = {}
-
-# Modules that register the built-in experiments when imported.
-_BUILTIN = (
-    "qkvlab.experiments.finetune_claims",
-    "qkvlab.experiments.paper000",
-    "qkvlab.experiments.optimizer_rank",
-    "qkvlab.experiments.rank_guard",
-)
-
-
-def register(experiment: Experiment) -> Experiment:
-    REGISTRY[experiment.name] = experiment
-    return experiment
-
-
-def experiments() -> dict[str, Experiment]:
-    """Every registered experiment (importing the built-in ones first)."""
-    for module in _BUILTIN:
-        importlib.import_module(module)
-    return dict(REGISTRY)

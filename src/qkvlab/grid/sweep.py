@@ -3,7 +3,7 @@
 Each grid point × seed is one ``qkvlab train`` run folder, ``SWEEP/runs/NAME`` with NAME its
 settings (``weight_decay=0.1,seed=2``). A complete run is skipped, a partial one resumed, and a
 sweep folder refuses runs made with another base config (``SWEEP/settings.json``); see
-:mod:`qkvlab.experiments.grid` for the rules. ``SWEEP/sweep.json`` lists every run with its
+:mod:`qkvlab.grid.runner` for the rules. ``SWEEP/sweep.json`` lists every run with its
 ``final.json``, and the mean ± std over seeds of each grid point's final numbers.
 """
 
@@ -17,9 +17,9 @@ from typing import Any
 
 from qkvlab.config import coerce_value, config_keys, load_config
 from qkvlab.errors import UserError
-from qkvlab.experiments.grid import Run, load_runs, mean_std, run_grid
-from qkvlab.experiments.training import read_training_run, refuse_run_keys, train_status, train_worker
 from qkvlab.files import write_atomic
+from qkvlab.grid.runner import Run, load_runs, mean_std, run_grid
+from qkvlab.grid.training import read_training_run, refuse_run_keys, train_status, train_worker
 
 __all__ = ["parse_grid", "plan_sweep", "run_sweep", "sweep_summary"]
 

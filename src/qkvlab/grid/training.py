@@ -1,5 +1,5 @@
 """Training runs as grid runs: the worker, status and reader that ``qkvlab sweep`` and the paper-000
-experiments share with the experiment layer (:mod:`qkvlab.experiments.grid`).
+experiments share with the experiment layer (:mod:`qkvlab.grid.runner`).
 
 The worker's settings are ``{"config": YAML path or None, "overrides": {key: value}}``; a grid
 point is more overrides (``{"weight_decay": "0.1"}``). A run folder is a ``qkvlab train`` run

@@ -94,7 +94,7 @@ def detect(path: Path) -> str:
             return "finetune-run"
         if (path / "spectra.jsonl").is_file() and _is_spectra_log(path / "spectra.jsonl"):
             return "inspect-series"  # qkvlab.Monitor(out=folder), the HF and Lightning callbacks' folders
-        from qkvlab.experiments.grid import experiments
+        from qkvlab.experiments.registry import experiments
 
         for name, experiment in experiments().items():
             if experiment.detect(path):
@@ -203,7 +203,7 @@ def _overlay_layer_rank(reports: list[tuple[str, Any]], path: Path) -> Figure:
 
 def _read_run(folder: Path) -> dict[str, Any]:
     """A training run, complete or not: config, train and val curves, monitor records, final.json."""
-    from qkvlab.experiments.training import read_metrics, read_spectra
+    from qkvlab.grid.training import read_metrics, read_spectra
 
     metrics = read_metrics(folder)
     return {
@@ -485,7 +485,7 @@ def _theory_sections(path: Path, figures: Path) -> list[Section]:
 
 
 def _repro_sections(name: str, folder: Path, figures: Path) -> list[Section]:
-    from qkvlab.experiments.grid import experiments
+    from qkvlab.experiments.registry import experiments
 
     experiment = experiments()[name]
     if experiment.report is None:

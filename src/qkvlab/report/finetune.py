@@ -9,8 +9,8 @@ import statistics
 from pathlib import Path
 from typing import Any
 
-from qkvlab.experiments import grid as grid_layer
 from qkvlab.experiments.finetune_claims import LAMBDAS, _load, _run_peaks, aggregate
+from qkvlab.grid import runner as grid_layer
 from qkvlab.report.tables import pm
 
 _stats = grid_layer.mean_std

@@ -23,7 +23,7 @@ def format_table(headers: Sequence[str], rows: Sequence[Sequence[object]]) -> st
 
 
 def pm(stats: dict[str, float] | None, digits: int = 4, scale: float = 1.0) -> str:
-    """``mean ± std`` of a :func:`qkvlab.experiments.grid.mean_std` result; "—" for none.
+    """``mean ± std`` of a :func:`qkvlab.grid.runner.mean_std` result; "—" for none.
 
     A single value has no spread, so it prints as the bare mean rather than a misleading "± 0".
     """

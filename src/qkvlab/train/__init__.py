@@ -1,4 +1,4 @@
-"""Training from scratch: the loop, checkpoints, sweeps."""
+"""Training from scratch: the loop and its checkpoints (sweeps of it: qkvlab.grid.sweep)."""
 
 from qkvlab._lazy import lazy_exports
 

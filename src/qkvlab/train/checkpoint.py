@@ -40,7 +40,7 @@ from torch import nn
 
 from qkvlab.attention.sources import SAFETENSORS_DTYPES as _DTYPES
 from qkvlab.errors import UserError
-from qkvlab.files import fsync_dir, sha256_file, write_atomic
+from qkvlab.files import fsync_dir, latest_checkpoint, sha256_file, write_atomic
 
 __all__ = [
     "checkpoint_problem",
@@ -284,17 +284,6 @@ def _writes_checksums(run_dir: Path, candidates: list[Path]) -> bool:
     (A run with a single checkpoint that lost its checksums cannot be told from an old run; it gets the
     structural checks of one.)"""
     return any((p / CHECKSUMS).is_file() for p in candidates if p.is_dir() and not p.is_symlink())
-
-
-def latest_checkpoint(run_dir: Path) -> Path | None:
-    pointer = run_dir / "latest"
-    if pointer.is_file() and not pointer.is_symlink():
-        named = pointer.read_text(errors="replace").split()
-        candidate = run_dir / named[0] if named and named[0].startswith("checkpoint-") else None
-        if candidate is not None and (candidate / "state.json").is_file():
-            return candidate
-    complete = [p for p in sorted(run_dir.glob("checkpoint-*")) if (p / "state.json").is_file()]
-    return complete[-1] if complete else None
 
 
 def _model_mismatch(path: Path, model: nn.Module) -> str | None:

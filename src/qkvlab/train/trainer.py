@@ -454,8 +454,12 @@ def load_run_dataset(config: TrainConfig, world_size: int = 1) -> Dataset:
     return dataset
 
 
-def train(config: TrainConfig, *, resume: Path | None = None) -> TrainResult:
+def train(config: TrainConfig, *, resume: Path | None = None, command: str | None = None) -> TrainResult:
     """Train (or resume) the run ``config`` describes; returns where it ended.
+
+    ``command``: the command line that started it, recorded in ``final.json`` when it is a fresh
+    ``qkvlab train`` (a resumed or programmatic run records ``qkvlab train RUN/config.json``, which
+    reproduces its settings).
 
     One run folder has one writer: rank 0 holds an OS lock on ``RUN/.lock`` while it trains (released
     when it returns or its process dies), and a second ``train`` or resume of the same folder is
@@ -463,7 +467,7 @@ def train(config: TrainConfig, *, resume: Path | None = None) -> TrainResult:
     run_dir = resume if resume is not None else config.run_dir()
     lock = _RunLock(run_dir) if int(os.environ.get("RANK", "0")) == 0 else None
     try:
-        return _train(config, resume, run_dir)
+        return _train(config, resume, run_dir, command)
     finally:
         if lock is not None:
             lock.release()
@@ -498,7 +502,7 @@ class _RunLock:
         os.close(self.fd)
 
 
-def _train(config: TrainConfig, resume: Path | None, run_dir: Path) -> TrainResult:
+def _train(config: TrainConfig, resume: Path | None, run_dir: Path, command: str | None) -> TrainResult:
     ddp = _init_distributed("cuda" if config.device == "cuda" else "cpu")
     device = _device(config, ddp)
     if config.batch_size % ddp.world_size:
@@ -701,14 +705,12 @@ def _train(config: TrainConfig, resume: Path | None, run_dir: Path) -> TrainResu
                 spectra = monitor.last_summary[1]
             else:
                 spectra = summary_metrics(inspect(model))
-            from qkvlab.args import INVOCATION
-
             summary = {
                 "schema_version": 1,
                 "kind": "training-run",
                 # the command that made the run; a resumed or grid run gets one that reproduces its settings
-                "command": INVOCATION
-                if INVOCATION and INVOCATION.startswith("qkvlab train ") and "--resume" not in INVOCATION
+                "command": command
+                if command and command.startswith("qkvlab train ") and "--resume" not in command
                 else f"qkvlab train {run_dir / 'config.json'}",
                 "step": step,
                 "train_loss": last_loss,
