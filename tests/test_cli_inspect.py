@@ -339,7 +339,7 @@ def test_nonfinite_heads_are_flagged_not_silently_dropped(tmp_path, capsys) -> N
     assert row["qk_erank_mean"] == row["qk_erank_mean"]  # the finite heads' mean, not NaN
     metrics = summary_metrics(report)
     assert metrics["spectra/L0/qk_nonfinite_heads"] == 1.0 and "spectra/L1/qk_nonfinite_heads" not in metrics
-    from qkvlab.report.tables import inspect_text
+    from qkvlab.render.tables import inspect_text
 
     assert (
         "WARNING: non-finite weights (left out of the statistics above): layer 0 QK heads 1"

@@ -55,7 +55,7 @@ def test_statistics() -> None:
     assert diff["seeds"] == [0, 1] and diff["mean"] == pytest.approx(5.0) and diff["wins"] == 1
     assert paired({0: 1.0}, {1: 1.0}) is None
     # tables print a spread only where there is one
-    from qkvlab.report.tables import pm
+    from qkvlab.render.tables import pm
 
     assert pm(mean_std([1.0, 3.0]), digits=2) == "2.00 ± 1.41"
     assert pm(mean_std([0.25]), digits=2, scale=100) == "25.00"

@@ -15,7 +15,7 @@ SRC = Path(__file__).resolve().parents[1] / "src" / "qkvlab"
 
 #: module-name prefixes per layer, lowest first; the longest matching prefix decides
 LAYERS: tuple[tuple[str, ...], ...] = (
-    # base: errors, conventions, the one writer, the cache and the package fetcher, argument types
+    # base: errors, conventions, the one writer, the cache and the package fetcher, argument types, page primitives
     (
         "qkvlab",
         "qkvlab._lazy",
@@ -26,6 +26,7 @@ LAYERS: tuple[tuple[str, ...], ...] = (
         "qkvlab.fetch",
         "qkvlab.args",
         "qkvlab.presets",
+        "qkvlab.render",
     ),
     # maths
     ("qkvlab.spectra", "qkvlab.theory"),
@@ -47,14 +48,6 @@ LAYERS: tuple[tuple[str, ...], ...] = (
 
 #: wrong-way edges still in the code: (importer, imported) → what removes it
 KNOWN: dict[tuple[str, str], str] = {
-    (
-        "qkvlab.inspection",
-        "qkvlab.report.page",
-    ): "the page primitives move to a render package below inspection",
-    (
-        "qkvlab.inspection",
-        "qkvlab.report.tables",
-    ): "the page primitives move to a render package below inspection",
     ("qkvlab.report.finetune", "qkvlab.experiments.finetune_claims"): "each claim renders itself (repro/)",
     (
         "qkvlab.report.finetune_tuned",

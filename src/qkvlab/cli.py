@@ -313,7 +313,7 @@ def _cmd_inspect(args: argparse.Namespace) -> int:
     import warnings
 
     from qkvlab.inspection import expand_sources, inspect, inspect_series
-    from qkvlab.report.tables import inspect_text, series_text
+    from qkvlab.render.tables import inspect_text, series_text
 
     check_outputs(files=[args.json, args.csv], folders=[args.plot])
     if args.download:
@@ -450,7 +450,7 @@ def _cmd_sweep(args: argparse.Namespace) -> int:
     from pathlib import Path
 
     from qkvlab.grid.sweep import parse_grid, run_sweep, sweep_summary
-    from qkvlab.report.tables import sweep_table
+    from qkvlab.render.tables import sweep_table
 
     overrides = _train_overrides(args)
     if not args.grid:
@@ -483,7 +483,7 @@ def _cmd_sweep(args: argparse.Namespace) -> int:
 
 def _cmd_compare(args: argparse.Namespace) -> int:
     from qkvlab.inspection import compare
-    from qkvlab.report.tables import compare_text
+    from qkvlab.render.tables import compare_text
 
     return _write_and_print(compare(args.source, args.compare, rtol=args.rtol), args, compare_text)
 
@@ -540,7 +540,7 @@ def _cmd_finetune(args: argparse.Namespace) -> int:
         out=args.out,
     )
     result = finetune(config, progress=not args.quiet)
-    from qkvlab.report.tables import finetune_text
+    from qkvlab.render.tables import finetune_text
 
     print(finetune_text(result))
     if config.out:

@@ -249,8 +249,8 @@ class InspectReport:
         """Jupyter: the summary line and the per-layer table."""
         import html
 
-        from qkvlab.report.page import Table, table_html
-        from qkvlab.report.tables import INSPECT_LEGEND, inspect_rows
+        from qkvlab.render.page import Table, table_html
+        from qkvlab.render.tables import INSPECT_LEGEND, inspect_rows
 
         table = table_html(Table(*inspect_rows(self), caption=INSPECT_LEGEND))
         return f"<p><b>InspectReport</b> {html.escape(self._summary_line())}</p>{table}"

@@ -404,8 +404,8 @@ def _main_tuned(args: Any) -> int:
 
 def _report(folder: Path, figures: Path) -> list[Any]:
     """Sections for ``qkvlab report``: every setting's numbers, the per-claim tables and the curves."""
+    from qkvlab.render.page import Figure, Markdown, Section
     from qkvlab.report.finetune import claims_markdown, plot_convergence, summarize
-    from qkvlab.report.page import Figure, Markdown, Section
 
     settings = folder / "settings.json"
     if settings.is_file() and "rate_exponents" in json.loads(settings.read_text()):

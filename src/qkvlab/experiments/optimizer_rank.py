@@ -551,8 +551,8 @@ def finish(out: Path, plot: str | None) -> int:
 
 def report_sections(folder: Path, figures: Path) -> list[Any]:
     """The tables and figures of a results folder, for ``qkvlab report``."""
+    from qkvlab.render.page import Figure, Markdown, Section
     from qkvlab.report.optimizer_rank import plot_optimizer_rank, tables
-    from qkvlab.report.page import Figure, Markdown, Section
 
     summary = aggregate(folder)
     if not summary["cells"]:

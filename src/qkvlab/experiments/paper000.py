@@ -673,7 +673,7 @@ def _is_gpt_folder(folder: Path) -> bool:
 def _report(folder: Path, figures: Path) -> list[Any]:
     """Sections for ``qkvlab report``: the wd-rank tables and figures of every λ_rest with several λ_attn,
     and the decoupling table when the folder holds several λ_rest."""
-    from qkvlab.report.page import Figure, Markdown, Section
+    from qkvlab.render.page import Figure, Markdown, Section
     from qkvlab.report.paper000 import decouple_table, plot_wd_rank, wd_rank_tables
 
     numbers = load_numbers(folder)

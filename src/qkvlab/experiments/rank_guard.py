@@ -380,7 +380,7 @@ def _is_folder(folder: Path) -> bool:
 
 
 def _report(folder: Path, figures: Path) -> list[Any]:
-    from qkvlab.report.page import Figure, Markdown, Section
+    from qkvlab.render.page import Figure, Markdown, Section
     from qkvlab.report.rank_guard import plot_rank_guard, tables
 
     saved = folder / "summary.json"  # the reference the command compared with, else the default

@@ -17,7 +17,7 @@ class Experiment:
     """A reproducible claim: ``qkvlab repro NAME`` adds its arguments, runs it and prints its summary.
 
     ``detect(folder)`` says whether a results folder is this experiment's, and ``report(folder,
-    figures)`` returns its :class:`qkvlab.report.page.Section` list, figures written under ``figures``
+    figures)`` returns its :class:`qkvlab.render.page.Section` list, figures written under ``figures``
     (both for ``qkvlab report``).
     """
 

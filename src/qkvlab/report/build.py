@@ -25,8 +25,8 @@ from pathlib import Path
 from typing import Any
 
 from qkvlab.errors import UserError
+from qkvlab.render.page import Figure, Page, Preformatted, Section, Table, Text
 from qkvlab.report.figures import pyplot, save
-from qkvlab.report.page import Figure, Page, Preformatted, Section, Table, Text
 
 __all__ = ["build_page", "detect", "write_report"]
 
@@ -122,7 +122,7 @@ def _colours(n: int) -> list[Any]:
 
 
 def _inspect_summary_table(report: Any) -> Table:
-    from qkvlab.report.tables import inspect_rows
+    from qkvlab.render.tables import inspect_rows
 
     headers, rows = inspect_rows(report)
     arch = report.architecture
@@ -136,8 +136,8 @@ def _inspect_summary_table(report: Any) -> Table:
 
 
 def _inspect_sections(reports: list[tuple[str, Any]], figures: Path, prefix: str) -> list[Section]:
+    from qkvlab.render.tables import compare_text
     from qkvlab.report.inspect_plots import effective_rank_heatmap, plot_compare, singular_value_curves
-    from qkvlab.report.tables import compare_text
 
     sections = []
     split = []
@@ -406,7 +406,7 @@ def _training_sections(
 
 
 def _sweep_sections(folder: Path, figures: Path, stem: str) -> list[Section]:
-    from qkvlab.report.tables import sweep_table
+    from qkvlab.render.tables import sweep_table
 
     sweep = _json(folder / "sweep.json")
     runs = [_read_run(d) for d in sorted((folder / "runs").glob("*")) if (d / "metrics.jsonl").is_file()]
@@ -503,8 +503,8 @@ def _repro_sections(name: str, folder: Path, figures: Path) -> list[Section]:
 
 
 def _series_sections(series: Any, label: str, figures: Path, stem: str) -> list[Section]:
+    from qkvlab.render.tables import series_text
     from qkvlab.report.inspect_plots import series_figure
-    from qkvlab.report.tables import series_text
 
     figure = series_figure(series, figures / f"{stem}_series.png")
     caption = (
@@ -619,7 +619,7 @@ def write_report(
     import tempfile
 
     from qkvlab.files import refuse_links, write_atomic
-    from qkvlab.report.page import Figure, write_html, write_markdown
+    from qkvlab.render.page import Figure, write_html, write_markdown
 
     figures = out / "figures"
     if figures.exists() and not (out / "report.html").is_file():

@@ -11,7 +11,7 @@ from typing import Any
 
 from qkvlab.experiments.finetune_claims import LAMBDAS, _load, _run_peaks, aggregate
 from qkvlab.grid import runner as grid_layer
-from qkvlab.report.tables import pm
+from qkvlab.render.tables import pm
 
 _stats = grid_layer.mean_std
 

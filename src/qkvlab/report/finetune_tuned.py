@@ -7,7 +7,7 @@ from pathlib import Path
 from typing import Any
 
 from qkvlab.experiments.finetune_tuned import comparisons, curve_mean, rate, summarize
-from qkvlab.report.page import Table, table_markdown
+from qkvlab.render.page import Table, table_markdown
 
 __all__ = ["study_markdown"]
 

@@ -10,7 +10,7 @@ import math
 from pathlib import Path
 from typing import Any
 
-from qkvlab.report.tables import pm
+from qkvlab.render.tables import pm
 
 __all__ = ["decouple_table", "plot_wd_rank", "wd_rank_tables"]
 

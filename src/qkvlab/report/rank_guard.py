@@ -5,8 +5,8 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
+from qkvlab.render.tables import pm
 from qkvlab.report.paper000 import _diff
-from qkvlab.report.tables import pm
 
 __all__ = ["plot_rank_guard", "tables"]
 

@@ -7,8 +7,8 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+from qkvlab.render.tables import format_table
 from qkvlab.report.figures import pyplot, save
-from qkvlab.report.tables import format_table
 
 __all__ = ["plot_theory", "theory_tables"]
 
