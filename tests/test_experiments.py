@@ -16,8 +16,8 @@ import torch
 from qkvlab.cli import main
 from qkvlab.data import load_dataset
 from qkvlab.errors import UserError
-from qkvlab.experiments.registry import experiments
 from qkvlab.grid.runner import mean_std, paired
+from qkvlab.repro.registry import experiments
 
 TEXT = "It is a truth universally acknowledged, that a single man in possession of a good fortune. " * 60
 
@@ -320,7 +320,7 @@ def test_training_on_assoc_recall_reports_answer_accuracy(tmp_path) -> None:
 
 
 def test_repro_wd_rank_and_decouple_on_a_tiny_gpt(corpus, tmp_path, capsys) -> None:
-    from qkvlab.experiments.paper000 import gpt_settings, schedule_sum
+    from qkvlab.repro.paper000.claim import gpt_settings, schedule_sum
 
     changes = {
         "data": f"text:{corpus}",
@@ -410,7 +410,7 @@ def test_repro_wd_rank_and_decouple_on_a_tiny_gpt(corpus, tmp_path, capsys) -> N
 
 def test_repro_wd_rank_gpt_online_is_one_pass_and_refuses_more(corpus, tmp_path, capsys) -> None:
     from qkvlab.data import load_dataset
-    from qkvlab.experiments.paper000 import GPT_ONLINE_ATTN, GPT_ONLINE_BASE, schedule_sum
+    from qkvlab.repro.paper000.claim import GPT_ONLINE_ATTN, GPT_ONLINE_BASE, schedule_sum
 
     # the shipped setting: exactly one pass over the training text, and its λ grid reaches Σηλ 3.3
     shakespeare_steps = GPT_ONLINE_BASE["max_steps"]
@@ -508,7 +508,7 @@ def test_repro_wd_rank_on_tiny_associative_recall(tmp_path, capsys) -> None:
 
 @pytest.mark.parametrize("attention", ["linear", "softmax"])
 def test_repro_wd_rank_on_tiny_in_context_regression(tmp_path, capsys, attention) -> None:
-    from qkvlab.experiments.paper000 import ICL_ATTN, ICL_BASE, schedule_sum
+    from qkvlab.repro.paper000.claim import ICL_ATTN, ICL_BASE, schedule_sum
 
     assert max(ICL_ATTN) * schedule_sum(ICL_BASE) == pytest.approx(3.3, rel=0.01)  # the shipped grid
     changes = {"icl_dim": 3, "icl_points": 8, "batch_size": 16, "max_steps": 4, "warmup_steps": 1}
@@ -542,7 +542,7 @@ def test_repro_wd_rank_on_a_tiny_vit_on_mnist(tmp_path, capsys) -> None:
     args = ["repro", "wd-rank", "--setting", "vit", "--out", str(out), "--lambdas", "0,1", "--seeds", "0"]
     assert main([*args, *sets]) == 0
     printed = capsys.readouterr().out
-    from qkvlab.experiments.paper000 import VIT_BASE, gpt_settings, schedule_sum
+    from qkvlab.repro.paper000.claim import VIT_BASE, gpt_settings, schedule_sum
 
     eta = schedule_sum(gpt_settings(changes, "vit")["overrides"])
     assert "val accuracy (%)" in printed and f"| 1 | {eta:.3g} |" in printed  # Σηλ beside λ

@@ -187,8 +187,8 @@ def test_dynamic_padding_leaves_logits_and_metrics_unchanged(tiny_bert, side) ->
 
 def test_repro_grid_resumes_refuses_other_settings_and_summarizes(tiny_bert, tiny_csv, tmp_path) -> None:
     from qkvlab.errors import UserError
-    from qkvlab.experiments.finetune_claims import LR, GridPoint, aggregate, run_grid
-    from qkvlab.report.finetune import plot_convergence, summarize
+    from qkvlab.repro.paper001.claim import LR, GridPoint, aggregate, run_grid
+    from qkvlab.repro.paper001.render import plot_convergence, summarize
 
     points = [
         GridPoint("rotten-tomatoes", ("q", "v"), "lora", 1.0),
@@ -235,8 +235,8 @@ def test_repro_grid_resumes_refuses_other_settings_and_summarizes(tiny_bert, tin
     assert group_lrs["v"] == pytest.approx(4 * group_lrs["q"])
     table = summarize(out)
     assert table.count("\n| rotten-tomatoes") == 4 and "| 2 |" in table
-    from qkvlab.experiments.finetune_claims import best_lambda
-    from qkvlab.report.finetune import claims_markdown
+    from qkvlab.repro.paper001.claim import best_lambda
+    from qkvlab.repro.paper001.render import claims_markdown
 
     final = {
         lam: sum(

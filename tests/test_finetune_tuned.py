@@ -8,8 +8,8 @@ from pathlib import Path
 
 import pytest
 
-from qkvlab.experiments import finetune_tuned as study
-from qkvlab.experiments.finetune_tuned import SELECTION_SEED, Cell, plan, rate
+from qkvlab.repro.paper001 import tuned as study
+from qkvlab.repro.paper001.tuned import SELECTION_SEED, Cell, plan, rate
 
 
 def _finish(out: Path, cell: Cell, exponent: float, seed: int, final_val: float) -> None:
@@ -176,7 +176,7 @@ def test_the_second_models_grid_is_sized_from_the_first_models_lora_qv(tmp_path)
 
 
 def test_the_summary_tables_pair_seeds_at_each_cells_tuned_rate(tmp_path) -> None:
-    from qkvlab.report.finetune_tuned import study_markdown
+    from qkvlab.repro.paper001.render_tuned import study_markdown
 
     cells = [Cell("lora", ("q", "v"), 1.0), Cell("lora", ("q", "v"), 4.0)]
     grid = {"lora": (-7, -6, -5)}

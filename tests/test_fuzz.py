@@ -547,10 +547,10 @@ def command_lines(draw: st.DrawFn) -> list[str]:
 @pytest.fixture
 def stubbed_work(monkeypatch):
     """Replace the first step of each command's real work by a check of what reached it."""
-    import qkvlab.experiments.theory as theory
     import qkvlab.finetune.run as finetune_run
     import qkvlab.grid.runner as grid
     import qkvlab.grid.sweep as sweep
+    import qkvlab.repro.theory.claim as theory
     import qkvlab.train.trainer as trainer
 
     def build_model(model_config):  # train: config, resume checks and data all passed

@@ -349,8 +349,8 @@ def test_the_decay_integral_is_the_decay_the_optimiser_applied(tmp_path) -> None
     """Σₜ η_t λ_t rebuilt from the logged λ trajectory equals the spectral monitor's per-step 2·η_t·λ_t (read
     from the live groups), summed: the guard's λ is applied from the step after each firing."""
     from qkvlab.config import load_config
-    from qkvlab.experiments.rank_guard import _read
     from qkvlab.grid.training import read_spectra
+    from qkvlab.repro.rank_guard.claim import _read
     from qkvlab.train import train
 
     train(_config(tmp_path, "run", spectra_every=2, eval_every=12))
@@ -366,7 +366,7 @@ def test_the_decay_integral_is_the_decay_the_optimiser_applied(tmp_path) -> None
 
 
 def test_loss_at_rank_interpolates_between_the_bracketing_fixed_runs() -> None:
-    from qkvlab.experiments.rank_guard import loss_at_rank
+    from qkvlab.repro.rank_guard.claim import loss_at_rank
 
     points = [(8.0, 1.66), (2.0, 1.70), (4.0, 1.68)]  # (final rank, val loss), in any order
     assert loss_at_rank(points, 3.0) == pytest.approx(1.69)
@@ -443,8 +443,8 @@ def test_repro_rank_guard_against_a_fixed_grid(tmp_path, capsys) -> None:
     assert all(len(c["layer_min_over_time"]["qk"]) == 4 for c in summary["fixed"])  # steps 0, 3, 6, 9
     # post hoc: the guard against the fixed decays interpolated at its own final rank, seed by seed
     assert "Post hoc (not in the design fixed before the runs)" in printed
-    from qkvlab.experiments.rank_guard import _fixed_cells, _measures, loss_at_rank
     from qkvlab.grid.training import read_training_run
+    from qkvlab.repro.rank_guard.claim import _fixed_cells, _measures, loss_at_rank
 
     cells = _fixed_cells(fixed)
     compared = 0

@@ -184,7 +184,7 @@ def test_linear_attention_set_to_one_gd_step_scores_the_gd_reference() -> None:
     assert metrics["loss"] == pytest.approx(metrics["gd_mse"], rel=1e-5)
     assert 0.25 < metrics["gd_mse"] < 0.45  # (d + 1)/(n + d + 1) = 5/16 in expectation, 2,048 tasks
     # in weight space it is GD exactly, whichever sign the two sides share
-    from qkvlab.experiments.icl_gd import gd_alignment
+    from qkvlab.repro.paper000.icl_gd import gd_alignment
 
     exact = gd_alignment(model, ds.gd_step, points)
     assert exact["cosine"] == pytest.approx(1.0) and exact["step_ratio"] == pytest.approx(1.0)

@@ -10,8 +10,8 @@ import pytest
 import torch
 
 from qkvlab.cli import main
-from qkvlab.experiments import optimizer_rank as orank
 from qkvlab.grid.training import read_spectra
+from qkvlab.repro.optimizer_rank import claim as orank
 
 TEXT = "It is a truth universally acknowledged, that a single man in possession of a good fortune. " * 60
 
@@ -193,7 +193,7 @@ def test_mistakes_are_one_line(tmp_path, capsys, extra, message) -> None:
 
 
 def test_a_product_that_ended_numerically_zero_is_marked_switched_off() -> None:
-    from qkvlab.report.optimizer_rank import SWITCHED_OFF, switched_off, tables
+    from qkvlab.repro.optimizer_rank.render import SWITCHED_OFF, switched_off, tables
 
     def cell(variant: str, budget: float, qk_norm: float) -> dict:
         stat = lambda v: {"mean": v, "std": 0.0, "n": 1}  # noqa: E731
@@ -243,7 +243,7 @@ def test_a_product_that_ended_numerically_zero_is_marked_switched_off() -> None:
 def test_the_figures_draw_a_switched_off_path_apart(tmp_path, monkeypatch) -> None:
     """Its final ranks hollow and off the line, its rank over time dotted: noise is not drawn as data."""
     import qkvlab.report.figures as figures
-    from qkvlab.report.optimizer_rank import SWITCHED_OFF, plot_optimizer_rank
+    from qkvlab.repro.optimizer_rank.render import SWITCHED_OFF, plot_optimizer_rank
 
     stat = lambda v: {"mean": v, "std": 0.0, "n": 1}  # noqa: E731
     init = {f"{p}_{n}": stat(1.0) for p in ("qk", "ov") for n in ("effective_rank", "nuclear_norm")}

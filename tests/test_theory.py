@@ -9,8 +9,8 @@ import pytest
 import torch
 
 from qkvlab.cli import main
-from qkvlab.experiments.theory import TOY_TARGET, TheorySettings, run_completion, run_pretrained, run_toy
 from qkvlab.optim import l2_penalty
+from qkvlab.repro.theory.claim import TOY_TARGET, TheorySettings, run_completion, run_pretrained, run_toy
 from qkvlab.spectra import FactoredProduct, factor_gap
 from qkvlab.theory import (
     fit_decay_rate,

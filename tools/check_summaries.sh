@@ -10,29 +10,29 @@ PY=${PY:-$ROOT/.venv/bin/python}
 summaries() {  # SRC OUT
   local src=$1 out=$2 res
   res=$(mktemp -d)
-  cp -r "$ROOT/results/." "$res/"
+  mkdir "$res/results" && cp -r "$ROOT/results/." "$res/results/"
   : > "$out"
   while read -r args; do
     echo "### qkvlab $args" >> "$out"
     (cd "$res" && PYTHONPATH="$src/src" OMP_NUM_THREADS=1 $PY -m qkvlab $args >> "$out" 2>&1; echo "rc=$?" >> "$out")
   done <<'LIST'
-repro wd-rank --out paper000-gpt --summary-only
-repro decouple --out paper000-gpt --summary-only
-repro wd-rank --setting recall --out paper000-recall --summary-only
-repro wd-rank --setting icl-linear --out paper000-icl-linear --summary-only
-repro wd-rank --setting icl-softmax --out paper000-icl-softmax --summary-only
-repro wd-rank --setting vit --out paper000-vit --summary-only
-repro wd-rank --setting gpt-online --out paper000-gpt-online --summary-only
-repro optimizer-rank --out optimizer-rank-gpt --summary-only
-repro optimizer-rank --setting recall --out optimizer-rank-recall --summary-only
-repro rank-guard --out rank-guard-gpt --reference paper000-gpt --summary-only
-repro finetune --pilot --out repro-finetune --summary-only
-repro finetune --out finetune-tuned/minilm --summary-only
+repro wd-rank --out results/paper000-gpt --summary-only
+repro decouple --out results/paper000-gpt --summary-only
+repro wd-rank --setting recall --out results/paper000-recall --summary-only
+repro wd-rank --setting icl-linear --out results/paper000-icl-linear --summary-only
+repro wd-rank --setting icl-softmax --out results/paper000-icl-softmax --summary-only
+repro wd-rank --setting vit --out results/paper000-vit --summary-only
+repro wd-rank --setting gpt-online --out results/paper000-gpt-online --summary-only
+repro optimizer-rank --out results/optimizer-rank-gpt --summary-only
+repro optimizer-rank --setting recall --out results/optimizer-rank-recall --summary-only
+repro rank-guard --out results/rank-guard-gpt --reference results/paper000-gpt --summary-only
+repro finetune --pilot --out results/repro-finetune --summary-only
+repro finetune --out results/finetune-tuned/minilm --summary-only
 LIST
   local bad=0
   while IFS= read -r file; do
-    cmp -s "$res/$file" "$ROOT/results/$file" || { echo "differs: results/$file"; bad=1; }
-  done < <(cd "$res" && find . -name summary.json | sed 's#^\./##' | sort)
+    cmp -s "$res/results/$file" "$ROOT/results/$file" || { echo "differs: results/$file"; bad=1; }
+  done < <(cd "$res/results" && find . -name summary.json | sed 's#^\./##' | sort)
   rm -rf "$res"
   return $bad
 }

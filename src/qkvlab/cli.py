@@ -193,7 +193,7 @@ def _build_parser() -> argparse.ArgumentParser:
     ft.add_argument("--quiet", action="store_true", help="no progress bars")
     ft.set_defaults(handler=_cmd_finetune)
 
-    from qkvlab.experiments.theory_settings import PARTS, TheorySettings
+    from qkvlab.repro.theory.settings import PARTS, TheorySettings
 
     theory_defaults = TheorySettings()
     th = sub.add_parser(
@@ -275,7 +275,7 @@ pretrained (how balanced a pretrained model's factor pairs are, Fig. 4). docs/th
     demo.add_argument("--jobs", type=positive_int, default=2, help="runs in parallel (default %(default)s)")
     demo.set_defaults(handler=_cmd_demo)
 
-    from qkvlab.experiments.registry import experiments
+    from qkvlab.repro.registry import experiments
 
     known = experiments()
     rp = sub.add_parser(
@@ -552,7 +552,7 @@ def _cmd_theory(args: argparse.Namespace) -> int:
     import json
     import time
 
-    from qkvlab.experiments.theory import TheorySettings, run_theory
+    from qkvlab.repro.theory.claim import TheorySettings, run_theory
 
     check_outputs([args.json], [args.plot])
     optimizers = (
@@ -589,11 +589,11 @@ def _cmd_theory(args: argparse.Namespace) -> int:
         write_atomic(Path(args.json), json.dumps(result, indent=1, allow_nan=False))
         written.append(args.json)
     if args.plot:
-        from qkvlab.report.theory import plot_theory
+        from qkvlab.repro.theory.render import plot_theory
 
         written += [str(p) for p in plot_theory(result, args.plot)]
     if not args.quiet:
-        from qkvlab.report.theory import theory_tables
+        from qkvlab.repro.theory.render import theory_tables
 
         print(theory_tables(result))
         for path in written:

@@ -47,7 +47,7 @@ def demo_lambdas() -> tuple[float, float, float, float]:
     Σₜηₜ·λ ≥ DEMO_MIN_ETA_LAMBDA."""
     import math
 
-    from qkvlab.experiments.paper000 import SETTINGS, schedule_sum
+    from qkvlab.repro.paper000.claim import SETTINGS, schedule_sum
 
     eta_sum = schedule_sum({**SETTINGS["gpt"].base, **DEMO_CHANGES})
     return DEMO_REST, 0.0, float(math.ceil(DEMO_MIN_ETA_LAMBDA / eta_sum)), eta_sum
@@ -55,11 +55,11 @@ def demo_lambdas() -> tuple[float, float, float, float]:
 
 def run_demo(out: Path, jobs: int = 2, echo: Any = print) -> Path:
     """Run the demo into ``out``; returns the report's HTML path."""
-    from qkvlab.experiments.paper000 import run_gpt_grid
-    from qkvlab.experiments.theory import TheorySettings, run_theory
     from qkvlab.files import write_atomic
     from qkvlab.inspection import inspect
     from qkvlab.report.build import write_report
+    from qkvlab.repro.paper000.claim import run_gpt_grid
+    from qkvlab.repro.theory.claim import TheorySettings, run_theory
 
     start = time.perf_counter()
     coupled, decoupled, strong, eta_sum = demo_lambdas()

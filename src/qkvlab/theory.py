@@ -2,7 +2,7 @@
 
 Pure tensor maths (float64, batched over a leading dimension), no I/O. ``qkvlab theory`` arranges
 these calls into the paper's toy, its optimiser variants and matrix completion
-(``qkvlab.experiments.theory``).
+(``qkvlab.repro.theory.claim``).
 
 Our convention, stated once:
 
@@ -43,7 +43,7 @@ from dataclasses import dataclass
 
 import torch
 
-from qkvlab.experiments.theory_settings import OPTIMIZERS
+from qkvlab.repro.theory.settings import OPTIMIZERS
 from qkvlab.spectra import FactoredProduct, factor_gap
 
 __all__ = [

@@ -27,7 +27,7 @@ result in ``run_dir``. :func:`run_grid` does the rest, the same way for every ex
 deviation over seeds, and seed-paired differences (the same seed gives the same initialisation and
 batch order, so a paired difference removes that part of the spread).
 
-The claims that run on it register in :mod:`qkvlab.experiments.registry`.
+The claims that run on it register in :mod:`qkvlab.repro.registry`.
 """
 
 from __future__ import annotations

@@ -34,6 +34,15 @@ def pm(stats: dict[str, float] | None, digits: int = 4, scale: float = 1.0) -> s
     return f"{stats['mean'] * scale:.{digits}f} ± {stats['std'] * scale:.{digits}f}"
 
 
+def diff_text(stats: dict | None, digits: int = 2) -> str:
+    """A seed-paired difference (:func:`qkvlab.grid.runner.paired`) as "+m ± s (wins/n > 0)"; "—" for none."""
+    if not stats:
+        return "—"
+    mean = stats["mean"] if round(stats["mean"], digits) != 0 else 0.0  # no "-0.0000"
+    spread = f" ± {stats['std']:.{digits}f}" if stats["n"] > 1 else ""  # one seed has no spread
+    return f"{mean:+.{digits}f}{spread} ({stats['wins']}/{stats['n']} > 0)"
+
+
 def sweep_table(points: Sequence[dict]) -> str:
     """One row per sweep grid point: its settings, seeds, final train loss and val metrics (mean ± std)."""
     if not points:

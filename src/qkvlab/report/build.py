@@ -94,7 +94,7 @@ def detect(path: Path) -> str:
             return "finetune-run"
         if (path / "spectra.jsonl").is_file() and _is_spectra_log(path / "spectra.jsonl"):
             return "inspect-series"  # qkvlab.Monitor(out=folder), the HF and Lightning callbacks' folders
-        from qkvlab.experiments.registry import experiments
+        from qkvlab.repro.registry import experiments
 
         for name, experiment in experiments().items():
             if experiment.detect(path):
@@ -470,7 +470,7 @@ def _finetune_sections(paths: list[Path], figures: Path, stem: str) -> list[Sect
 
 
 def _theory_sections(path: Path, figures: Path) -> list[Section]:
-    from qkvlab.report.theory import plot_theory, theory_tables
+    from qkvlab.repro.theory.render import plot_theory, theory_tables
 
     result = _json(path)
     written = plot_theory(result, figures)
@@ -485,7 +485,7 @@ def _theory_sections(path: Path, figures: Path) -> list[Section]:
 
 
 def _repro_sections(name: str, folder: Path, figures: Path) -> list[Section]:
-    from qkvlab.experiments.registry import experiments
+    from qkvlab.repro.registry import experiments
 
     experiment = experiments()[name]
     if experiment.report is None:

@@ -20,10 +20,10 @@ from typing import Any
 from qkvlab.args import check_outputs, positive_int
 from qkvlab.args import seeds as seeds_list
 from qkvlab.errors import UserError
-from qkvlab.experiments.registry import Experiment, register
 from qkvlab.files import write_atomic
 from qkvlab.grid import runner as grid_layer
 from qkvlab.grid.runner import Run
+from qkvlab.repro.registry import Experiment, register
 
 __all__ = [
     "DEFAULTS",
@@ -368,7 +368,7 @@ def _main(args: Any) -> int:
         raise UserError(
             f"{out} holds no finished runs; run `qkvlab repro finetune --pilot --out {out}` first"
         )
-    from qkvlab.report.finetune import claims_markdown, plot_convergence, summarize
+    from qkvlab.repro.paper001.render import claims_markdown, plot_convergence, summarize
 
     print(summarize(out))
     print()
@@ -382,8 +382,8 @@ def _main(args: Any) -> int:
 
 def _main_tuned(args: Any) -> int:
     """The tuned study (``experiments/finetune_tuned``): every cell at its own rate, whole epochs."""
-    from qkvlab.experiments.finetune_tuned import run_study
-    from qkvlab.report.finetune_tuned import study_markdown
+    from qkvlab.repro.paper001.render_tuned import study_markdown
+    from qkvlab.repro.paper001.tuned import run_study
 
     args.out = args.out or f"runs/finetune-tuned/{Path(args.model).name}"
     check_outputs([], [args.out, args.plot])
@@ -391,7 +391,7 @@ def _main_tuned(args: Any) -> int:
     if not args.summary_only:
         design = {}
         if args.model != "minilm":  # the second model's reduced grid is sized from MiniLM's study
-            from qkvlab.experiments.finetune_tuned import second_model_design
+            from qkvlab.repro.paper001.tuned import second_model_design
 
             cells, exponents, _ = second_model_design(Path(args.reference))
             design = {"cell_list": cells, "exponents": exponents}
@@ -405,11 +405,11 @@ def _main_tuned(args: Any) -> int:
 def _report(folder: Path, figures: Path) -> list[Any]:
     """Sections for ``qkvlab report``: every setting's numbers, the per-claim tables and the curves."""
     from qkvlab.render.page import Figure, Markdown, Section
-    from qkvlab.report.finetune import claims_markdown, plot_convergence, summarize
+    from qkvlab.repro.paper001.render import claims_markdown, plot_convergence, summarize
 
     settings = folder / "settings.json"
     if settings.is_file() and "rate_exponents" in json.loads(settings.read_text()):
-        from qkvlab.report.finetune_tuned import study_markdown
+        from qkvlab.repro.paper001.render_tuned import study_markdown
 
         return [Section(f"Paper 001, every cell tuned ({folder.name})", [Markdown(study_markdown(folder))])]
 

@@ -33,10 +33,10 @@ REGISTRY: dict[str, Experiment] = {}
 
 # Modules that register the built-in experiments when imported.
 _BUILTIN = (
-    "qkvlab.experiments.finetune_claims",
-    "qkvlab.experiments.paper000",
-    "qkvlab.experiments.optimizer_rank",
-    "qkvlab.experiments.rank_guard",
+    "qkvlab.repro.paper001.claim",
+    "qkvlab.repro.paper000.claim",
+    "qkvlab.repro.optimizer_rank.claim",
+    "qkvlab.repro.rank_guard.claim",
 )
 
 

@@ -52,9 +52,9 @@ import math
 from pathlib import Path
 from typing import Any, NamedTuple
 
-from qkvlab.experiments.paper000 import GPT_BASE, RECALL_BASE
-from qkvlab.experiments.registry import Experiment, register
 from qkvlab.grid.runner import Run
+from qkvlab.repro.paper000.claim import GPT_BASE, RECALL_BASE
+from qkvlab.repro.registry import Experiment, register
 
 __all__ = ["SETTINGS", "VARIANTS", "decay_for", "variant_overrides"]
 
@@ -347,7 +347,7 @@ def run_experiment(
 
 
 def _arguments(parser: Any) -> None:
-    from qkvlab.experiments.paper000 import _common_arguments
+    from qkvlab.repro.paper000.claim import _common_arguments
 
     _common_arguments(parser, "runs/optimizer-rank-SETTING")
     parser.add_argument(
@@ -382,7 +382,7 @@ def _variants(text: str | None, setting: str) -> tuple[str, ...]:
 
 
 def _main(args: Any) -> int:
-    from qkvlab.experiments.paper000 import _lambdas, _prepare
+    from qkvlab.repro.paper000.claim import _lambdas, _prepare
 
     if args.out is None:
         args.out = f"runs/optimizer-rank-{args.setting}"
@@ -542,7 +542,7 @@ def aggregate(out: Path) -> dict[str, Any]:
 def finish(out: Path, plot: str | None) -> int:
     """Pack the spectra, print the tables, write OUT/summary.json and (with ``plot``) the figures."""
     from qkvlab.grid.training import pack_spectra, publish
-    from qkvlab.report.optimizer_rank import plot_optimizer_rank, tables
+    from qkvlab.repro.optimizer_rank.render import plot_optimizer_rank, tables
 
     pack_spectra(out)
     summary = aggregate(out)
@@ -552,7 +552,7 @@ def finish(out: Path, plot: str | None) -> int:
 def report_sections(folder: Path, figures: Path) -> list[Any]:
     """The tables and figures of a results folder, for ``qkvlab report``."""
     from qkvlab.render.page import Figure, Markdown, Section
-    from qkvlab.report.optimizer_rank import plot_optimizer_rank, tables
+    from qkvlab.repro.optimizer_rank.render import plot_optimizer_rank, tables
 
     summary = aggregate(folder)
     if not summary["cells"]:

@@ -1,6 +1,6 @@
 """Tables and figures of paper 001's claims (``qkvlab repro finetune``): the per-setting table, the
 per-claim tables and the convergence curves. The numbers come from
-:mod:`qkvlab.experiments.finetune_claims`; this module only arranges them."""
+:mod:`qkvlab.repro.paper001.claim`; this module only arranges them."""
 
 from __future__ import annotations
 
@@ -9,9 +9,9 @@ import statistics
 from pathlib import Path
 from typing import Any
 
-from qkvlab.experiments.finetune_claims import LAMBDAS, _load, _run_peaks, aggregate
 from qkvlab.grid import runner as grid_layer
 from qkvlab.render.tables import pm
+from qkvlab.repro.paper001.claim import LAMBDAS, _load, _run_peaks, aggregate
 
 _stats = grid_layer.mean_std
 

@@ -5,8 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-from qkvlab.render.tables import pm
-from qkvlab.report.paper000 import _diff
+from qkvlab.render.tables import diff_text, pm
 
 __all__ = ["plot_optimizer_rank", "tables"]
 
@@ -160,9 +159,9 @@ def tables(summary: dict[str, Any]) -> str:
         # A rank difference involving a switched-off path is a difference of numerical noise: marked †.
         dagger = lambda c, p: " †" if switched_off(c, p) else ""  # noqa: E731
         rows = [
-            f"| {c['variant']} | {c['budget']:g} | {_diff(c[key]['val_loss'], 4)} | "
-            f"{_diff(c[key]['qk_effective_rank'])}{dagger(c, 'qk')} | "
-            f"{_diff(c[key]['ov_effective_rank'])}{dagger(c, 'ov')} |"
+            f"| {c['variant']} | {c['budget']:g} | {diff_text(c[key]['val_loss'], 4)} | "
+            f"{diff_text(c[key]['qk_effective_rank'])}{dagger(c, 'qk')} | "
+            f"{diff_text(c[key]['ov_effective_rank'])}{dagger(c, 'ov')} |"
             for c in cells
             if c[key]["val_loss"]
             and not (c["budget"] == 0 if key == "vs_budget0" else c["variant"] == "adamw")

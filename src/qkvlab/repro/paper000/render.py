@@ -10,7 +10,7 @@ import math
 from pathlib import Path
 from typing import Any
 
-from qkvlab.render.tables import pm
+from qkvlab.render.tables import diff_text, pm
 
 __all__ = ["decouple_table", "plot_wd_rank", "wd_rank_tables"]
 
@@ -44,7 +44,7 @@ def _early_table(cells: list[dict[str, Any]]) -> list[str]:
             if e["steps"] != steps:
                 continue
             values = [
-                f"{_diff(d)} [{format(share['mean'], '.0%') if share else '—'}]"
+                f"{diff_text(d)} [{format(share['mean'], '.0%') if share else '—'}]"
                 for d, share in zip(e[product], e[f"{product}_fraction"], strict=True)
             ]
             lines.append(
@@ -97,13 +97,13 @@ def _gd_table(cells: list[dict[str, Any]]) -> list[str]:
         lines.append(
             f"| {c['attn_weight_decay']:g} | {c['eta_lambda_attn']:.3g} | {len(c['seeds'])} | {pm(c['val']['loss'], 4)} | "
             f"{pm(c['val']['gd_mse'], 4)} | {pm(c['val'].get('gd_distance'), 4)} | "
-            f"{'—' if c['attn_weight_decay'] == 0 else _diff(d.get('val_loss'), 4)} |"
+            f"{'—' if c['attn_weight_decay'] == 0 else diff_text(d.get('val_loss'), 4)} |"
         )
     weights = [c for c in rows if c.get("gd_alignment")]
     if weights:
         lines += [
             "",
-            "The same in weight space (`qkvlab.experiments.icl_gd`), from the final weights read in token space "
+            "The same in weight space (`qkvlab.repro.paper000.icl_gd`), from the final weights read in token space "
             "(through the embedding and the head): T = (1/N) Σ_heads u ⊗ M, with M = EᵀW_KᵀW_QE and u = EᵀW_VᵀPᵀh, "
             "against one GD step's η*·e_y ⊗ [I; 0]. cos T: 1 = the same function up to scale (softmax: its "
             "small-score part only); step: T along GD's direction as a multiple of the best step η*; QK, OV: "
@@ -128,14 +128,6 @@ def _devices(cells: list[dict[str, Any]]) -> str:
     if not known:
         return "not recorded"
     return ", ".join(known) + (" (runs older than the record of it: not recorded)" if unknown else "")
-
-
-def _diff(stats: dict[str, Any] | None, digits: int = 2) -> str:
-    if not stats:
-        return "—"
-    mean = stats["mean"] if round(stats["mean"], digits) != 0 else 0.0  # no "-0.0000"
-    spread = f" ± {stats['std']:.{digits}f}" if stats["n"] > 1 else ""  # one seed has no spread
-    return f"{mean:+.{digits}f}{spread} ({stats['wins']}/{stats['n']} > 0)"
 
 
 def _lambda_axis(ax: Any, eta: float, lams: list[float]) -> None:
@@ -210,9 +202,9 @@ def wd_rank_tables(summary: dict[str, Any], rest: float) -> str:
         if not d or c["attn_weight_decay"] == 0:
             continue
         lines.append(
-            f"| {c['attn_weight_decay']:g} | {c['eta_lambda_attn']:.3g} | {_diff(d['val_loss'], 4)} | "
-            f"{_diff(d['qk_effective_rank'])} | {_diff(d['ov_effective_rank'])} | "
-            f"{_diff(d['qk_stable_rank'])} | {_diff(d['ov_stable_rank'])} |"
+            f"| {c['attn_weight_decay']:g} | {c['eta_lambda_attn']:.3g} | {diff_text(d['val_loss'], 4)} | "
+            f"{diff_text(d['qk_effective_rank'])} | {diff_text(d['ov_effective_rank'])} | "
+            f"{diff_text(d['qk_stable_rank'])} | {diff_text(d['ov_stable_rank'])} |"
         )
     lines += _gd_table(cells)
     lines += _early_table(cells)
@@ -256,7 +248,7 @@ def decouple_table(summary: dict[str, Any]) -> str:
             same = c["attn_weight_decay"] == rest
             lines.append(
                 f"| {rest:g} | {c['attn_weight_decay']:g} | {c['eta_lambda_attn']:.3g} | {len(c['seeds'])} | "
-                f"{pm(loss, 4)} | {ppl} | {'(reference)' if same else _diff((c.get('vs_coupled') or {}).get('val_loss'), 4)} | "
+                f"{pm(loss, 4)} | {ppl} | {'(reference)' if same else diff_text((c.get('vs_coupled') or {}).get('val_loss'), 4)} | "
                 f"{pm(c['final']['qk_effective_rank'], 2)} | {pm(c['final']['ov_effective_rank'], 2)} |"
             )
     lines += [
@@ -316,7 +308,7 @@ def plot_wd_rank(summary: dict[str, Any], numbers: dict, rest: float, folder: Pa
     written.append(save(fig, folder / f"rank_vs_lambda_rest{rest:g}.png"))
 
     # 2. rank over training and 3. gap / imbalance over training, per λ (mean over seeds and layers)
-    from qkvlab.experiments.paper000 import point_key_of
+    from qkvlab.repro.paper000.claim import point_key_of
 
     colours = plt.rcParams["axes.prop_cycle"].by_key()["color"]
     for kind, metrics in (

@@ -27,8 +27,8 @@ import math
 from pathlib import Path
 from typing import Any
 
-from qkvlab.experiments.registry import Experiment, register
 from qkvlab.grid.runner import Run
+from qkvlab.repro.registry import Experiment, register
 
 __all__ = ["TARGETS", "guard_settings", "loss_at_rank"]
 
@@ -45,7 +45,7 @@ REFERENCE = "results/paper000-gpt"
 
 def guard_settings(changes: dict[str, Any] | None = None) -> dict[str, Any]:
     """What every run shares (OUT/settings.json): paper 000's GPT, its λ_rest and embedding decay, the guard's constants."""
-    from qkvlab.experiments.paper000 import GPT_BASE, gpt_overrides, gpt_point
+    from qkvlab.repro.paper000.claim import GPT_BASE, gpt_overrides, gpt_point
 
     return {
         "experiment": "rank-guard",
@@ -312,7 +312,7 @@ def summary_mean(runs: dict[int, dict[str, Any]], name: str) -> float:
 
 def finish(out: Path, reference: Path | None, plot: str | None) -> int:
     from qkvlab.grid.training import pack_spectra, publish
-    from qkvlab.report.rank_guard import plot_rank_guard, tables
+    from qkvlab.repro.rank_guard.render import plot_rank_guard, tables
 
     pack_spectra(out)
     summary = aggregate(out, reference)
@@ -323,7 +323,7 @@ def finish(out: Path, reference: Path | None, plot: str | None) -> int:
 
 
 def _arguments(parser: Any) -> None:
-    from qkvlab.experiments.paper000 import _common_arguments
+    from qkvlab.repro.paper000.claim import _common_arguments
 
     _common_arguments(parser, "runs/rank-guard")
     parser.add_argument(
@@ -341,9 +341,9 @@ def _arguments(parser: Any) -> None:
 def _main(args: Any) -> int:
     from qkvlab.config import load_config
     from qkvlab.errors import UserError
-    from qkvlab.experiments.paper000 import _prepare
     from qkvlab.grid.runner import run_grid
     from qkvlab.grid.training import refuse_run_keys, train_status
+    from qkvlab.repro.paper000.claim import _prepare
 
     if args.out is None:
         args.out = "runs/rank-guard"
@@ -381,7 +381,7 @@ def _is_folder(folder: Path) -> bool:
 
 def _report(folder: Path, figures: Path) -> list[Any]:
     from qkvlab.render.page import Figure, Markdown, Section
-    from qkvlab.report.rank_guard import plot_rank_guard, tables
+    from qkvlab.repro.rank_guard.render import plot_rank_guard, tables
 
     saved = folder / "summary.json"  # the reference the command compared with, else the default
     named = json.loads(saved.read_text()).get("reference") if saved.is_file() else None

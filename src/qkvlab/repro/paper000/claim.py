@@ -34,8 +34,8 @@ import math
 from pathlib import Path
 from typing import Any, NamedTuple
 
-from qkvlab.experiments.registry import Experiment, register
 from qkvlab.grid.runner import Run
+from qkvlab.repro.registry import Experiment, register
 
 __all__ = ["GPT_BASE", "gpt_runs", "schedule_sum"]
 
@@ -347,8 +347,8 @@ def _per_head(record: dict[str, Any], metric: str) -> dict[str, list[list[float]
 
 def _read_run(run_dir: Path) -> dict[str, Any] | None:
     """:func:`read_training_run`, plus the weight-space comparison with one GD step where the run has one."""
-    from qkvlab.experiments.icl_gd import ALIGNMENT_FILE
     from qkvlab.grid.training import read_training_run
+    from qkvlab.repro.paper000.icl_gd import ALIGNMENT_FILE
 
     result = read_training_run(run_dir)
     if result is not None and (run_dir / ALIGNMENT_FILE).is_file():
@@ -621,10 +621,10 @@ def _lambdas(text: str, what: str) -> list[float]:
 
 def _finish(out: Path, args: Any, render: Any, rests: list[float]) -> int:
     """Pack the spectra, read every run once, print ``render(summary)``, write summary.json and the figures."""
-    from qkvlab.experiments.icl_gd import write_alignments
     from qkvlab.files import write_atomic
     from qkvlab.grid.training import pack_spectra
-    from qkvlab.report.paper000 import plot_wd_rank
+    from qkvlab.repro.paper000.icl_gd import write_alignments
+    from qkvlab.repro.paper000.render import plot_wd_rank
 
     pack_spectra(out)
     write_alignments(out)
@@ -642,7 +642,7 @@ def _finish(out: Path, args: Any, render: Any, rests: list[float]) -> int:
 
 
 def _wd_rank_main(args: Any) -> int:
-    from qkvlab.report.paper000 import wd_rank_tables
+    from qkvlab.repro.paper000.render import wd_rank_tables
 
     out, seeds, changes = _prepare(args)
     default = SETTINGS[args.setting].attn
@@ -654,7 +654,7 @@ def _wd_rank_main(args: Any) -> int:
 
 
 def _decouple_main(args: Any) -> int:
-    from qkvlab.report.paper000 import decouple_table
+    from qkvlab.repro.paper000.render import decouple_table
 
     out, seeds, changes = _prepare(args)
     attn, rest = _lambdas(args.attn_lambdas, "--attn-lambdas"), _lambdas(args.rest_lambdas, "--rest-lambdas")
@@ -674,7 +674,7 @@ def _report(folder: Path, figures: Path) -> list[Any]:
     """Sections for ``qkvlab report``: the wd-rank tables and figures of every λ_rest with several λ_attn,
     and the decoupling table when the folder holds several λ_rest."""
     from qkvlab.render.page import Figure, Markdown, Section
-    from qkvlab.report.paper000 import decouple_table, plot_wd_rank, wd_rank_tables
+    from qkvlab.repro.paper000.render import decouple_table, plot_wd_rank, wd_rank_tables
 
     numbers = load_numbers(folder)
     summary = aggregate(folder, numbers)

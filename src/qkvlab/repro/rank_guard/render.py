@@ -5,8 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-from qkvlab.render.tables import pm
-from qkvlab.report.paper000 import _diff
+from qkvlab.render.tables import diff_text, pm
 
 __all__ = ["plot_rank_guard", "tables"]
 
@@ -81,8 +80,8 @@ def tables(summary: dict[str, Any]) -> str:
             d = e.get(key)
             if d:
                 lines.append(
-                    f"| {e['target']} | {_diff(d['val_loss'], 4)} | {_diff(d['qk_effective_rank'])} | "
-                    f"{_diff(d['ov_effective_rank'])} |"
+                    f"| {e['target']} | {diff_text(d['val_loss'], 4)} | {diff_text(d['qk_effective_rank'])} | "
+                    f"{diff_text(d['ov_effective_rank'])} |"
                 )
     if any(e.get("vs_fixed_at_rank") for e in targets):
         lines += [
@@ -97,7 +96,7 @@ def tables(summary: dict[str, Any]) -> str:
         ]
         for e in targets:
             d = e.get("vs_fixed_at_rank") or {}
-            cells = [_diff(d.get(p), 4) for p in ("qk", "ov")]
+            cells = [diff_text(d.get(p), 4) for p in ("qk", "ov")]
             lines.append(f"| {e['target']} | " + " | ".join(cells) + " |")
     layers = sorted({int(k[1:].split("/")[0]) for e in targets for k in e["lambda"] if k.endswith("_lambda")})
     lines += [

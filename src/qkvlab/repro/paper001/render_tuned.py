@@ -6,8 +6,8 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-from qkvlab.experiments.finetune_tuned import comparisons, curve_mean, rate, summarize
 from qkvlab.render.page import Table, table_markdown
+from qkvlab.repro.paper001.tuned import comparisons, curve_mean, rate, summarize
 
 __all__ = ["study_markdown"]
 

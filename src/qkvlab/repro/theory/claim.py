@@ -22,7 +22,7 @@ from typing import Any
 
 import torch
 
-from qkvlab.experiments.theory_settings import (
+from qkvlab.repro.theory.settings import (
     CURVE_POINTS,
     GAP_FLOOR,
     IMBALANCE_FLOOR,

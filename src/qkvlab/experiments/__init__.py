@@ -1,1 +1,0 @@
-"""One module per paper claim: the reproduction grids behind `qkvlab repro`."""

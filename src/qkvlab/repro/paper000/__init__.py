@@ -1,0 +1,1 @@
+"""Paper 000, weight decay induces low-rank attention: `repro wd-rank` and `repro decouple` (claim.py), the one-GD-step alignment of in-context regression (icl_gd.py), and their tables and figures (render.py)."""
