@@ -77,11 +77,7 @@ KNOWN_CYCLES: dict[tuple[str, str], str] = {
 
 
 #: a claim's private names that another claim still imports: (importer, "module:name") → what removes it
-KNOWN_PRIVATE: dict[tuple[str, str], str] = {
-    (importer, f"qkvlab.repro.paper000.claim:{name}"): "repro/common.py holds the shared grid set-up"
-    for importer in ("qkvlab.repro.optimizer_rank.claim", "qkvlab.repro.rank_guard.claim")
-    for name in ("_common_arguments", "_prepare")
-} | {("qkvlab.repro.optimizer_rank.claim", "qkvlab.repro.paper000.claim:_lambdas"): "repro/common.py"}
+KNOWN_PRIVATE: dict[tuple[str, str], str] = {}
 
 
 def module_name(path: Path) -> str:

@@ -347,9 +347,9 @@ def run_experiment(
 
 
 def _arguments(parser: Any) -> None:
-    from qkvlab.repro.paper000.claim import _common_arguments
+    from qkvlab.repro.common import add_grid_arguments
 
-    _common_arguments(parser, "runs/optimizer-rank-SETTING")
+    add_grid_arguments(parser, "runs/optimizer-rank-SETTING")
     parser.add_argument(
         "--setting",
         choices=list(SETTINGS),
@@ -382,16 +382,14 @@ def _variants(text: str | None, setting: str) -> tuple[str, ...]:
 
 
 def _main(args: Any) -> int:
-    from qkvlab.repro.paper000.claim import _lambdas, _prepare
+    from qkvlab.repro.common import nonnegative_list, prepare
 
-    if args.out is None:
-        args.out = f"runs/optimizer-rank-{args.setting}"
-    out, seeds, changes = _prepare(args)
+    out, seeds, changes = prepare(args, f"runs/optimizer-rank-{args.setting}")
     if SELECT_SEED in seeds:
         from qkvlab.errors import UserError
 
         raise UserError(f"seed {SELECT_SEED} chooses the learning rates; accepted: --seeds without it")
-    budgets = _lambdas(args.budgets, "--budgets")
+    budgets = nonnegative_list(args.budgets, "--budgets")
     variants = _variants(args.variants, args.setting)
     if not args.summary_only:
         run_experiment(

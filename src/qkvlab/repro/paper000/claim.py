@@ -35,6 +35,7 @@ from pathlib import Path
 from typing import Any, NamedTuple
 
 from qkvlab.grid.runner import Run
+from qkvlab.repro.common import add_grid_arguments, nonnegative_list, prepare
 from qkvlab.repro.registry import Experiment, register
 
 __all__ = ["GPT_BASE", "gpt_runs", "schedule_sum"]
@@ -539,30 +540,8 @@ def point_key_of(cell: dict[str, Any]) -> tuple:
 # -- `qkvlab repro wd-rank` and `qkvlab repro decouple` -------------------------------------------
 
 
-def _common_arguments(parser: Any, default_out: str) -> None:
-    from qkvlab.args import positive_int
-
-    parser.add_argument("--out", default=None, help=f"results folder, resumable (default {default_out})")
-    parser.add_argument("--seeds", default="0,1,2", help="comma-separated seeds (default 0,1,2)")
-    parser.add_argument(
-        "--jobs", type=positive_int, default=1, help="runs at a time, each in its own process"
-    )
-    parser.add_argument(
-        "--set",
-        action="append",
-        default=[],
-        metavar="KEY=VALUE",
-        help="change the shared run config (a `qkvlab train` key, e.g. device=cuda model.d_model=384); "
-        "recorded in OUT/settings.json, so a folder never mixes settings",
-    )
-    parser.add_argument("--plot", metavar="DIR", help="write the figures (PNG) here")
-    parser.add_argument(
-        "--summary-only", action="store_true", help="print the tables from the results in --out"
-    )
-
-
 def _wd_rank_arguments(parser: Any) -> None:
-    _common_arguments(parser, "runs/paper000-SETTING")
+    add_grid_arguments(parser, "runs/paper000-SETTING")
     parser.add_argument(
         "--setting",
         choices=list(SETTINGS),
@@ -584,39 +563,13 @@ def _wd_rank_arguments(parser: Any) -> None:
 
 
 def _decouple_arguments(parser: Any) -> None:
-    _common_arguments(parser, "runs/paper000-gpt")
+    add_grid_arguments(parser, "runs/paper000-gpt")
     parser.add_argument(
         "--attn-lambdas", default=",".join(f"{x:g}" for x in DECOUPLE_ATTN), help="λ_attn values"
     )
     parser.add_argument(
         "--rest-lambdas", default=",".join(f"{x:g}" for x in DECOUPLE_REST), help="λ_rest values"
     )
-
-
-def _prepare(args: Any) -> tuple[Path, list[int], dict[str, Any]]:
-    from qkvlab.args import check_outputs
-    from qkvlab.args import seeds as seeds_list
-    from qkvlab.config import parse_assignments
-    from qkvlab.errors import UserError
-
-    seeds = seeds_list(args.seeds)
-    if args.out is None:
-        args.out = f"runs/paper000-{getattr(args, 'setting', 'gpt')}"
-    check_outputs([], [args.out, args.plot])
-    out = Path(args.out)
-    if args.summary_only and not (out / "settings.json").is_file():
-        raise UserError(f"{out} holds no runs; run `qkvlab repro {args.claim} --out {out}` first")
-    return out, seeds, parse_assignments(args.set)
-
-
-def _lambdas(text: str, what: str) -> list[float]:
-    from qkvlab.args import number_list
-    from qkvlab.errors import UserError
-
-    values = list(dict.fromkeys(number_list(text, what)))
-    if min(values) < 0:
-        raise UserError(f"{what} {text!r}; accepted: numbers ≥ 0")
-    return values
 
 
 def _finish(out: Path, args: Any, render: Any, rests: list[float]) -> int:
@@ -644,9 +597,9 @@ def _finish(out: Path, args: Any, render: Any, rests: list[float]) -> int:
 def _wd_rank_main(args: Any) -> int:
     from qkvlab.repro.paper000.render import wd_rank_tables
 
-    out, seeds, changes = _prepare(args)
+    out, seeds, changes = prepare(args, f"runs/paper000-{getattr(args, 'setting', 'gpt')}")
     default = SETTINGS[args.setting].attn
-    lambdas = _lambdas(args.lambdas or ",".join(f"{x:g}" for x in default), "--lambdas")
+    lambdas = nonnegative_list(args.lambdas or ",".join(f"{x:g}" for x in default), "--lambdas")
     if not args.summary_only:
         cells = [(a, args.rest) for a in lambdas]
         run_gpt_grid(out, cells, seeds, jobs=args.jobs, changes=changes, setting=args.setting)
@@ -656,8 +609,11 @@ def _wd_rank_main(args: Any) -> int:
 def _decouple_main(args: Any) -> int:
     from qkvlab.repro.paper000.render import decouple_table
 
-    out, seeds, changes = _prepare(args)
-    attn, rest = _lambdas(args.attn_lambdas, "--attn-lambdas"), _lambdas(args.rest_lambdas, "--rest-lambdas")
+    out, seeds, changes = prepare(args, f"runs/paper000-{getattr(args, 'setting', 'gpt')}")
+    attn, rest = (
+        nonnegative_list(args.attn_lambdas, "--attn-lambdas"),
+        nonnegative_list(args.rest_lambdas, "--rest-lambdas"),
+    )
     if not args.summary_only:
         cells = [(a, r) for r in rest for a in attn]
         cells += [(r, r) for r in rest if (r, r) not in cells]  # the coupled reference of every row

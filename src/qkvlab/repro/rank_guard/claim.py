@@ -323,9 +323,9 @@ def finish(out: Path, reference: Path | None, plot: str | None) -> int:
 
 
 def _arguments(parser: Any) -> None:
-    from qkvlab.repro.paper000.claim import _common_arguments
+    from qkvlab.repro.common import add_grid_arguments
 
-    _common_arguments(parser, "runs/rank-guard")
+    add_grid_arguments(parser, "runs/rank-guard")
     parser.add_argument(
         "--targets",
         default=",".join(TARGETS),
@@ -343,11 +343,9 @@ def _main(args: Any) -> int:
     from qkvlab.errors import UserError
     from qkvlab.grid.runner import run_grid
     from qkvlab.grid.training import refuse_run_keys, train_status
-    from qkvlab.repro.paper000.claim import _prepare
+    from qkvlab.repro.common import prepare
 
-    if args.out is None:
-        args.out = "runs/rank-guard"
-    out, seeds, changes = _prepare(args)
+    out, seeds, changes = prepare(args, "runs/rank-guard")
     targets = list(dict.fromkeys(t.strip() for t in args.targets.split(",") if t.strip()))
     if not targets or any(t not in TARGETS for t in targets):
         raise UserError(f"--targets {args.targets!r}; accepted: a subset of {', '.join(TARGETS)}")

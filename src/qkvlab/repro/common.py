@@ -1,0 +1,60 @@
+"""What every grid claim shares: its command-line options, its results folder and seeds, number lists."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+__all__ = ["add_grid_arguments", "nonnegative_list", "prepare"]
+
+
+def add_grid_arguments(parser: Any, default_out: str) -> None:
+    """The options every grid claim takes: --out, --seeds, --jobs, --set, --plot, --summary-only."""
+    from qkvlab.args import positive_int
+
+    parser.add_argument("--out", default=None, help=f"results folder, resumable (default {default_out})")
+    parser.add_argument("--seeds", default="0,1,2", help="comma-separated seeds (default 0,1,2)")
+    parser.add_argument(
+        "--jobs", type=positive_int, default=1, help="runs at a time, each in its own process"
+    )
+    parser.add_argument(
+        "--set",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="change the shared run config (a `qkvlab train` key, e.g. device=cuda model.d_model=384); "
+        "recorded in OUT/settings.json, so a folder never mixes settings",
+    )
+    parser.add_argument("--plot", metavar="DIR", help="write the figures (PNG) here")
+    parser.add_argument(
+        "--summary-only", action="store_true", help="print the tables from the results in --out"
+    )
+
+
+def prepare(args: Any, default_out: str) -> tuple[Path, list[int], dict[str, Any]]:
+    """The results folder (``default_out`` when --out is not given), the seeds and the --set changes,
+    checked; --summary-only on a folder without runs is refused in one line."""
+    from qkvlab.args import check_outputs
+    from qkvlab.args import seeds as seeds_list
+    from qkvlab.config import parse_assignments
+    from qkvlab.errors import UserError
+
+    seeds = seeds_list(args.seeds)
+    if args.out is None:
+        args.out = default_out
+    check_outputs([], [args.out, args.plot])
+    out = Path(args.out)
+    if args.summary_only and not (out / "settings.json").is_file():
+        raise UserError(f"{out} holds no runs; run `qkvlab repro {args.claim} --out {out}` first")
+    return out, seeds, parse_assignments(args.set)
+
+
+def nonnegative_list(text: str, what: str) -> list[float]:
+    """A comma-separated list of numbers ≥ 0 (weight decays, budgets), duplicates dropped in order."""
+    from qkvlab.args import number_list
+    from qkvlab.errors import UserError
+
+    values = list(dict.fromkeys(number_list(text, what)))
+    if min(values) < 0:
+        raise UserError(f"{what} {text!r}; accepted: numbers ≥ 0")
+    return values
