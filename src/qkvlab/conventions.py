@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-__all__ = ["DEFAULT_RTOL"]
+__all__ = ["DEFAULT_RTOL", "PRODUCT_NAMES"]
 
 #: Default relative threshold for ``rank``: count σᵢ > 1e-3·σ₁.
 #: Why 1e-3: a direction 1000× weaker than the dominant one moves attention logits
@@ -12,3 +12,6 @@ __all__ = ["DEFAULT_RTOL"]
 #: not rounding. numpy's default (max(m, n)·eps₆₄) would report full rank for almost
 #: every trained float32 matrix. ``effective_rank`` and ``stable_rank`` need no threshold.
 DEFAULT_RTOL = 1e-3
+
+#: The two products every table and figure names: keys as in inspect's records, values as printed.
+PRODUCT_NAMES = {"qk": "W_KᵀW_Q", "ov": "P·W_V"}

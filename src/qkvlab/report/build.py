@@ -24,6 +24,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+from qkvlab.conventions import PRODUCT_NAMES
 from qkvlab.errors import UserError
 from qkvlab.render.page import Figure, Page, Preformatted, Section, Table, Text
 from qkvlab.report.figures import pyplot, save
@@ -31,7 +32,7 @@ from qkvlab.report.figures import pyplot, save
 __all__ = ["build_page", "detect", "write_report"]
 
 KINDS = ("inspect", "inspect-series", "training-run", "sweep", "finetune-run", "theory", "repro:NAME")
-_PRODUCT = {"qk": "QK = W_KᵀW_Q", "ov": "OV = P·W_V"}
+_PRODUCT = {p: f"{p.upper()} = {name}" for p, name in PRODUCT_NAMES.items()}  # "QK = W_KᵀW_Q"
 
 
 def _json(path: Path) -> Any:

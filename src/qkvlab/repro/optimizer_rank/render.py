@@ -5,11 +5,10 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
+from qkvlab.conventions import PRODUCT_NAMES
 from qkvlab.render.tables import diff_text, pm
 
 __all__ = ["plot_optimizer_rank", "tables"]
-
-_PRODUCT = {"qk": "W_KᵀW_Q", "ov": "P·W_V"}
 
 
 def _row_head(c: dict[str, Any]) -> str:
@@ -243,7 +242,7 @@ def plot_optimizer_rank(summary: dict[str, Any], folder: Path) -> list[Path]:
         if init:
             ax.axhline(init[f"{product}_effective_rank"]["mean"], color="grey", ls="--", lw=1, label="init")
         ax.set_ylabel("effective rank (mean over heads)")
-        ax.set_title(f"{_PRODUCT[product]} per head")
+        ax.set_title(f"{PRODUCT_NAMES[product]} per head")
         ax.legend(fontsize=7)
     series(axes[2], "val_loss")
     axes[2].set_ylabel("final validation loss")
@@ -268,7 +267,7 @@ def plot_optimizer_rank(summary: dict[str, Any], folder: Path) -> list[Path]:
                     ax.plot(t["steps"], t[product], ls=":" if dead else "-", label=label)
             ax.set_xlabel("step")
             ax.set_ylabel("effective rank")
-            ax.set_title(f"{_PRODUCT[product]}, Σηλ = {budget:g}")
+            ax.set_title(f"{PRODUCT_NAMES[product]}, Σηλ = {budget:g}")
             ax.grid(alpha=0.3)
             ax.legend(fontsize=7)
     fig.suptitle(f"Effective rank over training ({setting}; mean over heads and seeds)", fontsize=10)

@@ -10,11 +10,11 @@ import math
 from pathlib import Path
 from typing import Any
 
+from qkvlab.conventions import PRODUCT_NAMES
 from qkvlab.render.tables import diff_text, pm
 
 __all__ = ["decouple_table", "plot_wd_rank", "wd_rank_tables"]
 
-_PRODUCT = {"qk": "W_KᵀW_Q", "ov": "P·W_V"}
 _NAMES = {"effective_rank": "erank", "stable_rank": "stable rank", "rank": "rank", "nuclear_norm": "‖·‖_*"}
 
 
@@ -298,7 +298,7 @@ def plot_wd_rank(summary: dict[str, Any], numbers: dict, rest: float, folder: Pa
         _lambda_axis(ax, eta, lams)
         ax.set_xlabel(f"Σₜηₜ·λ_attn  (Σₜηₜ = {eta:.3g})")
         ax.set_ylabel("effective rank (mean over heads)")
-        ax.set_title(f"{_PRODUCT[product]} per head")
+        ax.set_title(f"{PRODUCT_NAMES[product]} per head")
         ax.grid(alpha=0.3)
         ax.legend(fontsize=8)
     fig.suptitle(
@@ -347,7 +347,7 @@ def plot_wd_rank(summary: dict[str, Any], numbers: dict, rest: float, folder: Pa
                         "imbalance": "imbalance ‖AᵀA − BᵀB‖_F",
                     }[metric]
                 )
-                ax.set_title(f"{_PRODUCT[product]}: {metric.replace('_', ' ')} (mean over heads)")
+                ax.set_title(f"{PRODUCT_NAMES[product]}: {metric.replace('_', ' ')} (mean over heads)")
                 ax.grid(alpha=0.3)
                 ax.legend(fontsize=7)
         note = (
@@ -416,7 +416,7 @@ def plot_wd_rank(summary: dict[str, Any], numbers: dict, rest: float, folder: Pa
         ax.set_xticks(range(n_layers))
         ax.set_xlabel("layer")
         ax.set_ylabel("effective rank (dots: heads; line: their mean)")
-        ax.set_title(f"{_PRODUCT[product]}: every head at the end of training")
+        ax.set_title(f"{PRODUCT_NAMES[product]}: every head at the end of training")
         ax.grid(alpha=0.3)
         ax.legend(fontsize=7)
     fig.suptitle(
@@ -440,7 +440,7 @@ def plot_wd_rank(summary: dict[str, Any], numbers: dict, rest: float, folder: Pa
                     ax.plot(steps, mean, color=colour, ls=style, label=label)
             ax.set_xlabel("step")
             ax.set_ylabel("Frobenius norm (mean over heads and layers)")
-            ax.set_title(f"{_PRODUCT[product]}: factor Gram norms")
+            ax.set_title(f"{PRODUCT_NAMES[product]}: factor Gram norms")
             ax.grid(alpha=0.3)
             ax.legend(fontsize=6, ncol=2)
         fig.suptitle(

@@ -5,6 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
+from qkvlab.conventions import PRODUCT_NAMES
 from qkvlab.render.tables import diff_text, pm
 
 __all__ = ["plot_rank_guard", "tables"]
@@ -151,7 +152,6 @@ def plot_rank_guard(summary: dict[str, Any], folder: Path) -> list[Path]:
     fig.suptitle("The rank guard's λ per layer (mean over seeds)", fontsize=10)
     written.append(save(fig, folder / "guard_lambda.png"))
 
-    names = {"qk": "W_KᵀW_Q", "ov": "P·W_V"}
     colours = plt.rcParams["axes.prop_cycle"].by_key()["color"]
     fig, axes = plt.subplots(1, 2, figsize=(11, 4.2))
     for ax, product in zip(axes, ("qk", "ov"), strict=True):
@@ -170,7 +170,7 @@ def plot_rank_guard(summary: dict[str, Any], folder: Path) -> list[Path]:
                 ax.axhline(e[f"target_{product}"] * d, color=colour, ls="--", lw=1)
         ax.set_xlabel("step")
         ax.set_ylabel("smallest head's effective rank (mean over layers)")
-        ax.set_title(f"{names[product]} (dashed: the guard's targets)")
+        ax.set_title(f"{PRODUCT_NAMES[product]} (dashed: the guard's targets)")
         ax.grid(alpha=0.3)
         ax.legend(fontsize=6, ncol=2)
     fig.suptitle(
@@ -213,7 +213,7 @@ def plot_rank_guard(summary: dict[str, Any], folder: Path) -> list[Path]:
                 color=colours[i % len(colours)],
                 label=f"guard, {e['target']}",
             )
-        ax.set_xlabel(f"{names[product]}: smallest head's effective rank (mean over layers)")
+        ax.set_xlabel(f"{PRODUCT_NAMES[product]}: smallest head's effective rank (mean over layers)")
         ax.set_ylabel("final validation loss")
         ax.set_title("loss against rank")
         ax.grid(alpha=0.3)
