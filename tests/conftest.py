@@ -15,6 +15,25 @@ os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
 warnings.filterwarnings("ignore", message=".*bos_token_id.*")
 
 
+def tiny_bert_classifier(seed: int = 0, num_labels: int = 2) -> torch.nn.Module:
+    """A 2-layer BERT classifier (d 32, 4 heads, vocabulary 64) without dropout, so a step has no
+    randomness and a resumed loop repeats an uninterrupted one."""
+    import transformers as tf
+
+    torch.manual_seed(seed)
+    config = tf.BertConfig(
+        vocab_size=64,
+        hidden_size=32,
+        num_attention_heads=4,
+        num_hidden_layers=2,
+        intermediate_size=48,
+        num_labels=num_labels,
+        hidden_dropout_prob=0.0,
+        attention_probs_dropout_prob=0.0,
+    )
+    return tf.BertForSequenceClassification(config)
+
+
 def tiny_hf_model(kind: str) -> torch.nn.Module:
     """A randomly initialised HF model of one family, with a few layers and heads."""
     import transformers as tf

@@ -10,10 +10,11 @@ import math
 import lightning.pytorch as pl  # the lightning extra, which make test installs
 import pytest
 import torch
-import transformers as tf
 
 import qkvlab
 from qkvlab.lightning import RankGuardCallback, SpectraCallback
+
+from conftest import tiny_bert_classifier
 
 
 class _Data(torch.utils.data.Dataset):
@@ -29,17 +30,7 @@ class _Data(torch.utils.data.Dataset):
 class _Module(pl.LightningModule):
     def __init__(self, per_layer: str = "") -> None:
         super().__init__()
-        torch.manual_seed(0)
-        config = tf.BertConfig(
-            vocab_size=64,
-            hidden_size=32,
-            num_attention_heads=4,
-            num_hidden_layers=2,
-            intermediate_size=48,
-            hidden_dropout_prob=0.0,
-            attention_probs_dropout_prob=0.0,
-        )
-        self.model = tf.BertForSequenceClassification(config)
+        self.model = tiny_bert_classifier()
         self.per_layer = per_layer
 
     def training_step(self, batch, batch_idx):  # type: ignore[no-untyped-def]

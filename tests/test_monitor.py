@@ -14,19 +14,11 @@ import transformers as tf
 import qkvlab
 from qkvlab.inspection import InspectSeries
 
+from conftest import tiny_bert_classifier
+
 
 def _bert(seed: int = 0) -> tf.PreTrainedModel:
-    torch.manual_seed(seed)
-    config = tf.BertConfig(
-        vocab_size=64,
-        hidden_size=32,
-        num_attention_heads=4,
-        num_hidden_layers=2,
-        intermediate_size=48,
-        hidden_dropout_prob=0.0,  # no randomness in a step: a resumed loop repeats the uninterrupted one
-        attention_probs_dropout_prob=0.0,
-    )
-    return tf.BertForSequenceClassification(config)
+    return tiny_bert_classifier(seed)
 
 
 def _batch(step: int) -> dict[str, torch.Tensor]:

@@ -12,6 +12,8 @@ import pytest
 import torch
 import transformers as tf
 
+from conftest import tiny_bert_classifier
+
 ROOT = Path(__file__).resolve().parents[1]
 
 
@@ -32,17 +34,7 @@ class _Items(torch.utils.data.Dataset):
 
 
 def _bert() -> tf.PreTrainedModel:
-    torch.manual_seed(0)
-    config = tf.BertConfig(
-        vocab_size=64,
-        hidden_size=32,
-        num_attention_heads=4,
-        num_hidden_layers=2,
-        intermediate_size=48,
-        hidden_dropout_prob=0.0,
-        attention_probs_dropout_prob=0.0,
-    )
-    return tf.BertForSequenceClassification(config)
+    return tiny_bert_classifier()
 
 
 class _Module(pl.LightningModule):
