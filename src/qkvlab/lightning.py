@@ -49,10 +49,8 @@ def _measure(trainer: pl.Trainer, module: pl.LightningModule, rtol: float) -> An
 
 
 def _optimizer(trainer: pl.Trainer) -> Any:
-    optimizers = trainer.optimizers
-    if len(optimizers) > 1:  # manual optimisation with several: the first is the one with the attention
-        return optimizers[0]
-    return optimizers[0] if optimizers else None
+    """The module's first optimiser (with several, the first is taken to hold the attention), or None."""
+    return trainer.optimizers[0] if trainer.optimizers else None
 
 
 class _Fires(pl.Callback):

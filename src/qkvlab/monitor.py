@@ -275,11 +275,8 @@ class Monitor:
             for product, value in block["measured"].items():
                 if value is not None:
                     out[f"spectra/{product}_{name}_decay_measured"] = value
-            predicted = block.get("predicted_weight_decay_part") or {
-                p: r[0] for p, r in block["predicted_range"].items() if r is not None
-            }
-            if name == "imbalance":
-                for product, value in predicted.items():
+            if name == "imbalance":  # the gap's predicted range is [r, 2r] of the same r
+                for product, value in block["predicted_weight_decay_part"].items():
                     if value is not None:
                         out[f"spectra/{product}_imbalance_decay_predicted"] = value
         return out
