@@ -1041,3 +1041,47 @@ def test_corrected_weight_decay_follows_the_schedule_and_resumes(optimizer, corp
     assert all(torch.equal(a[k], b[k]) for k in a)
     with pytest.raises(qkvlab.UserError, match="corrected_weight_decay needs decoupled decay"):
         load_config(None, {"optimizer": "sgd", "corrected_weight_decay": "all"})
+
+
+FIXTURE = Path(__file__).parent / "fixtures" / "resume-ff7a232"
+
+
+@pytest.mark.parametrize("name", ["adamw", "muon"])
+def test_a_run_checkpointed_by_the_code_before_the_layout_change_resumes_bit_identically(
+    name, tmp_path, monkeypatch
+) -> None:
+    """tests/fixtures/resume-ff7a232 holds two runs stopped at step 6 of 12 by the code at commit ff7a232
+    (before issue 31 moved the trainer, the optimisers and the config into parts), as that code wrote them
+    (only the older checkpoint and the stale .lock were left out). Resumed by today's code they must end
+    exactly where a straight run of today's code ends."""
+    shutil.copytree(FIXTURE, tmp_path, dirs_exist_ok=True)
+    monkeypatch.chdir(tmp_path)  # the runs name their data and folder relative to it, as written
+    settings = json.loads((tmp_path / name / "config.json").read_text())
+    assert settings["stop_at"] == 6 and latest_checkpoint(tmp_path / name).name == "checkpoint-00000006"
+    assert main(["train", "--resume", name]) == 0
+    straight = {
+        "data": "text:sonnet.txt",
+        **{k: str(settings[k]) for k in ("seq_len", "batch_size", "max_steps", "warmup_steps", "lr")},
+        **{f"model.{k}": str(settings["model"][k]) for k in ("n_layer", "n_head", "d_model", "dropout")},
+        **{k: str(settings[k]) for k in ("log_every", "eval_every", "eval_batches", "spectra_every")},
+        "checkpoint_every": "4",
+        "optimizer": settings["optimizer"],
+        "progress": "false",
+        "tensorboard": "false",
+        "out": "straight",
+    }
+    assert train(load_config(None, straight)).complete
+    a, b = _weights(tmp_path / "straight"), _weights(tmp_path / name)
+    assert a.keys() == b.keys()
+    for key in a:
+        assert torch.equal(a[key], b[key]), key
+
+    def lines(run: str, file: str) -> list[dict]:
+        return [json.loads(x) for x in (tmp_path / run / file).read_text().splitlines()]
+
+    def losses(run: str) -> list[tuple[int, float]]:
+        return [(r["step"], r["loss"]) for r in lines(run, "metrics.jsonl") if "loss" in r]
+
+    assert losses("straight") == losses(name) and losses(name)[-1][0] == 12
+    for x, y in zip(lines("straight", "spectra.jsonl"), lines(name, "spectra.jsonl"), strict=True):
+        assert x["step"] == y["step"] and x["heads"] == y["heads"]
