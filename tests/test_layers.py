@@ -50,14 +50,6 @@ LAYERS: tuple[tuple[str, ...], ...] = (
 #: wrong-way edges still in the code: (importer, imported) → what removes it
 KNOWN: dict[tuple[str, str], str] = {
     (
-        "qkvlab.report.build",
-        "qkvlab.repro.registry",
-    ): "report finds claims through a registry the CLI hands it",
-    (
-        "qkvlab.report.build",
-        "qkvlab.repro.theory.render",
-    ): "theory output is drawn through the claim registry",
-    (
         "qkvlab.theory",
         "qkvlab.repro.theory.settings",
     ): "the toy's optimiser names move into the optimiser registry",

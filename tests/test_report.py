@@ -14,8 +14,10 @@ from pathlib import Path
 import pytest
 
 from qkvlab.cli import main
+from qkvlab.errors import UserError
 from qkvlab.report.build import detect
 from qkvlab.report.figures import figure_problems, pyplot
+from qkvlab.repro.registry import experiments
 
 from conftest import tiny_gpt_settings
 
@@ -97,9 +99,13 @@ def _sections(html: Path, md: Path) -> tuple[_Structure, list[str]]:
 
 
 def test_detects_every_kind_from_its_own_files(outputs, tmp_path) -> None:
+    claims = experiments()
     assert detect(outputs["run-a"]) == "training-run"
     assert detect(outputs["inspect"]) == "inspect"
-    assert detect(outputs["theory"]) == "theory"
+    assert detect(outputs["theory"], claims) == "repro:theory"
+    # the report itself knows no claim: without the registry a theory file is one line naming the kinds
+    with pytest.raises(UserError, match=r"cannot tell what .* is; accepted: "):
+        detect(outputs["theory"])
     legacy = tmp_path / "old.json"  # an inspect --json file from before files carried a kind
     data = json.loads(outputs["inspect"].read_text())
     del data["kind"]
@@ -112,9 +118,9 @@ def test_detects_every_kind_from_its_own_files(outputs, tmp_path) -> None:
     assert json.loads(outputs["inspect"].read_text())["kind"] == "inspect"
     assert json.loads(outputs["theory"].read_text())["kind"] == "theory"
     # committed results that predate the kind field
-    assert detect(REPO / "results/paper000-icl-linear") == "repro:wd-rank"
-    assert detect(REPO / "results/repro-finetune") == "repro:finetune"
-    assert detect(REPO / "results/theory/theory.json") == "theory"
+    assert detect(REPO / "results/paper000-icl-linear", claims) == "repro:wd-rank"
+    assert detect(REPO / "results/repro-finetune", claims) == "repro:finetune"
+    assert detect(REPO / "results/theory/theory.json", claims) == "repro:theory"
     assert detect(REPO / "results/paper000-gpt/runs/attn=0,rest=0.1,seed=0") == "training-run"
 
 

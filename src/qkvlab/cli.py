@@ -10,7 +10,7 @@ import sys
 from collections.abc import Callable, Sequence
 from typing import Any
 
-from qkvlab.args import check_outputs, number_list, positive_int
+from qkvlab.args import check_outputs, positive_int
 from qkvlab.args import seeds as seeds_list
 from qkvlab.errors import TrainingInterrupted, TrainingStopped, UserError
 
@@ -193,62 +193,18 @@ def _build_parser() -> argparse.ArgumentParser:
     ft.add_argument("--quiet", action="store_true", help="no progress bars")
     ft.set_defaults(handler=_cmd_finetune)
 
-    from qkvlab.repro.theory.settings import PARTS, TheorySettings
+    from qkvlab.repro.registry import experiments
 
-    theory_defaults = TheorySettings()
+    known = experiments()
+    theory = known["theory"]
     th = sub.add_parser(
         "theory",
-        help="paper 000's theorem measured: L2 on factors = nuclear norm, exponential balancing",
+        help=theory.help,
         formatter_class=argparse.RawDescriptionHelpFormatter,
-        description="""Paper 000's theorem, measured on small problems (well under a minute with the defaults).
-
-Convention (ours): factored loss ½‖ABᵀ − M‖² + (λ/2)(‖A‖² + ‖B‖²), nuclear loss ½‖W − M‖² + λ‖W‖_*;
-torch's weight_decay=λ is this λ. The minimiser thresholds singular values at λ: σᵢ = max(dᵢ − λ, 0).
-The paper also writes the penalty as λ(‖A‖² + ‖B‖²): with a ½ data loss that thresholds at 2λ (halve
-its λ to get ours). In general c_d‖ABᵀ − M‖² + c_p(‖A‖² + ‖B‖²) thresholds at c_p/c_d.
-Time is t = Σ η_k; rates are per unit t. Predictions: imbalance ‖AᵀA − BᵀB‖ at 2λ (2λ/(1 − β) with
-momentum β); gap ½(‖A‖² + ‖B‖²) − ‖ABᵀ‖_* at the slowest of 4λ (if some dᵢ > λ) and 2(λ + dᵢ) for dᵢ ≤ λ.
-
-Parts: toy (GD on the Fig. 1 toy, diagonal and rotated target, beside SVT and the closed form),
-optimizers (heavy-ball SGD, Adam + coupled L2, AdamW), completion (factorised vs soft-impute),
-pretrained (how balanced a pretrained model's factor pairs are, Fig. 4). docs/theory.md has the rest.""",
+        description=theory.description,
     )
-    th.add_argument(
-        "--lambdas",
-        default=",".join(f"{x:g}" for x in theory_defaults.lambdas),
-        help="toy λ grid, comma-separated, ≥ 0 (default %(default)s)",
-    )
-    th.add_argument(
-        "--steps",
-        type=positive_int,
-        default=theory_defaults.steps,
-        help="toy GD steps (default %(default)s)",
-    )
-    th.add_argument(
-        "--lr", type=float, default=theory_defaults.lr, help="toy GD learning rate η (default %(default)s)"
-    )
-    th.add_argument("--seeds", default=",".join(map(str, theory_defaults.seeds)), help="default %(default)s")
-    th.add_argument(
-        "--optimizers",
-        default=",".join(theory_defaults.optimizers),
-        help="optimiser variants: a subset of sgd-momentum,adam-l2,adamw, or none (default %(default)s)",
-    )
-    th.add_argument("--parts", default=",".join(PARTS), help="what to run (default %(default)s)")
-    th.add_argument(
-        "--completion-lambdas",
-        default=",".join(f"{x:g}" for x in theory_defaults.completion_lambdas),
-        help="matrix-completion λ grid (default %(default)s)",
-    )
-    th.add_argument(
-        "--model",
-        action="append",
-        metavar="SOURCE",
-        help="pretrained balance of this model (anything `inspect` reads; repeatable; default minilm)",
-    )
-    th.add_argument("--json", metavar="FILE", help="write every number (schema_version 1, kind theory)")
-    th.add_argument("--plot", metavar="DIR", help="write the figures (PNG) here")
-    th.add_argument("--quiet", action="store_true", help="no tables, no progress lines")
-    th.set_defaults(handler=_cmd_theory)
+    theory.add_arguments(th)
+    th.set_defaults(handler=theory.main)
 
     rep = sub.add_parser(
         "report",
@@ -275,18 +231,22 @@ pretrained (how balanced a pretrained model's factor pairs are, Fig. 4). docs/th
     demo.add_argument("--jobs", type=positive_int, default=2, help="runs in parallel (default %(default)s)")
     demo.set_defaults(handler=_cmd_demo)
 
-    from qkvlab.repro.registry import experiments
-
-    known = experiments()
     rp = sub.add_parser(
         "repro",
         help="reproduce a paper claim: " + ", ".join(f"`repro {name}`" for name in known),
         description="Each claim is a resumable grid of runs × seeds in --out; --summary-only reprints its "
-        "tables from the results there.",
+        "tables from the results there (theory, the toy, writes one --json file; `qkvlab theory` is it too).",
     )
     claims = rp.add_subparsers(dest="claim", required=True, metavar="CLAIM", parser_class=_Parser)
     for name, experiment in known.items():
-        claim = claims.add_parser(name, help=experiment.help, description=experiment.help)
+        claim = claims.add_parser(
+            name,
+            help=experiment.help,
+            description=experiment.description or experiment.help,
+            formatter_class=argparse.RawDescriptionHelpFormatter
+            if experiment.description
+            else argparse.HelpFormatter,
+        )
         experiment.add_arguments(claim)
         claim.set_defaults(handler=experiment.main)
     return parser
@@ -492,11 +452,12 @@ def _cmd_report(args: argparse.Namespace) -> int:
     from pathlib import Path
 
     from qkvlab.report.build import default_report_folder, write_report
+    from qkvlab.repro.registry import experiments
 
     paths = [Path(p) for p in args.paths]
     out = Path(args.out) if args.out else default_report_folder(paths)
     check_outputs(files=[], folders=[out])
-    html_path, md_path = write_report(paths, out)
+    html_path, md_path = write_report(paths, out, claims=experiments())
     print(f"wrote {md_path}")
     print(html_path)
     return 0
@@ -545,59 +506,6 @@ def _cmd_finetune(args: argparse.Namespace) -> int:
     print(finetune_text(result))
     if config.out:
         print(f"wrote {config.out}/result.json" + (f" and {config.out}/model" if config.save_model else ""))
-    return 0
-
-
-def _cmd_theory(args: argparse.Namespace) -> int:
-    import json
-    import time
-
-    from qkvlab.repro.theory.claim import TheorySettings, run_theory
-
-    check_outputs([args.json], [args.plot])
-    optimizers = (
-        ()
-        if args.optimizers.strip() == "none"
-        else tuple(o.strip() for o in args.optimizers.split(",") if o.strip())
-    )
-    settings = TheorySettings(
-        lambdas=number_list(args.lambdas, "--lambdas"),
-        seeds=number_list(args.seeds, "--seeds", int),
-        steps=args.steps,
-        lr=args.lr,
-        optimizers=optimizers,
-        parts=tuple(p.strip() for p in args.parts.split(",") if p.strip()),
-        completion_lambdas=number_list(args.completion_lambdas, "--completion-lambdas"),
-        models=tuple(args.model) if args.model else TheorySettings().models,
-    )
-    start = time.perf_counter()
-
-    def progress(message: str) -> None:
-        if not args.quiet:
-            print(f"[{time.perf_counter() - start:5.1f} s] {message}", file=sys.stderr, flush=True)
-
-    result = run_theory(settings, progress)
-    result["command"] = settings.command()
-    result["seconds"] = round(time.perf_counter() - start, 2)
-    written = []
-    if args.json:
-        from pathlib import Path
-
-        from qkvlab.files import write_atomic
-
-        Path(args.json).parent.mkdir(parents=True, exist_ok=True)
-        write_atomic(Path(args.json), json.dumps(result, indent=1, allow_nan=False))
-        written.append(args.json)
-    if args.plot:
-        from qkvlab.repro.theory.render import plot_theory
-
-        written += [str(p) for p in plot_theory(result, args.plot)]
-    if not args.quiet:
-        from qkvlab.repro.theory.render import theory_tables
-
-        print(theory_tables(result))
-        for path in written:
-            print(f"wrote {path}")
     return 0
 
 

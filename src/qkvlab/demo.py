@@ -59,6 +59,7 @@ def run_demo(out: Path, jobs: int = 2, echo: Any = print) -> Path:
     from qkvlab.inspection import inspect
     from qkvlab.report.build import write_report
     from qkvlab.repro.paper000.claim import run_gpt_grid
+    from qkvlab.repro.registry import experiments
     from qkvlab.repro.theory.claim import TheorySettings, run_theory
 
     start = time.perf_counter()
@@ -104,6 +105,7 @@ def run_demo(out: Path, jobs: int = 2, echo: Any = print) -> Path:
         out / "report",
         title="qkvlab demo: what weight decay does to attention rank",
         intro=intro,
+        claims=experiments(),
     )
     echo(f"wrote {md}  [{time.perf_counter() - start:.0f} s in all]")
     return html

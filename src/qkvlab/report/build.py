@@ -8,8 +8,9 @@ are recognised by their shape):
 - ``training-run``: a ``qkvlab train`` run folder (``config.json`` + ``metrics.jsonl``);
 - ``sweep``: a ``qkvlab sweep`` folder (``sweep.json``);
 - ``finetune-run``: a ``qkvlab finetune`` run folder or its ``result.json``;
-- ``theory``: a ``qkvlab theory --json`` file;
-- ``repro:NAME``: a ``qkvlab repro NAME`` results folder (the experiment registry recognises it).
+- ``repro:NAME``: an output of a claim the caller hands in (``claims``; the command line hands every
+  claim of ``qkvlab.repro.registry``): a ``qkvlab repro NAME`` results folder, or ``repro:theory`` for a
+  ``qkvlab theory --json`` file. The report itself imports no claim.
 
 Several PATHs of one kind are overlaid on shared axes (loss and rank curves of three runs on one
 plot); every figure goes through :func:`qkvlab.report.figures.save` and so through its readability check.
@@ -20,9 +21,9 @@ from __future__ import annotations
 import json
 import math
 import os
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 from qkvlab.conventions import PRODUCT_NAMES
 from qkvlab.errors import UserError
@@ -31,7 +32,18 @@ from qkvlab.report.figures import pyplot, save
 
 __all__ = ["build_page", "detect", "write_report"]
 
-KINDS = ("inspect", "inspect-series", "training-run", "sweep", "finetune-run", "theory", "repro:NAME")
+KINDS = ("inspect", "inspect-series", "training-run", "sweep", "finetune-run", "repro:NAME")
+
+
+class Claim(Protocol):
+    """What the report needs of a claim (``qkvlab.repro.registry.Experiment`` is one): whether a path is
+    its output, and that output's sections (figures drawn under the folder it is given)."""
+
+    def detect(self, path: Path) -> bool: ...
+
+    def report(self, path: Path, figures: Path) -> list[Section]: ...
+
+
 _PRODUCT = {p: f"{p.upper()} = {name}" for p, name in PRODUCT_NAMES.items()}  # "QK = W_KᵀW_Q"
 
 
@@ -71,19 +83,24 @@ def _series(path: Path) -> Any:
     return InspectSeries.from_jsonl(path) if path.suffix == ".jsonl" else _inspect_file(path, InspectSeries)
 
 
-def detect(path: Path) -> str:
-    """The kind of ``path`` (see the module docstring); a UserError naming the accepted kinds if none fits."""
+def detect(path: Path, claims: Mapping[str, Claim] | None = None) -> str:
+    """The kind of ``path`` (see the module docstring); a UserError naming the accepted kinds if none fits.
+
+    ``claims`` (name → :class:`Claim`; the command line hands it ``qkvlab.repro.registry.experiments()``)
+    recognise the outputs of ``qkvlab repro NAME`` and ``qkvlab theory``: ``repro:NAME``.
+    """
+    claims = claims or {}
     if path.is_file() and path.suffix == ".json":
         data = _json(path)
         kind = data.get("kind") if isinstance(data, dict) else None
-        if kind in ("inspect", "inspect-series", "theory", "finetune-run"):
+        if kind in ("inspect", "inspect-series", "finetune-run"):
             return kind
         if isinstance(data, dict) and "heads" in data and "architecture" in data:
             return "inspect"  # inspect --json before it carried a kind
         if isinstance(data, dict) and "curve" in data and "main_metric" in data:
             return "finetune-run"
         if path.name in ("sweep.json", "summary.json", "settings.json", "final.json", "config.json"):
-            return detect(path.parent)
+            return detect(path.parent, claims)
     elif path.is_file() and path.suffix == ".jsonl" and _is_spectra_log(path):
         return "inspect-series"  # qkvlab.record_spectra / hf.SpectraCallback: one inspect record a step
     elif path.is_dir():
@@ -95,13 +112,11 @@ def detect(path: Path) -> str:
             return "finetune-run"
         if (path / "spectra.jsonl").is_file() and _is_spectra_log(path / "spectra.jsonl"):
             return "inspect-series"  # qkvlab.Monitor(out=folder), the HF and Lightning callbacks' folders
-        from qkvlab.repro.registry import experiments
-
-        for name, experiment in experiments().items():
-            if experiment.detect(path):
-                return f"repro:{name}"
     elif not path.exists():
         raise UserError(f"{path} does not exist")
+    for name, claim in claims.items():
+        if claim.detect(path):
+            return f"repro:{name}"
     raise UserError(
         f"cannot tell what {path} is; accepted: an `inspect --json` file (one or many checkpoints), a spectra log "
         "(spectra.jsonl of qkvlab.Monitor or a callback, or the folder holding it), a training run folder, a sweep "
@@ -470,28 +485,12 @@ def _finetune_sections(paths: list[Path], figures: Path, stem: str) -> list[Sect
     return [Section("Fine-tuning", [table, figure]), Section("Commands and settings", settings)]
 
 
-def _theory_sections(path: Path, figures: Path) -> list[Section]:
-    from qkvlab.repro.theory.render import plot_theory, theory_tables
-
-    result = _json(path)
-    written = plot_theory(result, figures)
-    blocks: list[Any] = [
-        Preformatted(theory_tables(result), caption="Every number, as `qkvlab theory` prints it.")
-    ]
-    blocks += [Figure(p, p.stem.replace("_", " ")) for p in written]
-    settings = [Preformatted(json.dumps(result.get("settings", {}), indent=1), caption="Settings")]
-    if result.get("command"):
-        settings.insert(0, Preformatted(result["command"], caption="Command"))
-    return [Section(f"Theory: {_label(path)}", blocks), Section("Theory: command and settings", settings)]
-
-
-def _repro_sections(name: str, folder: Path, figures: Path) -> list[Section]:
-    from qkvlab.repro.registry import experiments
-
-    experiment = experiments()[name]
-    if experiment.report is None:
+def _repro_sections(name: str, claim: Claim, folder: Path, figures: Path) -> list[Section]:
+    if claim.report is None:
         return [Section(f"repro {name}: {folder}", [Text("This experiment has no report sections yet.")])]
-    sections = experiment.report(folder, figures)
+    sections = claim.report(folder, figures)
+    if not folder.is_dir():  # a file (`theory --json`): its sections carry its command
+        return sections
     command = f"qkvlab repro {name} --out {folder} --summary-only"
     settings = folder / "settings.json"
     blocks: list[Any] = [Preformatted(command, caption="Reprints these tables from the runs in the folder")]
@@ -538,12 +537,20 @@ def _overlay_sections(runs: list[tuple[str, Any]], figures: Path, stem: str) -> 
     return [Section(f"{len(runs)} runs overlaid", [Figure(figure, caption)])]
 
 
-def build_page(paths: Sequence[Path], figures: Path, title: str | None = None, intro: str = "") -> Page:
-    """Detect each path, group by kind (one overlay per kind) and build the sections."""
+def build_page(
+    paths: Sequence[Path],
+    figures: Path,
+    title: str | None = None,
+    intro: str = "",
+    claims: Mapping[str, Claim] | None = None,
+) -> Page:
+    """Detect each path (``claims`` as for :func:`detect`), group by kind (one overlay per kind) and build
+    the sections."""
+    claims = claims or {}
     figures.mkdir(parents=True, exist_ok=True)
     kinds: dict[str, list[Path]] = {}
     for path in paths:
-        kinds.setdefault(detect(path), []).append(path)
+        kinds.setdefault(detect(path, claims), []).append(path)
     sections: list[Section] = []
     for index, (kind, group) in enumerate(kinds.items()):
         stem = f"k{index}"
@@ -572,12 +579,10 @@ def build_page(paths: Sequence[Path], figures: Path, title: str | None = None, i
                 sections += _sweep_sections(folder, figures, f"{stem}_{j}")
         elif kind == "finetune-run":
             sections += _finetune_sections(group, figures, stem)
-        elif kind == "theory":
-            for j, path in enumerate(group):
-                sections += _theory_sections(path, figures / f"theory{j}" if len(group) > 1 else figures)
         else:
+            name = kind.split(":", 1)[1]
             for j, folder in enumerate(group):
-                sections += _repro_sections(kind.split(":", 1)[1], folder, figures / f"{stem}_{j}")
+                sections += _repro_sections(name, claims[name], folder, figures / f"{stem}_{j}")
     described = ", ".join(f"{len(g)} {k}" for k, g in kinds.items())
     if title is None:
         title = "qkvlab report: " + ", ".join(_label(p) for p in paths[:3]) + (" …" if len(paths) > 3 else "")
@@ -607,7 +612,11 @@ SOURCES = "report.json"  # the paths a report was made from, so a later report o
 
 
 def write_report(
-    paths: Sequence[Path], out: Path, title: str | None = None, intro: str = ""
+    paths: Sequence[Path],
+    out: Path,
+    title: str | None = None,
+    intro: str = "",
+    claims: Mapping[str, Claim] | None = None,
 ) -> tuple[Path, Path]:
     """Write ``OUT/report.html`` (self-contained) and ``OUT/report.md`` with ``OUT/figures/``.
 
@@ -631,7 +640,7 @@ def write_report(
         refuse_links(out)  # an earlier report's folder may come from someone else
         drawing = Path(tempfile.mkdtemp(dir=out, prefix=".figures-"))
         try:
-            page = build_page(paths, drawing, title, intro)
+            page = build_page(paths, drawing, title, intro, claims)
         except BaseException as exc:
             shutil.rmtree(drawing, ignore_errors=True)
             if isinstance(exc, OSError) and exc.filename and str(exc.filename).startswith(str(drawing)):

@@ -27,6 +27,8 @@ class Experiment:
     main: Callable[[argparse.Namespace], int]
     detect: Callable[[Path], bool] = lambda folder: False
     report: Callable[[Path, Path], list[Any]] | None = None
+    #: the command's long help (``help`` when None), printed as written
+    description: str | None = None
 
 
 REGISTRY: dict[str, Experiment] = {}
@@ -37,6 +39,7 @@ _BUILTIN = (
     "qkvlab.repro.paper000.claim",
     "qkvlab.repro.optimizer_rank.claim",
     "qkvlab.repro.rank_guard.claim",
+    "qkvlab.repro.theory.command",
 )
 
 
