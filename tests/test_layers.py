@@ -34,7 +34,15 @@ LAYERS: tuple[tuple[str, ...], ...] = (
     # reading models: the architecture table, weight sources, the inspect report
     ("qkvlab.attention", "qkvlab.inspection"),
     # components: parameter groups and optimisers, the guard's rule, models, data, the run config
-    ("qkvlab.optim", "qkvlab.guard", "qkvlab.muon", "qkvlab.models", "qkvlab.data", "qkvlab.config"),
+    (
+        "qkvlab.optim",
+        "qkvlab.optimizers",
+        "qkvlab.guard",
+        "qkvlab.muon",
+        "qkvlab.models",
+        "qkvlab.data",
+        "qkvlab.config",
+    ),
     # loops and their integrations
     ("qkvlab.train", "qkvlab.finetune", "qkvlab.monitor", "qkvlab.hf", "qkvlab.lightning"),
     # the grid runner, the run-folder readers it shares, and sweeps on it
@@ -48,12 +56,7 @@ LAYERS: tuple[tuple[str, ...], ...] = (
 )
 
 #: wrong-way edges still in the code: (importer, imported) → what removes it
-KNOWN: dict[tuple[str, str], str] = {
-    (
-        "qkvlab.theory",
-        "qkvlab.repro.theory.settings",
-    ): "the toy's optimiser names move into the optimiser registry",
-}
+KNOWN: dict[tuple[str, str], str] = {}
 
 #: edges that close a cycle between two files of one layer: (importer, imported) → what removes it
 KNOWN_CYCLES: dict[tuple[str, str], str] = {

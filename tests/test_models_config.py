@@ -123,7 +123,7 @@ def test_config_from_yaml_and_overrides(tmp_path) -> None:
         ({"lr": "inf"}, r"lr=inf is out of range; accepted: finite and > 0"),
         ({"grad_clip": "nan"}, r"grad_clip=nan is out of range; accepted: finite and ≥ 0"),
         ({"val_fraction": "0.9"}, r"accepted: in \(0, 0.5\]"),
-        ({"optimizer": "lion"}, "accepted: adamw, adam, sgd or muon"),
+        ({"optimizer": "lion"}, "accepted: adamw, adam-l2, sgd, muon"),
         ({"train_roles": "[1,2]"}, "train .*; accepted: role names"),  # YAML reads a list of numbers
         ({"max_steps": "ten"}, "accepted: an integer"),
         ({"online": "maybe"}, "accepted: true or false"),

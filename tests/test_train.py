@@ -17,7 +17,8 @@ from safetensors.torch import load_file
 
 import qkvlab
 from qkvlab.cli import main
-from qkvlab.config import load_config
+from qkvlab.config import TrainConfig, load_config
+from qkvlab.errors import UserError
 from qkvlab.train import train
 from qkvlab.train.checkpoint import latest_checkpoint
 
@@ -1085,3 +1086,43 @@ def test_a_run_checkpointed_by_the_code_before_the_layout_change_resumes_bit_ide
     assert losses("straight") == losses(name) and losses(name)[-1][0] == 12
     for x, y in zip(lines("straight", "spectra.jsonl"), lines(name, "spectra.jsonl"), strict=True):
         assert x["step"] == y["step"] and x["heads"] == y["heads"]
+
+
+def test_an_optimiser_is_one_registered_module_and_adam_is_adam_l2(corpus, tmp_path, monkeypatch) -> None:
+    from qkvlab import optimizers
+    from qkvlab.config import KEY_HELP
+    from qkvlab.optimizers import OptimizerSpec
+
+    # the earlier spelling loads as today's name, from a key=value and from a saved config.json
+    assert load_config(None, {"optimizer": "adam"}).optimizer == "adam-l2"
+    assert TrainConfig.from_dict({"optimizer": "adam"}).optimizer == "adam-l2"
+    with pytest.raises(
+        UserError, match=r"did you mean (adam-l2 or )?adamw\? accepted: adamw, adam-l2, sgd, muon"
+    ):
+        optimizers.get("adamv")
+    # each optimiser's own keys carry their help and checks from its module
+    assert KEY_HELP["muon_ns_dtype"].startswith("muon: ") and KEY_HELP["momentum"].startswith("sgd: ")
+    with pytest.raises(UserError, match="muon_adjust_lr='x' is out of range; accepted: original or"):
+        load_config(None, {"muon_adjust_lr": "x"})
+    assert "adam-l2 (Adam with coupled L2 in the loss)" in KEY_HELP["optimizer"]
+
+    # a new optimiser: one registration, nothing else edited, and it trains (with decay where it says)
+    built = []
+
+    def build(config, model, groups):  # type: ignore[no-untyped-def]
+        built.append(groups)
+        return torch.optim.SGD(groups, lr=config.lr, momentum=0.5, nesterov=True)
+
+    spec = OptimizerSpec("sgd-nesterov", "Nesterov SGD", "gradient", build)
+    monkeypatch.setitem(optimizers._REGISTRY, spec.name, spec)
+    run = train(load_config(None, _gpt(corpus, tmp_path / "new", optimizer="sgd-nesterov", max_steps=4)))
+    assert (
+        run.complete
+        and built
+        and json.loads((tmp_path / "new" / "config.json").read_text())["optimizer"] == ("sgd-nesterov")
+    )
+    assert any(g["weight_decay"] > 0 for g in built[0])  # decay "gradient": torch applies λθ itself
+    with pytest.raises(
+        UserError, match="corrected_weight_decay needs decoupled decay; accepted with optimizer"
+    ):
+        load_config(None, {"optimizer": "sgd-nesterov", "corrected_weight_decay": "all"})

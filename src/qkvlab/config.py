@@ -21,6 +21,7 @@ from typing import Any
 
 import yaml
 
+from qkvlab import optimizers
 from qkvlab.errors import UserError
 from qkvlab.models.transformer import ModelConfig
 
@@ -50,9 +51,8 @@ class TrainConfig:
     # model (kind, sizes; data-dependent fields are filled in by the trainer)
     model: ModelConfig = field(default_factory=ModelConfig)
     # optimisation
-    # adamw: decoupled decay | adam: coupled L2 in the loss | sgd: L2 in the gradient |
-    # muon: torch's Muon on the 2-D q/k/v/o/mlp matrices, AdamW on embeddings, head, norms and biases
-    # (one optimiser; decoupled decay per role in both)
+    # a name of qkvlab.optimizers (adamw, adam-l2, sgd, muon); each says where λ acts and which of the
+    # keys below it reads
     optimizer: str = "adamw"
     lr: float = 1e-3
     weight_decay: float = 0.1
@@ -215,16 +215,11 @@ KEY_HELP: dict[str, str] = {
     "recall_pairs": "assoc-recall: key-value pairs per sequence",
     "recall_queries": "assoc-recall: queries per sequence",
     "recall_min_pairs": "assoc-recall: fewest pairs per sequence (None: every sequence has recall_pairs)",
-    "optimizer": "adamw (decoupled decay) | adam (coupled L2 in the loss) | sgd | muon (Muon on 2-D matrices, AdamW on the rest)",
+    "optimizer": " | ".join(f"{name} ({spec.help})" for name, spec in optimizers.registry().items()),
     "lr": "peak learning rate η",
     "weight_decay": "λ for weight matrices (biases, norms and embeddings get 0 unless a preset says otherwise)",
     "beta1": "Adam/AdamW β₁",
     "beta2": "Adam/AdamW β₂",
-    "momentum": "sgd momentum",
-    "muon_momentum": "muon: Nesterov momentum (torch's default 0.95)",
-    "muon_adjust_lr": "muon: torch's adjust_lr_fn, original | match_rms_adamw",
-    "muon_per_head": "muon: roles among q, k, v, o orthogonalised per head",
-    "muon_ns_dtype": "muon: Newton–Schulz arithmetic, bfloat16 (torch's) | float32 (fast on CPUs)",
     "corrected_weight_decay": "roles whose decay follows the schedule, λ_t = λ·η_t/η_max (adamw, muon), or [all]",
     "rank_guard_qk": "rank guard target effective rank of W_KᵀW_Q, a fraction of d_head; 0 = unguarded",
     "rank_guard_ov": "rank guard target effective rank of P·W_V, a fraction of d_head; 0 = unguarded",
@@ -267,6 +262,8 @@ KEY_HELP: dict[str, str] = {
     "model.norm": "icl: LayerNorm before each sublayer (False: a pure residual attention stack)",
     "model.patch_size": "vit: patch side in pixels",
     "model.init_std": "std of every weight matrix at init (residual output projections: std/√(2·n_layer))",
+    # the keys an optimiser owns, from its module (qkvlab.optimizers)
+    **{key: line for spec in optimizers.registry().values() for key, (line, _) in spec.keys.items()},
 }
 
 
@@ -312,11 +309,6 @@ _CHECKS: dict[str, tuple[Callable[[Any], bool], str]] = {
     "recall_pairs": _pos,
     "recall_queries": _pos,
     "recall_min_pairs": _pos,
-    "optimizer": (lambda v: v in ("adamw", "adam", "sgd", "muon"), "adamw, adam, sgd or muon"),
-    "muon_momentum": (lambda v: 0 <= v < 1, "in [0, 1)"),
-    "muon_adjust_lr": (lambda v: v in ("original", "match_rms_adamw"), "original or match_rms_adamw"),
-    "muon_per_head": (lambda v: set(v) <= {"q", "k", "v", "o"}, "a subset of q, k, v, o"),
-    "muon_ns_dtype": (lambda v: v in ("bfloat16", "float32"), "bfloat16 or float32"),
     "corrected_weight_decay": (
         lambda v: set(v) <= {"all", "q", "k", "v", "o", "qkv", "mlp", "embed", "norm", "head", "other"},
         "roles (q, k, v, o, qkv, mlp, embed, norm, head, other) or all",
@@ -330,7 +322,6 @@ _CHECKS: dict[str, tuple[Callable[[Any], bool], str]] = {
     "weight_decay": _nonneg,
     "beta1": (lambda v: 0 <= v < 1, "in [0, 1)"),
     "beta2": (lambda v: 0 <= v < 1, "in [0, 1)"),
-    "momentum": (lambda v: 0 <= v < 1, "in [0, 1)"),
     "schedule": (lambda v: v in ("cosine", "linear", "constant"), "cosine, linear or constant"),
     "warmup_steps": _nonneg,
     "min_lr_ratio": (lambda v: 0 <= v <= 1, "in [0, 1]"),
@@ -358,6 +349,13 @@ _CHECKS: dict[str, tuple[Callable[[Any], bool], str]] = {
     "model.attention": (lambda v: v in ("softmax", "linear"), "softmax or linear"),
     "model.patch_size": _pos,
     "model.init_std": _pos,
+    "optimizer": (lambda v: v in optimizers.registry(), ", ".join(optimizers.registry())),
+    **{
+        key: check
+        for spec in optimizers.registry().values()
+        for key, (_, check) in spec.keys.items()
+        if check
+    },
 }
 
 
@@ -429,6 +427,8 @@ def apply_overrides(config: TrainConfig, overrides: Mapping[str, Any]) -> TrainC
                 )
             raise UserError(f"unknown config key {key!r}; valid keys: {', '.join(valid)}")
         value = _coerce(key, raw)
+        if key == "optimizer":
+            value = optimizers.normalise(value)  # an earlier spelling (adam) loads as today's (adam-l2)
         check = _CHECKS.get(key)
         if check is not None and value is not None and not check[0](value):
             raise UserError(f"{key}={value!r} is out of range; accepted: {check[1]}")
@@ -502,14 +502,15 @@ def _check_consistency(config: TrainConfig) -> None:
     optimizer_settings(config.preset, overrides=config.overrides, train=config.train_roles)
     config.run_dir()  # a bad out= template fails here, before any data or model
     model = config.model
-    if config.corrected_weight_decay and config.optimizer not in ("adamw", "muon"):
+    decoupled = " or ".join(name for name, spec in optimizers.registry().items() if spec.decoupled)
+    if config.corrected_weight_decay and not optimizers.get(config.optimizer).decoupled:
         raise UserError(
-            f"corrected_weight_decay needs decoupled decay; accepted with optimizer=adamw or muon, not {config.optimizer}"
+            f"corrected_weight_decay needs decoupled decay; accepted with optimizer={decoupled}, not {config.optimizer}"
         )
     if config.rank_guard() is not None:
-        if config.optimizer not in ("adamw", "muon"):
+        if not optimizers.get(config.optimizer).decoupled:
             raise UserError(
-                f"the rank guard sets decoupled weight decay; accepted with optimizer=adamw or muon, not {config.optimizer}"
+                f"the rank guard sets decoupled weight decay; accepted with optimizer={decoupled}, not {config.optimizer}"
             )
         if not config.spectra_every:
             raise UserError("the rank guard acts when the spectral monitor fires; set spectra_every > 0")

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-__all__ = ["DEFAULT_RTOL", "PRODUCT_NAMES"]
+__all__ = ["DEFAULT_RTOL", "PRODUCT_NAMES", "TOY_UPDATE_RULES"]
 
 #: Default relative threshold for ``rank``: count σᵢ > 1e-3·σ₁.
 #: Why 1e-3: a direction 1000× weaker than the dominant one moves attention logits
@@ -15,3 +15,13 @@ DEFAULT_RTOL = 1e-3
 
 #: The two products every table and figure names: keys as in inspect's records, values as printed.
 PRODUCT_NAMES = {"qk": "W_KᵀW_Q", "ov": "P·W_V"}
+
+#: The update rules of paper 000's factored toy (``qkvlab.theory.train_factors``), by the label its
+#: results carry. ``adam-l2`` and ``adamw`` are those optimisers of ``qkvlab.optimizers``; ``gd`` and
+#: ``sgd-momentum`` are its ``sgd`` with momentum 0 and with momentum β.
+TOY_UPDATE_RULES = {
+    "gd": "gradient descent on F (coupled L2; torch SGD, no momentum)",
+    "sgd-momentum": "heavy-ball SGD on F (coupled L2; torch SGD(momentum=β), no dampening, no Nesterov)",
+    "adam-l2": "Adam on F: the penalty's gradient λp goes through Adam's normalisation (torch Adam + l2_penalty)",
+    "adamw": "AdamW: Adam on L with decoupled decay p ← p(1 − ηλ) (torch AdamW(weight_decay=λ))",
+}

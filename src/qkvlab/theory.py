@@ -43,7 +43,7 @@ from dataclasses import dataclass
 
 import torch
 
-from qkvlab.repro.theory.settings import OPTIMIZERS
+from qkvlab.conventions import TOY_UPDATE_RULES as OPTIMIZERS
 from qkvlab.spectra import FactoredProduct, factor_gap
 
 __all__ = [

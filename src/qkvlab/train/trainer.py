@@ -38,6 +38,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
+from qkvlab import optimizers
 from qkvlab.config import TrainConfig, check_resume, dump_config, saved_config
 from qkvlab.errors import TrainingInterrupted, TrainingStopped, UserError
 from qkvlab.files import open_append, open_lock, refuse_links
@@ -146,28 +147,22 @@ def _model_config(config: TrainConfig, info: dict[str, Any]):
 
 
 def _optimizer(config: TrainConfig, model: nn.Module) -> tuple[torch.optim.Optimizer, list[dict]]:
+    """The per-role groups and the registry's optimiser over them (``qkvlab.optimizers``)."""
+    spec = optimizers.get(config.optimizer)
     settings = optimizer_settings(config.preset, overrides=config.overrides, train=config.train_roles)
     guard = config.rank_guard()
     groups = param_groups(
         model,
         lr=config.lr,
         weight_decay=config.weight_decay,
-        regularization="l2" if config.optimizer == "adam" else "decoupled",
+        regularization="l2" if spec.decay == "loss" else "decoupled",
         per_layer="q,k,v,o" if guard is not None else (),
         **settings,
     )
     mark_corrected(groups, config.corrected_weight_decay)  # the decay each step is base · η_t / η_max
     if guard is not None:
         guard.start(groups)  # the configured attention decay, clipped into [λ_min, λ_max]
-    if config.optimizer == "adamw":
-        opt = torch.optim.AdamW(groups, lr=config.lr, betas=(config.beta1, config.beta2), eps=1e-8)
-    elif config.optimizer == "adam":  # coupled: weight_decay 0 here, Σ λ/2‖θ‖² in the loss
-        opt = torch.optim.Adam(groups, lr=config.lr, betas=(config.beta1, config.beta2), eps=1e-8)
-    elif config.optimizer == "muon":
-        opt = _muon(config, model, groups)
-    else:  # SGD's weight_decay adds λθ to the gradient: L2, coupled
-        opt = torch.optim.SGD(groups, lr=config.lr, momentum=config.momentum)
-    return opt, groups
+    return spec.build(config, model, groups), groups
 
 
 def _guard_step(
@@ -182,27 +177,6 @@ def _guard_step(
     logged = guard.update(record, optimizer.param_groups) if record is not None else {}
     broadcast_decay(guard, optimizer.param_groups)  # a no-op in one process
     return logged
-
-
-def _muon(config: TrainConfig, model: nn.Module, groups: list[dict]) -> torch.optim.Optimizer:
-    """``optimizer=muon``: tag each per-role group in place (the spectral monitor holds these very dicts)
-    with its algorithm, and per-head orthogonalisation for the roles in ``muon_per_head``."""
-    from qkvlab.muon import MuonWithAdamW, tag_groups
-
-    heads = config.model.n_head
-    try:
-        tag_groups(groups, config.muon_per_head, dict.fromkeys("qkvo", heads))
-    except ValueError as error:  # e.g. muon_per_head=q with q frozen by train_roles
-        raise UserError(f"muon_per_head: {error}") from None
-    return MuonWithAdamW(
-        groups,
-        lr=config.lr,
-        betas=(config.beta1, config.beta2),
-        eps=1e-8,
-        momentum=config.muon_momentum,
-        adjust_lr_fn=config.muon_adjust_lr,
-        ns_dtype=config.muon_ns_dtype,
-    )
 
 
 class _Logger:
@@ -516,6 +490,7 @@ def _train(config: TrainConfig, resume: Path | None, run_dir: Path, command: str
     model_cfg = _model_config(config, info)
     model = build_model(model_cfg).to(device)
     optimizer, groups = _optimizer(config, model)
+    penalty_in_loss = optimizers.get(config.optimizer).decay == "loss"  # adam-l2: Σ λ/2‖θ‖² in the loss
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, _lr_lambda(config))
     schedule_weight_decay(optimizer.param_groups)
     train_model: nn.Module = model
@@ -597,7 +572,7 @@ def _train(config: TrainConfig, resume: Path | None, run_dir: Path, command: str
             batch = {k: v.to(device, non_blocking=True) for k, v in batch.items()}
             with autocast():
                 loss = train_model(**batch)["loss"]
-            objective = loss + l2_penalty(groups) if config.optimizer == "adam" else loss
+            objective = loss + l2_penalty(groups) if penalty_in_loss else loss
             objective.backward()
             if config.grad_clip:
                 grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), config.grad_clip)

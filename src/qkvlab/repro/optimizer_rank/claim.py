@@ -70,7 +70,7 @@ class Variant(NamedTuple):
 
 VARIANTS: dict[str, Variant] = {
     "adamw": Variant({"optimizer": "adamw"}, "adamw", False, "AdamW, decoupled decay"),
-    "adam-l2": Variant({"optimizer": "adam"}, "adamw", False, "Adam with coupled L2 in the loss"),
+    "adam-l2": Variant({"optimizer": "adam-l2"}, "adamw", False, "Adam with coupled L2 in the loss"),
     "adamw-corrected": Variant(
         {"optimizer": "adamw", "corrected_weight_decay": "all"}, "adamw", True, "AdamW, λ_t = λ·η_t/η_max"
     ),

@@ -8,17 +8,14 @@ from collections.abc import Sequence
 from dataclasses import asdict, dataclass
 from typing import Any
 
+from qkvlab.conventions import TOY_UPDATE_RULES
 from qkvlab.errors import UserError
 
 __all__ = ["KIND", "OPTIMIZERS", "PARTS", "SCHEMA_VERSION", "TOY_TARGET", "TheorySettings"]
 
-#: The optimisers of the toy, by name (``qkvlab.theory.train_factors`` runs them).
-OPTIMIZERS = {
-    "gd": "gradient descent on F (coupled L2; torch SGD, no momentum)",
-    "sgd-momentum": "heavy-ball SGD on F (coupled L2; torch SGD(momentum=β), no dampening, no Nesterov)",
-    "adam-l2": "Adam on F: the penalty's gradient λp goes through Adam's normalisation (torch Adam + l2_penalty)",
-    "adamw": "AdamW: Adam on L with decoupled decay p ← p(1 − ηλ) (torch AdamW(weight_decay=λ))",
-}
+#: The optimisers of the toy, by name (``qkvlab.theory.train_factors`` runs them; the table lives in
+#: ``qkvlab.conventions`` so the maths needs nothing from here).
+OPTIMIZERS = TOY_UPDATE_RULES
 
 SCHEMA_VERSION = 1
 KIND = "theory"
