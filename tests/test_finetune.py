@@ -187,7 +187,7 @@ def test_dynamic_padding_leaves_logits_and_metrics_unchanged(tiny_bert, side) ->
 
 def test_repro_grid_resumes_refuses_other_settings_and_summarizes(tiny_bert, tiny_csv, tmp_path) -> None:
     from qkvlab.errors import UserError
-    from qkvlab.repro.paper001.claim import LR, GridPoint, aggregate, run_grid
+    from qkvlab.repro.paper001.pilot import LR, GridPoint, aggregate, run_grid
     from qkvlab.repro.paper001.render import plot_convergence, summarize
 
     points = [
@@ -235,7 +235,7 @@ def test_repro_grid_resumes_refuses_other_settings_and_summarizes(tiny_bert, tin
     assert group_lrs["v"] == pytest.approx(4 * group_lrs["q"])
     table = summarize(out)
     assert table.count("\n| rotten-tomatoes") == 4 and "| 2 |" in table
-    from qkvlab.repro.paper001.claim import best_lambda
+    from qkvlab.repro.paper001.pilot import best_lambda
     from qkvlab.repro.paper001.render import claims_markdown
 
     final = {

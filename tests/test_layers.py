@@ -59,16 +59,7 @@ LAYERS: tuple[tuple[str, ...], ...] = (
 KNOWN: dict[tuple[str, str], str] = {}
 
 #: edges that close a cycle between two files of one layer: (importer, imported) → what removes it
-KNOWN_CYCLES: dict[tuple[str, str], str] = {
-    (
-        "qkvlab.repro.paper000.render",
-        "qkvlab.repro.paper000.claim",
-    ): "render takes the aggregates as arguments",
-    (
-        "qkvlab.repro.paper001.render",
-        "qkvlab.repro.paper001.claim",
-    ): "render takes the aggregates as arguments",
-}
+KNOWN_CYCLES: dict[tuple[str, str], str] = {}
 
 
 #: a claim's private names that another claim still imports: (importer, "module:name") → what removes it

@@ -537,6 +537,14 @@ def point_key_of(cell: dict[str, Any]) -> tuple:
     return point_key(gpt_point(cell["attn_weight_decay"], cell["rest_weight_decay"]))
 
 
+def runs_by_cell(summary: dict[str, Any], numbers: dict) -> dict[tuple[float, float], list[dict[str, Any]]]:
+    """Each summary cell's runs (one per seed), keyed (λ_attn, λ_rest): what the figures draw."""
+    return {
+        (c["attn_weight_decay"], c["rest_weight_decay"]): list(numbers[point_key_of(c)].values())
+        for c in summary["cells"]
+    }
+
+
 # -- `qkvlab repro wd-rank` and `qkvlab repro decouple` -------------------------------------------
 
 
@@ -589,7 +597,7 @@ def _finish(out: Path, args: Any, render: Any, rests: list[float]) -> int:
     print(f"\nwrote {path}")
     if args.plot:
         for rest in rests:
-            for written in plot_wd_rank(summary, numbers, rest, Path(args.plot)):
+            for written in plot_wd_rank(summary, runs_by_cell(summary, numbers), rest, Path(args.plot)):
                 print(f"wrote {written}")
     return 0
 
@@ -641,7 +649,10 @@ def _report(folder: Path, figures: Path) -> list[Any]:
             continue
         figures.mkdir(parents=True, exist_ok=True)
         blocks: list[Any] = [Markdown(wd_rank_tables(summary, rest))]
-        blocks += [Figure(p, p.stem.replace("_", " ")) for p in plot_wd_rank(summary, numbers, rest, figures)]
+        blocks += [
+            Figure(p, p.stem.replace("_", " "))
+            for p in plot_wd_rank(summary, runs_by_cell(summary, numbers), rest, figures)
+        ]
         sections.append(
             Section(f"Weight decay and attention rank ({folder.name}, λ_rest = {rest:g})", blocks)
         )

@@ -259,7 +259,16 @@ def decouple_table(summary: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
-def plot_wd_rank(summary: dict[str, Any], numbers: dict, rest: float, folder: Path) -> list[Path]:
+def _key(cell: dict[str, Any]) -> tuple[float, float]:
+    return cell["attn_weight_decay"], cell["rest_weight_decay"]
+
+
+def plot_wd_rank(
+    summary: dict[str, Any],
+    runs_of: dict[tuple[float, float], list[dict[str, Any]]],
+    rest: float,
+    folder: Path,
+) -> list[Path]:
     """Rank against λ_attn per layer, rank over training, gap and imbalance over training, val loss."""
     from qkvlab.report.figures import pyplot, save
 
@@ -308,8 +317,6 @@ def plot_wd_rank(summary: dict[str, Any], numbers: dict, rest: float, folder: Pa
     written.append(save(fig, folder / f"rank_vs_lambda_rest{rest:g}.png"))
 
     # 2. rank over training and 3. gap / imbalance over training, per λ (mean over seeds and layers)
-    from qkvlab.repro.paper000.claim import point_key_of
-
     colours = plt.rcParams["axes.prop_cycle"].by_key()["color"]
     for kind, metrics in (
         ("rank_over_time", ("effective_rank",)),
@@ -320,7 +327,7 @@ def plot_wd_rank(summary: dict[str, Any], numbers: dict, rest: float, folder: Pa
             for i, metric in enumerate(metrics):
                 ax = axes[i][j]
                 for k, c in enumerate(cells):
-                    runs = list(numbers[point_key_of(c)].values())
+                    runs = list(runs_of[_key(c)])
                     steps, mean = _mean_over_time(runs, product, metric)
                     colour = colours[k % len(colours)]
                     ax.plot(
@@ -392,7 +399,7 @@ def plot_wd_rank(summary: dict[str, Any], numbers: dict, rest: float, folder: Pa
     fig, axes = plt.subplots(1, 2, figsize=(11, 4))
     for ax, product in zip(axes, ("qk", "ov"), strict=True):
         for k, c in enumerate(cells):
-            runs = list(numbers[point_key_of(c)].values())
+            runs = list(runs_of[_key(c)])
             per_seed = [r["final_heads"][product] for r in runs if r.get("final_heads")]
             if not per_seed:
                 continue
@@ -426,13 +433,13 @@ def plot_wd_rank(summary: dict[str, Any], numbers: dict, rest: float, folder: Pa
     written.append(save(fig, folder / f"rank_per_head_rest{rest:g}.png"))
 
     # 6. the two sides of the imbalance converging (paper 000, Fig. 2), where the runs recorded them
-    first = next(iter(numbers[point_key_of(cells[0])].values()))
+    first = runs_of[_key(cells[0])][0]
     if "left_gram" in first["trajectory"][0]["ov"]:
         fig, axes = plt.subplots(1, 2, figsize=(11, 3.8))
         for ax, product in zip(axes, ("qk", "ov"), strict=True):
             names = ("‖W_KW_Kᵀ‖", "‖W_QW_Qᵀ‖") if product == "qk" else ("‖PᵀP‖", "‖W_VW_Vᵀ‖")
             for k, c in enumerate(cells):
-                runs = list(numbers[point_key_of(c)].values())
+                runs = list(runs_of[_key(c)])
                 colour = colours[k % len(colours)]
                 for side, style in (("left_gram", "-"), ("right_gram", "--")):
                     steps, mean = _mean_over_time(runs, product, side)

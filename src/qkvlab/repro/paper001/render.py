@@ -1,6 +1,6 @@
 """Tables and figures of paper 001's claims (``qkvlab repro finetune``): the per-setting table, the
 per-claim tables and the convergence curves. The numbers come from
-:mod:`qkvlab.repro.paper001.claim`; this module only arranges them."""
+:mod:`qkvlab.repro.paper001.pilot`; this module only arranges them."""
 
 from __future__ import annotations
 
@@ -11,7 +11,7 @@ from typing import Any
 
 from qkvlab.grid import runner as grid_layer
 from qkvlab.render.tables import pm
-from qkvlab.repro.paper001.claim import LAMBDAS, _load, _run_peaks, aggregate
+from qkvlab.repro.paper001.pilot import LAMBDAS, _load, _run_peaks, aggregate
 
 _stats = grid_layer.mean_std
 
