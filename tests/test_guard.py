@@ -143,7 +143,7 @@ def test_broadcast_decay_gives_every_rank_rank_zeros_lambda(tmp_path) -> None:
 
 
 def test_param_groups_split_attention_by_layer() -> None:
-    from qkvlab.models.transformer import ModelConfig, build_model
+    from qkvlab.models import ModelConfig, build_model
     from qkvlab.optim import param_groups
 
     model = build_model(ModelConfig(vocab_size=20, seq_len=8, n_layer=3, n_head=2, d_model=16, d_mlp=32))

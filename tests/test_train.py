@@ -1126,3 +1126,36 @@ def test_an_optimiser_is_one_registered_module_and_adam_is_adam_l2(corpus, tmp_p
         UserError, match="corrected_weight_decay needs decoupled decay; accepted with optimizer"
     ):
         load_config(None, {"optimizer": "sgd-nesterov", "corrected_weight_decay": "all"})
+
+
+def test_a_model_kind_is_one_registered_module(corpus, tmp_path, monkeypatch) -> None:
+    from qkvlab import models
+    from qkvlab.config import KEY_HELP
+    from qkvlab.models import ModelKind
+    from qkvlab.models.gpt import GPT
+
+    assert set(models.kinds()) >= {"gpt", "vit", "icl"} and "gpt (language)" in KEY_HELP["model.kind"]
+    fitted = []
+
+    class NoPositions(GPT):  # a new kind: GPT without position embeddings (a bag of tokens)
+        def __init__(self, cfg):  # type: ignore[no-untyped-def]
+            super().__init__(cfg)
+            torch.nn.init.zeros_(self.pos_embed.weight)
+            self.pos_embed.weight.requires_grad_(False)
+
+    def fit(cfg, info):  # type: ignore[no-untyped-def]
+        fitted.append(info["vocab_size"])
+        cfg.vocab_size, cfg.seq_len = info["vocab_size"], info["seq_len"]
+
+    monkeypatch.setitem(
+        models._REGISTRY, "bag", ModelKind("bag", "tokens, no positions", "lm", NoPositions, fit)
+    )
+    run = train(load_config(None, _gpt(corpus, tmp_path / "bag", **{"model.kind": "bag", "max_steps": 4})))
+    assert run.complete and fitted
+    assert torch.count_nonzero(_weights(tmp_path / "bag")["pos_embed.weight"]) == 0
+    metrics = [json.loads(x) for x in (tmp_path / "bag" / "metrics.jsonl").read_text().splitlines()]
+    assert not any("perplexity" in m for m in metrics)  # the kind said no perplexity
+    with pytest.raises(UserError, match="model.attention=linear is only for model.kind=icl"):
+        load_config(None, {"model.kind": "bag", "model.attention": "linear"})
+    with pytest.raises(UserError, match="model.kind=vit needs image data, but data=text:.* gives lm data"):
+        train(load_config(None, _gpt(corpus, tmp_path / "vit", **{"model.kind": "vit"})))

@@ -21,9 +21,9 @@ from typing import Any
 
 import yaml
 
-from qkvlab import optimizers
+from qkvlab import models, optimizers
 from qkvlab.errors import UserError
-from qkvlab.models.transformer import ModelConfig
+from qkvlab.models.config import ModelConfig
 
 __all__ = ["TrainConfig", "apply_overrides", "config_keys", "load_config"]
 
@@ -249,7 +249,7 @@ KEY_HELP: dict[str, str] = {
     "tensorboard": "write TensorBoard scalars to OUT/tb",
     "progress": "show a progress bar",
     "out": "the run folder; {name} is replaced by name",
-    "model.kind": "gpt (language) | vit (images) | icl (in-context regression)",
+    "model.kind": " | ".join(f"{name} ({kind.help})" for name, kind in models.kinds().items()),
     "model.n_layer": "transformer blocks",
     "model.n_head": "attention heads per block",
     "model.d_model": "residual width",
@@ -339,7 +339,7 @@ _CHECKS: dict[str, tuple[Callable[[Any], bool], str]] = {
     "checkpoint_every": _pos,
     "keep_checkpoints": _pos,
     "max_bad_steps": _nonneg,
-    "model.kind": (lambda v: v in ("gpt", "vit", "icl"), "gpt, vit or icl"),
+    "model.kind": (lambda v: v in models.kinds(), ", ".join(models.kinds())),
     "model.n_layer": _pos,
     "model.n_head": _pos,
     "model.d_model": _pos,
@@ -514,8 +514,9 @@ def _check_consistency(config: TrainConfig) -> None:
             )
         if not config.spectra_every:
             raise UserError("the rank guard acts when the spectral monitor fires; set spectra_every > 0")
-    if model.attention == "linear" and model.kind != "icl":
-        raise UserError("model.attention=linear is only for model.kind=icl")
+    if model.attention not in models.get(model.kind).attention:
+        accepting = [name for name, kind in models.kinds().items() if model.attention in kind.attention]
+        raise UserError(f"model.attention={model.attention} is only for model.kind={' or '.join(accepting)}")
     if config.stop_at is not None and config.stop_at > config.max_steps:
         raise UserError(f"stop_at={config.stop_at} is beyond max_steps={config.max_steps}")
     if config.warmup_steps >= config.max_steps and config.warmup_steps > 0:

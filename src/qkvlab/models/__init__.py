@@ -1,5 +1,77 @@
-"""qkvlab's own models (registered in the architecture table as the ``qkvlab`` family)."""
+"""qkvlab's own models (registered in the architecture table as the ``qkvlab`` family), one module per kind,
+found through one registry.
 
-from qkvlab.models.transformer import GPT, ICLTransformer, ModelConfig, ViT, build_model
+A model kind is a :class:`ModelKind`: its name (``model.kind=``), the data kind it trains on (``lm``,
+``image``, ``icl``: what ``qkvlab.data`` gives), its ``nn.Module`` class (built from one
+:class:`ModelConfig`), how it fills the config's data-derived fields from the dataset's ``info``, and
+whether its evaluation reports a perplexity. Adding one is one module here that calls :func:`register`
+(built on :mod:`qkvlab.models.transformer`), plus its path in :data:`_BUILTIN`. Importing this package
+loads no torch; :func:`kinds` imports the kinds' modules.
+"""
 
-__all__ = ["GPT", "ICLTransformer", "ModelConfig", "ViT", "build_model"]
+from __future__ import annotations
+
+import importlib
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+from qkvlab.models.config import ModelConfig
+
+__all__ = ["ModelConfig", "ModelKind", "build_model", "get", "kinds", "register"]
+
+
+@dataclass(frozen=True)
+class ModelKind:
+    """One ``model.kind`` of ``qkvlab train``: see the module docstring."""
+
+    name: str
+    #: a few words for ``--help-keys``
+    help: str
+    #: the data kind it trains on (``Dataset.kind``)
+    data: str
+    #: the ``nn.Module`` class, called with the :class:`ModelConfig`
+    module: Callable[[ModelConfig], Any]
+    #: ``fit(model_config, info)``: set the data-derived fields (a UserError if the data cannot fit)
+    fit: Callable[[ModelConfig, dict[str, Any]], None]
+    #: evaluation reports exp(loss)
+    perplexity: bool = False
+    #: the ``model.attention`` values it accepts
+    attention: tuple[str, ...] = ("softmax",)
+
+
+_REGISTRY: dict[str, ModelKind] = {}
+
+# Modules that register the built-in kinds when imported.
+_BUILTIN = ("qkvlab.models.gpt", "qkvlab.models.vit", "qkvlab.models.icl")
+
+
+def register(kind: ModelKind) -> ModelKind:
+    _REGISTRY[kind.name] = kind
+    return kind
+
+
+def kinds() -> dict[str, ModelKind]:
+    """Every registered model kind, by name (importing the built-in ones, and torch, first)."""
+    for module in _BUILTIN:
+        importlib.import_module(module)
+    return dict(_REGISTRY)
+
+
+def get(name: str) -> ModelKind:
+    known = kinds()
+    if name not in known:
+        raise ValueError(f"unknown model kind {name!r}; accepted: {', '.join(known)}")
+    return known[name]
+
+
+def build_model(cfg: ModelConfig) -> Any:
+    """The model ``cfg.kind`` names, with its data-dependent fields already set."""
+    return get(cfg.kind).module(cfg)
+
+
+def __getattr__(name: str) -> Any:  # GPT, ViT, ICLTransformer: the classes, loaded on first use
+    classes = {"GPT": "qkvlab.models.gpt", "ViT": "qkvlab.models.vit", "ICLTransformer": "qkvlab.models.icl"}
+    if name in classes:
+        return getattr(importlib.import_module(classes[name]), name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

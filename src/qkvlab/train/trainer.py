@@ -38,7 +38,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from qkvlab import optimizers
+from qkvlab import models, optimizers
 from qkvlab.config import TrainConfig, check_resume, dump_config, saved_config
 from qkvlab.errors import TrainingInterrupted, TrainingStopped, UserError
 from qkvlab.files import open_append, open_lock, refuse_links
@@ -120,29 +120,14 @@ def _lr_lambda(config: TrainConfig):
 
 
 def _model_config(config: TrainConfig, info: dict[str, Any]):
+    """The model config with its data-derived fields set by its kind (``qkvlab.models``)."""
     model = config.model
-    kind = model.kind
-    data_kind = info["kind"]
-    expected = {"gpt": "lm", "vit": "image", "icl": "icl"}[kind]
-    if data_kind != expected:
+    kind = models.get(model.kind)
+    if info["kind"] != kind.data:
         raise UserError(
-            f"model.kind={kind} needs {expected} data, but data={config.data} gives {data_kind} data"
+            f"model.kind={kind.name} needs {kind.data} data, but data={config.data} gives {info['kind']} data"
         )
-    if kind == "gpt":
-        model.vocab_size, model.seq_len = info["vocab_size"], info["seq_len"]
-    elif kind == "vit":
-        model.image_size, model.channels, model.n_classes = (
-            info["image_size"],
-            info["channels"],
-            info["n_classes"],
-        )
-        if model.image_size % model.patch_size:
-            raise UserError(
-                f"model.patch_size={model.patch_size} does not divide the image size {model.image_size}; "
-                f"accepted: a divisor of {model.image_size}"
-            )
-    else:
-        model.input_dim = info["dim"] + 1
+    kind.fit(model, info)
     return model
 
 
@@ -383,7 +368,7 @@ def _evaluate(
             count += mask.sum().item()
     model.train()
     metrics = {"loss": statistics.fmean(losses)} if losses else {}
-    if losses and config.model.kind == "gpt":
+    if losses and models.get(config.model.kind).perplexity:
         metrics["perplexity"] = math.exp(min(metrics["loss"], 50.0))
     if count:
         metrics["accuracy"] = correct / count
