@@ -551,7 +551,7 @@ def stubbed_work(monkeypatch):
     import qkvlab.grid.runner as grid
     import qkvlab.grid.sweep as sweep
     import qkvlab.repro.theory.claim as theory
-    import qkvlab.train.trainer as trainer
+    import qkvlab.train.loop as trainer
 
     def build_model(model_config):  # train: config, resume checks and data all passed
         raise _Reached

@@ -159,7 +159,7 @@ def test_linear_attention_set_to_one_gd_step_scores_the_gd_reference() -> None:
     import contextlib
 
     from qkvlab.data import load_dataset
-    from qkvlab.train.trainer import _evaluate
+    from qkvlab.train.evaluation import evaluate as _evaluate
 
     dim, points = 4, 12
     ds = load_dataset("icl-regression", icl_dim=dim, icl_points=points, seed=0)

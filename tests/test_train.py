@@ -312,10 +312,10 @@ _ONE_RANK_FAULT = """
 import os, signal, sys
 from pathlib import Path
 import torch
-import qkvlab.train.trainer as trainer
+import qkvlab.train.loop as trainer
 from qkvlab.cli import main
 
-checked, seen = trainer._nonfinite_step, [0]
+checked, seen = trainer.nonfinite_step, [0]
 
 def one_rank_fault(loss, grad_norm, ddp):
     seen[0] += 1
@@ -327,7 +327,7 @@ def one_rank_fault(loss, grad_norm, ddp):
             os.kill(os.getpid(), signal.SIGTERM)
     return checked(loss, grad_norm, ddp)
 
-trainer._nonfinite_step = one_rank_fault
+trainer.nonfinite_step = one_rank_fault
 sys.exit(main(sys.argv[1:]))
 """
 
@@ -405,7 +405,7 @@ def test_preset_and_role_override_merge_per_key_and_bad_presets_fail_at_load(
     corpus, tmp_path, capsys
 ) -> None:
     from qkvlab.models import build_model
-    from qkvlab.train.trainer import _optimizer
+    from qkvlab.train.parts import build_optimizer as _optimizer
 
     config = load_config(
         None,
@@ -594,7 +594,7 @@ def test_nonfinite_training_stops_in_one_line_and_keeps_the_good_checkpoint(
     assert not (tmp_path / "huge" / "final.json").exists()
 
     # a loss that turns NaN at step 7: the run stops there and checkpoint 4 stays the latest
-    from qkvlab.train import trainer
+    from qkvlab.train import loop as trainer
 
     build = trainer.build_model
 
@@ -624,16 +624,16 @@ def test_nonfinite_training_stops_in_one_line_and_keeps_the_good_checkpoint(
 
 
 def test_max_bad_steps_skips_and_logs(corpus, tmp_path, monkeypatch) -> None:
-    from qkvlab.train import trainer
+    from qkvlab.train import loop as trainer
 
-    real = trainer._nonfinite_step
+    real = trainer.nonfinite_step
     calls = {"n": 0}
 
     def flaky(loss, grad_norm, ddp):  # steps 3 and 5 report a non-finite gradient norm
         calls["n"] += 1
         return "gradient norm is not finite" if calls["n"] in (3, 5) else real(loss, grad_norm, ddp)
 
-    monkeypatch.setattr(trainer, "_nonfinite_step", flaky)
+    monkeypatch.setattr(trainer, "nonfinite_step", flaky)
     result = train(load_config(None, _gpt(corpus, tmp_path / "ok", max_bad_steps=2)))
     assert result.complete
     skipped = [
@@ -1010,7 +1010,7 @@ def test_corrected_weight_decay_follows_the_schedule_and_resumes(optimizer, corp
     the monitor predicts with η_t·λ_t; a resume gives the same weights and records."""
     import math
 
-    from qkvlab.train.trainer import _lr_lambda
+    from qkvlab.train.schedule import lr_lambda as _lr_lambda
 
     changes = {
         "optimizer": optimizer,
@@ -1155,7 +1155,7 @@ def test_a_model_kind_is_one_registered_module(corpus, tmp_path, monkeypatch) ->
     assert torch.count_nonzero(_weights(tmp_path / "bag")["pos_embed.weight"]) == 0
     metrics = [json.loads(x) for x in (tmp_path / "bag" / "metrics.jsonl").read_text().splitlines()]
     assert not any("perplexity" in m for m in metrics)  # the kind said no perplexity
-    with pytest.raises(UserError, match="model.attention=linear is only for model.kind=icl"):
+    with pytest.raises(UserError, match=r"model\.attention=linear is only for model\.kind=icl"):
         load_config(None, {"model.kind": "bag", "model.attention": "linear"})
-    with pytest.raises(UserError, match="model.kind=vit needs image data, but data=text:.* gives lm data"):
+    with pytest.raises(UserError, match=r"model\.kind=vit needs image data, but data=text:.* gives lm data"):
         train(load_config(None, _gpt(corpus, tmp_path / "vit", **{"model.kind": "vit"})))

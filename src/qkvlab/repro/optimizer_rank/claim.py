@@ -116,12 +116,12 @@ def canonical(variant: str, budget: float) -> str:
 def decay_for(base: dict[str, Any], variant: str, budget: float, lr: float) -> float:
     """λ on the attention matrices such that Σₜ η_t λ_t = ``budget`` under ``base``'s schedule at peak ``lr``."""
     from qkvlab.config import load_config
-    from qkvlab.train.trainer import _lr_lambda
+    from qkvlab.train.schedule import lr_lambda
 
     if budget == 0:
         return 0.0
     config = load_config(None, {**base, "lr": lr})
-    factor = _lr_lambda(config)
+    factor = lr_lambda(config)
     steps = range(config.max_steps)
     if VARIANTS[variant].corrected:  # λ_t = λ f_t, η_t = lr f_t: Σ η_t λ_t = λ · lr · Σ f_t²
         return budget / (lr * math.fsum(factor(t) ** 2 for t in steps))

@@ -201,10 +201,10 @@ def schedule_sum(config: dict[str, Any], until: int | None = None) -> float:
     ``until``: the sum over the first ``until`` steps only (the decay applied before that step).
     """
     from qkvlab.config import load_config
-    from qkvlab.train.trainer import _lr_lambda
+    from qkvlab.train.schedule import lr_lambda
 
     resolved = load_config(None, config)
-    factor = _lr_lambda(resolved)
+    factor = lr_lambda(resolved)
     steps = resolved.max_steps if until is None else min(until, resolved.max_steps)
     return math.fsum(resolved.lr * factor(step) for step in range(steps))
 
@@ -265,7 +265,7 @@ def run_gpt_grid(
         )
     config = load_config(None, settings["overrides"])  # a bad --set fails here, before any run
     if config.online:  # so does a run length past one pass over the data
-        from qkvlab.train.trainer import load_run_dataset
+        from qkvlab.train.parts import load_run_dataset
 
         load_run_dataset(config)
     return run_grid(

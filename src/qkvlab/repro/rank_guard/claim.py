@@ -97,10 +97,10 @@ def decay_integrals(
     piecewise constant: ``start`` (clipped into the guard's bounds) until the first firing, then each
     firing's value from the step after it."""
     from qkvlab.config import TrainConfig
-    from qkvlab.train.trainer import _lr_lambda
+    from qkvlab.train.schedule import lr_lambda
 
     resolved = TrainConfig.from_dict(config)
-    factor = _lr_lambda(resolved)
+    factor = lr_lambda(resolved)
     etas = [resolved.lr * factor(t) for t in range(resolved.max_steps)]  # the schedule, once per run
     first = min(max(start, resolved.rank_guard_min), resolved.rank_guard_max)
     out = {}

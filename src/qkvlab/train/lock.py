@@ -1,0 +1,40 @@
+"""One writer per run folder: an OS lock on ``RUN/.lock``."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+from qkvlab.errors import UserError
+from qkvlab.files import open_lock, refuse_links
+
+__all__ = ["RunLock"]
+
+
+class RunLock:
+    """``flock`` on ``RUN/.lock`` (the holder's pid inside, for the message)."""
+
+    def __init__(self, run_dir: Path) -> None:
+        import fcntl
+
+        run_dir.mkdir(parents=True, exist_ok=True)
+        # a run folder may come from someone else: no link below it may carry a write elsewhere
+        refuse_links(run_dir)
+        self.path = run_dir / ".lock"
+        self.fd = open_lock(self.path)
+        try:
+            fcntl.flock(self.fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            holder = os.read(self.fd, 32).decode(errors="replace").strip() or "another process"
+            os.close(self.fd)
+            raise UserError(
+                f"{run_dir} is being written by process {holder}; wait for it, stop it, or pick another out="
+            ) from None
+        os.ftruncate(self.fd, 0)
+        os.write(self.fd, str(os.getpid()).encode())
+
+    def release(self) -> None:
+        import fcntl
+
+        fcntl.flock(self.fd, fcntl.LOCK_UN)
+        os.close(self.fd)
