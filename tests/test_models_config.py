@@ -222,3 +222,27 @@ def test_packaged_configs_are_named_from_any_directory(tmp_path, monkeypatch) ->
         load_config("nope")
     with pytest.raises(UserError, match="no such config file: sub/shakespeare-gpt"):
         load_config("sub/shakespeare-gpt")  # a path is a path, never a packaged name
+
+
+def test_every_config_key_belongs_to_exactly_one_components_section() -> None:
+    from qkvlab import guard, optimizers, presets
+    from qkvlab.config import KEY_HELP, config_keys, sections
+    from qkvlab.data import keys as data_keys
+
+    owned = [key for keys in sections().values() for key in keys]
+    assert len(owned) == len(set(owned)) and set(owned) == set(config_keys())
+    # the sections are the components' own tables, not copies
+    assert sections()["data"] is data_keys.KEYS and sections()["guard"] is guard.KEYS
+    assert sections()["per-matrix"] is presets.KEYS
+    assert set(optimizers.get("muon").keys) <= set(sections()["optim"])
+    assert KEY_HELP["rank_guard_kappa"] == guard.KEYS["rank_guard_kappa"][0]
+    # a section's values, passed whole: the data section is load_dataset's keywords
+    import inspect as pyinspect
+
+    from qkvlab.data.sources import load_dataset
+
+    config = load_config(None, {"data": "icl-regression", "icl_dim": "5"})
+    data = config.section("data")
+    assert data["icl_dim"] == 5 and data["data"] == "icl-regression"
+    assert set(data) - {"data"} <= set(pyinspect.signature(load_dataset).parameters)
+    assert config.section("model")["n_head"] == config.model.n_head

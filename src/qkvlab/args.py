@@ -6,11 +6,31 @@ import argparse
 import math
 import os
 import tempfile
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 from qkvlab.errors import UserError
 
-__all__ = ["check_outputs", "number_list", "positive_int", "seeds"]
+__all__ = [
+    "NONNEGATIVE",
+    "POSITIVE",
+    "UNIT",
+    "Check",
+    "Key",
+    "check_outputs",
+    "number_list",
+    "positive_int",
+    "seeds",
+]
+
+#: A config key's accepted values: (predicate, what is accepted, in words).
+Check = tuple[Callable[[Any], bool], str]
+#: A config key as its owning component declares it: (one help line, its check or None).
+Key = tuple[str, Check | None]
+POSITIVE: Check = (lambda v: 0 < v < math.inf, "finite and > 0")
+NONNEGATIVE: Check = (lambda v: 0 <= v < math.inf, "finite and ≥ 0")
+UNIT: Check = (lambda v: 0 <= v < 1, "in [0, 1)")
 
 
 def positive_int(text: str) -> int:

@@ -12,16 +12,17 @@ import contextlib
 import dataclasses
 import difflib
 import json
-import math
 import os
-from collections.abc import Callable, Mapping
+from collections.abc import Mapping
 from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
 import yaml
 
-from qkvlab import models, optimizers
+from qkvlab import guard, models, optimizers, presets
+from qkvlab.args import NONNEGATIVE, POSITIVE, Check, Key
+from qkvlab.data import keys as data_keys
 from qkvlab.errors import UserError
 from qkvlab.models.config import ModelConfig
 
@@ -111,6 +112,17 @@ class TrainConfig:
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
 
+    def section(self, name: str) -> dict[str, Any]:
+        """The values of one section of :func:`sections` (``data``, ``model``, ``optim``, …), by key
+        without the ``model.`` prefix: what its component reads, passed whole."""
+        keys = sections()[name]
+        return {
+            key.removeprefix("model."): getattr(self.model, key[6:])
+            if key.startswith("model.")
+            else getattr(self, key)
+            for key in keys
+        }
+
     def rank_guard(self) -> Any:
         """The :class:`qkvlab.guard.RankGuard` these keys describe, or None when neither target is set."""
         if not (self.rank_guard_qk or self.rank_guard_ov):
@@ -198,73 +210,56 @@ def check_resume(saved: TrainConfig, new: TrainConfig, run_dir: Path) -> None:
         )
 
 
-#: One line per config key, for ``qkvlab train --help-keys`` (a test checks that every key has one).
-KEY_HELP: dict[str, str] = {
-    "name": "the run's name; {name} in out= and the TensorBoard run",
-    "data": "shakespeare | text:PATH | hf:NAME[:CONFIG] | digits | mnist5k | icl-regression | assoc-recall",
-    "tokenizer": "char | bpe (byte-level BPE trained locally on the data)",
-    "vocab_size": "BPE vocabulary size (char: the data's characters)",
-    "seq_len": "tokens per training sequence (language data)",
-    "val_fraction": "share of the data held out for validation",
-    "online": "stream the training data once through one permutation, never repeating a sample",
-    "icl_dim": "icl-regression: dimension of the regression inputs",
-    "icl_points": "icl-regression: in-context examples per sequence",
-    "icl_noise": "icl-regression: label noise std",
-    "recall_keys": "assoc-recall: size of the key alphabet",
-    "recall_values": "assoc-recall: size of the value alphabet",
-    "recall_pairs": "assoc-recall: key-value pairs per sequence",
-    "recall_queries": "assoc-recall: queries per sequence",
-    "recall_min_pairs": "assoc-recall: fewest pairs per sequence (None: every sequence has recall_pairs)",
-    "optimizer": " | ".join(f"{name} ({spec.help})" for name, spec in optimizers.registry().items()),
-    "lr": "peak learning rate η",
-    "weight_decay": "λ for weight matrices (biases, norms and embeddings get 0 unless a preset says otherwise)",
-    "beta1": "Adam/AdamW β₁",
-    "beta2": "Adam/AdamW β₂",
-    "corrected_weight_decay": "roles whose decay follows the schedule, λ_t = λ·η_t/η_max (adamw, muon), or [all]",
-    "rank_guard_qk": "rank guard target effective rank of W_KᵀW_Q, a fraction of d_head; 0 = unguarded",
-    "rank_guard_ov": "rank guard target effective rank of P·W_V, a fraction of d_head; 0 = unguarded",
-    "rank_guard_kappa": "rank guard gain κ: each firing moves λ by at most e^κ",
-    "rank_guard_min": "rank guard lower bound λ_min",
-    "rank_guard_max": "rank guard upper bound λ_max",
-    "preset": "a named per-matrix preset: decoupled-attn | qv-ratio | loraplus, with args (qv-ratio:ratio=4)",
-    "overrides": "per role {lr_scale, weight_decay}, in a config file: overrides: {v: {lr_scale: 4}}",
-    "train_roles": "roles that train (e.g. [q, v, head]); None = all",
-    "schedule": "cosine | linear | constant, after the warm-up",
-    "warmup_steps": "linear warm-up steps (must be below max_steps)",
-    "min_lr_ratio": "cosine/linear: the final lr as a fraction of lr",
-    "grad_clip": "clip the global gradient norm to this; 0 = off",
-    "batch_size": "global batch size (split across torchrun ranks)",
-    "max_steps": "optimiser steps in the run",
-    "stop_at": "stop after this step with a checkpoint, as if interrupted",
-    "seed": "seed of the model, the data order and the sampled data (0 … 2³¹−1)",
-    "precision": "fp32 | bf16 (autocast)",
-    "device": "auto | cpu | cuda",
-    "log_every": "steps between train-loss log lines",
-    "eval_every": "steps between validation passes",
-    "eval_batches": "validation batches per pass; 0 = the whole split",
-    "spectra_every": "steps between spectral-monitor firings (spectra.jsonl, TensorBoard); 0 = off",
-    "checkpoint_every": "steps between checkpoints",
-    "keep_checkpoints": "how many checkpoints to keep",
-    "max_bad_steps": "non-finite steps skipped before the run stops in one line",
-    "tensorboard": "write TensorBoard scalars to OUT/tb",
-    "progress": "show a progress bar",
-    "out": "the run folder; {name} is replaced by name",
-    "model.kind": " | ".join(f"{name} ({kind.help})" for name, kind in models.kinds().items()),
-    "model.n_layer": "transformer blocks",
-    "model.n_head": "attention heads per block",
-    "model.d_model": "residual width",
-    "model.d_head": "per-head width (None: d_model / n_head)",
-    "model.d_mlp": "MLP width (None: 4·d_model; 0: attention-only blocks)",
-    "model.dropout": "dropout probability",
-    "model.bias": "biases in linear layers",
-    "model.tie_embeddings": "gpt: the LM head shares the token embedding",
-    "model.attention": "softmax | linear (icl only; von Oswald et al. 2023)",
-    "model.norm": "icl: LayerNorm before each sublayer (False: a pure residual attention stack)",
-    "model.patch_size": "vit: patch side in pixels",
-    "model.init_std": "std of every weight matrix at init (residual output projections: std/√(2·n_layer))",
-    # the keys an optimiser owns, from its module (qkvlab.optimizers)
-    **{key: line for spec in optimizers.registry().values() for key, (line, _) in spec.keys.items()},
+#: The run's own section: the schedule, the loop, what is logged, measured and kept, where it goes.
+RUN_KEYS: dict[str, Key] = {
+    "name": ("the run's name; {name} in out= and the TensorBoard run", None),
+    "online": ("stream the training data once through one permutation, never repeating a sample", None),
+    "schedule": (
+        "cosine | linear | constant, after the warm-up",
+        (lambda v: v in ("cosine", "linear", "constant"), "cosine, linear or constant"),
+    ),
+    "warmup_steps": ("linear warm-up steps (must be below max_steps)", NONNEGATIVE),
+    "min_lr_ratio": ("cosine/linear: the final lr as a fraction of lr", (lambda v: 0 <= v <= 1, "in [0, 1]")),
+    "grad_clip": ("clip the global gradient norm to this; 0 = off", NONNEGATIVE),
+    "batch_size": ("global batch size (split across torchrun ranks)", POSITIVE),
+    "max_steps": ("optimiser steps in the run", POSITIVE),
+    "stop_at": ("stop after this step with a checkpoint, as if interrupted", POSITIVE),
+    "seed": (
+        "seed of the model, the data order and the sampled data (0 … 2³¹−1)",
+        (lambda v: 0 <= v <= 2**31 - 1, "an integer in [0, 2147483647]"),
+    ),
+    "precision": ("fp32 | bf16 (autocast)", (lambda v: v in ("fp32", "bf16"), "fp32 or bf16")),
+    "device": ("auto | cpu | cuda", (lambda v: v in ("auto", "cpu", "cuda"), "auto, cpu or cuda")),
+    "log_every": ("steps between train-loss log lines", POSITIVE),
+    "eval_every": ("steps between validation passes", NONNEGATIVE),
+    "eval_batches": ("validation batches per pass; 0 = the whole split", NONNEGATIVE),
+    "spectra_every": (
+        "steps between spectral-monitor firings (spectra.jsonl, TensorBoard); 0 = off",
+        NONNEGATIVE,
+    ),
+    "checkpoint_every": ("steps between checkpoints", POSITIVE),
+    "keep_checkpoints": ("how many checkpoints to keep", POSITIVE),
+    "max_bad_steps": ("non-finite steps skipped before the run stops in one line", NONNEGATIVE),
+    "tensorboard": ("write TensorBoard scalars to OUT/tb", None),
+    "progress": ("show a progress bar", None),
+    "out": ("the run folder; {name} is replaced by name", None),
 }
+
+
+def sections() -> dict[str, dict[str, Key]]:
+    """Every config key, by the component that owns it (its help line and its check live there)."""
+    return {
+        "data": data_keys.KEYS,
+        "model": models.keys(),
+        "optim": optimizers.keys(),
+        "per-matrix": presets.KEYS,
+        "guard": guard.KEYS,
+        "run": RUN_KEYS,
+    }
+
+
+#: One line per config key, for ``qkvlab train --help-keys`` (a test checks that every key has one).
+KEY_HELP: dict[str, str] = {key: line for keys in sections().values() for key, (line, _) in keys.items()}
 
 
 def config_keys() -> list[str]:
@@ -293,69 +288,9 @@ _ALIASES = {
 # Filled from the data; a user setting them would be overwritten, so they are not keys.
 _DERIVED_MODEL_FIELDS = {"vocab_size", "seq_len", "image_size", "channels", "n_classes", "input_dim", "extra"}
 
-# Accepted values per key: (predicate, description of what is accepted).
-_pos = (lambda v: 0 < v < math.inf, "finite and > 0")
-_nonneg = (lambda v: 0 <= v < math.inf, "finite and ≥ 0")
-_CHECKS: dict[str, tuple[Callable[[Any], bool], str]] = {
-    "tokenizer": (lambda v: v in ("char", "bpe"), "char or bpe"),
-    "vocab_size": (lambda v: v >= 2, "≥ 2"),
-    "seq_len": _pos,
-    "val_fraction": (lambda v: 0 < v <= 0.5, "in (0, 0.5]"),
-    "icl_dim": _pos,
-    "icl_points": (lambda v: v >= 2, "≥ 2"),
-    "icl_noise": _nonneg,
-    "recall_keys": (lambda v: v >= 2, "≥ 2"),
-    "recall_values": (lambda v: v >= 2, "≥ 2"),
-    "recall_pairs": _pos,
-    "recall_queries": _pos,
-    "recall_min_pairs": _pos,
-    "corrected_weight_decay": (
-        lambda v: set(v) <= {"all", "q", "k", "v", "o", "qkv", "mlp", "embed", "norm", "head", "other"},
-        "roles (q, k, v, o, qkv, mlp, embed, norm, head, other) or all",
-    ),
-    "rank_guard_qk": (lambda v: 0 <= v <= 1, "a fraction of d_head in [0, 1] (0: unguarded)"),
-    "rank_guard_ov": (lambda v: 0 <= v <= 1, "a fraction of d_head in [0, 1] (0: unguarded)"),
-    "rank_guard_kappa": (lambda v: 0 < v < math.inf, "finite and > 0"),
-    "rank_guard_min": (lambda v: 0 < v < math.inf, "finite and > 0"),
-    "rank_guard_max": (lambda v: 0 < v < math.inf, "finite and > 0"),
-    "lr": _pos,
-    "weight_decay": _nonneg,
-    "beta1": (lambda v: 0 <= v < 1, "in [0, 1)"),
-    "beta2": (lambda v: 0 <= v < 1, "in [0, 1)"),
-    "schedule": (lambda v: v in ("cosine", "linear", "constant"), "cosine, linear or constant"),
-    "warmup_steps": _nonneg,
-    "min_lr_ratio": (lambda v: 0 <= v <= 1, "in [0, 1]"),
-    "grad_clip": _nonneg,
-    "batch_size": _pos,
-    "max_steps": _pos,
-    "stop_at": _pos,
-    "seed": (lambda v: 0 <= v <= 2**31 - 1, "an integer in [0, 2147483647]"),
-    "precision": (lambda v: v in ("fp32", "bf16"), "fp32 or bf16"),
-    "device": (lambda v: v in ("auto", "cpu", "cuda"), "auto, cpu or cuda"),
-    "log_every": _pos,
-    "eval_every": _nonneg,
-    "eval_batches": _nonneg,
-    "spectra_every": _nonneg,
-    "checkpoint_every": _pos,
-    "keep_checkpoints": _pos,
-    "max_bad_steps": _nonneg,
-    "model.kind": (lambda v: v in models.kinds(), ", ".join(models.kinds())),
-    "model.n_layer": _pos,
-    "model.n_head": _pos,
-    "model.d_model": _pos,
-    "model.d_head": _pos,
-    "model.d_mlp": _nonneg,
-    "model.dropout": (lambda v: 0 <= v < 1, "in [0, 1)"),
-    "model.attention": (lambda v: v in ("softmax", "linear"), "softmax or linear"),
-    "model.patch_size": _pos,
-    "model.init_std": _pos,
-    "optimizer": (lambda v: v in optimizers.registry(), ", ".join(optimizers.registry())),
-    **{
-        key: check
-        for spec in optimizers.registry().values()
-        for key, (_, check) in spec.keys.items()
-        if check
-    },
+# Accepted values per key, from the sections: (predicate, description of what is accepted).
+_CHECKS: dict[str, Check] = {
+    key: check for keys in sections().values() for key, (_, check) in keys.items() if check is not None
 }
 
 
@@ -496,39 +431,18 @@ def load_config(
 
 
 def _check_consistency(config: TrainConfig) -> None:
-    from qkvlab.presets import optimizer_settings
-
-    # an unknown preset, preset argument, role or override setting fails here, before any data or model
-    optimizer_settings(config.preset, overrides=config.overrides, train=config.train_roles)
-    config.run_dir()  # a bad out= template fails here, before any data or model
-    model = config.model
-    decoupled = " or ".join(name for name, spec in optimizers.registry().items() if spec.decoupled)
-    if config.corrected_weight_decay and not optimizers.get(config.optimizer).decoupled:
-        raise UserError(
-            f"corrected_weight_decay needs decoupled decay; accepted with optimizer={decoupled}, not {config.optimizer}"
-        )
-    if config.rank_guard() is not None:
-        if not optimizers.get(config.optimizer).decoupled:
-            raise UserError(
-                f"the rank guard sets decoupled weight decay; accepted with optimizer={decoupled}, not {config.optimizer}"
-            )
-        if not config.spectra_every:
-            raise UserError("the rank guard acts when the spectral monitor fires; set spectra_every > 0")
-    if model.attention not in models.get(model.kind).attention:
-        accepting = [name for name, kind in models.kinds().items() if model.attention in kind.attention]
-        raise UserError(f"model.attention={model.attention} is only for model.kind={' or '.join(accepting)}")
+    """What no single key can say alone, each section checking its own (before any data or model)."""
+    # an unknown preset, preset argument, role or override setting fails here
+    presets.optimizer_settings(config.preset, overrides=config.overrides, train=config.train_roles)
+    config.run_dir()  # a bad out= template fails here
+    guard.validate(config)
+    models.validate(config.model)
     if config.stop_at is not None and config.stop_at > config.max_steps:
         raise UserError(f"stop_at={config.stop_at} is beyond max_steps={config.max_steps}")
     if config.warmup_steps >= config.max_steps and config.warmup_steps > 0:
         raise UserError(
             f"warmup_steps={config.warmup_steps} must be < max_steps={config.max_steps}; accepted: warmup_steps="
             f"0 … {config.max_steps - 1} (e.g. warmup_steps={config.max_steps // 10}, a tenth of the run)"
-        )
-    model = config.model
-    if not model.d_head and model.d_model // model.n_head == 0:
-        raise UserError(
-            f"model.n_head={model.n_head} leaves d_head = d_model // n_head = 0; accepted: "
-            f"model.n_head ≤ model.d_model ({model.d_model}), or a model.d_head of its own"
         )
 
 

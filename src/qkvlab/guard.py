@@ -36,10 +36,70 @@ from typing import Any
 
 from qkvlab.errors import UserError
 
-__all__ = ["PAIRS", "RankGuard", "broadcast_decay", "corrected_weight_decay", "guarded_groups", "set_decay"]
+__all__ = [
+    "KEYS",
+    "PAIRS",
+    "RankGuard",
+    "broadcast_decay",
+    "corrected_weight_decay",
+    "guarded_groups",
+    "set_decay",
+    "validate",
+]
 
 #: The two products and the factors whose decay shapes each.
 PAIRS = {"qk": ("q", "k"), "ov": ("v", "o")}
+
+_FRACTION = (lambda v: 0 <= v <= 1, "a fraction of d_head in [0, 1] (0: unguarded)")
+_POSITIVE = (lambda v: 0 < v < math.inf, "finite and > 0")
+#: The guard's section of a run's config (``qkvlab.config``): corrected decay and the rank guard.
+KEYS: dict[str, tuple[str, Any]] = {
+    "corrected_weight_decay": (
+        "roles whose decay follows the schedule, λ_t = λ·η_t/η_max (adamw, muon), or [all]",
+        (
+            lambda v: set(v) <= {"all", "q", "k", "v", "o", "qkv", "mlp", "embed", "norm", "head", "other"},
+            "roles (q, k, v, o, qkv, mlp, embed, norm, head, other) or all",
+        ),
+    ),
+    "rank_guard_qk": (
+        "rank guard target effective rank of W_KᵀW_Q, a fraction of d_head; 0 = unguarded",
+        _FRACTION,
+    ),
+    "rank_guard_ov": (
+        "rank guard target effective rank of P·W_V, a fraction of d_head; 0 = unguarded",
+        _FRACTION,
+    ),
+    "rank_guard_kappa": ("rank guard gain κ: each firing moves λ by at most e^κ", _POSITIVE),
+    "rank_guard_min": ("rank guard lower bound λ_min", _POSITIVE),
+    "rank_guard_max": ("rank guard upper bound λ_max", _POSITIVE),
+}
+
+
+def validate(config: Any) -> None:
+    """What the guard's keys need of the rest of a run's config: decoupled decay (an optimiser of
+    ``qkvlab.optimizers`` whose ``decay`` is ``decoupled``), and for the rank guard a spectral monitor
+    that fires."""
+    from qkvlab import optimizers
+
+    names = optimizers.registry()
+    decoupled_names = " or ".join(name for name, spec in names.items() if spec.decoupled)
+
+    def decoupled(name: str) -> bool:
+        return optimizers.get(name).decoupled
+
+    if config.corrected_weight_decay and not decoupled(config.optimizer):
+        raise UserError(
+            f"corrected_weight_decay needs decoupled decay; accepted with optimizer={decoupled_names}, "
+            f"not {config.optimizer}"
+        )
+    if config.rank_guard() is not None:
+        if not decoupled(config.optimizer):
+            raise UserError(
+                f"the rank guard sets decoupled weight decay; accepted with optimizer={decoupled_names}, "
+                f"not {config.optimizer}"
+            )
+        if not config.spectra_every:
+            raise UserError("the rank guard acts when the spectral monitor fires; set spectra_every > 0")
 
 
 @dataclass(frozen=True)

@@ -14,6 +14,7 @@ from qkvlab.errors import UserError
 
 __all__ = [
     "ATTENTION_ROLES",
+    "KEYS",
     "PRESETS",
     "ROLES",
     "Preset",
@@ -23,6 +24,16 @@ __all__ = [
 ]
 
 ROLES = ("q", "k", "v", "o", "qkv", "mlp", "embed", "norm", "head", "other")
+
+#: The per-matrix section of a run's config (``qkvlab.config``; checked as a whole by ``optimizer_settings``).
+KEYS: dict[str, tuple[str, None]] = {
+    "preset": (
+        "a named per-matrix preset: decoupled-attn | qv-ratio | loraplus, with args (qv-ratio:ratio=4)",
+        None,
+    ),
+    "overrides": ("per role {lr_scale, weight_decay}, in a config file: overrides: {v: {lr_scale: 4}}", None),
+    "train_roles": ("roles that train (e.g. [q, v, head]); None = all", None),
+}
 ATTENTION_ROLES = ("q", "k", "v", "o", "qkv")
 _OVERRIDE_KEYS = ("lr_scale", "weight_decay")
 

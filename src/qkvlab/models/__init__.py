@@ -16,9 +16,11 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
-from qkvlab.models.config import ModelConfig
+from qkvlab.args import Key
+from qkvlab.errors import UserError
+from qkvlab.models.config import KEYS, ModelConfig
 
-__all__ = ["ModelConfig", "ModelKind", "build_model", "get", "kinds", "register"]
+__all__ = ["ModelConfig", "ModelKind", "build_model", "get", "keys", "kinds", "register", "validate"]
 
 
 @dataclass(frozen=True)
@@ -63,6 +65,30 @@ def get(name: str) -> ModelKind:
     if name not in known:
         raise ValueError(f"unknown model kind {name!r}; accepted: {', '.join(known)}")
     return known[name]
+
+
+def keys() -> dict[str, Key]:
+    """The model section of a run's config: ``model.kind`` (one of :func:`kinds`) and the sizes."""
+    known = kinds()
+    return {
+        "model.kind": (
+            " | ".join(f"{name} ({kind.help})" for name, kind in known.items()),
+            (lambda v: v in kinds(), ", ".join(known)),
+        ),
+        **KEYS,
+    }
+
+
+def validate(cfg: ModelConfig) -> None:
+    """What no single model key can say alone: the attention the kind accepts, a d_head above 0."""
+    if cfg.attention not in get(cfg.kind).attention:
+        accepting = [name for name, kind in kinds().items() if cfg.attention in kind.attention]
+        raise UserError(f"model.attention={cfg.attention} is only for model.kind={' or '.join(accepting)}")
+    if not cfg.d_head and cfg.d_model // cfg.n_head == 0:
+        raise UserError(
+            f"model.n_head={cfg.n_head} leaves d_head = d_model // n_head = 0; accepted: "
+            f"model.n_head ≤ model.d_model ({cfg.d_model}), or a model.d_head of its own"
+        )
 
 
 def build_model(cfg: ModelConfig) -> Any:

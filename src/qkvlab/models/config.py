@@ -5,7 +5,9 @@ from __future__ import annotations
 
 from dataclasses import asdict, dataclass, field
 
-__all__ = ["ModelConfig"]
+from qkvlab.args import NONNEGATIVE, POSITIVE, UNIT, Key
+
+__all__ = ["KEYS", "ModelConfig"]
 
 
 @dataclass
@@ -53,3 +55,26 @@ class ModelConfig:
             "head_dim": self.head_dim,
             "qkvlab": asdict(self),
         }
+
+
+#: The model section of a run's config (``model.kind`` is the registry's: ``qkvlab.models.keys``).
+KEYS: dict[str, Key] = {
+    "model.n_layer": ("transformer blocks", POSITIVE),
+    "model.n_head": ("attention heads per block", POSITIVE),
+    "model.d_model": ("residual width", POSITIVE),
+    "model.d_head": ("per-head width (None: d_model / n_head)", POSITIVE),
+    "model.d_mlp": ("MLP width (None: 4·d_model; 0: attention-only blocks)", NONNEGATIVE),
+    "model.dropout": ("dropout probability", UNIT),
+    "model.bias": ("biases in linear layers", None),
+    "model.tie_embeddings": ("gpt: the LM head shares the token embedding", None),
+    "model.attention": (
+        "softmax | linear (icl only; von Oswald et al. 2023)",
+        (lambda v: v in ("softmax", "linear"), "softmax or linear"),
+    ),
+    "model.norm": ("icl: LayerNorm before each sublayer (False: a pure residual attention stack)", None),
+    "model.patch_size": ("vit: patch side in pixels", POSITIVE),
+    "model.init_std": (
+        "std of every weight matrix at init (residual output projections: std/√(2·n_layer))",
+        POSITIVE,
+    ),
+}

@@ -23,12 +23,10 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
+from qkvlab.args import NONNEGATIVE, POSITIVE, UNIT, Check, Key
 from qkvlab.errors import UserError
 
-__all__ = ["OptimizerSpec", "get", "names", "normalise", "register", "registry"]
-
-#: (predicate, what is accepted) for a config value, as in ``qkvlab.config``
-Check = tuple[Callable[[Any], bool], str]
+__all__ = ["OptimizerSpec", "get", "keys", "names", "normalise", "register", "registry"]
 
 
 @dataclass(frozen=True)
@@ -103,3 +101,23 @@ def get(name: str) -> OptimizerSpec:
     close = list(dict.fromkeys(_ALIASES.get(c, c) for c in close))  # an alias suggests today's name
     hint = f"; did you mean {' or '.join(close)}?" if close else ""
     raise UserError(f"unknown optimizer {name!r}{hint} accepted: {', '.join(known)}")
+
+
+def keys() -> dict[str, Key]:
+    """The optimiser section of a run's config: the name, the keys every optimiser reads, and each
+    optimiser's own keys (from its module)."""
+    known = registry()
+    return {
+        "optimizer": (
+            " | ".join(f"{name} ({spec.help})" for name, spec in known.items()),
+            (lambda v: v in registry(), ", ".join(known)),
+        ),
+        "lr": ("peak learning rate η", POSITIVE),
+        "weight_decay": (
+            "λ for weight matrices (biases, norms and embeddings get 0 unless a preset says otherwise)",
+            NONNEGATIVE,
+        ),
+        "beta1": ("Adam/AdamW β₁", UNIT),
+        "beta2": ("Adam/AdamW β₂", UNIT),
+        **{key: entry for spec in known.values() for key, entry in spec.keys.items()},
+    }

@@ -28,22 +28,8 @@ def load_run_dataset(config: TrainConfig, world_size: int = 1) -> Dataset:
     """
     from qkvlab.data import load_dataset
 
-    dataset = load_dataset(
-        config.data,
-        seq_len=config.seq_len,
-        tokenizer=config.tokenizer,
-        vocab_size=config.vocab_size,
-        seed=config.seed,
-        val_fraction=config.val_fraction,
-        icl_dim=config.icl_dim,
-        icl_points=config.icl_points,
-        icl_noise=config.icl_noise,
-        recall_keys=config.recall_keys,
-        recall_values=config.recall_values,
-        recall_pairs=config.recall_pairs,
-        recall_queries=config.recall_queries,
-        recall_min_pairs=config.recall_min_pairs,
-    )
+    data = config.section("data")  # every key of the data section is a load_dataset keyword
+    dataset = load_dataset(data.pop("data"), seed=config.seed, **data)
     if config.online:  # refuse before training, not at the first step past the data
         steps = dataset.max_online_steps(config.batch_size // world_size, world_size)
         if steps is not None and config.max_steps > steps:
