@@ -12,22 +12,13 @@ from torch import nn
 import qkvlab
 from qkvlab.optim import l2_penalty, param_groups, parse_preset, preset_settings, roles
 
-from conftest import tiny_hf_model
+from conftest import tiny_bert_classifier, tiny_hf_model
 
 LR, WD = 1e-3, 0.1
 
 
 def _tiny_bert_classifier(seed: int = 0) -> nn.Module:
-    torch.manual_seed(seed)
-    config = tf.BertConfig(
-        vocab_size=64,
-        hidden_size=32,
-        num_attention_heads=4,
-        num_hidden_layers=2,
-        intermediate_size=48,
-        num_labels=3,
-    )
-    return tf.BertForSequenceClassification(config)
+    return tiny_bert_classifier(seed, num_labels=3)
 
 
 def _group_of(groups, name):
