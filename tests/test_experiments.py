@@ -552,3 +552,20 @@ def test_repro_wd_rank_on_a_tiny_vit_on_mnist(tmp_path, capsys) -> None:
         config["data"] == "mnist5k" and config["model"]["kind"] == "vit" and config["model"]["bias"] is False
     )
     assert config["overrides"]["q"]["weight_decay"] == 1.0 and config["weight_decay"] == 0.1
+
+
+def test_a_mistyped_claim_or_command_names_the_closest_one(capsys) -> None:
+    from qkvlab.cli import main
+
+    for argv, closest in (
+        (["repro", "wd-rnak"], "wd-rank"),
+        (["inspct"], "inspect"),
+        (["repro", "theroy"], "theory"),
+    ):
+        with pytest.raises(SystemExit) as exit_:
+            main(argv)
+        err = capsys.readouterr().err.strip().splitlines()
+        assert exit_.value.code == 2 and len(err) == 1 and f"did you mean {closest}?" in err[0]
+    with pytest.raises(SystemExit):
+        main(["repro", "xyzzy"])
+    assert "did you mean" not in capsys.readouterr().err  # nothing close: no guess
