@@ -16,6 +16,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from qkvlab.files import write_atomic
+from qkvlab.render.tables import markdown_table
 
 __all__ = [
     "Figure",
@@ -187,9 +188,9 @@ def inert_markdown(text: str) -> str:
 def table_markdown(table: Table) -> str:
     """A :class:`Table` as a Markdown table (caption above it); every cell escaped (inert)."""
     lines = [f"{inert_markdown(table.caption)}\n"] if table.caption else []
-    lines.append("| " + " | ".join(_md_escape(h) for h in table.headers) + " |")
-    lines.append("|" + "---|" * len(table.headers))
-    lines += ["| " + " | ".join(_md_escape(v) for v in row) + " |" for row in table.rows]
+    lines += markdown_table(
+        [_md_escape(h) for h in table.headers], [[_md_escape(v) for v in row] for row in table.rows]
+    )
     return "\n".join(lines)
 
 

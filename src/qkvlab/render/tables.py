@@ -22,6 +22,17 @@ def format_table(headers: Sequence[str], rows: Sequence[Sequence[object]]) -> st
     return "\n".join(lines)
 
 
+def markdown_table(headers: Sequence[object], rows: Sequence[Sequence[object]]) -> list[str]:
+    """The lines of a Markdown table: ``| h1 | h2 |``, ``|---|---|``, then ``| c1 | c2 |`` per row.
+
+    Cells are written as ``str(cell)``, unescaped: callers with text from outside qkvlab (file names)
+    escape it first (:func:`qkvlab.render.page.table_markdown` does).
+    """
+    lines = ["| " + " | ".join(str(h) for h in headers) + " |", "|" + "---|" * len(headers)]
+    lines += ["| " + " | ".join(str(c) for c in row) + " |" for row in rows]
+    return lines
+
+
 def pm(stats: dict[str, float] | None, digits: int = 4, scale: float = 1.0) -> str:
     """``mean ± std`` of a :func:`qkvlab.grid.runner.mean_std` result; "—" for none.
 

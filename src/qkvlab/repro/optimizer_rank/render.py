@@ -6,14 +6,15 @@ from pathlib import Path
 from typing import Any
 
 from qkvlab.conventions import PRODUCT_NAMES
-from qkvlab.render.tables import diff_text, pm
+from qkvlab.render.tables import diff_text, markdown_table, pm
 
 __all__ = ["plot_optimizer_rank", "tables"]
 
 
-def _row_head(c: dict[str, Any]) -> str:
+def _row_head(c: dict[str, Any]) -> list[str]:
+    """The first four cells of a cell's row: variant, Σηλ, λ, seeds."""
     seeds = f"{len(c['seeds'])}" + (f" (+{len(c['stopped'])} stopped)" if c["stopped"] else "")
-    return f"| {c['variant']} | {c['budget']:g} | {c['lambda']:.3g} | {seeds} |"
+    return [c["variant"], f"{c['budget']:g}", f"{c['lambda']:.3g}", seeds]
 
 
 def _selection_table(selection: dict[str, Any]) -> list[str]:
@@ -22,17 +23,16 @@ def _selection_table(selection: dict[str, Any]) -> list[str]:
         "(a grid of ½, 1, 2 × the setting's lr, extended past an edge winner at most twice); "
         "AdamW, Adam + L2 and corrected AdamW share Adam's, Muon and corrected Muon share Muon's.",
         "",
-        "| rule | val loss per lr | chosen |",
-        "|---|---|---|",
     ]
+    rows = []
     for rule, s in selection.items():
         # A task solved at every lr (associative recall) has losses of 1e-8: shown, not rounded to 0.0000.
         losses = ", ".join(
             f"{lr}: {loss:.4f}" if loss >= 1e-3 else f"{lr}: {loss:.1e}" for lr, loss in s["losses"].items()
         )
         edge = " (at the grid's edge)" if s["at_edge"] else ""
-        lines.append(f"| {rule} | {losses} | {s['chosen']:g}{edge} |")
-    return lines
+        rows.append([rule, losses, f"{s['chosen']:g}{edge}"])
+    return lines + markdown_table(["rule", "val loss per lr", "chosen"], rows)
 
 
 SWITCHED_OFF = 0.01
@@ -74,17 +74,41 @@ def tables(summary: dict[str, Any]) -> str:
         f"weight decay that gives it; minutes of wall-clock on {', '.join(devices)} (shared machines; "
         "with runs on more than one device, per device: a mean across devices would mean nothing).",
         "",
-        "| variant | Σηλ | λ | seeds | val loss |"
-        + (" val accuracy (%) |" if accuracy else "")
-        + " QK erank | QK min | QK rank | OV erank | OV min | OV rank | minutes |",
-        "|---|---|---|---|---|" + ("---|" if accuracy else "") + "---|---|---|---|---|---|---|",
     ]
+    headers = [
+        "variant",
+        "Σηλ",
+        "λ",
+        "seeds",
+        "val loss",
+        *(["val accuracy (%)"] if accuracy else []),
+        "QK erank",
+        "QK min",
+        "QK rank",
+        "OV erank",
+        "OV min",
+        "OV rank",
+        "minutes",
+    ]
+    rows = []
     init = next((c["init"] for c in cells if c.get("init")), None)
     if init:
-        lines.append(
-            "| init | — | — | — | — |"
-            + (" — |" if accuracy else "")
-            + f" {pm(init['qk_effective_rank'], 2)} | — | — | {pm(init['ov_effective_rank'], 2)} | — | — | — |"
+        rows.append(
+            [
+                "init",
+                "—",
+                "—",
+                "—",
+                "—",
+                *(["—"] if accuracy else []),
+                pm(init["qk_effective_rank"], 2),
+                "—",
+                "—",
+                pm(init["ov_effective_rank"], 2),
+                "—",
+                "—",
+                "—",
+            ]
         )
     marked = False
     for c in cells:
@@ -92,24 +116,25 @@ def tables(summary: dict[str, Any]) -> str:
         for p in ("qk", "ov"):
             dead = switched_off(c, p)
             marked |= dead
-            cols.append(
-                " | ".join(
-                    m(c, name, digits) + (" †" if dead else "")
-                    for name, digits in (
-                        (f"{p}_effective_rank", 2),
-                        (f"{p}_effective_rank_min", 2),
-                        (f"{p}_rank", 1),
-                    )
+            cols += [
+                m(c, name, digits) + (" †" if dead else "")
+                for name, digits in (
+                    (f"{p}_effective_rank", 2),
+                    (f"{p}_effective_rank_min", 2),
+                    (f"{p}_rank", 1),
                 )
-            )
-        lines.append(
-            _row_head(c)
-            + f" {m(c, 'val_loss', 4)} |"
-            + (f" {m(c, 'val_accuracy', 1, 100)} |" if accuracy else "")
-            + " "
-            + " |  ".join(cols)
-            + f" | {_minutes(c, devices)} |"
+            ]
+        cols[3] = " " + cols[3]  # as printed so far: two spaces before the OV erank
+        rows.append(
+            [
+                *_row_head(c),
+                m(c, "val_loss", 4),
+                *([m(c, "val_accuracy", 1, 100)] if accuracy else []),
+                *cols,
+                _minutes(c, devices),
+            ]
         )
+    lines += markdown_table(headers, rows)
     if marked:
         lines += [
             "",
@@ -121,59 +146,69 @@ def tables(summary: dict[str, Any]) -> str:
         "Norms of the products (mean over heads): nuclear ‖·‖_*, spectral ‖·‖₂, and the gap "
         "½(‖A‖²_F + ‖B‖²_F) − ‖ABᵀ‖_* between the factors' Frobenius cost and the nuclear norm.",
         "",
-        "| variant | Σηλ | λ | seeds | QK ‖·‖_* | QK ‖·‖₂ | QK gap | OV ‖·‖_* | OV ‖·‖₂ | OV gap |",
-        "|---|---|---|---|---|---|---|---|---|---|",
     ]
-    for c in cells:
-        lines.append(
-            _row_head(c)
-            + " | ".join(
-                f" {m(c, f'{p}_nuclear_norm', 3)} | {m(c, f'{p}_spectral_norm', 3)} | {m(c, f'{p}_gap', 3)}"
-                for p in ("qk", "ov")
-            )
-            + " |"
-        )
+    lines += markdown_table(
+        ["variant", "Σηλ", "λ", "seeds", "QK ‖·‖_*", "QK ‖·‖₂", "QK gap", "OV ‖·‖_*", "OV ‖·‖₂", "OV gap"],
+        [
+            [
+                *_row_head(c),
+                *(
+                    cell
+                    for p in ("qk", "ov")
+                    for cell in (
+                        # as printed so far: two spaces before the OV ‖·‖_*
+                        (" " if p == "ov" else "") + m(c, f"{p}_nuclear_norm", 3),
+                        m(c, f"{p}_spectral_norm", 3),
+                        m(c, f"{p}_gap", 3),
+                    )
+                ),
+            ]
+            for c in cells
+        ],
+    )
     lines += [
         "",
         "Spectral norms of the factors (what Muon's decay bounds): the whole matrix / a head's slice "
         "(d_head rows of W_Q, W_K, W_V; d_head columns of W_O), and the largest head's over the smallest "
         "head's (×), means over layers.",
         "",
-        "| variant | Σηλ | λ | seeds | W_Q | W_K | W_V | W_O |",
-        "|---|---|---|---|---|---|---|---|",
     ]
-    for c in cells:
-        lines.append(
-            _row_head(c)
-            + " | ".join(
-                f" {m(c, f'{r}_matrix_norm', 3)} / {m(c, f'{r}_head_norm', 3)} ({m(c, f'{r}_head_spread', 2)}×)"
-                for r in ("q", "k", "v", "o")
-            )
-            + " |"
-        )
+    lines += markdown_table(
+        ["variant", "Σηλ", "λ", "seeds", "W_Q", "W_K", "W_V", "W_O"],
+        [
+            [
+                *_row_head(c),
+                # as printed so far: two spaces before W_K's, W_V's and W_O's cells
+                *(
+                    ("" if r == "q" else " ")
+                    + f"{m(c, f'{r}_matrix_norm', 3)} / {m(c, f'{r}_head_norm', 3)} ({m(c, f'{r}_head_spread', 2)}×)"
+                    for r in ("q", "k", "v", "o")
+                ),
+            ]
+            for c in cells
+        ],
+    )
     for key, title in (
         ("vs_budget0", "Seed-paired differences from the same variant at Σηλ = 0: what its decay does."),
         ("vs_adamw", "Seed-paired differences from AdamW at the same Σηλ: what the update rule changes."),
     ):
         # A rank difference involving a switched-off path is a difference of numerical noise: marked †.
         dagger = lambda c, p: " †" if switched_off(c, p) else ""  # noqa: E731
-        rows = [
-            f"| {c['variant']} | {c['budget']:g} | {diff_text(c[key]['val_loss'], 4)} | "
-            f"{diff_text(c[key]['qk_effective_rank'])}{dagger(c, 'qk')} | "
-            f"{diff_text(c[key]['ov_effective_rank'])}{dagger(c, 'ov')} |"
+        diffs = [
+            [
+                c["variant"],
+                f"{c['budget']:g}",
+                diff_text(c[key]["val_loss"], 4),
+                diff_text(c[key]["qk_effective_rank"]) + dagger(c, "qk"),
+                diff_text(c[key]["ov_effective_rank"]) + dagger(c, "ov"),
+            ]
             for c in cells
             if c[key]["val_loss"]
             and not (c["budget"] == 0 if key == "vs_budget0" else c["variant"] == "adamw")
         ]
-        if rows:
-            lines += [
-                "",
-                title,
-                "",
-                "| variant | Σηλ | Δ val loss | Δ QK erank | Δ OV erank |",
-                "|---|---|---|---|---|",
-            ]
-            lines += rows
+        if diffs:
+            lines += ["", title, ""]
+            lines += markdown_table(["variant", "Σηλ", "Δ val loss", "Δ QK erank", "Δ OV erank"], diffs)
     return "\n".join(lines)
 
 

@@ -11,7 +11,7 @@ from pathlib import Path
 from typing import Any
 
 from qkvlab.conventions import PRODUCT_NAMES
-from qkvlab.render.tables import diff_text, pm
+from qkvlab.render.tables import diff_text, markdown_table, pm
 
 __all__ = ["decouple_table", "plot_wd_rank", "wd_rank_tables"]
 
@@ -30,14 +30,17 @@ def _early_table(cells: list[dict[str, Any]]) -> list[str]:
         "as a share of its value at the end (mean over seeds). In each step's header, the share of Σₜηₜ spent by "
         "then: the share a Δ that grew in proportion to Σηλ would have reached.",
         "",
-        "| product | λ_attn | Σηλ_attn | "
-        + " | ".join(
+    ]
+    headers = [
+        "product",
+        "λ_attn",
+        "Σηλ_attn",
+        *(
             f"step {t} (Σηₜ {share:.0%})"
             for t, share in zip(steps, early[-1]["early"]["eta_share"], strict=True)
-        )
-        + " |",
-        "|---|---|---|" + "---|" * len(steps),
+        ),
     ]
+    rows = []
     for product in ("qk", "ov"):
         for c in early:
             e = c["early"]
@@ -47,12 +50,10 @@ def _early_table(cells: list[dict[str, Any]]) -> list[str]:
                 f"{diff_text(d)} [{format(share['mean'], '.0%') if share else '—'}]"
                 for d, share in zip(e[product], e[f"{product}_fraction"], strict=True)
             ]
-            lines.append(
-                f"| {product.upper()} | {c['attn_weight_decay']:g} | {c['eta_lambda_attn']:.3g} | "
-                + " | ".join(values)
-                + " |"
+            rows.append(
+                [product.upper(), f"{c['attn_weight_decay']:g}", f"{c['eta_lambda_attn']:.3g}", *values]
             )
-    return lines
+    return lines + markdown_table(headers, rows)
 
 
 def _balance_table(cells: list[dict[str, Any]]) -> list[str]:
@@ -66,16 +67,33 @@ def _balance_table(cells: list[dict[str, Any]]) -> list[str]:
         "and layers, mean ± std over the seeds that recorded it (0 = balanced; A, B = W_K, W_Q for QK and P, W_V "
         "for OV). e^(−2Σηλ) is the factor by which gradient flow with this decay shrinks ‖AᵀA − BᵀB‖_F.",
         "",
-        "| λ_attn | Σηλ_attn | seeds | e^(−2Σηλ) | QK at init | QK at end | OV at init | OV at end |",
-        "|---|---|---|---|---|---|---|---|",
     ]
+    headers = [
+        "λ_attn",
+        "Σηλ_attn",
+        "seeds",
+        "e^(−2Σηλ)",
+        "QK at init",
+        "QK at end",
+        "OV at init",
+        "OV at end",
+    ]
+    table = []
     for c in rows:
         b = c["balance"]
-        lines.append(
-            f"| {c['attn_weight_decay']:g} | {c['eta_lambda_attn']:.3g} | {len(b['seeds'])} | {math.exp(-2 * c['eta_lambda_attn']):.3g} | "
-            f"{pm(b['qk_init'], 3)} | {pm(b['qk_end'], 3)} | {pm(b['ov_init'], 3)} | {pm(b['ov_end'], 3)} |"
+        table.append(
+            [
+                f"{c['attn_weight_decay']:g}",
+                f"{c['eta_lambda_attn']:.3g}",
+                len(b["seeds"]),
+                f"{math.exp(-2 * c['eta_lambda_attn']):.3g}",
+                pm(b["qk_init"], 3),
+                pm(b["qk_end"], 3),
+                pm(b["ov_init"], 3),
+                pm(b["ov_end"], 3),
+            ]
         )
-    return lines
+    return lines + markdown_table(headers, table)
 
 
 def _gd_table(cells: list[dict[str, Any]]) -> list[str]:
@@ -89,16 +107,33 @@ def _gd_table(cells: list[dict[str, Any]]) -> list[str]:
         "(von Oswald et al. 2023), on the same validation tasks; predicting 0 scores about 1. Distance: the mean "
         "squared difference between the model's predictions and GD's (0 = the model is one GD step).",
         "",
-        "| λ_attn | Σηλ_attn | seeds | val MSE | one-step GD MSE | distance to GD | Δ val MSE vs λ_attn = 0 |",
-        "|---|---|---|---|---|---|---|",
     ]
+    table = []
     for c in rows:
         d = c.get("vs_attn_0") or {}
-        lines.append(
-            f"| {c['attn_weight_decay']:g} | {c['eta_lambda_attn']:.3g} | {len(c['seeds'])} | {pm(c['val']['loss'], 4)} | "
-            f"{pm(c['val']['gd_mse'], 4)} | {pm(c['val'].get('gd_distance'), 4)} | "
-            f"{'—' if c['attn_weight_decay'] == 0 else diff_text(d.get('val_loss'), 4)} |"
+        table.append(
+            [
+                f"{c['attn_weight_decay']:g}",
+                f"{c['eta_lambda_attn']:.3g}",
+                len(c["seeds"]),
+                pm(c["val"]["loss"], 4),
+                pm(c["val"]["gd_mse"], 4),
+                pm(c["val"].get("gd_distance"), 4),
+                "—" if c["attn_weight_decay"] == 0 else diff_text(d.get("val_loss"), 4),
+            ]
         )
+    lines += markdown_table(
+        [
+            "λ_attn",
+            "Σηλ_attn",
+            "seeds",
+            "val MSE",
+            "one-step GD MSE",
+            "distance to GD",
+            "Δ val MSE vs λ_attn = 0",
+        ],
+        table,
+    )
     weights = [c for c in rows if c.get("gd_alignment")]
     if weights:
         lines += [
@@ -109,15 +144,22 @@ def _gd_table(cells: list[dict[str, Any]]) -> list[str]:
             "small-score part only); step: T along GD's direction as a multiple of the best step η*; QK, OV: "
             "per head, cos of M with [I; 0] and |u_y|/‖u‖; direct: ‖Eᵀh‖² on x, the residual path GD lacks.",
             "",
-            "| λ_attn | Σηλ_attn | cos T | step / η* | QK cos | OV cos | direct |",
-            "|---|---|---|---|---|---|---|",
         ]
-        for c in weights:
-            g = c["gd_alignment"]
-            lines.append(
-                f"| {c['attn_weight_decay']:g} | {c['eta_lambda_attn']:.3g} | {pm(g['cosine'], 4)} | "
-                f"{pm(g['step_ratio'], 3)} | {pm(g['qk_cosine'], 4)} | {pm(g['ov_cosine'], 4)} | {pm(g['direct'], 5)} |"
-            )
+        lines += markdown_table(
+            ["λ_attn", "Σηλ_attn", "cos T", "step / η*", "QK cos", "OV cos", "direct"],
+            [
+                [
+                    f"{c['attn_weight_decay']:g}",
+                    f"{c['eta_lambda_attn']:.3g}",
+                    pm(c["gd_alignment"]["cosine"], 4),
+                    pm(c["gd_alignment"]["step_ratio"], 3),
+                    pm(c["gd_alignment"]["qk_cosine"], 4),
+                    pm(c["gd_alignment"]["ov_cosine"], 4),
+                    pm(c["gd_alignment"]["direct"], 5),
+                ]
+                for c in weights
+            ],
+        )
     return lines
 
 
@@ -172,40 +214,74 @@ def wd_rank_tables(summary: dict[str, Any], rest: float) -> str:
         f"Model-wide mean over layers and heads (mean ± std over seeds); λ_rest = {rest:g}, "
         f"Σₜηₜ = {cells[0]['eta_sum']:.4g}; rank at rtol = {rtol:g}; device: {_devices(cells)}.",
         "",
-        "| λ_attn | Σηλ_attn | seeds | val loss |"
-        + (" val accuracy (%) |" if accuracy else "")
-        + " QK erank | QK stable rank | QK rank | QK ‖·‖_* | OV erank | OV stable rank | OV rank | OV ‖·‖_* |",
-        "|---|---|---|---|" + ("---|" if accuracy else "") + "---|---|---|---|---|---|---|---|",
+    ]
+    headers = [
+        "λ_attn",
+        "Σηλ_attn",
+        "seeds",
+        "val loss",
+        *(["val accuracy (%)"] if accuracy else []),
+        *(
+            f"{p} {_NAMES[m]}"
+            for p in ("QK", "OV")
+            for m in ("effective_rank", "stable_rank", "rank", "nuclear_norm")
+        ),
     ]
     measures = ("effective_rank", "stable_rank", "rank", "nuclear_norm")
+    rows = []
     if init:
-        ranks = " | ".join(pm(init.get(f"{p}_{m}"), 2) for p in ("qk", "ov") for m in measures)
-        lines.append(f"| init | — | {len(cells[0]['seeds'])} | — |{' — |' if accuracy else ''} {ranks} |")
-    for c in cells:
-        ranks = " | ".join(pm(c["final"][f"{p}_{m}"], 2) for p in ("qk", "ov") for m in measures)
-        lines.append(
-            f"| {c['attn_weight_decay']:g} | {c['eta_lambda_attn']:.3g} | {len(c['seeds'])} | "
-            f"{pm(c['val'].get('loss'), 4)} |"
-            + (f" {pm(c['val'].get('accuracy'), 1, scale=100)} |" if accuracy else "")
-            + f" {ranks} |"
+        rows.append(
+            [
+                "init",
+                "—",
+                len(cells[0]["seeds"]),
+                "—",
+                *(["—"] if accuracy else []),
+                *(pm(init.get(f"{p}_{m}"), 2) for p in ("qk", "ov") for m in measures),
+            ]
         )
+    for c in cells:
+        rows.append(
+            [
+                f"{c['attn_weight_decay']:g}",
+                f"{c['eta_lambda_attn']:.3g}",
+                len(c["seeds"]),
+                pm(c["val"].get("loss"), 4),
+                *([pm(c["val"].get("accuracy"), 1, scale=100)] if accuracy else []),
+                *(pm(c["final"][f"{p}_{m}"], 2) for p in ("qk", "ov") for m in measures),
+            ]
+        )
+    lines += markdown_table(headers, rows)
     lines += [
         "",
         "Seed-paired differences from λ_attn = 0 (same λ_rest): the effect of attention weight decay "
         "beyond what training alone does.",
         "",
-        "| λ_attn | Σηλ_attn | Δ val loss | Δ QK erank | Δ OV erank | Δ QK stable rank | Δ OV stable rank |",
-        "|---|---|---|---|---|---|---|",
     ]
-    for c in cells:
-        d = c.get("vs_attn_0")
-        if not d or c["attn_weight_decay"] == 0:
-            continue
-        lines.append(
-            f"| {c['attn_weight_decay']:g} | {c['eta_lambda_attn']:.3g} | {diff_text(d['val_loss'], 4)} | "
-            f"{diff_text(d['qk_effective_rank'])} | {diff_text(d['ov_effective_rank'])} | "
-            f"{diff_text(d['qk_stable_rank'])} | {diff_text(d['ov_stable_rank'])} |"
-        )
+    lines += markdown_table(
+        [
+            "λ_attn",
+            "Σηλ_attn",
+            "Δ val loss",
+            "Δ QK erank",
+            "Δ OV erank",
+            "Δ QK stable rank",
+            "Δ OV stable rank",
+        ],
+        [
+            [
+                f"{c['attn_weight_decay']:g}",
+                f"{c['eta_lambda_attn']:.3g}",
+                diff_text(d["val_loss"], 4),
+                diff_text(d["qk_effective_rank"]),
+                diff_text(d["ov_effective_rank"]),
+                diff_text(d["qk_stable_rank"]),
+                diff_text(d["ov_stable_rank"]),
+            ]
+            for c in cells
+            if (d := c.get("vs_attn_0")) and c["attn_weight_decay"] != 0
+        ],
+    )
     lines += _gd_table(cells)
     lines += _early_table(cells)
     lines += _balance_table(cells)
@@ -215,19 +291,19 @@ def wd_rank_tables(summary: dict[str, Any], rest: float) -> str:
             "",
             f"{product.upper()} effective rank per layer (mean over heads; mean ± std over seeds).",
             "",
-            "| λ_attn | Σηλ_attn | " + " | ".join(f"layer {i}" for i in range(n_layers)) + " |",
-            "|---|---|" + "---|" * n_layers,
         ]
-        if init:
-            per = init[f"{product}_effective_rank_per_layer"]
-            lines.append("| init | — | " + " | ".join(pm(s, 2) for s in per) + " |")
-        for c in cells:
-            per = c["final"][f"{product}_effective_rank_per_layer"]
-            lines.append(
-                f"| {c['attn_weight_decay']:g} | {c['eta_lambda_attn']:.3g} | "
-                + " | ".join(pm(s, 2) for s in per)
-                + " |"
-            )
+        rows = (
+            [["init", "—", *(pm(s, 2) for s in init[f"{product}_effective_rank_per_layer"])]] if init else []
+        )
+        rows += [
+            [
+                f"{c['attn_weight_decay']:g}",
+                f"{c['eta_lambda_attn']:.3g}",
+                *(pm(s, 2) for s in c["final"][f"{product}_effective_rank_per_layer"]),
+            ]
+            for c in cells
+        ]
+        lines += markdown_table(["λ_attn", "Σηλ_attn", *(f"layer {i}" for i in range(n_layers))], rows)
     return "\n".join(lines)
 
 
@@ -236,21 +312,37 @@ def decouple_table(summary: dict[str, Any]) -> str:
     import math
 
     rests = sorted({c["rest_weight_decay"] for c in summary["cells"]})
-    lines = [
-        "| λ_rest | λ_attn | Σηλ_attn | seeds | val loss | val perplexity | Δ val loss vs λ_attn = λ_rest | "
-        "QK erank | OV erank |",
-        "|---|---|---|---|---|---|---|---|---|",
-    ]
+    rows = []
     for rest in rests:
         for c in _cells(summary, rest):
             loss = c["val"].get("loss")
             ppl = f"{math.exp(loss['mean']):.3f}" if loss else "—"
             same = c["attn_weight_decay"] == rest
-            lines.append(
-                f"| {rest:g} | {c['attn_weight_decay']:g} | {c['eta_lambda_attn']:.3g} | {len(c['seeds'])} | "
-                f"{pm(loss, 4)} | {ppl} | {'(reference)' if same else diff_text((c.get('vs_coupled') or {}).get('val_loss'), 4)} | "
-                f"{pm(c['final']['qk_effective_rank'], 2)} | {pm(c['final']['ov_effective_rank'], 2)} |"
+            rows.append(
+                [
+                    f"{rest:g}",
+                    f"{c['attn_weight_decay']:g}",
+                    f"{c['eta_lambda_attn']:.3g}",
+                    len(c["seeds"]),
+                    pm(loss, 4),
+                    ppl,
+                    "(reference)" if same else diff_text((c.get("vs_coupled") or {}).get("val_loss"), 4),
+                    pm(c["final"]["qk_effective_rank"], 2),
+                    pm(c["final"]["ov_effective_rank"], 2),
+                ]
             )
+    headers = [
+        "λ_rest",
+        "λ_attn",
+        "Σηλ_attn",
+        "seeds",
+        "val loss",
+        "val perplexity",
+        "Δ val loss vs λ_attn = λ_rest",
+        "QK erank",
+        "OV erank",
+    ]
+    lines = markdown_table(headers, rows)
     lines += [
         "",
         "Perplexity is exp(mean val loss). A negative Δ means lower loss than coupled weight decay "

@@ -10,7 +10,7 @@ from pathlib import Path
 from typing import Any
 
 from qkvlab.grid import runner as grid_layer
-from qkvlab.render.tables import pm
+from qkvlab.render.tables import markdown_table, pm
 from qkvlab.repro.paper001.pilot import LAMBDAS, _load, _run_peaks, aggregate
 
 _stats = grid_layer.mean_std
@@ -26,21 +26,40 @@ def _memory(row: dict[str, Any]) -> str:
 
 def summarize(out: Path) -> str:
     """A markdown table (mean ± std over seeds) of every grid point with results."""
-    lines = [
-        "| setting | η_QK | seeds | test score (%)† | test macro-F1 (%) | test MCC (×100) | best val (%) | "
-        "mean val over curve (%) | steps to 95% of best | trainable params | ms/step | peak memory (GiB) |",
-        "|---|---|---|---|---|---|---|---|---|---|---|---|",
+    headers = [
+        "setting",
+        "η_QK",
+        "seeds",
+        "test score (%)†",
+        "test macro-F1 (%)",
+        "test MCC (×100)",
+        "best val (%)",
+        "mean val over curve (%)",
+        "steps to 95% of best",
+        "trainable params",
+        "ms/step",
+        "peak memory (GiB)",
     ]
+    rows = []
     for row in aggregate(out):
         test = row["test"]
-        f1 = pm(test["macro_f1"], 1, scale=100) if "macro_f1" in test else "—"
-        mcc = pm(test["mcc"], 1, scale=100) if "mcc" in test else "—"
-        lines.append(
-            f"| {row['label']} | {row['lr']:g} | {len(row['seeds'])} | {pm(test[row['metric']], 1, scale=100)} | {f1} | {mcc} | "
-            f"{pm(row['best_val'], 1, scale=100)} | {pm(row['val_curve_mean'], 1, scale=100)} | "
-            f"{pm(row['steps_to_95pct_of_best'], 0)} | {row['trainable_parameters']:,} | "
-            f"{row['seconds_per_step_median'] * 1e3:.0f} | {_memory(row)} |"
+        rows.append(
+            [
+                row["label"],
+                f"{row['lr']:g}",
+                len(row["seeds"]),
+                pm(test[row["metric"]], 1, scale=100),
+                pm(test["macro_f1"], 1, scale=100) if "macro_f1" in test else "—",
+                pm(test["mcc"], 1, scale=100) if "mcc" in test else "—",
+                pm(row["best_val"], 1, scale=100),
+                pm(row["val_curve_mean"], 1, scale=100),
+                pm(row["steps_to_95pct_of_best"], 0),
+                f"{row['trainable_parameters']:,}",
+                f"{row['seconds_per_step_median'] * 1e3:.0f}",
+                _memory(row),
+            ]
         )
+    lines = markdown_table(headers, rows)
     lines.append("")
     lines.append(
         "†accuracy for classes, Pearson r for a regression label; mean ± sample std over seeds. "
@@ -153,10 +172,11 @@ def _common(a: dict[int, Any], b: dict[int, Any]) -> tuple[dict[int, Any], dict[
     return {s: a[s] for s in seeds}, {s: b[s] for s in seeds}
 
 
-def _versus(a: dict[int, dict[str, Any]], b: dict[int, dict[str, Any]]) -> str:
-    """Test score of a, of b, and a − b paired by seed on test and on mean validation, over common seeds."""
+def _versus(a: dict[int, dict[str, Any]], b: dict[int, dict[str, Any]]) -> list[str]:
+    """Four cells: test score of a, of b, and a − b paired by seed on test and on mean validation, over
+    common seeds."""
     a, b = _common(a, b)
-    return f"{_cell(a, _test)} | {_cell(b, _test)} | {_paired(a, b, _test)} | {_paired(a, b, _curve_mean)}"
+    return [_cell(a, _test), _cell(b, _test), _paired(a, b, _test), _paired(a, b, _curve_mean)]
 
 
 def _peak_rss(runs: list[dict[str, Any]]) -> str:
@@ -179,36 +199,35 @@ def claims_markdown(out: Path) -> str:
         return "ALL" if targets == ("all",) else "".join(t.upper() for t in targets)
 
     # 1. QV ≥ QKV
-    lines = [
-        "| method | QV λ | QV test acc | QKV (λ = 1) test acc | QV − QKV, test | QV − QKV, mean val over curve |",
-        "|---|---|---|---|---|---|",
-    ]
+    rows = []
     for method in ("full", "lora"):
         base = runs.get((rt, method, ("q", "k", "v"), 1.0))
         for lam in (1.0, *LAMBDAS):
             qv = runs.get((rt, method, ("q", "v"), lam))
             if qv and base:
-                lines.append(f"| {method} | {lam:g} | {_versus(qv, base)} |")
-    sections.append(("QV vs QKV (rotten-tomatoes)", lines))
+                rows.append([method, f"{lam:g}", *_versus(qv, base)])
+    headers = [
+        "method",
+        "QV λ",
+        "QV test acc",
+        "QKV (λ = 1) test acc",
+        "QV − QKV, test",
+        "QV − QKV, mean val over curve",
+    ]
+    sections.append(("QV vs QKV (rotten-tomatoes)", markdown_table(headers, rows)))
 
     # 2. V vs K
-    lines = [
-        "| method | comparison | first | second | first − second, test | first − second, mean val |",
-        "|---|---|---|---|---|---|",
-    ]
+    rows = []
     for method in ("full", "lora"):
         for first, second in ((("v",), ("k",)), (("q", "v"), ("q", "k"))):
             a, b = runs.get((rt, method, first, 1.0)), runs.get((rt, method, second, 1.0))
             if a and b:
-                lines.append(f"| {method} | {name(first)} vs {name(second)} | {_versus(a, b)} |")
-    sections.append(("V vs K at λ = 1 (rotten-tomatoes)", lines))
+                rows.append([method, f"{name(first)} vs {name(second)}", *_versus(a, b)])
+    headers = ["method", "comparison", "first", "second", "first − second, test", "first − second, mean val"]
+    sections.append(("V vs K at λ = 1 (rotten-tomatoes)", markdown_table(headers, rows)))
 
     # 3 and 4. λ: convergence and stability
-    lines = [
-        "| method | targets | λ | η_V | val acc at ⅓ of the run | mean val over curve | steps to 95% of best* | "
-        "final test acc | runs collapsed to one class | best − final val |",
-        "|---|---|---|---|---|---|---|---|---|---|",
-    ]
+    rows = []
     for method in ("full", "lora"):
         for targets in (("q", "v"), ("q", "k", "v")):
             for lam in (1.0, *LAMBDAS):
@@ -216,13 +235,33 @@ def claims_markdown(out: Path) -> str:
                 if not r:
                     continue
                 any_run = next(iter(r.values()))
-                lines.append(
-                    f"| {method} | {name(targets)} | {lam:g} | {any_run['config']['lr'] * lam:.2g} | "
-                    f"{_cell(r, _early)} | {_cell(r, _curve_mean)} | "
-                    f"{_cell(r, lambda x: x['steps_to_95pct_of_best'], 1.0, 0)} | {_cell(r, _test)} | "
-                    f"{sum(_collapsed(x) for x in r.values())}/{len(r)} | "
-                    f"{_cell(r, lambda x: x['best_val'] - x['final_val'])} |"
+                rows.append(
+                    [
+                        method,
+                        name(targets),
+                        f"{lam:g}",
+                        f"{any_run['config']['lr'] * lam:.2g}",
+                        _cell(r, _early),
+                        _cell(r, _curve_mean),
+                        _cell(r, lambda x: x["steps_to_95pct_of_best"], 1.0, 0),
+                        _cell(r, _test),
+                        f"{sum(_collapsed(x) for x in r.values())}/{len(r)}",
+                        _cell(r, lambda x: x["best_val"] - x["final_val"]),
+                    ]
                 )
+    headers = [
+        "method",
+        "targets",
+        "λ",
+        "η_V",
+        "val acc at ⅓ of the run",
+        "mean val over curve",
+        "steps to 95% of best*",
+        "final test acc",
+        "runs collapsed to one class",
+        "best − final val",
+    ]
+    lines = markdown_table(headers, rows)
     lines.append("")
     lines.append(
         "*A run that never leaves the majority class reaches 95% of its (flat) best at the first "
@@ -231,10 +270,7 @@ def claims_markdown(out: Path) -> str:
     sections.append(("λ = η_V/η_QK: convergence and stability (rotten-tomatoes)", lines))
 
     # 5. cost
-    lines = [
-        "| method | targets | trainable params | ms/step (median)‡ | peak RSS per run (GiB, median) |",
-        "|---|---|---|---|---|",
-    ]
+    rows = []
     for method, targets in (
         ("full", ("all",)),
         ("full", ("q", "k", "v")),
@@ -245,10 +281,17 @@ def claims_markdown(out: Path) -> str:
         r = runs.get((rt, method, targets, 1.0))
         if r:
             values = list(r.values())
-            lines.append(
-                f"| {method} | {name(targets)} | {values[0]['trainable_parameters']:,} | "
-                f"{statistics.median(x['seconds_per_step'] for x in values) * 1e3:.0f} | {_peak_rss(values)} |"
+            rows.append(
+                [
+                    method,
+                    name(targets),
+                    f"{values[0]['trainable_parameters']:,}",
+                    f"{statistics.median(x['seconds_per_step'] for x in values) * 1e3:.0f}",
+                    _peak_rss(values),
+                ]
             )
+    headers = ["method", "targets", "trainable params", "ms/step (median)‡", "peak RSS per run (GiB, median)"]
+    lines = markdown_table(headers, rows)
     lines.append("")
     lines.append(
         "‡Measured inside the grid: with `--jobs N` the workers share the machine, so read these as "
@@ -257,21 +300,25 @@ def claims_markdown(out: Path) -> str:
     sections.append(("Cost per configuration (rotten-tomatoes, λ = 1)", lines))
 
     # tweets
-    lines = [
-        "| λ | QV test acc | QKV test acc | QV − QKV, test | QV test macro-F1 | QKV test macro-F1 |",
-        "|---|---|---|---|---|---|",
-    ]
+    rows = []
     for lam in sorted({k[3] for k in runs if k[0] == "tweet-sentiment"}):
         qv = runs.get(("tweet-sentiment", "lora", ("q", "v"), lam))
         qkv = runs.get(("tweet-sentiment", "lora", ("q", "k", "v"), lam))
         if qv and qkv:
             qv, qkv = _common(qv, qkv)
             f1 = lambda x: x["test"]["macro_f1"]  # noqa: E731
-            lines.append(
-                f"| {lam:g} | {_cell(qv, _test)} | {_cell(qkv, _test)} | {_paired(qv, qkv, _test)} | "
-                f"{_cell(qv, f1)} | {_cell(qkv, f1)} |"
+            rows.append(
+                [
+                    f"{lam:g}",
+                    _cell(qv, _test),
+                    _cell(qkv, _test),
+                    _paired(qv, qkv, _test),
+                    _cell(qv, f1),
+                    _cell(qkv, f1),
+                ]
             )
-    sections.append(("tweet-sentiment, LoRA r = 8: QV vs QKV", lines))
+    headers = ["λ", "QV test acc", "QKV test acc", "QV − QKV, test", "QV test macro-F1", "QKV test macro-F1"]
+    sections.append(("tweet-sentiment, LoRA r = 8: QV vs QKV", markdown_table(headers, rows)))
     return "\n\n".join(
         f"### {title}\n\n" + "\n".join(body)
         for title, body in sections

@@ -6,15 +6,14 @@ from pathlib import Path
 from typing import Any
 
 from qkvlab.conventions import PRODUCT_NAMES
-from qkvlab.render.tables import diff_text, pm
+from qkvlab.render.tables import diff_text, markdown_table, pm
 
 __all__ = ["plot_rank_guard", "tables"]
 
 
-def _ranks(measures: dict[str, Any]) -> str:
-    return " | ".join(
-        pm(measures.get(f"{p}_{m}"), 2) for p in ("qk", "ov") for m in ("effective_rank", "layer_min")
-    )
+def _ranks(measures: dict[str, Any]) -> list[str]:
+    """Four cells: QK erank, QK min, OV erank, OV min."""
+    return [pm(measures.get(f"{p}_{m}"), 2) for p in ("qk", "ov") for m in ("effective_rank", "layer_min")]
 
 
 PAIRS = {"qk": "(q, k)", "ov": "(v, o)"}
@@ -32,14 +31,19 @@ def tables(summary: dict[str, Any]) -> str:
             f"Fixed attention weight decay (λ_rest = 0.1; from {summary['reference']}); {RANKS}; mean ± std "
             "over seeds.",
             "",
-            "| λ_attn | seeds | val loss | QK erank | QK min | OV erank | OV min |",
-            "|---|---|---|---|---|---|---|",
         ]
-        for c in summary["fixed"]:
-            best = " (best)" if c["attn"] == summary["best_fixed"] else ""
-            lines.append(
-                f"| {c['attn']:g}{best} | {len(c['seeds'])} | {pm(c['measures']['val_loss'], 4)} | {_ranks(c['measures'])} |"
-            )
+        lines += markdown_table(
+            ["λ_attn", "seeds", "val loss", "QK erank", "QK min", "OV erank", "OV min"],
+            [
+                [
+                    f"{c['attn']:g}" + (" (best)" if c["attn"] == summary["best_fixed"] else ""),
+                    len(c["seeds"]),
+                    pm(c["measures"]["val_loss"], 4),
+                    *_ranks(c["measures"]),
+                ]
+                for c in summary["fixed"]
+            ],
+        )
     targets = summary["targets"]
     if not targets:
         return "\n".join(lines)
@@ -49,17 +53,38 @@ def tables(summary: dict[str, Any]) -> str:
         f"{RANKS}; Σηλ the decay it applied, Σₜ η_t λ_t (mean over layers); minutes of wall-clock (shared "
         "machine).",
         "",
-        "| target | QK, OV | seeds | val loss | QK erank | QK min | OV erank | OV min | Σηλ (q, k) | Σηλ (v, o) | minutes |",
-        "|---|---|---|---|---|---|---|---|---|---|---|",
     ]
+    rows = []
     for e in targets:
         m = e["measures"]
         d = m["d_head"]["mean"] if "d_head" in m else None
         ranks = f" ({e['target_qk'] * d:.1f}, {e['target_ov'] * d:.1f})" if d else ""
-        lines.append(
-            f"| {e['target']} | {e['target_qk']:g}, {e['target_ov']:g}{ranks} | {len(e['seeds'])} | {pm(m['val_loss'], 4)} | "
-            f"{_ranks(m)} | {pm(m['qk_eta_lambda'], 3)} | {pm(m['ov_eta_lambda'], 3)} | {pm(m['wall_minutes'], 1)} |"
+        rows.append(
+            [
+                e["target"],
+                f"{e['target_qk']:g}, {e['target_ov']:g}{ranks}",
+                len(e["seeds"]),
+                pm(m["val_loss"], 4),
+                *_ranks(m),
+                pm(m["qk_eta_lambda"], 3),
+                pm(m["ov_eta_lambda"], 3),
+                pm(m["wall_minutes"], 1),
+            ]
         )
+    headers = [
+        "target",
+        "QK, OV",
+        "seeds",
+        "val loss",
+        "QK erank",
+        "QK min",
+        "OV erank",
+        "OV min",
+        "Σηλ (q, k)",
+        "Σηλ (v, o)",
+        "minutes",
+    ]
+    lines += markdown_table(headers, rows)
     comparisons = [
         (
             "vs_best_fixed",
@@ -76,14 +101,20 @@ def tables(summary: dict[str, Any]) -> str:
     for key, title in comparisons:
         if not any(key in e for e in targets):
             continue
-        lines += ["", title, "", "| target | Δ val loss | Δ QK erank | Δ OV erank |", "|---|---|---|---|"]
-        for e in targets:
-            d = e.get(key)
-            if d:
-                lines.append(
-                    f"| {e['target']} | {diff_text(d['val_loss'], 4)} | {diff_text(d['qk_effective_rank'])} | "
-                    f"{diff_text(d['ov_effective_rank'])} |"
-                )
+        lines += ["", title, ""]
+        lines += markdown_table(
+            ["target", "Δ val loss", "Δ QK erank", "Δ OV erank"],
+            [
+                [
+                    e["target"],
+                    diff_text(d["val_loss"], 4),
+                    diff_text(d["qk_effective_rank"]),
+                    diff_text(d["ov_effective_rank"]),
+                ]
+                for e in targets
+                if (d := e.get(key))
+            ],
+        )
     if any(e.get("vs_fixed_at_rank") for e in targets):
         lines += [
             "",
@@ -92,21 +123,21 @@ def tables(summary: dict[str, Any]) -> str:
             "smallest-head effective rank, per layer then averaged; — where the guard's rank lies outside "
             "the fixed runs' range), matched on QK and on OV apart.",
             "",
-            "| target | Δ val loss at the guard's QK min | Δ val loss at the guard's OV min |",
-            "|---|---|---|",
         ]
-        for e in targets:
-            d = e.get("vs_fixed_at_rank") or {}
-            cells = [diff_text(d.get(p), 4) for p in ("qk", "ov")]
-            lines.append(f"| {e['target']} | " + " | ".join(cells) + " |")
+        lines += markdown_table(
+            ["target", "Δ val loss at the guard's QK min", "Δ val loss at the guard's OV min"],
+            [
+                [e["target"], *(diff_text((e.get("vs_fixed_at_rank") or {}).get(p), 4) for p in ("qk", "ov"))]
+                for e in targets
+            ],
+        )
     layers = sorted({int(k[1:].split("/")[0]) for e in targets for k in e["lambda"] if k.endswith("_lambda")})
     lines += [
         "",
         "The guard's final λ per layer (mean over seeds), (q, k) / (v, o).",
         "",
-        "| target | " + " | ".join(f"layer {i}" for i in layers) + " |",
-        "|---|" + "---|" * len(layers),
     ]
+    rows = []
     for e in targets:
         lam = e["lambda"]
         cells = [
@@ -115,7 +146,8 @@ def tables(summary: dict[str, Any]) -> str:
             else "—"
             for i in layers
         ]
-        lines.append(f"| {e['target']} | " + " | ".join(cells) + " |")
+        rows.append([e["target"], *cells])
+    lines += markdown_table(["target", *(f"layer {i}" for i in layers)], rows)
     r = summary["runs"]
     lines += [
         "",
