@@ -8,7 +8,8 @@ reports read (``schema_version`` 2; readers accept 1, whose records are all self
                       "attention_layers": {kind: layers}, only with several kinds (T5)},
      "rtol": float,
      "notes": [str, ...],  # what the products leave out, and whether rank at rtol is noise-limited
-     "rank_noise_limited": bool,  # rtol < 10·eps of the weights' half-precision dtype
+     "rank_noise_limited": bool,  # rtol < 10·eps of the weights' half-precision dtype, or quantised weights
+     "weight_types": {tensor: type},  # only for quantised files (GGUF): each attention tensor's storage type
      "heads": [{"attention": "self"|"decoder_self"|"cross", "layer" (counted within its kind),
                 "head", "product": "qk"|"ov", "singular_values": [...],
                 "rank", "effective_rank", "stable_rank", "nuclear_norm",
@@ -31,6 +32,7 @@ import os
 import re
 import statistics
 import warnings
+from collections import Counter
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -134,8 +136,11 @@ class InspectReport:
     #: What the products leave out (rotary, norms or gains inside the attention block) and precision
     #: limits, as lines the terminal prints under the table.
     notes: list[str] = field(default_factory=list)
-    #: True when the weights are bf16/fp16 and rtol < 10·eps of that dtype: rank at rtol is then noise.
+    #: True when the weights are bf16/fp16 and rtol < 10·eps of that dtype, or quantised: rank at rtol
+    #: then counts noise.
     rank_noise_limited: bool = False
+    #: Each attention tensor's storage type where the file keeps quantised weights (GGUF: ``Q4_K`` …).
+    weight_types: dict[str, str] = field(default_factory=dict)
 
     def to_dict(self) -> dict[str, Any]:
         return {
@@ -146,6 +151,7 @@ class InspectReport:
             "rtol": self.rtol,
             "notes": self.notes,
             "rank_noise_limited": self.rank_noise_limited,
+            **({"weight_types": self.weight_types} if self.weight_types else {}),
             "heads": self.heads,
         }
 
@@ -164,6 +170,7 @@ class InspectReport:
             [r if "attention" in r else {"attention": "self", **r} for r in data["heads"]],
             list(data.get("notes", [])),
             bool(data.get("rank_noise_limited", False)),
+            dict(data.get("weight_types", {})),
         )
 
     def to_csv(self, path: str | os.PathLike[str]) -> None:
@@ -201,7 +208,9 @@ class InspectReport:
         layers = (self.architecture.attention_layers or {}).get(kind, self.architecture.n_layers)
         arch = dataclasses.replace(self.architecture, n_layers=layers, attention_layers=None)
         heads = [r for r in self.heads if r.get("attention", "self") == kind]
-        return InspectReport(self.source, arch, self.rtol, heads, self.notes, self.rank_noise_limited)
+        return InspectReport(
+            self.source, arch, self.rtol, heads, self.notes, self.rank_noise_limited, self.weight_types
+        )
 
     def products(self) -> list[str]:
         """The products this report holds: ``qk`` and ``ov`` (a compare report: ``dqk``, ``dov``, …)."""
@@ -386,7 +395,34 @@ def inspect(
         )
         warnings.warn(message, stacklevel=2)
         notes.append(message)
-    return InspectReport(tensors.name, factors.info, rtol, records, notes, noisy)
+    weight_types = _quantised_types(tensors, factors)
+    if weight_types:
+        counts = Counter(weight_types.values())
+        notes.append(
+            "the attention weights are quantised ("
+            + ", ".join(f"{n} × {kind}" for kind, n in sorted(counts.items()))
+            + "), dequantised to float32: their values sit on a 4–8-bit grid, so rank at a small rtol counts "
+            "quantisation noise; read effective_rank and stable_rank, or compare with the unquantised model"
+        )
+        noisy = True
+    return InspectReport(tensors.name, factors.info, rtol, records, notes, noisy, weight_types)
+
+
+def _quantised_types(tensors: Any, factors: AttentionFactors) -> dict[str, str]:
+    """Each attention tensor's storage type, when the source keeps some of them quantised; else {}."""
+    types = getattr(tensors, "storage_types", None)
+    if types is None:
+        return {}
+    from qkvlab.attention.gguf import FLOAT_TYPES
+
+    stored = types()
+    read = {
+        template.format(block=block)
+        for layout, block, _ in factors.units
+        for _, template in layout.role_templates()
+    }
+    attention = {name: stored[name] for name in sorted(read) if name in stored}
+    return attention if any(kind not in FLOAT_TYPES for kind in attention.values()) else {}
 
 
 # -- many checkpoints in one call -------------------------------------------------------------------

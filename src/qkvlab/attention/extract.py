@@ -274,7 +274,11 @@ class AttentionFactors:
         for layout, block, index in self.units:
             if index:
                 continue  # the first block of each kind stands for its kind
-            used = {t.format(block=block) for t in (layout.q, layout.k, layout.v, layout.qkv, layout.o) if t}
+            used = {
+                t.format(block=block)
+                for t in (layout.q, layout.k, layout.v, layout.qkv, layout.o, *layout.outside)
+                if t
+            }
             others += sorted(
                 k.removeprefix(block) for k in self._keyset if k.startswith(block) and k not in used
             )

@@ -47,6 +47,9 @@ class Layout:
     attention: str = "self"
     #: Bias (or other) templates that do not follow "<matrix>.weight" → "<matrix>.bias", as (role, template).
     extra: tuple[tuple[str, str], ...] = ()
+    #: Parameters under ``block`` that are not inside the attention (GGUF's ``blk.N.attn_norm``, the
+    #: pre-attention norm, shares the ``attn_`` prefix): left out of the notes on what the products omit.
+    outside: tuple[str, ...] = ()
 
     @property
     def pattern(self) -> re.Pattern[str]:
@@ -122,6 +125,17 @@ _LLAMA = Layout(
     o="{block}o_proj.weight",
 )
 
+# llama.cpp's GGUF names (``qkvlab.attention.gguf`` reads the file and gives its metadata as a HF config):
+# blk.N.attn_q / attn_k / attn_v / attn_output, nn.Linear's (out, in) once read, biases as attn_q.bias.
+_GGUF = Layout(
+    anchor=r"^(?P<block>blk\.\d+\.attn_)q\.weight$",
+    q="{block}q.weight",
+    k="{block}k.weight",
+    v="{block}v.weight",
+    o="{block}output.weight",
+    outside=("{block}norm.weight",),
+)
+
 FAMILIES: tuple[Family, ...] = (
     Family(
         name="bert",
@@ -145,10 +159,22 @@ FAMILIES: tuple[Family, ...] = (
         name="llama",
         description="HF LLaMA / Mistral / Mixtral / Qwen2 / Qwen3 (grouped-query attention)",
         model_types=("llama", "mistral", "mixtral", "qwen2", "qwen2_moe", "qwen3", "qwen3_moe"),
-        layouts=(_LLAMA,),
+        layouts=(_LLAMA, _GGUF),
         caveat=(
             "rotary position embeddings: the score bilinear form is W_Qᵀ R(Δ) W_K, so W_KᵀW_Q is "
             "the relative-offset-0 form; Qwen3's q/k RMSNorm also sits between the factors"
+        ),
+    ),
+    Family(
+        name="gemma3",
+        description="HF Gemma 2 / Gemma 3 (grouped-query attention, head_dim ≠ d_model / n_heads, q/k RMSNorm)",
+        model_types=("gemma", "gemma2", "gemma3", "gemma3_text"),
+        layouts=(_LLAMA, _GGUF),
+        caveat=(
+            "rotary position embeddings: the score bilinear form is W_Qᵀ R(Δ) W_K, so W_KᵀW_Q is the "
+            "relative-offset-0 form; Gemma 3's q/k RMSNorm sits between the factors and rescales q and k per "
+            "token, so W_Q's and W_K's own scale is free and weight decay's balance does not constrain the QK "
+            "factors (OV is unaffected); scores are scaled by query_pre_attn_scalar, not 1/√d_head"
         ),
     ),
     Family(

@@ -22,6 +22,7 @@ import torch
 from torch import nn
 
 from qkvlab.attention.packaged import PACKAGED_MODELS, resolve_packaged
+from qkvlab.attention.tensors import TensorSource
 from qkvlab.errors import UserError
 
 __all__ = [
@@ -33,24 +34,6 @@ __all__ = [
     "load_source",
     "resolve_packaged",
 ]
-
-
-class TensorSource:
-    """Named tensors plus an HF-style config dict. Subclasses load lazily."""
-
-    name: str
-    config: dict[str, Any]
-    #: Heads per attention block prefix, where the module itself knows (nn.MultiheadAttention).
-    heads_hint: dict[str, int]
-
-    def keys(self) -> list[str]:
-        raise NotImplementedError
-
-    def shape(self, key: str) -> tuple[int, ...]:
-        raise NotImplementedError
-
-    def get(self, key: str) -> torch.Tensor:
-        raise NotImplementedError
 
 
 _HEAD_ATTRS = ("num_heads", "n_heads", "n_head", "num_attention_heads")
@@ -489,7 +472,7 @@ def load_source(source: nn.Module | str | os.PathLike[str]) -> TensorSource:
     return DiskSource(path)  # names what is missing: no safetensors, no torch weights, no run
 
 
-# -- readers of weights on disk, by what the path holds (a later kind, such as GGUF, adds one entry) --
+# -- readers of weights on disk, by what the path holds (a new kind adds one entry) --
 
 
 @dataclass(frozen=True)
@@ -537,9 +520,23 @@ def _is_torch(path: Path) -> bool:
     return path.is_dir() and not _has_safetensors(path) and _torch_weight_files(path) is not None
 
 
-#: In order: a safetensors file or folder (streamed, header by header), a ``qkvlab train`` run folder
-#: (its latest checkpoint), a torch checkpoint (through torch's restricted unpickler only).
+def _open_gguf(path: Path, text: str) -> TensorSource:
+    from qkvlab.attention.gguf import GGUFSource
+
+    return GGUFSource(path, display_name=text)
+
+
+def _is_gguf(path: Path) -> bool:
+    from qkvlab.attention.gguf import is_gguf
+
+    return path.suffix == ".gguf" or is_gguf(path)
+
+
+#: In order: a GGUF file (llama.cpp's format, dequantised tensor by tensor), a safetensors file or folder
+#: (streamed, header by header), a ``qkvlab train`` run folder (its latest checkpoint), a torch checkpoint
+#: (through torch's restricted unpickler only).
 READERS: tuple[Reader, ...] = (
+    Reader("gguf", _is_gguf, _open_gguf),
     Reader("safetensors", _has_safetensors, lambda path, text: DiskSource(path)),
     Reader("qkvlab-run", _is_run, _open_run),
     Reader("torch", _is_torch, _open_torch),

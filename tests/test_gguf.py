@@ -1,0 +1,174 @@
+"""GGUF checkpoints: tiny files written with gguf's own writer, as llama.cpp's converter writes them
+(its Q/K row permutation for llama included), read back by ``qkvlab inspect``."""
+
+from __future__ import annotations
+
+import json
+
+import gguf
+import numpy as np
+import pytest
+import torch
+
+from qkvlab.attention.gguf import GGUFSource, undo_rope_permutation
+from qkvlab.cli import main
+from qkvlab.inspection import InspectReport, inspect
+
+H, G, D, DH, LAYERS = 4, 2, 32, 8, 2
+
+
+def _llama(seed: int = 0):  # type: ignore[no-untyped-def]
+    import transformers as tf
+
+    torch.manual_seed(seed)
+    config = tf.LlamaConfig(
+        vocab_size=16,
+        hidden_size=D,
+        intermediate_size=16,
+        num_hidden_layers=LAYERS,
+        num_attention_heads=H,
+        num_key_value_heads=G,
+        head_dim=DH,
+    )
+    return tf.LlamaForCausalLM(config)
+
+
+def _llama_cpp_permute(weight: np.ndarray, n_head: int) -> np.ndarray:
+    """llama.cpp's convert_hf_to_gguf ``LlamaModel.permute``, as that converter writes q and k."""
+    return (
+        weight.reshape(n_head, 2, weight.shape[0] // n_head // 2, *weight.shape[1:])
+        .swapaxes(1, 2)
+        .reshape(weight.shape)
+    )
+
+
+def _write(path, arch: str, tensors: dict[str, np.ndarray], qtype=gguf.GGMLQuantizationType.F32) -> None:  # type: ignore[no-untyped-def]
+    writer = gguf.GGUFWriter(str(path), arch)
+    writer.add_block_count(LAYERS)
+    writer.add_head_count(H)
+    writer.add_head_count_kv(G)
+    writer.add_embedding_length(D)
+    writer.add_key_length(DH)
+    for name, array in tensors.items():
+        array = np.ascontiguousarray(array, dtype=np.float32)
+        if array.ndim == 1 or qtype == gguf.GGMLQuantizationType.F32:
+            writer.add_tensor(name, array)
+        else:
+            data = gguf.quants.quantize(array, qtype)
+            writer.add_tensor(name, data, raw_dtype=qtype)  # uint8 blocks: gguf infers the shape
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+
+
+def _gguf_tensors(model, permute: bool) -> dict[str, np.ndarray]:  # type: ignore[no-untyped-def]
+    out = {}
+    for i, layer in enumerate(model.model.layers):
+        attn = layer.self_attn
+        q, k = attn.q_proj.weight.detach().numpy(), attn.k_proj.weight.detach().numpy()
+        out[f"blk.{i}.attn_q.weight"] = _llama_cpp_permute(q, H) if permute else q
+        out[f"blk.{i}.attn_k.weight"] = _llama_cpp_permute(k, G) if permute else k
+        out[f"blk.{i}.attn_v.weight"] = attn.v_proj.weight.detach().numpy()
+        out[f"blk.{i}.attn_output.weight"] = attn.o_proj.weight.detach().numpy()
+        out[f"blk.{i}.attn_norm.weight"] = layer.input_layernorm.weight.detach().numpy()
+    return out
+
+
+def _values(report: InspectReport) -> list[tuple]:
+    return [(r["layer"], r["product"], r["head"], r["singular_values"]) for r in report.heads]
+
+
+def test_a_llama_gguf_reads_back_hf_weights_and_spectra_with_the_permutation_undone(tmp_path) -> None:
+    model = _llama()
+    path = tmp_path / "tiny-llama.gguf"
+    _write(path, "llama", _gguf_tensors(model, permute=True))
+    source = GGUFSource(path)
+    assert source.config == {
+        "model_type": "llama",
+        "num_hidden_layers": LAYERS,
+        "num_attention_heads": H,
+        "num_key_value_heads": G,
+        "hidden_size": D,
+        "head_dim": DH,
+    }
+    attn = model.model.layers[1].self_attn
+    for name, module in (("q", attn.q_proj), ("k", attn.k_proj), ("v", attn.v_proj), ("output", attn.o_proj)):
+        assert torch.equal(source.get(f"blk.1.attn_{name}.weight"), module.weight.detach()), name
+    # read without undoing, the rows of each head are in llama.cpp's order: same products, other planes
+    raw = torch.from_numpy(_llama_cpp_permute(attn.q_proj.weight.detach().numpy(), H))
+    assert not torch.equal(raw, attn.q_proj.weight) and torch.equal(
+        undo_rope_permutation(raw, H), attn.q_proj.weight
+    )
+
+    from_file, from_model = inspect(path), inspect(model)
+    assert from_file.architecture.family == "llama" and from_file.architecture.n_kv_heads == G
+    assert len(from_file.heads) == len(from_model.heads) == LAYERS * H * 2
+    for a, b in zip(_values(from_file), _values(from_model), strict=True):
+        assert a[:3] == b[:3]
+        assert np.allclose(a[3], b[3], rtol=1e-5, atol=1e-7)
+    assert not from_file.weight_types and not from_file.rank_noise_limited  # float32: nothing quantised
+    # attn_norm (the pre-attention norm) is outside the attention: not among what the products leave out
+    assert not any("norm.weight" in note for note in from_file.notes)
+
+
+def test_quantised_weights_are_dequantised_named_in_the_json_and_flag_rank_as_noise(tmp_path, capsys) -> None:
+    model = _llama(1)
+    tensors = _gguf_tensors(model, permute=True)
+    path = tmp_path / "q8.gguf"
+    _write(path, "llama", tensors, qtype=gguf.GGMLQuantizationType.Q8_0)
+    source = GGUFSource(path)
+    types = source.storage_types()
+    assert types["blk.0.attn_v.weight"] == "Q8_0" and types["blk.0.attn_norm.weight"] == "F32"
+    v = model.model.layers[0].self_attn.v_proj.weight.detach()
+    read = source.get("blk.0.attn_v.weight")
+    # Q8_0: 32 values share one scale d = max|w|/127, stored in fp16: each value is within half a step
+    # of the original, plus 127·d·2⁻¹¹ for the rounded scale (under 0.6 of a step)
+    step = v.reshape(-1, 32).abs().amax(dim=1, keepdim=True) / 127
+    assert (read.reshape(-1, 32) - v.reshape(-1, 32)).abs().le(step * 0.6 + 1e-7).all()
+    assert not torch.equal(read, v)
+
+    out = tmp_path / "q8.json"
+    assert main(["inspect", str(path), "--json", str(out)]) == 0
+    saved = json.loads(out.read_text())
+    attention = {f"blk.{i}.attn_{m}.weight" for i in range(LAYERS) for m in ("q", "k", "v", "output")}
+    assert set(saved["weight_types"]) == attention and set(saved["weight_types"].values()) == {"Q8_0"}
+    assert saved["rank_noise_limited"] is True
+    assert any("quantised (8 × Q8_0)" in note for note in saved["notes"])
+    assert InspectReport.from_dict(saved).weight_types == saved["weight_types"]  # and it reads back
+    capsys.readouterr()
+
+
+def test_qwen2_is_not_permuted_and_gemma3_is_its_own_family(tmp_path) -> None:
+    model = _llama(2)
+    qwen = tmp_path / "qwen.gguf"
+    tensors = _gguf_tensors(model, permute=False)  # llama.cpp writes qwen2's q and k as HF has them
+    tensors["blk.0.attn_q.bias"] = np.arange(H * DH, dtype=np.float32)
+    _write(qwen, "qwen2", tensors)
+    source = GGUFSource(qwen)
+    q = model.model.layers[0].self_attn.q_proj.weight.detach()
+    assert source.config["model_type"] == "qwen2" and torch.equal(source.get("blk.0.attn_q.weight"), q)
+    report = inspect(qwen)
+    assert report.architecture.family == "llama"
+    assert any("q.bias" in note for note in report.notes)  # the bias sits between the factors
+
+    gemma = tmp_path / "gemma.gguf"
+    tensors = _gguf_tensors(model, permute=False)
+    for i in range(LAYERS):
+        tensors[f"blk.{i}.attn_q_norm.weight"] = np.ones(DH, dtype=np.float32)
+        tensors[f"blk.{i}.attn_k_norm.weight"] = np.ones(DH, dtype=np.float32)
+    _write(gemma, "gemma3", tensors)
+    report = inspect(gemma)
+    assert GGUFSource(gemma).config["model_type"] == "gemma3_text"
+    assert report.architecture.family == "gemma3"
+    notes = " ".join(report.notes)
+    assert "q/k RMSNorm" in notes and "q_norm.weight" in notes and "k_norm.weight" in notes
+
+
+@pytest.mark.parametrize("content", [b"GGUF\x03\x00\x00\x00garbage", b"not a gguf at all"])
+def test_a_damaged_gguf_is_one_line(content, tmp_path, capsys) -> None:
+    path = tmp_path / "broken.gguf"
+    path.write_bytes(content)
+    assert main(["inspect", str(path)]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "broken.gguf" in err[0] and "GGUF" in err[0]
