@@ -136,7 +136,24 @@ def test_quantised_weights_are_dequantised_named_in_the_json_and_flag_rank_as_no
     assert saved["rank_noise_limited"] is True
     assert any("quantised (8 × Q8_0)" in note for note in saved["notes"])
     assert InspectReport.from_dict(saved).weight_types == saved["weight_types"]  # and it reads back
+    # above the format's floor, rank at rtol is not noise: the note says the floor, nothing is flagged
+    above = inspect(path, rtol=0.05)
+    assert not above.rank_noise_limited and any("up to 0.011" in note for note in above.notes)
     capsys.readouterr()
+
+
+def test_each_format_has_a_floor_measured_or_bounded_by_a_measured_one() -> None:
+    from qkvlab.attention.gguf import MEASURED_FLOORS, noise_floor
+
+    assert noise_floor("F32") == noise_floor("BF16") == 0.0
+    assert noise_floor("Q8_0") < noise_floor("Q5_0") < noise_floor("Q4_0")
+    assert noise_floor("Q6_K") == noise_floor("Q5_1") == noise_floor("Q5_K") == MEASURED_FLOORS["Q5_0"]
+    assert noise_floor("Q4_K") == noise_floor("Q4_1") == noise_floor("IQ4_NL") == MEASURED_FLOORS["Q4_0"]
+    assert (
+        noise_floor("Q3_K") == 2 * MEASURED_FLOORS["Q4_0"]
+        and noise_floor("Q2_K") == 4 * MEASURED_FLOORS["Q4_0"]
+    )
+    assert noise_floor("TQ1_0") == 1.0  # unknown: every rank is suspect
 
 
 def test_qwen2_is_not_permuted_and_gemma3_is_its_own_family(tmp_path) -> None:

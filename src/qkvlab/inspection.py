@@ -397,18 +397,27 @@ def inspect(
         notes.append(message)
     weight_types = _quantised_types(tensors, factors)
     if weight_types:
-        from qkvlab.attention.gguf import FLOAT_TYPES
+        from qkvlab.attention.gguf import FLOAT_TYPES, noise_floor
 
         counts = Counter(weight_types.values())
-        quantised = ", ".join(f"{n} × {kind}" for kind, n in sorted(counts.items()) if kind not in FLOAT_TYPES)
+        quantised = ", ".join(
+            f"{n} × {kind}" for kind, n in sorted(counts.items()) if kind not in FLOAT_TYPES
+        )
         floats = sum(n for kind, n in counts.items() if kind in FLOAT_TYPES)
-        notes.append(
+        floor = max(noise_floor(kind) for kind in counts)
+        stored = (
             f"the attention weights are quantised ({quantised}"
             + (f"; {floats} more in float, biases and norms among them" if floats else "")
-            + "), dequantised to float32: their values sit on a 4–8-bit grid, so rank at a small rtol counts "
-            "quantisation noise; read effective_rank and stable_rank, or compare with the unquantised model"
+            + f"), dequantised to float32; quantisation moves each σᵢ/σ₁ by up to {floor:.2g} "
+            "(BENCHMARKS.md §8)"
         )
-        noisy = True
+        if rtol < floor:
+            noisy = True
+            stored += (
+                f", so rank at rtol {rtol:g} counts quantisation noise: use --rtol {floor:.2g} or more, or read "
+                "effective_rank and stable_rank"
+            )
+        notes.append(stored)
     return InspectReport(tensors.name, factors.info, rtol, records, notes, noisy, weight_types)
 
 

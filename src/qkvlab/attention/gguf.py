@@ -27,7 +27,15 @@ import torch
 from qkvlab.attention.tensors import TensorSource
 from qkvlab.errors import UserError
 
-__all__ = ["GGUF_MAGIC", "PERMUTED_ARCHITECTURES", "GGUFSource", "is_gguf", "undo_rope_permutation"]
+__all__ = [
+    "GGUF_MAGIC",
+    "MEASURED_FLOORS",
+    "PERMUTED_ARCHITECTURES",
+    "GGUFSource",
+    "is_gguf",
+    "noise_floor",
+    "undo_rope_permutation",
+]
 
 GGUF_MAGIC = b"GGUF"
 #: Architectures whose Q and K rows llama.cpp's converter permutes (``LlamaModel.permute``).
@@ -44,6 +52,35 @@ _CONFIG = {
 }
 #: Storage types that are not quantised.
 FLOAT_TYPES = frozenset({"F32", "F16", "BF16", "F64"})
+
+#: ‖ΔM‖₂/σ₁ of a head's product after quantising its weights, the largest over every head of MiniLM and
+#: mpnet (``benchmarks/bench_gguf.py``, BENCHMARKS.md §8): by Weyl's inequality each σᵢ/σ₁ moves by at
+#: most this, so rank at an rtol below it counts quantisation noise. Measured for the formats gguf's
+#: Python quantiser writes.
+MEASURED_FLOORS = {"Q8_0": 0.011, "Q5_0": 0.076, "Q4_0": 0.16}
+
+
+def noise_floor(kind: str) -> float:
+    """The rtol below which rank counts quantisation noise for storage type ``kind`` (0 for floats).
+
+    Measured for Q8_0, Q5_0 and Q4_0; every other format takes the floor of the measured one with as many
+    bits or fewer (K-quants and the _1 variants keep finer scales, so this overstates their noise), and
+    below 4 bits the Q4_0 floor doubles per bit removed (the quantisation step does). Unknown formats: 1.
+    """
+    if kind in FLOAT_TYPES:
+        return 0.0
+    if kind in MEASURED_FLOORS:
+        return MEASURED_FLOORS[kind]
+    bits = {"Q8": 8, "Q6": 6, "Q5": 5, "Q4": 4, "IQ4": 4, "Q3": 3, "IQ3": 3, "Q2": 2, "IQ2": 2, "IQ1": 1}
+    prefix = kind.split("_")[0]
+    if prefix not in bits:
+        return 1.0
+    b = bits[prefix]
+    if b >= 8:
+        return MEASURED_FLOORS["Q8_0"]
+    if b >= 5:
+        return MEASURED_FLOORS["Q5_0"]
+    return MEASURED_FLOORS["Q4_0"] * 2 ** (4 - b)
 
 
 def is_gguf(path: Path) -> bool:

@@ -466,7 +466,7 @@ def load_source(source: nn.Module | str | os.PathLike[str]) -> TensorSource:
             else ""
         )
         raise UserError(
-            f"no such file or folder: {text}{hub}; accepted: a HF model folder, a .safetensors file, "
+            f"no such file or folder: {text}{hub}; accepted: a HF model folder, a .safetensors or .gguf file, "
             f"or a packaged name ({names})"
         )
     for reader in READERS:

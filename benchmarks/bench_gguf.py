@@ -1,0 +1,177 @@
+"""Quantised weights: how far quantisation moves the spectra (the noise floor), and reading GGUF files.
+
+    .venv/bin/python benchmarks/bench_gguf.py [--models minilm,mpnet] [--decoders smollm2-135m,...] [--repeats 3]
+
+**Noise floor.** Every attention weight of an fp32 model (MiniLM, mpnet) is quantised and dequantised
+with ``gguf``'s own quantiser (the formats its Python code writes: Q8_0, Q5_0, Q4_0; K-quants it can only
+read), and each head's product M = W_KᵀW_Q (and P·W_V) is compared with the original. By Weyl's
+inequality every singular value moves by at most ‖ΔM‖₂, so σᵢ/σ₁ below ‖ΔM‖₂/σ₁ is quantisation noise:
+that ratio is the floor below which ``rank`` at rtol counts noise. The table gives its median and
+maximum over heads, and how far effective rank and rank at rtol 1e-3 and 1e-2 move. These maxima are
+the floors ``qkvlab.inspection`` flags quantised weights by (K-quants take the floor of the legacy type
+with as many bits, an upper bound: they keep finer scales).
+
+**Reading GGUF.** ``qkvlab inspect`` of the packaged GGUF decoders (fetch excluded: cached; read,
+dequantise, spectra) against the peer: transformers' GGUF loader (``from_pretrained(gguf_file=)``, which
+dequantises the whole model) followed by ``qkvlab inspect`` of the loaded module. Medians of
+``--repeats`` runs.
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+sys.path.insert(0, str(Path(__file__).parent))
+from _common import machine, write_section
+
+QTYPES = ("Q8_0", "Q5_0", "Q4_0")
+
+
+def _round_trip(weight: torch.Tensor, qtype: str) -> torch.Tensor:
+    import gguf
+
+    kind = getattr(gguf.GGMLQuantizationType, qtype)
+    data = weight.detach().to(torch.float32).numpy()
+    back = gguf.quants.dequantize(gguf.quants.quantize(data, kind), kind)
+    return torch.from_numpy(np.ascontiguousarray(back, dtype=np.float32).reshape(data.shape))
+
+
+def _heads(model: torch.nn.Module) -> list[tuple[str, torch.Tensor]]:
+    """(product, M) for every head of every layer: M = W_KᵀW_Q^h-style d×d products, formed in float64."""
+    from qkvlab.attention import AttentionFactors, load_source
+
+    factors = AttentionFactors(load_source(model))
+    out = []
+    for layer in factors:
+        for product, pair in (("qk", layer.qk), ("ov", layer.ov)):
+            a, b = pair.left.to(torch.float64), pair.right.to(torch.float64)
+            left = pair._resolve(pair.left_index, a.shape[0])
+            right = pair._resolve(pair.right_index, b.shape[0])
+            for i, j in zip(left.tolist(), right.tolist(), strict=True):
+                out.append((product, a[i] @ b[j].mT))
+    return out
+
+
+def _floor(name: str) -> dict[str, Any]:
+    import transformers as tf
+
+    from qkvlab.attention.packaged import resolve_packaged
+    from qkvlab.spectra import effective_rank, rank_at
+
+    folder = resolve_packaged(name)
+    original = tf.AutoModel.from_pretrained(folder, dtype=torch.float32)
+    reference = _heads(original)
+    rows = {}
+    for qtype in QTYPES:
+        model = tf.AutoModel.from_pretrained(folder, dtype=torch.float32)
+        with torch.no_grad():
+            for pname, param in model.named_parameters():
+                attention = ("attention" in pname or "attn" in pname) and "relative_attention" not in pname
+                if param.ndim == 2 and attention and param.shape[-1] % 32 == 0:  # q, k, v, o weights
+                    param.copy_(_round_trip(param, qtype))
+        ratios, d_erank, d_rank3, d_rank2 = [], [], [], []
+        for (_, m), (_, mq) in zip(reference, _heads(model), strict=True):
+            s = torch.linalg.svdvals(m)
+            sq = torch.linalg.svdvals(mq)
+            ratios.append(float(torch.linalg.matrix_norm(mq - m, ord=2) / s[0]))
+            d_erank.append(abs(float(effective_rank(sq) - effective_rank(s))))
+            d_rank3.append(abs(int(rank_at(sq, 1e-3)) - int(rank_at(s, 1e-3))))
+            d_rank2.append(abs(int(rank_at(sq, 1e-2)) - int(rank_at(s, 1e-2))))
+        rows[qtype] = {
+            "floor_median": statistics.median(ratios),
+            "floor_max": max(ratios),
+            "d_erank_mean": statistics.fmean(d_erank),
+            "d_erank_max": max(d_erank),
+            "d_rank3_mean": statistics.fmean(d_rank3),
+            "d_rank2_mean": statistics.fmean(d_rank2),
+            "heads": len(ratios),
+        }
+        print(name, qtype, {k: round(v, 5) if isinstance(v, float) else v for k, v in rows[qtype].items()})
+    return rows
+
+
+def _read_times(name: str, repeats: int) -> dict[str, float]:
+    import transformers as tf
+
+    from qkvlab.attention.packaged import resolve_packaged
+    from qkvlab.inspection import inspect
+
+    path = resolve_packaged(name)
+
+    def ours() -> None:
+        inspect(name)
+
+    def peer() -> None:
+        model = tf.AutoModelForCausalLM.from_pretrained(path.parent, gguf_file=path.name, dtype=torch.float32)
+        inspect(model)
+
+    times: dict[str, list[float]] = {"qkvlab": [], "transformers": []}
+    for _ in range(repeats):
+        for label, fn in (("qkvlab", ours), ("transformers", peer)):
+            start = time.perf_counter()
+            fn()
+            times[label].append(time.perf_counter() - start)
+    result = {label: statistics.median(t) for label, t in times.items()}
+    print(name, result)
+    return result
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--models", default="minilm,mpnet")
+    parser.add_argument("--decoders", default="smollm2-135m,gemma3-270m,qwen2.5-0.5b")
+    parser.add_argument("--repeats", type=int, default=3)
+    args = parser.parse_args()
+    import warnings
+
+    warnings.filterwarnings("ignore")
+    floors = {name: _floor(name) for name in args.models.split(",") if name}
+    reads = {name: _read_times(name, args.repeats) for name in args.decoders.split(",") if name}
+
+    lines = [
+        "## 8. Quantised weights: the noise floor, and reading GGUF files",
+        "",
+        f"Machine: {machine()}.",
+        f"Command: `.venv/bin/python benchmarks/bench_gguf.py --models {args.models} --decoders "
+        f"{args.decoders} --repeats {args.repeats}`.",
+        "",
+        "**Noise floor.** Each attention weight quantised and dequantised with gguf's quantiser; per head, "
+        "‖ΔM‖₂/σ₁ bounds how far any σᵢ/σ₁ moves (Weyl), so rank at an rtol below it counts quantisation "
+        "noise. Δ are absolute changes per head, averaged (max) over every head of QK and OV.",
+        "",
+        "| model | format | heads | ‖ΔM‖₂/σ₁ median | ‖ΔM‖₂/σ₁ max | Δ erank mean (max) | Δ rank@1e-3 mean | Δ rank@1e-2 mean |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
+    for name, rows in floors.items():
+        for qtype, r in rows.items():
+            lines.append(
+                f"| {name} | {qtype} | {r['heads']} | {r['floor_median']:.2e} | {r['floor_max']:.2e} | "
+                f"{r['d_erank_mean']:.3f} ({r['d_erank_max']:.3f}) | {r['d_rank3_mean']:.2f} | {r['d_rank2_mean']:.2f} |"
+            )
+    if reads:
+        lines += [
+            "",
+            "**Reading GGUF** (`qkvlab inspect NAME`, cached file; peer: transformers' GGUF loader, then "
+            "`qkvlab inspect` of the module; median of the repeats; a shared 2-core machine, so absolute times "
+            "are noisy):",
+            "",
+            "| model | qkvlab inspect (s) | transformers load + inspect (s) | ratio |",
+            "|---|---|---|---|",
+        ]
+        for name, t in reads.items():
+            lines.append(
+                f"| {name} | {t['qkvlab']:.1f} | {t['transformers']:.1f} | {t['transformers'] / t['qkvlab']:.2f}× |"
+            )
+    write_section("gguf", "\n".join(lines))
+
+
+if __name__ == "__main__":
+    main()
