@@ -413,7 +413,7 @@ def test_t5_three_kinds_of_attention_equal_formed_products(tmp_path) -> None:
     model.float().save_pretrained(tmp_path / "t5")
     assert main(["inspect", str(tmp_path / "t5"), "--quiet", "--json", str(tmp_path / "t5.json")]) == 0
     data = json.loads((tmp_path / "t5.json").read_text())
-    assert data["schema_version"] == 2 and {r["attention"] for r in data["heads"]} == set(modules)
+    assert data["schema_version"] == 3 and {r["attention"] for r in data["heads"]} == set(modules)
     assert any("1/√d_kv" in n for n in data["notes"])
     old = {
         **data,

@@ -1,21 +1,24 @@
 """Per-head QK/OV spectra of a whole model: ``qkvlab.inspect(model_or_path)``.
 
 The JSON written by ``InspectReport.to_json`` has a fixed shape that other tools and
-reports read (``schema_version`` 2; readers accept 1, whose records are all self-attention):
+reports read (``schema_version`` 3; readers accept 2, and 1, whose records are all self-attention):
 
-    {"schema_version": 2, "source": str,
+    {"schema_version": 3, "source": str,
      "architecture": {"family", "n_layers", "n_heads", "n_kv_heads", "d_model", "d_head",
                       "attention_layers": {kind: layers}, only with several kinds (T5)},
      "rtol": float,
      "notes": [str, ...],  # what the products leave out, and whether rank at rtol is noise-limited
      "rank_noise_limited": bool,  # rtol < 10·eps of the weights' half-precision dtype, or quantised weights
      "weight_types": {tensor: type},  # only for quantised files (GGUF): each attention tensor's storage type
+     "groups": [{"attention", "layer", "group", "product", …the head metrics…}, ...],  # grouped-query only
      "heads": [{"attention": "self"|"decoder_self"|"cross", "layer" (counted within its kind),
                 "head", "product": "qk"|"ov", "singular_values": [...],
                 "rank", "effective_rank", "stable_rank", "nuclear_norm",
                 "l2_half", "gap", "imbalance", "left_gram", "right_gram"}, ...]}
 
-``left_gram``/``right_gram`` are ‖AᵀA‖_F and ‖BᵀB‖_F of the head's factors (A, B as in
+``groups`` (models with grouped-query attention): per KV group, the product weight decay bounds, the
+group's heads side by side (QK: W_K^g against every W_Q^h of the group) or stacked (OV); see
+``LayerFactors.groups``. ``left_gram``/``right_gram`` are ‖AᵀA‖_F and ‖BᵀB‖_F of the head's factors (A, B as in
 docs/spectra.md: for OV, A = P^h and B = W_V^hᵀ); a compare report has none.
 
 Layers and heads count from 0. ``heads`` is ordered by layer, then product (qk, ov),
@@ -63,7 +66,8 @@ __all__ = [
     "summary_metrics",
 ]
 
-SCHEMA_VERSION = 2  # 2: every head record has "attention"; readers accept 1 (all "self")
+#: 3: grouped-query models add "groups"; 2: every head record has "attention"; readers accept 1 (all "self")
+SCHEMA_VERSION = 3
 PRODUCTS = ("qk", "ov")
 METRICS = ("rank", "effective_rank", "stable_rank", "nuclear_norm", "l2_half", "gap", "imbalance")
 SUMMARY_STATS = (
@@ -78,9 +82,15 @@ SUMMARY_STATS = (
 
 
 def spectrum_records(
-    layer: int, product: str, spectrum: ProductSpectrum, rtol: float, attention: str = "self"
+    layer: int,
+    product: str,
+    spectrum: ProductSpectrum,
+    rtol: float,
+    attention: str = "self",
+    unit: str = "head",
 ) -> list[dict[str, Any]]:
-    """One JSON-ready record per head of one product of one layer (of one kind of attention)."""
+    """One JSON-ready record per head (``unit="group"``: per KV group) of one product of one layer (of
+    one kind of attention)."""
     columns = {
         "rank": spectrum.rank(rtol).tolist(),
         "effective_rank": spectrum.effective_rank.tolist(),
@@ -99,7 +109,7 @@ def spectrum_records(
         {
             "attention": attention,
             "layer": layer,
-            "head": head,
+            unit: head,
             "product": product,
             # a head whose weights hold NaN/inf (a diverged run) gets nulls, not a crash or fake zeros
             "singular_values": singular_values[head] if finite[head] else None,
@@ -141,6 +151,8 @@ class InspectReport:
     rank_noise_limited: bool = False
     #: Each attention tensor's storage type where the file keeps quantised weights (GGUF: ``Q4_K`` …).
     weight_types: dict[str, str] = field(default_factory=dict)
+    #: Grouped-query attention: one record per KV group, layer and product (see the module docstring).
+    groups: list[dict[str, Any]] = field(default_factory=list)
 
     def to_dict(self) -> dict[str, Any]:
         return {
@@ -153,6 +165,7 @@ class InspectReport:
             "rank_noise_limited": self.rank_noise_limited,
             **({"weight_types": self.weight_types} if self.weight_types else {}),
             "heads": self.heads,
+            **({"groups": self.groups} if self.groups else {}),
         }
 
     def to_json(self, path: str | os.PathLike[str], *, step: int | None = None) -> None:
@@ -171,6 +184,7 @@ class InspectReport:
             list(data.get("notes", [])),
             bool(data.get("rank_noise_limited", False)),
             dict(data.get("weight_types", {})),
+            list(data.get("groups", [])),
         )
 
     def to_csv(self, path: str | os.PathLike[str]) -> None:
@@ -208,8 +222,16 @@ class InspectReport:
         layers = (self.architecture.attention_layers or {}).get(kind, self.architecture.n_layers)
         arch = dataclasses.replace(self.architecture, n_layers=layers, attention_layers=None)
         heads = [r for r in self.heads if r.get("attention", "self") == kind]
+        groups = [r for r in self.groups if r.get("attention", "self") == kind]
         return InspectReport(
-            self.source, arch, self.rtol, heads, self.notes, self.rank_noise_limited, self.weight_types
+            self.source,
+            arch,
+            self.rtol,
+            heads,
+            self.notes,
+            self.rank_noise_limited,
+            self.weight_types,
+            groups,
         )
 
     def products(self) -> list[str]:
@@ -378,11 +400,18 @@ def inspect(
     factors = AttentionFactors(tensors, family=family, n_heads=n_heads, n_kv_heads=n_kv_heads)
     layers: Iterable[Any] = factors if progress is None else progress(factors, len(factors))
     records: list[dict[str, Any]] = []
+    group_records: list[dict[str, Any]] = []
     dtypes: set[torch.dtype] = set()
     for layer in layers:
         dtypes.update((layer.qk.left.dtype, layer.qk.right.dtype, layer.ov.left.dtype, layer.ov.right.dtype))
         records += spectrum_records(layer.layer, "qk", layer.qk.spectrum(), rtol, layer.attention)
         records += spectrum_records(layer.layer, "ov", layer.ov.spectrum(), rtol, layer.attention)
+        grouped = layer.groups()
+        if grouped is not None:
+            for product, factors_g in zip(("qk", "ov"), grouped, strict=True):
+                group_records += spectrum_records(
+                    layer.layer, product, factors_g.spectrum(), rtol, layer.attention, unit="group"
+                )
     notes = factors.left_out()
     half = sorted((d for d in dtypes if d in (torch.bfloat16, torch.float16)), key=str)
     noisy = bool(half) and rtol < 10 * max(torch.finfo(d).eps for d in half)
@@ -418,7 +447,12 @@ def inspect(
                 "effective_rank and stable_rank"
             )
         notes.append(stored)
-    return InspectReport(tensors.name, factors.info, rtol, records, notes, noisy, weight_types)
+    if group_records:
+        notes.append(
+            "grouped-query attention: the products weight decay bounds are per KV group (its heads' products "
+            'side by side for QK, stacked for OV); --json holds them under "groups" (docs/spectra.md)'
+        )
+    return InspectReport(tensors.name, factors.info, rtol, records, notes, noisy, weight_types, group_records)
 
 
 def _quantised_types(tensors: Any, factors: AttentionFactors) -> dict[str, str]:

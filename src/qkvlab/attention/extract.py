@@ -66,6 +66,32 @@ class LayerFactors:
     ov: FactoredProduct
     attention: str = "self"
 
+    def groups(self) -> tuple[FactoredProduct, FactoredProduct] | None:
+        """Under grouped-query attention, the products weight decay bounds per KV group, or None (one
+        head per group).
+
+        Query heads h₁ … h_r share the group's W_K and W_V. L2 on W_K^g and on every W_Q^h is
+        ½(‖A_g‖² + Σ_h‖B_h‖²), which is at least the nuclear norm of the group product
+        A_g [B_h₁ … B_h_r]ᵀ = [W_h₁ … W_h_r] (the heads' QK products side by side, d × r·d), with equality
+        at balance: that product, not any one head's, is what weight decay turns into a nuclear norm.
+        Likewise [P_h₁; …; P_h_r] V_gᵀ for OV (the heads' OV products stacked, r·d × d). docs/spectra.md
+        has the argument.
+        """
+        index = self.qk.left_index
+        if index is None:
+            return None
+        n_groups = self.qk.left.shape[0]
+        members = [torch.nonzero(index == g).flatten() for g in range(n_groups)]
+        qk = FactoredProduct(
+            self.qk.left,  # (G, d, dh): W_K per group
+            torch.stack([self.qk.right[m].reshape(-1, self.qk.right.shape[-1]) for m in members]),
+        )
+        ov = FactoredProduct(
+            torch.stack([self.ov.left[m].reshape(-1, self.ov.left.shape[-1]) for m in members]),
+            self.ov.right,  # (G, d, dh): W_V per group
+        )
+        return qk, ov
+
 
 def natural_key(text: str) -> list[int | str]:
     """Sort key that orders "layer.10" after "layer.9"."""
