@@ -175,7 +175,7 @@ class InspectReport:
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> InspectReport:
-        """From ``to_dict``'s output, schema_version 2 or 1 (whose records are all self-attention)."""
+        """From ``to_dict``'s output, schema_version 3, 2 or 1 (1: every record self-attention; before 3: no groups)."""
         return cls(
             data["source"],
             ArchitectureInfo(**data["architecture"]),
