@@ -84,3 +84,63 @@ def test_weight_decay_balances_the_group_product_while_each_heads_gap_stays_open
         gap = float(factor_gap(k[None], traj.right[0, h * d : (h + 1) * d][None])[0])
         assert math.isclose(gap, float(spectrum.gap[0]), rel_tol=1e-6)
         assert gap > 0.01 * float(spectrum.l2_half[0]), (h, gap / float(spectrum.l2_half[0]))
+
+
+def _rope(x: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+    """Rotate-half rotary embeddings (LLaMA's): plane i is dims (i, i + dh/2), angle position·θ_i."""
+    half = x.shape[-1] // 2
+    theta = 10000.0 ** (-torch.arange(half, dtype=x.dtype) / half)
+    angle = positions[:, None].to(x.dtype) * theta
+    cos, sin = angle.cos(), angle.sin()
+    a, b = x[..., :half], x[..., half:]
+    return torch.cat([a * cos - b * sin, a * sin + b * cos], dim=-1)
+
+
+def test_rotary_planes_are_summed_by_hand_and_their_imbalance_decays_at_2_lambda() -> None:
+    model = _llama(1)
+    attn = model.model.layers[0].self_attn
+    w_q, w_k = attn.q_proj.weight.detach().double(), attn.k_proj.weight.detach().double()
+    report = inspect(model)
+    r, half = H // G, DH // 2
+
+    def plane(w: torch.Tensor, head: int, p: int) -> float:  # rotate-half: rows i and i + dh/2
+        return float(w[[head * DH + p, head * DH + p + half]].square().sum())
+
+    for rec in [x for x in report.rope_planes if x["layer"] == 0]:
+        g, p = rec["group"], rec["plane"]
+        query = sum(plane(w_q, h, p) for h in range(g * r, (g + 1) * r))
+        key = plane(w_k, g, p)
+        assert math.isclose(rec["query"], query, rel_tol=1e-9) and math.isclose(rec["key"], key, rel_tol=1e-9)
+        assert math.isclose(rec["imbalance"], query - key, rel_tol=1e-9, abs_tol=1e-12)
+    assert len(report.rope_planes) == 2 * G * half  # every layer, group and plane; no rotary, no planes:
+    assert not inspect(torch.nn.MultiheadAttention(8, 2, bias=False)).rope_planes
+
+    # gradient descent with weight decay on a loss of rotary scores: each plane's ‖W_Q^(p)‖² − ‖W_K^(p)‖²
+    # decays as e^(−2λt), one dimension's alone does not (the law is the plane's)
+    torch.manual_seed(0)
+    d, dh, tokens, lam, lr, steps = 6, 4, 12, 0.5, 2e-3, 1000
+    x, pos = torch.randn(tokens, d, dtype=torch.float64), torch.arange(tokens)
+    teacher_q, teacher_k = torch.randn(dh, d, dtype=torch.float64), torch.randn(dh, d, dtype=torch.float64)
+    target = _rope(x @ teacher_q.T, pos) @ _rope(x @ teacher_k.T, pos).T
+    q = (1.0 * torch.randn(dh, d, dtype=torch.float64)).requires_grad_()
+    k = (0.2 * torch.randn(dh, d, dtype=torch.float64)).requires_grad_()
+
+    def planes() -> tuple[torch.Tensor, torch.Tensor]:
+        qs, ks = q.detach().square().sum(1), k.detach().square().sum(1)
+        return (qs[:2] + qs[2:]) - (ks[:2] + ks[2:]), qs - ks  # per plane, per dimension
+
+    start_plane, start_dim = planes()
+    for _ in range(steps):
+        scores = _rope(x @ q.T, pos) @ _rope(x @ k.T, pos).T
+        loss = 0.5 * (scores - target).square().sum() / tokens**2 + 0.5 * lam * (
+            q.square().sum() + k.square().sum()
+        )
+        loss.backward()
+        with torch.no_grad():
+            q -= lr * q.grad
+            k -= lr * k.grad
+        q.grad, k.grad = None, None
+    end_plane, end_dim = planes()
+    expected = math.exp(-2 * lam * lr * steps)
+    assert torch.allclose(end_plane / start_plane, torch.full_like(end_plane, expected), rtol=0.01)
+    assert not torch.allclose(end_dim / start_dim, torch.full_like(end_dim, expected), rtol=0.1)

@@ -11,6 +11,7 @@ reports read (``schema_version`` 3; readers accept 2, and 1, whose records are a
      "rank_noise_limited": bool,  # rtol < 10·eps of the weights' half-precision dtype, or quantised weights
      "weight_types": {tensor: type},  # only for quantised files (GGUF): each attention tensor's storage type
      "groups": [{"attention", "layer", "group", "product", …the head metrics…}, ...],  # grouped-query only
+     "rope_planes": [{"attention", "layer", "group", "plane", "query", "key", "imbalance"}, ...],  # rotary only
      "heads": [{"attention": "self"|"decoder_self"|"cross", "layer" (counted within its kind),
                 "head", "product": "qk"|"ov", "singular_values": [...],
                 "rank", "effective_rank", "stable_rank", "nuclear_norm",
@@ -153,6 +154,9 @@ class InspectReport:
     weight_types: dict[str, str] = field(default_factory=dict)
     #: Grouped-query attention: one record per KV group, layer and product (see the module docstring).
     groups: list[dict[str, Any]] = field(default_factory=list)
+    #: Rotary embeddings: per layer, KV group and rotary plane, the plane's squared norms in the group's
+    #: query factors and its key factor, and their difference (``AttentionFactors.rotary_planes``).
+    rope_planes: list[dict[str, Any]] = field(default_factory=list)
 
     def to_dict(self) -> dict[str, Any]:
         return {
@@ -166,6 +170,7 @@ class InspectReport:
             **({"weight_types": self.weight_types} if self.weight_types else {}),
             "heads": self.heads,
             **({"groups": self.groups} if self.groups else {}),
+            **({"rope_planes": self.rope_planes} if self.rope_planes else {}),
         }
 
     def to_json(self, path: str | os.PathLike[str], *, step: int | None = None) -> None:
@@ -185,6 +190,7 @@ class InspectReport:
             bool(data.get("rank_noise_limited", False)),
             dict(data.get("weight_types", {})),
             list(data.get("groups", [])),
+            list(data.get("rope_planes", [])),
         )
 
     def to_csv(self, path: str | os.PathLike[str]) -> None:
@@ -401,11 +407,28 @@ def inspect(
     layers: Iterable[Any] = factors if progress is None else progress(factors, len(factors))
     records: list[dict[str, Any]] = []
     group_records: list[dict[str, Any]] = []
+    plane_records: list[dict[str, Any]] = []
     dtypes: set[torch.dtype] = set()
     for layer in layers:
         dtypes.update((layer.qk.left.dtype, layer.qk.right.dtype, layer.ov.left.dtype, layer.ov.right.dtype))
         records += spectrum_records(layer.layer, "qk", layer.qk.spectrum(), rtol, layer.attention)
         records += spectrum_records(layer.layer, "ov", layer.ov.spectrum(), rtol, layer.attention)
+        rotary = factors.rotary_planes(layer)
+        if rotary is not None:
+            query, key = (x.tolist() for x in rotary)
+            plane_records += [
+                {
+                    "attention": layer.attention,
+                    "layer": layer.layer,
+                    "group": g,
+                    "plane": p,
+                    "query": query[g][p],
+                    "key": key[g][p],
+                    "imbalance": query[g][p] - key[g][p],
+                }
+                for g in range(len(query))
+                for p in range(len(query[g]))
+            ]
         grouped = layer.groups()
         if grouped is not None:
             for product, factors_g in zip(("qk", "ov"), grouped, strict=True):
@@ -452,7 +475,9 @@ def inspect(
             "grouped-query attention: the products weight decay bounds are per KV group (its heads' products "
             'side by side for QK, stacked for OV); --json holds them under "groups" (docs/spectra.md)'
         )
-    return InspectReport(tensors.name, factors.info, rtol, records, notes, noisy, weight_types, group_records)
+    return InspectReport(
+        tensors.name, factors.info, rtol, records, notes, noisy, weight_types, group_records, plane_records
+    )
 
 
 def _quantised_types(tensors: Any, factors: AttentionFactors) -> dict[str, str]:

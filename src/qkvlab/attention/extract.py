@@ -26,6 +26,7 @@ import torch
 from qkvlab.attention.families import (
     CONFIG_KEYS,
     FAMILIES,
+    ROTARY_KEYS,
     Family,
     Layout,
     family_by_model_type,
@@ -394,6 +395,35 @@ class AttentionFactors:
         qk = FactoredProduct(per_head(w_k, g), per_head(w_q, h), left_index=group)
         ov = FactoredProduct(p, per_head(w_v, g), right_index=group)
         return LayerFactors(within, qk, ov, layout.attention)
+
+    def rotary_planes(self, layer: LayerFactors) -> tuple[torch.Tensor, torch.Tensor] | None:
+        """Per KV group and rotary plane, (Σ_h ‖W_Q^h rows of the plane‖², ‖W_K^g rows of the plane‖²), each
+        (n_kv_heads, planes) in float64; None for a family without rotary embeddings.
+
+        Rotary embeddings rotate each plane of q and k by an angle that depends on the position, so the
+        symmetries of the score that survive them act plane by plane: a rotation within the plane, and a
+        scaling of q's plane by c and k's by 1/c. The scaling makes Σ_h‖Q_h^(p)‖² − ‖K_g^(p)‖² conserved
+        under gradient flow, and with weight decay λ it decays as e^(−2λt) (docs/spectra.md); nothing ties
+        the rest of the plane's 2 × 2 block. The planes follow the family's ``rope`` layout and the
+        config's rotary share (``ROTARY_KEYS``).
+        """
+        if not self.family.rope:
+            return None
+        dh = self.info.d_head
+        share = next(
+            (float(v) for k in ROTARY_KEYS if isinstance(v := self.source.config.get(k), int | float)), 1.0
+        )
+        rot = int(dh * share) // 2 * 2
+        planes = rot // 2
+        if self.family.rope == "half":
+            pairs = torch.stack([torch.arange(planes), torch.arange(planes) + planes], dim=1)
+        else:  # interleaved
+            pairs = torch.arange(rot).reshape(planes, 2)
+        q_sq = layer.qk.right.to(torch.float64).square().sum(1)  # (H, dh): each query column's squared norm
+        k_sq = layer.qk.left.to(torch.float64).square().sum(1)  # (G, dh)
+        index = layer.qk.left_index if layer.qk.left_index is not None else torch.arange(q_sq.shape[0])
+        grouped = torch.zeros_like(k_sq).index_add_(0, index, q_sq)  # Σ over each group's heads
+        return grouped[:, pairs].sum(-1), k_sq[:, pairs].sum(-1)
 
     def __iter__(self) -> Iterator[LayerFactors]:
         for index in range(len(self.blocks)):

@@ -27,7 +27,15 @@ import dataclasses
 import re
 from dataclasses import dataclass
 
-__all__ = ["CONFIG_KEYS", "FAMILIES", "Family", "Layout", "family_by_model_type", "supported_families_text"]
+__all__ = [
+    "CONFIG_KEYS",
+    "FAMILIES",
+    "ROTARY_KEYS",
+    "Family",
+    "Layout",
+    "family_by_model_type",
+    "supported_families_text",
+]
 
 
 @dataclass(frozen=True)
@@ -81,6 +89,11 @@ class Family:
     #: Every matching layout is one kind of attention of the model (T5: encoder self-attention,
     #: decoder self-attention, cross-attention), instead of alternative namings of one kind.
     several_kinds: bool = False
+    #: Rotary embeddings' plane layout within a head, as the weights are read: "half" (rotate-half: dims
+    #: i and i + rot/2 form plane i; LLaMA, Qwen, Gemma, GPT-NeoX), "interleaved" (dims 2i, 2i + 1;
+    #: GPT-J), or "" (no rotary embeddings). The rotary share of each head comes from the config
+    #: (``ROTARY_KEYS``); all of it when the config says nothing.
+    rope: str = ""
 
 
 def _with_split(fused: Layout) -> tuple[Layout, Layout]:
@@ -164,6 +177,7 @@ FAMILIES: tuple[Family, ...] = (
             "rotary position embeddings: the score bilinear form is W_Qᵀ R(Δ) W_K, so W_KᵀW_Q is "
             "the relative-offset-0 form; Qwen3's q/k RMSNorm also sits between the factors"
         ),
+        rope="half",
     ),
     Family(
         name="gemma3",
@@ -176,6 +190,7 @@ FAMILIES: tuple[Family, ...] = (
             "token, so W_Q's and W_K's own scale is free and weight decay's balance does not constrain the QK "
             "factors (OV is unaffected); scores are scaled by query_pre_attn_scalar, not 1/√d_head"
         ),
+        rope="half",
     ),
     Family(
         name="vit",
@@ -214,6 +229,7 @@ FAMILIES: tuple[Family, ...] = (
             "rotary position embeddings on the first rotary_pct of each head's dimensions (Pythia: 25 %): "
             "W_KᵀW_Q is the relative-offset-0 form of those dimensions and exact for the rest"
         ),
+        rope="half",
     ),
     Family(
         name="opt",
@@ -241,6 +257,7 @@ FAMILIES: tuple[Family, ...] = (
             )
         ),
         caveat="rotary position embeddings: W_KᵀW_Q is the relative-offset-0 form, as for LLaMA",
+        rope="half",
     ),
     Family(
         name="distilbert",
@@ -349,6 +366,9 @@ FAMILIES: tuple[Family, ...] = (
         ),
     ),
 )
+
+#: The share of each head's dimensions that rotary embeddings rotate (config keys, in order; 1 if none).
+ROTARY_KEYS = ("partial_rotary_factor", "rotary_pct")
 
 #: HF config synonyms, read in order. n_kv_heads defaults to n_heads, d_head to d_model / n_heads.
 CONFIG_KEYS: dict[str, tuple[str, ...]] = {
