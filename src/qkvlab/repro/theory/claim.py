@@ -398,7 +398,10 @@ def run_pretrained(source: str | os.PathLike[str] | torch.nn.Module, seed: int =
 
     ``random_relative_gap`` is the same ratio for Gaussian factors with each head's norms: how
     balanced unrelated matrices of these shapes already are. ``norm_part`` is the share of the gap
-    that unequal norms alone force, Σ_h ½(‖A‖_F − ‖B‖_F)² (the rest is misalignment).
+    that unequal norms alone force, Σ_h ½(‖A‖_F − ‖B‖_F)² (the rest is misalignment). Under grouped-query
+    attention ``{qk,ov}_group_relative_gap`` is the ratio for the KV groups' products, the ones weight decay
+    bounds; with rotary embeddings ``qk_plane_relative_imbalance`` is the mean over planes and groups of
+    |Σ_h‖Q^(p)‖² − ‖K^(p)‖²| / (Σ_h‖Q^(p)‖² + ‖K^(p)‖²), the balance that survives the rotation.
     """
     from qkvlab.attention import AttentionFactors, load_source
 
@@ -424,6 +427,16 @@ def run_pretrained(source: str | os.PathLike[str] | torch.nn.Module, seed: int =
             row[f"{product}_relative_gap"] = (l2_half - nuclear) / nuclear
             row[f"{product}_norm_part"] = float((0.5 * (a_norm - b_norm).square()).sum()) / nuclear
             row[f"{product}_random_relative_gap"] = float(rand.gap.sum() / rand.nuclear_norm.sum())
+        grouped = layer.groups()
+        if grouped is not None:  # grouped-query attention: the products weight decay bounds (docs/spectra.md)
+            for product, pair in zip(("qk", "ov"), grouped, strict=True):
+                spectrum = pair.spectrum()
+                l2_half, nuclear = float(spectrum.l2_half.sum()), float(spectrum.nuclear_norm.sum())
+                row[f"{product}_group_relative_gap"] = (l2_half - nuclear) / nuclear
+        planes = factors.rotary_planes(layer)
+        if planes is not None:  # rotary: per plane, |Σ_h‖Q^(p)‖² − ‖K^(p)‖²| over Σ_h‖Q^(p)‖² + ‖K^(p)‖²
+            query, key = planes
+            row["qk_plane_relative_imbalance"] = float(((query - key).abs() / (query + key)).mean())
         layers.append(row)
     info = factors.info
     return {"source": tensors.name, "architecture": info.to_dict(), "seed": seed, "layers": layers}

@@ -150,6 +150,10 @@ def _pretrained_table(model: dict[str, Any]) -> str:
             "norm part",
             "random",
         ]
+    grouped = "qk_group_relative_gap" in model["layers"][0]
+    planes = "qk_plane_relative_imbalance" in model["layers"][0]
+    headers += ["QK group gap/‖·‖_*", "OV group gap/‖·‖_*"] if grouped else []
+    headers += ["QK plane imbalance"] if planes else []
     rows = []
     for layer in model["layers"]:
         row: list[object] = [layer["layer"]]
@@ -161,6 +165,10 @@ def _pretrained_table(model: dict[str, Any]) -> str:
                 f"{layer[f'{product}_norm_part']:.2%}",
                 f"{layer[f'{product}_random_relative_gap']:.2%}",
             ]
+        if grouped:
+            row += [f"{layer[f'{product}_group_relative_gap']:.2%}" for product in ("qk", "ov")]
+        if planes:
+            row.append(f"{layer['qk_plane_relative_imbalance']:.2%}")
         rows.append(row)
     return format_table(headers, rows)
 
