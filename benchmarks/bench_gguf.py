@@ -30,7 +30,7 @@ import numpy as np
 import torch
 
 sys.path.insert(0, str(Path(__file__).parent))
-from _common import machine, write_section
+from _common import WORK, machine, write_section
 
 QTYPES = ("Q8_0", "Q5_0", "Q4_0")
 
@@ -120,6 +120,7 @@ def _read_times(name: str, repeats: int) -> dict[str, float]:
             fn()
             times[label].append(time.perf_counter() - start)
     result = {label: statistics.median(t) for label, t in times.items()}
+    result["bytes"] = path.stat().st_size
     print(name, result)
     return result
 
@@ -133,15 +134,28 @@ def main() -> None:
     import warnings
 
     warnings.filterwarnings("ignore")
-    floors = {name: _floor(name) for name in args.models.split(",") if name}
-    reads = {name: _read_times(name, args.repeats) for name in args.decoders.split(",") if name}
+    # each part's figures are kept in benchmarks/_work/gguf.json, so one part can be rerun alone
+    import json
+
+    store = WORK / "gguf.json"
+    saved = json.loads(store.read_text()) if store.is_file() else {"floors": {}, "reads": {}, "commands": {}}
+    for name in filter(None, args.models.split(",")):
+        saved["floors"][name] = _floor(name)
+        saved["commands"]["floors"] = f"--models {args.models}"
+    for name in filter(None, args.decoders.split(",")):
+        saved["reads"][name] = _read_times(name, args.repeats)
+        saved["commands"]["reads"] = f"--decoders {args.decoders} --repeats {args.repeats}"
+    WORK.mkdir(parents=True, exist_ok=True)
+    store.write_text(json.dumps(saved, indent=1))
+    floors, reads = saved["floors"], saved["reads"]
 
     lines = [
         "## 8. Quantised weights: the noise floor, and reading GGUF files",
         "",
         f"Machine: {machine()}.",
-        f"Command: `.venv/bin/python benchmarks/bench_gguf.py --models {args.models} --decoders "
-        f"{args.decoders} --repeats {args.repeats}`.",
+        "Commands: "
+        + "; ".join(f"`.venv/bin/python benchmarks/bench_gguf.py {c}`" for c in saved["commands"].values())
+        + " (each part's figures kept in benchmarks/_work/gguf.json, so a part reruns alone).",
         "",
         "**Noise floor.** Each attention weight quantised and dequantised with gguf's quantiser; per head, "
         "‖ΔM‖₂/σ₁ bounds how far any σᵢ/σ₁ moves (Weyl), so rank at an rtol below it counts quantisation "
@@ -156,6 +170,14 @@ def main() -> None:
                 f"| {name} | {qtype} | {r['heads']} | {r['floor_median']:.2e} | {r['floor_max']:.2e} | "
                 f"{r['d_erank_mean']:.3f} ({r['d_erank_max']:.3f}) | {r['d_rank3_mean']:.2f} | {r['d_rank2_mean']:.2f} |"
             )
+    lines += [
+        "",
+        "Effective rank moves by at most 0.1 (of 32 or 64) even at 4 bits, and rank at rtol 1e-3 or 1e-2 "
+        "did not change on these heads, all of whose σᵢ/σ₁ sit above the floor. The floor matters where "
+        "singular values are small, as in heads trained to low rank with strong decay: there noise up to "
+        "‖ΔM‖₂ counts as rank. `qkvlab inspect` therefore flags rank at an rtol below the format's max floor "
+        "(Q8_0 0.011, Q5_0 0.078, Q4_0 0.16; others bounded by these) as noise-limited.",
+    ]
     if reads:
         lines += [
             "",
@@ -163,13 +185,24 @@ def main() -> None:
             "`qkvlab inspect` of the module; median of the repeats; a shared 2-core machine, so absolute times "
             "are noisy):",
             "",
-            "| model | qkvlab inspect (s) | transformers load + inspect (s) | ratio |",
-            "|---|---|---|---|",
+            "| model | file (MB) | qkvlab inspect (s) | transformers load + inspect (s) | ratio |",
+            "|---|---|---|---|---|",
         ]
         for name, t in reads.items():
+            from qkvlab.attention.packaged import resolve_packaged
+
+            size = f"{t.get('bytes', resolve_packaged(name).stat().st_size) / 1e6:.0f}"
             lines.append(
-                f"| {name} | {t['qkvlab']:.1f} | {t['transformers']:.1f} | {t['transformers'] / t['qkvlab']:.2f}× |"
+                f"| {name} | {size} | {t['qkvlab']:.1f} | {t['transformers']:.1f} | "
+                f"{t['transformers'] / t['qkvlab']:.2f}× |"
             )
+        lines += [
+            "",
+            "Both sides read the file once and dequantise in numpy (gguf's code); qkvlab then needs one QR "
+            "per factor per head, transformers builds and fills a whole model first. The physical limit is "
+            "one read of the file (under a second from the page cache) plus dequantisation, which dominates "
+            "here: gguf's Python dequantiser runs at tens of MB/s.",
+        ]
     write_section("gguf", "\n".join(lines))
 
 
