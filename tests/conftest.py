@@ -223,3 +223,20 @@ def tiny_gpt_settings(corpus: Path, out: Path, **extra: object) -> dict[str, str
     }
     settings.update({k: str(v) for k, v in extra.items()})
     return settings
+
+
+def tiny_gqa_llama(seed: int = 0, heads: int = 4, kv_heads: int = 2, d_model: int = 32, d_head: int = 8):
+    """A 2-layer HF LLaMA with grouped-query attention (4 query heads over 2 KV groups, d_head 8), RoPE."""
+    import transformers as tf
+
+    torch.manual_seed(seed)
+    config = tf.LlamaConfig(
+        vocab_size=16,
+        hidden_size=d_model,
+        intermediate_size=16,
+        num_hidden_layers=2,
+        num_attention_heads=heads,
+        num_key_value_heads=kv_heads,
+        head_dim=d_head,
+    )
+    return tf.LlamaForCausalLM(config)

@@ -14,23 +14,13 @@ from qkvlab.attention.gguf import GGUFSource, undo_rope_permutation
 from qkvlab.cli import main
 from qkvlab.inspection import InspectReport, inspect
 
+from conftest import tiny_gqa_llama
+
 H, G, D, DH, LAYERS = 4, 2, 32, 8, 2
 
 
 def _llama(seed: int = 0):  # type: ignore[no-untyped-def]
-    import transformers as tf
-
-    torch.manual_seed(seed)
-    config = tf.LlamaConfig(
-        vocab_size=16,
-        hidden_size=D,
-        intermediate_size=16,
-        num_hidden_layers=LAYERS,
-        num_attention_heads=H,
-        num_key_value_heads=G,
-        head_dim=DH,
-    )
-    return tf.LlamaForCausalLM(config)
+    return tiny_gqa_llama(seed, H, G, D, DH)
 
 
 def _llama_cpp_permute(weight: np.ndarray, n_head: int) -> np.ndarray:

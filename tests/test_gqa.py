@@ -11,23 +11,13 @@ from qkvlab.inspection import InspectReport, inspect
 from qkvlab.spectra import FactoredProduct, factor_gap
 from qkvlab.theory import fit_decay_rate, lr_schedule, train_factors
 
+from conftest import tiny_gqa_llama
+
 H, G, D, DH = 4, 2, 32, 8
 
 
 def _llama(seed: int = 0):  # type: ignore[no-untyped-def]
-    import transformers as tf
-
-    torch.manual_seed(seed)
-    config = tf.LlamaConfig(
-        vocab_size=16,
-        hidden_size=D,
-        intermediate_size=16,
-        num_hidden_layers=2,
-        num_attention_heads=H,
-        num_key_value_heads=G,
-        head_dim=DH,
-    )
-    return tf.LlamaForCausalLM(config)
+    return tiny_gqa_llama(seed, H, G, D, DH)
 
 
 def test_group_spectra_are_those_of_the_groups_heads_side_by_side_formed_by_hand() -> None:
