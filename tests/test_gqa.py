@@ -134,3 +134,18 @@ def test_rotary_planes_are_summed_by_hand_and_their_imbalance_decays_at_2_lambda
     expected = math.exp(-2 * lam * lr * steps)
     assert torch.allclose(end_plane / start_plane, torch.full_like(end_plane, expected), rtol=0.01)
     assert not torch.allclose(end_dim / start_dim, torch.full_like(end_dim, expected), rtol=0.1)
+
+
+def test_the_report_shows_the_group_products_and_the_rotary_planes(tmp_path) -> None:
+    from qkvlab.report.build import write_report
+
+    report = inspect(_llama(2))
+    path = tmp_path / "gqa.json"
+    report.to_json(path)
+    _, md = write_report([path], tmp_path / "r")
+    text = md.read_text()
+    assert "QK group gap/‖·‖_*" in text and "QK plane imbalance" in text
+    group = [r for r in report.groups if r["layer"] == 1 and r["product"] == "ov"]
+    expected = sum(r["gap"] for r in group) / sum(r["nuclear_norm"] for r in group)
+    (row,) = [line for line in text.splitlines() if line.startswith("| 1 |") and "%" in line]
+    assert f"{expected:.2%}" in row.split("|")[5]  # OV group gap/‖·‖_* of layer 1, as computed here

@@ -21,6 +21,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import statistics
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any, Protocol
@@ -151,6 +152,45 @@ def _inspect_summary_table(report: Any) -> Table:
     )
 
 
+def _group_table(report: Any) -> Table | None:
+    """Per layer, what weight decay bounds under grouped-query attention and rotary embeddings: the KV
+    groups' products (effective rank, gap / nuclear norm) and the rotary planes' balance; None if the
+    report holds neither."""
+    if not (report.groups or report.rope_planes):
+        return None
+    layers = sorted({r["layer"] for r in report.groups} | {r["layer"] for r in report.rope_planes})
+    headers = ["layer"]
+    if report.groups:
+        headers += ["QK group erank", "QK group gap/‖·‖_*", "OV group erank", "OV group gap/‖·‖_*"]
+    if report.rope_planes:
+        headers += ["QK plane imbalance"]
+    rows = []
+    for layer in layers:
+        row: list[object] = [layer]
+        if report.groups:
+            for product in ("qk", "ov"):
+                group = [r for r in report.groups if r["layer"] == layer and r["product"] == product]
+                nuclear = sum(r["nuclear_norm"] for r in group)
+                row += [
+                    f"{statistics.fmean(r['effective_rank'] for r in group):.2f}",
+                    f"{sum(r['gap'] for r in group) / nuclear:.2%}",
+                ]
+        if report.rope_planes:
+            planes = [r for r in report.rope_planes if r["layer"] == layer]
+            row.append(
+                f"{statistics.fmean(abs(r['imbalance']) / (r['query'] + r['key']) for r in planes):.2%}"
+            )
+        rows.append(row)
+    return Table(
+        headers,
+        rows,
+        caption="What weight decay bounds here (docs/spectra.md): per KV group, the group's heads' products "
+        "side by side (QK) or stacked (OV), their mean effective rank and Σ gap / Σ ‖·‖_* (0 = weight decay is "
+        "exactly the nuclear norm); per rotary plane, |Σ_h‖Q^(p)‖² − ‖K^(p)‖²| / (Σ_h‖Q^(p)‖² + ‖K^(p)‖²), "
+        "averaged over planes and groups (0 = balanced).",
+    )
+
+
 def _inspect_sections(reports: list[tuple[str, Any]], figures: Path, prefix: str) -> list[Section]:
     from qkvlab.render.tables import compare_text
     from qkvlab.report.inspect_plots import effective_rank_heatmap, plot_compare, singular_value_curves
@@ -177,8 +217,10 @@ def _inspect_sections(reports: list[tuple[str, Any]], figures: Path, prefix: str
             blocks += [Figure(p, f"{p.stem.replace('_', ' ')} of the change, per head") for p in written]
             sections.append(Section(f"Change: {name}", blocks))
             continue
+        grouped = _group_table(report)
         blocks = [
             _inspect_summary_table(report),
+            *([grouped] if grouped is not None else []),
             Figure(
                 effective_rank_heatmap(report, figures / f"{stem}_erank_heatmap.png"),
                 "Effective rank of each head's product (layer × head); the colour scale runs to d_head.",
