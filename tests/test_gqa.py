@@ -149,3 +149,19 @@ def test_the_report_shows_the_group_products_and_the_rotary_planes(tmp_path) -> 
     expected = sum(r["gap"] for r in group) / sum(r["nuclear_norm"] for r in group)
     (row,) = [line for line in text.splitlines() if line.startswith("| 1 |") and "%" in line]
     assert f"{expected:.2%}" in row.split("|")[5]  # OV group gap/‖·‖_* of layer 1, as computed here
+
+
+def test_tensorboard_summaries_carry_the_group_and_plane_figures_and_mha_adds_none() -> None:
+    from qkvlab.inspection import group_summary, summary_metrics
+
+    report = inspect(_llama(3))
+    metrics = summary_metrics(report)
+    rows = {row["layer"]: row for row in group_summary(report)}
+    group = [r for r in report.groups if r["layer"] == 0 and r["product"] == "qk"]
+    assert math.isclose(
+        metrics["spectra/L0/qk_group_gap_rel"],
+        sum(r["gap"] for r in group) / sum(r["nuclear_norm"] for r in group),
+    )
+    assert metrics["spectra/L1/qk_plane_imbalance"] == rows[1]["qk_plane_imbalance"] > 0
+    mha = summary_metrics(inspect(torch.nn.MultiheadAttention(8, 2, bias=False)))
+    assert not any("group" in key or "plane" in key for key in mha)

@@ -736,11 +736,45 @@ def _null_factor_fields(records: list[dict[str, Any]]) -> list[dict[str, Any]]:
     return records
 
 
+def group_summary(report: InspectReport) -> list[dict[str, Any]]:
+    """Per layer (and kind of attention), what weight decay bounds under grouped-query attention and rotary
+    embeddings: ``{qk|ov}_group_erank_mean``, ``{qk|ov}_group_gap_rel`` (Σ gap / Σ ‖·‖_* over the KV
+    groups' products) and ``qk_plane_imbalance`` (the mean over planes and groups of
+    |Σ_h‖Q^(p)‖² − ‖K^(p)‖²| / (Σ_h‖Q^(p)‖² + ‖K^(p)‖²)). Empty when the report holds neither."""
+    keys = sorted(
+        {(r.get("attention", "self"), r["layer"]) for r in [*report.groups, *report.rope_planes]},
+        key=lambda k: (report.attention_kinds().index(k[0]) if k[0] in report.attention_kinds() else 0, k[1]),
+    )
+    rows = []
+    for kind, layer in keys:
+        row: dict[str, Any] = {"attention": kind, "layer": layer}
+        for product in PRODUCTS:
+            group = [
+                r
+                for r in report.groups
+                if r.get("attention", "self") == kind and r["layer"] == layer and r["product"] == product
+            ]
+            finite = [r for r in group if r["effective_rank"] is not None]
+            if finite:
+                row[f"{product}_group_erank_mean"] = statistics.fmean(r["effective_rank"] for r in finite)
+                row[f"{product}_group_gap_rel"] = sum(r["gap"] for r in finite) / sum(
+                    r["nuclear_norm"] for r in finite
+                )
+        planes = [r for r in report.rope_planes if r.get("attention", "self") == kind and r["layer"] == layer]
+        if planes:
+            row["qk_plane_imbalance"] = statistics.fmean(
+                abs(r["imbalance"]) / (r["query"] + r["key"]) for r in planes
+            )
+        rows.append(row)
+    return rows
+
+
 def summary_metrics(report: InspectReport) -> dict[str, float]:
     """Flat per-layer summaries named as TensorBoard tags (the HF callback and ``qkvlab train`` use these).
 
     ``spectra/L{layer}/{qk|ov}_{stat}`` for every stat of :data:`SUMMARY_STATS` (means over heads,
-    and the minimum effective rank), and model-wide ``spectra/{qk|ov}_erank_mean``.
+    and the minimum effective rank), and model-wide ``spectra/{qk|ov}_erank_mean``; under grouped-query
+    attention or rotary embeddings also :func:`group_summary`'s per-layer figures.
     """
     metrics: dict[str, float] = {}
     rows = report.layer_summary()
@@ -757,4 +791,10 @@ def summary_metrics(report: InspectReport) -> dict[str, float]:
         values = [r[f"{product}_erank_mean"] for r in rows if f"{product}_erank_mean" in r]
         if values:
             metrics[f"spectra/{product}_erank_mean"] = sum(values) / len(values)
+    for row in group_summary(report):
+        kind = row["attention"]
+        where = f"spectra/L{row['layer']}" if kind == "self" else f"spectra/{kind}/L{row['layer']}"
+        for key, value in row.items():
+            if key not in ("attention", "layer"):
+                metrics[f"{where}/{key}"] = float(value)
     return metrics

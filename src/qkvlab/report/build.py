@@ -21,7 +21,6 @@ from __future__ import annotations
 import json
 import math
 import os
-import statistics
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any, Protocol
@@ -153,37 +152,27 @@ def _inspect_summary_table(report: Any) -> Table:
 
 
 def _group_table(report: Any) -> Table | None:
-    """Per layer, what weight decay bounds under grouped-query attention and rotary embeddings: the KV
-    groups' products (effective rank, gap / nuclear norm) and the rotary planes' balance; None if the
-    report holds neither."""
-    if not (report.groups or report.rope_planes):
+    """Per layer, what weight decay bounds under grouped-query attention and rotary embeddings
+    (``qkvlab.inspection.group_summary``); None if the report holds neither."""
+    from qkvlab.inspection import group_summary
+
+    rows = group_summary(report)
+    if not rows:
         return None
-    layers = sorted({r["layer"] for r in report.groups} | {r["layer"] for r in report.rope_planes})
-    headers = ["layer"]
-    if report.groups:
-        headers += ["QK group erank", "QK group gap/‖·‖_*", "OV group erank", "OV group gap/‖·‖_*"]
-    if report.rope_planes:
-        headers += ["QK plane imbalance"]
-    rows = []
-    for layer in layers:
-        row: list[object] = [layer]
-        if report.groups:
-            for product in ("qk", "ov"):
-                group = [r for r in report.groups if r["layer"] == layer and r["product"] == product]
-                nuclear = sum(r["nuclear_norm"] for r in group)
-                row += [
-                    f"{statistics.fmean(r['effective_rank'] for r in group):.2f}",
-                    f"{sum(r['gap'] for r in group) / nuclear:.2%}",
-                ]
-        if report.rope_planes:
-            planes = [r for r in report.rope_planes if r["layer"] == layer]
-            row.append(
-                f"{statistics.fmean(abs(r['imbalance']) / (r['query'] + r['key']) for r in planes):.2%}"
-            )
-        rows.append(row)
+    columns = [
+        ("qk_group_erank_mean", "QK group erank", "{:.2f}"),
+        ("qk_group_gap_rel", "QK group gap/‖·‖_*", "{:.2%}"),
+        ("ov_group_erank_mean", "OV group erank", "{:.2f}"),
+        ("ov_group_gap_rel", "OV group gap/‖·‖_*", "{:.2%}"),
+        ("qk_plane_imbalance", "QK plane imbalance", "{:.2%}"),
+    ]
+    shown = [c for c in columns if any(c[0] in row for row in rows)]
     return Table(
-        headers,
-        rows,
+        ["layer", *(title for _, title, _ in shown)],
+        [
+            [row["layer"], *(fmt.format(row[key]) if key in row else "—" for key, _, fmt in shown)]
+            for row in rows
+        ],
         caption="What weight decay bounds here (docs/spectra.md): per KV group, the group's heads' products "
         "side by side (QK) or stacked (OV), their mean effective rank and Σ gap / Σ ‖·‖_* (0 = weight decay is "
         "exactly the nuclear norm); per rotary plane, |Σ_h‖Q^(p)‖² − ‖K^(p)‖²| / (Σ_h‖Q^(p)‖² + ‖K^(p)‖²), "
