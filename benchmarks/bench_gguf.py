@@ -173,7 +173,7 @@ def main() -> None:
     lines += [
         "",
         "Effective rank moves by at most 0.1 (of 32 or 64) even at 4 bits, and rank at rtol 1e-3 or 1e-2 "
-        "did not change on these heads, all of whose σᵢ/σ₁ sit above the floor. The floor matters where "
+        "did not change on these heads (no σᵢ/σ₁ crossed either threshold). The bound matters where "
         "singular values are small, as in heads trained to low rank with strong decay: there noise up to "
         "‖ΔM‖₂ counts as rank. `qkvlab inspect` therefore flags rank at an rtol below the format's max floor "
         "(Q8_0 0.011, Q5_0 0.078, Q4_0 0.16; others bounded by these) as noise-limited.",
