@@ -569,3 +569,30 @@ def test_a_mistyped_claim_or_command_names_the_closest_one(capsys) -> None:
     with pytest.raises(SystemExit):
         main(["repro", "xyzzy"])
     assert "did you mean" not in capsys.readouterr().err  # nothing close: no guess
+
+
+def test_decouple_control_runs_the_design_fixed_in_code(tmp_path, monkeypatch, capsys) -> None:
+    import qkvlab.repro.paper000.claim as paper000
+    from qkvlab.cli import main
+
+    planned = []
+
+    class Planned(Exception):
+        pass
+
+    def grid(out, cells, seeds, **kwargs):  # type: ignore[no-untyped-def]
+        planned.append((sorted(cells), list(seeds), kwargs.get("changes")))
+        raise Planned
+
+    monkeypatch.setattr(paper000, "run_gpt_grid", grid)
+    for lr in ("", "--set lr=4e-3"):
+        with pytest.raises(Planned):
+            main(["repro", "decouple", "--control", "--out", str(tmp_path / f"c{len(planned)}"), *lr.split()])
+    design = sorted({(a, r) for r in (0.0, 0.3) for a in (0.0, 0.1, 1.0)} | {(0.3, 0.3)})
+    assert [p[0] for p in planned] == [design, design] and planned[0][1] == [0, 1, 2]
+    assert planned[1][2]["lr"] == "4e-3"
+    capsys.readouterr()
+    assert main(["repro", "decouple", "--control", "--set", "lr=2e-3", "--out", str(tmp_path / "x")]) == 2
+    assert "--control runs at lr 0.001 or 0.004" in capsys.readouterr().err
+    assert main(["repro", "decouple", "--control", "--attn-lambdas", "0", "--out", str(tmp_path / "y")]) == 2
+    assert "--control fixes" in capsys.readouterr().err

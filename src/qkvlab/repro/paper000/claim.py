@@ -192,6 +192,14 @@ SETTINGS = {
 WD_RANK_REST = 0.1
 DECOUPLE_ATTN = (0.0, 0.1, 1.0, 3.0)
 DECOUPLE_REST = (0.1, 1.0)
+#: Table 1's missing control (issue 32), fixed in code before any of its runs: without λ_rest = 0, "removing
+#: attention decay helps" cannot be told from "less decay helps", and the table ran at lr 1e-3, far from
+#: AdamW's tuned 4e-3 (optimizer-rank's tuning). ``repro decouple --control`` runs λ_attn × λ_rest below
+#: (the coupled cells λ_attn = λ_rest among them) over 3 seeds at the folder's lr; run it twice: into the
+#: decouple folder at 1e-3 (beside λ_rest ∈ {0.1, 1}) and with ``--set lr=4e-3`` into a folder of its own.
+DECOUPLE_CONTROL_ATTN = (0.0, 0.1, 1.0)
+DECOUPLE_CONTROL_REST = (0.0, 0.3)
+DECOUPLE_CONTROL_LRS = (1e-3, 4e-3)
 ATTENTION = ("q", "k", "v", "o")
 
 
@@ -578,6 +586,17 @@ def _decouple_arguments(parser: Any) -> None:
     parser.add_argument(
         "--rest-lambdas", default=",".join(f"{x:g}" for x in DECOUPLE_REST), help="λ_rest values"
     )
+    parser.add_argument(
+        "--control",
+        action="store_true",
+        help="Table 1's control, fixed in code: λ_attn ∈ {"
+        + ", ".join(f"{x:g}" for x in DECOUPLE_CONTROL_ATTN)
+        + "} × λ_rest ∈ {"
+        + ", ".join(f"{x:g}" for x in DECOUPLE_CONTROL_REST)
+        + "}, run at lr "
+        + " and at ".join(f"{x:g}" for x in DECOUPLE_CONTROL_LRS)
+        + " (--set lr=…), each lr in its own folder",
+    )
 
 
 def _finish(out: Path, args: Any, render: Any, rests: list[float]) -> int:
@@ -622,6 +641,20 @@ def _decouple_main(args: Any) -> int:
         nonnegative_list(args.attn_lambdas, "--attn-lambdas"),
         nonnegative_list(args.rest_lambdas, "--rest-lambdas"),
     )
+    if getattr(args, "control", False):
+        from qkvlab.config import coerce_value
+        from qkvlab.errors import UserError
+
+        if (attn, rest) != (list(DECOUPLE_ATTN), list(DECOUPLE_REST)):
+            raise UserError(
+                "--control fixes λ_attn and λ_rest itself; drop --attn-lambdas and --rest-lambdas"
+            )
+        lr = coerce_value("lr", changes.get("lr", GPT_BASE["lr"]))
+        if lr not in DECOUPLE_CONTROL_LRS:
+            raise UserError(
+                f"--control runs at lr {' or '.join(f'{x:g}' for x in DECOUPLE_CONTROL_LRS)} (--set lr=…), not {lr:g}"
+            )
+        attn, rest = list(DECOUPLE_CONTROL_ATTN), list(DECOUPLE_CONTROL_REST)
     if not args.summary_only:
         cells = [(a, r) for r in rest for a in attn]
         cells += [(r, r) for r in rest if (r, r) not in cells]  # the coupled reference of every row
