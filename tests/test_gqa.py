@@ -165,3 +165,17 @@ def test_tensorboard_summaries_carry_the_group_and_plane_figures_and_mha_adds_no
     assert metrics["spectra/L1/qk_plane_imbalance"] == rows[1]["qk_plane_imbalance"] > 0
     mha = summary_metrics(inspect(torch.nn.MultiheadAttention(8, 2, bias=False)))
     assert not any("group" in key or "plane" in key for key in mha)
+
+
+def test_the_terminal_prints_the_group_table_for_gqa_and_nothing_more_for_mha() -> None:
+    from qkvlab.render.tables import inspect_text
+
+    report = inspect(_llama(4))
+    text = inspect_text(report)
+    row = report.group_summary()[1]
+    assert "QK group gap/‖·‖_*" in text and "QK plane imbalance" in text
+    (line,) = [x for x in text.splitlines() if x.strip().startswith("1 ") and "%" in x]
+    assert line.split()[1:] == [
+        f"{row[k]:.2%}" for k in ("qk_group_gap_rel", "ov_group_gap_rel", "qk_plane_imbalance")
+    ]
+    assert "group gap" not in inspect_text(inspect(torch.nn.MultiheadAttention(8, 2, bias=False)))

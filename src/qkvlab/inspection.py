@@ -214,6 +214,10 @@ class InspectReport:
             and (attention is None or r.get("attention", "self") == attention)
         ]
 
+    def group_summary(self) -> list[dict[str, Any]]:
+        """Per layer, the KV groups' products and the rotary planes' balance (:func:`group_summary`)."""
+        return group_summary(self)
+
     def attention_kinds(self) -> list[str]:
         """The kinds of attention this report holds, in model order: ["self"], or T5's
         ["self", "decoder_self", "cross"]."""

@@ -88,6 +88,12 @@ def inspect_rows(report: object) -> tuple[list[str], list[list[object]]]:
     return headers, rows
 
 
+GROUP_LEGEND = (
+    "group gap: Σ gap / Σ ‖·‖_* of the KV groups' products (the heads of a group side by side for QK, stacked "
+    "for OV), what weight decay bounds under GQA; plane imbalance: mean |Σ_h‖Q^(p)‖² − ‖K^(p)‖²| / sum per "
+    "rotary plane (0 = balanced); docs/spectra.md"
+)
+
 #: How the terminal and the report name each kind of attention.
 ATTENTION_TITLES = {
     "self": "self-attention",
@@ -133,6 +139,16 @@ def inspect_text(report: object) -> str:
     ]
     if bad:
         lines.append("WARNING: non-finite weights (left out of the statistics above): " + "; ".join(bad))
+    grouped = report.group_summary() if hasattr(report, "group_summary") else []
+    if grouped:  # what weight decay bounds under grouped-query attention and rotary embeddings
+        columns = [
+            ("qk_group_gap_rel", "QK group gap/‖·‖_*"),
+            ("ov_group_gap_rel", "OV group gap/‖·‖_*"),
+            ("qk_plane_imbalance", "QK plane imbalance"),
+        ]
+        shown = [c for c in columns if any(c[0] in row for row in grouped)]
+        rows = [[row["layer"], *(f"{row[k]:.2%}" if k in row else "—" for k, _ in shown)] for row in grouped]
+        lines += ["", format_table(["layer", *(t for _, t in shown)], rows), GROUP_LEGEND]
     lines += [f"note: {n}" for n in getattr(report, "notes", [])]
     return "\n".join(lines)
 
