@@ -44,20 +44,16 @@ def _round_trip(weight: torch.Tensor, qtype: str) -> torch.Tensor:
     return torch.from_numpy(np.ascontiguousarray(back, dtype=np.float32).reshape(data.shape))
 
 
-def _heads(model: torch.nn.Module) -> list[tuple[str, torch.Tensor]]:
-    """(product, M) for every head of every layer: M = W_KᵀW_Q^h-style d×d products, formed in float64."""
+def _heads(model: torch.nn.Module) -> list[torch.Tensor]:
+    """Every head's formed product (QK and OV of every layer), float64: small models only."""
     from qkvlab.attention import AttentionFactors, load_source
 
-    factors = AttentionFactors(load_source(model))
-    out = []
-    for layer in factors:
-        for product, pair in (("qk", layer.qk), ("ov", layer.ov)):
-            a, b = pair.left.to(torch.float64), pair.right.to(torch.float64)
-            left = pair._resolve(pair.left_index, a.shape[0])
-            right = pair._resolve(pair.right_index, b.shape[0])
-            for i, j in zip(left.tolist(), right.tolist(), strict=True):
-                out.append((product, a[i] @ b[j].mT))
-    return out
+    return [
+        m
+        for layer in AttentionFactors(load_source(model))
+        for pair in (layer.qk, layer.ov)
+        for m in pair.full()
+    ]
 
 
 def _floor(name: str) -> dict[str, Any]:
@@ -78,7 +74,7 @@ def _floor(name: str) -> dict[str, Any]:
                 if param.ndim == 2 and attention and param.shape[-1] % 32 == 0:  # q, k, v, o weights
                     param.copy_(_round_trip(param, qtype))
         ratios, d_erank, d_rank3, d_rank2 = [], [], [], []
-        for (_, m), (_, mq) in zip(reference, _heads(model), strict=True):
+        for m, mq in zip(reference, _heads(model), strict=True):
             s = torch.linalg.svdvals(m)
             sq = torch.linalg.svdvals(mq)
             ratios.append(float(torch.linalg.matrix_norm(mq - m, ord=2) / s[0]))

@@ -34,6 +34,7 @@ from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
+from qkvlab.args import POSITIVE, Key
 from qkvlab.errors import UserError
 
 __all__ = [
@@ -51,9 +52,8 @@ __all__ = [
 PAIRS = {"qk": ("q", "k"), "ov": ("v", "o")}
 
 _FRACTION = (lambda v: 0 <= v <= 1, "a fraction of d_head in [0, 1] (0: unguarded)")
-_POSITIVE = (lambda v: 0 < v < math.inf, "finite and > 0")
 #: The guard's section of a run's config (``qkvlab.config``): corrected decay and the rank guard.
-KEYS: dict[str, tuple[str, Any]] = {
+KEYS: dict[str, Key] = {
     "corrected_weight_decay": (
         "roles whose decay follows the schedule, λ_t = λ·η_t/η_max (adamw, muon), or [all]",
         (
@@ -69,9 +69,9 @@ KEYS: dict[str, tuple[str, Any]] = {
         "rank guard target effective rank of P·W_V, a fraction of d_head; 0 = unguarded",
         _FRACTION,
     ),
-    "rank_guard_kappa": ("rank guard gain κ: each firing moves λ by at most e^κ", _POSITIVE),
-    "rank_guard_min": ("rank guard lower bound λ_min", _POSITIVE),
-    "rank_guard_max": ("rank guard upper bound λ_max", _POSITIVE),
+    "rank_guard_kappa": ("rank guard gain κ: each firing moves λ by at most e^κ", POSITIVE),
+    "rank_guard_min": ("rank guard lower bound λ_min", POSITIVE),
+    "rank_guard_max": ("rank guard upper bound λ_max", POSITIVE),
 }
 
 

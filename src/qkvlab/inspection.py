@@ -745,9 +745,10 @@ def group_summary(report: InspectReport) -> list[dict[str, Any]]:
     embeddings: ``{qk|ov}_group_erank_mean``, ``{qk|ov}_group_gap_rel`` (Σ gap / Σ ‖·‖_* over the KV
     groups' products) and ``qk_plane_imbalance`` (the mean over planes and groups of
     |Σ_h‖Q^(p)‖² − ‖K^(p)‖²| / (Σ_h‖Q^(p)‖² + ‖K^(p)‖²)). Empty when the report holds neither."""
+    kinds = report.attention_kinds()  # model order; every group and plane record's kind is among them
     keys = sorted(
         {(r.get("attention", "self"), r["layer"]) for r in [*report.groups, *report.rope_planes]},
-        key=lambda k: (report.attention_kinds().index(k[0]) if k[0] in report.attention_kinds() else 0, k[1]),
+        key=lambda k: (kinds.index(k[0]), k[1]),
     )
     rows = []
     for kind, layer in keys:

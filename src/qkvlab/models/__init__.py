@@ -16,6 +16,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
+from qkvlab._lazy import lazy_exports
 from qkvlab.args import Key
 from qkvlab.errors import UserError
 from qkvlab.models.config import KEYS, ModelConfig
@@ -96,8 +97,7 @@ def build_model(cfg: ModelConfig) -> Any:
     return get(cfg.kind).module(cfg)
 
 
-def __getattr__(name: str) -> Any:  # GPT, ViT, ICLTransformer: the classes, loaded on first use
-    classes = {"GPT": "qkvlab.models.gpt", "ViT": "qkvlab.models.vit", "ICLTransformer": "qkvlab.models.icl"}
-    if name in classes:
-        return getattr(importlib.import_module(classes[name]), name)
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+# GPT, ViT, ICLTransformer: the classes, loaded (with torch) on first use
+__getattr__, _ = lazy_exports(
+    __name__, {"GPT": "qkvlab.models.gpt", "ViT": "qkvlab.models.vit", "ICLTransformer": "qkvlab.models.icl"}
+)

@@ -23,7 +23,7 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
-from qkvlab.args import NONNEGATIVE, POSITIVE, UNIT, Check, Key
+from qkvlab.args import NONNEGATIVE, POSITIVE, UNIT, Key
 from qkvlab.errors import UserError
 
 __all__ = ["OptimizerSpec", "get", "keys", "names", "normalise", "register", "registry"]
@@ -42,7 +42,7 @@ class OptimizerSpec:
     #: dicts the monitor and the guard hold: a build may tag them in place, never copy them)
     build: Callable[[Any, Any, list[dict]], Any]
     #: config keys only this optimiser reads: key → (help line, check or None)
-    keys: Mapping[str, tuple[str, Check | None]] = field(default_factory=dict)
+    keys: Mapping[str, Key] = field(default_factory=dict)
     #: earlier spellings that still load (config files and run folders written before the name settled)
     aliases: tuple[str, ...] = ()
 
