@@ -111,6 +111,7 @@ def main() -> None:
         "minilm": "MiniLM-L6 (22.8 M parameters)",
         "mpnet": "all-mpnet-base-v2 (MPNet, 12 layers, d 768, 109.5 M parameters)",
     }[args.model]
+    embedding = {"minilm": "11.7", "mpnet": "23.4"}[args.model]  # word embeddings: 30,522 × 384, 30,527 × 768
     body = f"""## {title}: time per step and peak memory by target set
 
 Machine: {machine()}.
@@ -125,9 +126,9 @@ times are noisy. The peer is full fine-tuning of every parameter, in the same ru
 
 QV against QKV in this run (paper 001's saving), {qv_vs_qkv}
 
-Peak RSS includes Python, torch, the tokenised data and the model (~0.9 GiB before any optimiser state), so
-the optimiser-state savings of QV (2 of 4 attention matrices; Adam keeps 2 floats per trained parameter) are a
-small part of it at this model size. The backward pass still runs through every layer whatever is trained,
+Peak RSS includes Python, torch, the tokenised data and the model before any optimiser state, so the
+optimiser-state savings of QV (2 of 4 attention matrices; Adam keeps 2 floats per trained parameter) are only
+part of it; the last table sets them against the arithmetic. The backward pass still runs through every layer whatever is trained,
 so time per step falls less than the trainable-parameter count.
 
 How close to the limit: training only some matrices skips the weight-gradient products of the frozen ones, but
@@ -135,7 +136,7 @@ never the forward pass or the input-gradient products, which every layer above t
 Counting matrix products as forward 1, input gradients 1, weight gradients 1 per weight, and 12·d² weights per
 layer (q, k, v, o: 4·d²; MLP: 8·d²), the floor relative to the peer's encoder is (2 + 2/12)/3 ≈ 0.72× for QV
 and (2 + 3/12)/3 = 0.75× for QKV (LoRA's products are negligible at r = 8). The peer also runs Adam over the
-11.7 M-parameter word-embedding table and materialises its dense gradient every step, which the attention-only
+{embedding} M-parameter word-embedding table and materialises its dense gradient every step, which the attention-only
 configurations do not; that is how they come in under those floors.
 
 Memory against the arithmetic: a trained parameter costs its gradient and Adam's two moments, 3 float32

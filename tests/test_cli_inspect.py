@@ -48,8 +48,12 @@ def test_inspect_minilm_writes_json_csv_and_plots(tmp_path, capsys) -> None:
         "notes",
         "rank_noise_limited",
         "heads",
+        "precision",
     }
     assert data["kind"] == "inspect"
+    # MiniLM is stored in float32, so auto keeps Householder QR; its stated bound is rounding-level
+    assert data["precision"]["method"] == "qr"
+    assert 0 < data["precision"]["relative_error_bound"] < 1e-12
     assert data["architecture"] == {
         "family": "bert",
         "n_layers": 6,
@@ -421,6 +425,17 @@ def test_notes_say_what_the_products_leave_out_and_when_rank_is_noise(tmp_path, 
     assert captured.out.count("note: ") == len(report.notes) and "UserWarning" not in captured.err
     # float32 weights: nothing to say about precision
     assert not qkvlab.inspect(qwen3.float()).rank_noise_limited
+    # --spectrum-method forces the route; the JSON says which ran
+    assert data["precision"]["method"] == "gram"
+    exact = tmp_path / "qr.json"
+    assert (
+        main(["inspect", str(tmp_path / "qwen3"), "--quiet", "--spectrum-method", "qr", "--json", str(exact)])
+        == 0
+    )
+    assert json.loads(exact.read_text())["precision"]["method"] == "qr"
+    with pytest.raises(SystemExit) as bad:
+        main(["inspect", str(tmp_path / "qwen3"), "--spectrum-method", "float16"])
+    assert bad.value.code == 2 and "invalid choice: 'float16'" in capsys.readouterr().err
 
 
 def test_head_counts_that_contradict_the_config_are_refused(tmp_path, capsys) -> None:

@@ -124,6 +124,7 @@ def test_quantised_weights_are_dequantised_named_in_the_json_and_flag_rank_as_no
     attention = {f"blk.{i}.attn_{m}.weight" for i in range(LAYERS) for m in ("q", "k", "v", "output")}
     assert set(saved["weight_types"]) == attention and set(saved["weight_types"].values()) == {"Q8_0"}
     assert saved["rank_noise_limited"] is True
+    assert saved["precision"]["method"] == "gram"  # dequantised to float32, but an 8-bit grid: as for bf16
     assert any("quantised (8 × Q8_0)" in note for note in saved["notes"])
     assert InspectReport.from_dict(saved).weight_types == saved["weight_types"]  # and it reads back
     # above the format's floor, rank at rtol is not noise: the note says the floor, nothing is flagged

@@ -102,6 +102,19 @@ def test_rotary_planes_are_summed_by_hand_and_their_imbalance_decays_at_2_lambda
         key = plane(w_k, g, p)
         assert math.isclose(rec["query"], query, rel_tol=1e-9) and math.isclose(rec["key"], key, rel_tol=1e-9)
         assert math.isclose(rec["imbalance"], query - key, rel_tol=1e-9, abs_tol=1e-12)
+    # bf16 weights: the planes come from the Gram route's R
+    half_report = inspect(_llama(1).bfloat16())
+    assert half_report.precision["method"] == "gram"
+    w_q, w_k = (
+        attn.q_proj.weight.detach().bfloat16().double(),
+        attn.k_proj.weight.detach().bfloat16().double(),
+    )
+    for rec in [x for x in half_report.rope_planes if x["layer"] == 0]:
+        g, p = rec["group"], rec["plane"]
+        query = sum(plane(w_q, h, p) for h in range(g * r, (g + 1) * r))
+        assert math.isclose(rec["query"], query, rel_tol=1e-9) and math.isclose(
+            rec["key"], plane(w_k, g, p), rel_tol=1e-9
+        )
     assert len(report.rope_planes) == 2 * G * half  # every layer, group and plane; no rotary, no planes:
     assert not inspect(torch.nn.MultiheadAttention(8, 2, bias=False)).rope_planes
 

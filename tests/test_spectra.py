@@ -220,3 +220,91 @@ def test_left_and_right_gram_norms_are_the_two_sides_of_the_imbalance() -> None:
         spectrum.right_gram, right, rtol=1e-12
     )
     assert (spectrum.right_gram > spectrum.left_gram).all()
+
+
+def _factors(kind: str, heads: int, rows: int, r: int, gen: torch.Generator) -> torch.Tensor:
+    """Factors of the shapes and pathologies real checkpoints have."""
+    if kind == "gaussian":
+        return torch.randn(heads, rows, r, generator=gen)
+    if kind == "ill-conditioned":  # singular values from 1 down to 1e-7
+        q_left = torch.linalg.qr(torch.randn(heads, rows, r, generator=gen, dtype=torch.float64)).Q
+        q_right = torch.linalg.qr(torch.randn(heads, r, r, generator=gen, dtype=torch.float64)).Q
+        return ((q_left * torch.logspace(0, -7, r, dtype=torch.float64)) @ q_right.mT).float()
+    if kind == "low-rank":
+        return torch.randn(heads, rows, r // 4, generator=gen) @ torch.randn(heads, r // 4, r, generator=gen)
+    x = torch.randn(heads, rows, r, generator=gen)  # "outlier rows": a few rows 1000× the rest
+    x[:, :3] *= 1e3
+    return x
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("kind", ["gaussian", "ill-conditioned", "low-rank", "outlier rows"])
+@pytest.mark.parametrize(("rows", "r"), [(384, 32), (1024, 64)])
+def test_half_factors_take_the_gram_route_within_its_stated_bound_of_householder(
+    dtype, kind, rows, r
+) -> None:
+    gen = torch.Generator().manual_seed(rows + r)
+    left = _factors(kind, 3, rows, r, gen).to(dtype)
+    right = _factors("gaussian" if kind == "outlier rows" else kind, 3, rows, r, gen).to(dtype)
+    if dtype == torch.float16:  # keep the outlier rows inside fp16's range
+        left, right = left / left.abs().amax(), right / right.abs().amax()
+    fast = FactoredProduct(left, right).spectrum()
+    exact = FactoredProduct(left, right).spectrum("qr")
+    assert fast.method == "gram" and exact.method == "qr"
+    error = (fast.singular_values - exact.singular_values).abs().amax(-1)
+    top = exact.singular_values[:, 0]
+    # the stated bound holds with room for the reference's own rounding, and the issue's target on every head
+    assert (error <= fast.error_bound + exact.error_bound).all(), (error, fast.error_bound)
+    assert (error <= 1e-5 * top).all()
+    # a worst-case bound far below what bf16/fp16 storage itself may move σ by (the same kind of worst
+    # case: entries rounded by up to u_storage, u = 2⁻⁹ or 2⁻¹², moves σ by up to u·‖A‖_F‖B‖_F)
+    storage = torch.finfo(dtype).eps / 2 * left.double().norm(dim=(1, 2)) * right.double().norm(dim=(1, 2))
+    assert (fast.error_bound < 0.01 * storage).all()
+    torch.testing.assert_close(fast.l2_half, exact.l2_half, rtol=1e-12, atol=0)
+    assert (
+        (fast.gap - exact.gap).abs() <= r * (fast.error_bound + exact.error_bound) + 1e-12 * exact.l2_half
+    ).all()
+    torch.testing.assert_close(
+        fast.left_columns, exact.left_columns, rtol=1e-9, atol=1e-12 * float(exact.l2_half.max())
+    )
+
+
+def test_the_method_follows_the_stored_dtype_unless_forced() -> None:
+    from qkvlab.spectra import spectrum_method
+
+    gen = torch.Generator().manual_seed(0)
+    a, b = torch.randn(2, 40, 8, generator=gen), torch.randn(2, 30, 8, generator=gen)
+    assert FactoredProduct(a, b).spectrum().method == "qr"
+    assert FactoredProduct(a.bfloat16(), b.bfloat16()).spectrum().method == "gram"
+    assert FactoredProduct(a.half(), b.bfloat16()).spectrum().method == "gram"
+    assert FactoredProduct(a.bfloat16(), b).spectrum().method == "qr"  # one float32 side
+    assert FactoredProduct(a, b).spectrum("gram").method == "gram"
+    assert FactoredProduct(a.bfloat16(), b.bfloat16()).spectrum("qr").method == "qr"
+    # wider than tall (d_head > d_model): QR's structural zeros, not Cholesky's shift
+    wide = FactoredProduct(torch.randn(2, 4, 8).bfloat16(), torch.randn(2, 6, 8).bfloat16()).spectrum()
+    assert wide.method == "qr" and (wide.singular_values[:, 4:] == 0).all()
+    assert spectrum_method("auto") == "qr"  # no factors: nothing says the storage is coarse
+    with pytest.raises(ValueError, match="auto, gram, qr"):
+        spectrum_method("float16", a)
+
+
+def test_the_gram_route_flags_non_finite_heads_and_handles_any_scale_and_zero_factors() -> None:
+    gen = torch.Generator().manual_seed(0)
+    b = torch.randn(3, 50, 4, generator=gen).bfloat16()
+    for scale in (3e37, 1e-30):  # near bf16's largest value; squares far below float32's smallest normal
+        a = (torch.randn(3, 64, 4, generator=gen) * scale).bfloat16()
+        fast, exact = FactoredProduct(a, b).spectrum(), FactoredProduct(a, b).spectrum("qr")
+        assert fast.method == "gram" and torch.isfinite(fast.singular_values).all()
+        assert (
+            (fast.singular_values - exact.singular_values)
+            .abs()
+            .le(fast.error_bound[:, None] + exact.error_bound[:, None])
+            .all()
+        )
+    a = torch.randn(3, 64, 4, generator=gen).bfloat16()
+    a[0] = 0  # a dead head: Cholesky refuses a zero Gram matrix, QR takes it
+    a[1, 5, 2] = float("nan")
+    spectrum = FactoredProduct(a, b).spectrum()
+    assert (spectrum.singular_values[0] == 0).all() and spectrum.effective_rank[0] == 0
+    assert torch.isnan(spectrum.singular_values[1]).all() and torch.isnan(spectrum.error_bound[1])
+    assert torch.isfinite(spectrum.singular_values[2]).all()

@@ -82,3 +82,17 @@ def test_bf16_checkpoint(tmp_path) -> None:
     with pytest.warns(UserWarning, match="counts rounding noise"):
         in_memory = qkvlab.inspect(model)
     _same_report(from_disk, in_memory)
+    # bf16 storage: the Gram route by default, with its bound stated in the JSON and under the table
+    assert from_disk.precision["method"] == "gram"
+    bound = from_disk.precision["relative_error_bound"]
+    assert 0 < bound < 1e-4 and any("float64 Gram matrices" in note for note in from_disk.notes)
+    with pytest.warns(UserWarning, match="counts rounding noise"):
+        exact = qkvlab.inspect(tmp_path, method="qr")
+    assert exact.precision["method"] == "qr" and not any("Gram" in n for n in exact.notes)
+    for fast, slow in zip(from_disk.heads + from_disk.groups, exact.heads + exact.groups, strict=True):
+        top = slow["singular_values"][0]
+        assert (
+            max(abs(x - y) for x, y in zip(fast["singular_values"], slow["singular_values"], strict=True))
+            <= bound * top
+        )
+    assert qkvlab.InspectReport.from_dict(from_disk.to_dict()).precision == from_disk.precision

@@ -59,7 +59,7 @@ def _version() -> str:
 def _build_parser() -> argparse.ArgumentParser:
     from qkvlab.attention.families import FAMILIES
     from qkvlab.attention.packaged import PACKAGED_MODELS
-    from qkvlab.conventions import DEFAULT_RTOL
+    from qkvlab.conventions import DEFAULT_RTOL, SPECTRUM_METHODS
 
     parser = _Parser(prog="qkvlab", description="See and control what optimisation does to attention layers.")
     parser.add_argument("--version", action="version", version=f"qkvlab {_version()}")
@@ -99,6 +99,14 @@ def _build_parser() -> argparse.ArgumentParser:
         type=_rtol,
         default=DEFAULT_RTOL,
         help=f"rank counts σᵢ > rtol·σ₁ (default {DEFAULT_RTOL:g})",
+    )
+    insp.add_argument(
+        "--spectrum-method",
+        choices=SPECTRUM_METHODS,
+        default="auto",
+        help="how each factor's R is computed, always in float64: qr (Householder) or gram (Gram matrix and "
+        "Cholesky, about twice as fast, error bound far below bf16/fp16/quantised storage's own rounding); "
+        "auto (default) uses gram for such weights and qr otherwise. --json states the error bound",
     )
     insp.add_argument("--family", choices=[f.name for f in FAMILIES], help="skip architecture detection")
     insp.add_argument("--n-heads", type=positive_int, help="override the config's number of heads")
@@ -322,6 +330,7 @@ def _cmd_inspect(args: argparse.Namespace) -> int:
             n_heads=args.n_heads,
             n_kv_heads=args.n_kv_heads,
             progress=None if args.quiet else _tqdm_progress,
+            method=args.spectrum_method,
         )
     return _write_and_print(result, args, text)
 
@@ -493,7 +502,7 @@ def _cmd_finetune(args: argparse.Namespace) -> int:
         model=args.model,
         data=args.data,
         targets=[t.strip() for t in args.targets.split(",") if t.strip()],
-        method=args.method,
+        method=args.spectrum_method,
         rank=args.rank,
         alpha=args.alpha,
         lr=args.lr,

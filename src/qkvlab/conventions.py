@@ -13,6 +13,12 @@ __all__ = ["DEFAULT_RTOL", "PRODUCT_NAMES", "TOY_UPDATE_RULES"]
 #: every trained float32 matrix. ``effective_rank`` and ``stable_rank`` need no threshold.
 DEFAULT_RTOL = 1e-3
 
+#: How factored spectra get each factor's R (``qkvlab.spectra.spectrum_method``): ``qr`` (Householder,
+#: float64), ``gram`` (float64 Gram matrix and Cholesky: about twice as fast, with a worst-case error
+#: bound far below bf16/fp16/quantised storage's own rounding), or ``auto``: gram for such weights, qr
+#: for float32/float64 ones.
+SPECTRUM_METHODS = ("auto", "gram", "qr")
+
 #: The two products every table and figure names: keys as in inspect's records, values as printed.
 PRODUCT_NAMES = {"qk": "W_KᵀW_Q", "ov": "P·W_V"}
 

@@ -12,6 +12,7 @@ reports read (``schema_version`` 3; readers accept 2, and 1, whose records are a
      "weight_types": {tensor: type},  # only for quantised files (GGUF): each attention tensor's storage type
      "groups": [{"attention", "layer", "group", "product", …the head metrics…}, ...],  # grouped-query only
      "rope_planes": [{"attention", "layer", "group", "plane", "query", "key", "imbalance"}, ...],  # rotary only
+     "precision": {"method": "qr"|"gram", "relative_error_bound": float},  # max over heads of bound/σ₁
      "heads": [{"attention": "self"|"decoder_self"|"cross", "layer" (counted within its kind),
                 "head", "product": "qk"|"ov", "singular_values": [...],
                 "rank", "effective_rank", "stable_rank", "nuclear_norm",
@@ -49,7 +50,7 @@ from qkvlab.attention import ArchitectureInfo, AttentionFactors, load_source
 from qkvlab.attention.extract import natural_key
 from qkvlab.errors import UserError
 from qkvlab.files import write_atomic
-from qkvlab.spectra import DEFAULT_RTOL, ProductSpectrum
+from qkvlab.spectra import DEFAULT_RTOL, SPECTRUM_METHODS, ProductSpectrum
 
 __all__ = [
     "METRICS",
@@ -157,6 +158,9 @@ class InspectReport:
     #: Rotary embeddings: per layer, KV group and rotary plane, the plane's squared norms in the group's
     #: query factors and its key factor, and their difference (``AttentionFactors.rotary_planes``).
     rope_planes: list[dict[str, Any]] = field(default_factory=list)
+    #: How the spectra were computed: ``{"method": "qr" | "gram", "relative_error_bound": b}``, b the largest
+    #: stated bound on |σᵢ − σᵢ(exact)|/σ₁ over every head and group (``ProductSpectrum.error_bound``).
+    precision: dict[str, Any] = field(default_factory=dict)
 
     def to_dict(self) -> dict[str, Any]:
         return {
@@ -171,6 +175,7 @@ class InspectReport:
             "heads": self.heads,
             **({"groups": self.groups} if self.groups else {}),
             **({"rope_planes": self.rope_planes} if self.rope_planes else {}),
+            **({"precision": self.precision} if self.precision else {}),
         }
 
     def to_json(self, path: str | os.PathLike[str], *, step: int | None = None) -> None:
@@ -191,6 +196,7 @@ class InspectReport:
             dict(data.get("weight_types", {})),
             list(data.get("groups", [])),
             list(data.get("rope_planes", [])),
+            dict(data.get("precision", {})),
         )
 
     def to_csv(self, path: str | os.PathLike[str]) -> None:
@@ -394,6 +400,7 @@ def inspect(
     n_heads: int | None = None,
     n_kv_heads: int | None = None,
     progress: Callable[[Iterable[Any], int], Iterable[Any]] | None = None,
+    method: str = "auto",
 ) -> InspectReport:
     """Exact per-head spectra of W_KᵀW_Q and P·W_V for every attention layer.
 
@@ -403,11 +410,32 @@ def inspect(
         rtol: threshold of ``rank`` (#σᵢ > rtol·σ₁).
         family, n_heads, n_kv_heads: overrides for detection (see ``AttentionFactors``).
         progress: optional wrapper ``(iterable, total) -> iterable`` such as a tqdm bar.
+        method: how each factor's R is computed, always in float64: ``auto`` (default) takes the Gram route
+            where the weights are stored in bf16, fp16 or a quantised format and Householder QR otherwise;
+            ``gram`` or ``qr`` forces one (``qkvlab.spectra.spectrum_method``). The report states the
+            resulting bound on every σᵢ (``InspectReport.precision``).
     """
     if not (0.0 <= rtol < 1.0):
         raise UserError(f"rtol must be in [0, 1), got {rtol}")
+    if method not in SPECTRUM_METHODS:
+        raise UserError(f"method must be one of {', '.join(SPECTRUM_METHODS)}; got {method!r}")
     tensors = load_source(source)
     factors = AttentionFactors(tensors, family=family, n_heads=n_heads, n_kv_heads=n_kv_heads)
+    weight_types = _quantised_types(tensors, factors)
+    if method == "auto" and weight_types:
+        from qkvlab.attention.gguf import FLOAT_TYPES
+
+        if any(kind not in FLOAT_TYPES for kind in weight_types.values()):
+            method = "gram"  # dequantised to float32, but a 4–8-bit grid: coarser than bf16
+    # Only the QR dtypes and the worst relative bound are kept: holding every layer's small result tensors
+    # would keep the allocator from returning the freed per-layer buffers between them (RSS grew ~50 MB
+    # per layer at the 7B shape).
+    computed: dict[str, Any] = {}
+
+    def measured(spectrum: ProductSpectrum) -> ProductSpectrum:
+        _precision(spectrum, computed)
+        return spectrum
+
     layers: Iterable[Any] = factors if progress is None else progress(factors, len(factors))
     records: list[dict[str, Any]] = []
     group_records: list[dict[str, Any]] = []
@@ -415,9 +443,10 @@ def inspect(
     dtypes: set[torch.dtype] = set()
     for layer in layers:
         dtypes.update((layer.qk.left.dtype, layer.qk.right.dtype, layer.ov.left.dtype, layer.ov.right.dtype))
-        records += spectrum_records(layer.layer, "qk", layer.qk.spectrum(), rtol, layer.attention)
-        records += spectrum_records(layer.layer, "ov", layer.ov.spectrum(), rtol, layer.attention)
-        rotary = factors.rotary_planes(layer)
+        qk, ov = measured(layer.qk.spectrum(method)), measured(layer.ov.spectrum(method))
+        records += spectrum_records(layer.layer, "qk", qk, rtol, layer.attention)
+        records += spectrum_records(layer.layer, "ov", ov, rtol, layer.attention)
+        rotary = factors.rotary_planes(layer, qk)
         if rotary is not None:
             query, key = (x.tolist() for x in rotary)
             plane_records += [
@@ -437,9 +466,20 @@ def inspect(
         if grouped is not None:
             for product, factors_g in zip(("qk", "ov"), grouped, strict=True):
                 group_records += spectrum_records(
-                    layer.layer, product, factors_g.spectrum(), rtol, layer.attention, unit="group"
+                    layer.layer,
+                    product,
+                    measured(factors_g.spectrum(method)),
+                    rtol,
+                    layer.attention,
+                    unit="group",
                 )
     notes = factors.left_out()
+    if "gram" in computed.get("method", ""):
+        notes.append(
+            "spectra from float64 Gram matrices, as the weights are stored in low precision: every σᵢ is within "
+            f"{computed['relative_error_bound']:.1g}·σ₁ of the exact value (a worst-case bound, docs/spectra.md; "
+            "measured errors are far smaller); --spectrum-method qr uses Householder QR"
+        )
     half = sorted((d for d in dtypes if d in (torch.bfloat16, torch.float16)), key=str)
     noisy = bool(half) and rtol < 10 * max(torch.finfo(d).eps for d in half)
     if noisy:
@@ -451,7 +491,6 @@ def inspect(
         )
         warnings.warn(message, stacklevel=2)
         notes.append(message)
-    weight_types = _quantised_types(tensors, factors)
     if weight_types:
         from qkvlab.attention.gguf import FLOAT_TYPES, noise_floor
 
@@ -480,8 +519,32 @@ def inspect(
             'side by side for QK, stacked for OV); --json holds them under "groups" (docs/spectra.md)'
         )
     return InspectReport(
-        tensors.name, factors.info, rtol, records, notes, noisy, weight_types, group_records, plane_records
+        tensors.name,
+        factors.info,
+        rtol,
+        records,
+        notes,
+        noisy,
+        weight_types,
+        group_records,
+        plane_records,
+        computed,
     )
+
+
+def _precision(spectrum: ProductSpectrum, into: dict[str, Any]) -> None:
+    """Fold one spectrum into ``InspectReport.precision``: the method(s), and the largest error bound
+    relative to σ₁ (heads whose product is zero or not finite have none)."""
+    methods = set(into.get("method", "").split("+")) - {""} | {spectrum.method}
+    into["method"] = "+".join(sorted(methods))
+    worst = into.get("relative_error_bound", 0.0)
+    if spectrum.error_bound is not None:
+        top = spectrum.singular_values[:, 0]
+        ratio = spectrum.error_bound / top.clamp_min(torch.finfo(top.dtype).tiny)
+        ratio = ratio[torch.isfinite(ratio) & (top > 0)]
+        if ratio.numel():
+            worst = max(worst, float(ratio.max()))
+    into["relative_error_bound"] = worst
 
 
 def _quantised_types(tensors: Any, factors: AttentionFactors) -> dict[str, str]:
@@ -634,6 +697,7 @@ def inspect_series(
     n_heads: int | None = None,
     n_kv_heads: int | None = None,
     progress: Callable[[Iterable[Any], int], Iterable[Any]] | None = None,
+    method: str = "auto",
 ) -> InspectSeries:
     """``inspect`` of each source in order (a folder of checkpoints counts as its checkpoints, in step
     order): how attention changes over training. Every source must have the same architecture."""
@@ -643,7 +707,9 @@ def inspect_series(
     reports, steps = [], []
     items: Iterable[Any] = paths if progress is None else progress(paths, len(paths))
     for source in items:
-        report = inspect(source, rtol=rtol, family=family, n_heads=n_heads, n_kv_heads=n_kv_heads)
+        report = inspect(
+            source, rtol=rtol, family=family, n_heads=n_heads, n_kv_heads=n_kv_heads, method=method
+        )
         if reports and report.architecture != reports[0].architecture:
             raise UserError(
                 f"{report.source} is a {report.architecture.family} of {report.architecture.n_layers} layers × "

@@ -35,7 +35,7 @@ from qkvlab.attention.families import (
 )
 from qkvlab.attention.sources import TensorSource
 from qkvlab.errors import UserError
-from qkvlab.spectra import FactoredProduct
+from qkvlab.spectra import FactoredProduct, ProductSpectrum
 
 __all__ = ["ArchitectureInfo", "AttentionFactors", "LayerFactors"]
 
@@ -396,7 +396,9 @@ class AttentionFactors:
         ov = FactoredProduct(p, per_head(w_v, g), right_index=group)
         return LayerFactors(within, qk, ov, layout.attention)
 
-    def rotary_planes(self, layer: LayerFactors) -> tuple[torch.Tensor, torch.Tensor] | None:
+    def rotary_planes(
+        self, layer: LayerFactors, qk: ProductSpectrum | None = None
+    ) -> tuple[torch.Tensor, torch.Tensor] | None:
         """Per KV group and rotary plane, (Σ_h ‖W_Q^h rows of the plane‖², ‖W_K^g rows of the plane‖²), each
         (n_kv_heads, planes) in float64; None for a family without rotary embeddings.
 
@@ -405,7 +407,8 @@ class AttentionFactors:
         scaling of q's plane by c and k's by 1/c. The scaling makes Σ_h‖Q_h^(p)‖² − ‖K_g^(p)‖² conserved
         under gradient flow, and with weight decay λ it decays as e^(−2λt) (docs/spectra.md); nothing ties
         the rest of the plane's 2 × 2 block. The planes follow the family's ``rope`` layout and the
-        config's rotary share (``ROTARY_KEYS``).
+        config's rotary share (``ROTARY_KEYS``). ``qk``, the layer's QK spectrum when already computed,
+        supplies the factors' column norms from its QR's R instead of another pass over the weights.
         """
         if not self.family.rope:
             return None
@@ -419,8 +422,13 @@ class AttentionFactors:
             pairs = torch.stack([torch.arange(planes), torch.arange(planes) + planes], dim=1)
         else:  # interleaved
             pairs = torch.arange(rot).reshape(planes, 2)
-        q_sq = layer.qk.right.to(torch.float64).square().sum(1)  # (H, dh): each query column's squared norm
-        k_sq = layer.qk.left.to(torch.float64).square().sum(1)  # (G, dh)
+        if qk is not None and qk.left_columns is not None and qk.right_columns is not None:
+            q_sq, k_sq = qk.right_columns, qk.left_columns
+        else:
+            q_sq = (
+                layer.qk.right.to(torch.float64).square().sum(1)
+            )  # (H, dh): each query column's squared norm
+            k_sq = layer.qk.left.to(torch.float64).square().sum(1)  # (G, dh)
         index = layer.qk.left_index if layer.qk.left_index is not None else torch.arange(q_sq.shape[0])
         grouped = torch.zeros_like(k_sq).index_add_(0, index, q_sq)  # Σ over each group's heads
         return grouped[:, pairs].sum(-1), k_sq[:, pairs].sum(-1)
