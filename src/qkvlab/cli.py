@@ -502,7 +502,7 @@ def _cmd_finetune(args: argparse.Namespace) -> int:
         model=args.model,
         data=args.data,
         targets=[t.strip() for t in args.targets.split(",") if t.strip()],
-        method=args.spectrum_method,
+        method=args.method,
         rank=args.rank,
         alpha=args.alpha,
         lr=args.lr,
