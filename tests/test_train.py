@@ -1159,3 +1159,18 @@ def test_a_model_kind_is_one_registered_module(corpus, tmp_path, monkeypatch) ->
         load_config(None, {"model.kind": "bag", "model.attention": "linear"})
     with pytest.raises(UserError, match=r"model\.kind=vit needs image data, but data=text:.* gives lm data"):
         train(load_config(None, _gpt(corpus, tmp_path / "vit", **{"model.kind": "vit"})))
+
+
+def test_a_cuda_run_selects_its_local_rank_device(monkeypatch) -> None:
+    """No GPU here: CUDA's two calls are stood in for, so the CPU suite still runs the CUDA branch."""
+    from qkvlab.config import TrainConfig
+    from qkvlab.train.distributed import Dist, run_device
+
+    chosen = []
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "set_device", chosen.append)
+    assert run_device(TrainConfig(device="cuda"), Dist(rank=3, world_size=4, local_rank=1)) == torch.device(
+        "cuda", 1
+    )
+    assert chosen == [1]
+    assert run_device(TrainConfig(device="auto"), Dist()) == torch.device("cuda", 0)

@@ -41,7 +41,7 @@ def run_device(config: TrainConfig, ddp: Dist) -> torch.device:
     if kind == "cuda":
         if not torch.cuda.is_available():
             raise UserError("device=cuda but no CUDA device is available; accepted here: device=cpu or auto")
-        torch.cuda.setrun_device(ddp.local_rank)
+        torch.cuda.set_device(ddp.local_rank)
         return torch.device("cuda", ddp.local_rank)
     return torch.device("cpu")
 
