@@ -13,6 +13,7 @@ from typing import Any
 from qkvlab.args import check_outputs, positive_int
 from qkvlab.args import seeds as seeds_list
 from qkvlab.errors import TrainingInterrupted, TrainingStopped, UserError
+from qkvlab.grid.slurm import GridSubmitted
 
 EXIT_USER_ERROR = 2
 
@@ -159,7 +160,26 @@ def _build_parser() -> argparse.ArgumentParser:
     sw.add_argument("--seeds", default="0", help="comma-separated seeds (default 0)")
     sw.add_argument("--jobs", type=positive_int, default=1, help="runs at a time (default 1)")
     sw.add_argument("--out", metavar="DIR", help="sweep folder (default runs/sweep-<config name>)")
+    from qkvlab.grid.slurm import add_executor_arguments
+
+    add_executor_arguments(sw)
     sw.set_defaults(handler=_cmd_sweep)
+
+    grid = sub.add_parser(
+        "grid",
+        help="a grid folder's runs: where each stands (and, for Slurm, the command each array task runs)",
+        description="`qkvlab grid status OUT` lists every run of a grid folder (a `repro` or `sweep` folder) as "
+        "pending, queued, running, done or failed, with its Slurm task and the last line of its log.",
+    )
+    grid_sub = grid.add_subparsers(dest="grid_command", required=True)
+    gs = grid_sub.add_parser("status", help="every run: pending, queued, running, done or failed")
+    gs.add_argument("out", metavar="OUT", help="the grid folder")
+    gs.set_defaults(handler=_cmd_grid_status)
+    gc = grid_sub.add_parser("cell", help="run one task of a Slurm job array (what the array's script runs)")
+    gc.add_argument("out", metavar="OUT")
+    gc.add_argument("array", type=int)
+    gc.add_argument("index", type=int)
+    gc.set_defaults(handler=_cmd_grid_cell)
 
     from qkvlab.finetune.data import FINETUNE_DATA
 
@@ -428,6 +448,44 @@ def _cmd_train(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_grid_status(args: argparse.Namespace) -> int:
+    from pathlib import Path
+
+    from qkvlab.grid.slurm import grid_status
+    from qkvlab.render.tables import markdown_table
+
+    out = Path(args.out)
+    if not (out / "runs").is_dir():
+        raise UserError(
+            f"{out} is not a grid folder (no runs/ in it); accepted: the --out of `qkvlab repro` or `sweep`"
+        )
+
+    def done(run_dir: Path) -> str:
+        finished = (run_dir / "final.json").is_file() or (run_dir / "result.json").is_file()
+        return "complete" if finished else "new"
+
+    rows = grid_status(out, None, done)
+    print(
+        markdown_table(
+            ["run", "state", "Slurm task", "last log line"],
+            [[r["name"], r["state"], r["task"] or "", r["last"]] for r in rows],
+        )
+    )
+    counts = {
+        s: sum(r["state"] == s for r in rows) for s in ("pending", "queued", "running", "done", "failed")
+    }
+    print(", ".join(f"{n} {s}" for s, n in counts.items() if n))
+    return 0
+
+
+def _cmd_grid_cell(args: argparse.Namespace) -> int:
+    from pathlib import Path
+
+    from qkvlab.grid.slurm import cell
+
+    return cell(Path(args.out), args.array, args.index)
+
+
 def _cmd_sweep(args: argparse.Namespace) -> int:
     from pathlib import Path
 
@@ -572,7 +630,16 @@ def main(argv: Sequence[str] | None = None) -> int:
                 f"unrecognized arguments: {' '.join(extra)}{_did_you_mean(args.command, extra, argv)}"
             )
     try:
+        if getattr(args, "executor", "local") == "slurm":
+            from qkvlab.grid.runner import use_executor
+            from qkvlab.grid.slurm import options_from
+
+            with use_executor("slurm", options_from(args)):
+                return args.handler(args)
         return args.handler(args)
+    except GridSubmitted as exc:  # the runs are on Slurm: this command's work is done for now
+        print(exc)
+        return 0
     except UserError as exc:
         if not (isinstance(exc, TrainingStopped) and _other_rank()):  # every rank stops; rank 0 says so
             print(f"qkvlab {args.command}: error: {exc}", file=sys.stderr)

@@ -41,7 +41,8 @@ import sys
 import threading
 import time
 import traceback
-from collections.abc import Callable, Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -55,7 +56,24 @@ sends SIGTERM (and ``KILL_SECONDS`` later SIGKILL): a run stuck where Python can
 never holds the grid forever."""
 KILL_SECONDS = 10.0
 
-__all__ = ["Run", "guard_settings", "load_runs", "mean_std", "paired", "run_grid"]
+__all__ = ["Run", "guard_settings", "load_runs", "mean_std", "paired", "run_grid", "use_executor"]
+
+_EXECUTOR: dict[str, Any] = {"name": "local", "options": None}
+
+
+@contextmanager
+def use_executor(name: str, options: Any = None) -> Iterator[None]:
+    """Within the block, ``run_grid`` runs what is pending on ``"local"`` (this machine, ``jobs`` at a time)
+    or ``"slurm"`` (one sbatch job array; ``options`` a :class:`qkvlab.grid.slurm.SlurmOptions`)."""
+    if name not in ("local", "slurm"):
+        raise ValueError(f"executor must be local or slurm, got {name!r}")
+    before = dict(_EXECUTOR)
+    _EXECUTOR.update(name=name, options=options)
+    try:
+        yield
+    finally:
+        _EXECUTOR.update(before)
+
 
 Point = tuple[tuple[str, Any], ...]
 
@@ -190,6 +208,23 @@ def run_grid(
     refuse_links(out)  # a grid folder may come from someone else: no link in it carries a write elsewhere
     guard_settings(out, settings)
     given = dict(worker_settings if worker_settings is not None else settings)
+    if _EXECUTOR["name"] == "slurm":
+        from qkvlab.grid import slurm
+
+        submitted = slurm.submit(
+            out,
+            runs,
+            worker,
+            given,
+            status,
+            _EXECUTOR["options"] or slurm.SlurmOptions(),
+            log=log,
+            echo=echo,
+            prepare=_prepare,
+        )
+        if any(r["status"] != "complete" for r in submitted):
+            raise slurm.GridSubmitted(out, submitted)
+        return submitted
     before = {run: status(run.folder(out)) for run in runs}
     counts = {s: sum(v == s for v in before.values()) for s in ("complete", "partial", "new")}
     echo(

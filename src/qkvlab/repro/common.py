@@ -29,6 +29,9 @@ def add_grid_arguments(parser: Any, default_out: str) -> None:
     parser.add_argument(
         "--summary-only", action="store_true", help="print the tables from the results in --out"
     )
+    from qkvlab.grid.slurm import add_executor_arguments
+
+    add_executor_arguments(parser)
 
 
 def prepare(args: Any, default_out: str) -> tuple[Path, list[int], dict[str, Any]]:

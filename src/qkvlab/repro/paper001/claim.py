@@ -41,6 +41,9 @@ def _arguments(parser: Any) -> None:
         "--seeds", default=None, help="--pilot only (default 0,1,2); the tuned study fixes its own"
     )
     parser.add_argument("--jobs", type=positive_int, default=1, help="runs in parallel processes")
+    from qkvlab.grid.slurm import add_executor_arguments
+
+    add_executor_arguments(parser)
     for option, default in _PILOT_ONLY.items():
         parser.add_argument(option, type=positive_int, default=None, help=f"--pilot only (default {default})")
     parser.add_argument("--plot", metavar="DIR", default=None, help="write convergence plots (PNG) here")

@@ -1,0 +1,167 @@
+"""Grids on Slurm (``--executor slurm``): the job script, the status listing, and a real one-node Slurm."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import time
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from qkvlab.cli import main
+from qkvlab.grid.slurm import SlurmOptions, _script
+from slurm_cluster import one_node_slurm
+
+TINY = ["warmup_steps=4", "model.n_layer=1", "model.d_model=32", "model.n_head=2", "eval_every=20"]
+
+
+def test_the_job_script_asks_for_the_signal_the_requeue_and_execs_the_cell(tmp_path) -> None:
+    options = SlurmOptions(partition="gpu", time="02:00:00", cpus=4, gpus=1, mem="16G", parallel=3)
+    script = _script(tmp_path, 2, 5, options)
+    lines = script.splitlines()
+    for expected in (
+        "#SBATCH --array=0-4%3",
+        "#SBATCH --time=02:00:00",
+        "#SBATCH --cpus-per-task=4",
+        "#SBATCH --signal=B:USR1@90",
+        "#SBATCH --requeue",
+        "#SBATCH --partition=gpu",
+        "#SBATCH --gpus-per-task=1",
+        "#SBATCH --mem=16G",
+    ):
+        assert expected in lines
+    # exec: the cell is the batch shell, so the USR1 Slurm sends the shell before the limit reaches it
+    assert lines[-1].startswith("exec ") and lines[-1].endswith(
+        f"grid cell {tmp_path} 2 $SLURM_ARRAY_TASK_ID"
+    )
+    with pytest.raises(Exception, match="--slurm-parallel must be ≥ 1"):
+        SlurmOptions(parallel=0)
+
+
+def test_grid_status_reads_a_local_grid_and_refuses_other_folders(tmp_path, capsys) -> None:
+    out = tmp_path / "sweep"
+    argv = ["sweep", "--grid", "lr=1e-3", "--seeds", "0", "--out", str(out), "max_steps=8", *TINY[1:]]
+    assert main([*argv, "warmup_steps=2"]) == 0
+    capsys.readouterr()
+    assert main(["grid", "status", str(out)]) == 0
+    printed = capsys.readouterr().out
+    assert "| lr=1e-3,seed=0 | done |  |" in printed and printed.strip().endswith("1 done")
+    assert main(["grid", "status", str(tmp_path)]) == 2
+    assert "is not a grid folder" in capsys.readouterr().err
+
+
+def test_slurm_without_slurm_is_one_line(tmp_path, capsys, monkeypatch) -> None:
+    monkeypatch.setenv("PATH", str(tmp_path))  # no sbatch, no squeue
+    argv = ["sweep", "--grid", "lr=1e-3", "--out", str(tmp_path / "s"), "--executor", "slurm", "max_steps=8"]
+    assert main([*argv, *TINY]) == 2
+    assert "needs Slurm's `sbatch` on PATH" in capsys.readouterr().err
+    from qkvlab.grid import runner
+
+    assert runner._EXECUTOR["name"] == "local"  # the option held for that command only
+
+
+def _wait(predicate, seconds: float, what: str) -> None:  # type: ignore[no-untyped-def]
+    deadline = time.monotonic() + seconds
+    while time.monotonic() < deadline:
+        if predicate():
+            return
+        time.sleep(1)
+    raise AssertionError(f"timed out waiting for {what}")
+
+
+@pytest.mark.slow
+def test_a_grid_on_a_real_slurm_survives_a_cancelled_task_and_matches_a_local_run(tmp_path) -> None:
+    """2 × 2 grid as one array; one task is cancelled mid-run with scancel; the grid command run again
+    resubmits it, it resumes from its checkpoint, and every run ends with the weights a local,
+    single-threaded run of the same grid gets."""
+    steps = ["max_steps=400", "checkpoint_every=20", *TINY]
+    grid = ["--grid", "lr=1e-3,3e-3", "--seeds", "0,1"]
+    with one_node_slurm(tmp_path / "slurm") as env:
+        out = tmp_path / "on-slurm"
+        command = [
+            sys.executable,
+            "-m",
+            "qkvlab",
+            "sweep",
+            *grid,
+            "--out",
+            str(out),
+            "--executor",
+            "slurm",
+            "--slurm-parallel",
+            "2",
+            *steps,
+        ]
+        first = subprocess.run(command, env=env, capture_output=True, text=True, check=True)
+        assert (
+            "submitted 4 runs as Slurm array" in first.stdout and "4 of 4 runs are on Slurm" in first.stdout
+        )
+        jobs = json.loads((out / "slurm" / "jobs.json").read_text())
+        victim = "lr=1e-3,seed=0"
+        task = jobs[victim]["task"]
+        _wait(lambda: any((out / "runs" / victim).glob("checkpoint-*")), 300, "a checkpoint of the victim")
+        subprocess.run(["scancel", task], env=env, check=True)
+        # what Slurm sends before a time limit (--signal=B:USR1@90): the task checkpoints and requeues itself
+        early = next(
+            name for name, job in jobs.items() if job["task"].endswith("_1")
+        )  # runs beside the victim
+        _wait(lambda: any((out / "runs" / early).glob("checkpoint-*")), 300, "a checkpoint of the second run")
+        signal_it = ["scancel", "--signal=USR1", "--batch", jobs[early]["task"]]
+        early_log = out / "runs" / early / "train.log"
+
+        def requeued() -> bool:  # scancel's exit code is not the answer: slurmctld may deliver the signal to
+            if "requeued" in early_log.read_text():  # the batch step and still say "can not be altered now"
+                return True
+            subprocess.run(signal_it, env=env, capture_output=True)
+            return False
+
+        _wait(requeued, 120, "the second run to stop on USR1 and requeue itself")
+
+        def others_done() -> bool:
+            return all((out / "runs" / n / "final.json").is_file() for n in jobs if n != victim)
+
+        _wait(others_done, 900, "the other three runs")
+        _wait(
+            lambda: (
+                subprocess.run(
+                    ["squeue", "--noheader"], env=env, capture_output=True, text=True
+                ).stdout.strip()
+                == ""
+            ),
+            120,
+            "an empty queue",
+        )
+        assert not (out / "runs" / victim / "final.json").is_file()
+        status = subprocess.run(
+            [sys.executable, "-m", "qkvlab", "grid", "status", str(out)],
+            env=env,
+            capture_output=True,
+            text=True,
+            check=True,
+        ).stdout
+        assert f"| {victim} | failed | {task} |" in status and "3 done, 1 failed" in status
+        second = subprocess.run(command, env=env, capture_output=True, text=True, check=True)
+        assert "submitted 1 runs as Slurm array" in second.stdout  # only the cancelled one
+        _wait(lambda: (out / "runs" / victim / "final.json").is_file(), 900, "the resubmitted run")
+        log = (out / "runs" / victim / "train.log").read_text()
+        assert "resum" in log.lower()
+        text = early_log.read_text()
+        assert f"requeued {jobs[early]['task']}" in text and "SIGTERM: finishing this step" in text
+        assert (out / "runs" / early / "final.json").is_file()  # it came back and finished by itself
+        third = subprocess.run(command, env=env, capture_output=True, text=True, check=True)
+        assert "wrote" in third.stdout and "submitted" not in third.stdout  # all done: the summary
+    local = tmp_path / "local"
+    subprocess.run(
+        [sys.executable, "-m", "qkvlab", "sweep", *grid, "--out", str(local), *steps],
+        env={**os.environ, "OMP_NUM_THREADS": "1"},
+        check=True,
+        capture_output=True,
+    )
+    for run in sorted((out / "runs").iterdir()):
+        mine = load_file(run / "checkpoint-00000400" / "model.safetensors")
+        theirs = load_file(local / "runs" / run.name / "checkpoint-00000400" / "model.safetensors")
+        assert all(torch.equal(mine[k], theirs[k]) for k in theirs), run.name
