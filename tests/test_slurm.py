@@ -165,3 +165,75 @@ def test_a_grid_on_a_real_slurm_survives_a_cancelled_task_and_matches_a_local_ru
         mine = load_file(run / "checkpoint-00000400" / "model.safetensors")
         theirs = load_file(local / "runs" / run.name / "checkpoint-00000400" / "model.safetensors")
         assert all(torch.equal(mine[k], theirs[k]) for k in theirs), run.name
+
+
+def test_ranks_and_rendezvous_come_from_an_srun_step_with_several_tasks() -> None:
+    from qkvlab.train.launch import slurm_environment
+
+    step = {
+        "SLURM_STEP_NUM_TASKS": "4",
+        "SLURM_PROCID": "3",
+        "SLURM_LOCALID": "1",
+        "SLURM_JOB_ID": "70123",
+        "SLURM_STEP_NODELIST": "gpu7,gpu8",
+        "SLURM_JOB_NODELIST": "gpu7,gpu8",
+    }
+    assert slurm_environment(step) == {
+        "RANK": "3",
+        "WORLD_SIZE": "4",
+        "LOCAL_RANK": "1",
+        "MASTER_ADDR": "gpu7",
+        "MASTER_PORT": str(15000 + 70123 % 20000),
+    }
+    assert slurm_environment({**step, "MASTER_PORT": "29500"})["MASTER_PORT"] == "29500"
+    assert slurm_environment({**step, "RANK": "0", "WORLD_SIZE": "4"}) == {}  # torchrun's own variables win
+    batch = {"SLURM_NTASKS": "4", "SLURM_PROCID": "0", "SLURM_JOB_ID": "70123"}  # the batch script: no step
+    assert slurm_environment(batch) == {}
+    assert slurm_environment({**step, "SLURM_STEP_NUM_TASKS": "1"}) == {}
+
+
+@pytest.mark.slow
+def test_one_training_run_as_a_two_task_slurm_job_matches_one_process(tmp_path) -> None:
+    """`srun` with two tasks: the ranks and the rendezvous come from Slurm's environment, and the losses
+    are those of one process (as under torchrun, tests/test_train.py)."""
+    from conftest import tiny_gpt_settings
+
+    corpus = tmp_path / "text.txt"
+    corpus.write_text(
+        "Shall I compare thee to a summer's day? Thou art more lovely and more temperate. " * 40
+    )
+    settings = tiny_gpt_settings(corpus, tmp_path / "x", **{"model.dropout": 0.0})
+    common = [f"{k}={v}" for k, v in settings.items() if k != "out"]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    subprocess.run(
+        [sys.executable, "-m", "qkvlab", "train", *common, f"out={tmp_path / 'one'}"],
+        env=env,
+        check=True,
+        capture_output=True,
+    )
+    with one_node_slurm(tmp_path / "slurm") as slurm_env:
+        train = " ".join([sys.executable, "-m", "qkvlab", "train", *common, f"out={tmp_path / 'two'}"])
+        done = subprocess.run(
+            [
+                "sbatch",
+                "--wait",
+                "--ntasks=2",
+                "--cpus-per-task=1",
+                f"--output={tmp_path / 'job.out'}",
+                f"--wrap=srun {train}",
+            ],
+            env={**slurm_env, "OMP_NUM_THREADS": "1"},
+            capture_output=True,
+            text=True,
+        )
+        assert done.returncode == 0, (tmp_path / "job.out").read_text()[-3000:]
+
+    def losses(run: str) -> list[float]:
+        lines = (tmp_path / run / "metrics.jsonl").read_text().splitlines()
+        return [json.loads(line)["loss"] for line in lines if '"train"' in line]
+
+    one, two = losses("one"), losses("two")
+    assert len(one) == len(two) == 12
+    assert two == pytest.approx(one, rel=1e-5)
+    final = json.loads((tmp_path / "two" / "final.json").read_text())
+    assert final["world_size"] == 2  # one run of two ranks, not two runs of one

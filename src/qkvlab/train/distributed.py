@@ -1,4 +1,12 @@
-"""One process or DDP under torchrun: the ranks, the device each trains on, a mean over ranks."""
+"""One process, or DDP under torchrun or Slurm's srun: the ranks, the device each trains on, a mean over ranks.
+
+Under ``srun`` with several tasks (``sbatch --nodes N --ntasks-per-node K`` and ``srun python -m qkvlab
+train …``) and no launcher of its own, the ranks and the rendezvous come from Slurm's environment, as
+torchrun would set them: RANK = SLURM_PROCID, WORLD_SIZE = SLURM_STEP_NUM_TASKS, LOCAL_RANK =
+SLURM_LOCALID, MASTER_ADDR = the step's first node, MASTER_PORT = 15000 + SLURM_JOB_ID mod 20000 (set
+MASTER_PORT yourself where that port may be taken). Variables already set (torchrun's) win. The batch
+script itself (no ``srun``, no step) stays one process.
+"""
 
 from __future__ import annotations
 
@@ -10,8 +18,9 @@ import torch.distributed as dist
 
 from qkvlab.config import TrainConfig
 from qkvlab.errors import UserError
+from qkvlab.train.launch import slurm_environment
 
-__all__ = ["Dist", "init_distributed", "reduce_mean", "run_device"]
+__all__ = ["Dist", "init_distributed", "reduce_mean", "run_device", "slurm_environment"]
 
 
 @dataclass
@@ -26,6 +35,7 @@ class Dist:
 
 
 def init_distributed(device_kind: str) -> Dist:
+    os.environ.update(slurm_environment())
     world = int(os.environ.get("WORLD_SIZE", "1"))
     if world <= 1:
         return Dist()

@@ -53,6 +53,7 @@ from qkvlab.train.distributed import init_distributed, reduce_mean, run_device
 from qkvlab.train.evaluation import evaluate
 from qkvlab.train.health import nonfinite_parameter, nonfinite_step, stopped_message
 from qkvlab.train.history import clean_debris, truncate_history
+from qkvlab.train.launch import slurm_environment
 from qkvlab.train.lock import RunLock
 from qkvlab.train.logger import RunLogger
 from qkvlab.train.parts import build_optimizer, guard_step, load_run_dataset, model_config
@@ -82,6 +83,7 @@ def train(config: TrainConfig, *, resume: Path | None = None, command: str | Non
     One run folder has one writer: rank 0 holds an OS lock on ``RUN/.lock`` while it trains (released
     when it returns or its process dies), and a second ``train`` or resume of the same folder is
     refused in one line."""
+    os.environ.update(slurm_environment())  # an srun step of several tasks: its ranks, before anything asks
     run_dir = resume if resume is not None else config.run_dir()
     lock = RunLock(run_dir) if int(os.environ.get("RANK", "0")) == 0 else None
     try:
