@@ -49,7 +49,20 @@ def test_grid_status_reads_a_local_grid_and_refuses_other_folders(tmp_path, caps
     capsys.readouterr()
     assert main(["grid", "status", str(out)]) == 0
     printed = capsys.readouterr().out
-    assert "| lr=1e-3,seed=0 | done |  |" in printed and printed.strip().endswith("1 done")
+    lines = printed.strip().splitlines()
+    assert lines[0] == "| run | state | Slurm task | last log line |" and lines[-1] == "1 done"
+    assert lines[2].startswith("| lr=1e-3,seed=0 | done |  | ")
+    from qkvlab.train.lock import RunLock
+
+    (out / "runs" / "lr=3e-3,seed=0").mkdir()  # a run that a process is writing right now
+    lock = RunLock(out / "runs" / "lr=3e-3,seed=0")
+    try:
+        assert main(["grid", "status", str(out)]) == 0
+        assert "| lr=3e-3,seed=0 | running |" in capsys.readouterr().out
+    finally:
+        lock.release()
+    assert main(["grid", "status", str(out)]) == 0
+    assert "| lr=3e-3,seed=0 | pending |" in capsys.readouterr().out
     assert main(["grid", "status", str(tmp_path)]) == 2
     assert "is not a grid folder" in capsys.readouterr().err
 

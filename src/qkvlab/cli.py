@@ -465,12 +465,11 @@ def _cmd_grid_status(args: argparse.Namespace) -> int:
         return "complete" if finished else "new"
 
     rows = grid_status(out, None, done)
-    print(
-        markdown_table(
-            ["run", "state", "Slurm task", "last log line"],
-            [[r["name"], r["state"], r["task"] or "", r["last"]] for r in rows],
-        )
+    table = markdown_table(
+        ["run", "state", "Slurm task", "last log line"],
+        [[r["name"], r["state"], r["task"] or "", r["last"]] for r in rows],
     )
+    print("\n".join(table))
     counts = {
         s: sum(r["state"] == s for r in rows) for s in ("pending", "queued", "running", "done", "failed")
     }

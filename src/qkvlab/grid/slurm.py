@@ -294,12 +294,33 @@ def grid_status(out: Path, runs: Sequence[Any] | None, status: Callable[[Path], 
             label = "queued"
         elif state in LIVE:
             label = "running"
+        elif _locked(out / "runs" / name):
+            label = (
+                "running"  # a local run (or one whose task squeue no longer lists) holds its folder's lock
+            )
         elif task is None:
             label = "pending"
         else:
             label = "failed"
         rows.append({"name": name, "state": label, "task": task, "last": _last_line(out / "runs" / name)})
     return rows
+
+
+def _locked(run_dir: Path) -> bool:
+    """Whether a process holds the run folder's lock (``qkvlab.train.lock.RunLock``) right now."""
+    import fcntl
+
+    try:
+        fd = os.open(run_dir / ".lock", os.O_RDONLY | os.O_NOFOLLOW)
+    except OSError:
+        return False
+    try:
+        fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
+    except BlockingIOError:
+        return True
+    finally:
+        os.close(fd)
+    return False
 
 
 def _last_line(run_dir: Path) -> str:
