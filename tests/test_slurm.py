@@ -250,3 +250,25 @@ def test_one_training_run_as_a_two_task_slurm_job_matches_one_process(tmp_path) 
     assert two == pytest.approx(one, rel=1e-5)
     final = json.loads((tmp_path / "two" / "final.json").read_text())
     assert final["world_size"] == 2  # one run of two ranks, not two runs of one
+
+
+def test_a_second_task_of_a_run_that_is_at_work_stops_in_one_line(tmp_path, capsys) -> None:
+    from qkvlab.grid.slurm import CELL_LOCK, cell
+    from qkvlab.train.lock import RunLock
+
+    plan = {
+        "worker": "qkvlab.grid.training:train_worker",
+        "settings": {},
+        "log": "train.log",
+        "runs": [{"name": "a", "point": {}, "seed": 0}],
+        "options": {},
+    }
+    (tmp_path / "slurm").mkdir()
+    (tmp_path / "slurm" / "array-0.json").write_text(json.dumps(plan))
+    lock = RunLock(tmp_path / "runs" / "a", CELL_LOCK)
+    try:
+        assert cell(tmp_path, 0, 0) == 2
+    finally:
+        lock.release()
+    assert "is being written by process" in capsys.readouterr().err
+    assert not (tmp_path / "runs" / "a" / "train.log").exists()  # it did nothing

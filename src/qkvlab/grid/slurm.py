@@ -20,8 +20,8 @@ folder stays the source of truth, exactly as for local runs:
   *failed* otherwise (a task that ended without finishing). ``sacct`` is not used: it needs
   ``slurmdbd``, which a one-node cluster lacks. A re-run skips done runs and queued or running tasks,
   and resubmits the rest.
-- **Never twice at once.** Besides the check against ``squeue``, every training run holds its run
-  folder's lock, so two tasks of one run cannot both train. Across nodes that needs a shared filesystem
+- **Never twice at once.** Besides the check against ``squeue``, every task holds ``RUN/.cell.lock``
+  while it works (whatever the worker), so a second task of the same run stops at once. Across nodes that needs a shared filesystem
   whose ``flock`` works (NFSv4, Lustre, GPFS with locking enabled); docs/distributed.md says more.
 
 Why ``sbatch`` arrays and not submitit: the grid already keeps the ledger, resumes runs and guards
@@ -41,7 +41,8 @@ import shutil
 import signal
 import subprocess
 import sys
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -63,6 +64,7 @@ LIVE = {
     "RESIZING",
     "SUSPENDED",
 }
+CELL_LOCK = ".cell.lock"
 REQUEUE_EXIT = 75  # EX_TEMPFAIL: the cell stopped on USR1 and asked Slurm to requeue it
 
 
@@ -259,7 +261,14 @@ def cell(out: Path, array: int, index: int) -> int:
     import torch
 
     torch.set_num_threads(int(threads))
-    with open_append(run_dir / plan["log"], line_buffered=True) as fh:
+    from qkvlab.train.lock import RunLock
+
+    try:
+        held = RunLock(run_dir, CELL_LOCK)
+    except UserError as exc:  # another task of this run is at work (a resubmission raced a requeue)
+        print(f"qkvlab grid cell: {exc}", file=sys.stderr)
+        return 2
+    with held_until_exit(held), open_append(run_dir / plan["log"], line_buffered=True) as fh:
         print(f"slurm task {os.environ.get('SLURM_ARRAY_JOB_ID')}_{index} on {os.uname().nodename}", file=fh)
         os.dup2(fh.fileno(), 1)
         os.dup2(fh.fileno(), 2)
@@ -306,20 +315,29 @@ def grid_status(out: Path, runs: Sequence[Any] | None, status: Callable[[Path], 
     return rows
 
 
+@contextmanager
+def held_until_exit(lock: Any) -> Iterator[None]:
+    try:
+        yield
+    finally:
+        lock.release()
+
+
 def _locked(run_dir: Path) -> bool:
-    """Whether a process holds the run folder's lock (``qkvlab.train.lock.RunLock``) right now."""
+    """Whether a process holds the run folder's lock or a Slurm task's (``qkvlab.train.lock.RunLock``) now."""
     import fcntl
 
-    try:
-        fd = os.open(run_dir / ".lock", os.O_RDONLY | os.O_NOFOLLOW)
-    except OSError:
-        return False
-    try:
-        fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
-    except BlockingIOError:
-        return True
-    finally:
-        os.close(fd)
+    for name in (".lock", CELL_LOCK):
+        try:
+            fd = os.open(run_dir / name, os.O_RDONLY | os.O_NOFOLLOW)
+        except OSError:
+            continue
+        try:
+            fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
+        except BlockingIOError:
+            return True
+        finally:
+            os.close(fd)
     return False
 
 

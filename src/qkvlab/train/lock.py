@@ -12,15 +12,17 @@ __all__ = ["RunLock"]
 
 
 class RunLock:
-    """``flock`` on ``RUN/.lock`` (the holder's pid inside, for the message)."""
+    """``flock`` on ``RUN/.lock`` (the holder's pid inside, for the message). A grid's Slurm task holds
+    ``RUN/.cell.lock`` around whatever its worker does, so no run has two tasks at once, whatever the
+    worker; the trainer's own lock stays ``.lock``."""
 
-    def __init__(self, run_dir: Path) -> None:
+    def __init__(self, run_dir: Path, name: str = ".lock") -> None:
         import fcntl
 
         run_dir.mkdir(parents=True, exist_ok=True)
         # a run folder may come from someone else: no link below it may carry a write elsewhere
         refuse_links(run_dir)
-        self.path = run_dir / ".lock"
+        self.path = run_dir / name
         self.fd = open_lock(self.path)
         try:
             fcntl.flock(self.fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
