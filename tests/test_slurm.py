@@ -266,9 +266,12 @@ def test_a_second_task_of_a_run_that_is_at_work_stops_in_one_line(tmp_path, caps
     (tmp_path / "slurm").mkdir()
     (tmp_path / "slurm" / "array-0.json").write_text(json.dumps(plan))
     lock = RunLock(tmp_path / "runs" / "a", CELL_LOCK)
+    threads, omp = torch.get_num_threads(), os.environ.get("OMP_NUM_THREADS")
     try:
         assert cell(tmp_path, 0, 0) == 2
     finally:
         lock.release()
     assert "is being written by process" in capsys.readouterr().err
     assert not (tmp_path / "runs" / "a" / "train.log").exists()  # it did nothing
+    # and it changed nothing about the process it ran in (threads, environment)
+    assert torch.get_num_threads() == threads and os.environ.get("OMP_NUM_THREADS") == omp

@@ -249,6 +249,13 @@ def cell(out: Path, array: int, index: int) -> int:
     module, _, name = plan["worker"].partition(":")
     worker = getattr(importlib.import_module(module), name)
     run_dir = out / "runs" / record["name"]
+    from qkvlab.train.lock import RunLock
+
+    try:  # first, before this process changes anything about itself
+        held = RunLock(run_dir, CELL_LOCK)
+    except UserError as exc:  # another task of this run is at work (a resubmission raced a requeue)
+        print(f"qkvlab grid cell: {exc}", file=sys.stderr)
+        return 2
     threads = os.environ.get("SLURM_CPUS_PER_TASK", "1")
     os.environ["OMP_NUM_THREADS"] = os.environ["MKL_NUM_THREADS"] = threads
     asked: list[int] = []
@@ -261,13 +268,6 @@ def cell(out: Path, array: int, index: int) -> int:
     import torch
 
     torch.set_num_threads(int(threads))
-    from qkvlab.train.lock import RunLock
-
-    try:
-        held = RunLock(run_dir, CELL_LOCK)
-    except UserError as exc:  # another task of this run is at work (a resubmission raced a requeue)
-        print(f"qkvlab grid cell: {exc}", file=sys.stderr)
-        return 2
     with held_until_exit(held), open_append(run_dir / plan["log"], line_buffered=True) as fh:
         print(f"slurm task {os.environ.get('SLURM_ARRAY_JOB_ID')}_{index} on {os.uname().nodename}", file=fh)
         os.dup2(fh.fileno(), 1)
