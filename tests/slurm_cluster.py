@@ -128,6 +128,7 @@ def one_node_slurm(folder: Path, cpus: int | None = None) -> Iterator[dict[str, 
         yield env
     finally:
         subprocess.run(["scancel", "--me"], capture_output=True, env=env)
+        subprocess.run(["scontrol", "shutdown"], capture_output=True, env=env)  # slurmctld and slurmd
         for pid_file in reversed(started):
             with contextlib.suppress(OSError, ValueError):
                 os.kill(int(pid_file.read_text().split()[0]), signal.SIGTERM)
