@@ -199,6 +199,14 @@ def tiny_csv(tmp_path_factory):
     return path
 
 
+def train_losses(run_dir: Path) -> list[float]:
+    """Every logged training loss of a `qkvlab train` run, in order (from its metrics.jsonl)."""
+    import json
+
+    lines = (run_dir / "metrics.jsonl").read_text().splitlines()
+    return [json.loads(line)["loss"] for line in lines if '"train"' in line]
+
+
 def tiny_gpt_settings(corpus: Path, out: Path, **extra: object) -> dict[str, str]:
     """`qkvlab train` settings for a 2-layer char GPT on ``corpus`` that trains in about a second."""
     settings = {

@@ -16,6 +16,8 @@ from qkvlab.cli import main
 from qkvlab.grid.slurm import SlurmOptions, _script
 from slurm_cluster import one_node_slurm
 
+from conftest import train_losses
+
 TINY = ["warmup_steps=4", "model.n_layer=1", "model.d_model=32", "model.n_head=2", "eval_every=20"]
 
 
@@ -241,11 +243,7 @@ def test_one_training_run_as_a_two_task_slurm_job_matches_one_process(tmp_path) 
         )
         assert done.returncode == 0, (tmp_path / "job.out").read_text()[-3000:]
 
-    def losses(run: str) -> list[float]:
-        lines = (tmp_path / run / "metrics.jsonl").read_text().splitlines()
-        return [json.loads(line)["loss"] for line in lines if '"train"' in line]
-
-    one, two = losses("one"), losses("two")
+    one, two = train_losses(tmp_path / "one"), train_losses(tmp_path / "two")
     assert len(one) == len(two) == 12
     assert two == pytest.approx(one, rel=1e-5)
     final = json.loads((tmp_path / "two" / "final.json").read_text())

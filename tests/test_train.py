@@ -22,7 +22,7 @@ from qkvlab.errors import UserError
 from qkvlab.train import train
 from qkvlab.train.checkpoint import latest_checkpoint
 
-from conftest import tiny_gpt_settings
+from conftest import tiny_gpt_settings, train_losses
 
 TEXT = (
     "Shall I compare thee to a summer's day? Thou art more lovely and more temperate. "
@@ -286,11 +286,7 @@ def test_ddp_two_processes_match_one(corpus, tmp_path, extra) -> None:
     )
     assert ddp.returncode == 0, ddp.stderr[-3000:]
 
-    def losses(run: str) -> list[float]:
-        lines = (tmp_path / run / "metrics.jsonl").read_text().splitlines()
-        return [json.loads(line)["loss"] for line in lines if '"train"' in line]
-
-    one, two = losses("one"), losses("two")
+    one, two = train_losses(tmp_path / "one"), train_losses(tmp_path / "two")
     assert len(one) == len(two) == 12
     assert two == pytest.approx(one, rel=1e-5)
     if extra:  # the guard moved λ, and alike in both

@@ -459,12 +459,7 @@ def _cmd_grid_status(args: argparse.Namespace) -> int:
         raise UserError(
             f"{out} is not a grid folder (no runs/ in it); accepted: the --out of `qkvlab repro` or `sweep`"
         )
-
-    def done(run_dir: Path) -> str:
-        finished = (run_dir / "final.json").is_file() or (run_dir / "result.json").is_file()
-        return "complete" if finished else "new"
-
-    rows = grid_status(out, None, done)
+    rows = grid_status(out)
     table = markdown_table(
         ["run", "state", "Slurm task", "last log line"],
         [[r["name"], r["state"], r["task"] or "", r["last"]] for r in rows],

@@ -427,7 +427,7 @@ def inspect(
 
         if any(kind not in FLOAT_TYPES for kind in weight_types.values()):
             method = "gram"  # dequantised to float32, but a 4–8-bit grid: coarser than bf16
-    # Only the QR dtypes and the worst relative bound are kept: holding every layer's small result tensors
+    # Only the methods used and the worst relative bound are kept: holding every layer's small result tensors
     # would keep the allocator from returning the freed per-layer buffers between them (RSS grew ~50 MB
     # per layer at the 7B shape).
     computed: dict[str, Any] = {}

@@ -263,7 +263,6 @@ class FactoredProduct:
         # AᵀA = R_aᵀR_a exactly (Q orthonormal), so both norms come from the small R's.
         gram_a = ra.transpose(-1, -2) @ ra
         gram_b = rb.transpose(-1, -2) @ rb
-        l2_half = 0.5 * (ra.square().sum((-1, -2)) + rb.square().sum((-1, -2)))
         imbalance = torch.linalg.matrix_norm(gram_a - gram_b)
         left_gram, right_gram = torch.linalg.matrix_norm(gram_a), torch.linalg.matrix_norm(gram_b)
         if method == "gram":
@@ -274,6 +273,7 @@ class FactoredProduct:
             error_bound = (tb * ea + (ta + ea) * eb).sqrt() + _gamma(10 * r) * (ta * tb).sqrt()
         else:
             # ‖R‖_F = ‖A‖_F up to the same rounding: the bound's own error is second order.
+            l2_half = 0.5 * (ra.square().sum((-1, -2)) + rb.square().sum((-1, -2)))
             kappa = qr_error_constant(max(self.left.shape[-2], self.right.shape[-2]))
             error_bound = kappa * _UNIT * torch.linalg.matrix_norm(ra) * torch.linalg.matrix_norm(rb)
         bad = bad_left[li] | bad_right[ri]

@@ -425,9 +425,8 @@ class AttentionFactors:
         if qk is not None and qk.left_columns is not None and qk.right_columns is not None:
             q_sq, k_sq = qk.right_columns, qk.left_columns
         else:
-            q_sq = (
-                layer.qk.right.to(torch.float64).square().sum(1)
-            )  # (H, dh): each query column's squared norm
+            # (H, dh) and (G, dh): each query and key column's squared norm
+            q_sq = layer.qk.right.to(torch.float64).square().sum(1)
             k_sq = layer.qk.left.to(torch.float64).square().sum(1)  # (G, dh)
         index = layer.qk.left_index if layer.qk.left_index is not None else torch.arange(q_sq.shape[0])
         grouped = torch.zeros_like(k_sq).index_add_(0, index, q_sq)  # Σ over each group's heads

@@ -41,8 +41,7 @@ import shutil
 import signal
 import subprocess
 import sys
-from collections.abc import Callable, Iterator, Sequence
-from contextlib import contextmanager
+from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -268,7 +267,7 @@ def cell(out: Path, array: int, index: int) -> int:
     import torch
 
     torch.set_num_threads(int(threads))
-    with held_until_exit(held), open_append(run_dir / plan["log"], line_buffered=True) as fh:
+    with held, open_append(run_dir / plan["log"], line_buffered=True) as fh:
         print(f"slurm task {os.environ.get('SLURM_ARRAY_JOB_ID')}_{index} on {os.uname().nodename}", file=fh)
         os.dup2(fh.fileno(), 1)
         os.dup2(fh.fileno(), 2)
@@ -287,40 +286,29 @@ def cell(out: Path, array: int, index: int) -> int:
             return 130 if isinstance(exc, KeyboardInterrupt) else 1
 
 
-def grid_status(out: Path, runs: Sequence[Any] | None, status: Callable[[Path], str]) -> list[dict[str, Any]]:
-    """Each run of the grid folder: pending, queued, running, done or failed, with its task and last log line."""
+def grid_status(out: Path) -> list[dict[str, Any]]:
+    """Each run of the grid folder: pending, queued, running, done or failed, with its task and last log line.
+    A run is done when it left its experiment's final record: ``final.json`` (training) or ``result.json``
+    (fine-tuning)."""
     jobs = _read_jobs(out)
     queue = _queue() if jobs and shutil.which("squeue") else {}
-    names = [r.name for r in runs] if runs is not None else sorted(p.name for p in (out / "runs").glob("*/"))
     rows = []
-    for name in names:
+    for name in sorted(p.name for p in (out / "runs").glob("*/")):
         task = jobs.get(name, {}).get("task")
         state = queue.get(task or "", "")
-        now = status(out / "runs" / name)
-        if now == "complete":
+        run_dir = out / "runs" / name
+        if (run_dir / "final.json").is_file() or (run_dir / "result.json").is_file():
             label = "done"
         elif state in {"PENDING", "CONFIGURING", "REQUEUED", "REQUEUE_HOLD"}:
             label = "queued"
-        elif state in LIVE:
+        elif state in LIVE or _locked(run_dir):
             label = "running"
-        elif _locked(out / "runs" / name):
-            label = (
-                "running"  # a local run (or one whose task squeue no longer lists) holds its folder's lock
-            )
         elif task is None:
             label = "pending"
         else:
             label = "failed"
-        rows.append({"name": name, "state": label, "task": task, "last": _last_line(out / "runs" / name)})
+        rows.append({"name": name, "state": label, "task": task, "last": _last_line(run_dir)})
     return rows
-
-
-@contextmanager
-def held_until_exit(lock: Any) -> Iterator[None]:
-    try:
-        yield
-    finally:
-        lock.release()
 
 
 def _locked(run_dir: Path) -> bool:

@@ -35,6 +35,12 @@ class RunLock:
         os.ftruncate(self.fd, 0)
         os.write(self.fd, str(os.getpid()).encode())
 
+    def __enter__(self) -> RunLock:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.release()
+
     def release(self) -> None:
         import fcntl
 
