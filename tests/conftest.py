@@ -199,6 +199,20 @@ def tiny_csv(tmp_path_factory):
     return path
 
 
+SONNET = (
+    "Shall I compare thee to a summer's day? Thou art more lovely and more temperate. "
+    "Rough winds do shake the darling buds of May, and summer's lease hath all too short a date. "
+) * 40
+
+
+@pytest.fixture
+def corpus(tmp_path) -> Path:
+    """A small text for the char-level GPT of :func:`tiny_gpt_settings`."""
+    path = tmp_path / "sonnet.txt"
+    path.write_text(SONNET)
+    return path
+
+
 def train_losses(run_dir: Path) -> list[float]:
     """Every logged training loss of a `qkvlab train` run, in order (from its metrics.jsonl)."""
     import json

@@ -24,19 +24,6 @@ from qkvlab.train.checkpoint import latest_checkpoint
 
 from conftest import tiny_gpt_settings, train_losses
 
-TEXT = (
-    "Shall I compare thee to a summer's day? Thou art more lovely and more temperate. "
-    "Rough winds do shake the darling buds of May, and summer's lease hath all too short a date. "
-) * 40
-
-
-@pytest.fixture
-def corpus(tmp_path) -> Path:
-    path = tmp_path / "sonnet.txt"
-    path.write_text(TEXT)
-    return path
-
-
 _gpt = tiny_gpt_settings
 
 

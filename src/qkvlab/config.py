@@ -87,6 +87,7 @@ class TrainConfig:
     seed: int = 0
     precision: str = "fp32"  # fp32 | bf16 (autocast)
     device: str = "auto"  # auto | cpu | cuda
+    parallel: str = "ddp"  # several processes: ddp (each holds the model) | fsdp (FSDP2 shards it)
     # monitoring and output
     log_every: int = 10
     eval_every: int = 200
@@ -176,6 +177,7 @@ RESUME_CHANGEABLE = frozenset(
         "tensorboard",
         "max_bad_steps",
         "device",
+        "parallel",
     }
 )
 
@@ -230,6 +232,10 @@ RUN_KEYS: dict[str, Key] = {
     ),
     "precision": ("fp32 | bf16 (autocast)", (lambda v: v in ("fp32", "bf16"), "fp32 or bf16")),
     "device": ("auto | cpu | cuda", (lambda v: v in ("auto", "cpu", "cuda"), "auto, cpu or cuda")),
+    "parallel": (
+        "with several processes: ddp (each holds the whole model) | fsdp (FSDP2 shards it)",
+        (lambda v: v in ("ddp", "fsdp"), "ddp or fsdp"),
+    ),
     "log_every": ("steps between train-loss log lines", POSITIVE),
     "eval_every": ("steps between validation passes", NONNEGATIVE),
     "eval_batches": ("validation batches per pass; 0 = the whole split", NONNEGATIVE),

@@ -155,17 +155,19 @@ class Monitor:
         self, step: int, *, epoch: float | None = None, report: InspectReport | None = None
     ) -> dict[str, Any] | None:
         """Measure now (or take ``report``, a measurement of the current weights) and write everywhere.
-        Under ``torch.distributed`` only rank 0 measures; every rank applies the guard's λ."""
+        Under ``torch.distributed`` only rank 0 measures, except for a model sharded with FSDP, whose
+        layers every rank gathers and measures alike (call it on every rank there); only rank 0 records
+        and writes; every rank applies the guard's λ."""
         started = time.perf_counter()
         record = None
         logged: dict[str, float] = {}
-        if _is_main():
-            if report is None:
-                from qkvlab.inspection import inspect
+        if report is None and (_is_main() or _is_sharded(self.model)):
+            from qkvlab.inspection import inspect
 
-                was_training = self.model.training
-                report = inspect(self.model, rtol=self.rtol)
-                self.model.train(was_training)
+            was_training = self.model.training
+            report = inspect(self.model, rtol=self.rtol)
+            self.model.train(was_training)
+        if _is_main():
             record = self._record(report, step, epoch)
             if self.guard is not None:
                 logged = self.guard.update(record, self.optimizer.param_groups)
@@ -323,6 +325,12 @@ def _is_main() -> bool:
     import torch.distributed as dist
 
     return not (dist.is_available() and dist.is_initialized()) or dist.get_rank() == 0
+
+
+def _is_sharded(model: nn.Module) -> bool:
+    from qkvlab.train.fsdp import is_sharded
+
+    return is_sharded(model)
 
 
 def _factor_groups(model: nn.Module, optimizer: torch.optim.Optimizer) -> dict[str, list[int]]:

@@ -98,13 +98,18 @@ def orthogonalize(
 
 
 def muon_update(p: Tensor, state: dict[str, Any], group: dict[str, Any]) -> None:
-    """One Muon step of ``p`` (torch's algorithm; per head when ``group["heads"]`` is set)."""
+    """One Muon step of ``p`` (torch's algorithm; per head when ``group["heads"]`` is set). A parameter
+    sharded by FSDP2 has its update gathered whole, orthogonalised on every rank alike, and each rank
+    applies its own rows (see qkvlab.train.fsdp)."""
     lr, wd, momentum = group["lr"], group["weight_decay"], group["momentum"]
     if "momentum_buffer" not in state:
         state["momentum_buffer"] = torch.zeros_like(p.grad, memory_format=torch.preserve_format)
     buf = state["momentum_buffer"]
     buf.lerp_(p.grad, 1 - momentum)
     update = p.grad.lerp(buf, momentum) if group["nesterov"] else buf
+    sharded = type(update) is not torch.Tensor  # a DTensor (FSDP2): orthogonalised whole, on every rank
+    if sharded:
+        update = update.full_tensor()
     pieces = orthogonalize(
         update,
         group["heads"],
@@ -115,6 +120,15 @@ def muon_update(p: Tensor, state: dict[str, Any], group: dict[str, Any]) -> None
         group["ns_dtype"],
     )
     p.mul_(1 - lr * wd)
+    if sharded:  # the whole step, scaled piece by piece, then this rank's rows of it
+        from torch.distributed.tensor import distribute_tensor
+
+        step = torch.cat(
+            [ortho.to(p.dtype) * _adjust_lr(lr, group["adjust_lr_fn"], shape) for ortho, shape in pieces],
+            dim=group["head_axis"],
+        )
+        p.sub_(distribute_tensor(step, p.device_mesh, p.placements, src_data_rank=None))
+        return
     slices = [p] if len(pieces) == 1 else p.chunk(len(pieces), dim=group["head_axis"])
     for target, (ortho, shape) in zip(slices, pieces, strict=True):
         target.add_(ortho, alpha=-_adjust_lr(lr, group["adjust_lr_fn"], shape))

@@ -328,12 +328,17 @@ def l2_penalty(groups: Iterable[Mapping[str, Any]]) -> torch.Tensor:
 
     For coupled L2 training: build the groups with ``regularization="l2"`` so the
     optimiser's own weight_decay is 0, and add this to the loss.
+
+    A parameter sharded by FSDP2 counts with this rank's shard only: its gradient λθ_local then lands on
+    that shard outside FSDP's averaging, so the ranks together apply λθ, as one process does.
     """
+    from qkvlab.train.fsdp import local
+
     total: torch.Tensor | None = None
     for group in groups:
         lam = group.get("l2", group.get("weight_decay", 0.0))
         if not lam:
             continue
-        term = 0.5 * lam * sum(p.square().sum() for p in group["params"])
+        term = 0.5 * lam * sum(local(p).square().sum() for p in group["params"])
         total = term if total is None else total + term
     return total if total is not None else torch.zeros(())

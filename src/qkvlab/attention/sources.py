@@ -41,7 +41,8 @@ _HEAD_ATTRS = ("num_heads", "n_heads", "n_head", "num_attention_heads")
 
 @dataclass
 class LiveSource(TensorSource):
-    """A ``torch.nn.Module`` in memory. Tensors are the module's own (detached, not copied)."""
+    """A ``torch.nn.Module`` in memory. Tensors are the module's own (detached, not copied); a parameter
+    that FSDP2 shards is gathered whole when asked for, a collective that every rank must make alike."""
 
     module: nn.Module
     name: str = "<module>"
@@ -93,7 +94,12 @@ class LiveSource(TensorSource):
     def get(self, key: str) -> torch.Tensor:
         adapted = self._adapted.get(key)
         if adapted is None:
-            return self._tensors[key].detach()
+            tensor = self._tensors[key].detach()
+            if type(tensor) is not torch.Tensor:  # a DTensor (FSDP2): gathered whole, on every rank alike
+                from qkvlab.train.fsdp import full
+
+                tensor = full(tensor)
+            return tensor
         if getattr(adapted, "merged", False):
             return adapted.base_layer.weight.detach()
         # PEFT's own merge on a copy of this one layer: exact for LoRA, DoRA (magnitude rescaling) and

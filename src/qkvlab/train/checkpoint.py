@@ -43,6 +43,7 @@ from qkvlab.errors import UserError
 from qkvlab.files import fsync_dir, latest_checkpoint, sha256_file, write_atomic
 
 __all__ = [
+    "checked_state",
     "checkpoint_problem",
     "latest_checkpoint",
     "load_checkpoint",
@@ -307,12 +308,9 @@ def _model_mismatch(path: Path, model: nn.Module) -> str | None:
     return None
 
 
-def load_checkpoint(
-    path: Path, model: nn.Module, optimizer: torch.optim.Optimizer, scheduler: Any, device: torch.device
-) -> dict[str, Any]:
-    """Restore model, optimiser, scheduler and RNGs in place; returns the state dict (step, …).
-
-    A checkpoint that cannot be restored raises a UserError naming the file and the problem."""
+def checked_state(path: Path, model: nn.Module) -> dict[str, Any]:
+    """``state.json`` of the checkpoint ``path``, once it parses, has a step, and ``model.safetensors``'s
+    tensor names, shapes and dtypes fit ``model`` (headers only); else a UserError naming the problem."""
     try:
         state = json.loads((path / "state.json").read_bytes())
         mismatch = _model_mismatch(path, model)
@@ -322,6 +320,16 @@ def load_checkpoint(
         raise UserError(f"cannot resume from {path}: state.json has no step (damaged)")
     if mismatch is not None:
         raise UserError(f"cannot resume from {path}: {mismatch}")
+    return state
+
+
+def load_checkpoint(
+    path: Path, model: nn.Module, optimizer: torch.optim.Optimizer, scheduler: Any, device: torch.device
+) -> dict[str, Any]:
+    """Restore model, optimiser, scheduler and RNGs in place; returns the state dict (step, …).
+
+    A checkpoint that cannot be restored raises a UserError naming the file and the problem."""
+    state = checked_state(path, model)
     try:
         missing, unexpected = load_model(
             model, str(path / "model.safetensors"), strict=False, device=str(device)

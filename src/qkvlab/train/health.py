@@ -32,10 +32,16 @@ def nonfinite_step(loss: torch.Tensor, grad_norm: torch.Tensor, ddp: Dist) -> st
 
 @torch.no_grad()
 def nonfinite_parameter(model: nn.Module) -> str | None:
-    for name, param in model.named_parameters():
-        if not bool(torch.isfinite(param).all()):
-            return name
-    return None
+    """The first parameter holding a non-finite value, or None. Under FSDP each rank checks its shards and
+    the ranks agree (one all-reduce), so every rank gives the same answer."""
+    from qkvlab.train.fsdp import is_sharded, local
+
+    named = list(model.named_parameters())
+    if not is_sharded(model):
+        return next((name for name, param in named if not bool(torch.isfinite(param).all())), None)
+    flags = torch.stack([(~torch.isfinite(local(param))).any() for _, param in named]).float()
+    dist.all_reduce(flags, op=dist.ReduceOp.MAX)
+    return next((name for (name, _), bad in zip(named, flags.tolist(), strict=True) if bad), None)
 
 
 def stopped_message(last: Path | None, where: str, allowed: int) -> str:

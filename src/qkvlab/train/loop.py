@@ -1,4 +1,5 @@
-"""The training loop behind ``qkvlab train``: one process, or DDP under torchrun.
+"""The training loop behind ``qkvlab train``: one process, or several under torchrun or ``srun`` with DDP
+(``parallel=ddp``, the default) or FSDP2 (``parallel=fsdp``, see qkvlab.train.fsdp).
 
 Run folder (``config.out``):
 
@@ -49,8 +50,9 @@ from qkvlab.train.checkpoint import (
     save_checkpoint,
     write_atomic,
 )
-from qkvlab.train.distributed import init_distributed, reduce_mean, run_device
+from qkvlab.train.distributed import end_distributed, init_distributed, reduce_mean, run_device
 from qkvlab.train.evaluation import evaluate
+from qkvlab.train.fsdp import full, gathered_state, load_sharded_checkpoint, shard
 from qkvlab.train.health import nonfinite_parameter, nonfinite_step, stopped_message
 from qkvlab.train.history import clean_debris, truncate_history
 from qkvlab.train.launch import slurm_environment
@@ -87,10 +89,15 @@ def train(config: TrainConfig, *, resume: Path | None = None, command: str | Non
     run_dir = resume if resume is not None else config.run_dir()
     lock = RunLock(run_dir) if int(os.environ.get("RANK", "0")) == 0 else None
     try:
-        return _train(config, resume, run_dir, command)
+        result = _train(config, resume, run_dir, command)
+    except (TrainingInterrupted, TrainingStopped):  # every rank stops at the same step
+        end_distributed()
+        raise
     finally:
         if lock is not None:
             lock.release()
+    end_distributed()
+    return result
 
 
 def _train(config: TrainConfig, resume: Path | None, run_dir: Path, command: str | None) -> TrainResult:
@@ -106,12 +113,15 @@ def _train(config: TrainConfig, resume: Path | None, run_dir: Path, command: str
     info = {"kind": dataset.kind, **dataset.info}
     model_cfg = model_config(config, info)
     model = build_model(model_cfg).to(device)
+    sharded = ddp.world_size > 1 and config.parallel == "fsdp"
+    if sharded:  # before the optimiser: its groups hold the sharded parameters
+        shard(model, device, ddp.world_size)
     optimizer, groups = build_optimizer(config, model)
     penalty_in_loss = optimizers.get(config.optimizer).decay == "loss"  # adam-l2: Σ λ/2‖θ‖² in the loss
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(config))
     schedule_weight_decay(optimizer.param_groups)
     train_model: nn.Module = model
-    if ddp.world_size > 1:
+    if ddp.world_size > 1 and not sharded:
         train_model = nn.parallel.DistributedDataParallel(
             model, device_ids=[device.index] if device.type == "cuda" else None
         )
@@ -123,7 +133,11 @@ def _train(config: TrainConfig, resume: Path | None, run_dir: Path, command: str
         # newest checkpoint that verifies and loads; each damaged one is named and skipped
         last_good, state = resumable_checkpoint(
             run_dir,
-            lambda path: load_checkpoint(path, model, optimizer, scheduler, device),
+            lambda path: (
+                load_sharded_checkpoint(path, model, optimizer, scheduler)
+                if sharded
+                else load_checkpoint(path, model, optimizer, scheduler, device)
+            ),
             echo=lambda line: print(f"{run_dir}: {line}", file=sys.stderr, flush=True),
         )
         start_step = state["step"]
@@ -143,11 +157,19 @@ def _train(config: TrainConfig, resume: Path | None, run_dir: Path, command: str
         clean_debris(run_dir)
         truncate_history(run_dir, start_step)  # lines after the checkpoint are logged again
     logger = RunLogger(run_dir, ddp.main, config.tensorboard, start_step if resume is not None else None)
+    # Whole weights are needed to measure or evaluate a sharded model: there every rank takes part (and
+    # computes alike); rank 0 writes.
+    everyone = ddp.main or sharded
     monitor = (
         # the optimiser's own group dicts: loading a checkpoint replaced the ones _optimizer built, and the
         # prediction must read the learning rate the scheduler sets now
-        Monitor(model, every=config.spectra_every, out=run_dir / "spectra.jsonl", optimizer=optimizer)
-        if ddp.main and config.spectra_every
+        Monitor(
+            model,
+            every=config.spectra_every,
+            out=run_dir / "spectra.jsonl" if ddp.main else None,
+            optimizer=optimizer,
+        )
+        if everyone and config.spectra_every
         else None
     )
     if monitor is not None and resume is not None:
@@ -173,9 +195,12 @@ def _train(config: TrainConfig, resume: Path | None, run_dir: Path, command: str
     window_start, window_steps = time.perf_counter(), 0
     last_loss: float | None = None
     last_eval: tuple[int, dict[str, float]] | None = None
+    measured_at = None  # the step the monitor last measured in this session
     if monitor is not None and start_step == 0:
         monitor.record(0)
-        logger.tags(0, monitor.last_summary[1])
+        measured_at = 0
+        if ddp.main:
+            logger.tags(0, monitor.last_summary[1])
     step = start_step
     bad_steps = 0
     # SIGTERM (what schedulers send) and SIGINT finish the current step, write a checkpoint and stop
@@ -197,6 +222,7 @@ def _train(config: TrainConfig, resume: Path | None, run_dir: Path, command: str
                 grad_norm = torch.nn.utils.get_total_norm(
                     [p.grad for p in model.parameters() if p.grad is not None]
                 )
+            grad_norm = full(grad_norm)  # FSDP: a DTensor
             bad = nonfinite_step(loss, grad_norm, ddp)  # one sync per step; the same answer on every rank
             if bad is None:
                 optimizer.step()
@@ -234,14 +260,16 @@ def _train(config: TrainConfig, resume: Path | None, run_dir: Path, command: str
                 window_start, window_steps = time.perf_counter(), 0
             if bar is not None:
                 bar.update(1)
-            if config.eval_every and (step % config.eval_every == 0 or step == config.max_steps) and ddp.main:
+            if config.eval_every and (step % config.eval_every == 0 or step == config.max_steps) and everyone:
                 last_eval = (step, evaluate(model, dataset, config, device, autocast))
                 logger.log(step, "val", last_eval[1])
             if config.spectra_every and (step % config.spectra_every == 0 or step == config.max_steps):
                 record = None
                 if monitor is not None:
                     record = monitor.record(step)
-                    logger.tags(step, monitor.last_summary[1])
+                    measured_at = step
+                    if ddp.main:
+                        logger.tags(step, monitor.last_summary[1])
                 if guard is not None:  # each layer's attention decay, from this firing's ranks
                     logger.log(step, "guard", guard_step(guard, record, optimizer))
             # a stop signal is honoured after a whole step, on every rank at the same step; the last
@@ -254,12 +282,13 @@ def _train(config: TrainConfig, resume: Path | None, run_dir: Path, command: str
                     raise TrainingStopped(
                         stopped_message(last_good, f"step {step}: parameter {broken} is not finite", 0)
                     )
+                weights, moments = gathered_state(model, optimizer) if sharded else (model, optimizer)
                 if ddp.main:
                     last_good = save_checkpoint(
                         run_dir,
                         step,
-                        model,
-                        optimizer,
+                        weights,
+                        moments,
                         scheduler,
                         {
                             "data_position": {"step": step},
@@ -289,14 +318,15 @@ def _train(config: TrainConfig, resume: Path | None, run_dir: Path, command: str
     wall = earlier_wall + session_wall
     complete = step >= config.max_steps
     final_eval: dict[str, float] = {}
+    if complete and everyone:
+        if measured_at == step:  # the same answer on every rank: a sharded model is measured by all
+            spectra = monitor.last_summary[1] if ddp.main else {}
+        else:
+            spectra = summary_metrics(inspect(model))
     if ddp.main:
         if complete and last_eval is not None and last_eval[0] == step:
             final_eval = last_eval[1]
         if complete:
-            if monitor is not None and monitor.last_summary and monitor.last_summary[0] == step:
-                spectra = monitor.last_summary[1]
-            else:
-                spectra = summary_metrics(inspect(model))
             summary = {
                 "schema_version": 1,
                 "kind": "training-run",
@@ -314,6 +344,7 @@ def _train(config: TrainConfig, resume: Path | None, run_dir: Path, command: str
                 "device": device.type,
                 "device_name": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
                 "world_size": ddp.world_size,
+                "parallel": config.parallel if ddp.world_size > 1 else None,
                 "monitor_seconds": monitor.seconds if monitor is not None else 0.0,
             }
             write_atomic(run_dir / "final.json", json.dumps(summary, indent=1, allow_nan=False))
