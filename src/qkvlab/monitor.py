@@ -24,7 +24,8 @@ predicts how fast weight decay balances the factors (below) and measures it. ``s
     {"series_version": 1, "step": int, "epoch": float | null,
      ... the `qkvlab inspect --json` record ("kind": "inspect", "schema_version", "architecture", "heads", ...),
      "imbalance_decay_per_step": {...}, "gap_decay_per_step": {...},   # with an optimizer
-     "guard": {"L0/qk_lambda": ..., ...}}                               # with a rank guard
+     "guard": {"L0/qk_lambda": ..., ...},                               # with a rank guard
+     "logits": {"max": [[per head] per layer], "entropy": [...]}}         # qkvlab's engine (qkvlab.logits)
 
 Later additions add keys; a reader ignores keys it does not know and refuses a ``series_version`` above
 its own. Lines without ``series_version`` (qkvlab before it) are read as version 1.
@@ -152,12 +153,18 @@ class Monitor:
         self._steps += 1
 
     def record(
-        self, step: int, *, epoch: float | None = None, report: InspectReport | None = None
+        self,
+        step: int,
+        *,
+        epoch: float | None = None,
+        report: InspectReport | None = None,
+        extra: Mapping[str, Any] | None = None,
     ) -> dict[str, Any] | None:
         """Measure now (or take ``report``, a measurement of the current weights) and write everywhere.
         Under ``torch.distributed`` only rank 0 measures, except for a model sharded with FSDP, whose
         layers every rank gathers and measures alike (call it on every rank there); only rank 0 records
-        and writes; every rank applies the guard's λ."""
+        and writes; every rank applies the guard's λ. ``extra``: more keys for this firing's line (the
+        engine's ``logits``, qkvlab.logits)."""
         started = time.perf_counter()
         record = None
         logged: dict[str, float] = {}
@@ -168,7 +175,7 @@ class Monitor:
             report = inspect(self.model, rtol=self.rtol)
             self.model.train(was_training)
         if _is_main():
-            record = self._record(report, step, epoch)
+            record = {**self._record(report, step, epoch), **(extra or {})}
             if self.guard is not None:
                 logged = self.guard.update(record, self.optimizer.param_groups)
                 record["guard"] = logged

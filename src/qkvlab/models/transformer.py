@@ -34,6 +34,7 @@ class Attention(nn.Module):
         self.v_proj = nn.Linear(cfg.d_model, inner, bias=cfg.bias)
         self.o_proj = nn.Linear(inner, cfg.d_model, bias=cfg.bias)
         self.dropout = cfg.dropout
+        self.probe = None  # a qkvlab.logits.LayerLogits while logits are measured: the scores are formed
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         b, t, _ = x.shape
@@ -47,6 +48,11 @@ class Attention(nn.Module):
             if self.causal:
                 scores = scores.masked_fill(torch.ones(t, t, dtype=torch.bool, device=x.device).triu(1), 0.0)
             out = scores @ v
+        elif self.probe is not None:
+            from qkvlab.logits import explicit_attention
+
+            drop = self.dropout if self.training else 0.0
+            out = explicit_attention(q, k, v, self.causal, drop, self.probe)
         else:
             drop = self.dropout if self.training else 0.0
             out = F.scaled_dot_product_attention(q, k, v, is_causal=self.causal, dropout_p=drop)

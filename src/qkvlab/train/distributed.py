@@ -55,6 +55,9 @@ def end_distributed() -> None:
     step on every rank; a group the caller started is theirs to end."""
     global _created
     if _created and dist.is_initialized():
+        import gc
+
+        gc.collect()  # the run's sharded parameters and their mesh go while the group still exists
         dist.barrier()
         dist.destroy_process_group()
     _created = False

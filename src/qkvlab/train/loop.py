@@ -5,10 +5,13 @@ Run folder (``config.out``):
 
     config.json        the resolved TrainConfig
     metrics.jsonl      one line per log/eval event: {"step", "split", "loss", ...}; split "spectra" lines
-                       hold the monitor's per-layer summaries ({"L0/qk_erank_mean": ...})
+                       hold the monitor's per-layer summaries ({"L0/qk_erank_mean": ...}); split "logits"
+                       the largest attention logit and mean entropy per layer ({"L0/max", "L0/entropy_mean",
+                       "max"}), measured on each monitor step's forward pass (qkvlab.logits)
     spectra.jsonl      spectral monitor: the `qkvlab inspect --json` record per firing, plus the
-                       predicted and measured per-step decay rates of the factor imbalance and gap
-    tb/                TensorBoard scalars (when enabled): train/*, val/*, and spectra/L{layer}/{qk|ov}_{stat}
+                       predicted and measured per-step decay rates of the factor imbalance and gap, and
+                       "logits": per head, the largest logit and the mean entropy
+    tb/                TensorBoard scalars (when enabled): train/*, val/*, logits/*, spectra/L{layer}/{qk|ov}_{stat}
                        and spectra/{qk|ov}_erank_mean (qkvlab.inspection.summary_metrics), as the HF callback
     checkpoint-*/      see qkvlab.train.checkpoint; `latest` points at the newest
     final.json         written last: the run is complete; {"step", "train_loss", "eval", "spectra" (the
@@ -40,6 +43,7 @@ from qkvlab.config import TrainConfig, check_resume, dump_config, saved_config
 from qkvlab.errors import TrainingInterrupted, TrainingStopped, UserError
 from qkvlab.guard import schedule_weight_decay
 from qkvlab.inspection import inspect, summary_metrics
+from qkvlab.logits import measure_logits
 from qkvlab.models import build_model
 from qkvlab.monitor import Monitor
 from qkvlab.optim import l2_penalty
@@ -212,7 +216,11 @@ def _train(config: TrainConfig, resume: Path | None, run_dir: Path, command: str
                 step, per_rank, online=config.online, rank=ddp.rank, world_size=ddp.world_size
             )
             batch = {k: v.to(device, non_blocking=True) for k, v in batch.items()}
-            with autocast():
+            # a monitor step's forward pass also measures the attention logits (qkvlab.logits)
+            firing = bool(config.spectra_every) and (
+                (step + 1) % config.spectra_every == 0 or step + 1 == config.max_steps
+            )
+            with autocast(), measure_logits(model) if firing else nullcontext() as logits:
                 loss = train_model(**batch)["loss"]
             objective = loss + l2_penalty(groups) if penalty_in_loss else loss
             objective.backward()
@@ -263,10 +271,15 @@ def _train(config: TrainConfig, resume: Path | None, run_dir: Path, command: str
             if config.eval_every and (step % config.eval_every == 0 or step == config.max_steps) and everyone:
                 last_eval = (step, evaluate(model, dataset, config, device, autocast))
                 logger.log(step, "val", last_eval[1])
-            if config.spectra_every and (step % config.spectra_every == 0 or step == config.max_steps):
+            if firing:
                 record = None
+                extra = {}
+                if logits.measured:  # every rank: the max and the mean over all ranks' rows
+                    logits.reduce()
+                    logger.log(step, "logits", logits.scalars())
+                    extra = {"logits": logits.to_dict()}
                 if monitor is not None:
-                    record = monitor.record(step)
+                    record = monitor.record(step, extra=extra)
                     measured_at = step
                     if ddp.main:
                         logger.tags(step, monitor.last_summary[1])

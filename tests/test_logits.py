@@ -1,0 +1,110 @@
+"""qkvlab.logits: the per-head largest logit and attention entropy, against logits formed by hand, and in
+the engine on every monitor step."""
+
+from __future__ import annotations
+
+import json
+import math
+
+import pytest
+import torch
+
+from qkvlab.logits import measure_logits
+from qkvlab.models import ModelConfig, build_model
+
+from conftest import tiny_gpt_settings
+
+
+def _by_hand(model: torch.nn.Module, x: torch.Tensor) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """(max, mean entropy) per head of every layer, from each attention layer's input and its weights."""
+    inputs = []
+    hooks = [
+        block.attn.register_forward_pre_hook(lambda _m, args: inputs.append(args[0].detach()))
+        for block in model.blocks
+    ]
+    with torch.no_grad():
+        model(x)
+    for hook in hooks:
+        hook.remove()
+    return [_layer_by_hand(block.attn, h) for block, h in zip(model.blocks, inputs, strict=True)]
+
+
+@torch.no_grad()
+def _layer_by_hand(attn: torch.nn.Module, h: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """q·k/√d in float64 from the layer's input and its (bias-free) weights: max over everything, then the
+    causal softmax's entropy per query, averaged."""
+    heads, d = attn.n_head, attn.d_head
+    q = (h @ attn.q_proj.weight.T).view(*h.shape[:2], heads, d)
+    k = (h @ attn.k_proj.weight.T).view(*h.shape[:2], heads, d)
+    top, entropy = [], []
+    for head in range(heads):
+        s = torch.einsum("bid,bjd->bij", q[:, :, head].double(), k[:, :, head].double()) / math.sqrt(d)
+        top.append(s.max())
+        t = s.shape[-1]
+        p = torch.softmax(s.masked_fill(torch.ones(t, t, dtype=torch.bool).triu(1), -math.inf), -1)
+        entropy.append(-(p * torch.log(p.clamp_min(1e-300))).sum(-1).mean())
+    return torch.stack(top), torch.stack(entropy)
+
+
+def test_measured_logits_are_those_formed_by_hand_and_the_output_is_unchanged() -> None:
+    torch.manual_seed(0)
+    cfg = ModelConfig(kind="gpt", vocab_size=30, seq_len=12, n_layer=2, d_model=24, n_head=3, dropout=0.0)
+    model = build_model(cfg).eval()
+    with torch.no_grad():  # larger weights than the init's, so the logits are far from 0
+        for block in model.blocks:
+            block.attn.q_proj.weight.mul_(8)
+            block.attn.k_proj.weight.mul_(8)
+    x = torch.randint(0, 30, (4, 12))
+    fused = model(x)["logits"]
+    with measure_logits(model) as reading:
+        explicit = model(x)["logits"]
+    torch.testing.assert_close(explicit, fused, rtol=1e-5, atol=1e-5)  # the same function, scores formed
+    assert all(block.attn.probe is None for block in model.blocks)  # disarmed after the block
+
+    expected = _by_hand(model, x)
+    assert len(reading.layers) == 2
+    for layer, (top, entropy) in zip(reading.layers, expected, strict=True):
+        assert layer.rows == 4 * 12
+        torch.testing.assert_close(layer.max.double(), top, rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close((layer.entropy_sum / layer.rows).double(), entropy, rtol=1e-5, atol=1e-5)
+        assert float(top.abs().max()) > 1.0  # not a test of zeros
+    record = reading.to_dict()
+    assert len(record["max"]) == 2 and len(record["max"][0]) == 3
+    scalars = reading.scalars()
+    assert scalars["max"] == pytest.approx(max(float(t.max()) for t, _ in expected), rel=1e-5)
+    assert 0 < scalars["L0/entropy_mean"] < math.log(12)
+
+
+def test_two_forward_passes_keep_the_max_and_average_the_entropy() -> None:
+    torch.manual_seed(1)
+    cfg = ModelConfig(kind="gpt", vocab_size=30, seq_len=8, n_layer=1, d_model=16, n_head=2, dropout=0.0)
+    model = build_model(cfg).eval()
+    a, b = torch.randint(0, 30, (2, 8)), torch.randint(0, 30, (3, 8))
+    with measure_logits(model) as both:
+        model(a)
+        model(b)
+    with measure_logits(model) as whole:
+        model(torch.cat([a, b]))
+    torch.testing.assert_close(both.layers[0].max, whole.layers[0].max)
+    torch.testing.assert_close(both.layers[0].entropy_sum, whole.layers[0].entropy_sum, rtol=1e-5, atol=1e-6)
+    assert both.layers[0].rows == whole.layers[0].rows == 5 * 8
+
+
+def test_the_engine_logs_logits_on_every_monitor_step(corpus, tmp_path) -> None:
+    from qkvlab.config import load_config
+    from qkvlab.train import train
+
+    run = tmp_path / "run"
+    train(load_config(None, tiny_gpt_settings(corpus, run, spectra_every=4)))
+    lines = [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines()]
+    logged = [x for x in lines if x["split"] == "logits"]
+    assert [x["step"] for x in logged] == [4, 8, 12]
+    assert all({"L0/max", "L1/max", "L0/entropy_mean", "max"} <= set(x) for x in logged)
+    assert all(x["max"] == max(x["L0/max"], x["L1/max"]) for x in logged)
+    series = [json.loads(x) for x in (run / "spectra.jsonl").read_text().splitlines()]
+    assert [x["step"] for x in series] == [0, 4, 8, 12]
+    assert "logits" not in series[0]  # the initial weights: no forward pass measured yet
+    for line, logs in zip(series[1:], logged, strict=True):
+        assert len(line["logits"]["max"]) == 2 and len(line["logits"]["max"][0]) == 2  # layers × heads
+        assert max(line["logits"]["max"][0]) == pytest.approx(logs["L0/max"])
+        assert all(0 <= e <= math.log(16) for e in line["logits"]["entropy"][1])
