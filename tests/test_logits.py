@@ -9,7 +9,7 @@ import math
 import pytest
 import torch
 
-from qkvlab.logits import measure_logits
+from qkvlab.logits import measure_logits, qk_clip
 from qkvlab.models import ModelConfig, build_model
 
 from conftest import tiny_gpt_settings
@@ -17,6 +17,11 @@ from conftest import tiny_gpt_settings
 
 def _by_hand(model: torch.nn.Module, x: torch.Tensor) -> list[tuple[torch.Tensor, torch.Tensor]]:
     """(max, mean entropy) per head of every layer, from each attention layer's input and its weights."""
+    inputs = _attention_inputs(model, x)
+    return [_layer_by_hand(block.attn, h) for block, h in zip(model.blocks, inputs, strict=True)]
+
+
+def _attention_inputs(model: torch.nn.Module, x: torch.Tensor) -> list[torch.Tensor]:
     inputs = []
     hooks = [
         block.attn.register_forward_pre_hook(lambda _m, args: inputs.append(args[0].detach()))
@@ -26,16 +31,16 @@ def _by_hand(model: torch.nn.Module, x: torch.Tensor) -> list[tuple[torch.Tensor
         model(x)
     for hook in hooks:
         hook.remove()
-    return [_layer_by_hand(block.attn, h) for block, h in zip(model.blocks, inputs, strict=True)]
+    return inputs
 
 
 @torch.no_grad()
 def _layer_by_hand(attn: torch.nn.Module, h: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """q·k/√d in float64 from the layer's input and its (bias-free) weights: max over everything, then the
-    causal softmax's entropy per query, averaged."""
+    """q·k/√d in float64 from the layer's input and its projections: max over everything, then the causal
+    softmax's entropy per query, averaged."""
     heads, d = attn.n_head, attn.d_head
-    q = (h @ attn.q_proj.weight.T).view(*h.shape[:2], heads, d)
-    k = (h @ attn.k_proj.weight.T).view(*h.shape[:2], heads, d)
+    q = attn.q_proj(h).view(*h.shape[:2], heads, d)
+    k = attn.k_proj(h).view(*h.shape[:2], heads, d)
     top, entropy = [], []
     for head in range(heads):
         s = torch.einsum("bid,bjd->bij", q[:, :, head].double(), k[:, :, head].double()) / math.sqrt(d)
@@ -108,3 +113,73 @@ def test_the_engine_logs_logits_on_every_monitor_step(corpus, tmp_path) -> None:
         assert len(line["logits"]["max"]) == 2 and len(line["logits"]["max"][0]) == 2  # layers × heads
         assert max(line["logits"]["max"][0]) == pytest.approx(logs["L0/max"])
         assert all(0 <= e <= math.log(16) for e in line["logits"]["entropy"][1])
+
+
+def _big_logits_model(bias: bool) -> tuple[torch.nn.Module, torch.Tensor]:
+    torch.manual_seed(2)
+    cfg = ModelConfig(
+        kind="gpt", vocab_size=30, seq_len=10, n_layer=2, d_model=24, n_head=4, dropout=0.0, bias=bias
+    )
+    model = build_model(cfg).eval()
+    with torch.no_grad():
+        for block in model.blocks:
+            block.attn.q_proj.weight.mul_(10)
+            block.attn.k_proj.weight.mul_(10)
+            if bias:
+                block.attn.q_proj.bias.normal_(0, 0.5)
+                block.attn.k_proj.bias.normal_(0, 0.5)
+    return model, torch.randint(0, 30, (3, 10))
+
+
+@pytest.mark.parametrize(("roles", "bias"), [(["q", "k"], True), (["q"], False), (["k"], True)])
+def test_qk_clip_brings_each_heads_largest_logit_back_to_tau_and_leaves_the_rest(roles, bias) -> None:
+    model, x = _big_logits_model(bias)
+    inputs = _attention_inputs(model, x)
+    with measure_logits(model) as reading:
+        model(x)
+    tops = torch.cat([layer.max for layer in reading.layers])
+    tau = float(tops.median())  # about half of the heads pass it
+    before = {name: p.detach().clone() for name, p in model.named_parameters()}
+    assert qk_clip(reading, tau, roles) == int((tops > tau).sum()) > 0
+
+    for block, h, layer in zip(model.blocks, inputs, reading.layers, strict=True):
+        after, _ = _layer_by_hand(block.attn, h)  # the same inputs, the clipped weights
+        over = layer.max > tau
+        torch.testing.assert_close(after[over], torch.full_like(after[over], tau), rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(after[~over], layer.max[~over].double(), rtol=1e-5, atol=1e-5)
+    changed = {name for name, p in model.named_parameters() if not torch.equal(p, before[name])}
+    expected = {
+        f"blocks.{i}.attn.{r}_proj.{kind}" for i in range(2) for r in roles for kind in ("weight", "bias")
+    }
+    assert changed == (expected if bias else {n for n in expected if n.endswith("weight")})
+
+
+def test_qk_clip_in_the_engine_holds_logits_down_logs_its_work_and_resumes_bit_identically(corpus, tmp_path):
+    from safetensors.torch import load_file
+
+    from qkvlab.config import load_config
+    from qkvlab.files import latest_checkpoint
+    from qkvlab.train import train
+
+    fast = {"lr": "0.05", "spectra_every": "4", "warmup_steps": "1"}  # logits grow at this rate
+    train(load_config(None, tiny_gpt_settings(corpus, tmp_path / "free", **fast)))
+    clip = {**fast, "qk_clip": "1.0"}
+    train(load_config(None, tiny_gpt_settings(corpus, tmp_path / "clipped", **clip)))
+    lines = [json.loads(x) for x in (tmp_path / "clipped" / "metrics.jsonl").read_text().splitlines()]
+    steps = [x for x in lines if x["split"] == "train"]
+    assert all("qk_clipped_heads" in x and "logit_max" in x for x in steps)
+    assert sum(x["qk_clipped_heads"] for x in steps) > 0
+    free = [json.loads(x) for x in (tmp_path / "free" / "metrics.jsonl").read_text().splitlines()]
+    assert all("qk_clipped_heads" not in x for x in free)
+    peak = {
+        run: max(x["max"] for x in rows if x["split"] == "logits")
+        for run, rows in (("free", free), ("clipped", lines))
+    }
+    assert peak["free"] > 1.5 and peak["clipped"] < peak["free"]
+
+    train(load_config(None, tiny_gpt_settings(corpus, tmp_path / "split", **clip, stop_at=6)))
+    config = load_config(None, tiny_gpt_settings(corpus, tmp_path / "split", **clip))
+    train(config, resume=tmp_path / "split")
+    a = load_file(latest_checkpoint(tmp_path / "clipped") / "model.safetensors")
+    b = load_file(latest_checkpoint(tmp_path / "split") / "model.safetensors")
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)

@@ -20,7 +20,7 @@ from typing import Any
 
 import yaml
 
-from qkvlab import guard, models, optimizers, presets
+from qkvlab import guard, logits, models, optimizers, presets
 from qkvlab.args import NONNEGATIVE, POSITIVE, Check, Key
 from qkvlab.data import keys as data_keys
 from qkvlab.errors import UserError
@@ -74,6 +74,9 @@ class TrainConfig:
     rank_guard_kappa: float = 2.0  # κ
     rank_guard_min: float = 1e-3  # λ_min
     rank_guard_max: float = 10.0  # λ_max
+    # QK-clip (qkvlab.logits): heads whose largest logit passed qk_clip have their q/k rows scaled back to it
+    qk_clip: float = 0.0  # τ; 0 = off
+    qk_clip_roles: list = field(default_factory=lambda: ["q", "k"])  # √γ on each, or γ on one of them
     preset: str | None = None  # e.g. "decoupled-attn:attn_weight_decay=0"
     overrides: dict = field(default_factory=dict)  # {role: {lr_scale, weight_decay}}
     train_roles: list | None = None  # roles that train; None = all
@@ -260,6 +263,7 @@ def sections() -> dict[str, dict[str, Key]]:
         "optim": optimizers.keys(),
         "per-matrix": presets.KEYS,
         "guard": guard.KEYS,
+        "logits": logits.KEYS,
         "run": RUN_KEYS,
     }
 
@@ -442,6 +446,7 @@ def _check_consistency(config: TrainConfig) -> None:
     presets.optimizer_settings(config.preset, overrides=config.overrides, train=config.train_roles)
     config.run_dir()  # a bad out= template fails here
     guard.validate(config)
+    logits.validate(config)
     models.validate(config.model)
     if config.stop_at is not None and config.stop_at > config.max_steps:
         raise UserError(f"stop_at={config.stop_at} is beyond max_steps={config.max_steps}")

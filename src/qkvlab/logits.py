@@ -11,7 +11,14 @@ for uniform attention over t keys, 0 for attention on one key.
 Measuring needs the scores themselves, which a fused (flash) kernel never forms: while
 :func:`measure_logits` is active, qkvlab's attention layers compute softmax(S) explicitly (the same
 function, up to float rounding; dropout on the probabilities as the fused kernel applies it), and
-otherwise keep the fused path. The engine arms it for the forward pass of each spectral-monitor step.
+otherwise keep the fused path. The engine arms it for the forward pass of each spectral-monitor step,
+and of every step when QK-clip is on.
+
+**QK-clip** (``qk_clip=τ`` in the engine; Kimi K2's MuonClip without its Muon): after each optimiser step,
+every head whose S_max^h on that step's forward pass exceeded τ has its query and key rows (weights and
+biases) scaled so that the same inputs' largest logit becomes τ: with γ_h = τ/S_max^h, by √γ_h each
+(``qk_clip_roles=[q, k]``, the default), or by γ_h on one side (``[q]`` or ``[k]``). Under DDP the max is
+over every rank's slice, so every rank scales alike. The optimiser's state is left as it is, as in Kimi K2.
 """
 
 from __future__ import annotations
@@ -25,7 +32,30 @@ from typing import Any
 import torch
 from torch import nn
 
-__all__ = ["LayerLogits", "LogitReading", "measure_logits"]
+from qkvlab.args import NONNEGATIVE, Key
+from qkvlab.errors import UserError
+
+__all__ = ["KEYS", "LayerLogits", "LogitReading", "measure_logits", "qk_clip", "validate"]
+
+#: The logit section of a run's config (``qkvlab.config``).
+KEYS: dict[str, Key] = {
+    "qk_clip": (
+        "QK-clip threshold τ: after each step, heads whose largest logit passed τ are scaled back to it; 0 = off",
+        NONNEGATIVE,
+    ),
+    "qk_clip_roles": (
+        "QK-clip: which factors take the scale, [q, k] (√γ each, Kimi K2's) | [q] | [k] (γ on one)",
+        (lambda v: bool(v) and set(v) <= {"q", "k"}, "[q, k], [q] or [k]"),
+    ),
+}
+
+
+def validate(config: Any) -> None:
+    """QK-clip needs softmax attention, whose logits it measures."""
+    if config.qk_clip and config.model.attention != "softmax":
+        raise UserError(
+            f"qk_clip needs softmax attention (its logits are clipped); model.attention={config.model.attention}"
+        )
 
 
 @dataclass
@@ -51,6 +81,8 @@ class LogitReading:
     """What :func:`measure_logits` collected: one :class:`LayerLogits` per attention layer, in order."""
 
     layers: list[LayerLogits] = field(default_factory=list)
+    modules: list[nn.Module] = field(default_factory=list, repr=False)  # the attention layers, in order
+    reduced: bool = False
 
     @property
     def measured(self) -> bool:
@@ -61,8 +93,9 @@ class LogitReading:
         the max over all ranks and the entropy averaged over all their rows."""
         import torch.distributed as dist
 
-        if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
+        if self.reduced or not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
             return
+        self.reduced = True
         for layer in self.layers:
             if layer.max is None:
                 continue
@@ -104,7 +137,7 @@ def measure_logits(model: nn.Module) -> Iterator[LogitReading]:
     from qkvlab.models.transformer import Attention
 
     layers = [m for m in model.modules() if isinstance(m, Attention) and m.kind == "softmax"]
-    reading = LogitReading([LayerLogits() for _ in layers])
+    reading = LogitReading([LayerLogits() for _ in layers], layers)
     for layer, stats in zip(layers, reading.layers, strict=True):
         layer.probe = stats
     try:
@@ -130,3 +163,37 @@ def explicit_attention(
     if dropout:
         probs = torch.nn.functional.dropout(probs, dropout)
     return probs @ v
+
+
+@torch.no_grad()
+def qk_clip(reading: LogitReading, tau: float, roles: tuple[str, ...] | list[str] = ("q", "k")) -> int:
+    """Scale the query and key rows of every head of ``reading``'s layers whose largest logit passed ``tau``
+    (see the module); returns how many heads were scaled. Call :meth:`LogitReading.reduce` first under
+    ``torch.distributed``."""
+    clipped = 0
+    for layer, stats in zip(reading.modules, reading.layers, strict=True):
+        if stats.max is None:
+            continue
+        over = stats.max > tau
+        if not bool(over.any()):
+            continue
+        clipped += int(over.sum())
+        gamma = torch.where(over, tau / stats.max.clamp_min(tau), torch.ones_like(stats.max))
+        share = gamma.sqrt() if len(set(roles)) == 2 else gamma
+        rows = share.repeat_interleave(layer.d_head)  # one factor per row of that head
+        for role in set(roles):
+            proj = layer.q_proj if role == "q" else layer.k_proj
+            for param in (proj.weight, proj.bias):
+                if param is not None:
+                    _scale_rows(param, rows)
+    return clipped
+
+
+def _scale_rows(param: torch.Tensor, rows: torch.Tensor) -> None:
+    """param[i, …] *= rows[i], for a plain or an FSDP2-sharded (row-sharded DTensor) parameter."""
+    scale = rows.to(param.dtype).view(-1, *([1] * (param.ndim - 1))).expand(param.shape)
+    if type(param.data) is not torch.Tensor:  # a DTensor: the same rows of the scale as of the parameter
+        from torch.distributed.tensor import distribute_tensor
+
+        scale = distribute_tensor(scale.contiguous(), param.device_mesh, param.placements, src_data_rank=None)
+    param.mul_(scale)

@@ -26,6 +26,7 @@ slice of the same global batch, so the loss curve matches one process; only rank
 from __future__ import annotations
 
 import json
+import math
 import os
 import signal
 import sys
@@ -43,7 +44,7 @@ from qkvlab.config import TrainConfig, check_resume, dump_config, saved_config
 from qkvlab.errors import TrainingInterrupted, TrainingStopped, UserError
 from qkvlab.guard import schedule_weight_decay
 from qkvlab.inspection import inspect, summary_metrics
-from qkvlab.logits import measure_logits
+from qkvlab.logits import measure_logits, qk_clip
 from qkvlab.models import build_model
 from qkvlab.monitor import Monitor
 from qkvlab.optim import l2_penalty
@@ -207,6 +208,7 @@ def _train(config: TrainConfig, resume: Path | None, run_dir: Path, command: str
             logger.tags(0, monitor.last_summary[1])
     step = start_step
     bad_steps = 0
+    clip_window = {"heads": 0, "max": -math.inf}  # QK-clip since the last train line
     # SIGTERM (what schedulers send) and SIGINT finish the current step, write a checkpoint and stop
     # with TrainingInterrupted (the CLI exits 143 / 130); a second signal stops at once.
     signals = GracefulStop(ddp.main)
@@ -216,11 +218,13 @@ def _train(config: TrainConfig, resume: Path | None, run_dir: Path, command: str
                 step, per_rank, online=config.online, rank=ddp.rank, world_size=ddp.world_size
             )
             batch = {k: v.to(device, non_blocking=True) for k, v in batch.items()}
-            # a monitor step's forward pass also measures the attention logits (qkvlab.logits)
+            # a monitor step's forward pass also measures the attention logits (qkvlab.logits); with
+            # QK-clip, every step's does
             firing = bool(config.spectra_every) and (
                 (step + 1) % config.spectra_every == 0 or step + 1 == config.max_steps
             )
-            with autocast(), measure_logits(model) if firing else nullcontext() as logits:
+            armed = firing or bool(config.qk_clip)
+            with autocast(), measure_logits(model) if armed else nullcontext() as logits:
                 loss = train_model(**batch)["loss"]
             objective = loss + l2_penalty(groups) if penalty_in_loss else loss
             objective.backward()
@@ -234,6 +238,10 @@ def _train(config: TrainConfig, resume: Path | None, run_dir: Path, command: str
             bad = nonfinite_step(loss, grad_norm, ddp)  # one sync per step; the same answer on every rank
             if bad is None:
                 optimizer.step()
+                if config.qk_clip:  # every rank scales alike, from the max over all ranks' slices
+                    logits.reduce()
+                    clip_window["heads"] += qk_clip(logits, config.qk_clip, config.qk_clip_roles)
+                    clip_window["max"] = max(clip_window["max"], logits.scalars().get("max", -math.inf))
                 if monitor is not None:
                     monitor.accumulate()  # with this step's lr, before the scheduler moves it
             else:
@@ -258,10 +266,17 @@ def _train(config: TrainConfig, resume: Path | None, run_dir: Path, command: str
                 last_loss = reduce_mean(loss.detach().float(), ddp)
                 elapsed = time.perf_counter() - window_start
                 rate = window_steps * per_step_units / elapsed if elapsed > 0 else float("nan")
+                clipping = (
+                    # heads scaled back, summed over the steps since the last line; the largest logit among them
+                    {"qk_clipped_heads": clip_window["heads"], "logit_max": clip_window["max"]}
+                    if config.qk_clip and math.isfinite(clip_window["max"])
+                    else {}
+                )
+                clip_window = {"heads": 0, "max": -math.inf}
                 logger.log(
                     step,
                     "train",
-                    {"loss": last_loss, "lr": scheduler.get_last_lr()[0], f"{units}_per_s": rate},
+                    {"loss": last_loss, "lr": scheduler.get_last_lr()[0], f"{units}_per_s": rate, **clipping},
                 )
                 if bar is not None:
                     bar.set_postfix({"loss": f"{last_loss:.4f}", f"{units}/s": f"{rate:,.0f}"})
