@@ -81,10 +81,11 @@ MUON = {
     "rank_guard_max": "100",
     "lr": "0.02",
 }
-ADAM_L2 = {"optimizer": "adam-l2", "weight_decay": "0.5"}
+# with QK-clip at a τ below the initial logits, so sharded query and key rows are scaled from step 1
+ADAM_L2 = {"optimizer": "adam-l2", "weight_decay": "0.5", "qk_clip": "0.05"}
 
 
-@pytest.mark.parametrize("extra", [MUON, ADAM_L2], ids=["muon-per-head-guard", "adam-l2"])
+@pytest.mark.parametrize("extra", [MUON, ADAM_L2], ids=["muon-per-head-guard", "adam-l2-qk-clip"])
 def test_fsdp_on_two_processes_trains_as_one_process(corpus, tmp_path, extra) -> None:
     settings = tiny_gpt_settings(corpus, tmp_path / "x", **{"model.dropout": "0.0", **extra})
     one = _train({**settings, "out": str(tmp_path / "one")}, 1)
@@ -93,6 +94,16 @@ def test_fsdp_on_two_processes_trains_as_one_process(corpus, tmp_path, extra) ->
     assert two.returncode == 0, two.stderr[-3000:]
 
     assert train_losses(tmp_path / "two") == pytest.approx(train_losses(tmp_path / "one"), rel=1e-5)
+    if "qk_clip" in extra:
+        clipped = [
+            [
+                json.loads(x)["qk_clipped_heads"]
+                for x in (tmp_path / r / "metrics.jsonl").read_text().splitlines()
+                if '"train"' in x
+            ]
+            for r in ("one", "two")
+        ]
+        assert clipped[1] == clipped[0] and sum(clipped[0]) > 0
     a, b = (
         _spectra(tmp_path / "one"),
         _spectra(tmp_path / "two"),
