@@ -106,6 +106,8 @@ def test_the_engine_logs_logits_on_every_monitor_step(corpus, tmp_path) -> None:
     assert [x["step"] for x in logged] == [4, 8, 12]
     assert all({"L0/max", "L1/max", "L0/entropy_mean", "max"} <= set(x) for x in logged)
     assert all(x["max"] == max(x["L0/max"], x["L1/max"]) for x in logged)
+    # beside each: the ceiling the weights after that step give the inputs that step saw (qkvlab.logits)
+    assert all({"L0/ceiling", "L1/ceiling", "ceiling"} <= set(x) for x in logged)
     series = [json.loads(x) for x in (run / "spectra.jsonl").read_text().splitlines()]
     assert [x["step"] for x in series] == [0, 4, 8, 12]
     assert "logits" not in series[0]  # the initial weights: no forward pass measured yet
@@ -183,3 +185,105 @@ def test_qk_clip_in_the_engine_holds_logits_down_logs_its_work_and_resumes_bit_i
     a = load_file(latest_checkpoint(tmp_path / "clipped") / "model.safetensors")
     b = load_file(latest_checkpoint(tmp_path / "split") / "model.safetensors")
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_head_ceilings_are_reached_by_the_top_singular_pair_and_hold_with_biases_and_rotations() -> None:
+    from qkvlab.logits import head_ceilings
+
+    torch.manual_seed(3)
+    heads, d, d_head, norm = 3, 10, 4, 2.5
+    q, k = (
+        torch.randn(heads, d, d_head, dtype=torch.float64),
+        torch.randn(heads, d, d_head, dtype=torch.float64),
+    )
+    ceiling = head_ceilings(q, k, None, None, norm, rotary=False)
+    for h in range(heads):  # x_i, x_j: the top singular pair of Q Kᵀ, at norm M
+        u, _, vh = torch.linalg.svd(q[h] @ k[h].T)
+        logit = (norm * u[:, 0]) @ q[h] @ k[h].T @ (norm * vh[0]) / math.sqrt(d_head)
+        assert float(logit) == pytest.approx(float(ceiling[h]), rel=1e-10)
+
+    b, c = torch.randn(heads, d_head, dtype=torch.float64), torch.randn(heads, d_head, dtype=torch.float64)
+    with_bias = head_ceilings(q, k, b, c, norm, rotary=False)
+    rotary = head_ceilings(q, k, b, c, norm, rotary=True)
+    x = torch.randn(4000, d, dtype=torch.float64)
+    x = norm * x / x.norm(dim=-1, keepdim=True)  # inputs on the sphere of radius M
+    angle = torch.rand(d_head // 2, dtype=torch.float64) * 6.3
+    rotation = torch.block_diag(*[torch.tensor([[a.cos(), -a.sin()], [a.sin(), a.cos()]]) for a in angle])
+    for h in range(heads):
+        qs, ks = x @ q[h] + b[h], x @ k[h] + c[h]
+        plain = (qs @ ks.T).abs().max() / math.sqrt(d_head)
+        rotated = (qs @ rotation @ ks.T).abs().max() / math.sqrt(d_head)
+        assert plain <= with_bias[h] and rotated <= rotary[h] and plain <= rotary[h]
+        assert plain > 0.3 * with_bias[h]  # sampled inputs come near it: the bias terms are not slack
+
+
+def _softmax_inputs(monkeypatch) -> list[torch.Tensor]:
+    """Per softmax over attention scores ((batch, heads, q, k)), the largest input of each head: the
+    model's own logits (after its scale and mask; masked pairs are very negative)."""
+    from torch.nn import functional
+
+    seen: list[torch.Tensor] = []
+    original = functional.softmax
+
+    def recording(x, *args, **kwargs):
+        if x.dim() == 4:
+            seen.append(x.detach().double().amax(dim=(0, 2, 3)))
+        return original(x, *args, **kwargs)
+
+    monkeypatch.setattr(functional, "softmax", recording)
+    return seen
+
+
+@pytest.mark.parametrize("kind", ["bert", "gpt2", "llama", "qwen2", "opt", "phi3"])
+def test_the_monitor_ceiling_holds_every_heads_logits_in_hf_models(kind, monkeypatch, tmp_path) -> None:
+    from qkvlab.monitor import Monitor
+
+    from conftest import tiny_hf_model
+
+    model = tiny_hf_model(kind).eval()
+    model.set_attn_implementation("eager")  # scores through nn.functional.softmax, where they are seen
+    with torch.no_grad():  # logits far from 0
+        for name, p in model.named_parameters():
+            if name.endswith(
+                ("q_proj.weight", "k_proj.weight", "query.weight", "key.weight", "c_attn.weight")
+            ):
+                p.mul_(6)
+    monitor = Monitor(model, every=1, out=tmp_path)
+    seen = _softmax_inputs(monkeypatch)
+    with torch.no_grad():
+        model(input_ids=torch.randint(0, 64, (3, 9)))
+    record = monitor.record(1)
+    ceiling = record["logit_ceiling"]
+    assert len(seen) == len(ceiling["ceiling"]) == 3
+    for logits, heads in zip(seen, ceiling["ceiling"], strict=True):
+        assert len(heads) == len(logits)
+        assert all(0 < float(top) <= bound * (1 + 1e-6) for top, bound in zip(logits, heads, strict=True))
+    line = json.loads((tmp_path / "spectra.jsonl").read_text())
+    assert line["logit_ceiling"]["ceiling"] == ceiling["ceiling"]
+    assert monitor.ceiling.read() is None  # the inputs are forgotten once read
+
+
+def test_families_whose_scores_are_not_the_projections_products_get_no_ceiling_and_the_reason() -> None:
+    import transformers as tf
+
+    from qkvlab.logits import LogitCeiling
+
+    torch.manual_seed(0)
+    qwen3 = tf.Qwen3Model(
+        tf.Qwen3Config(
+            vocab_size=32,
+            hidden_size=32,
+            num_attention_heads=4,
+            num_key_value_heads=2,
+            num_hidden_layers=1,
+            intermediate_size=32,
+            head_dim=8,
+        )
+    )
+    ceiling = LogitCeiling(qwen3)
+    assert "q_norm" in ceiling.reason
+    assert ceiling.read() == {"ceiling": None, "reason": ceiling.reason}
+
+    from conftest import tiny_hf_model
+
+    assert "relative position" in LogitCeiling(tiny_hf_model("t5")).reason

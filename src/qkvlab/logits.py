@@ -24,6 +24,7 @@ over every rank's slice, so every rank scales alike. The optimiser's state is le
 from __future__ import annotations
 
 import math
+import re
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -35,7 +36,17 @@ from torch import nn
 from qkvlab.args import NONNEGATIVE, Key
 from qkvlab.errors import UserError
 
-__all__ = ["KEYS", "LayerLogits", "LogitReading", "measure_logits", "qk_clip", "validate"]
+__all__ = [
+    "KEYS",
+    "LayerLogits",
+    "LogitCeiling",
+    "LogitReading",
+    "ceiling_scalars",
+    "head_ceilings",
+    "measure_logits",
+    "qk_clip",
+    "validate",
+]
 
 #: The logit section of a run's config (``qkvlab.config``).
 KEYS: dict[str, Key] = {
@@ -197,3 +208,149 @@ def _scale_rows(param: torch.Tensor, rows: torch.Tensor) -> None:
 
         scale = distribute_tensor(scale.contiguous(), param.device_mesh, param.placements, src_data_rank=None)
     param.mul_(scale)
+
+
+# -- a ceiling for any model -------------------------------------------------------------------------------
+
+#: Parameter names that put a norm between the projection and the score (Qwen 3, OLMo 2, Gemma 3, …).
+_QK_NORM = re.compile(r"(^|\.)(q_norm|k_norm|query_norm|key_norm|q_layernorm|k_layernorm)\.")
+
+
+def head_ceilings(
+    query: torch.Tensor,
+    key: torch.Tensor,
+    query_bias: torch.Tensor | None,
+    key_bias: torch.Tensor | None,
+    norm: float,
+    rotary: bool,
+) -> torch.Tensor:
+    """The largest |q_iᵀk_j|/√d_head any inputs of norm at most ``norm`` can give, per head.
+
+    ``query`` (heads, d, d_head) holds each head's W_Q as columns (q = queryᵀx + b), ``key`` the same
+    for W_K (one per head: a shared key repeated), biases (heads, d_head) or None. Without rotary
+    embeddings, q_iᵀk_j = x_iᵀ Q Kᵀ x_j + x_iᵀ Q c + bᵀ Kᵀ x_j + bᵀc, so
+    |q_iᵀk_j| ≤ σ₁(Q Kᵀ)·M² + (‖Q c‖ + ‖K b‖)·M + |bᵀc|, tight without biases (x_i, x_j the top singular
+    pair). With them a rotation sits between q and k: |q_iᵀR k_j| ≤ ‖q_i‖‖k_j‖ ≤ (σ₁(Q)M + ‖b‖)(σ₁(K)M + ‖c‖).
+    Float64 throughout."""
+    q, k = query.double(), key.double()
+    d_head = q.shape[-1]
+    gram_q, gram_k = q.mT @ q, k.mT @ k  # (heads, d_head, d_head)
+    b = torch.zeros(q.shape[0], d_head, dtype=torch.float64) if query_bias is None else query_bias.double()
+    c = torch.zeros(k.shape[0], d_head, dtype=torch.float64) if key_bias is None else key_bias.double()
+    if rotary:
+        top_q = torch.linalg.eigvalsh(gram_q)[..., -1].clamp_min(0).sqrt()
+        top_k = torch.linalg.eigvalsh(gram_k)[..., -1].clamp_min(0).sqrt()
+        bound = (top_q * norm + b.norm(dim=-1)) * (top_k * norm + c.norm(dim=-1))
+    else:
+        # σ₁(Q Kᵀ)² = λ_max(QᵀQ KᵀK) = λ_max(S KᵀK S), S = (QᵀQ)^{1/2}
+        values, vectors = torch.linalg.eigh(gram_q)
+        root = vectors @ torch.diag_embed(values.clamp_min(0).sqrt()) @ vectors.mT
+        top = torch.linalg.eigvalsh(root @ gram_k @ root)[..., -1].clamp_min(0).sqrt()
+        cross = (q @ c.unsqueeze(-1)).norm(dim=(-2, -1)) + (k @ b.unsqueeze(-1)).norm(dim=(-2, -1))
+        bound = top * norm**2 + cross * norm + (b * c).sum(-1).abs()
+    return bound / math.sqrt(d_head)
+
+
+class LogitCeiling:
+    """A ceiling on every head's largest logit, for any model ``qkvlab.inspect`` reads: from each attention
+    layer's weights and the largest norm of that layer's input over the forward passes since the last
+    :meth:`read` (a forward pre-hook on its query projection; the attention kernel is untouched).
+
+    S_max^h ≤ σ₁(W_KᵀW_Q^h)·max_i‖x_i‖²/√d_head without biases and rotary embeddings, with the bias terms
+    of :func:`head_ceilings` where q and k have biases, and σ₁(W_Q^h)·σ₁(W_K^h) in place of
+    σ₁(W_KᵀW_Q^h) under rotary embeddings. Families whose scores are not q·k/√d_head of the projections
+    (q/k norms between the factors, relative position biases, another scale) get no ceiling, and the
+    reason. Self-attention layers only. Under DDP it covers the inputs of the rank that holds it.
+    """
+
+    def __init__(self, model: nn.Module) -> None:
+        from qkvlab.attention.extract import AttentionFactors
+        from qkvlab.attention.sources import LiveSource
+
+        self.model = model
+        factors = AttentionFactors(LiveSource(model))
+        family = factors.family
+        self.reason = family.no_ceiling or next(
+            (
+                f"{key}: a q/k norm between the factors bounds each logit by its gains, whatever W_Q and W_K"
+                for key in factors.source.keys()  # noqa: SIM118 (a TensorSource, not a dict)
+                if _QK_NORM.search(key)
+            ),
+            "",
+        )
+        self.rotary = bool(family.rope)
+        self._norms: list[torch.Tensor | None] = [None] * len(factors.units)
+        self._hooks = []
+        if self.reason:
+            return
+        modules = dict(LiveSource(model).module.named_modules())
+        for index, (layout, block, _) in enumerate(factors.units):
+            if layout.attention != "self":
+                continue
+            weight = (layout.q or layout.qkv).format(block=block)
+            name = weight.removesuffix(".weight") if weight.endswith(".weight") else block.rstrip(".")
+            module = modules.get(name)
+            if module is not None:
+                self._hooks.append(module.register_forward_pre_hook(self._observer(index), with_kwargs=True))
+
+    def _observer(self, index: int):
+        def observe(_module: nn.Module, args: tuple, kwargs: dict) -> None:
+            x = args[0] if args else next(iter(kwargs.values()), None)
+            if not isinstance(x, torch.Tensor) or x.numel() == 0:
+                return
+            top = x.detach().float().norm(dim=-1).max()
+            seen = self._norms[index]
+            self._norms[index] = top if seen is None else torch.maximum(seen, top)
+
+        return observe
+
+    def read(self) -> dict[str, Any] | None:
+        """Per layer, the inputs' largest norm and each head's ceiling, for the passes since the last read
+        (then forgotten); None before any pass. Every rank of an FSDP-sharded model calls it alike."""
+        if self.reason:
+            return {"ceiling": None, "reason": self.reason}
+        if all(norm is None for norm in self._norms):
+            return None
+        from qkvlab.attention.extract import AttentionFactors
+        from qkvlab.attention.sources import LiveSource
+
+        factors = AttentionFactors(LiveSource(self.model))
+        norms, ceilings = [], []
+        for index, norm in enumerate(self._norms):
+            if norm is None:
+                norms.append(None)
+                ceilings.append(None)
+                continue
+            layer = factors.layer(index)
+            query = layer.qk.right  # (heads, d, d_head)
+            key = layer.qk.left if layer.qk.left_index is None else layer.qk.left[layer.qk.left_index]
+            b_q, b_k = factors.biases(index)
+            if b_k is not None and layer.qk.left_index is not None:
+                b_k = b_k[layer.qk.left_index]
+            value = float(norm)
+            norms.append(value)
+            ceilings.append(head_ceilings(query, key, b_q, b_k, value, self.rotary).tolist())
+        self._norms = [None] * len(self._norms)
+        return {
+            "input_norm_max": norms,
+            "ceiling": ceilings,
+            "form": "(σ₁(W_Q)·M + ‖b_q‖)(σ₁(W_K)·M + ‖b_k‖)/√d_head"
+            if self.rotary
+            else "σ₁(W_KᵀW_Q)·M² + (‖W_Q b_k‖ + ‖W_K b_q‖)·M + |b_qᵀb_k|, over √d_head",
+        }
+
+    def close(self) -> None:
+        for hook in self._hooks:
+            hook.remove()
+        self._hooks = []
+
+
+def ceiling_scalars(ceiling: dict[str, Any] | None) -> dict[str, float]:
+    """``L0/ceiling`` (the largest head's ceiling per layer) and ``ceiling`` (over layers) of a
+    :meth:`LogitCeiling.read`, for TensorBoard's ``logits/…`` tags; {} where there is none."""
+    if not ceiling or ceiling.get("ceiling") is None:
+        return {}
+    out = {f"L{i}/ceiling": max(heads) for i, heads in enumerate(ceiling["ceiling"]) if heads}
+    if out:
+        out["ceiling"] = max(out.values())
+    return out

@@ -25,7 +25,8 @@ predicts how fast weight decay balances the factors (below) and measures it. ``s
      ... the `qkvlab inspect --json` record ("kind": "inspect", "schema_version", "architecture", "heads", ...),
      "imbalance_decay_per_step": {...}, "gap_decay_per_step": {...},   # with an optimizer
      "guard": {"L0/qk_lambda": ..., ...},                               # with a rank guard
-     "logits": {"max": [[per head] per layer], "entropy": [...]}}         # qkvlab's engine (qkvlab.logits)
+     "logits": {"max": [[per head] per layer], "entropy": [...]},         # qkvlab's engine (qkvlab.logits)
+     "logit_ceiling": {"input_norm_max": [per layer], "ceiling": [[per head] per layer], "form": ...}}
 
 Later additions add keys; a reader ignores keys it does not know and refuses a ``series_version`` above
 its own. Lines without ``series_version`` (qkvlab before it) are read as version 1.
@@ -88,6 +89,10 @@ class Monitor:
         log: a callable taking ``(metrics, step=step)``: ``wandb.log``, ``mlflow.log_metrics``.
         rtol: the threshold of ``rank`` (#σᵢ > rtol·σ₁).
         guard: a :class:`qkvlab.RankGuard` applied at every firing (needs ``optimizer``).
+        logit_ceiling: also bound every head's largest attention logit from the weights and the attention
+            inputs seen since the last firing (:class:`qkvlab.logits.LogitCeiling`; a forward pre-hook per
+            layer, the attention kernel untouched): ``logit_ceiling`` in the series, ``logits/L0/ceiling``
+            in TensorBoard.
     """
 
     def __init__(
@@ -101,6 +106,7 @@ class Monitor:
         log: Callable[..., Any] | None = None,
         rtol: float = DEFAULT_RTOL,
         guard: RankGuard | None = None,
+        logit_ceiling: bool = True,
     ) -> None:
         if not isinstance(every, int) or isinstance(every, bool) or every <= 0:
             raise UserError(f"Monitor every={every!r}; accepted: a positive integer (optimiser steps)")
@@ -123,6 +129,14 @@ class Monitor:
         self._previous: dict[str, dict[tuple[int, str], list[float]]] | None = None
         self._previous_step: int | None = None
         self._factor_groups = _factor_groups(model, optimizer) if optimizer is not None else {}
+        self.ceiling = None
+        if logit_ceiling:
+            from qkvlab.logits import LogitCeiling
+
+            try:
+                self.ceiling = LogitCeiling(model)
+            except UserError:  # an architecture inspect cannot read: the first firing says so
+                self.ceiling = None
         if guard is not None:
             from qkvlab.guard import guarded_groups
 
@@ -168,14 +182,19 @@ class Monitor:
         started = time.perf_counter()
         record = None
         logged: dict[str, float] = {}
-        if report is None and (_is_main() or _is_sharded(self.model)):
-            from qkvlab.inspection import inspect
+        ceiling = None
+        if _is_main() or _is_sharded(self.model):
+            if report is None:
+                from qkvlab.inspection import inspect
 
-            was_training = self.model.training
-            report = inspect(self.model, rtol=self.rtol)
-            self.model.train(was_training)
+                was_training = self.model.training
+                report = inspect(self.model, rtol=self.rtol)
+                self.model.train(was_training)
+            ceiling = self.ceiling.read() if self.ceiling is not None else None
         if _is_main():
             record = {**self._record(report, step, epoch), **(extra or {})}
+            if ceiling is not None:
+                record["logit_ceiling"] = ceiling
             if self.guard is not None:
                 logged = self.guard.update(record, self.optimizer.param_groups)
                 record["guard"] = logged
@@ -188,7 +207,10 @@ class Monitor:
                 self.path.parent.mkdir(parents=True, exist_ok=True)
                 with open_append(self.path) as fh:
                     fh.write(json.dumps(record) + "\n")
-            self._send(step, {**self.last_summary[1], **self._rate_scalars(record)}, logged)
+            from qkvlab.logits import ceiling_scalars
+
+            ceilings = {f"logits/{k}": v for k, v in ceiling_scalars(ceiling).items()}
+            self._send(step, {**self.last_summary[1], **self._rate_scalars(record), **ceilings}, logged)
         self._sum, self._steps = {}, 0
         self.seconds += time.perf_counter() - started
         return record

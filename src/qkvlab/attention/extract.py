@@ -380,6 +380,39 @@ class AttentionFactors:
             raise UserError(f"W_O in {block or 'the model'} has {w_o.shape[1]} input columns; expected {hd}")
         return w_q, w_k, w_v, w_o
 
+    def biases(self, index: int) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+        """The ``index``-th layer's query and key biases as (heads, d_head) and (kv heads, d_head), each None
+        where the model has none (fused biases split as the weights are)."""
+        layout, block, _ = self.units[index]
+        info, keys = self.info, self._keyset
+        weights = {layout.q, layout.k, layout.v, layout.qkv, layout.o}
+        templates: dict[str, str] = {}
+        for role, template in layout.role_templates():
+            # torch's bias_k/bias_v are extra key/value rows, not biases of the projections
+            if (
+                template not in weights
+                and role in ("q", "k", "qkv")
+                and not template.endswith(("bias_k", "bias_v"))
+            ):
+                templates.setdefault(role, template)
+
+        def read(role: str) -> torch.Tensor | None:
+            key = templates[role].format(block=block) if role in templates else None
+            return self.source.get(key) if key in keys else None
+
+        h, g, dh = info.n_heads, info.n_kv_heads, info.d_head
+        fused = read("qkv")
+        if fused is not None and layout.qkv_order == "per-head":
+            b_q, b_k, _ = fused.reshape(h, 3, dh).unbind(1)
+        elif fused is not None:
+            b_q, b_k, _ = fused.split([h * dh, g * dh, g * dh])
+        else:
+            b_q, b_k = read("q"), read("k")
+        return (
+            None if b_q is None else b_q.reshape(h, dh),
+            None if b_k is None else b_k.reshape(g, dh),
+        )
+
     def layer(self, index: int) -> LayerFactors:
         """The ``index``-th attention layer (over every kind, in order); its ``layer`` counts within its kind."""
         info = self.info

@@ -94,6 +94,9 @@ class Family:
     #: GPT-J), or "" (no rotary embeddings). The rotary share of each head comes from the config
     #: (``ROTARY_KEYS``); all of it when the config says nothing.
     rope: str = ""
+    #: Why no logit ceiling (qkvlab.logits.LogitCeiling) is computed for this family, where its scores are
+    #: not q·k/√d_head of the projections; "" where they are.
+    no_ceiling: str = ""
 
 
 def _with_split(fused: Layout) -> tuple[Layout, Layout]:
@@ -191,6 +194,8 @@ FAMILIES: tuple[Family, ...] = (
             "factors (OV is unaffected); scores are scaled by query_pre_attn_scalar, not 1/√d_head"
         ),
         rope="half",
+        no_ceiling="q/k RMSNorm between the factors bounds each logit by d_head·max|γ_q|·max|γ_k| times the "
+        "score scale, whatever W_Q and W_K",
     ),
     Family(
         name="vit",
@@ -287,6 +292,7 @@ FAMILIES: tuple[Family, ...] = (
             ),
         ),
         caveat="a learned relative-position bias is added to the scores; it does not enter W_KᵀW_Q",
+        no_ceiling="a learned relative-position bias is added to the scores",
     ),
     Family(
         name="t5",
@@ -312,6 +318,7 @@ FAMILIES: tuple[Family, ...] = (
             "learned relative position biases to them; W_KᵀW_Q is the form without the bias"
         ),
         several_kinds=True,
+        no_ceiling="scores are not scaled by 1/√d_kv and add learned relative position biases",
     ),
     Family(
         name="qkvlab",

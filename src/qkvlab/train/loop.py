@@ -44,7 +44,7 @@ from qkvlab.config import TrainConfig, check_resume, dump_config, saved_config
 from qkvlab.errors import TrainingInterrupted, TrainingStopped, UserError
 from qkvlab.guard import schedule_weight_decay
 from qkvlab.inspection import inspect, summary_metrics
-from qkvlab.logits import measure_logits, qk_clip
+from qkvlab.logits import ceiling_scalars, measure_logits, qk_clip
 from qkvlab.models import build_model
 from qkvlab.monitor import Monitor
 from qkvlab.optim import l2_penalty
@@ -291,10 +291,16 @@ def _train(config: TrainConfig, resume: Path | None, run_dir: Path, command: str
                 extra = {}
                 if logits.measured:  # every rank: the max and the mean over all ranks' rows
                     logits.reduce()
-                    logger.log(step, "logits", logits.scalars())
                     extra = {"logits": logits.to_dict()}
                 if monitor is not None:
                     record = monitor.record(step, extra=extra)
+                # measured beside the ceiling from the weights and inputs (qkvlab.logits.LogitCeiling)
+                scalars = {
+                    **(logits.scalars() if logits.measured else {}),
+                    **ceiling_scalars(record.get("logit_ceiling") if record else None),
+                }
+                if scalars:
+                    logger.log(step, "logits", scalars)
                     measured_at = step
                     if ddp.main:
                         logger.tags(step, monitor.last_summary[1])
