@@ -39,6 +39,7 @@ _BUILTIN = (
     "qkvlab.repro.paper000.claim",
     "qkvlab.repro.optimizer_rank.claim",
     "qkvlab.repro.rank_guard.claim",
+    "qkvlab.repro.logits.claim",
     "qkvlab.repro.theory.command",
 )
 

@@ -1,0 +1,1 @@
+"""`repro logits`: whether attention weight decay holds logits down as QK-clip does (claim.py)."""
