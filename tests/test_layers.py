@@ -16,7 +16,8 @@ SRC = Path(__file__).resolve().parents[1] / "src" / "qkvlab"
 
 #: module-name prefixes per layer, lowest first; the longest matching prefix decides
 LAYERS: tuple[tuple[str, ...], ...] = (
-    # base: errors, conventions, the one writer, the cache and the package fetcher, argument types, page primitives
+    # base: errors, conventions, the one writer, the cache and the package fetcher, argument types, page
+    # primitives, sharded tensors read whole or by shard
     (
         "qkvlab",
         "qkvlab._lazy",
@@ -28,18 +29,20 @@ LAYERS: tuple[tuple[str, ...], ...] = (
         "qkvlab.args",
         "qkvlab.presets",
         "qkvlab.render",
+        "qkvlab.dtensors",
     ),
     # maths
     ("qkvlab.spectra", "qkvlab.theory"),
     # reading models: the architecture table, weight sources, the inspect report
     ("qkvlab.attention", "qkvlab.inspection"),
-    # components: parameter groups and optimisers, the guard's rule, models, data, the run config
+    # components: parameter groups and optimisers, the guard's rule, models, attention logits, data, the run config
     (
         "qkvlab.optim",
         "qkvlab.optimizers",
         "qkvlab.guard",
         "qkvlab.muon",
         "qkvlab.models",
+        "qkvlab.logits",
         "qkvlab.data",
         "qkvlab.config",
     ),

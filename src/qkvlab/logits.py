@@ -158,24 +158,6 @@ def measure_logits(model: nn.Module) -> Iterator[LogitReading]:
             layer.probe = None
 
 
-def explicit_attention(
-    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal: bool, dropout: float, probe: LayerLogits
-) -> torch.Tensor:
-    """softmax(q kᵀ/√d_head [+ causal mask]) v with the scores formed, observed by ``probe``; what
-    ``F.scaled_dot_product_attention`` computes."""
-    t, s = q.shape[-2], k.shape[-2]
-    scores = (q @ k.transpose(-1, -2)) / math.sqrt(q.shape[-1])
-    masked = scores
-    if causal:
-        future = torch.ones(t, s, dtype=torch.bool, device=q.device).triu(1)
-        masked = scores.masked_fill(future, float("-inf"))
-    probs = torch.softmax(masked.float(), dim=-1).to(q.dtype)
-    probe.observe(scores, probs)
-    if dropout:
-        probs = torch.nn.functional.dropout(probs, dropout)
-    return probs @ v
-
-
 @torch.no_grad()
 def qk_clip(reading: LogitReading, tau: float, roles: tuple[str, ...] | list[str] = ("q", "k")) -> int:
     """Scale the query and key rows of every head of ``reading``'s layers whose largest logit passed ``tau``

@@ -357,7 +357,7 @@ def _is_main() -> bool:
 
 
 def _is_sharded(model: nn.Module) -> bool:
-    from qkvlab.train.fsdp import is_sharded
+    from qkvlab.dtensors import is_sharded
 
     return is_sharded(model)
 

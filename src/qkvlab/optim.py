@@ -332,7 +332,7 @@ def l2_penalty(groups: Iterable[Mapping[str, Any]]) -> torch.Tensor:
     A parameter sharded by FSDP2 counts with this rank's shard only: its gradient λθ_local then lands on
     that shard outside FSDP's averaging, so the ranks together apply λθ, as one process does.
     """
-    from qkvlab.train.fsdp import local
+    from qkvlab.dtensors import local
 
     total: torch.Tensor | None = None
     for group in groups:

@@ -96,7 +96,7 @@ class LiveSource(TensorSource):
         if adapted is None:
             tensor = self._tensors[key].detach()
             if type(tensor) is not torch.Tensor:  # a DTensor (FSDP2): gathered whole, on every rank alike
-                from qkvlab.train.fsdp import full
+                from qkvlab.dtensors import full
 
                 tensor = full(tensor)
             return tensor

@@ -9,6 +9,7 @@ a small ViT, an in-context regression model) are one module each beside this one
 from __future__ import annotations
 
 import math
+from typing import Any
 
 import torch
 from torch import nn
@@ -16,7 +17,7 @@ from torch.nn import functional as F
 
 from qkvlab.models.config import ModelConfig
 
-__all__ = ["MLP", "Attention", "Block", "ModelConfig", "init_weights"]
+__all__ = ["MLP", "Attention", "Block", "ModelConfig", "explicit_attention", "init_weights"]
 
 
 class Attention(nn.Module):
@@ -49,14 +50,31 @@ class Attention(nn.Module):
                 scores = scores.masked_fill(torch.ones(t, t, dtype=torch.bool, device=x.device).triu(1), 0.0)
             out = scores @ v
         elif self.probe is not None:
-            from qkvlab.logits import explicit_attention
-
             drop = self.dropout if self.training else 0.0
             out = explicit_attention(q, k, v, self.causal, drop, self.probe)
         else:
             drop = self.dropout if self.training else 0.0
             out = F.scaled_dot_product_attention(q, k, v, is_causal=self.causal, dropout_p=drop)
         return self.o_proj(out.transpose(1, 2).reshape(b, t, self.n_head * self.d_head))
+
+
+def explicit_attention(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal: bool, dropout: float, probe: Any
+) -> torch.Tensor:
+    """softmax(q kᵀ/√d_head [+ causal mask]) v with the scores formed and shown to ``probe`` (a
+    qkvlab.logits.LayerLogits: ``probe.observe(scores before the mask, probabilities)``); what
+    ``F.scaled_dot_product_attention`` computes."""
+    t, s = q.shape[-2], k.shape[-2]
+    scores = (q @ k.transpose(-1, -2)) / math.sqrt(q.shape[-1])
+    masked = scores
+    if causal:
+        future = torch.ones(t, s, dtype=torch.bool, device=q.device).triu(1)
+        masked = scores.masked_fill(future, float("-inf"))
+    probs = torch.softmax(masked.float(), dim=-1).to(q.dtype)
+    probe.observe(scores, probs)
+    if dropout:
+        probs = torch.nn.functional.dropout(probs, dropout)
+    return probs @ v
 
 
 class MLP(nn.Module):

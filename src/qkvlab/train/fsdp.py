@@ -38,9 +38,18 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
+from qkvlab.dtensors import full, is_sharded, local
 from qkvlab.errors import UserError
 
-__all__ = ["PARALLEL", "gathered_state", "is_sharded", "load_sharded_checkpoint", "local", "shard"]
+__all__ = [
+    "PARALLEL",
+    "full",
+    "gathered_state",
+    "is_sharded",
+    "load_sharded_checkpoint",
+    "local",
+    "shard",
+]
 
 #: ``parallel=``: how several processes share one model.
 PARALLEL = ("ddp", "fsdp")
@@ -59,27 +68,6 @@ def shard(model: nn.Module, device: torch.device, world_size: int) -> nn.Module:
             fully_shard(module, mesh=mesh)
     fully_shard(model, mesh=mesh)
     return model
-
-
-def is_sharded(model: nn.Module) -> bool:
-    """Whether ``model`` holds FSDP2-sharded (DTensor) parameters."""
-    from torch.distributed.tensor import DTensor
-
-    return any(isinstance(p, DTensor) for p in model.parameters())
-
-
-def local(tensor: torch.Tensor) -> torch.Tensor:
-    """This rank's shard of a DTensor; any other tensor as it is."""
-    from torch.distributed.tensor import DTensor
-
-    return tensor.to_local() if isinstance(tensor, DTensor) else tensor
-
-
-def full(tensor: torch.Tensor) -> torch.Tensor:
-    """The whole tensor behind a DTensor (a collective: every rank calls it); any other tensor as it is."""
-    from torch.distributed.tensor import DTensor
-
-    return tensor.full_tensor() if isinstance(tensor, DTensor) else tensor
 
 
 class _StateView:

@@ -34,7 +34,7 @@ def nonfinite_step(loss: torch.Tensor, grad_norm: torch.Tensor, ddp: Dist) -> st
 def nonfinite_parameter(model: nn.Module) -> str | None:
     """The first parameter holding a non-finite value, or None. Under FSDP each rank checks its shards and
     the ranks agree (one all-reduce), so every rank gives the same answer."""
-    from qkvlab.train.fsdp import is_sharded, local
+    from qkvlab.dtensors import is_sharded, local
 
     named = list(model.named_parameters())
     if not is_sharded(model):
