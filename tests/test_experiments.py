@@ -596,3 +596,37 @@ def test_decouple_control_runs_the_design_fixed_in_code(tmp_path, monkeypatch, c
     assert "--control runs at lr 0.001 or 0.004" in capsys.readouterr().err
     assert main(["repro", "decouple", "--control", "--attn-lambdas", "0", "--out", str(tmp_path / "y")]) == 2
     assert "--control fixes" in capsys.readouterr().err
+
+
+def _lock_probe_worker(run_dir: Path, point: dict, seed: int, settings: dict) -> None:
+    """Writes whether this run's cell lock could be taken again while the worker runs (it must not)."""
+    from qkvlab.errors import UserError
+    from qkvlab.train.lock import CELL_LOCK, RunLock
+
+    try:
+        RunLock(run_dir, CELL_LOCK).release()
+        (run_dir / "done").write_text("free")
+    except UserError:
+        (run_dir / "done").write_text("held")
+
+
+@pytest.mark.parametrize("jobs", [1, 2])
+def test_every_local_run_holds_its_cell_lock_and_a_held_run_is_not_run_twice(tmp_path, jobs) -> None:
+    from qkvlab.grid import runner as grid
+    from qkvlab.train.lock import CELL_LOCK, RunLock
+
+    runs = [grid.Run(f"i={i},seed=0", {"i": i}, 0) for i in range(3)]
+    busy = RunLock(tmp_path / "g" / "runs" / "i=2,seed=0", CELL_LOCK)  # another grid (or a Slurm task) on it
+    results = grid.run_grid(
+        tmp_path / "g",
+        runs,
+        _lock_probe_worker,
+        settings={},
+        status=lambda folder: "complete" if (folder / "done").is_file() else "new",
+        jobs=jobs,
+        echo=lambda line: None,
+    )
+    busy.release()
+    assert [(tmp_path / "g" / "runs" / f"i={i},seed=0" / "done").read_text() for i in (0, 1)] == ["held"] * 2
+    assert not (tmp_path / "g" / "runs" / "i=2,seed=0" / "done").exists()  # not run beside its holder
+    assert [r["status"].startswith("failed") for r in results] == [False, False, True]

@@ -251,8 +251,8 @@ def test_one_training_run_as_a_two_task_slurm_job_matches_one_process(tmp_path) 
 
 
 def test_a_second_task_of_a_run_that_is_at_work_stops_in_one_line(tmp_path, capsys) -> None:
-    from qkvlab.grid.slurm import CELL_LOCK, cell
-    from qkvlab.train.lock import RunLock
+    from qkvlab.grid.slurm import cell
+    from qkvlab.train.lock import CELL_LOCK, RunLock
 
     plan = {
         "worker": "qkvlab.grid.training:train_worker",

@@ -161,8 +161,14 @@ def _child(
     except (OSError, AttributeError):
         pass
     os.environ["OMP_NUM_THREADS"] = os.environ["MKL_NUM_THREADS"] = str(threads)
-    run_dir.mkdir(parents=True, exist_ok=True)
-    with open_append(run_dir / log, line_buffered=True) as fh:
+    from qkvlab.train.lock import CELL_LOCK, RunLock
+
+    try:
+        held = RunLock(run_dir, CELL_LOCK)
+    except UserError as exc:  # another grid command, or a Slurm task, is at work on this run
+        print(f"not run: {exc}", file=sys.stderr, flush=True)
+        raise SystemExit(2) from None
+    with held, open_append(run_dir / log, line_buffered=True) as fh:
         os.dup2(fh.fileno(), 1)
         os.dup2(fh.fileno(), 2)
         sys.stdout = sys.stderr = fh
@@ -287,11 +293,19 @@ _NO_ROOM = {errno.ENOSPC, errno.EROFS, errno.EDQUOT, errno.EFBIG}
 
 
 def _run_here(out, run, before, worker, settings, status, show) -> None:  # type: ignore[no-untyped-def]
+    from qkvlab.train.lock import CELL_LOCK, RunLock
+
     folder = _prepare(out, run)
     started = time.perf_counter()
     failure = None
     try:
-        worker(folder, dict(run.point), run.seed, dict(settings))
+        held = RunLock(folder, CELL_LOCK)
+    except UserError as exc:  # another grid command, or a Slurm task, is at work on this run
+        show(run, {"name": run.name, "status": f"failed (not run: {exc})", "seconds": 0.0})
+        return
+    try:
+        with held:
+            worker(folder, dict(run.point), run.seed, dict(settings))
     except UserError:
         raise  # a mistake in the settings: every run would fail the same way
     except OSError as exc:

@@ -48,6 +48,7 @@ from typing import Any
 
 from qkvlab.errors import UserError
 from qkvlab.files import open_append, write_atomic
+from qkvlab.train.lock import CELL_LOCK
 
 __all__ = ["GridSubmitted", "SlurmOptions", "add_executor_arguments", "cell", "grid_status", "submit"]
 
@@ -63,7 +64,6 @@ LIVE = {
     "RESIZING",
     "SUSPENDED",
 }
-CELL_LOCK = ".cell.lock"
 REQUEUE_EXIT = 75  # EX_TEMPFAIL: the cell stopped on USR1 and asked Slurm to requeue it
 
 

@@ -8,13 +8,16 @@ from pathlib import Path
 from qkvlab.errors import UserError
 from qkvlab.files import open_lock, refuse_links
 
-__all__ = ["RunLock"]
+__all__ = ["CELL_LOCK", "RunLock"]
+
+#: The lock whatever works on a grid's run holds (see RunLock).
+CELL_LOCK = ".cell.lock"
 
 
 class RunLock:
-    """``flock`` on ``RUN/.lock`` (the holder's pid inside, for the message). A grid's Slurm task holds
-    ``RUN/.cell.lock`` around whatever its worker does, so no run has two tasks at once, whatever the
-    worker; the trainer's own lock stays ``.lock``."""
+    """``flock`` on ``RUN/.lock`` (the holder's pid inside, for the message). Whatever works on a grid's run
+    (a local grid's worker, a Slurm task) holds ``RUN/.cell.lock`` around it, so no run has two at once,
+    whatever the worker, and ``qkvlab grid status`` sees it running; the trainer's own lock stays ``.lock``."""
 
     def __init__(self, run_dir: Path, name: str = ".lock") -> None:
         import fcntl
