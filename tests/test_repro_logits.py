@@ -81,3 +81,16 @@ def test_the_grid_runs_pilot_then_decay_by_clip_and_clipping_binds_where_the_rul
     )
     assert config["optimizer"] == "muon" and config["qk_clip"] == pilot["tau"]
     assert config["overrides"]["q"]["weight_decay"] > 0 and config["overrides"]["embed"]["weight_decay"] == 0
+
+    # the tables and both figures from the folder alone
+    plots = tmp_path / "plots"
+    assert main(["repro", "logits", "--out", str(out), "--summary-only", "--plot", str(plots)]) == 0
+    assert sorted(p.name for p in plots.iterdir()) == [
+        "largest_logit_over_training.png",
+        "logits_per_head.png",
+    ]
+    cell = cells[("adamw", 1.0, True)]
+    assert (
+        len(cell["per_head"]["max"][0]) == 1 and len(cell["per_head"]["max"][0][0]) == 2
+    )  # 1 layer, 2 heads
+    assert cell["trajectory"]["steps"] == [2, 4, 6, 8]

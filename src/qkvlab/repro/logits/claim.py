@@ -345,20 +345,39 @@ def aggregate(out: Path) -> dict[str, Any]:
                     continue
                 done = {s: r for s, r in results.items() if "measures" in r}
                 names = sorted({n for r in done.values() for n in r["measures"]})
-                summary["cells"].append(
-                    {
-                        "optimizer": o,
-                        "budget": budget,
-                        "clip": clip,
-                        "lr": record[o]["chosen"],
-                        "lambda": decay_for(base, o, budget, record[o]["chosen"]),
-                        "seeds": sorted(done),
-                        "stopped": sorted(s for s, r in results.items() if "stopped" in r),
-                        "measures": {n: mean_std(measure(done, n).values()) for n in names},
-                        "vs_plain": {n: paired(measure(done, n), measure(reference, n)) for n in COMPARED},
-                    }
-                )
+                cell: dict[str, Any] = {
+                    "optimizer": o,
+                    "budget": budget,
+                    "clip": clip,
+                    "lr": record[o]["chosen"],
+                    "lambda": decay_for(base, o, budget, record[o]["chosen"]),
+                    "seeds": sorted(done),
+                    "stopped": sorted(s for s, r in results.items() if "stopped" in r),
+                    "measures": {n: mean_std(measure(done, n).values()) for n in names},
+                    "vs_plain": {n: paired(measure(done, n), measure(reference, n)) for n in COMPARED},
+                }
+                if done:
+                    cell.update(_trajectories(done))
+                summary["cells"].append(cell)
     return summary
+
+
+def _trajectories(done: dict[int, dict[str, Any]]) -> dict[str, Any]:
+    """The largest logit of any head at each firing (mean and std over seeds, at the firings every seed
+    has), and every head's on the lowest seed."""
+    from qkvlab.grid.runner import mean_std
+
+    steps = sorted(set.intersection(*(set(r["steps"]) for r in done.values())))
+    peaks = {
+        s: {t: max(max(layer) for layer in heads) for t, heads in zip(r["steps"], r["per_head"], strict=True)}
+        for s, r in done.items()
+    }
+    stats = [mean_std(peaks[s][t] for s in done) for t in steps]
+    first = min(done)
+    return {
+        "trajectory": {"steps": steps, "mean": [x["mean"] for x in stats], "std": [x["std"] for x in stats]},
+        "per_head": {"seed": first, "steps": done[first]["steps"], "max": done[first]["per_head"]},
+    }
 
 
 def tables(summary: dict[str, Any]) -> str:
@@ -461,7 +480,9 @@ def finish(out: Path, plot: str | None) -> int:
 
     pack_spectra(out)
     summary = aggregate(out)
-    return publish(out, summary, tables(summary), plot, lambda _summary, _folder: [])
+    from qkvlab.repro.logits.render import plot_logits
+
+    return publish(out, summary, tables(summary), plot, plot_logits)
 
 
 # -- `qkvlab repro logits` -----------------------------------------------------------------------
