@@ -3,6 +3,7 @@ the engine on every monitor step."""
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 
@@ -287,3 +288,36 @@ def test_families_whose_scores_are_not_the_projections_products_get_no_ceiling_a
     from conftest import tiny_hf_model
 
     assert "relative position" in LogitCeiling(tiny_hf_model("t5")).reason
+
+
+def test_a_plain_loop_hands_its_logits_to_the_monitor_which_records_and_sends_them(tmp_path) -> None:
+    from qkvlab.monitor import Monitor
+
+    torch.manual_seed(4)
+    cfg = ModelConfig(kind="gpt", vocab_size=30, seq_len=10, n_layer=2, d_model=16, n_head=2, dropout=0.0)
+    model = build_model(cfg)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-2)
+
+    class Writer:  # what a SummaryWriter is asked
+        def __init__(self) -> None:
+            self.tags: dict[str, list[int]] = {}
+
+        def add_scalar(self, tag: str, value: float, step: int) -> None:
+            self.tags.setdefault(tag, []).append(step)
+
+    writer = Writer()
+    monitor = Monitor(model, every=2, out=tmp_path, optimizer=optimizer, writer=writer)
+    for step in range(1, 5):
+        x = torch.randint(0, 30, (4, 10))
+        with measure_logits(model) if step % 2 == 0 else contextlib.nullcontext() as reading:
+            loss = model(x, labels=x)["loss"]
+        loss.backward()
+        optimizer.step()
+        optimizer.zero_grad()
+        monitor.step(step, logits=reading)
+    lines = [json.loads(x) for x in (tmp_path / "spectra.jsonl").read_text().splitlines()]
+    assert [x["step"] for x in lines] == [2, 4]
+    assert all(len(x["logits"]["max"]) == 2 and "logit_ceiling" in x for x in lines)
+    for x in lines:  # the ceiling of the weights after the step, from the inputs of its forward pass
+        assert all(len(layer) == 2 for layer in x["logit_ceiling"]["ceiling"])
+    assert writer.tags["logits/L0/max"] == [2, 4] and writer.tags["logits/L1/ceiling"] == [2, 4]

@@ -70,6 +70,7 @@ if TYPE_CHECKING:
 
     from qkvlab.guard import RankGuard
     from qkvlab.inspection import InspectReport
+    from qkvlab.logits import LogitReading
 
 __all__ = ["SERIES_VERSION", "Monitor", "read_series_line"]
 
@@ -149,13 +150,17 @@ class Monitor:
 
     # -- the loop's calls ------------------------------------------------------------------------------
 
-    def step(self, step: int, *, epoch: float | None = None) -> dict[str, Any] | None:
+    def step(
+        self, step: int, *, epoch: float | None = None, logits: LogitReading | None = None
+    ) -> dict[str, Any] | None:
         """Call once per optimiser step, after ``optimizer.step()`` and before the scheduler moves the
-        learning rate. Fires at multiples of ``every``; returns the record written then, else None."""
+        learning rate. Fires at multiples of ``every``; returns the record written then, else None.
+        ``logits``: what :func:`qkvlab.logits.measure_logits` read on this step's forward pass (qkvlab's
+        own models), recorded with the firing."""
         self.accumulate()
         if step % self.every:
             return None
-        return self.record(step, epoch=epoch)
+        return self.record(step, epoch=epoch, logits=logits)
 
     def accumulate(self) -> None:
         """Add this step's 2·η_t·λ_t (read from the optimiser's groups now) to the interval's prediction.
@@ -173,15 +178,22 @@ class Monitor:
         epoch: float | None = None,
         report: InspectReport | None = None,
         extra: Mapping[str, Any] | None = None,
+        logits: LogitReading | None = None,
     ) -> dict[str, Any] | None:
         """Measure now (or take ``report``, a measurement of the current weights) and write everywhere.
         Under ``torch.distributed`` only rank 0 measures, except for a model sharded with FSDP, whose
         layers every rank gathers and measures alike (call it on every rank there); only rank 0 records
-        and writes; every rank applies the guard's λ. ``extra``: more keys for this firing's line (the
-        engine's ``logits``, qkvlab.logits)."""
+        and writes; every rank applies the guard's λ. ``extra``: more keys for this firing's line;
+        ``logits``: a :class:`qkvlab.logits.LogitReading` of this step's forward pass, reduced over the ranks
+        (call it on every rank), recorded as ``logits`` and sent as ``logits/L0/max`` and so on."""
         started = time.perf_counter()
         record = None
         logged: dict[str, float] = {}
+        measured: dict[str, float] = {}
+        if logits is not None and logits.measured:
+            logits.reduce()
+            extra = {**(extra or {}), "logits": logits.to_dict()}
+            measured = logits.scalars()
         ceiling = None
         if _is_main() or _is_sharded(self.model):
             if report is None:
@@ -209,7 +221,7 @@ class Monitor:
                     fh.write(json.dumps(record) + "\n")
             from qkvlab.logits import ceiling_scalars
 
-            ceilings = {f"logits/{k}": v for k, v in ceiling_scalars(ceiling).items()}
+            ceilings = {f"logits/{k}": v for k, v in {**measured, **ceiling_scalars(ceiling)}.items()}
             self._send(step, {**self.last_summary[1], **self._rate_scalars(record), **ceilings}, logged)
         self._sum, self._steps = {}, 0
         self.seconds += time.perf_counter() - started
