@@ -92,6 +92,8 @@ def main() -> None:
         runs = ", ".join(f"{t * 1e3:.1f}" for t in times[mode])
         rows.append(f"| {mode} | {median * 1e3:.1f} | {runs} | {median / peer:.3f}× |")
     scores_mb = 32 * 4 * 128 * 128 * 4 / 2**20
+    explicit = statistics.median(times["explicit scores"]) / peer - 1
+    amortised = f"{100 * explicit / 200:.2f} %"  # the engine's default spectra_every
     gpu = device.type == "cuda"
     body = f"""## {"9b" if gpu else "9"}. Attention logits: what measuring them costs a step{" (GPU)" if gpu else ""}
 
@@ -108,8 +110,12 @@ AdamW; {args.steps} steps per run after 2 warm-up steps, the four modes alternat
 - **explicit scores:** `measure_logits` armed: softmax(QKᵀ/√d)·V formed explicitly, with the per-head max
   (before the mask) and entropy. The engine does this on monitor steps only (every `spectra_every`), so a
   run pays it once per firing.
+- **What a run pays:** the explicit pass once per monitor firing, so {amortised} of training time at
+  the default `spectra_every=200` (the monitor's bar, §5: ≤ 1 %), plus the hooks on every step;
+  QK-clip pays the explicit pass on every step.
 - **ceiling hooks:** the fused path plus the `Monitor`'s forward pre-hooks (the largest input norm per
-  layer), which it pays on every step.
+  layer), which it pays on every step: one norm of each attention input, within this machine's noise
+  (a ratio below 1 is noise, not a gain).
 - **qk-clip:** explicit scores on every step plus the rescale of the clipped heads' rows.
 
 Physical limit of explicit scores: they write and read the scores and probabilities, 32 × 4 × 128² floats
