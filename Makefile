@@ -51,6 +51,7 @@ bench: $(STAMP)
 	$(PY) benchmarks/bench_inspect_vs_weightwatcher.py
 	$(PY) benchmarks/bench_streaming.py
 	$(PY) benchmarks/bench_muon.py
+	$(PY) benchmarks/bench_logits.py
 
 clean:
 	rm -rf $(VENV) runs build dist src/*.egg-info
