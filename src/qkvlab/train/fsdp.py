@@ -26,7 +26,8 @@ What stays as in one process, and how:
 - **Coupled L2** (``optimizer=adam-l2``): each rank adds λ/2‖θ_local‖² of its own shard to its loss, whose
   gradient λθ_local lands on that shard outside FSDP's averaging: together λθ, as in one process.
 - **The spectral monitor, validation and the final summary** need whole weights, so every rank runs them
-  (each gathers a layer's factors once per firing, then they are freed); rank 0 writes.
+  (a layer's factors are gathered whole while it is measured, then freed: one layer at a time); rank 0
+  writes.
 """
 
 from __future__ import annotations
