@@ -288,6 +288,10 @@ def test_families_whose_scores_are_not_the_projections_products_get_no_ceiling_a
     from conftest import tiny_hf_model
 
     assert "relative position" in LogitCeiling(tiny_hf_model("t5")).reason
+    linear = build_model(
+        ModelConfig(kind="gpt", vocab_size=30, seq_len=8, n_layer=1, d_model=16, n_head=2, attention="linear")
+    )
+    assert "linear attention" in LogitCeiling(linear).reason
 
 
 def test_a_plain_loop_hands_its_logits_to_the_monitor_which_records_and_sends_them(tmp_path) -> None:

@@ -276,17 +276,17 @@ def test_ddp_two_processes_match_one(corpus, tmp_path, extra) -> None:
     one, two = train_losses(tmp_path / "one"), train_losses(tmp_path / "two")
     assert len(one) == len(two) == 12
     assert two == pytest.approx(one, rel=1e-5)
-    # the logits each rank measured on its half of the batch, reduced: the whole batch's (the ceiling,
-    # from rank 0's inputs alone under DDP, is not compared)
+    # the logits each rank measured on its half of the batch, reduced: the whole batch's; and the ceiling
+    # from every rank's inputs
     logits = [
         [
-            {k: v for k, v in json.loads(x).items() if k != "split" and "ceiling" not in k}
+            {k: v for k, v in json.loads(x).items() if k != "split"}
             for x in (tmp_path / run / "metrics.jsonl").read_text().splitlines()
             if '"logits"' in x
         ]
         for run in ("one", "two")
     ]
-    assert len(logits[0]) == len(logits[1]) >= 3
+    assert len(logits[0]) == len(logits[1]) >= 3 and all("L1/ceiling" in x for x in logits[1])
     assert logits[1] == [pytest.approx(x, rel=1e-4) for x in logits[0]]  # weights agree to ~1e-5
     if extra:  # the guard moved λ, and alike in both
         guard = {

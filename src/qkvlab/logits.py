@@ -242,7 +242,8 @@ class LogitCeiling:
     of :func:`head_ceilings` where q and k have biases, and σ₁(W_Q^h)·σ₁(W_K^h) in place of
     σ₁(W_KᵀW_Q^h) under rotary embeddings. Families whose scores are not q·k/√d_head of the projections
     (q/k norms between the factors, relative position biases, another scale) get no ceiling, and the
-    reason. Self-attention layers only. Under DDP it covers the inputs of the rank that holds it.
+    reason. Self-attention layers only. It covers the inputs of the process that holds it; under
+    ``torch.distributed``, :meth:`reduce` on every rank makes it cover all of them (qkvlab's engine does).
     """
 
     def __init__(self, model: nn.Module) -> None:
@@ -260,6 +261,10 @@ class LogitCeiling:
             ),
             "",
         )
+        if not self.reason and any(getattr(m, "kind", None) == "linear" for m in model.modules()):
+            self.reason = (
+                "linear attention: its scores are q·k/t with no softmax, not the logits bounded here"
+            )
         self.rotary = bool(family.rope)
         self._norms: list[torch.Tensor | None] = [None] * len(factors.units)
         self._hooks = []
@@ -285,6 +290,22 @@ class LogitCeiling:
             self._norms[index] = top if seen is None else torch.maximum(seen, top)
 
         return observe
+
+    def reduce(self) -> None:
+        """Under ``torch.distributed``: each layer's largest input norm becomes the largest over every rank
+        (a collective: every rank calls it, each with its own :class:`LogitCeiling`)."""
+        import torch.distributed as dist
+
+        if self.reason or not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
+            return
+        device = next(self.model.parameters()).device
+        values = torch.tensor([-1.0 if n is None else float(n) for n in self._norms], device=device)
+        dist.all_reduce(values, op=dist.ReduceOp.MAX)
+        self._norms = [None if v < 0 else v for v in values.unbind()]
+
+    def forget(self) -> None:
+        """Start a new window of inputs (what :meth:`read` does after reading)."""
+        self._norms = [None] * len(self._norms)
 
     def read(self) -> dict[str, Any] | None:
         """Per layer, the inputs' largest norm and each head's ceiling, for the passes since the last read
@@ -312,7 +333,7 @@ class LogitCeiling:
             value = float(norm)
             norms.append(value)
             ceilings.append(head_ceilings(query, key, b_q, b_k, value, self.rotary).tolist())
-        self._norms = [None] * len(self._norms)
+        self.forget()
         return {
             "input_norm_max": norms,
             "ceiling": ceilings,

@@ -163,7 +163,8 @@ def _train(config: TrainConfig, resume: Path | None, run_dir: Path, command: str
         truncate_history(run_dir, start_step)  # lines after the checkpoint are logged again
     logger = RunLogger(run_dir, ddp.main, config.tensorboard, start_step if resume is not None else None)
     # Whole weights are needed to measure or evaluate a sharded model: there every rank takes part (and
-    # computes alike); rank 0 writes.
+    # computes alike); rank 0 writes. Every rank holds a monitor: under DDP only rank 0 measures, but the
+    # logit ceiling's input norms come from every rank.
     everyone = ddp.main or sharded
     monitor = (
         # the optimiser's own group dicts: loading a checkpoint replaced the ones _optimizer built, and the
@@ -174,7 +175,7 @@ def _train(config: TrainConfig, resume: Path | None, run_dir: Path, command: str
             out=run_dir / "spectra.jsonl" if ddp.main else None,
             optimizer=optimizer,
         )
-        if everyone and config.spectra_every
+        if config.spectra_every
         else None
     )
     if monitor is not None and resume is not None:
@@ -293,7 +294,14 @@ def _train(config: TrainConfig, resume: Path | None, run_dir: Path, command: str
                     logits.reduce()
                     extra = {"logits": logits.to_dict()}
                 if monitor is not None:
+                    if monitor.ceiling is not None:  # every rank's inputs count (a collective)
+                        monitor.ceiling.reduce()
                     record = monitor.record(step, extra=extra)
+                    measured_at = step
+                    if ddp.main:
+                        logger.tags(step, monitor.last_summary[1])
+                    elif not sharded and monitor.ceiling is not None:
+                        monitor.ceiling.forget()  # rank 0 read them; the next window starts here too
                 # measured beside the ceiling from the weights and inputs (qkvlab.logits.LogitCeiling)
                 scalars = {
                     **(logits.scalars() if logits.measured else {}),
@@ -301,9 +309,6 @@ def _train(config: TrainConfig, resume: Path | None, run_dir: Path, command: str
                 }
                 if scalars:
                     logger.log(step, "logits", scalars)
-                    measured_at = step
-                    if ddp.main:
-                        logger.tags(step, monitor.last_summary[1])
                 if guard is not None:  # each layer's attention decay, from this firing's ranks
                     logger.log(step, "guard", guard_step(guard, record, optimizer))
             # a stop signal is honoured after a whole step, on every rank at the same step; the last
