@@ -85,6 +85,11 @@ def test_spectra_callback_logs_the_series_and_every_layer_to_the_loggers(tmp_pat
     assert float(rows[1]["spectra/ov_imbalance_decay_measured"]) == pytest.approx(
         records[1]["imbalance_decay_per_step"]["measured"]["ov"]
     )
+    # the logit ceiling from the module's weights and the inputs of the steps before each firing
+    assert all(r["logit_ceiling"]["ceiling"] for r in records)
+    assert [float(row["logits/ceiling"]) for row in rows] == pytest.approx(
+        [max(max(layer) for layer in r["logit_ceiling"]["ceiling"]) for r in records]
+    )
 
 
 def test_resuming_from_a_lightning_checkpoint_continues_exactly(tmp_path) -> None:

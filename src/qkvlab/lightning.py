@@ -136,7 +136,10 @@ class SpectraCallback(_Fires):
         )
 
     def _log(self, trainer: pl.Trainer, module: pl.LightningModule, step: int, record: dict) -> None:
-        scalars = {**self.monitor.last_summary[1], **Monitor._rate_scalars(record)}
+        from qkvlab.logits import ceiling_scalars
+
+        ceiling = {f"logits/{k}": v for k, v in ceiling_scalars(record.get("logit_ceiling")).items()}
+        scalars = {**self.monitor.last_summary[1], **Monitor._rate_scalars(record), **ceiling}
         for logger in trainer.loggers:
             logger.log_metrics(scalars, step=step)
         for key in self.console:
