@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from safetensors.torch import load_file
+from safetensors.torch import load_file, save_file
 
 from conftest import tiny_gpt_settings, train_losses
 
@@ -178,3 +178,27 @@ def test_parallel_accepts_ddp_or_fsdp_in_one_line(tmp_path) -> None:
     assert result.returncode == 2
     assert "Traceback" not in result.stderr
     assert "parallel" in result.stderr and "ddp or fsdp" in result.stderr
+
+
+def test_a_checkpoint_rank_0_finds_damaged_is_skipped_on_every_rank(corpus, tmp_path) -> None:
+    """Non-finite weights behind valid checksums: only rank 0 reads the tensors, so only it can tell; every
+    rank must still move on to the same older checkpoint."""
+    from qkvlab.train.checkpoint import _write_checksums
+
+    settings = tiny_gpt_settings(corpus, tmp_path / "x", **{"model.dropout": "0.0"})  # checkpoints every 4
+    whole = _train({**settings, "out": str(tmp_path / "whole")}, 1)
+    assert whole.returncode == 0, whole.stderr
+    run = tmp_path / "run"
+    first = _train({**settings, "out": str(run), "parallel": "fsdp", "stop_at": "8"}, 2)
+    assert first.returncode == 0, first.stderr[-3000:]
+    newest = run / "checkpoint-00000008"
+    weights = load_file(newest / "model.safetensors")
+    weights["blocks.0.attn.q_proj.weight"][0, 0] = float("nan")
+    save_file(weights, newest / "model.safetensors")
+    _write_checksums(newest)
+
+    again = _resume(run, 2, "parallel=fsdp")
+    assert again.returncode == 0, again.stderr[-3000:]
+    reason = "skipping checkpoint-00000008: model.safetensors holds non-finite values in blocks.0.attn.q_proj.weight"
+    assert reason in again.stderr
+    assert train_losses(run) == pytest.approx(train_losses(tmp_path / "whole"), rel=1e-5)  # from step 4 on
