@@ -56,7 +56,16 @@ sends SIGTERM (and ``KILL_SECONDS`` later SIGKILL): a run stuck where Python can
 never holds the grid forever."""
 KILL_SECONDS = 10.0
 
-__all__ = ["Run", "guard_settings", "load_runs", "mean_std", "paired", "run_grid", "use_executor"]
+__all__ = [
+    "Run",
+    "guard_settings",
+    "load_runs",
+    "mean_std",
+    "paired",
+    "run_grid",
+    "run_stage",
+    "use_executor",
+]
 
 _EXECUTOR: dict[str, Any] = {"name": "local", "options": None}
 
@@ -460,3 +469,32 @@ def paired(a: Mapping[int, float], b: Mapping[int, float], scale: float = 1.0) -
         return None
     diffs = [scale * (a[s] - b[s]) for s in seeds]
     return {**mean_std(diffs), "wins": sum(d > 0 for d in diffs), "seeds": seeds}
+
+
+def run_stage(
+    out: Path,
+    runs: Sequence[Run],
+    worker: Worker,
+    status: Callable[[Path], str],
+    *,
+    settings: Mapping[str, Any],
+    jobs: int,
+    echo: Callable[[str], Any],
+    label: str,
+    stage: str,
+) -> list[dict[str, Any]]:
+    """One stage of a staged study (a learning-rate pilot, then the main grid) whose runs are training
+    runs: ``run_grid`` with their log in ``train.log`` and the stage named in the label and in
+    ``OUT/grid.json``."""
+    return run_grid(
+        out,
+        runs,
+        worker,
+        settings=settings,
+        status=status,
+        jobs=jobs,
+        log="train.log",
+        echo=echo,
+        label=f"{label}, {stage}",
+        session={"stage": stage},
+    )

@@ -351,8 +351,18 @@ def load_checkpoint(
         if value.is_floating_point() and not bool(torch.isfinite(value).all()):
             where = "model.safetensors" if name in own else "optimizer.safetensors"
             raise UserError(f"cannot resume from {path}: {where} holds non-finite values in {name}")
+    return finish_restore(
+        path, state, scheduler, lambda: _restore_optimizer(optimizer, tensors, state["optimizer"])
+    )
+
+
+def finish_restore(
+    path: Path, state: dict[str, Any], scheduler: Any, restore_optimizer: Any
+) -> dict[str, Any]:
+    """The last steps every resume shares, once the weights are in: the optimiser's state
+    (``restore_optimizer()``; a state that does not fit is a UserError), the scheduler and the RNGs."""
     try:
-        _restore_optimizer(optimizer, tensors, state["optimizer"])
+        restore_optimizer()
     except (ValueError, KeyError, RuntimeError) as exc:
         raise UserError(f"cannot resume from {path}: optimizer state does not fit ({exc})") from None
     if scheduler is not None and state.get("scheduler") is not None:

@@ -129,7 +129,7 @@ def load_sharded_checkpoint(
     from safetensors.torch import load_file
     from torch.distributed.checkpoint.state_dict import set_model_state_dict, set_optimizer_state_dict
 
-    from qkvlab.train.checkpoint import checked_state, set_rng_state
+    from qkvlab.train.checkpoint import checked_state, finish_restore
 
     state = checked_state(path, model)
     main = dist.get_rank() == 0
@@ -155,14 +155,9 @@ def load_sharded_checkpoint(
         raise UserError(f"cannot resume from {path}: {problem or 'refused on rank 0 (see its line)'}")
     options = _full_options(broadcast_from_rank0=True)
     set_model_state_dict(model, weights, options=options)
-    try:
-        set_optimizer_state_dict(model, optimizer, by_name, options=options)
-    except (ValueError, KeyError, RuntimeError) as exc:
-        raise UserError(f"cannot resume from {path}: optimizer state does not fit ({exc})") from None
-    if scheduler is not None and state.get("scheduler") is not None:
-        scheduler.load_state_dict(state["scheduler"])
-    set_rng_state(state["rng"])
-    return state
+    return finish_restore(
+        path, state, scheduler, lambda: set_optimizer_state_dict(model, optimizer, by_name, options=options)
+    )
 
 
 def _nonfinite(weights: dict[str, torch.Tensor], tensors: dict[str, torch.Tensor]) -> str | None:

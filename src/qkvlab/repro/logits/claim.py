@@ -187,20 +187,9 @@ def shared_settings(changes: dict[str, Any] | None = None) -> dict[str, Any]:
 
 
 def _grid(out: Path, runs: list[Run], settings: dict[str, Any], jobs: int, echo: Any, stage: str) -> None:
-    from qkvlab.grid.runner import run_grid
+    from qkvlab.grid.runner import run_stage
 
-    run_grid(
-        out,
-        runs,
-        worker,
-        settings=settings,
-        status=status,
-        jobs=jobs,
-        log="train.log",
-        echo=echo,
-        label=f"logits, {stage}",
-        session={"stage": stage},
-    )
+    run_stage(out, runs, worker, status, settings=settings, jobs=jobs, echo=echo, label="logits", stage=stage)
 
 
 def pilot(out: Path, settings: dict[str, Any], jobs: int = 1, echo: Any = print) -> dict[str, Any] | None:

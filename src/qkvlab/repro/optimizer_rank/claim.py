@@ -224,19 +224,18 @@ def shared_settings(setting: str, changes: dict[str, Any] | None = None) -> dict
 
 
 def _grid(out: Path, runs: list[Run], settings: dict[str, Any], jobs: int, echo: Any, stage: str) -> None:
-    from qkvlab.grid.runner import run_grid
+    from qkvlab.grid.runner import run_stage
 
-    run_grid(
+    run_stage(
         out,
         runs,
         worker,
+        status,
         settings=settings,
-        status=status,
         jobs=jobs,
-        log="train.log",
         echo=echo,
-        label=f"optimizer-rank, {settings['setting']}, {stage}",
-        session={"stage": stage},
+        label=f"optimizer-rank, {settings['setting']}",
+        stage=stage,
     )
 
 
