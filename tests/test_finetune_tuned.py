@@ -209,3 +209,61 @@ def test_the_summary_tables_pair_seeds_at_each_cells_tuned_rate(tmp_path) -> Non
     text = study_markdown(tmp_path)
     assert "| lora QV λ=4 | 0.000316: 70.0, 0.001: 80.0, 0.00316: 75.0 | 0.001 | 0.004 | no |" in text
     assert "| λ > 1 beats tuned λ = 1 | lora QV λ=4 | lora QV λ=1 | +2.0 ± 1.0 (3/3)" in text
+
+
+def test_curve_band_averages_seeds_at_the_steps_every_run_evaluated() -> None:
+    from qkvlab.repro.paper001.render_tuned import curve_band
+
+    runs = {
+        0: {
+            "curve": [
+                {"step": 80, "accuracy": 0.5},
+                {"step": 160, "accuracy": 0.7},
+                {"step": 170, "accuracy": 0.9},
+            ]
+        },
+        1: {"curve": [{"step": 80, "accuracy": 0.7}, {"step": 160, "accuracy": 0.8}]},
+    }
+    steps, mean, std = curve_band(runs)
+    assert steps == [80, 160]  # 170 is one run's own final evaluation
+    assert mean == pytest.approx([60.0, 75.0])
+    assert std == pytest.approx([math.sqrt(200.0), math.sqrt(50.0)])
+
+
+def test_the_study_figures_are_written_per_method(tmp_path, monkeypatch) -> None:
+    from PIL import Image
+
+    from qkvlab.repro.paper001.render_tuned import plot_study
+
+    monkeypatch.setenv("QKVLAB_CHECK_FIGURES", "1")  # overlapping labels or empty axes fail the save
+    (tmp_path / "settings.json").write_text(
+        json.dumps({"model": "minilm", "rate_exponents": {"lora": [-7, -6, -5]}})
+    )
+    cells = [Cell("lora", ("q", "v"), 1.0), Cell("lora", ("q", "v"), 2.0)]
+    for cell in cells:
+        for k, score in zip((-7, -6, -5), (0.7, 0.8, 0.75), strict=True):
+            run = cell.run(k, SELECTION_SEED)
+            folder = run.folder(tmp_path)
+            folder.mkdir(parents=True)
+            (folder / "run.json").write_text(json.dumps({"point": dict(run.point), "seed": SELECTION_SEED}))
+            curve = [{"step": 80, "accuracy": score - 0.1}, {"step": 160, "accuracy": score}]
+            (folder / "result.json").write_text(json.dumps({"final_val": score, "curve": curve}))
+        for seed in (0, 1, 2):
+            run = cell.run(-6, seed)
+            folder = run.folder(tmp_path)
+            folder.mkdir(parents=True)
+            (folder / "run.json").write_text(json.dumps({"point": dict(run.point), "seed": seed}))
+            curve = [{"step": 80, "accuracy": 0.7 + 0.01 * seed}, {"step": 160, "accuracy": 0.8}]
+            (folder / "result.json").write_text(
+                json.dumps({"final_val": 0.8, "curve": curve, "test": {"accuracy": 0.79}})
+            )
+    paths = plot_study(tmp_path, tmp_path / "figures")
+    assert [p.name for p in paths] == ["tuned_minilm_lora_rates.png", "tuned_minilm_lora_curves.png"]
+    for path in paths:
+        with Image.open(path) as image:
+            assert image.size[0] > 400 and image.size[1] > 300
+    from qkvlab.render.page import Figure
+    from qkvlab.repro.paper001.claim import _report
+
+    (section,) = _report(tmp_path, tmp_path / "report-figures")
+    assert [b.path.name for b in section.blocks if isinstance(b, Figure)] == [p.name for p in paths]

@@ -122,6 +122,11 @@ def _main_tuned(args: Any) -> int:
     elif not any((out / "runs").glob("*/result.json")):
         raise UserError(f"{out} holds no finished runs; run `qkvlab repro finetune --out {out}` first")
     print(study_markdown(out))
+    if args.plot:
+        from qkvlab.repro.paper001.render_tuned import plot_study
+
+        for path in plot_study(out, Path(args.plot)):
+            print(f"wrote {path}")
     return 0
 
 
@@ -132,9 +137,15 @@ def _report(folder: Path, figures: Path) -> list[Any]:
 
     settings = folder / "settings.json"
     if settings.is_file() and "rate_exponents" in json.loads(settings.read_text()):
-        from qkvlab.repro.paper001.render_tuned import study_markdown
+        from qkvlab.repro.paper001.render_tuned import plot_study, study_markdown
 
-        return [Section(f"Paper 001, every cell tuned ({folder.name})", [Markdown(study_markdown(folder))])]
+        figures.mkdir(parents=True, exist_ok=True)
+        drawn = [Figure(p, p.stem.replace("_", " ")) for p in plot_study(folder, figures)]
+        return [
+            Section(
+                f"Paper 001, every cell tuned ({folder.name})", [Markdown(study_markdown(folder)), *drawn]
+            )
+        ]
 
     figures.mkdir(parents=True, exist_ok=True)
     curves = [Figure(p, p.stem.replace("_", " ")) for p in plot_convergence(folder, figures)]

@@ -7,9 +7,9 @@ from pathlib import Path
 from typing import Any
 
 from qkvlab.render.page import Table, table_markdown
-from qkvlab.repro.paper001.tuned import comparisons, curve_mean, rate, summarize
+from qkvlab.repro.paper001.tuned import SELECTION_SEED, comparisons, curve_mean, rate, summarize
 
-__all__ = ["study_markdown"]
+__all__ = ["curve_band", "plot_study", "study_markdown"]
 
 
 def _pm(values: list[float], scale: float = 100.0) -> str:
@@ -113,3 +113,104 @@ def study_markdown(out: Path) -> str:
     if paired.rows:
         parts.append(table_markdown(paired))
     return "\n\n".join(parts)
+
+
+# -- figures ---------------------------------------------------------------------------------------
+
+_MODEL_NAMES = {"minilm": "MiniLM-L6", "mpnet": "mpnet-base"}
+_PANELS = ((("q", "v"),), (("q", "k", "v"),), (("v",), ("k",)))
+
+
+def curve_band(runs: dict[int, dict[str, Any]]) -> tuple[list[int], list[float], list[float]]:
+    """Validation accuracy (%) over the steps every run evaluated at: mean and sample std over seeds."""
+    import statistics
+
+    by_step: dict[int, list[float]] = {}
+    for result in runs.values():
+        for point in result["curve"]:
+            by_step.setdefault(int(point["step"]), []).append(100 * point["accuracy"])
+    steps = sorted(s for s, v in by_step.items() if len(v) == len(runs))
+    mean = [statistics.fmean(by_step[s]) for s in steps]
+    std = [statistics.stdev(by_step[s]) if len(runs) > 1 else 0.0 for s in steps]
+    return steps, mean, std
+
+
+def plot_study(out: Path, folder: Path) -> list[Path]:
+    """Two figures per method: the rate search (final validation accuracy on the selection seed against
+    η_QK, one line per λ, the chosen rate filled) and the validation curves of the reported seeds at
+    each cell's tuned rate (mean ± std), with the equal-rate control dashed."""
+    import json
+
+    from qkvlab.report.figures import pyplot, save
+
+    plt = pyplot()
+    summary = summarize(out)
+    settings = out / "settings.json"
+    model = json.loads(settings.read_text()).get("model", "?") if settings.is_file() else "?"
+    name = _MODEL_NAMES.get(model, Path(model).name)
+    folder.mkdir(parents=True, exist_ok=True)
+    written = []
+    for method in sorted({c.method for c in summary["rows"]}):
+        rows = {c: r for c, r in summary["rows"].items() if c.method == method}
+        panels = [p for p in _PANELS if any(c.targets in p for c in rows)]
+
+        fig, axes = plt.subplots(1, len(panels), figsize=(4.6 * len(panels), 3.6), squeeze=False, sharey=True)
+        for ax, panel in zip(axes[0], panels, strict=True):
+            for cell, row in rows.items():
+                if cell.targets not in panel:
+                    continue
+                scores = row["search"]["scores"]
+                ks = sorted(scores)
+                label = f"λ = {cell.lr_ratio:g}" if len(panel) == 1 else "".join(cell.targets).upper()
+                (line,) = ax.plot(
+                    [rate(k) for k in ks], [100 * scores[k] for k in ks], marker="o", ms=4, label=label
+                )
+                chosen = row["search"]["chosen"]
+                if chosen is not None:
+                    ax.plot([rate(chosen)], [100 * scores[chosen]], marker="*", ms=13, color=line.get_color())
+            ax.set_xscale("log")
+            ax.set_xlabel("η_QK")
+            ax.set_title(f"{method} {' vs '.join(''.join(t).upper() for t in panel)}")
+            ax.grid(alpha=0.3)
+            ax.legend(fontsize=8)
+        axes[0][0].set_ylabel("final validation accuracy (%)")
+        fig.suptitle(
+            f"{name}, {method}: rate search on the selection seed ({SELECTION_SEED}; ★ chosen)", fontsize=10
+        )
+        written.append(save(fig, folder / f"tuned_{model}_{method}_rates.png"))
+
+        fig, axes = plt.subplots(1, len(panels), figsize=(4.6 * len(panels), 3.6), squeeze=False, sharey=True)
+        for ax, panel in zip(axes[0], panels, strict=True):
+            drawn = [(c, r["runs"]) for c, r in rows.items() if c.targets in panel and r["runs"]]
+            drawn += [
+                (control["cell"], control["runs"], control)
+                for control in summary["controls"]
+                if control["cell"].method == method and control["cell"].targets in panel and control["runs"]
+            ]
+            for cell, runs, *control in drawn:
+                steps, mean, std = curve_band(runs)
+                if control:
+                    label, style = f"λ = 1 at η = {rate(control[0]['exponent']):.3g} (control)", "--"
+                else:
+                    chosen = rate(rows[cell]["search"]["chosen"])
+                    what = f"λ = {cell.lr_ratio:g}" if len(panel) == 1 else "".join(cell.targets).upper()
+                    label, style = f"{what}, η_QK = {chosen:.3g}", "-"
+                (line,) = ax.plot(steps, mean, style, marker="o", ms=3, label=label)
+                ax.fill_between(
+                    steps,
+                    [m - s for m, s in zip(mean, std, strict=True)],
+                    [m + s for m, s in zip(mean, std, strict=True)],
+                    color=line.get_color(),
+                    alpha=0.15,
+                )
+            ax.set_xlabel("step")
+            ax.set_title(f"{method} {' vs '.join(''.join(t).upper() for t in panel)}, tuned rates")
+            ax.grid(alpha=0.3)
+            if drawn:
+                ax.legend(fontsize=7)
+            else:
+                ax.text(0.5, 0.5, "no reported runs yet", ha="center", va="center", transform=ax.transAxes)
+        axes[0][0].set_ylabel("validation accuracy (%)")
+        fig.suptitle(f"{name}, {method}: validation curves, mean ± std over the reported seeds", fontsize=10)
+        written.append(save(fig, folder / f"tuned_{model}_{method}_curves.png"))
+    return written
