@@ -400,7 +400,16 @@ def test_repro_wd_rank_and_decouple_on_a_tiny_gpt(corpus, tmp_path, capsys) -> N
     # one seed: differences print without a spread (a "± 0" would claim a precision there is none of)
     row = next(line for line in printed.splitlines() if line.startswith("| 0.1 | 0 |"))
     assert "(0/1 > 0)" in row or "(1/1 > 0)" in row
-    assert "±" not in row.split("|")[7]
+    assert "±" not in row.split("|")[8]
+    # the train-loss column: the logged losses of the last 100 steps (here all of them), mean over seeds
+    summary = json.loads((out / "summary.json").read_text())
+    (cell,) = [c for c in summary["cells"] if (c["attn_weight_decay"], c["rest_weight_decay"]) == (0.0, 0.1)]
+    tails = []
+    for seed in cell["seeds"]:
+        lines = (out / "runs" / f"attn=0,rest=0.1,seed={seed}" / "metrics.jsonl").read_text().splitlines()
+        losses = [r["loss"] for r in map(json.loads, lines) if r.get("split") == "train"]
+        tails.append(sum(losses) / len(losses))
+    assert cell["train_tail"]["mean"] == pytest.approx(sum(tails) / len(tails))
     # other settings in the same folder are refused, naming the difference
     assert main([*decouple[:-2], "--set", "checkpoint_every=2", "--seeds", "0"]) == 2
     assert "holds runs made with other settings" in capsys.readouterr().err
@@ -588,14 +597,81 @@ def test_decouple_control_runs_the_design_fixed_in_code(tmp_path, monkeypatch, c
     for lr in ("", "--set lr=4e-3"):
         with pytest.raises(Planned):
             main(["repro", "decouple", "--control", "--out", str(tmp_path / f"c{len(planned)}"), *lr.split()])
-    design = sorted({(a, r) for r in (0.0, 0.3) for a in (0.0, 0.1, 1.0)} | {(0.3, 0.3)})
+    design = sorted({(a, r) for r in (0.0, 0.3) for a in (0.0, 0.1, 0.3, 1.0)})
     assert [p[0] for p in planned] == [design, design] and planned[0][1] == [0, 1, 2]
-    assert planned[1][2]["lr"] == "4e-3"
+    assert "lr" not in planned[0][2] and planned[1][2]["lr"] == 4e-3  # one spelling per folder
+    with pytest.raises(Planned):
+        main(["repro", "decouple", "--control", "--set", "lr=0.004", "--out", str(tmp_path / "z")])
+    assert planned[2][2]["lr"] == 4e-3
     capsys.readouterr()
-    assert main(["repro", "decouple", "--control", "--set", "lr=2e-3", "--out", str(tmp_path / "x")]) == 2
-    assert "--control runs at lr 0.001 or 0.004" in capsys.readouterr().err
-    assert main(["repro", "decouple", "--control", "--attn-lambdas", "0", "--out", str(tmp_path / "y")]) == 2
-    assert "--control fixes" in capsys.readouterr().err
+    for extra, message in (
+        (["--set", "lr=2e-3"], "--control runs at lr 0.001 or 0.004"),
+        (["--attn-lambdas", "0"], "--control fixes λ_attn"),
+        (["--set", "max_steps=10"], "--set accepts only lr and device, not max_steps"),
+        (["--seeds", "0"], "--control runs seeds 0,1,2"),
+    ):
+        assert main(["repro", "decouple", "--control", *extra, "--out", str(tmp_path / "x")]) == 2
+        err = capsys.readouterr().err.strip().splitlines()
+        assert len(err) == 1 and message in err[0]
+
+
+def _losses(cells: dict[tuple[float, float], list[float]]) -> dict[tuple, dict[int, dict]]:
+    """load_numbers' shape, validation loss only: (λ_attn, λ_rest) → three seeds' losses."""
+    from qkvlab.grid.runner import point_key
+    from qkvlab.repro.paper000.claim import gpt_point
+
+    return {
+        point_key(gpt_point(a, r)): {s: {"val": {"loss": v}} for s, v in enumerate(losses)}
+        for (a, r), losses in cells.items()
+    }
+
+
+def test_decouple_contrasts_read_each_comparison_by_the_rule_fixed_in_code() -> None:
+    from qkvlab.repro.paper000.claim import DECOUPLE_CONTROL_DELTA, decouple_contrasts
+
+    numbers = _losses(
+        {
+            (0.3, 0.3): [1.70, 1.71, 1.72],
+            (0.0, 0.3): [1.68, 1.69, 1.70],  # C1: −0.02 on every seed → lower
+            (0.3, 0.0): [1.683, 1.693, 1.703],  # C2: −0.017 → lower; swap: −0.003 on every seed, inside δ
+            (0.0, 0.0): [1.67, 1.68, 1.69],  # the best cell
+        }
+    )
+    found = {c["contrast"].split(":")[0] + f" {c['lambda']:g}": c for c in decouple_contrasts(numbers)}
+    assert (
+        found["C1 0.3"]["val_loss"]["mean"] == pytest.approx(-0.02) and found["C1 0.3"]["reading"] == "lower"
+    )
+    assert (
+        found["C2 0.3"]["val_loss"]["mean"] == pytest.approx(-0.017) and found["C2 0.3"]["reading"] == "lower"
+    )
+    assert found["swap 0.3"]["val_loss"]["mean"] == pytest.approx(-0.003)
+    assert found["swap 0.3"]["reading"] == "within noise" and DECOUPLE_CONTROL_DELTA > 0.003
+    assert found["C3 0.3"]["a"] == [0.0, 0.0] and found["C3 0.3"]["reading"] == "lower"
+    best = [c for c in found.values() if c["contrast"].endswith("best cell")]
+    assert len(best) == 1 and best[0]["b"] == [0.0, 0.3]  # the best cell other than no decay at all
+    from qkvlab.repro.paper000.render import decouple_table
+
+    text = decouple_table({"cells": [], "contrasts": decouple_contrasts(numbers)})
+    assert (
+        "| C1: remove attention decay | 0.3 | (0, 0.3) | (0.3, 0.3) | -0.0200 ± 0.0000 (0/3 > 0) | lower |"
+        in text
+    )
+    # higher: every seed above by more than δ on average; seeds that disagree are within noise
+    numbers = _losses(
+        {
+            (0.3, 0.3): [1.70] * 3,
+            (0.0, 0.3): [1.71, 1.72, 1.71],
+            (0.3, 0.0): [1.69, 1.72, 1.69],
+            (0.0, 0.0): [1.8] * 3,
+        }
+    )
+    found = {
+        c["contrast"].split(":")[0]: c for c in decouple_contrasts(numbers) if "best" not in c["contrast"]
+    }
+    assert found["C1"]["reading"] == "higher" and found["C3"]["reading"] == "higher"
+    assert found["C2"]["val_loss"]["wins"] == 1 and found["C2"]["reading"] == "within noise"
+    # Table 1 alone (no λ_rest = 0) has no control to read
+    assert decouple_contrasts(_losses({(0.1, 0.1): [1.7] * 3, (0.0, 0.1): [1.69] * 3})) == []
 
 
 def _lock_probe_worker(run_dir: Path, point: dict, seed: int, settings: dict) -> None:

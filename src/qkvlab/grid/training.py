@@ -148,7 +148,7 @@ def read_training_run(run_dir: Path, *, spectra: bool = True) -> dict[str, Any] 
     result: dict[str, Any] = {
         "config": json.loads((run_dir / "config.json").read_text()),
         "final": json.loads(final.read_text()),
-        "val_curve": read_metrics(run_dir)["val"],
+        **{f"{split}_curve": records for split, records in read_metrics(run_dir).items()},
     }
     records = read_spectra(run_dir) if spectra else []
     if records:

@@ -326,6 +326,7 @@ def decouple_table(summary: dict[str, Any]) -> str:
                     len(c["seeds"]),
                     pm(loss, 4),
                     ppl,
+                    pm(c["train_tail"], 4) if c.get("train_tail") else "—",
                     "(reference)" if same else diff_text((c.get("vs_coupled") or {}).get("val_loss"), 4),
                     pm(c["final"]["qk_effective_rank"], 2),
                     pm(c["final"]["ov_effective_rank"], 2),
@@ -338,6 +339,7 @@ def decouple_table(summary: dict[str, Any]) -> str:
         "seeds",
         "val loss",
         "val perplexity",
+        "train loss, last 100 steps",
         "Δ val loss vs λ_attn = λ_rest",
         "QK erank",
         "OV erank",
@@ -346,8 +348,33 @@ def decouple_table(summary: dict[str, Any]) -> str:
     lines += [
         "",
         "Perplexity is exp(mean val loss). A negative Δ means lower loss than coupled weight decay "
-        "(λ_attn = λ_rest); (k/n > 0) counts the seeds where the cell's loss is higher.",
+        "(λ_attn = λ_rest); (k/n > 0) counts the seeds where the cell's loss is higher. The tied "
+        "embedding keeps λ = 0.1 in every cell, λ_rest = 0 included.",
     ]
+    contrasts = summary.get("contrasts") or []
+    if contrasts:
+        from qkvlab.repro.paper000.claim import DECOUPLE_CONTROL_DELTA
+
+        lines += [""]
+        lines += markdown_table(
+            ["contrast", "λ", "a (λ_attn, λ_rest)", "b (λ_attn, λ_rest)", "val loss a − b", "reading"],
+            [
+                [
+                    c["contrast"],
+                    f"{c['lambda']:g}",
+                    "({:g}, {:g})".format(*c["a"]),
+                    "({:g}, {:g})".format(*c["b"]),
+                    diff_text(c["val_loss"], 4),
+                    c["reading"],
+                ]
+                for c in contrasts
+            ],
+        )
+        lines += [
+            "",
+            f"Seed-paired; a reading is lower (higher) when the mean is below −{DECOUPLE_CONTROL_DELTA:g} "
+            f"(above {DECOUPLE_CONTROL_DELTA:g}) nats and every seed has that sign, otherwise within noise.",
+        ]
     return "\n".join(lines)
 
 
