@@ -188,6 +188,32 @@ def test_qk_clip_in_the_engine_holds_logits_down_logs_its_work_and_resumes_bit_i
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
 
 
+def test_logit_every_measures_between_monitor_firings_without_clipping(corpus, tmp_path) -> None:
+    from qkvlab.config import load_config
+    from qkvlab.errors import UserError
+    from qkvlab.train import train
+
+    every = {"lr": "0.05", "spectra_every": "4", "warmup_steps": "1", "log_every": "1"}
+    train(load_config(None, tiny_gpt_settings(corpus, tmp_path / "each", **every, logit_every="1")))
+    lines = [json.loads(x) for x in (tmp_path / "each" / "metrics.jsonl").read_text().splitlines()]
+    train_lines = {x["step"]: x for x in lines if x["split"] == "train"}
+    assert all("logit_max" in x and "qk_clipped_heads" not in x for x in train_lines.values())
+    fired = [x for x in lines if x["split"] == "logits"]
+    assert fired  # on a firing step the train line's max is the monitor's own, from the same forward pass
+    for x in fired:
+        assert train_lines[x["step"]]["logit_max"] == pytest.approx(x["max"], rel=1e-6)
+
+    train(load_config(None, tiny_gpt_settings(corpus, tmp_path / "third", **every, logit_every="3")))
+    lines = [json.loads(x) for x in (tmp_path / "third" / "metrics.jsonl").read_text().splitlines()]
+    measured = sorted(x["step"] for x in lines if x["split"] == "train" and "logit_max" in x)
+    assert measured and all(step % 3 == 0 for step in measured)
+    with pytest.raises(UserError, match="logit_every needs softmax attention"):
+        load_config(
+            None,
+            tiny_gpt_settings(corpus, tmp_path / "linear", logit_every="2", **{"model.attention": "linear"}),
+        )
+
+
 def test_head_ceilings_are_reached_by_the_top_singular_pair_and_hold_with_biases_and_rotations() -> None:
     from qkvlab.logits import head_ceilings
 

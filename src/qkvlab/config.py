@@ -77,6 +77,9 @@ class TrainConfig:
     # QK-clip (qkvlab.logits): heads whose largest logit passed qk_clip have their q/k rows scaled back to it
     qk_clip: float = 0.0  # τ; 0 = off
     qk_clip_roles: list = field(default_factory=lambda: ["q", "k"])  # √γ on each, or γ on one of them
+    logit_every: int = (
+        0  # measure the logits every N steps too (train lines' logit_max); 0 = monitor steps only
+    )
     preset: str | None = None  # e.g. "decoupled-attn:attn_weight_decay=0"
     overrides: dict = field(default_factory=dict)  # {role: {lr_scale, weight_decay}}
     train_roles: list | None = None  # roles that train; None = all
@@ -173,6 +176,7 @@ RESUME_CHANGEABLE = frozenset(
         "eval_every",
         "eval_batches",
         "spectra_every",
+        "logit_every",
         "checkpoint_every",
         "keep_checkpoints",
         "stop_at",

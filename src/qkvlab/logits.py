@@ -58,14 +58,23 @@ KEYS: dict[str, Key] = {
         "QK-clip: which factors take the scale, [q, k] (√γ each, Kimi K2's) | [q] | [k] (γ on one)",
         (lambda v: bool(v) and set(v) <= {"q", "k"}, "[q, k], [q] or [k]"),
     ),
+    "logit_every": (
+        "steps between logit measurements beside the monitor's (explicit scores on those steps; the train "
+        "lines log their largest as logit_max); 0 = on monitor steps only",
+        (lambda v: isinstance(v, int) and v >= 0, "a whole number ≥ 0"),
+    ),
 }
 
 
 def validate(config: Any) -> None:
-    """QK-clip needs softmax attention, whose logits it measures."""
+    """QK-clip and logit_every need softmax attention, whose logits they measure."""
     if config.qk_clip and config.model.attention != "softmax":
         raise UserError(
             f"qk_clip needs softmax attention (its logits are clipped); model.attention={config.model.attention}"
+        )
+    if config.logit_every and config.model.attention != "softmax":
+        raise UserError(
+            f"logit_every needs softmax attention (its logits are measured); model.attention={config.model.attention}"
         )
 
 

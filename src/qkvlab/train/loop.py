@@ -7,7 +7,9 @@ Run folder (``config.out``):
     metrics.jsonl      one line per log/eval event: {"step", "split", "loss", ...}; split "spectra" lines
                        hold the monitor's per-layer summaries ({"L0/qk_erank_mean": ...}); split "logits"
                        the largest attention logit and mean entropy per layer ({"L0/max", "L0/entropy_mean",
-                       "max"}), measured on each monitor step's forward pass (qkvlab.logits)
+                       "max"}), measured on each monitor step's forward pass (qkvlab.logits); train lines
+                       add "logit_max" (the largest logit of the steps measured since the last line) with
+                       qk_clip (every step; and "qk_clipped_heads") or logit_every (every N-th step)
     spectra.jsonl      spectral monitor: the `qkvlab inspect --json` record per firing, plus the
                        predicted and measured per-step decay rates of the factor imbalance and gap, and
                        "logits": per head, the largest logit and the mean entropy
@@ -224,7 +226,10 @@ def _train(config: TrainConfig, resume: Path | None, run_dir: Path, command: str
             firing = bool(config.spectra_every) and (
                 (step + 1) % config.spectra_every == 0 or step + 1 == config.max_steps
             )
-            armed = firing or bool(config.qk_clip)
+            measuring = bool(config.qk_clip) or (
+                bool(config.logit_every) and (step + 1) % config.logit_every == 0
+            )
+            armed = firing or measuring
             with autocast(), measure_logits(model) if armed else nullcontext() as logits:
                 loss = train_model(**batch)["loss"]
             objective = loss + l2_penalty(groups) if penalty_in_loss else loss
@@ -239,9 +244,10 @@ def _train(config: TrainConfig, resume: Path | None, run_dir: Path, command: str
             bad = nonfinite_step(loss, grad_norm, ddp)  # one sync per step; the same answer on every rank
             if bad is None:
                 optimizer.step()
-                if config.qk_clip:  # every rank scales alike, from the max over all ranks' slices
+                if measuring:  # every rank scales alike, from the max over all ranks' slices
                     logits.reduce()
-                    clip_window["heads"] += qk_clip(logits, config.qk_clip, config.qk_clip_roles)
+                    if config.qk_clip:
+                        clip_window["heads"] += qk_clip(logits, config.qk_clip, config.qk_clip_roles)
                     clip_window["max"] = max(clip_window["max"], logits.scalars().get("max", -math.inf))
                 if monitor is not None:
                     monitor.accumulate()  # with this step's lr, before the scheduler moves it
@@ -267,12 +273,11 @@ def _train(config: TrainConfig, resume: Path | None, run_dir: Path, command: str
                 last_loss = reduce_mean(loss.detach().float(), ddp)
                 elapsed = time.perf_counter() - window_start
                 rate = window_steps * per_step_units / elapsed if elapsed > 0 else float("nan")
-                clipping = (
-                    # heads scaled back, summed over the steps since the last line; the largest logit among them
-                    {"qk_clipped_heads": clip_window["heads"], "logit_max": clip_window["max"]}
-                    if config.qk_clip and math.isfinite(clip_window["max"])
-                    else {}
-                )
+                # the largest logit of the steps measured since the last line (before any clip); with
+                # QK-clip, the heads it scaled back over those steps
+                clipping = {"logit_max": clip_window["max"]} if math.isfinite(clip_window["max"]) else {}
+                if config.qk_clip and clipping:
+                    clipping["qk_clipped_heads"] = clip_window["heads"]
                 clip_window = {"heads": 0, "max": -math.inf}
                 logger.log(
                     step,
