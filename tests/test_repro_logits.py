@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import math
+from pathlib import Path
 
 import pytest
 
@@ -15,8 +16,9 @@ TEXT = "It is a truth universally acknowledged, that a single man in possession 
 
 
 def test_the_pilot_picks_the_largest_rate_within_tolerance_and_tau_from_adamws_peak() -> None:
-    losses = {1e-3: 2.00, 2e-3: 1.95, 4e-3: 2.04, 8e-3: math.inf}
-    assert claim.choose_lr(losses) == 4e-3  # 2.04 ≤ 1.95·1.05; 8e-3 stopped
+    losses = {1e-3: 2.00, 2e-3: 1.95, 4e-3: 1.965, 8e-3: math.inf}
+    assert claim.choose_lr(losses) == 4e-3  # 1.965 ≤ 1.95 + 0.02 nats; 8e-3 stopped
+    assert claim.choose_lr({**losses, 4e-3: 1.975}) == 2e-3  # 0.025 nats worse: too far
     assert claim.choose_lr({1e-3: 2.0, 2e-3: 2.2}) == 1e-3
     with pytest.raises(ValueError):
         claim.choose_lr({1e-3: math.inf})
@@ -29,6 +31,8 @@ def test_a_spike_is_a_loss_above_the_factor_times_the_median_of_the_window_befor
     assert claim.loss_spikes([*calm, 2.7, 2.0]) == 1  # 2.7 > 1.3·2.0
     assert claim.loss_spikes([*calm, 2.5]) == 0
     assert claim.loss_spikes([9.0] * 5 + calm, skip=12) == 0  # the warm-up's losses are not counted
+    assert claim.loss_jump([*calm, 2.5, 2.0]) == pytest.approx(1.25)  # the largest ratio, spike or not
+    assert claim.loss_jump([9.0] * 5 + calm, skip=15) == pytest.approx(1.0)
 
 
 def test_the_grid_runs_pilot_then_decay_by_clip_and_clipping_binds_where_the_rule_says(tmp_path) -> None:
@@ -58,29 +62,53 @@ def test_the_grid_runs_pilot_then_decay_by_clip_and_clipping_binds_where_the_rul
     pilot = json.loads((out / "pilot.json").read_text())
     for o in claim.OPTIMIZERS:
         losses = {float(lr): (math.inf if r is None else r["val_loss"]) for lr, r in pilot[o]["runs"].items()}
-        assert pilot[o]["chosen"] == claim.choose_lr(losses)
+        assert pilot[o]["usable"] == claim.choose_lr(losses)
         assert set(losses) >= set(claim.LR_LADDER)
-    peak = pilot["adamw"]["runs"][f"{pilot['adamw']['chosen']:g}"]["logit_peak"]
+    assert pilot["lr"] == min(pilot[o]["usable"] for o in claim.OPTIMIZERS)  # one rate for both
+    peak = pilot["adamw"]["runs"][f"{pilot['lr']:g}"]["logit_peak"]
     assert pilot["tau"] == claim.tau_from(peak)
+    muon_peak = pilot["muon"]["runs"][f"{pilot['lr']:g}"]["logit_peak"]
+    assert pilot["muon_peak_over_tau"] == pytest.approx(muon_peak / pilot["tau"])
+    assert pilot["informative"] == (pilot["adamw_growth"] is not None and pilot["adamw_growth"] >= 1.5)
 
     summary = json.loads((out / "summary.json").read_text())
     cells = {(c["optimizer"], c["budget"], bool(c["clip"])): c for c in summary["cells"]}
     assert set(cells) == {(o, b, k) for o in claim.OPTIMIZERS for b in (0.0, 1.0) for k in (False, True)}
+    assert {c["lr"] for c in summary["cells"]} == {pilot["lr"]}
     plain, clipped = cells[("adamw", 0.0, False)], cells[("adamw", 0.0, True)]
     assert plain["measures"]["clipped_heads"]["mean"] == 0
     assert clipped["measures"]["clipped_heads"]["mean"] > 0  # τ is half the pilot's peak: it binds
-    config = json.loads(
-        (
-            out
-            / "runs"
-            / claim.run_name(
-                {"variant": "muon", "budget": 1.0, "lr": pilot["muon"]["chosen"], "qk_clip": pilot["tau"]}, 0
-            )
-            / "config.json"
-        ).read_text()
+
+    def run_dir(optimizer: str, budget: float, clip: float) -> Path:
+        point = {"variant": optimizer, "budget": budget, "lr": pilot["lr"], "qk_clip": clip}
+        return out / "runs" / claim.run_name(point, 0)
+
+    config = json.loads((run_dir("muon", 1.0, pilot["tau"]) / "config.json").read_text())
+    assert config["optimizer"] == "muon" and config["qk_clip"] == pilot["tau"] and config["logit_every"] == 1
+    decays = {role: config["overrides"][role]["weight_decay"] for role in ("q", "k", "v", "o", "embed")}
+    assert decays["q"] == decays["k"] > 0 and decays["v"] == decays["o"] == decays["embed"] == 0
+    # every step of an unclipped run is measured as a clipped run's is: the peak is the largest logged
+    lines = (run_dir("adamw", 0.0, 0.0) / "metrics.jsonl").read_text().splitlines()
+    logged = [x["logit_max"] for x in map(json.loads, lines) if x["split"] == "train"]
+    assert len(logged) == 8 and plain["measures"]["logit_peak"]["mean"] == pytest.approx(max(logged))
+    assert plain["over_tau"]["mean"] == sum(v > pilot["tau"] for v in logged)
+
+    # the readings, each from the cells it names
+    found = summary["readings"]
+    decay = [r for r in found if r["question"] == "decay against QK-clip"]
+    assert {(r["optimizer"], r["budget"]) for r in decay} == {(o, 1.0) for o in claim.OPTIMIZERS}
+    (adamw,) = [r for r in decay if r["optimizer"] == "adamw"]
+    expected = (
+        cells[("adamw", 1.0, False)]["measures"]["logit_peak"]["mean"]
+        - clipped["measures"]["logit_peak"]["mean"]
     )
-    assert config["optimizer"] == "muon" and config["qk_clip"] == pilot["tau"]
-    assert config["overrides"]["q"]["weight_decay"] > 0 and config["overrides"]["embed"]["weight_decay"] == 0
+    assert adamw["peak"]["mean"] == pytest.approx(expected)
+    assert {r["question"] for r in found} == {
+        "decay against QK-clip",
+        "QK-clip changes QK rank",
+        "needs clipping",
+        "Muon against AdamW",
+    }
 
     # the tables and both figures from the folder alone
     plots = tmp_path / "plots"
@@ -93,4 +121,58 @@ def test_the_grid_runs_pilot_then_decay_by_clip_and_clipping_binds_where_the_rul
     assert (
         len(cell["per_head"]["max"][0]) == 1 and len(cell["per_head"]["max"][0][0]) == 2
     )  # 1 layer, 2 heads
-    assert cell["trajectory"]["steps"] == [2, 4, 6, 8]
+    assert cell["per_head"]["steps"] == [2, 4, 6, 8] and cell["trajectory"]["steps"] == [8]
+
+
+def test_the_readings_follow_the_rules_fixed_before_any_run() -> None:
+    def runs(peaks: list[float], ranks: list[float], loss: float) -> dict[int, dict]:
+        return {
+            s: {"measures": {"logit_peak": peaks[s], "qk_effective_rank": ranks[s], "val_loss": loss}}
+            for s in range(3)
+        }
+
+    grid = {  # (optimiser, Σηλ, clipped) → seed → run
+        ("adamw", 0.0, False): runs([20, 21, 22], [20.0, 20.0, 20.0], 1.5),
+        ("adamw", 0.0, True): runs([11, 11, 11], [19.8, 19.85, 19.9], 1.6),
+        ("adamw", 1.0, False): runs([9, 10, 10.5], [15.0] * 3, 1.55),
+        ("adamw", 1.0, True): runs([9, 10, 10.5], [14.95] * 3, 1.55),
+        ("muon", 0.0, False): runs([30, 30, 30], [28.0] * 3, 1.4),
+        ("muon", 0.0, True): runs([11, 11, 11], [28.0] * 3, 1.45),
+        ("muon", 1.0, False): runs([12, 9, 14], [27.0] * 3, 1.42),
+        ("muon", 1.0, True): runs([11, 9, 11], [27.0] * 3, 1.43),
+    }
+    tau = 10.0
+    cells = [
+        {
+            "optimizer": o,
+            "budget": b,
+            "clip": tau if c else 0.0,
+            "seeds": [0, 1, 2],
+            "stopped": [],
+            "seeds_over_tau": sum(r["measures"]["logit_peak"] > tau for r in found.values()),
+        }
+        for (o, b, c), found in grid.items()
+    ]
+    found = claim.readings(cells, tau, lambda o, b, c: grid.get((o, b, c), {}))
+    decay = {r["optimizer"]: r for r in found if r["question"] == "decay against QK-clip"}
+    assert decay["adamw"]["peak"]["mean"] == pytest.approx(-(2 + 1 + 0.5) / 3)  # 9−11, 10−11, 10.5−11
+    assert decay["adamw"]["reading"] == "as low as QK-clip or lower"
+    assert decay["muon"]["reading"] == "mixed"  # 12 > 11, 9 = 9, 14 > 11
+    rank = {
+        (r["optimizer"], r["budget"]): r["reading"]
+        for r in found
+        if r["question"] == "QK-clip changes QK rank"
+    }
+    assert rank[("adamw", 0.0)] == "lower on every seed"  # −0.2, −0.15, −0.1: every seed, mean ≥ 0.1
+    assert rank[("adamw", 1.0)] == "within seed noise"  # −0.05 on every seed: below the floor
+    needs = {r["budget"]: r for r in found if r["question"] == "needs clipping"}
+    assert needs[0.0]["needs"] == {"adamw": True, "muon": True} and needs[0.0]["reading"] == "both need it"
+    assert needs[1.0]["needs"] == {"adamw": False, "muon": True}  # 1 of 3 seeds over τ against 2 of 3
+    assert needs[1.0]["reading"] == "Muon needs clipping where AdamW does not"
+    # a run that stopped on a non-finite value counts as passing τ: 1 over + 1 stopped of 3 is a majority
+    (adamw,) = [c for c in cells if (c["optimizer"], c["budget"], c["clip"]) == ("adamw", 1.0, 0.0)]
+    adamw.update(seeds=[0, 1], stopped=[2], seeds_over_tau=1)
+    found = claim.readings(cells, tau, lambda o, b, c: grid.get((o, b, c), {}))
+    assert [
+        r["needs"]["adamw"] for r in found if r["question"] == "needs clipping" and r["budget"] == 1.0
+    ] == [True]

@@ -7,41 +7,68 @@ theory links them: for every head σ₁(W_KᵀW_Q) ≤ ‖W_KᵀW_Q‖_* ≤ ½(
 factors bounds the largest logit through the nuclear norm (docs/logits.md).
 
 Everything below was fixed before any run of this experiment, and is kept in code so the command
-reproduces it.
+reproduces it. (A first version was revised after a review, still before any run: one common rate
+for both optimisers, a tighter loss tolerance, the logit measured on every step of every run, decay
+on W_Q and W_K only, the readings below, and stopped runs counted.)
 
 **Setting.** The Shakespeare GPT of ``repro wd-rank`` and ``repro optimizer-rank`` (4 layers, 4 heads of
 d_head 32, 2,000 steps, cosine schedule, gradient clipping 1.0), Muon with ``muon_adjust_lr=
-match_rms_adamw`` so that one η means the same for both optimisers. No weight decay anywhere but on
-q, k, v and o. The spectral monitor fires every 100 steps (``MONITOR_EVERY``): each firing records every
-head's largest logit S_max^h on that step's batch (qkvlab.logits), the ceiling from the weights, and
-both products' spectra.
+match_rms_adamw`` so that one η means the same for both optimisers. **Weight decay on W_Q and W_K
+only** (``DECAYED_ROLES``), the two matrices QK-clip touches; none anywhere else. **Every step of every
+run measures its largest logit** (``logit_every=1``: explicit scores, clip or not, so clipped and
+unclipped runs are measured alike) and logs it with the loss (``log_every=1``). The spectral monitor
+fires every 100 steps (``MONITOR_EVERY``): per-head largest logits and both products' spectra.
 
 **The learning rate (a pilot, seed 100, not reported).** For each optimiser, without decay and without
-clipping, one run at each of {1, 2, 4, 8} × 1e-3 (``LR_LADDER``). The study runs each optimiser at the
-*largest* rate on the ladder whose pilot finishes without a non-finite stop and ends within 5 %
-(``LOSS_TOLERANCE``) of that optimiser's best pilot validation loss: the most aggressive rate a user
-would still pick, where logits grow most. If that is the ladder's top, the ladder grows by a factor of
-2 past it, at most twice, and the choice is reported as at the edge. The pilot's logit growth (the
-largest logit at the last firing over that at the first after step 0) is reported.
+clipping, one run at each of {1, 2, 4, 8} × 1e-3 (``LR_LADDER``). An optimiser's *usable* rate is the
+largest on its ladder whose pilot finishes without a non-finite stop and ends within 0.02 nats
+(``LOSS_TOLERANCE``) of its best pilot validation loss: the most aggressive rate a user would still
+pick, where logits grow most. If that is the ladder's top, the ladder grows by a factor of 2 past it, at
+most twice, and the rate is reported as at the edge. **Both optimisers then run at one common rate**,
+the smaller of the two usable rates, so that the optimiser comparison is never a comparison of rates.
 
-**τ, fixed from the pilot before any study run.** τ = ½ × the largest logit (any head, layer and firing)
-of the AdamW pilot at AdamW's chosen rate, to two significant digits (``TAU_FRACTION``), the same for
-both optimisers: clipping then binds for AdamW without decay by construction, and whether decay or
-Muon keeps a run under it is a result.
+**τ, fixed from the pilot before any study run.** τ = ½ × the largest logit (every step, any head) of
+the AdamW pilot at the common rate, to two significant digits (``TAU_FRACTION``), the same for both
+optimisers: clipping then binds for AdamW without decay by construction, and whether decay or Muon
+keeps a run under it is a result. The Muon pilot's peak over τ is reported beside it. The pilot's logit
+growth is the largest logit over its last 100 steps over that over the 100 steps after warm-up; if
+AdamW's is below 1.5 (``GROWTH_INFORMATIVE``), logits do not grow in this setting and the study is
+reported as saying little about logit growth.
 
-**The grid.** {AdamW, Muon} × attention decay Σₜη_tλ_t ∈ {0, 1, 3} (λ = budget / Σₜη_t, as in
+**The grid.** {AdamW, Muon} × decay on W_Q, W_K with Σₜη_tλ_t ∈ {0, 1, 3} (λ = budget / Σₜη_t, as in
 ``repro optimizer-rank``) × QK-clip {off, τ} × seeds {0, 1, 2}: 36 runs.
 
-**Measures** (per run; mean ± std over seeds, and seed-paired differences against the same optimiser
-without decay and without clipping):
+**Measures** (per run; mean ± std over seeds):
 
-- ``logit_peak``: the largest logit of any head over all firings; ``logit_final``: the largest at the
-  last firing; the per-head trajectories are kept for the plot.
-- ``clipped_heads``: head-steps QK-clip scaled back (the train log's ``qk_clipped_heads``, summed).
+- ``logit_peak``: the largest logit of any head over every step; ``logit_final``: over the last 100
+  steps; ``over_tau``: the steps whose largest logit passed τ (with QK-clip: before the clip); the
+  per-head trajectories at the monitor's firings are kept for the plot.
+- ``clipped_heads``: head-steps QK-clip scaled back (the train lines' ``qk_clipped_heads``, summed).
 - ``qk_effective_rank``, ``ov_effective_rank``: means over heads of the final weights' products.
-- ``val_loss``: the final validation loss.
-- ``loss_spikes``: logged training losses (every 10 steps) after the warm-up that exceed 1.3 × the
-  median of the 10 logged before them (``SPIKE_FACTOR``, ``SPIKE_WINDOW``).
+- ``val_loss``: the final validation loss; ``train_tail``: the mean training loss of the last 100 steps.
+- ``loss_spikes``: steps after the warm-up (and one window) whose loss exceeds 1.3 × the median of the
+  10 steps before them (``SPIKE_FACTOR``, ``SPIKE_WINDOW``); ``loss_jump``: the largest such ratio.
+- A run that stops on a non-finite value is counted as stopped (and as over τ), never dropped; its
+  largest logit up to the stop is kept.
+
+**Readings** (:func:`readings`; seed-paired, three seeds, so "every seed" is the strongest statement the
+data allow, a sign test at p = 0.25):
+
+- *Decay against QK-clip, per optimiser and Σηλ > 0*: the peak logit with decay and no clip minus the
+  peak with QK-clip and no decay. Decay holds logits down as well as QK-clip where it is ≤ 0 on every
+  seed. Its cost beside clipping's: the same difference in validation loss and QK effective rank.
+- *Does QK-clip change rank*: QK effective rank with the clip minus without, per optimiser and Σηλ.
+  Predicted before any run: the clip scales a whole head's W_Q and W_K by scalars, which leaves that
+  head's effective rank unchanged, so a change can only come through the training after it. Read as
+  lower or higher where every seed agrees and the mean is at least 0.1 (``RANK_FLOOR``, of 32),
+  otherwise within seed noise.
+- *Does an optimiser need clipping*, per Σηλ without the clip: yes where a majority of the seeds (2
+  of 3) pass τ or stop. Muon needs clipping where AdamW with decay does not when that holds for Muon and not for
+  AdamW at the same Σηλ.
+- *Muon against AdamW* in every cell: peak logit, QK effective rank and validation loss, seed-paired.
+
+If decay at Σηλ = 3 does not bring the unclipped peak down to τ, the loss cost of decay *at equal
+logit control* cannot be read off the grid, and the write-up says so.
 """
 
 from __future__ import annotations
@@ -53,22 +80,26 @@ from pathlib import Path
 from typing import Any
 
 from qkvlab.grid.runner import Run
-from qkvlab.repro.optimizer_rank.claim import decay_for, variant_overrides
+from qkvlab.repro.optimizer_rank.claim import ATTENTION, VARIANTS, decay_for
 from qkvlab.repro.paper000.claim import GPT_BASE
 from qkvlab.repro.registry import Experiment, register
 
-__all__ = ["OPTIMIZERS", "choose_lr", "loss_spikes", "run_experiment", "tau_from"]
+__all__ = ["OPTIMIZERS", "choose_lr", "loss_jump", "loss_spikes", "readings", "run_experiment", "tau_from"]
 
 OPTIMIZERS = ("adamw", "muon")
 BUDGETS = (0.0, 1.0, 3.0)
 LR_LADDER = (1e-3, 2e-3, 4e-3, 8e-3)
 MAX_EXTENSIONS = 2
-LOSS_TOLERANCE = 0.05
+LOSS_TOLERANCE = 0.02  # nats
 TAU_FRACTION = 0.5
+GROWTH_INFORMATIVE = 1.5
 SELECT_SEED = 100
 MONITOR_EVERY = 100
 SPIKE_FACTOR = 1.3
 SPIKE_WINDOW = 10
+TAIL_STEPS = 100
+RANK_FLOOR = 0.1  # a change in effective rank (of d_head = 32) smaller than this reads as none
+DECAYED_ROLES = ("q", "k")
 STOPPED_FILE = "stopped.json"
 
 BASE: dict[str, Any] = {
@@ -76,7 +107,8 @@ BASE: dict[str, Any] = {
     "muon_adjust_lr": "match_rms_adamw",
     "weight_decay": 0.0,
     "spectra_every": MONITOR_EVERY,
-    "log_every": 10,
+    "log_every": 1,
+    "logit_every": 1,
 }
 
 
@@ -91,8 +123,19 @@ def make_run(optimizer: str, budget: float, lr: float, clip: float, seed: int) -
 
 
 def overrides(base: dict[str, Any], point: dict[str, Any]) -> dict[str, Any]:
-    """The run-config keys of one grid point: the optimiser, lr, λ on q, k, v, o, and QK-clip."""
-    return {**variant_overrides(base, point), "qk_clip": point["qk_clip"]}
+    """The run-config keys of one grid point: the optimiser, lr, λ on q and k (0 on v, o and the
+    embedding), and QK-clip."""
+    variant, lr = point["variant"], float(point["lr"])
+    lam = decay_for(base, variant, float(point["budget"]), lr)
+    roles = {role: {"weight_decay": lam if role in DECAYED_ROLES else 0.0} for role in ATTENTION}
+    roles["embed"] = {"weight_decay": 0.0}
+    return {
+        **VARIANTS[variant].keys,
+        "lr": lr,
+        "weight_decay": 0.0,
+        "overrides": roles,
+        "qk_clip": point["qk_clip"],
+    }
 
 
 # -- the worker ----------------------------------------------------------------------------------
@@ -120,47 +163,72 @@ def worker(run_dir: Path, point: dict[str, Any], seed: int, settings: dict[str, 
 # -- what a run gives ------------------------------------------------------------------------------
 
 
+def _after_warmup(losses: list[float], skip: int) -> range:
+    return range(max(skip, SPIKE_WINDOW), len(losses))
+
+
 def loss_spikes(losses: list[float], skip: int = 0) -> int:
     """How many of ``losses`` (after the first ``skip``) exceed SPIKE_FACTOR × the median of the
     SPIKE_WINDOW before them."""
     return sum(
         1
-        for i in range(max(skip, SPIKE_WINDOW), len(losses))
+        for i in _after_warmup(losses, skip)
         if losses[i] > SPIKE_FACTOR * statistics.median(losses[i - SPIKE_WINDOW : i])
     )
 
 
+def loss_jump(losses: list[float], skip: int = 0) -> float:
+    """The largest ratio of a loss (after the first ``skip``) to the median of the SPIKE_WINDOW before it."""
+    ratios = [
+        losses[i] / statistics.median(losses[i - SPIKE_WINDOW : i]) for i in _after_warmup(losses, skip)
+    ]
+    return max(ratios) if ratios else math.nan
+
+
 def read_run(run_dir: Path) -> dict[str, Any] | None:
-    """One run reduced to its measures and logit trajectories; ``{"stopped": why}`` for a run that met a
-    non-finite value; None while unfinished."""
-    from qkvlab.grid.training import final_measures, read_training_run
+    """One run reduced to its measures, its largest logit per step and the per-head logits at the
+    monitor's firings; for a run that met a non-finite value, ``{"stopped": why, ...}`` with its largest
+    logit per step up to the stop; None while unfinished."""
+    from qkvlab.grid.training import final_measures, read_metrics, read_training_run
 
     if (run_dir / STOPPED_FILE).is_file():
-        return {"stopped": json.loads((run_dir / STOPPED_FILE).read_text())["reason"]}
+        train = read_metrics(run_dir)["train"]
+        logits = [(x["step"], x["logit_max"]) for x in train if "logit_max" in x]
+        return {
+            "stopped": json.loads((run_dir / STOPPED_FILE).read_text())["reason"],
+            "logit_steps": [s for s, _ in logits],
+            "logit_max": [v for _, v in logits],
+            "last_step": train[-1]["step"] if train else 0,
+        }
     result = read_training_run(run_dir)
     if result is None or not result.get("spectra"):
         return None
     fired = [r for r in result["spectra"] if r.get("logits")]
-    lines = [json.loads(x) for x in (run_dir / "metrics.jsonl").read_text().splitlines() if '"train"' in x]
-    by_step = {x["step"]: x for x in lines}  # a resumed run logs a step again: the last counts
-    train = [by_step[s] for s in sorted(by_step)]
+    train = result["train_curve"]
+    final_step = int(result["final"]["step"])
     warmup = int(result["config"].get("warmup_steps", 0))
+    logits = [(x["step"], x["logit_max"]) for x in train if "logit_max" in x]
+    losses = [x["loss"] for x in train]
+    skip = sum(1 for x in train if x["step"] <= warmup) + SPIKE_WINDOW  # windows wholly after warm-up
+    tail = [x for x in train if x["step"] > final_step - TAIL_STEPS]
     measures = final_measures(result)
-    peaks = [max(max(layer) for layer in r["logits"]["max"]) for r in fired]
     measures.update(
         {
-            "logit_peak": max(peaks) if peaks else math.nan,
-            "logit_final": peaks[-1] if peaks else math.nan,
+            "logit_peak": max((v for _, v in logits), default=math.nan),
+            "logit_final": max((v for s, v in logits if s > final_step - TAIL_STEPS), default=math.nan),
             "clipped_heads": float(sum(x.get("qk_clipped_heads", 0) for x in train)),
-            "loss_spikes": float(
-                loss_spikes([x["loss"] for x in train], skip=sum(1 for x in train if x["step"] <= warmup))
-            ),
+            "loss_spikes": float(loss_spikes(losses, skip=skip)),
+            "loss_jump": loss_jump(losses, skip=skip),
+            "train_tail": statistics.fmean(x["loss"] for x in tail) if tail else math.nan,
         }
     )
     return {
-        "measures": measures,
+        "measures": {k: v for k, v in measures.items() if not math.isnan(v)},  # a short run has no jump
+        "logit_steps": [s for s, _ in logits],
+        "logit_max": [v for _, v in logits],
         "steps": [r["step"] for r in fired],
         "per_head": [r["logits"]["max"] for r in fired],  # [firing][layer][head]
+        "warmup": warmup,
     }
 
 
@@ -168,18 +236,29 @@ def read_run(run_dir: Path) -> dict[str, Any] | None:
 
 
 def choose_lr(losses: dict[float, float]) -> float:
-    """The largest rate whose pilot finished (a finite loss) within LOSS_TOLERANCE of the best one."""
+    """The largest rate whose pilot finished (a finite loss) within LOSS_TOLERANCE nats of the best one."""
     finite = {lr: loss for lr, loss in losses.items() if math.isfinite(loss)}
     if not finite:
         raise ValueError("every pilot run stopped on a non-finite value")
     best = min(finite.values())
-    return max(lr for lr, loss in finite.items() if loss <= best * (1 + LOSS_TOLERANCE))
+    return max(lr for lr, loss in finite.items() if loss <= best + LOSS_TOLERANCE)
 
 
 def tau_from(peak: float) -> float:
     """TAU_FRACTION × the AdamW pilot's largest logit, to two significant digits."""
     value = TAU_FRACTION * peak
     return float(f"{value:.2g}")
+
+
+def logit_growth(result: dict[str, Any]) -> float | None:
+    """The largest logit over the last TAIL_STEPS steps over that over the TAIL_STEPS after warm-up."""
+    pairs = list(zip(result["logit_steps"], result["logit_max"], strict=True))
+    if not pairs:
+        return None
+    last, warmup = pairs[-1][0], result.get("warmup", 0)
+    early = [v for s, v in pairs if warmup < s <= warmup + TAIL_STEPS]
+    late = [v for s, v in pairs if s > last - TAIL_STEPS]
+    return max(late) / max(early) if early and late and max(early) > 0 else None
 
 
 def shared_settings(changes: dict[str, Any] | None = None) -> dict[str, Any]:
@@ -192,9 +271,13 @@ def _grid(out: Path, runs: list[Run], settings: dict[str, Any], jobs: int, echo:
     run_stage(out, runs, worker, status, settings=settings, jobs=jobs, echo=echo, label="logits", stage=stage)
 
 
+def _loss(result: dict[str, Any]) -> float:
+    return math.inf if "stopped" in result else float(result["measures"]["val_loss"])
+
+
 def pilot(out: Path, settings: dict[str, Any], jobs: int = 1, echo: Any = print) -> dict[str, Any] | None:
-    """Stage 1 (see the module): each optimiser's rate and τ, written to OUT/pilot.json; None while a
-    pilot run is unfinished."""
+    """Stage 1 (see the module): each optimiser's usable rate, the common rate and τ, written to
+    OUT/pilot.json; None while a pilot run is unfinished."""
     from qkvlab.files import write_atomic
 
     ladders = {o: list(LR_LADDER) for o in OPTIMIZERS}
@@ -210,54 +293,54 @@ def pilot(out: Path, settings: dict[str, Any], jobs: int = 1, echo: Any = print)
             return None
         grown = False
         for o in OPTIMIZERS:
-            chosen = choose_lr({lr: _loss(r) for lr, r in results[o].items()})
-            if extension < MAX_EXTENSIONS and chosen == ladders[o][-1]:
-                ladders[o].append(chosen * 2)
+            usable = choose_lr({lr: _loss(r) for lr, r in results[o].items()})
+            if extension < MAX_EXTENSIONS and usable == ladders[o][-1]:
+                ladders[o].append(usable * 2)
                 grown = True
         if not grown:
             break
-    chosen = {o: choose_lr({lr: _loss(r) for lr, r in results[o].items()}) for o in OPTIMIZERS}
-    record = {
+    usable = {o: choose_lr({lr: _loss(r) for lr, r in results[o].items()}) for o in OPTIMIZERS}
+    common = min(usable.values())
+    at_common = {o: results[o][common] for o in OPTIMIZERS}
+    if any("stopped" in r for r in at_common.values()):
+        raise RuntimeError(f"a pilot run at the common rate {common:g} stopped; the design has no τ for it")
+    record: dict[str, Any] = {
         o: {
-            "chosen": chosen[o],
-            "at_edge": chosen[o] == ladders[o][-1],
+            "usable": usable[o],
+            "at_edge": usable[o] == ladders[o][-1],
             "runs": {
                 f"{lr:g}": None
                 if "stopped" in r
                 else {
                     "val_loss": r["measures"]["val_loss"],
                     "logit_peak": r["measures"]["logit_peak"],
-                    "logit_growth": _growth(r),
+                    "logit_growth": logit_growth(r),
                 }
                 for lr, r in results[o].items()
             },
         }
         for o in OPTIMIZERS
     }
-    record["tau"] = tau_from(results["adamw"][chosen["adamw"]]["measures"]["logit_peak"])
+    tau = tau_from(at_common["adamw"]["measures"]["logit_peak"])
+    growth = logit_growth(at_common["adamw"])
+    record.update(
+        {
+            "lr": common,
+            "tau": tau,
+            "muon_peak_over_tau": at_common["muon"]["measures"]["logit_peak"] / tau,
+            "adamw_growth": growth,
+            "informative": growth is not None and growth >= GROWTH_INFORMATIVE,
+        }
+    )
     write_atomic(out / "pilot.json", json.dumps(record, indent=1))
     return record
 
 
-def _loss(result: dict[str, Any]) -> float:
-    return math.inf if "stopped" in result else float(result["measures"]["val_loss"])
-
-
-def _growth(result: dict[str, Any]) -> float | None:
-    """The largest logit at the last firing over that at the first after step 0."""
-    peaks = [max(max(layer) for layer in firing) for firing in result["per_head"]]
-    return peaks[-1] / peaks[0] if len(peaks) > 1 and peaks[0] > 0 else None
-
-
 def main_runs(pilot_record: dict[str, Any], budgets: list[float], seeds: list[int]) -> list[Run]:
-    """Stage 2, seed by seed (an interrupted grid holds whole seeds first)."""
-    tau = pilot_record["tau"]
+    """Stage 2 at the common rate, seed by seed (an interrupted grid holds whole seeds first)."""
+    tau, lr = pilot_record["tau"], pilot_record["lr"]
     return [
-        make_run(o, b, pilot_record[o]["chosen"], clip, s)
-        for s in seeds
-        for o in OPTIMIZERS
-        for b in budgets
-        for clip in (0.0, tau)
+        make_run(o, b, lr, clip, s) for s in seeds for o in OPTIMIZERS for b in budgets for clip in (0.0, tau)
     ]
 
 
@@ -282,12 +365,12 @@ def run_experiment(
         echo("the pilot is unfinished (a run failed: see its train.log); run again to resume")
         return False
     echo(
-        "learning rates: "
+        "usable rates: "
         + ", ".join(
-            f"{o} {record[o]['chosen']:g}" + " (at the ladder's edge)" * record[o]["at_edge"]
+            f"{o} {record[o]['usable']:g}" + " (at the ladder's edge)" * record[o]["at_edge"]
             for o in OPTIMIZERS
         )
-        + f"; τ = {record['tau']:g}"
+        + f"; both run at {record['lr']:g}; τ = {record['tau']:g}"
     )
     _grid(out, main_runs(record, list(budgets or BUDGETS), seeds), settings, jobs, echo, "main")
     return True
@@ -295,73 +378,182 @@ def run_experiment(
 
 # -- results -------------------------------------------------------------------------------------
 
-COMPARED = ("logit_peak", "logit_final", "qk_effective_rank", "ov_effective_rank", "val_loss")
+COMPARED = ("logit_peak", "logit_final", "qk_effective_rank", "ov_effective_rank", "val_loss", "train_tail")
+WINDOW = 10  # steps per point of the stored trajectory (the largest logit of each window)
 
 
 def aggregate(out: Path) -> dict[str, Any]:
-    """Every (optimiser, budget, clip) cell: mean ± std over the reported seeds, and seed-paired
-    differences against the same optimiser without decay or clipping."""
+    """Every (optimiser, budget, clip) cell at the common rate: mean ± std over the reported seeds, stopped
+    runs, the seed-paired differences against the same optimiser without decay or clipping, and the
+    readings (:func:`readings`)."""
     from qkvlab.grid.runner import load_runs, mean_std, paired, point_key
 
-    summary: dict[str, Any] = {"pilot": None, "cells": []}
+    summary: dict[str, Any] = {"pilot": None, "cells": [], "readings": []}
     path = out / "pilot.json"
     if not path.is_file():
         return summary
     record = json.loads(path.read_text())
     summary["pilot"] = record
+    tau, lr = record["tau"], record["lr"]
     runs = load_runs(out, read_run)
     base = json.loads((out / "settings.json").read_text())["overrides"]
     budgets = sorted({float(dict(key)["budget"]) for key in runs})
 
     def found(o: str, budget: float, clip: float) -> dict[int, dict[str, Any]]:
-        point = {
-            "variant": o,
-            "budget": float(budget),
-            "lr": float(record[o]["chosen"]),
-            "qk_clip": float(clip),
-        }
+        point = {"variant": o, "budget": float(budget), "lr": float(lr), "qk_clip": float(clip)}
         return {s: r for s, r in runs.get(point_key(point), {}).items() if s != SELECT_SEED}
-
-    def measure(results: dict[int, dict[str, Any]], name: str) -> dict[int, float]:
-        return {s: r["measures"][name] for s, r in results.items() if "measures" in r}
 
     for o in OPTIMIZERS:
         reference = found(o, 0.0, 0.0)
         for budget in budgets:
-            for clip in (0.0, record["tau"]):
+            for clip in (0.0, tau):
                 results = found(o, budget, clip)
                 if not results:
                     continue
                 done = {s: r for s, r in results.items() if "measures" in r}
                 names = sorted({n for r in done.values() for n in r["measures"]})
+                over = {s: sum(v > tau for v in r["logit_max"]) for s, r in done.items()}
                 cell: dict[str, Any] = {
                     "optimizer": o,
                     "budget": budget,
                     "clip": clip,
-                    "lr": record[o]["chosen"],
-                    "lambda": decay_for(base, o, budget, record[o]["chosen"]),
+                    "lr": lr,
+                    "lambda": decay_for(base, o, budget, lr),
                     "seeds": sorted(done),
                     "stopped": sorted(s for s, r in results.items() if "stopped" in r),
-                    "measures": {n: mean_std(measure(done, n).values()) for n in names},
-                    "vs_plain": {n: paired(measure(done, n), measure(reference, n)) for n in COMPARED},
+                    "stopped_peaks": {
+                        str(s): max(r["logit_max"], default=math.nan)
+                        for s, r in results.items()
+                        if "stopped" in r
+                    },
+                    "measures": {n: mean_std(_measure(done, n).values()) for n in names},
+                    "over_tau": mean_std(over.values()) if over else None,
+                    "seeds_over_tau": sum(_measure(done, "logit_peak")[s] > tau for s in done),
+                    "vs_plain": {n: paired(_measure(done, n), _measure(reference, n)) for n in COMPARED},
                 }
                 if done:
                     cell.update(_trajectories(done))
                 summary["cells"].append(cell)
+    summary["readings"] = readings(summary["cells"], tau, lambda o, b, c: found(o, b, tau if c else 0.0))
     return summary
 
 
+def _measure(results: dict[int, dict[str, Any]], name: str) -> dict[int, float]:
+    return {s: r["measures"][name] for s, r in results.items() if name in r.get("measures", {})}
+
+
+def _sign(diff: dict[str, Any] | None, floor: float = RANK_FLOOR) -> str:
+    """Lower or higher where every seed agrees and the mean is at least ``floor``, else within seed
+    noise (a − b, seed-paired)."""
+    if diff is None:
+        return "not run"
+    if diff["wins"] == 0 and diff["mean"] <= -floor:
+        return "lower on every seed"
+    if diff["wins"] == diff["n"] and diff["mean"] >= floor:
+        return "higher on every seed"
+    return "within seed noise"
+
+
+def readings(cells: list[dict[str, Any]], tau: float, found: Any) -> list[dict[str, Any]]:
+    """The module's pre-registered readings from the cells and ``found(optimiser, budget, clipped)`` →
+    seed → run."""
+    from qkvlab.grid.runner import paired
+
+    def diff(name: str, a: dict[int, dict[str, Any]], b: dict[int, dict[str, Any]]) -> dict[str, Any] | None:
+        return paired(_measure(a, name), _measure(b, name))
+
+    index = {(c["optimizer"], c["budget"], bool(c["clip"])): c for c in cells}
+    budgets = sorted({c["budget"] for c in cells})
+    out: list[dict[str, Any]] = []
+    for o in OPTIMIZERS:
+        clip_only = found(o, 0.0, True)
+        for b in (b for b in budgets if b > 0):
+            decay = found(o, b, False)
+            if not decay or not clip_only:
+                continue
+            peak = diff("logit_peak", decay, clip_only)
+            out.append(
+                {
+                    "question": "decay against QK-clip",
+                    "optimizer": o,
+                    "budget": b,
+                    "peak": peak,
+                    "val_loss": diff("val_loss", decay, clip_only),
+                    "qk_effective_rank": diff("qk_effective_rank", decay, clip_only),
+                    "reading": "as low as QK-clip or lower"
+                    if peak and peak["wins"] == 0
+                    else (
+                        "higher than QK-clip on every seed" if peak and peak["wins"] == peak["n"] else "mixed"
+                    ),
+                }
+            )
+    for o in OPTIMIZERS:
+        for b in budgets:
+            rank = diff("qk_effective_rank", found(o, b, True), found(o, b, False))
+            if rank is not None:
+                out.append(
+                    {
+                        "question": "QK-clip changes QK rank",
+                        "optimizer": o,
+                        "budget": b,
+                        "qk_effective_rank": rank,
+                        "ov_effective_rank": diff("ov_effective_rank", found(o, b, True), found(o, b, False)),
+                        "reading": _sign(rank),
+                    }
+                )
+    for b in budgets:
+        needs = {}
+        for o in OPTIMIZERS:
+            cell = index.get((o, b, False))
+            if cell is not None:  # a majority of the seeds (2 of 3) passed τ or stopped
+                ran = len(cell["seeds"]) + len(cell["stopped"])
+                needs[o] = 2 * (cell["seeds_over_tau"] + len(cell["stopped"])) > ran
+        if len(needs) == len(OPTIMIZERS):
+            out.append(
+                {
+                    "question": "needs clipping",
+                    "budget": b,
+                    "needs": needs,
+                    "reading": "Muon needs clipping where AdamW does not"
+                    if needs["muon"] and not needs["adamw"]
+                    else (
+                        "both need it"
+                        if all(needs.values())
+                        else (
+                            "neither needs it" if not any(needs.values()) else "AdamW needs it, Muon does not"
+                        )
+                    ),
+                }
+            )
+    for b in budgets:
+        for clipped in (False, True):
+            muon, adamw = found("muon", b, clipped), found("adamw", b, clipped)
+            if muon and adamw:
+                out.append(
+                    {
+                        "question": "Muon against AdamW",
+                        "budget": b,
+                        "clip": tau if clipped else 0.0,
+                        **{n: diff(n, muon, adamw) for n in ("logit_peak", "qk_effective_rank", "val_loss")},
+                    }
+                )
+    return out
+
+
 def _trajectories(done: dict[int, dict[str, Any]]) -> dict[str, Any]:
-    """The largest logit of any head at each firing (mean and std over seeds, at the firings every seed
-    has), and every head's on the lowest seed."""
+    """The largest logit of any head per WINDOW steps (mean and std over seeds, at the windows every seed
+    has), and every head's at the monitor's firings on the lowest seed."""
     from qkvlab.grid.runner import mean_std
 
-    steps = sorted(set.intersection(*(set(r["steps"]) for r in done.values())))
-    peaks = {
-        s: {t: max(max(layer) for layer in heads) for t, heads in zip(r["steps"], r["per_head"], strict=True)}
-        for s, r in done.items()
-    }
-    stats = [mean_std(peaks[s][t] for s in done) for t in steps]
+    windows: dict[int, dict[int, float]] = {}
+    for seed, r in done.items():
+        last = max(r["logit_steps"], default=0)
+        for step, value in zip(r["logit_steps"], r["logit_max"], strict=True):
+            end = min(WINDOW * math.ceil(step / WINDOW), last)
+            windows.setdefault(end, {})
+            windows[end][seed] = max(windows[end].get(seed, -math.inf), value)
+    steps = sorted(t for t, by_seed in windows.items() if len(by_seed) == len(done))
+    stats = [mean_std(windows[t].values()) for t in steps]
     first = min(done)
     return {
         "trajectory": {"steps": steps, "mean": [x["mean"] for x in stats], "std": [x["std"] for x in stats]},
@@ -370,7 +562,8 @@ def _trajectories(done: dict[int, dict[str, Any]]) -> dict[str, Any]:
 
 
 def tables(summary: dict[str, Any]) -> str:
-    """The pilot, the grid (mean ± std over seeds) and the seed-paired differences, as Markdown."""
+    """The pilot, the grid (mean ± std over seeds), the seed-paired differences and the readings, as
+    Markdown."""
     from qkvlab.render.tables import diff_text, markdown_table, pm
 
     record = summary["pilot"]
@@ -379,20 +572,34 @@ def tables(summary: dict[str, Any]) -> str:
     rows = []
     for o in OPTIMIZERS:
         for lr, run in record[o]["runs"].items():
-            mark = ""
-            if float(lr) == record[o]["chosen"]:
-                mark = " (chosen, at the ladder's edge)" if record[o]["at_edge"] else " (chosen)"
+            marks = []
+            if float(lr) == record[o]["usable"]:
+                marks.append("usable, at the ladder's edge" if record[o]["at_edge"] else "usable")
+            if float(lr) == record["lr"]:
+                marks.append("the study's rate")
+            mark = f" ({'; '.join(marks)})" if marks else ""
             if run is None:
                 rows.append([o, lr + mark, "stopped (non-finite)", "—", "—"])
                 continue
             growth = "—" if run["logit_growth"] is None else f"{run['logit_growth']:.2f}×"
             rows.append([o, lr + mark, f"{run['val_loss']:.4f}", f"{run['logit_peak']:.2f}", growth])
+    growth = record["adamw_growth"]
     lines = [
-        "Pilot (seed 100, not reported; no decay, no clipping): the largest rate within 5 % of the best "
-        f"loss is chosen; τ = {record['tau']:g} is half of AdamW's largest pilot logit at its rate.",
+        f"Pilot (seed {SELECT_SEED}, not reported; no decay, no clipping): each optimiser's usable rate is the "
+        f"largest within {LOSS_TOLERANCE:g} nats of its best loss; both run at the smaller, {record['lr']:g}. "
+        f"τ = {record['tau']:g} is half of AdamW's largest pilot logit there; Muon's pilot peaks at "
+        f"{record['muon_peak_over_tau']:.2f} τ. AdamW's logit growth at that rate: "
+        + ("—" if growth is None else f"{growth:.2f}×")
+        + (
+            ""
+            if record["informative"]
+            else f" (below {GROWTH_INFORMATIVE:g}×: logits barely grow here, so the study says little about logit growth)"
+        )
+        + ".",
         "",
         *markdown_table(
-            ["optimiser", "lr", "val loss", "largest logit", "growth (last / first firing)"], rows
+            ["optimiser", "lr", "val loss", "largest logit", "growth (last 100 / first 100 after warm-up)"],
+            rows,
         ),
     ]
     cells = summary["cells"]
@@ -407,33 +614,40 @@ def tables(summary: dict[str, Any]) -> str:
     m = lambda c, name, digits=2: pm(c["measures"].get(name), digits)  # noqa: E731
     lines += [
         "",
-        "Largest logit of any head (over training, and at the last firing), head-steps clipped, final "
-        "effective ranks (mean over heads), validation loss and loss spikes; mean ± std over seeds.",
+        "Largest logit of any head (over every step, and over the last 100), steps over τ (before any clip), "
+        "head-steps clipped, final effective ranks (mean over heads), validation loss, training loss of the "
+        "last 100 steps, loss spikes and the largest jump; mean ± std over seeds.",
         "",
         *markdown_table(
             [
                 "optimiser",
-                "Σηλ",
+                "Σηλ (W_Q, W_K)",
                 "QK-clip",
                 "seeds",
                 "peak logit",
                 "final logit",
+                "steps over τ",
                 "clipped",
                 "QK erank",
                 "OV erank",
                 "val loss",
+                "train loss",
                 "spikes",
+                "largest jump",
             ],
             [
                 [
                     *head(c),
                     m(c, "logit_peak"),
                     m(c, "logit_final"),
+                    pm(c["over_tau"], 0),
                     m(c, "clipped_heads", 0),
                     m(c, "qk_effective_rank"),
                     m(c, "ov_effective_rank"),
                     m(c, "val_loss", 4),
+                    m(c, "train_tail", 4),
                     m(c, "loss_spikes", 1),
+                    m(c, "loss_jump", 2),
                 ]
                 for c in cells
             ],
@@ -453,14 +667,102 @@ def tables(summary: dict[str, Any]) -> str:
                 "Δ QK erank",
                 "Δ OV erank",
                 "Δ val loss",
+                "Δ train loss",
             ],
             [
-                [*head(c), *(diff_text(c["vs_plain"][n], 4 if n == "val_loss" else 2) for n in COMPARED)]
+                [
+                    *head(c),
+                    *(
+                        diff_text(c["vs_plain"][n], 4 if n in ("val_loss", "train_tail") else 2)
+                        for n in COMPARED
+                    ),
+                ]
                 for c in cells
                 if c["budget"] or c["clip"]
             ],
         ),
     ]
+    found = summary.get("readings") or []
+    d = diff_text
+    decay = [r for r in found if r["question"] == "decay against QK-clip"]
+    if decay:
+        lines += [
+            "",
+            "Decay (no clip) against QK-clip (no decay), same optimiser, seed-paired (decay − clip):",
+            "",
+            *markdown_table(
+                ["optimiser", "Σηλ", "Δ peak logit", "Δ val loss", "Δ QK erank", "reading"],
+                [
+                    [
+                        r["optimizer"],
+                        f"{r['budget']:g}",
+                        d(r["peak"]),
+                        d(r["val_loss"], 4),
+                        d(r["qk_effective_rank"]),
+                        r["reading"],
+                    ]
+                    for r in decay
+                ],
+            ),
+        ]
+    rank = [r for r in found if r["question"] == "QK-clip changes QK rank"]
+    if rank:
+        lines += [
+            "",
+            "QK-clip's effect on rank, same optimiser and Σηλ, seed-paired (clip − no clip):",
+            "",
+            *markdown_table(
+                ["optimiser", "Σηλ", "Δ QK erank", "Δ OV erank", "reading"],
+                [
+                    [
+                        r["optimizer"],
+                        f"{r['budget']:g}",
+                        d(r["qk_effective_rank"]),
+                        d(r["ov_effective_rank"]),
+                        r["reading"],
+                    ]
+                    for r in rank
+                ],
+            ),
+        ]
+    needs = [r for r in found if r["question"] == "needs clipping"]
+    if needs:
+        lines += [
+            "",
+            f"Without the clip, does an optimiser pass τ = {record['tau']:g} (on at least 2 of 3 seeds, a stop counted as passing)?",
+            "",
+            *markdown_table(
+                ["Σηλ", *OPTIMIZERS, "reading"],
+                [
+                    [
+                        f"{r['budget']:g}",
+                        *("yes" if r["needs"][o] else "no" for o in OPTIMIZERS),
+                        r["reading"],
+                    ]
+                    for r in needs
+                ],
+            ),
+        ]
+    versus = [r for r in found if r["question"] == "Muon against AdamW"]
+    if versus:
+        lines += [
+            "",
+            "Muon against AdamW in the same cell, seed-paired (Muon − AdamW):",
+            "",
+            *markdown_table(
+                ["Σηλ", "QK-clip", "Δ peak logit", "Δ QK erank", "Δ val loss"],
+                [
+                    [
+                        f"{r['budget']:g}",
+                        f"τ={r['clip']:g}" if r["clip"] else "off",
+                        d(r["logit_peak"]),
+                        d(r["qk_effective_rank"]),
+                        d(r["val_loss"], 4),
+                    ]
+                    for r in versus
+                ],
+            ),
+        ]
     return "\n".join(lines)
 
 

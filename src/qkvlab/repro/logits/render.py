@@ -9,8 +9,8 @@ __all__ = ["plot_logits"]
 
 
 def plot_logits(summary: dict[str, Any], folder: Path) -> list[Path]:
-    """``largest_logit_over_training.png`` (per optimiser: each cell's largest logit of any head at each
-    firing, mean ± std over seeds, τ dashed) and ``logits_per_head.png`` (every head of every layer, one
+    """``largest_logit_over_training.png`` (per optimiser: each cell's largest logit of any head per 10
+    steps, mean ± std over seeds, τ dotted) and ``logits_per_head.png`` (every head of every layer, one
     seed, a panel per cell)."""
     from qkvlab.report.figures import pyplot, save
 
