@@ -164,6 +164,44 @@ def test_sigterm_to_a_grid_running_in_process_stops_it_instead_of_failing_one_ru
     assert session["finished"] is False
 
 
+def test_a_grid_killed_outright_keeps_the_runs_it_finished_in_its_log(tmp_path) -> None:
+    script = tmp_path / "grid.py"
+    script.write_text(
+        """
+import os, signal, sys
+from pathlib import Path
+from qkvlab.grid import runner as grid
+
+def worker(run_dir, point, seed, settings):
+    if point["i"] == 1:
+        os.kill(os.getpid(), signal.SIGKILL)  # no finally, no handler: the whole grid dies here
+    (run_dir / "done").write_text("done")
+
+runs = [grid.Run(f"i={i},seed=0", {"i": i}, 0) for i in range(3)]
+grid.run_grid(Path(sys.argv[1]), runs, worker, settings={}, jobs=1, echo=print,
+              status=lambda folder: "complete" if (folder / "done").is_file() else "new")
+"""
+    )
+    env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1] / "src")}
+    done = subprocess.run([sys.executable, str(script), str(tmp_path / "g")], env=env, capture_output=True)
+    assert done.returncode == -signal.SIGKILL
+    (session,) = json.loads((tmp_path / "g" / "grid.json").read_text())["sessions"]
+    assert session["finished"] is False
+    assert [(r["name"], r["status"]) for r in session["runs"]] == [("i=0,seed=0", "ran")]
+    # the next session adds its own entry and leaves the killed one's as it was
+    (tmp_path / "g" / "runs" / "i=1,seed=0" / "done").write_text("done")
+    subprocess.run(
+        [sys.executable, str(script), str(tmp_path / "g")], env=env, check=True, capture_output=True
+    )
+    first, second = json.loads((tmp_path / "g" / "grid.json").read_text())["sessions"]
+    assert first == session and second["finished"] is True
+    assert [(r["name"], r["status"]) for r in second["runs"]] == [
+        ("i=0,seed=0", "skipped (complete)"),
+        ("i=1,seed=0", "skipped (complete)"),
+        ("i=2,seed=0", "ran"),
+    ]
+
+
 def _stubborn_worker(run_dir: Path, point: dict, seed: int, settings: dict) -> None:
     """A run that ignores SIGINT and SIGTERM (as one stuck in native code would); the other run waits
     until it is so, then finishes."""

@@ -21,7 +21,8 @@ result in ``run_dir``. :func:`run_grid` does the rest, the same way for every ex
 - **Stopping.** Ctrl-C (or SIGTERM to the parent) starts nothing new: the running runs get SIGINT,
   are waited for (they keep their last checkpoint; after ``STOP_SECONDS`` SIGTERM, then SIGKILL), and
   the interruption propagates.
-- **Log.** ``OUT/grid.json`` gets one entry per session, finished or interrupted: what ran, how long.
+- **Log.** ``OUT/grid.json`` gets one entry per session, finished, interrupted or killed: what ran, how
+  long; it is written as each run ends, so a session killed outright keeps the runs it finished.
 
 :func:`mean_std` and :func:`paired` are the statistics every summary uses: mean ± sample standard
 deviation over seeds, and seed-paired differences (the same seed gives the same initialisation and
@@ -247,17 +248,20 @@ def run_grid(
         f"{counts['new']} new), {jobs} at a time"
     )
     results: dict[Run, dict[str, Any]] = {}
+    started = time.perf_counter()
+    key = f"{os.getpid()}-{time.time_ns()}"
 
     def show(run: Run, result: dict[str, Any]) -> None:
         results[run] = result
         seconds = f"  {result['seconds']:.0f} s" if "seconds" in result else ""
         echo(f"  {result['status']:<22} {run.name}{seconds}")
+        if result["status"] != "skipped (complete)":  # each run that ends is in grid.json at once
+            _log_session(out, key, runs, results, jobs, False, time.perf_counter() - started, session)
 
     for run in runs:
         if before[run] == "complete":
             show(run, {"name": run.name, "status": "skipped (complete)"})
     todo = [run for run in runs if before[run] != "complete"]
-    started = time.perf_counter()
     finished = False
     previous = signal.getsignal(signal.SIGTERM)
     main_thread = threading.current_thread() is threading.main_thread()  # signals can only be set there
@@ -279,7 +283,7 @@ def run_grid(
     finally:
         if main_thread:
             signal.signal(signal.SIGTERM, previous)
-        _log_session(out, runs, results, jobs, finished, time.perf_counter() - started, session)
+        _log_session(out, key, runs, results, jobs, finished, time.perf_counter() - started, session)
     return [results[run] for run in runs]
 
 
@@ -389,19 +393,36 @@ def _run_spawned(out, todo, before, worker, settings, status, jobs, log, show) -
         raise
 
 
-def _log_session(out, runs, results, jobs, finished, seconds, session) -> None:  # type: ignore[no-untyped-def]
+def _log_session(out, key, runs, results, jobs, finished, seconds, session) -> None:  # type: ignore[no-untyped-def]
+    """Write this session's entry of ``OUT/grid.json`` (``key`` tells it from the others): added on the
+    first call, replaced on each later one, so a session killed outright still leaves the runs it
+    finished. A lock on ``OUT/.grid.lock`` keeps two grid commands on one folder from losing an entry."""
+    import fcntl
+
+    from qkvlab.files import open_lock
+
     log = out / "grid.json"
-    history = json.loads(log.read_text())["sessions"] if log.is_file() else []
-    history.append(
-        {
-            **dict(session or {}),
-            "jobs": jobs,
-            "finished": finished,
-            "runs": [results[run] for run in runs if run in results],
-            "wall_seconds": seconds,
-        }
-    )
-    write_atomic(log, json.dumps({"sessions": history}, indent=1))
+    entry = {
+        **dict(session or {}),
+        "jobs": jobs,
+        "finished": finished,
+        "runs": [results[run] for run in runs if run in results],
+        "wall_seconds": seconds,
+        "session": key,
+    }
+    fd = open_lock(out / ".grid.lock")
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX)
+        history = json.loads(log.read_text())["sessions"] if log.is_file() else []
+        mine = [i for i, old in enumerate(history) if old.get("session") == key]
+        if mine:
+            history[mine[0]] = entry
+        else:
+            history.append(entry)
+        write_atomic(log, json.dumps({"sessions": history}, indent=1))
+    finally:
+        fcntl.flock(fd, fcntl.LOCK_UN)
+        os.close(fd)
 
 
 # -- loading and statistics ----------------------------------------------------------------------
