@@ -81,6 +81,35 @@ def test_measured_logits_are_those_formed_by_hand_and_the_output_is_unchanged() 
     assert 0 < scalars["L0/entropy_mean"] < math.log(12)
 
 
+def test_the_max_only_reading_leaves_the_fused_output_bit_identical_and_slices_the_batch(monkeypatch) -> None:
+    from qkvlab.models import transformer
+
+    torch.manual_seed(0)
+    cfg = ModelConfig(kind="gpt", vocab_size=30, seq_len=12, n_layer=2, d_model=24, n_head=3, dropout=0.0)
+    model = build_model(cfg)
+    with torch.no_grad():
+        for block in model.blocks:
+            block.attn.q_proj.weight.mul_(8)
+    x = torch.randint(0, 30, (5, 12))
+    fused = model(x)["logits"]
+    fused.sum().backward()
+    grads = [p.grad.clone() for p in model.parameters()]
+    model.zero_grad()
+    # one batch element's scores at a time (3 heads × 12 × 12 = 432 elements per element)
+    monkeypatch.setattr(transformer, "SCORE_CHUNK", 432)
+    with measure_logits(model, entropy=False) as reading:
+        measured = model(x)["logits"]
+    measured.sum().backward()
+    assert torch.equal(measured, fused)  # the fused kernel ran: the very same numbers
+    assert all(torch.equal(p.grad, g) for p, g in zip(model.parameters(), grads, strict=True))
+    for layer, (top, _) in zip(reading.layers, _by_hand(model, x), strict=True):
+        torch.testing.assert_close(layer.max.double(), top, rtol=1e-5, atol=1e-5)
+        assert layer.entropy_sum is None
+    record, scalars = reading.to_dict(), reading.scalars()
+    assert len(record["max"]) == 2 and record["entropy"] == []
+    assert "max" in scalars and not any(k.endswith("entropy_mean") for k in scalars)
+
+
 def test_two_forward_passes_keep_the_max_and_average_the_entropy() -> None:
     torch.manual_seed(1)
     cfg = ModelConfig(kind="gpt", vocab_size=30, seq_len=8, n_layer=1, d_model=16, n_head=2, dropout=0.0)

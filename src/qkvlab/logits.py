@@ -8,11 +8,14 @@ MuonClip) and the one σ₁(W_KᵀW_Q^h)·max‖x‖²/√d_head bounds. ``entro
 query's attention distribution (after the mask), in nats, averaged over the batch and the queries: ln t
 for uniform attention over t keys, 0 for attention on one key.
 
-Measuring needs the scores themselves, which a fused (flash) kernel never forms: while
+Measuring needs the scores themselves, which a fused (flash) kernel never forms. While
 :func:`measure_logits` is active, qkvlab's attention layers compute softmax(S) explicitly (the same
 function, up to float rounding; dropout on the probabilities as the fused kernel applies it), and
-otherwise keep the fused path. The engine arms it for the forward pass of each spectral-monitor step,
-and of every step when QK-clip is on.
+otherwise keep the fused path. With ``entropy=False`` they keep the fused kernel for the attention
+itself and form S beside it without gradients, a slice of the batch at a time, for its max only: the
+step's numbers are the fused path's exactly and the cost is one more q·kᵀ. The engine measures the
+whole reading on each spectral-monitor step, and the max only on the other steps it measures (every
+step with QK-clip, every ``logit_every``-th with that key).
 
 **QK-clip** (``qk_clip=τ`` in the engine; Kimi K2's MuonClip without its Muon): after each optimiser step,
 every head whose S_max^h on that step's forward pass exceeded τ has its query and key rows (weights and
@@ -59,7 +62,7 @@ KEYS: dict[str, Key] = {
         (lambda v: bool(v) and set(v) <= {"q", "k"}, "[q, k], [q] or [k]"),
     ),
     "logit_every": (
-        "steps between logit measurements beside the monitor's (explicit scores on those steps; the train "
+        "steps between logit measurements beside the monitor's (the largest logit, formed beside the fused kernel; the train "
         "lines log their largest as logit_max); 0 = on monitor steps only",
         (lambda v: isinstance(v, int) and v >= 0, "a whole number ≥ 0"),
     ),
@@ -85,6 +88,14 @@ class LayerLogits:
     max: torch.Tensor | None = None  # (heads,) largest logit
     entropy_sum: torch.Tensor | None = None  # (heads,) Σ of row entropies
     rows: int = 0  # query rows summed (batch × queries), the same for every head
+
+    max_only: bool = False  # the layer keeps its fused kernel and shows observe_max its scores
+
+    @torch.no_grad()
+    def observe_max(self, scores: torch.Tensor) -> None:
+        """``scores``: (batch, heads, queries, keys) scaled logits before the mask (a slice of the batch)."""
+        top = scores.float().amax(dim=(0, 2, 3))
+        self.max = top if self.max is None else torch.maximum(self.max, top)
 
     @torch.no_grad()
     def observe(self, scores: torch.Tensor, probs: torch.Tensor) -> None:
@@ -120,6 +131,8 @@ class LogitReading:
             if layer.max is None:
                 continue
             dist.all_reduce(layer.max, op=dist.ReduceOp.MAX)
+            if layer.entropy_sum is None:  # measured for the max only
+                continue
             counted = torch.cat([layer.entropy_sum, layer.entropy_sum.new_tensor([layer.rows])])
             dist.all_reduce(counted)
             layer.entropy_sum, layer.rows = counted[:-1], int(counted[-1].item())
@@ -129,7 +142,9 @@ class LogitReading:
         return {
             "max": [layer.max.tolist() for layer in self.layers if layer.max is not None],
             "entropy": [
-                (layer.entropy_sum / layer.rows).tolist() for layer in self.layers if layer.max is not None
+                (layer.entropy_sum / layer.rows).tolist()
+                for layer in self.layers
+                if layer.entropy_sum is not None
             ],
             "convention": "max: largest q·k/√d_head over the batch and all query-key pairs, before the mask; "
             "entropy: mean over queries of the attention distribution's entropy, nats",
@@ -143,7 +158,8 @@ class LogitReading:
             if layer.max is None:
                 continue
             out[f"L{index}/max"] = float(layer.max.max())
-            out[f"L{index}/entropy_mean"] = float((layer.entropy_sum / layer.rows).mean())
+            if layer.entropy_sum is not None:
+                out[f"L{index}/entropy_mean"] = float((layer.entropy_sum / layer.rows).mean())
         tops = [v for k, v in out.items() if k.endswith("/max")]
         if tops:
             out["max"] = max(tops)
@@ -151,13 +167,14 @@ class LogitReading:
 
 
 @contextmanager
-def measure_logits(model: nn.Module) -> Iterator[LogitReading]:
+def measure_logits(model: nn.Module, entropy: bool = True) -> Iterator[LogitReading]:
     """Measure the logits of every forward pass of ``model`` (one of qkvlab's own, or a wrapper holding
-    it) inside the block; see the module for the convention. Yields the reading, filled as passes run."""
+    it) inside the block; see the module for the convention. Yields the reading, filled as passes run.
+    ``entropy=False``: the largest logit only, the attention itself left to the fused kernel."""
     from qkvlab.models.transformer import Attention
 
     layers = [m for m in model.modules() if isinstance(m, Attention) and m.kind == "softmax"]
-    reading = LogitReading([LayerLogits() for _ in layers], layers)
+    reading = LogitReading([LayerLogits(max_only=not entropy) for _ in layers], layers)
     for layer, stats in zip(layers, reading.layers, strict=True):
         layer.probe = stats
     try:

@@ -49,13 +49,30 @@ class Attention(nn.Module):
             if self.causal:
                 scores = scores.masked_fill(torch.ones(t, t, dtype=torch.bool, device=x.device).triu(1), 0.0)
             out = scores @ v
-        elif self.probe is not None:
+        elif self.probe is not None and not self.probe.max_only:
             drop = self.dropout if self.training else 0.0
             out = explicit_attention(q, k, v, self.causal, drop, self.probe)
         else:
+            if self.probe is not None:  # the largest logit only, beside the fused kernel
+                largest_logits(q, k, self.probe)
             drop = self.dropout if self.training else 0.0
             out = F.scaled_dot_product_attention(q, k, v, is_causal=self.causal, dropout_p=drop)
         return self.o_proj(out.transpose(1, 2).reshape(b, t, self.n_head * self.d_head))
+
+
+#: the most score elements formed at once while measuring the largest logit (64 Mi floats, 256 MiB)
+SCORE_CHUNK = 1 << 26
+
+
+@torch.no_grad()
+def largest_logits(q: torch.Tensor, k: torch.Tensor, probe: Any) -> None:
+    """Show ``probe`` (``probe.observe_max``) the scores q kᵀ/√d_head, a slice of the batch at a time so
+    that no more than SCORE_CHUNK elements exist at once; nothing here enters autograd."""
+    b, h, t, d = q.shape
+    step = max(1, SCORE_CHUNK // max(1, h * t * k.shape[-2]))
+    scale = 1.0 / math.sqrt(d)
+    for start in range(0, b, step):
+        probe.observe_max((q[start : start + step] @ k[start : start + step].transpose(-1, -2)) * scale)
 
 
 def explicit_attention(

@@ -230,7 +230,8 @@ def _train(config: TrainConfig, resume: Path | None, run_dir: Path, command: str
                 bool(config.logit_every) and (step + 1) % config.logit_every == 0
             )
             armed = firing or measuring
-            with autocast(), measure_logits(model) if armed else nullcontext() as logits:
+            # the monitor's steps form the scores for the entropy too; the others keep the fused kernel
+            with autocast(), measure_logits(model, entropy=firing) if armed else nullcontext() as logits:
                 loss = train_model(**batch)["loss"]
             objective = loss + l2_penalty(groups) if penalty_in_loss else loss
             objective.backward()

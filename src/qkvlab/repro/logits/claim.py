@@ -15,7 +15,7 @@ on W_Q and W_K only, the readings below, and stopped runs counted.)
 d_head 32, 2,000 steps, cosine schedule, gradient clipping 1.0), Muon with ``muon_adjust_lr=
 match_rms_adamw`` so that one η means the same for both optimisers. **Weight decay on W_Q and W_K
 only** (``DECAYED_ROLES``), the two matrices QK-clip touches; none anywhere else. **Every step of every
-run measures its largest logit** (``logit_every=1``: explicit scores, clip or not, so clipped and
+run measures its largest logit** (``logit_every=1``: S formed beside the fused kernel, clip or not, so clipped and
 unclipped runs are measured alike) and logs it with the loss (``log_every=1``). The spectral monitor
 fires every 100 steps (``MONITOR_EVERY``): per-head largest logits and both products' spectra.
 
