@@ -547,6 +547,7 @@ def decouple_contrasts(numbers: dict[tuple, dict[int, dict[str, Any]]]) -> list[
                         "b": list(b),
                         "val_loss": diff,
                         "reading": _reading(diff),
+                        "delta": DECOUPLE_CONTROL_DELTA,
                     }
                 )
 

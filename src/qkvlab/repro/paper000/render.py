@@ -353,8 +353,7 @@ def decouple_table(summary: dict[str, Any]) -> str:
     ]
     contrasts = summary.get("contrasts") or []
     if contrasts:
-        from qkvlab.repro.paper000.claim import DECOUPLE_CONTROL_DELTA
-
+        delta = contrasts[0]["delta"]
         lines += [""]
         lines += markdown_table(
             ["contrast", "λ", "a (λ_attn, λ_rest)", "b (λ_attn, λ_rest)", "val loss a − b", "reading"],
@@ -372,8 +371,8 @@ def decouple_table(summary: dict[str, Any]) -> str:
         )
         lines += [
             "",
-            f"Seed-paired; a reading is lower (higher) when the mean is below −{DECOUPLE_CONTROL_DELTA:g} "
-            f"(above {DECOUPLE_CONTROL_DELTA:g}) nats and every seed has that sign, otherwise within noise.",
+            f"Seed-paired; a reading is lower (higher) when the mean is below −{delta:g} "
+            f"(above {delta:g}) nats and every seed has that sign, otherwise within noise.",
         ]
     return "\n".join(lines)
 
