@@ -116,6 +116,9 @@ def test_the_study_runs_to_the_end_on_a_tiny_model_and_resumes(tiny_bert, tiny_c
         echo=lambda *_: None,
     )
     out = tmp_path / "study"
+    study.run_study(out, **common, limit=1)  # one run (the cost measurement of a second model)
+    (first,) = out.glob("runs/*/result.json")
+    assert first.parent.name == cells[0].run(-4, SELECTION_SEED).name
     states = study.run_study(out, **common)
     assert all(s["chosen"] is not None and not s["pending"] for s in states.values())
     runs, _ = plan(out, cells, {"lora": (-4, -3)})
@@ -173,6 +176,12 @@ def test_the_second_models_grid_is_sized_from_the_first_models_lora_qv(tmp_path)
     assert design_cells == [
         Cell("lora", t, x) for t in (("q", "v"), ("q", "k", "v")) for x in (1.0, 2.0, 4.0)
     ]
+    # sized by one measured run: 6 cells × (3 rates + 3 seeds) + 2 controls × 3 seeds = 42 runs
+    assert study.planned_runs(design_cells, 3) == 42
+    cheap = study.SECOND_MODEL_HOURS / 42
+    assert study.second_model_design(tmp_path, cost_hours=cheap)[0] == design_cells
+    qv_only, again, _ = study.second_model_design(tmp_path, cost_hours=cheap * 1.01)
+    assert qv_only == [Cell("lora", ("q", "v"), x) for x in (1.0, 2.0, 4.0)] and again == exponents
 
 
 def test_the_summary_tables_pair_seeds_at_each_cells_tuned_rate(tmp_path) -> None:

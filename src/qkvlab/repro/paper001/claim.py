@@ -114,10 +114,7 @@ def _main_tuned(args: Any) -> int:
     if not args.summary_only:
         design = {}
         if args.model != "minilm":  # the second model's reduced grid is sized from MiniLM's study
-            from qkvlab.repro.paper001.tuned import second_model_design
-
-            cells, exponents, _ = second_model_design(Path(args.reference))
-            design = {"cell_list": cells, "exponents": exponents}
+            design = _second_model(out, args)
         run_study(out, model=args.model, jobs=args.jobs, device=args.device, **design)
     elif not any((out / "runs").glob("*/result.json")):
         raise UserError(f"{out} holds no finished runs; run `qkvlab repro finetune --out {out}` first")
@@ -128,6 +125,42 @@ def _main_tuned(args: Any) -> int:
         for path in plot_study(out, Path(args.plot)):
             print(f"wrote {path}")
     return 0
+
+
+COST_FILE = "cost.json"
+
+
+def _second_model(out: Path, args: Any) -> dict[str, Any]:
+    """The second model's grid: sized from MiniLM's study and from one measured run of its own (the
+    grid's first, timed here and kept in OUT/cost.json), as ``tuned.second_model_design`` says."""
+    import time
+
+    import torch
+
+    from qkvlab.files import write_atomic
+    from qkvlab.repro.paper001.tuned import run_study, second_model_design
+
+    reference = Path(args.reference)
+    cost = out / COST_FILE
+    if not cost.is_file():
+        cells, exponents, _ = second_model_design(reference)
+        started = time.perf_counter()
+        run_study(
+            out, model=args.model, jobs=1, device=args.device, cell_list=cells, exponents=exponents, limit=1
+        )
+        seconds = time.perf_counter() - started
+        threads = torch.get_num_threads()
+        record = {
+            "wall_seconds": seconds,
+            "threads": threads,
+            "core_hours": seconds * threads / 3600,
+            "note": "one run, timed around the grid call on this machine (whatever else it ran)",
+        }
+        write_atomic(cost, json.dumps(record, indent=1))
+    hours = json.loads(cost.read_text())["core_hours"]
+    cells, exponents, lam = second_model_design(reference, cost_hours=hours)
+    print(f"second model: λ* = {lam:g}; one run costs {hours:.2f} core-hours; {len(cells)} cells")
+    return {"cell_list": cells, "exponents": exponents}
 
 
 def _report(folder: Path, figures: Path) -> list[Any]:

@@ -48,7 +48,10 @@ gets a reduced grid, sized from one measured run: LoRA only, QV and QKV at λ �
 λ* is MiniLM's best LoRA QV λ (best mean final validation accuracy of its reported seeds at its
 tuned rate; the test split is not consulted), three rates (MiniLM's tuned η_QK of LoRA QV at λ*
 and the half-decades on either side, extended at an edge as above); the same selection seed,
-reported seeds, controls and training (:func:`second_model_design`). Theorem 2 (η_QK = Θ(1/n), η_V = Θ(1)) predicts a best λ about 2× larger at width 768 than at
+reported seeds, controls and training (:func:`second_model_design`). The measured run is the first
+of that grid (LoRA QV λ = 1 at the lowest rate, selection seed); if the grid at its cost would pass
+SECOND_MODEL_HOURS core-hours (what the study's budget of about 45 leaves after MiniLM's), the grid
+keeps LoRA QV only (written before that run, added after MiniLM's study had finished). Theorem 2 (η_QK = Θ(1/n), η_V = Θ(1)) predicts a best λ about 2× larger at width 768 than at
 384; the models also differ in depth and pretraining, so it is an exploratory comparison.
 """
 
@@ -226,13 +229,27 @@ def controls(states: dict[Cell, dict[str, Any]]) -> list[dict[str, Any]]:
     return found
 
 
-def second_model_design(first: Path) -> tuple[list[Cell], dict[str, tuple[int, ...]], float]:
+#: core-hours of this machine the second model's grid may take (the study's ~45 less MiniLM's ~28)
+SECOND_MODEL_HOURS = 17.0
+
+
+def planned_runs(cell_list: list[Cell], rates: int) -> int:
+    """Runs a design takes when no rate needs an extension: the rate search, the reported seeds and the
+    equal-rate controls (one per method × target set that has a λ > 1 cell)."""
+    controls = {(c.method, c.targets) for c in cell_list if c.lr_ratio > 1}
+    return len(cell_list) * (rates + len(REPORTED_SEEDS)) + len(controls) * len(CONTROL_SEEDS)
+
+
+def second_model_design(
+    first: Path, cost_hours: float | None = None
+) -> tuple[list[Cell], dict[str, tuple[int, ...]], float]:
     """The reduced grid of the second model (mpnet), from the first model's finished study in ``first``.
 
     λ* is the λ of LoRA QV whose reported runs (seeds 0, 1, 2, at the cell's tuned rate) have the best
     mean final *validation* accuracy (the test split is not looked at); the cells are LoRA QV and QKV
     at λ ∈ {1, λ*, 2λ*}, and the rate grid is the first model's tuned rate of LoRA QV at λ* and the
-    half-decades on either side (extended at an edge as for the first model).
+    half-decades on either side (extended at an edge as for the first model). With ``cost_hours`` (one
+    measured run's core-hours), a grid that would take more than SECOND_MODEL_HOURS keeps LoRA QV only.
     """
     import statistics
 
@@ -255,7 +272,10 @@ def second_model_design(first: Path) -> tuple[list[Cell], dict[str, tuple[int, .
         for targets in (("q", "v"), ("q", "k", "v"))
         for x in sorted({1.0, lam, 2 * lam})
     ]
-    return cells, {"lora": (chosen - 1, chosen, chosen + 1)}, lam
+    exponents = {"lora": (chosen - 1, chosen, chosen + 1)}
+    if cost_hours is not None and cost_hours * planned_runs(cells, 3) > SECOND_MODEL_HOURS:
+        cells = [c for c in cells if c.targets == ("q", "v")]
+    return cells, exponents, lam
 
 
 # -- running -------------------------------------------------------------------------------------
@@ -295,9 +315,11 @@ def run_study(
     cell_list: list[Cell] | None = None,
     exponents: dict[str, tuple[int, ...]] | None = None,
     echo: Any = print,
+    limit: int | None = None,
     **overrides: Any,
 ) -> dict[Cell, dict[str, Any]]:
-    """Run the design to the end (resumable): plan, run what is new, plan again until nothing is.
+    """Run the design to the end (resumable): plan, run what is new, plan again until nothing is;
+    with ``limit``, only the first ``limit`` runs still to do, then return.
 
     ``overrides`` replace entries of :data:`SETTINGS` (tests use a tiny CSV and a few steps); they are
     guarded in ``OUT/settings.json`` like every grid's settings.
@@ -316,8 +338,10 @@ def run_study(
     while True:
         runs, states = plan(out, cell_list, exponents)
         todo = [r for r in runs if _status(r.folder(out)) != "complete"]
-        if not todo:
+        if not todo or limit == 0:
             return states
+        if limit is not None:
+            todo, limit = todo[:limit], limit - len(todo[:limit])
         results = grid_layer.run_grid(
             out,
             todo,
