@@ -276,3 +276,18 @@ def test_the_study_figures_are_written_per_method(tmp_path, monkeypatch) -> None
 
     (section,) = _report(tmp_path, tmp_path / "report-figures")
     assert [b.path.name for b in section.blocks if isinstance(b, Figure)] == [p.name for p in paths]
+
+
+def test_reproduction_md_holds_the_tuned_studys_tables_as_the_summary_prints_them() -> None:
+    """REPRODUCTION.md's paper-001 tables are `repro finetune --summary-only` on the committed results, byte
+    for byte: a results commit that changes a number fails here until the text is regenerated."""
+    from qkvlab.repro.paper001.render_tuned import study_markdown
+
+    root = Path(__file__).resolve().parents[1]
+    printed = study_markdown(root / "results" / "finetune-tuned" / "minilm")
+    text = (root / "REPRODUCTION.md").read_text()
+    section = text[text.index("## Paper 001: fine-tuning") : text.index("## Paper 001, the 150-step pilot")]
+    tables = printed.split("\n\n")
+    assert len(tables) == 8  # four captions, four tables: the search, the cells, the controls, the pairs
+    for chunk in tables:
+        assert chunk in section, chunk.splitlines()[0]
