@@ -291,3 +291,38 @@ def test_reproduction_md_holds_the_tuned_studys_tables_as_the_summary_prints_the
     assert len(tables) == 8  # four captions, four tables: the search, the cells, the controls, the pairs
     for chunk in tables:
         assert chunk in section, chunk.splitlines()[0]
+
+
+def test_the_second_model_measures_one_run_once_and_sizes_its_grid_from_it(tmp_path, monkeypatch) -> None:
+    import types
+
+    import torch
+
+    from qkvlab.repro.paper001 import claim
+
+    calls = []
+    full = [Cell("lora", t, x) for t in (("q", "v"), ("q", "k", "v")) for x in (1.0, 2.0)]
+
+    def design(first, cost_hours=None):  # type: ignore[no-untyped-def]
+        calls.append(("design", cost_hours))
+        cells = full if cost_hours is None or cost_hours < 1 else full[:2]
+        return cells, {"lora": (-7, -6, -5)}, 1.0
+
+    def run(out, **kwargs):  # type: ignore[no-untyped-def]
+        calls.append(("run", kwargs.get("limit"), len(kwargs["cell_list"])))
+        return {}
+
+    monkeypatch.setattr(study, "second_model_design", design)
+    monkeypatch.setattr(study, "run_study", run)
+    ticks = iter([100.0, 100.0 + 1800.0])  # the measured run takes half an hour
+    monkeypatch.setattr("time.perf_counter", lambda: next(ticks))
+    args = types.SimpleNamespace(reference=str(tmp_path / "minilm"), model="mpnet", device="cpu")
+    chosen = claim._second_model(tmp_path, args)
+    cost = json.loads((tmp_path / claim.COST_FILE).read_text())
+    threads = torch.get_num_threads()
+    assert cost["wall_seconds"] == 1800.0 and cost["core_hours"] == pytest.approx(0.5 * threads)
+    assert calls[:2] == [("design", None), ("run", 1, 4)]  # the full grid's first run, alone
+    assert chosen["cell_list"] == (full if 0.5 * threads < 1 else full[:2])
+    calls.clear()
+    claim._second_model(tmp_path, args)  # measured once: a second call only reads cost.json
+    assert [c[0] for c in calls] == ["design"]
