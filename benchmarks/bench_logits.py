@@ -1,6 +1,6 @@
 """What measuring attention logits costs a training step: fused attention (the peer: what a step costs
-without any of it), explicit scores with the per-head max and entropy (``measure_logits``, a monitor
-step), the max only beside the fused kernel (``measure_logits(entropy=False)``: a ``logit_every`` step),
+without any of it), the per-head max and entropy from scores formed beside the fused kernel
+(``measure_logits``, a monitor step), the max only (``measure_logits(entropy=False)``: a ``logit_every`` step),
 fused attention with the ceiling's input hooks, and QK-clip (the max only every step, then the rescale,
 as the engine does it).
 
@@ -49,8 +49,8 @@ def _steps(mode: str, steps: int, device: torch.device) -> float:
     x = torch.randint(0, 65, (32, 128), device=device)
 
     def step() -> None:
-        armed = mode in ("explicit scores", "max only", "qk-clip")
-        entropy = mode == "explicit scores"
+        armed = mode in ("max and entropy", "max only", "qk-clip")
+        entropy = mode == "max and entropy"
         with measure_logits(model, entropy=entropy) if armed else contextlib.nullcontext() as reading:
             loss = model(x, labels=x)["loss"]
         loss.backward()
@@ -73,7 +73,7 @@ def _steps(mode: str, steps: int, device: torch.device) -> float:
     return (time.perf_counter() - start) / steps
 
 
-MODES = ("fused (peer)", "explicit scores", "max only", "ceiling hooks", "qk-clip")
+MODES = ("fused (peer)", "max and entropy", "max only", "ceiling hooks", "qk-clip")
 
 
 def main() -> None:
@@ -94,7 +94,7 @@ def main() -> None:
         runs = ", ".join(f"{t * 1e3:.1f}" for t in times[mode])
         rows.append(f"| {mode} | {median * 1e3:.1f} | {runs} | {median / peer:.3f}× |")
     scores_mb = 32 * 4 * 128 * 128 * 4 / 2**20
-    explicit = statistics.median(times["explicit scores"]) / peer - 1
+    explicit = statistics.median(times["max and entropy"]) / peer - 1
     amortised = f"{100 * explicit / 200:.2f} %"  # the engine's default spectra_every
     gpu = device.type == "cuda"
     body = f"""## {"9b" if gpu else "9"}. Attention logits: what measuring them costs a step{" (GPU)" if gpu else ""}
@@ -109,14 +109,14 @@ AdamW; {args.steps} steps per run after 2 warm-up steps, the five modes alternat
 {chr(10).join(rows)}
 
 - **fused (peer):** `F.scaled_dot_product_attention`, nothing measured: a step without logits.
-- **explicit scores:** `measure_logits` armed: softmax(QKᵀ/√d)·V formed explicitly, with the per-head max
-  (before the mask) and entropy. The engine does this on monitor steps only (every `spectra_every`), so a
-  run pays it once per firing.
-- **max only:** `measure_logits(model, entropy=False)`: the fused kernel computes the attention and
-  QKᵀ/√d is formed beside it without gradients for its per-head max (a `logit_every` step; the step's
-  numbers are the fused path's, bit for bit).
-- **What a run pays:** the explicit pass once per monitor firing, so {amortised} of training time at
-  the default `spectra_every=200` (the monitor's bar, §5: ≤ 1 %), plus the hooks on every step;
+- **max and entropy:** `measure_logits` armed: the fused kernel computes the attention, and QKᵀ/√d and
+  its masked softmax are formed beside it without gradients, for the per-head max (before the mask) and
+  entropy. The step's numbers are the fused path's, bit for bit. The engine does this on monitor steps
+  only (every `spectra_every`), so a run pays it once per firing.
+- **max only:** `measure_logits(model, entropy=False)`: the same without the softmax (a `logit_every`
+  step).
+- **What a run pays:** the max-and-entropy pass once per monitor firing, so {amortised} of training time
+  at the default `spectra_every=200` (the monitor's bar, §5: ≤ 1 %), plus the hooks on every step;
   QK-clip and `logit_every=1` pay the max-only pass on every step.
 - **ceiling hooks:** the fused path plus the `Monitor`'s forward pre-hooks (the largest input norm per
   layer), which it pays on every step: one norm of each attention input, within this machine's noise
@@ -124,9 +124,9 @@ AdamW; {args.steps} steps per run after 2 warm-up steps, the five modes alternat
 - **qk-clip:** the max only on every step plus the rescale of the clipped heads' rows (τ = 1, so
   heads are clipped on every step: the worst case).
 
-Physical limit of explicit scores: they write and read the scores and probabilities, 32 × 4 × 128² floats
-= {scores_mb:.0f} MiB per layer and pass (forward; the backward again), where the fused kernel keeps them
-in registers; the extra flops (max, entropy) are O(b·h·t²), small beside the matmuls. The max-only pass
+Physical limit: the measuring passes write and read the scores (and, for the entropy, the
+probabilities), 32 × 4 × 128² floats = {scores_mb:.0f} MiB per layer, where the fused kernel keeps them in
+registers; the extra flops (max, entropy) are O(b·h·t²), small beside the matmuls. The max-only pass
 adds one QKᵀ per layer in the forward pass and no backward: 2·b·h·t²·d_head = 0.13 GFLOP per layer, 0.5
 GFLOP a step, against about 6·(parameters)·(tokens) + the attention ≈ 23 GFLOP for the step itself
 (about 2 %), plus writing those 8 MiB of scores once. On a shared 2-core

@@ -63,8 +63,10 @@ def test_measured_logits_are_those_formed_by_hand_and_the_output_is_unchanged() 
     x = torch.randint(0, 30, (4, 12))
     fused = model(x)["logits"]
     with measure_logits(model) as reading:
-        explicit = model(x)["logits"]
-    torch.testing.assert_close(explicit, fused, rtol=1e-5, atol=1e-5)  # the same function, scores formed
+        measured = model(x)["logits"]
+    assert torch.equal(
+        measured, fused
+    )  # the fused kernel still computes the output: watching changes nothing
     assert all(block.attn.probe is None for block in model.blocks)  # disarmed after the block
 
     expected = _by_hand(model, x)
@@ -81,7 +83,8 @@ def test_measured_logits_are_those_formed_by_hand_and_the_output_is_unchanged() 
     assert 0 < scalars["L0/entropy_mean"] < math.log(12)
 
 
-def test_the_max_only_reading_leaves_the_fused_output_bit_identical_and_slices_the_batch(monkeypatch) -> None:
+@pytest.mark.parametrize("entropy", [False, True])
+def test_a_reading_leaves_the_step_bit_identical_and_slices_the_batch(entropy, monkeypatch) -> None:
     from qkvlab.models import transformer
 
     torch.manual_seed(0)
@@ -97,17 +100,23 @@ def test_the_max_only_reading_leaves_the_fused_output_bit_identical_and_slices_t
     model.zero_grad()
     # one batch element's scores at a time (3 heads × 12 × 12 = 432 elements per element)
     monkeypatch.setattr(transformer, "SCORE_CHUNK", 432)
-    with measure_logits(model, entropy=False) as reading:
+    with measure_logits(model, entropy=entropy) as reading:
         measured = model(x)["logits"]
     measured.sum().backward()
     assert torch.equal(measured, fused)  # the fused kernel ran: the very same numbers
     assert all(torch.equal(p.grad, g) for p, g in zip(model.parameters(), grads, strict=True))
-    for layer, (top, _) in zip(reading.layers, _by_hand(model, x), strict=True):
+    for layer, (top, mean_entropy) in zip(reading.layers, _by_hand(model, x), strict=True):
         torch.testing.assert_close(layer.max.double(), top, rtol=1e-5, atol=1e-5)
-        assert layer.entropy_sum is None
+        if entropy:  # summed over the slices: every query row of the batch counted once
+            assert layer.rows == 5 * 12
+            torch.testing.assert_close(
+                (layer.entropy_sum / layer.rows).double(), mean_entropy, rtol=1e-5, atol=1e-5
+            )
+        else:
+            assert layer.entropy_sum is None
     record, scalars = reading.to_dict(), reading.scalars()
-    assert len(record["max"]) == 2 and record["entropy"] == []
-    assert "max" in scalars and not any(k.endswith("entropy_mean") for k in scalars)
+    assert len(record["max"]) == 2 and len(record["entropy"]) == (2 if entropy else 0)
+    assert "max" in scalars and any(k.endswith("entropy_mean") for k in scalars) == entropy
 
 
 def test_two_forward_passes_keep_the_max_and_average_the_entropy() -> None:

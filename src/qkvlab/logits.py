@@ -9,13 +9,13 @@ query's attention distribution (after the mask), in nats, averaged over the batc
 for uniform attention over t keys, 0 for attention on one key.
 
 Measuring needs the scores themselves, which a fused (flash) kernel never forms. While
-:func:`measure_logits` is active, qkvlab's attention layers compute softmax(S) explicitly (the same
-function, up to float rounding; dropout on the probabilities as the fused kernel applies it), and
-otherwise keep the fused path. With ``entropy=False`` they keep the fused kernel for the attention
-itself and form S beside it without gradients, a slice of the batch at a time, for its max only: the
-step's numbers are the fused path's exactly and the cost is one more q·kᵀ. The engine measures the
-whole reading on each spectral-monitor step, and the max only on the other steps it measures (every
-step with QK-clip, every ``logit_every``-th with that key).
+:func:`measure_logits` is active, qkvlab's attention layers keep the fused kernel for the attention
+itself and form S beside it without gradients, a slice of the batch at a time
+(``qkvlab.models.transformer.observe_logits``): the step's numbers are the unmeasured step's, bit for
+bit, and the cost is one more q·kᵀ (and, for the entropy, one softmax) per layer. With
+``entropy=False`` only the max is taken. The engine measures both on each spectral-monitor step, and
+the max only on the other steps it measures (every step with QK-clip, every ``logit_every``-th with
+that key).
 
 **QK-clip** (``qk_clip=τ`` in the engine; Kimi K2's MuonClip without its Muon): after each optimiser step,
 every head whose S_max^h on that step's forward pass exceeded τ has its query and key rows (weights and

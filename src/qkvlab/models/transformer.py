@@ -17,7 +17,7 @@ from torch.nn import functional as F
 
 from qkvlab.models.config import ModelConfig
 
-__all__ = ["MLP", "Attention", "Block", "ModelConfig", "explicit_attention", "init_weights"]
+__all__ = ["MLP", "Attention", "Block", "ModelConfig", "init_weights", "observe_logits"]
 
 
 class Attention(nn.Module):
@@ -35,7 +35,7 @@ class Attention(nn.Module):
         self.v_proj = nn.Linear(cfg.d_model, inner, bias=cfg.bias)
         self.o_proj = nn.Linear(inner, cfg.d_model, bias=cfg.bias)
         self.dropout = cfg.dropout
-        self.probe = None  # a qkvlab.logits.LayerLogits while logits are measured: the scores are formed
+        self.probe = None  # a qkvlab.logits.LayerLogits while logits are measured (observe_logits)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         b, t, _ = x.shape
@@ -49,49 +49,36 @@ class Attention(nn.Module):
             if self.causal:
                 scores = scores.masked_fill(torch.ones(t, t, dtype=torch.bool, device=x.device).triu(1), 0.0)
             out = scores @ v
-        elif self.probe is not None and not self.probe.max_only:
-            drop = self.dropout if self.training else 0.0
-            out = explicit_attention(q, k, v, self.causal, drop, self.probe)
         else:
-            if self.probe is not None:  # the largest logit only, beside the fused kernel
-                largest_logits(q, k, self.probe)
+            if self.probe is not None:  # the scores beside the fused kernel, which still computes the output
+                observe_logits(q, k, self.causal, self.probe)
             drop = self.dropout if self.training else 0.0
             out = F.scaled_dot_product_attention(q, k, v, is_causal=self.causal, dropout_p=drop)
         return self.o_proj(out.transpose(1, 2).reshape(b, t, self.n_head * self.d_head))
 
 
-#: the most score elements formed at once while measuring the largest logit (64 Mi floats, 256 MiB)
+#: the most score elements formed at once while measuring the logits (64 Mi floats, 256 MiB)
 SCORE_CHUNK = 1 << 26
 
 
 @torch.no_grad()
-def largest_logits(q: torch.Tensor, k: torch.Tensor, probe: Any) -> None:
-    """Show ``probe`` (``probe.observe_max``) the scores q kᵀ/√d_head, a slice of the batch at a time so
-    that no more than SCORE_CHUNK elements exist at once; nothing here enters autograd."""
+def observe_logits(q: torch.Tensor, k: torch.Tensor, causal: bool, probe: Any) -> None:
+    """Show ``probe`` (a qkvlab.logits.LayerLogits) the scores S = q kᵀ/√d_head before the mask
+    (``probe.observe_max``) and, unless it measures the max only, the softmax after the mask
+    (``probe.observe``): what ``F.scaled_dot_product_attention`` computes, formed a slice of the batch
+    at a time (at most SCORE_CHUNK elements) and outside autograd, so the step's numbers do not change."""
     b, h, t, d = q.shape
-    step = max(1, SCORE_CHUNK // max(1, h * t * k.shape[-2]))
+    s = k.shape[-2]
+    step = max(1, SCORE_CHUNK // max(1, h * t * s))
     scale = 1.0 / math.sqrt(d)
+    future = torch.ones(t, s, dtype=torch.bool, device=q.device).triu(1) if causal else None
     for start in range(0, b, step):
-        probe.observe_max((q[start : start + step] @ k[start : start + step].transpose(-1, -2)) * scale)
-
-
-def explicit_attention(
-    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal: bool, dropout: float, probe: Any
-) -> torch.Tensor:
-    """softmax(q kᵀ/√d_head [+ causal mask]) v with the scores formed and shown to ``probe`` (a
-    qkvlab.logits.LayerLogits: ``probe.observe(scores before the mask, probabilities)``); what
-    ``F.scaled_dot_product_attention`` computes."""
-    t, s = q.shape[-2], k.shape[-2]
-    scores = (q @ k.transpose(-1, -2)) / math.sqrt(q.shape[-1])
-    masked = scores
-    if causal:
-        future = torch.ones(t, s, dtype=torch.bool, device=q.device).triu(1)
-        masked = scores.masked_fill(future, float("-inf"))
-    probs = torch.softmax(masked.float(), dim=-1).to(q.dtype)
-    probe.observe(scores, probs)
-    if dropout:
-        probs = torch.nn.functional.dropout(probs, dropout)
-    return probs @ v
+        scores = (q[start : start + step] @ k[start : start + step].transpose(-1, -2)) * scale
+        if probe.max_only:
+            probe.observe_max(scores)
+            continue
+        masked = scores if future is None else scores.masked_fill(future, float("-inf"))
+        probe.observe(scores, torch.softmax(masked.float(), dim=-1))
 
 
 class MLP(nn.Module):
