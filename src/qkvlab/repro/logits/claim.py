@@ -428,7 +428,7 @@ def aggregate(out: Path) -> dict[str, Any]:
                     },
                     "measures": {n: mean_std(_measure(done, n).values()) for n in names},
                     "over_tau": mean_std(over.values()) if over else None,
-                    "seeds_over_tau": sum(_measure(done, "logit_peak")[s] > tau for s in done),
+                    "seeds_over_tau": sum(n > 0 for n in over.values()),  # peak > τ: some step passed it
                     "vs_plain": {n: paired(_measure(done, n), _measure(reference, n)) for n in COMPARED},
                 }
                 if done:
@@ -684,85 +684,60 @@ def tables(summary: dict[str, Any]) -> str:
     ]
     found = summary.get("readings") or []
     d = diff_text
-    decay = [r for r in found if r["question"] == "decay against QK-clip"]
-    if decay:
-        lines += [
-            "",
+    clip = lambda r: f"τ={r['clip']:g}" if r["clip"] else "off"  # noqa: E731
+    sections = (  # (question, caption, headers, one row of a reading)
+        (
+            "decay against QK-clip",
             "Decay (no clip) against QK-clip (no decay), same optimiser, seed-paired (decay − clip):",
-            "",
-            *markdown_table(
-                ["optimiser", "Σηλ", "Δ peak logit", "Δ val loss", "Δ QK erank", "reading"],
-                [
-                    [
-                        r["optimizer"],
-                        f"{r['budget']:g}",
-                        d(r["peak"]),
-                        d(r["val_loss"], 4),
-                        d(r["qk_effective_rank"]),
-                        r["reading"],
-                    ]
-                    for r in decay
-                ],
-            ),
-        ]
-    rank = [r for r in found if r["question"] == "QK-clip changes QK rank"]
-    if rank:
-        lines += [
-            "",
+            ["optimiser", "Σηλ", "Δ peak logit", "Δ val loss", "Δ QK erank", "reading"],
+            lambda r: [
+                r["optimizer"],
+                f"{r['budget']:g}",
+                d(r["peak"]),
+                d(r["val_loss"], 4),
+                d(r["qk_effective_rank"]),
+                r["reading"],
+            ],
+        ),
+        (
+            "QK-clip changes QK rank",
             "QK-clip's effect on rank, same optimiser and Σηλ, seed-paired (clip − no clip):",
-            "",
-            *markdown_table(
-                ["optimiser", "Σηλ", "Δ QK erank", "Δ OV erank", "reading"],
-                [
-                    [
-                        r["optimizer"],
-                        f"{r['budget']:g}",
-                        d(r["qk_effective_rank"]),
-                        d(r["ov_effective_rank"]),
-                        r["reading"],
-                    ]
-                    for r in rank
-                ],
-            ),
-        ]
-    needs = [r for r in found if r["question"] == "needs clipping"]
-    if needs:
-        lines += [
-            "",
+            ["optimiser", "Σηλ", "Δ QK erank", "Δ OV erank", "reading"],
+            lambda r: [
+                r["optimizer"],
+                f"{r['budget']:g}",
+                d(r["qk_effective_rank"]),
+                d(r["ov_effective_rank"]),
+                r["reading"],
+            ],
+        ),
+        (
+            "needs clipping",
             f"Without the clip, does an optimiser pass τ = {record['tau']:g} (on at least 2 of 3 seeds, a stop counted as passing)?",
-            "",
-            *markdown_table(
-                ["Σηλ", *OPTIMIZERS, "reading"],
-                [
-                    [
-                        f"{r['budget']:g}",
-                        *("yes" if r["needs"][o] else "no" for o in OPTIMIZERS),
-                        r["reading"],
-                    ]
-                    for r in needs
-                ],
-            ),
-        ]
-    versus = [r for r in found if r["question"] == "Muon against AdamW"]
-    if versus:
-        lines += [
-            "",
+            ["Σηλ", *OPTIMIZERS, "reading"],
+            lambda r: [
+                f"{r['budget']:g}",
+                *("yes" if r["needs"][o] else "no" for o in OPTIMIZERS),
+                r["reading"],
+            ],
+        ),
+        (
+            "Muon against AdamW",
             "Muon against AdamW in the same cell, seed-paired (Muon − AdamW):",
-            "",
-            *markdown_table(
-                ["Σηλ", "QK-clip", "Δ peak logit", "Δ QK erank", "Δ val loss"],
-                [
-                    [
-                        f"{r['budget']:g}",
-                        f"τ={r['clip']:g}" if r["clip"] else "off",
-                        d(r["logit_peak"]),
-                        d(r["qk_effective_rank"]),
-                        d(r["val_loss"], 4),
-                    ]
-                    for r in versus
-                ],
-            ),
-        ]
+            ["Σηλ", "QK-clip", "Δ peak logit", "Δ QK erank", "Δ val loss"],
+            lambda r: [
+                f"{r['budget']:g}",
+                clip(r),
+                d(r["logit_peak"]),
+                d(r["qk_effective_rank"]),
+                d(r["val_loss"], 4),
+            ],
+        ),
+    )
+    for question, caption, headers, row in sections:
+        mine = [r for r in found if r["question"] == question]
+        if mine:
+            lines += ["", caption, "", *markdown_table(headers, [row(r) for r in mine])]
     return "\n".join(lines)
 
 
