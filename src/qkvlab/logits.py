@@ -89,7 +89,7 @@ class LayerLogits:
     entropy_sum: torch.Tensor | None = None  # (heads,) Σ of row entropies
     rows: int = 0  # query rows summed (batch × queries), the same for every head
 
-    max_only: bool = False  # the layer keeps its fused kernel and shows observe_max its scores
+    max_only: bool = False  # the scores go to observe_max alone: no softmax, no entropy
 
     @torch.no_grad()
     def observe_max(self, scores: torch.Tensor) -> None:
@@ -170,7 +170,7 @@ class LogitReading:
 def measure_logits(model: nn.Module, entropy: bool = True) -> Iterator[LogitReading]:
     """Measure the logits of every forward pass of ``model`` (one of qkvlab's own, or a wrapper holding
     it) inside the block; see the module for the convention. Yields the reading, filled as passes run.
-    ``entropy=False``: the largest logit only, the attention itself left to the fused kernel."""
+    ``entropy=False``: the largest logit only, without the softmax the entropy needs."""
     from qkvlab.models.transformer import Attention
 
     layers = [m for m in model.modules() if isinstance(m, Attention) and m.kind == "softmax"]

@@ -230,7 +230,7 @@ def _train(config: TrainConfig, resume: Path | None, run_dir: Path, command: str
                 bool(config.logit_every) and (step + 1) % config.logit_every == 0
             )
             armed = firing or measuring
-            # the monitor's steps form the scores for the entropy too; the others keep the fused kernel
+            # the monitor's steps take the entropy too (a softmax of the scores); the others the max only
             with autocast(), measure_logits(model, entropy=firing) if armed else nullcontext() as logits:
                 loss = train_model(**batch)["loss"]
             objective = loss + l2_penalty(groups) if penalty_in_loss else loss
