@@ -30,6 +30,7 @@ __all__ = [
     "read_training_run",
     "refuse_run_keys",
     "train_status",
+    "train_tail",
     "train_worker",
 ]
 
@@ -138,6 +139,13 @@ def read_spectra(run_dir: Path) -> list[dict[str, Any]]:
             raise UserError(f"{packed} is damaged (not a whole gzip file)") from None
         return _last_per_step(_json_lines(data, packed))
     return []
+
+
+def train_tail(train: list[dict[str, Any]], final_step: int, steps: int = 100) -> float | None:
+    """The mean logged training loss over a run's last ``steps`` steps (one minibatch is noisy); None if
+    it logged none there. ``train``: :func:`read_metrics`' "train" records."""
+    losses = [r["loss"] for r in train if r["step"] > final_step - steps and "loss" in r]
+    return math.fsum(losses) / len(losses) if losses else None
 
 
 def read_training_run(run_dir: Path, *, spectra: bool = True) -> dict[str, Any] | None:

@@ -189,7 +189,7 @@ def read_run(run_dir: Path) -> dict[str, Any] | None:
     """One run reduced to its measures, its largest logit per step and the per-head logits at the
     monitor's firings; for a run that met a non-finite value, ``{"stopped": why, ...}`` with its largest
     logit per step up to the stop; None while unfinished."""
-    from qkvlab.grid.training import final_measures, read_metrics, read_training_run
+    from qkvlab.grid.training import final_measures, read_metrics, read_training_run, train_tail
 
     if (run_dir / STOPPED_FILE).is_file():
         train = read_metrics(run_dir)["train"]
@@ -210,7 +210,7 @@ def read_run(run_dir: Path) -> dict[str, Any] | None:
     logits = [(x["step"], x["logit_max"]) for x in train if "logit_max" in x]
     losses = [x["loss"] for x in train]
     skip = sum(1 for x in train if x["step"] <= warmup) + SPIKE_WINDOW  # windows wholly after warm-up
-    tail = [x for x in train if x["step"] > final_step - TAIL_STEPS]
+    tail = train_tail(train, final_step, TAIL_STEPS)
     measures = final_measures(result)
     measures.update(
         {
@@ -219,7 +219,7 @@ def read_run(run_dir: Path) -> dict[str, Any] | None:
             "clipped_heads": float(sum(x.get("qk_clipped_heads", 0) for x in train)),
             "loss_spikes": float(loss_spikes(losses, skip=skip)),
             "loss_jump": loss_jump(losses, skip=skip),
-            "train_tail": statistics.fmean(x["loss"] for x in tail) if tail else math.nan,
+            "train_tail": math.nan if tail is None else tail,
         }
     )
     return {

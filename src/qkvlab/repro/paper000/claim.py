@@ -338,6 +338,8 @@ def _layer_means(record: dict[str, Any], metrics: tuple[str, ...]) -> dict[str, 
 
 def run_numbers(result: dict[str, Any]) -> dict[str, Any]:
     """One finished run reduced to what the tables and plots use (every value from the run's files)."""
+    from qkvlab.grid.training import train_tail
+
     records = result.get("spectra") or []
     if not records or records[-1]["step"] != result["final"]["step"]:
         raise ValueError("the run has no spectral-monitor record of its final weights")
@@ -360,17 +362,8 @@ def run_numbers(result: dict[str, Any]) -> dict[str, Any]:
         ],
         "gd_alignment": result.get("gd_alignment"),
         "final_heads": _per_head(records[-1], "effective_rank"),
-        "train_tail": _train_tail(result.get("train_curve") or [], result["final"]["step"]),
+        "train_tail": train_tail(result.get("train_curve") or [], result["final"]["step"]),
     }
-
-
-TRAIN_TAIL_STEPS = 100
-
-
-def _train_tail(train: list[dict[str, Any]], final_step: int) -> float | None:
-    """Mean logged training loss over the last ``TRAIN_TAIL_STEPS`` steps (one minibatch is noisy)."""
-    losses = [r["loss"] for r in train if r["step"] > final_step - TRAIN_TAIL_STEPS and "loss" in r]
-    return math.fsum(losses) / len(losses) if losses else None
 
 
 def _per_head(record: dict[str, Any], metric: str) -> dict[str, list[list[float]]]:
