@@ -8,6 +8,7 @@ from pathlib import Path
 
 import pytest
 
+from qkvlab.errors import UserError
 from qkvlab.repro.paper001 import tuned as study
 from qkvlab.repro.paper001.tuned import SELECTION_SEED, Cell, plan, rate
 
@@ -134,6 +135,10 @@ def test_the_study_runs_to_the_end_on_a_tiny_model_and_resumes(tiny_bert, tiny_c
         lr = float(name.split("_lr")[1].split("_")[0])
         v_rates = {g["lr"] for g in result["groups"] if g["role"] == "v"}
         assert list(v_rates) == [pytest.approx(lam * lr, rel=1e-2)], name
+    # the folder remembers its cells: its tables show this design, not the default 20 cells
+    assert list(study.summarize(out)["rows"]) == cells
+    with pytest.raises(UserError, match="other cells"):
+        study.run_study(out, **{**common, "cell_list": cells[:1]})
     mtimes = {p: p.stat().st_mtime_ns for p in out.glob("runs/*/result.json")}
     study.run_study(out, **common)  # nothing new to run
     assert {p: p.stat().st_mtime_ns for p in out.glob("runs/*/result.json")} == mtimes

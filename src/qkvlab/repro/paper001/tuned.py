@@ -141,6 +141,36 @@ def cells(methods: Iterable[str] = ("full", "lora"), lambdas: Iterable[float] = 
 
 CELLS = cells()
 
+#: the cells a results folder runs, written by :func:`run_study` (not a setting: the guard ignores it),
+#: so that its tables show that design and not the default one
+CELLS_FILE = "cells.json"
+
+
+def write_cells(out: Path, cell_list: list[Cell]) -> None:
+    """Record ``cell_list`` in ``out``, or refuse if the folder was run with other cells."""
+    from qkvlab.errors import UserError
+    from qkvlab.files import write_atomic
+
+    recorded = read_cells(out)
+    if recorded is not None:
+        if recorded != list(cell_list):
+            raise UserError(
+                f"{out} was run with other cells ({', '.join(c.label for c in recorded)}); "
+                "resume with the same design or use another --out"
+            )
+        return
+    out.mkdir(parents=True, exist_ok=True)
+    record = [{"method": c.method, "targets": list(c.targets), "lr_ratio": c.lr_ratio} for c in cell_list]
+    write_atomic(out / CELLS_FILE, json.dumps(record, indent=1))
+
+
+def read_cells(out: Path) -> list[Cell] | None:
+    """The cells ``out`` was run with (None for a folder from before this record existed)."""
+    path = out / CELLS_FILE
+    if not path.is_file():
+        return None
+    return [Cell(c["method"], tuple(c["targets"]), float(c["lr_ratio"])) for c in json.loads(path.read_text())]
+
 
 # -- what to run next, from what has finished ------------------------------------------------------
 
@@ -335,6 +365,7 @@ def run_study(
     }
     worker_settings = {**settings, "device": device}
     worker_settings.pop("rate_exponents")
+    write_cells(out, CELLS if cell_list is None else cell_list)
     while True:
         runs, states = plan(out, cell_list, exponents)
         todo = [r for r in runs if _status(r.folder(out)) != "complete"]
@@ -386,7 +417,7 @@ def summarize(
         if settings_path.is_file()
         else RATE_EXPONENTS
     )
-    cell_list = cell_list or [c for c in CELLS if c.method in exponents]
+    cell_list = cell_list or read_cells(out) or [c for c in CELLS if c.method in exponents]
     _, states = plan(out, cell_list, exponents)
     results = _results(out)
 
