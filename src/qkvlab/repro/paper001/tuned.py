@@ -169,7 +169,9 @@ def read_cells(out: Path) -> list[Cell] | None:
     path = out / CELLS_FILE
     if not path.is_file():
         return None
-    return [Cell(c["method"], tuple(c["targets"]), float(c["lr_ratio"])) for c in json.loads(path.read_text())]
+    return [
+        Cell(c["method"], tuple(c["targets"]), float(c["lr_ratio"])) for c in json.loads(path.read_text())
+    ]
 
 
 # -- what to run next, from what has finished ------------------------------------------------------
