@@ -189,6 +189,27 @@ def test_the_second_models_grid_is_sized_from_the_first_models_lora_qv(tmp_path)
     assert qv_only == [Cell("lora", ("q", "v"), x) for x in (1.0, 2.0, 4.0)] and again == exponents
 
 
+def test_the_best_lambda_is_chosen_on_validation_with_each_seeds_own_best_as_its_spread() -> None:
+    def row(vals: list[float], k: int) -> dict:
+        return {"runs": {s: {"final_val": v} for s, v in enumerate(vals)}, "search": {"chosen": k}}
+
+    qv = {  # λ = 2 best on average; seed 1 alone prefers λ = 4; λ = 1 and 4 tie on average
+        Cell("lora", ("q", "v"), 1.0): row([0.75, 0.75, 0.75], -6),  # binary fractions: exact means
+        Cell("lora", ("q", "v"), 2.0): row([0.875, 0.8125, 0.875], -6),
+        Cell("lora", ("q", "v"), 4.0): row([0.5, 1.0, 0.75], -7),
+        Cell("lora", ("q", "k", "v"), 1.0): row([0.9, 0.9], -6),  # a seed short: no verdict
+        Cell("lora", ("q", "k", "v"), 2.0): row([0.9, 0.9, 0.9], -6),
+    }
+    found = study.best_lambda({"rows": qv}, "lora", ("q", "v"))
+    assert found is not None
+    assert found["best"] == 2.0 and found["per_seed"] == {0: 2.0, 1: 4.0, 2: 2.0}
+    assert found["means"][1.0] == found["means"][4.0] == 0.75
+    assert found["exponents"] == {1.0: -6, 2.0: -6, 4.0: -7}
+    assert study.best_lambda({"rows": qv}, "lora", ("q", "k", "v")) is None
+    tie = {c: r for c, r in qv.items() if c.lr_ratio != 2.0 and c.targets == ("q", "v")}
+    assert study.best_lambda({"rows": tie}, "lora", ("q", "v"))["best"] == 1.0  # ties: the smaller λ
+
+
 def test_the_summary_tables_pair_seeds_at_each_cells_tuned_rate(tmp_path) -> None:
     from qkvlab.repro.paper001.render_tuned import study_markdown
 
@@ -293,7 +314,7 @@ def test_reproduction_md_holds_the_tuned_studys_tables_as_the_summary_prints_the
     text = (root / "REPRODUCTION.md").read_text()
     section = text[text.index("## Paper 001: fine-tuning") : text.index("## Paper 001, the 150-step pilot")]
     tables = printed.split("\n\n")
-    assert len(tables) == 8  # four captions, four tables: the search, the cells, the controls, the pairs
+    assert len(tables) == 10  # five captions, five tables: the search, the cells, the controls, the pairs, best λ
     for chunk in tables:
         assert chunk in section, chunk.splitlines()[0]
 

@@ -283,22 +283,15 @@ def second_model_design(
     half-decades on either side (extended at an edge as for the first model). With ``cost_hours`` (one
     measured run's core-hours), a grid that would take more than SECOND_MODEL_HOURS keeps LoRA QV only.
     """
-    import statistics
-
     from qkvlab.errors import UserError
 
-    summary = summarize(first)
-    qv = {c: r for c, r in summary["rows"].items() if c.method == "lora" and c.targets == ("q", "v")}
-    if not qv or any(len(r["runs"]) < len(REPORTED_SEEDS) for r in qv.values()):
+    found = best_lambda(summarize(first), "lora", ("q", "v"))
+    if found is None:
         raise UserError(
             f"{first}: LoRA QV is not finished for every λ; the second model's grid is sized from it"
         )
-    best = max(
-        sorted(qv, key=lambda c: c.lr_ratio),
-        key=lambda c: statistics.fmean(r["final_val"] for r in qv[c]["runs"].values()),
-    )
-    lam = best.lr_ratio
-    chosen = int(qv[best]["search"]["chosen"])
+    lam = found["best"]
+    chosen = int(found["exponents"][lam])
     cells = [
         Cell("lora", targets, x)
         for targets in (("q", "v"), ("q", "k", "v"))
@@ -457,6 +450,33 @@ def summarize(
         "rows": rows,
         "thresholds": thresholds,
         "controls": found_controls,
+    }
+
+
+def best_lambda(summary: dict[str, Any], method: str, targets: tuple[str, ...]) -> dict[str, Any] | None:
+    """Which λ of (method, targets) is best: by the mean final *validation* accuracy of the reported seeds
+    at each λ's tuned rate (ties: the smaller λ; the test split is not consulted), and, as its spread, the
+    best λ of each seed alone. None until every λ of the set has all its reported seeds.
+
+    Returns ``{"lambdas", "means" (λ → mean), "stds" (λ → sample std), "best", "per_seed" (seed → λ),
+    "exponents" (λ → chosen rate exponent)}``.
+    """
+    import statistics
+
+    rows = {c: r for c, r in summary["rows"].items() if c.method == method and c.targets == targets}
+    if not rows or any(len(r["runs"]) < len(REPORTED_SEEDS) for r in rows.values()):
+        return None
+    by_lambda = {c.lr_ratio: {s: r["final_val"] for s, r in row["runs"].items()} for c, row in rows.items()}
+    lambdas = sorted(by_lambda)
+    means = {x: statistics.fmean(by_lambda[x].values()) for x in lambdas}
+    seeds = sorted(set.intersection(*(set(v) for v in by_lambda.values())))
+    return {
+        "lambdas": lambdas,
+        "means": means,
+        "stds": {x: statistics.stdev(by_lambda[x].values()) for x in lambdas},
+        "best": max(lambdas, key=lambda x: means[x]),  # max keeps the first of equals: the smaller λ
+        "per_seed": {s: max(lambdas, key=lambda x: by_lambda[x][s]) for s in seeds},
+        "exponents": {c.lr_ratio: row["search"]["chosen"] for c, row in rows.items()},
     }
 
 
