@@ -314,7 +314,9 @@ def test_reproduction_md_holds_the_tuned_studys_tables_as_the_summary_prints_the
     text = (root / "REPRODUCTION.md").read_text()
     section = text[text.index("## Paper 001: fine-tuning") : text.index("## Paper 001, the 150-step pilot")]
     tables = printed.split("\n\n")
-    assert len(tables) == 10  # five captions, five tables: the search, the cells, the controls, the pairs, best λ
+    assert (
+        len(tables) == 10
+    )  # five captions, five tables: the search, the cells, the controls, the pairs, best λ
     for chunk in tables:
         assert chunk in section, chunk.splitlines()[0]
 
