@@ -52,7 +52,10 @@ reported seeds, controls and training (:func:`second_model_design`). The measure
 of that grid (LoRA QV λ = 1 at the lowest rate, selection seed); if the grid at its cost would pass
 SECOND_MODEL_HOURS core-hours (what the study's budget of about 45 leaves after MiniLM's), the grid
 keeps LoRA QV only (written before that run, added after MiniLM's study had finished). Theorem 2 (η_QK = Θ(1/n), η_V = Θ(1)) predicts a best λ about 2× larger at width 768 than at
-384; the models also differ in depth and pretraining, so it is an exploratory comparison.
+384; the models also differ in depth and pretraining, so it is an exploratory comparison. Each
+model's best λ per target set is reported by the λ* rule above, with each reported seed's own best λ
+as its spread (:func:`best_lambda`; added after MiniLM's study had finished, before any reported run
+of mpnet's).
 """
 
 from __future__ import annotations
