@@ -185,8 +185,10 @@ def plot_study(out: Path, folder: Path) -> list[Path]:
         rows = {c: r for c, r in summary["rows"].items() if c.method == method}
         panels = [p for p in _PANELS if any(c.targets in p for c in rows)]
 
-        fig, axes = plt.subplots(1, len(panels), figsize=(4.6 * len(panels), 3.6), squeeze=False, sharey=True)
+        size = (max(4.6 * len(panels), 6.4), 3.6)  # one panel still fits the title
+        fig, axes = plt.subplots(1, len(panels), figsize=size, squeeze=False, sharey=True)
         for ax, panel in zip(axes[0], panels, strict=True):
+            tried = sorted({k for c, r in rows.items() if c.targets in panel for k in r["search"]["scores"]})
             for cell, row in rows.items():
                 if cell.targets not in panel:
                     continue
@@ -200,6 +202,8 @@ def plot_study(out: Path, folder: Path) -> list[Path]:
                 if chosen is not None:
                     ax.plot([rate(chosen)], [100 * scores[chosen]], marker="*", ms=13, color=line.get_color())
             ax.set_xscale("log")
+            ax.minorticks_off()  # the rates tried, not log-axis minor labels that collide
+            ax.set_xticks([rate(k) for k in tried], [f"{rate(k):.2g}" for k in tried], fontsize=8)
             ax.set_xlabel("η_QK")
             ax.set_title(f"{method} {' vs '.join(''.join(t).upper() for t in panel)}")
             ax.grid(alpha=0.3)
@@ -210,7 +214,7 @@ def plot_study(out: Path, folder: Path) -> list[Path]:
         )
         written.append(save(fig, folder / f"tuned_{model}_{method}_rates.png"))
 
-        fig, axes = plt.subplots(1, len(panels), figsize=(4.6 * len(panels), 3.6), squeeze=False, sharey=True)
+        fig, axes = plt.subplots(1, len(panels), figsize=size, squeeze=False, sharey=True)
         for ax, panel in zip(axes[0], panels, strict=True):
             drawn = [(c, r["runs"]) for c, r in rows.items() if c.targets in panel and r["runs"]]
             drawn += [
