@@ -708,6 +708,9 @@ def test_decouple_contrasts_read_each_comparison_by_the_rule_fixed_in_code() -> 
     }
     assert found["C1"]["reading"] == "higher" and found["C3"]["reading"] == "higher"
     assert found["C2"]["val_loss"]["wins"] == 1 and found["C2"]["reading"] == "within noise"
+    # a folder still running reads nothing yet, however clear its first seed
+    partial = _losses({(0.3, 0.3): [1.70], (0.0, 0.3): [1.60], (0.3, 0.0): [1.69], (0.0, 0.0): [1.5]})
+    assert {c["reading"] for c in decouple_contrasts(partial)} == {"pending (1 of 3 seeds)"}
     # Table 1 alone (no λ_rest = 0) has no control to read
     assert decouple_contrasts(_losses({(0.1, 0.1): [1.7] * 3, (0.0, 0.1): [1.69] * 3})) == []
 

@@ -372,7 +372,8 @@ def decouple_table(summary: dict[str, Any]) -> str:
         lines += [
             "",
             f"Seed-paired; a reading is lower (higher) when the mean is below −{delta:g} "
-            f"(above {delta:g}) nats and every seed has that sign, otherwise within noise.",
+            f"(above {delta:g}) nats and every seed has that sign, otherwise within noise; pending until "
+            "every seed of both cells has finished.",
         ]
     return "\n".join(lines)
 
