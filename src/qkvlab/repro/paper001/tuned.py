@@ -469,7 +469,7 @@ def best_lambda(summary: dict[str, Any], method: str, targets: tuple[str, ...]) 
     rows = {c: r for c, r in summary["rows"].items() if c.method == method and c.targets == targets}
     if not rows or any(len(r["runs"]) < len(REPORTED_SEEDS) for r in rows.values()):
         return None
-    by_lambda = {c.lr_ratio: {s: r["final_val"] for s, r in row["runs"].items()} for c, row in rows.items()}
+    by_lambda = {c.lr_ratio: _metric(row["runs"], "final_val") for c, row in rows.items()}
     lambdas = sorted(by_lambda)
     means = {x: statistics.fmean(by_lambda[x].values()) for x in lambdas}
     seeds = sorted(set.intersection(*(set(v) for v in by_lambda.values())))
