@@ -176,3 +176,15 @@ def test_the_readings_follow_the_rules_fixed_before_any_run() -> None:
     assert [
         r["needs"]["adamw"] for r in found if r["question"] == "needs clipping" and r["budget"] == 1.0
     ] == [True]
+
+    # a grid still running gives no verdict: seed 2 of Muon at Σηλ = 1 without the clip has not ended
+    cells[6].update(seeds=[0, 1], seeds_over_tau=1)
+    del grid[("muon", 1.0, False)][2]
+    found = claim.readings(cells, tau, lambda o, b, c: grid.get((o, b, c), {}))
+    waiting = {
+        (r["question"], r.get("optimizer"), r["budget"]): r["reading"] for r in found if "reading" in r
+    }
+    assert waiting[("decay against QK-clip", "muon", 1.0)] == "pending (2 of 3 seeds)"
+    assert waiting[("QK-clip changes QK rank", "muon", 1.0)] == "pending (2 of 3 seeds)"
+    assert waiting[("needs clipping", None, 1.0)] == "pending (2 of 3 seeds)"
+    assert waiting[("decay against QK-clip", "adamw", 1.0)] == "as low as QK-clip or lower"  # all ended

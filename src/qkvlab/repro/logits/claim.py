@@ -52,7 +52,9 @@ reported as saying little about logit growth.
   largest logit up to the stop is kept.
 
 **Readings** (:func:`readings`; seed-paired, three seeds, so "every seed" is the strongest statement the
-data allow, a sign test at p = 0.25):
+data allow, a sign test at p = 0.25). A reading waits until every compared cell has ended on three seeds
+(finished or stopped), and reads "pending (n of 3 seeds)" before that, so a folder still running gives no
+verdict from the seeds that happen to be done (added before any run):
 
 - *Decay against QK-clip, per optimiser and Σηλ > 0*: the peak logit with decay and no clip minus the
   peak with QK-clip and no decay. Decay holds logits down as well as QK-clip where it is ≤ 0 on every
@@ -87,6 +89,7 @@ from qkvlab.repro.registry import Experiment, register
 __all__ = ["OPTIMIZERS", "choose_lr", "loss_jump", "loss_spikes", "readings", "run_experiment", "tau_from"]
 
 OPTIMIZERS = ("adamw", "muon")
+SEEDS = (0, 1, 2)  # the design's reported seeds: a reading waits for this many in each compared cell
 BUDGETS = (0.0, 1.0, 3.0)
 LR_LADDER = (1e-3, 2e-3, 4e-3, 8e-3)
 MAX_EXTENSIONS = 2
@@ -454,9 +457,33 @@ def _sign(diff: dict[str, Any] | None, floor: float = RANK_FLOOR) -> str:
     return "within seed noise"
 
 
+def _pending(*groups: dict[int, Any]) -> str | None:
+    """ "pending (n of 3 seeds)" while a compared cell has fewer than ``SEEDS`` runs that ended (finished
+    or stopped), else None."""
+    n = min(len(g) for g in groups)
+    return f"pending ({n} of {len(SEEDS)} seeds)" if n < len(SEEDS) else None
+
+
+def _against_clip(peak: dict[str, Any] | None) -> str:
+    """Decay's peak logit against QK-clip's, seed-paired (decay − clip)."""
+    if peak and peak["wins"] == 0:
+        return "as low as QK-clip or lower"
+    if peak and peak["wins"] == peak["n"]:
+        return "higher than QK-clip on every seed"
+    return "mixed"
+
+
+def _needs(needs: dict[str, bool]) -> str:
+    if needs["muon"] and not needs["adamw"]:
+        return "Muon needs clipping where AdamW does not"
+    if all(needs.values()):
+        return "both need it"
+    return "neither needs it" if not any(needs.values()) else "AdamW needs it, Muon does not"
+
+
 def readings(cells: list[dict[str, Any]], tau: float, found: Any) -> list[dict[str, Any]]:
     """The module's pre-registered readings from the cells and ``found(optimiser, budget, clipped)`` →
-    seed → run."""
+    seed → run (finished or stopped)."""
     from qkvlab.grid.runner import paired
 
     def diff(name: str, a: dict[int, dict[str, Any]], b: dict[int, dict[str, Any]]) -> dict[str, Any] | None:
@@ -480,16 +507,13 @@ def readings(cells: list[dict[str, Any]], tau: float, found: Any) -> list[dict[s
                     "peak": peak,
                     "val_loss": diff("val_loss", decay, clip_only),
                     "qk_effective_rank": diff("qk_effective_rank", decay, clip_only),
-                    "reading": "as low as QK-clip or lower"
-                    if peak and peak["wins"] == 0
-                    else (
-                        "higher than QK-clip on every seed" if peak and peak["wins"] == peak["n"] else "mixed"
-                    ),
+                    "reading": _pending(decay, clip_only) or _against_clip(peak),
                 }
             )
     for o in OPTIMIZERS:
         for b in budgets:
-            rank = diff("qk_effective_rank", found(o, b, True), found(o, b, False))
+            clipped, plain = found(o, b, True), found(o, b, False)
+            rank = diff("qk_effective_rank", clipped, plain)
             if rank is not None:
                 out.append(
                     {
@@ -497,32 +521,25 @@ def readings(cells: list[dict[str, Any]], tau: float, found: Any) -> list[dict[s
                         "optimizer": o,
                         "budget": b,
                         "qk_effective_rank": rank,
-                        "ov_effective_rank": diff("ov_effective_rank", found(o, b, True), found(o, b, False)),
-                        "reading": _sign(rank),
+                        "ov_effective_rank": diff("ov_effective_rank", clipped, plain),
+                        "reading": _pending(clipped, plain) or _sign(rank),
                     }
                 )
     for b in budgets:
-        needs = {}
+        needs, ended = {}, {}
         for o in OPTIMIZERS:
             cell = index.get((o, b, False))
             if cell is not None:  # a majority of the seeds (2 of 3) passed τ or stopped
                 ran = len(cell["seeds"]) + len(cell["stopped"])
                 needs[o] = 2 * (cell["seeds_over_tau"] + len(cell["stopped"])) > ran
+                ended[o] = dict.fromkeys([*cell["seeds"], *cell["stopped"]])
         if len(needs) == len(OPTIMIZERS):
             out.append(
                 {
                     "question": "needs clipping",
                     "budget": b,
                     "needs": needs,
-                    "reading": "Muon needs clipping where AdamW does not"
-                    if needs["muon"] and not needs["adamw"]
-                    else (
-                        "both need it"
-                        if all(needs.values())
-                        else (
-                            "neither needs it" if not any(needs.values()) else "AdamW needs it, Muon does not"
-                        )
-                    ),
+                    "reading": _pending(*ended.values()) or _needs(needs),
                 }
             )
     for b in budgets:
