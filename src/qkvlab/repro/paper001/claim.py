@@ -191,7 +191,7 @@ def _report(folder: Path, figures: Path) -> list[Any]:
 EXPERIMENT = register(
     Experiment(
         "finetune",
-        "paper 001 on MiniLM: QV vs QKV, V vs K, λ = η_V/η_QK (full and LoRA)",
+        "paper 001: QV vs QKV, V vs K, λ = η_V/η_QK (full and LoRA), each cell at its tuned rate; MiniLM, or mpnet as the second model",
         _arguments,
         _main,
         report=_report,
