@@ -257,7 +257,8 @@ def test_half_factors_take_the_gram_route_within_its_stated_bound_of_householder
     assert (error <= fast.error_bound + exact.error_bound).all(), (error, fast.error_bound)
     assert (error <= 1e-5 * top).all()
     # a worst-case bound far below what bf16/fp16 storage itself may move σ by (the same kind of worst
-    # case: entries rounded by up to u_storage, u = 2⁻⁹ or 2⁻¹², moves σ by up to u·‖A‖_F‖B‖_F)
+    # case: entries rounded by up to u_storage = eps/2, 2⁻⁸ for bf16 or 2⁻¹¹ for fp16, move σ by up to
+    # (2u + u²)·‖A‖_F‖B‖_F; u·‖A‖_F‖B‖_F is used here, half of that)
     storage = torch.finfo(dtype).eps / 2 * left.double().norm(dim=(1, 2)) * right.double().norm(dim=(1, 2))
     assert (fast.error_bound < 0.01 * storage).all()
     torch.testing.assert_close(fast.l2_half, exact.l2_half, rtol=1e-12, atol=0)

@@ -194,8 +194,10 @@ FAMILIES: tuple[Family, ...] = (
             "factors (OV is unaffected); scores are scaled by query_pre_attn_scalar, not 1/√d_head"
         ),
         rope="half",
-        no_ceiling="q/k RMSNorm between the factors bounds each logit by d_head·max|γ_q|·max|γ_k| times the "
-        "score scale, whatever W_Q and W_K",
+        no_ceiling="Gemma 3's q/k RMSNorm between the factors bounds each logit by d_head·max|γ_q|·max|γ_k| "
+        "(Gemma's gain γ = 1 + w) times the score scale, whatever W_Q and W_K; Gemma 2 scales scores by "
+        "query_pre_attn_scalar^(-1/2), not 1/√d_head, and soft-caps them; Gemma 1 would admit the ceiling but "
+        "shares this family's entry",
     ),
     Family(
         name="vit",
