@@ -161,7 +161,7 @@ def main() -> None:
         if gpu
         else "On a GPU, where one launch per head costs more, the batching should matter more: "
         "`--device cuda` measures it (the H200 runs of `repro optimizer-rank`, made with the loop, took "
-        "1.3× whole-matrix Muon's wall time)."
+        "3.5–3.6 minutes against whole-matrix Muon's 2.7, FINDINGS.md §1)."
     )
     where = f"{torch.cuda.get_device_name(DEVICE)} (CUDA); host {machine()}" if gpu else machine()
     flag = " --device cuda" if gpu else ""
@@ -182,7 +182,10 @@ GEMM rate, {rate:,.0f} GFLOP/s (the fastest of 10 1024³ matmuls).
 Per head, each head's d_head × d slice is orthogonalised, which costs fewer flops than the whole
 d × d matrix (by about the number of heads), but as many small GEMMs as there are heads: run one head
 at a time they are launch- and cache-bound. Batching every head of a matrix into one 3-D Newton–Schulz
-(`baddbmm`) gives {same_text} on this machine; the ratios say what it does to the step. {gpu_text}
+(`baddbmm`) gives {same_text} on this machine; the ratios say what it does to the step. Per-head Muon is
+a different update from whole-matrix Muon, with about 1/heads of its flops, so its ratio is not a speed-up
+on the same work: read it against its own floor. The "Newton–Schulz only" rows time the orthogonalisation
+alone, and their ratio divides that by `torch.optim.Muon`'s whole step. {gpu_text}
 Absolute times are noisy on shared machines; the ratios are measured in one run.
 """
     write_section("muon-gpu" if gpu else "muon", body)

@@ -42,10 +42,11 @@ def _tl_version() -> str:
 
 
 def factored_flops(d: int, r: int) -> float:
-    """Householder QR of two d×r factors (2(2dr² − ⅔r³) each... counted once per factor),
-    the r×r core product (2r³) and its SVD (~22r³ for values only, Golub–Van Loan)."""
+    """Householder QR of two d×r factors (R only: 2dr² − ⅔r³ each, counted in multiply-adds × 2),
+    the r×r core product (2r³) and its singular values (⁸⁄₃r³ for the bidiagonalisation, Golub–Van Loan;
+    the ~21r³ of Golub–Reinsch is for U, Σ and V, which are not formed)."""
     qr = 2 * (2 * d * r * r - 2 * r**3 / 3)
-    return qr + 2 * r**3 + 22 * r**3
+    return qr + 2 * r**3 + 8 * r**3 / 3
 
 
 def run(quick: bool) -> str:
