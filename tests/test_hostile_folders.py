@@ -323,3 +323,56 @@ def test_an_option_named_like_a_config_key_says_how_to_write_it(argv, hint, caps
         main(argv)
     assert stopped.value.code == 2
     assert hint in _one_line(capsys)
+
+
+def _settings_only(source: Path, dest: Path) -> Path:
+    """A copy of a committed results folder's settings.json and summary.json: what tells its kind."""
+    dest.mkdir(parents=True)
+    for name in ("settings.json", "summary.json"):
+        if (source / name).is_file():
+            (dest / name).write_bytes((source / name).read_bytes())
+    (dest / "runs").mkdir()
+    return dest
+
+
+RESULTS = Path(__file__).resolve().parents[1] / "results"
+
+
+@pytest.mark.parametrize(
+    ("folder", "argv", "says"),
+    [
+        ("paper000-recall", ["logits"], "holds `qkvlab repro wd-rank` results"),
+        (
+            "paper000-recall",
+            ["optimizer-rank", "--setting", "recall"],
+            "holds `qkvlab repro wd-rank` results",
+        ),
+        ("paper000-recall", ["rank-guard"], "holds `qkvlab repro wd-rank` results"),
+        ("optimizer-rank-recall", ["wd-rank", "--setting", "recall"], "holds `qkvlab repro optimizer-rank`"),
+        ("optimizer-rank-recall", ["decouple"], "holds `qkvlab repro optimizer-rank` results"),
+        ("paper000-recall", ["wd-rank", "--setting", "gpt"], "holds the 'recall' setting's runs, not 'gpt'"),
+        ("paper000-recall", ["decouple"], "holds the 'recall' setting's runs, not 'gpt'"),
+        (
+            "optimizer-rank-recall",
+            ["optimizer-rank", "--setting", "gpt"],
+            "holds the 'recall' setting's runs",
+        ),
+    ],
+)
+def test_a_results_folder_of_another_claim_or_setting_is_refused_and_left_as_it_was(
+    folder, argv, says, tmp_path, capsys
+) -> None:
+    out = _settings_only(RESULTS / folder, tmp_path / folder)
+    before = {p.name: p.read_bytes() for p in out.iterdir() if p.is_file()}
+    assert main(["repro", *argv, "--out", str(out), "--summary-only"]) == 2
+    line = _one_line(capsys)
+    assert says in line and "accepted:" in line, line
+    assert {p.name: p.read_bytes() for p in out.iterdir() if p.is_file()} == before  # summary.json untouched
+
+
+def test_rank_guard_refuses_a_reference_that_is_not_the_shakespeare_gpts(tmp_path, capsys) -> None:
+    reference = _settings_only(RESULTS / "optimizer-rank-recall", tmp_path / "reference")
+    argv = ["repro", "rank-guard", "--reference", str(reference), "--out", str(tmp_path / "guard")]
+    assert main(argv) == 2
+    assert "is not a `repro wd-rank` or `decouple` folder of this run's model and data" in _one_line(capsys)
+    assert not (tmp_path / "guard" / "runs").exists()  # refused before any run

@@ -273,3 +273,27 @@ def test_a_second_task_of_a_run_that_is_at_work_stops_in_one_line(tmp_path, caps
     assert not (tmp_path / "runs" / "a" / "train.log").exists()  # it did nothing
     # and it changed nothing about the process it ran in (threads, environment)
     assert torch.get_num_threads() == threads and os.environ.get("OMP_NUM_THREADS") == omp
+
+
+@pytest.mark.parametrize(
+    ("option", "value", "says"),
+    [
+        ("time", "abc", "--slurm-time 'abc'; accepted:"),
+        ("time", "1:2:3:4", "--slurm-time"),
+        ("mem", "lots", "--slurm-mem"),
+    ],
+)
+def test_slurm_options_in_the_wrong_form_are_refused_before_slurm_is_asked(option, value, says) -> None:
+    from qkvlab.errors import UserError
+
+    with pytest.raises(UserError, match=says.replace("(", r"\(")):
+        SlurmOptions(**{option: value})
+    for limit in ("90", "01:30:00", "2-12", "2-12:00:00"):  # Slurm's own forms pass
+        assert SlurmOptions(time=limit, mem="4000M").time == limit
+
+
+def test_a_slurm_tools_multi_line_message_becomes_one_line() -> None:
+    from qkvlab.grid.slurm import _one_line
+
+    assert _one_line("squeue: error: x\n  squeue: error: y\n\n") == "squeue: error: x / squeue: error: y"
+    assert _one_line("") == "no message"

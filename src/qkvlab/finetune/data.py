@@ -163,7 +163,7 @@ def _parse_label(value: object) -> object:
 def _local(kind: str, path: Path) -> LabelledData:
     name = f"{kind}:{path}"
     if not path.is_file():
-        raise UserError(f"{name}: no such file")
+        raise UserError(f"{name}: no such file; accepted: {kind}:PATH of an existing {kind.upper()} file")
     try:
         if kind == "csv":
             csv.field_size_limit(1 << 26)  # long documents are fine (they are cut to --max-length)

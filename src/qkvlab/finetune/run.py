@@ -147,7 +147,7 @@ def _device(kind: str) -> torch.device:
     if kind == "auto":
         kind = "cuda" if torch.cuda.is_available() else "cpu"
     if kind == "cuda" and not torch.cuda.is_available():
-        raise UserError("--device cuda but no CUDA device is available")
+        raise UserError("--device cuda but no CUDA device is available; accepted here: --device cpu or auto")
     return torch.device(kind)
 
 

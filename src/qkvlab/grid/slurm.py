@@ -36,6 +36,7 @@ from __future__ import annotations
 import importlib
 import json
 import os
+import re
 import shlex
 import shutil
 import signal
@@ -84,6 +85,12 @@ class SlurmOptions:
             raise UserError("--slurm-cpus must be ≥ 1, --slurm-gpus ≥ 0 and the signal lead ≥ 1 s")
         if self.parallel is not None and self.parallel < 1:
             raise UserError(f"--slurm-parallel must be ≥ 1, got {self.parallel}")
+        if not re.fullmatch(r"\d+(:\d+){0,2}|\d+-\d+(:\d+){0,2}", self.time):
+            raise UserError(
+                f"--slurm-time {self.time!r}; accepted: Slurm's time formats, e.g. 90, 01:30:00 or 2-12:00:00"
+            )
+        if self.mem is not None and not re.fullmatch(r"\d+[KMGTkmgt]?", self.mem):
+            raise UserError(f"--slurm-mem {self.mem!r}; accepted: a size in Slurm's form, e.g. 16G or 4000M")
 
 
 class GridSubmitted(Exception):
@@ -126,6 +133,11 @@ def options_from(args: Any) -> SlurmOptions:
     )
 
 
+def _one_line(text: str) -> str:
+    """A tool's (possibly multi-line) message as one line, for a UserError."""
+    return " / ".join(line.strip() for line in text.strip().splitlines() if line.strip()) or "no message"
+
+
 def _tool(name: str) -> str:
     path = shutil.which(name)
     if path is None:
@@ -139,7 +151,7 @@ def _queue() -> dict[str, str]:
         [_tool("squeue"), "--noheader", "--array", "--format=%i|%T"], capture_output=True, text=True
     )
     if out.returncode != 0:
-        raise UserError(f"squeue failed: {out.stderr.strip() or out.stdout.strip()}")
+        raise UserError(f"squeue failed: {_one_line(out.stderr or out.stdout)}")
     states = {}
     for line in out.stdout.splitlines():
         job, _, state = line.strip().partition("|")
@@ -230,7 +242,7 @@ def submit(
         write_atomic(script, _script(out.resolve(), index, len(todo), options))
         done = subprocess.run([sbatch, "--parsable", str(script)], capture_output=True, text=True)
         if done.returncode != 0:
-            raise UserError(f"sbatch refused {script}: {done.stderr.strip() or done.stdout.strip()}")
+            raise UserError(f"sbatch refused {script}: {_one_line(done.stderr or done.stdout)}")
         array = done.stdout.strip().split(";")[0]
         for i, run in enumerate(todo):
             jobs[run.name] = {"task": f"{array}_{i}", "array": index}

@@ -113,7 +113,9 @@ def detect(path: Path, claims: Mapping[str, Claim] | None = None) -> str:
         if (path / "spectra.jsonl").is_file() and _is_spectra_log(path / "spectra.jsonl"):
             return "inspect-series"  # qkvlab.Monitor(out=folder), the HF and Lightning callbacks' folders
     elif not path.exists():
-        raise UserError(f"{path} does not exist")
+        raise UserError(
+            f"{path} does not exist; accepted: a run folder, a grid or repro results folder, or an inspect JSON"
+        )
     for name, claim in claims.items():
         if claim.detect(path):
             return f"repro:{name}"

@@ -5,7 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-__all__ = ["add_grid_arguments", "nonnegative_list", "prepare"]
+__all__ = ["add_grid_arguments", "nonnegative_list", "prepare", "refuse_other_kind"]
 
 
 def add_grid_arguments(parser: Any, default_out: str) -> None:
@@ -49,7 +49,22 @@ def prepare(args: Any, default_out: str) -> tuple[Path, list[int], dict[str, Any
     out = Path(args.out)
     if args.summary_only and not (out / "settings.json").is_file():
         raise UserError(f"{out} holds no runs; run `qkvlab repro {args.claim} --out {out}` first")
+    refuse_other_kind(out, args.claim)
     return out, seeds, parse_assignments(args.set)
+
+
+def refuse_other_kind(out: Path, claim: str) -> None:
+    """Refuse, in one line, a results folder that another claim wrote (its settings.json says so), before
+    anything reads it as this claim's or writes into it."""
+    from qkvlab.errors import UserError
+    from qkvlab.repro.registry import REGISTRY
+
+    experiment = REGISTRY.get(claim)
+    if experiment is None or not (out / "settings.json").is_file() or experiment.detect(out):
+        return
+    other = next((e.name for e in REGISTRY.values() if e.name != claim and e.detect(out)), None)
+    held = f"`qkvlab repro {other}` results" if other else "results of another kind"
+    raise UserError(f"{out} holds {held}; accepted: a folder of `qkvlab repro {claim}`, or a new --out")
 
 
 def nonnegative_list(text: str, what: str) -> list[float]:

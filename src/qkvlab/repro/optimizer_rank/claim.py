@@ -384,6 +384,15 @@ def _main(args: Any) -> int:
     from qkvlab.repro.common import nonnegative_list, prepare
 
     out, seeds, changes = prepare(args, f"runs/optimizer-rank-{args.setting}")
+    recorded = out / "settings.json"
+    held = json.loads(recorded.read_text()).get("setting") if recorded.is_file() else None
+    if held not in (None, args.setting):
+        from qkvlab.errors import UserError
+
+        raise UserError(
+            f"{out} holds the {held!r} setting's runs, not {args.setting!r}; accepted: --setting {held} for "
+            "this folder, or a new --out"
+        )
     if SELECT_SEED in seeds:
         from qkvlab.errors import UserError
 

@@ -706,10 +706,40 @@ def _finish(out: Path, args: Any, render: Any, rests: list[float]) -> int:
     return 0
 
 
+#: the run-config keys that tell one ``--setting``'s folder from another's
+SETTING_KEYS = ("data", "model.kind", "model.attention", "online")
+
+
+def setting_of(overrides: dict[str, Any]) -> str | None:
+    """The ``--setting`` whose base config a folder's recorded overrides match on ``SETTING_KEYS``."""
+    found = [
+        name
+        for name, setting in SETTINGS.items()
+        if all(str(overrides.get(k)) == str(setting.base.get(k)) for k in SETTING_KEYS)
+    ]
+    return found[0] if len(found) == 1 else None
+
+
+def refuse_other_setting(out: Path, setting: str) -> None:
+    """Refuse, in one line, a folder whose runs are another ``--setting``'s."""
+    from qkvlab.errors import UserError
+
+    path = out / "settings.json"
+    if not path.is_file():
+        return
+    found = setting_of(json.loads(path.read_text()).get("overrides", {}))
+    if found is not None and found != setting:
+        raise UserError(
+            f"{out} holds the {found!r} setting's runs, not {setting!r}; accepted: --setting {found} for this "
+            "folder, or a new --out"
+        )
+
+
 def _wd_rank_main(args: Any) -> int:
     from qkvlab.repro.paper000.render import wd_rank_tables
 
     out, seeds, changes = prepare(args, f"runs/paper000-{getattr(args, 'setting', 'gpt')}")
+    refuse_other_setting(out, args.setting)
     default = SETTINGS[args.setting].attn
     lambdas = nonnegative_list(args.lambdas or ",".join(f"{x:g}" for x in default), "--lambdas")
     if not args.summary_only:
@@ -722,6 +752,7 @@ def _decouple_main(args: Any) -> int:
     from qkvlab.repro.paper000.render import decouple_table
 
     out, seeds, changes = prepare(args, f"runs/paper000-{getattr(args, 'setting', 'gpt')}")
+    refuse_other_setting(out, getattr(args, "setting", "gpt"))
     attn, rest = (
         nonnegative_list(args.attn_lambdas, "--attn-lambdas"),
         nonnegative_list(args.rest_lambdas, "--rest-lambdas"),

@@ -288,6 +288,11 @@ def second_model_design(
     """
     from qkvlab.errors import UserError
 
+    if not (first / "settings.json").is_file():
+        raise UserError(
+            f"--reference {first} holds no finished study; accepted: the first model's results folder of "
+            "`qkvlab repro finetune` (default results/finetune-tuned/minilm)"
+        )
     found = best_lambda(summarize(first), "lora", ("q", "v"))
     if found is None:
         raise UserError(

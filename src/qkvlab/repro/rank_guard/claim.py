@@ -354,6 +354,20 @@ def _main(args: Any) -> int:
         raise UserError(
             f"--reference {reference} holds no runs; accepted: a repro wd-rank or decouple folder"
         )
+    from qkvlab.repro.paper000.claim import SETTING_KEYS, _is_gpt_folder
+
+    ours = guard_settings(changes)["overrides"]
+    theirs = (
+        json.loads((reference / "settings.json").read_text())["overrides"]
+        if _is_gpt_folder(reference)
+        else {}
+    )
+    if not theirs or any(str(theirs.get(k)) != str(ours.get(k)) for k in SETTING_KEYS):
+        raise UserError(
+            f"--reference {reference} is not a `repro wd-rank` or `decouple` folder of this run's model and "
+            f"data ({', '.join(f'{k}={ours.get(k)}' for k in SETTING_KEYS if ours.get(k) is not None)}); "
+            "accepted: such a folder (the default, results/paper000-gpt)"
+        )
     if not args.summary_only:
         refuse_run_keys(changes, "--set")
         settings = guard_settings(changes)

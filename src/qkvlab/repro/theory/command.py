@@ -88,6 +88,11 @@ def _main(args: argparse.Namespace) -> int:
         completion_lambdas=number_list(args.completion_lambdas, "--completion-lambdas"),
         models=tuple(args.model) if args.model else TheorySettings().models,
     )
+    if "pretrained" in settings.parts:  # a model that cannot be read is refused before any part runs
+        from qkvlab.attention import load_source
+
+        for model in settings.models:
+            load_source(model)
     start = time.perf_counter()
 
     def progress(message: str) -> None:
