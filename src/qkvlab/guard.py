@@ -12,8 +12,8 @@ allows.
 
 where erank_min is the smallest effective rank (Roy–Vetterli, as ``qkvlab inspect``) over the
 layer's heads, target = ``target_qk`` (or ``target_ov``) × d_head, and λ is the weight decay of
-both factors of the pair in that layer. So λ rises while the rank has room above the target and
-falls when it nears or crosses it; each firing moves λ by at most a factor e^κ (erank and target lie
+both factors of the pair in that layer. So λ rises while erank_min is above the target (ever
+more slowly as it nears it) and falls once it drops below; each firing moves λ by at most a factor e^κ (erank and target lie
 in [0, d_head]). A pair with no target keeps its decay.
 
 **Defaults.** κ = 2 (a head at full rank against a target of d_head/2 raises λ by e ≈ 2.7× per

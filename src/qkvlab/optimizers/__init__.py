@@ -114,7 +114,7 @@ def keys() -> dict[str, Key]:
         ),
         "lr": ("peak learning rate η", POSITIVE),
         "weight_decay": (
-            "λ for weight matrices (biases, norms and embeddings get 0 unless a preset says otherwise)",
+            "λ for weight matrices and embeddings (biases, norms and other 1-D tensors get 0 unless a preset says otherwise)",
             NONNEGATIVE,
         ),
         "beta1": ("Adam/AdamW β₁", UNIT),

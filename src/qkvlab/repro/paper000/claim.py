@@ -38,7 +38,7 @@ from qkvlab.grid.runner import Run
 from qkvlab.repro.common import add_grid_arguments, nonnegative_list, prepare
 from qkvlab.repro.registry import Experiment, register
 
-__all__ = ["GPT_BASE", "gpt_runs", "schedule_sum"]
+__all__ = ["GPT_BASE", "SETTING_KEYS", "gpt_runs", "is_gpt_folder", "schedule_sum", "setting_of"]
 
 # One shared run configuration (qkvlab train keys); the grid point adds the weight decays and seed.
 GPT_BASE: dict[str, Any] = {
@@ -791,7 +791,8 @@ def _decouple_main(args: Any) -> int:
     return _finish(out, args, decouple_table, [])
 
 
-def _is_gpt_folder(folder: Path) -> bool:
+def is_gpt_folder(folder: Path) -> bool:
+    """A results folder of `repro wd-rank` or `decouple` (any setting): its settings.json records the embedding decay."""
     settings = folder / "settings.json"
     return settings.is_file() and "embed_weight_decay" in json.loads(settings.read_text())
 
@@ -833,7 +834,7 @@ register(
         + ")",
         _wd_rank_arguments,
         _wd_rank_main,
-        detect=_is_gpt_folder,
+        detect=is_gpt_folder,
         report=_report,
     )
 )
@@ -843,7 +844,7 @@ register(
         "paper 000, Table 1: attention weight decay apart from the rest (λ_attn × λ_rest, Shakespeare GPT)",
         _decouple_arguments,
         _decouple_main,
-        detect=_is_gpt_folder,
+        detect=is_gpt_folder,
         report=_report,
     )
 )

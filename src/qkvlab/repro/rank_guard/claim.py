@@ -354,13 +354,11 @@ def _main(args: Any) -> int:
         raise UserError(
             f"--reference {reference} holds no runs; accepted: a repro wd-rank or decouple folder"
         )
-    from qkvlab.repro.paper000.claim import SETTING_KEYS, _is_gpt_folder
+    from qkvlab.repro.paper000.claim import SETTING_KEYS, is_gpt_folder
 
     ours = guard_settings(changes)["overrides"]
     theirs = (
-        json.loads((reference / "settings.json").read_text())["overrides"]
-        if _is_gpt_folder(reference)
-        else {}
+        json.loads((reference / "settings.json").read_text())["overrides"] if is_gpt_folder(reference) else {}
     )
     if not theirs or any(str(theirs.get(k)) != str(ours.get(k)) for k in SETTING_KEYS):
         raise UserError(
