@@ -113,8 +113,8 @@ def main() -> None:
     # how far the measured RSS differences stray from the arithmetic: a floor on peak-RSS noise here
     stray = max(abs((med[n][1] - med[base(n)][1]) - (state[n] - state[base(n)])) for n, _ in CONFIGS)
     arithmetic = "\n".join(
-        f"| {name} | {state[name]:.3f} | {med[name][1] - med[CONFIGS[-1][0] if 'LoRA' in name else 'full, QV'][1]:+.3f} | "
-        f"{state[name] - state[CONFIGS[-1][0] if 'LoRA' in name else 'full, QV']:+.3f} |"
+        f"| {name} | {state[name]:.3f} | {med[name][1] - med[base(name)][1]:+.3f} | "
+        f"{state[name] - state[base(name)]:+.3f} |"
         for name, _ in CONFIGS
     )
     title = {"minilm": "6. Fine-tuning MiniLM", "mpnet": "6b. Fine-tuning mpnet (RoBERTa-base's shape)"}[

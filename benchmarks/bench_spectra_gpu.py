@@ -19,7 +19,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).parent))
 from qkvlab.spectra import FactoredProduct
 
-from _common import write_section
+from _common import median_time, write_section
 
 HEADS = 32
 
@@ -76,12 +76,8 @@ def main() -> None:
     t_gpu = cuda_time(lambda: qkvlab.inspect(model), 3)
     gpu = qkvlab.inspect(model)
     cpu_model = model.cpu()
-    cpu_times = []
-    for _ in range(3):
-        start = time.perf_counter()
-        cpu = qkvlab.inspect(cpu_model)
-        cpu_times.append(time.perf_counter() - start)
-    t_cpu = sorted(cpu_times)[1]
+    t_cpu, _ = median_time(lambda: qkvlab.inspect(cpu_model), repeats=3, warmup=0)
+    cpu = qkvlab.inspect(cpu_model)
     worst = max(
         max(
             abs(x - y) / max(abs(y), 1e-30)

@@ -5,7 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-__all__ = ["add_grid_arguments", "nonnegative_list", "prepare", "refuse_other_kind"]
+__all__ = ["add_grid_arguments", "nonnegative_list", "prepare", "refuse_other_kind", "refuse_other_setting"]
 
 
 def add_grid_arguments(parser: Any, default_out: str) -> None:
@@ -65,6 +65,17 @@ def refuse_other_kind(out: Path, claim: str) -> None:
     other = next((e.name for e in REGISTRY.values() if e.name != claim and e.detect(out)), None)
     held = f"`qkvlab repro {other}` results" if other else "results of another kind"
     raise UserError(f"{out} holds {held}; accepted: a folder of `qkvlab repro {claim}`, or a new --out")
+
+
+def refuse_other_setting(out: Path, held: str | None, setting: str) -> None:
+    """Refuse, in one line, a folder whose runs are another ``--setting``'s (``held``; None: unknown)."""
+    from qkvlab.errors import UserError
+
+    if held is not None and held != setting:
+        raise UserError(
+            f"{out} holds the {held!r} setting's runs, not {setting!r}; accepted: --setting {held} for this "
+            "folder, or a new --out"
+        )
 
 
 def nonnegative_list(text: str, what: str) -> list[float]:

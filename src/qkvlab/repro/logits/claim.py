@@ -78,6 +78,7 @@ from __future__ import annotations
 import json
 import math
 import statistics
+from collections.abc import Sized
 from pathlib import Path
 from typing import Any
 
@@ -457,7 +458,7 @@ def _sign(diff: dict[str, Any] | None, floor: float = RANK_FLOOR) -> str:
     return "within seed noise"
 
 
-def _pending(*groups: dict[int, Any]) -> str | None:
+def _pending(*groups: Sized) -> str | None:
     """ "pending (n of 3 seeds)" while a compared cell has fewer than ``SEEDS`` runs that ended (finished
     or stopped), else None."""
     n = min(len(g) for g in groups)
@@ -532,7 +533,7 @@ def readings(cells: list[dict[str, Any]], tau: float, found: Any) -> list[dict[s
             if cell is not None:  # a majority of the seeds (2 of 3) passed τ or stopped
                 ran = len(cell["seeds"]) + len(cell["stopped"])
                 needs[o] = 2 * (cell["seeds_over_tau"] + len(cell["stopped"])) > ran
-                ended[o] = dict.fromkeys([*cell["seeds"], *cell["stopped"]])
+                ended[o] = [*cell["seeds"], *cell["stopped"]]
         if len(needs) == len(OPTIMIZERS):
             out.append(
                 {

@@ -381,18 +381,13 @@ def _variants(text: str | None, setting: str) -> tuple[str, ...]:
 
 
 def _main(args: Any) -> int:
-    from qkvlab.repro.common import nonnegative_list, prepare
+    from qkvlab.repro.common import nonnegative_list, prepare, refuse_other_setting
 
     out, seeds, changes = prepare(args, f"runs/optimizer-rank-{args.setting}")
     recorded = out / "settings.json"
-    held = json.loads(recorded.read_text()).get("setting") if recorded.is_file() else None
-    if held not in (None, args.setting):
-        from qkvlab.errors import UserError
-
-        raise UserError(
-            f"{out} holds the {held!r} setting's runs, not {args.setting!r}; accepted: --setting {held} for "
-            "this folder, or a new --out"
-        )
+    refuse_other_setting(
+        out, json.loads(recorded.read_text()).get("setting") if recorded.is_file() else None, args.setting
+    )
     if SELECT_SEED in seeds:
         from qkvlab.errors import UserError
 

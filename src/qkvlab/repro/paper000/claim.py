@@ -35,7 +35,7 @@ from pathlib import Path
 from typing import Any, NamedTuple
 
 from qkvlab.grid.runner import Run
-from qkvlab.repro.common import add_grid_arguments, nonnegative_list, prepare
+from qkvlab.repro.common import add_grid_arguments, nonnegative_list, prepare, refuse_other_setting
 from qkvlab.repro.registry import Experiment, register
 
 __all__ = ["GPT_BASE", "SETTING_KEYS", "gpt_runs", "is_gpt_folder", "schedule_sum", "setting_of"]
@@ -720,26 +720,18 @@ def setting_of(overrides: dict[str, Any]) -> str | None:
     return found[0] if len(found) == 1 else None
 
 
-def refuse_other_setting(out: Path, setting: str) -> None:
+def _refuse_other_setting(out: Path, setting: str) -> None:
     """Refuse, in one line, a folder whose runs are another ``--setting``'s."""
-    from qkvlab.errors import UserError
-
     path = out / "settings.json"
-    if not path.is_file():
-        return
-    found = setting_of(json.loads(path.read_text()).get("overrides", {}))
-    if found is not None and found != setting:
-        raise UserError(
-            f"{out} holds the {found!r} setting's runs, not {setting!r}; accepted: --setting {found} for this "
-            "folder, or a new --out"
-        )
+    if path.is_file():
+        refuse_other_setting(out, setting_of(json.loads(path.read_text()).get("overrides", {})), setting)
 
 
 def _wd_rank_main(args: Any) -> int:
     from qkvlab.repro.paper000.render import wd_rank_tables
 
     out, seeds, changes = prepare(args, f"runs/paper000-{getattr(args, 'setting', 'gpt')}")
-    refuse_other_setting(out, args.setting)
+    _refuse_other_setting(out, args.setting)
     default = SETTINGS[args.setting].attn
     lambdas = nonnegative_list(args.lambdas or ",".join(f"{x:g}" for x in default), "--lambdas")
     if not args.summary_only:
@@ -752,7 +744,7 @@ def _decouple_main(args: Any) -> int:
     from qkvlab.repro.paper000.render import decouple_table
 
     out, seeds, changes = prepare(args, f"runs/paper000-{getattr(args, 'setting', 'gpt')}")
-    refuse_other_setting(out, getattr(args, "setting", "gpt"))
+    _refuse_other_setting(out, getattr(args, "setting", "gpt"))
     attn, rest = (
         nonnegative_list(args.attn_lambdas, "--attn-lambdas"),
         nonnegative_list(args.rest_lambdas, "--rest-lambdas"),

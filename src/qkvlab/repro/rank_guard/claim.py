@@ -356,7 +356,8 @@ def _main(args: Any) -> int:
         )
     from qkvlab.repro.paper000.claim import SETTING_KEYS, is_gpt_folder
 
-    ours = guard_settings(changes)["overrides"]
+    settings = guard_settings(changes)
+    ours = settings["overrides"]
     theirs = (
         json.loads((reference / "settings.json").read_text())["overrides"] if is_gpt_folder(reference) else {}
     )
@@ -368,7 +369,6 @@ def _main(args: Any) -> int:
         )
     if not args.summary_only:
         refuse_run_keys(changes, "--set")
-        settings = guard_settings(changes)
         load_config(None, settings["overrides"])  # a bad --set fails here, before any run
         run_grid(
             out,
