@@ -129,6 +129,9 @@ def test_config_from_yaml_and_overrides(tmp_path) -> None:
         ({"online": "maybe"}, "accepted: true or false"),
         ({"model.attention": "linear"}, "only for model.kind=icl"),
         ({"warmup_steps": "2000"}, "must be < max_steps"),
+        # 128 / 3 would floor to d_head 42 and quietly narrow the model to 126
+        ({"model.n_head": "3"}, r"model.n_head=3 does not divide model.d_model=128; accepted: a divisor"),
+        ({"model.n_head": "500"}, r"model.n_head=500 does not divide"),
     ],
 )
 def test_bad_config_values_are_user_errors(overrides, message) -> None:

@@ -81,14 +81,15 @@ def keys() -> dict[str, Key]:
 
 
 def validate(cfg: ModelConfig) -> None:
-    """What no single model key can say alone: the attention the kind accepts, a d_head above 0."""
+    """What no single model key can say alone: the attention the kind accepts, an n_head dividing d_model."""
     if cfg.attention not in get(cfg.kind).attention:
         accepting = [name for name, kind in kinds().items() if cfg.attention in kind.attention]
         raise UserError(f"model.attention={cfg.attention} is only for model.kind={' or '.join(accepting)}")
-    if not cfg.d_head and cfg.d_model // cfg.n_head == 0:
+    if not cfg.d_head and cfg.d_model % cfg.n_head:
+        # d_model // n_head would floor silently (128 / 3 → 42) and change the model's width
         raise UserError(
-            f"model.n_head={cfg.n_head} leaves d_head = d_model // n_head = 0; accepted: "
-            f"model.n_head ≤ model.d_model ({cfg.d_model}), or a model.d_head of its own"
+            f"model.n_head={cfg.n_head} does not divide model.d_model={cfg.d_model}; accepted: "
+            f"a divisor of {cfg.d_model}, or a model.d_head of its own (then n_head · d_head need not be d_model)"
         )
 
 
