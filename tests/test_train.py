@@ -174,6 +174,31 @@ def test_cli_train_and_errors(corpus, tmp_path, capsys) -> None:
     assert "did you mean lr" in err and len(err.strip().splitlines()) == 1
 
 
+def test_a_model_too_large_for_memory_is_one_line(corpus, tmp_path, capsys, monkeypatch) -> None:
+    """The allocator's failure while the model is built is the sizes' fault: one line, exit 2. A
+    RuntimeError that is not about memory keeps its traceback (our bug)."""
+    import qkvlab.train.loop as loop
+
+    def refuse(cfg):  # what CPU torch raises for model.n_head=5000000 model.d_head=32 (82 GB at once)
+        raise RuntimeError(
+            "[enforce fail at alloc_cpu.cpp:127] err == 0. DefaultCPUAllocator: can't allocate memory: "
+            "you tried to allocate 81920000000 bytes. Error code 12 (Cannot allocate memory)"
+        )
+
+    monkeypatch.setattr(loop, "build_model", refuse)
+    args = [f"{k}={v}" for k, v in _gpt(corpus, tmp_path / "huge", max_steps=4).items()]
+    assert main(["train", *args]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "one tensor alone needs 81.9 GB" in err and "accepted: smaller" in err
+
+    def broken(cfg):
+        raise RuntimeError("shape mismatch")
+
+    monkeypatch.setattr(loop, "build_model", broken)
+    with pytest.raises(RuntimeError, match="shape mismatch"):
+        main(["train", *[a.replace("huge", "broken") for a in args]])
+
+
 def test_sweep_skips_complete_and_resumes_partial(corpus, tmp_path, capsys) -> None:
     base = _gpt(
         corpus, tmp_path / "unused", max_steps=4, spectra_every=0, eval_every=0, **{"model.dropout": 0.0}

@@ -25,3 +25,13 @@ class TrainingInterrupted(KeyboardInterrupt):
         super().__init__(message)
         self.signum = signum
         self.message = message
+
+
+def is_out_of_memory(exc: BaseException) -> bool:
+    """Python's MemoryError or torch's out-of-memory error, on GPU (``torch.OutOfMemoryError``) or CPU
+    (a RuntimeError from the allocator, "can't allocate memory")."""
+    return (
+        isinstance(exc, MemoryError)
+        or type(exc).__name__ == "OutOfMemoryError"
+        or (isinstance(exc, RuntimeError) and "allocate" in str(exc) and "memory" in str(exc))
+    )

@@ -21,7 +21,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from qkvlab.errors import UserError
+from qkvlab.errors import UserError, is_out_of_memory
 from qkvlab.finetune.data import LabelledData, load_labelled
 from qkvlab.finetune.metrics import classification_metrics, regression_metrics, steps_to_fraction_of_best
 from qkvlab.optim import optimizer_settings, param_groups, roles
@@ -430,8 +430,8 @@ def finetune(config: FinetuneConfig, *, progress: bool = True) -> dict[str, Any]
         try:
             loss = model(**batch, labels=train_y[index].to(device)).loss
             loss.backward()
-        except (torch.OutOfMemoryError, RuntimeError) as exc:
-            if not isinstance(exc, torch.OutOfMemoryError) and "allocate" not in str(exc):
+        except RuntimeError as exc:  # torch.OutOfMemoryError is one
+            if not is_out_of_memory(exc):
                 raise
             raise UserError(
                 f"out of memory in a training step at --batch-size {config.batch_size} × "

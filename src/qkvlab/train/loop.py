@@ -30,6 +30,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import re
 import signal
 import sys
 import time
@@ -43,7 +44,7 @@ from torch import nn
 
 from qkvlab import optimizers
 from qkvlab.config import TrainConfig, check_resume, dump_config, saved_config
-from qkvlab.errors import TrainingInterrupted, TrainingStopped, UserError
+from qkvlab.errors import TrainingInterrupted, TrainingStopped, UserError, is_out_of_memory
 from qkvlab.guard import schedule_weight_decay
 from qkvlab.inspection import inspect, summary_metrics
 from qkvlab.logits import ceiling_scalars, measure_logits, qk_clip
@@ -119,7 +120,17 @@ def _train(config: TrainConfig, resume: Path | None, run_dir: Path, command: str
     dataset = load_run_dataset(config, ddp.world_size)
     info = {"kind": dataset.kind, **dataset.info}
     model_cfg = model_config(config, info)
-    model = build_model(model_cfg).to(device)
+    try:
+        model = build_model(model_cfg).to(device)
+    except (RuntimeError, MemoryError) as exc:
+        if not is_out_of_memory(exc):
+            raise
+        asked = re.search(r"allocate (\d+) bytes", str(exc))
+        what = f"one tensor alone needs {int(asked[1]) / 1e9:.3g} GB" if asked else str(exc).splitlines()[0]
+        raise UserError(
+            f"the model's sizes do not fit in memory on {device} ({what}); accepted: smaller model.n_layer, "
+            "model.n_head, model.d_head, model.d_model or model.d_mlp"
+        ) from None
     sharded = ddp.world_size > 1 and config.parallel == "fsdp"
     if sharded:  # before the optimiser: its groups hold the sharded parameters
         shard(model, device, ddp.world_size)
