@@ -189,7 +189,9 @@ def test_a_model_too_large_for_memory_is_one_line(corpus, tmp_path, capsys, monk
     args = [f"{k}={v}" for k, v in _gpt(corpus, tmp_path / "huge", max_steps=4).items()]
     assert main(["train", *args]) == 2
     err = capsys.readouterr().err.strip()
-    assert len(err.splitlines()) == 1 and "one tensor alone needs 81.9 GB" in err and "accepted: smaller" in err
+    assert (
+        len(err.splitlines()) == 1 and "one tensor alone needs 81.9 GB" in err and "accepted: smaller" in err
+    )
 
     def broken(cfg):
         raise RuntimeError("shape mismatch")
