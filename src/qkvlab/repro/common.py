@@ -87,3 +87,9 @@ def nonnegative_list(text: str, what: str) -> list[float]:
     if min(values) < 0:
         raise UserError(f"{what} {text!r}; accepted: numbers ≥ 0")
     return values
+
+
+def pending(have: int, want: int) -> str | None:
+    """A reading's placeholder while a folder is still running: "pending (n of N seeds)" while fewer than
+    ``want`` seeds have ended in the compared cells (one seed would "agree" with itself), else None."""
+    return f"pending ({have} of {want} seeds)" if have < want else None

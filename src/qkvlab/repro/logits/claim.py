@@ -461,8 +461,9 @@ def _sign(diff: dict[str, Any] | None, floor: float = RANK_FLOOR) -> str:
 def _pending(*groups: Sized) -> str | None:
     """ "pending (n of 3 seeds)" while a compared cell has fewer than ``SEEDS`` runs that ended (finished
     or stopped), else None."""
-    n = min(len(g) for g in groups)
-    return f"pending ({n} of {len(SEEDS)} seeds)" if n < len(SEEDS) else None
+    from qkvlab.repro.common import pending
+
+    return pending(min(len(g) for g in groups), len(SEEDS))
 
 
 def _against_clip(peak: dict[str, Any] | None) -> str:

@@ -508,8 +508,11 @@ def aggregate(out: Path, numbers: dict[tuple, dict[int, dict[str, Any]]] | None 
 
 
 def _reading(diff: dict[str, Any], delta: float = DECOUPLE_CONTROL_DELTA) -> str:
-    if diff["n"] < len(DECOUPLE_CONTROL_SEEDS):  # a folder still running: one seed "agrees" with itself
-        return f"pending ({diff['n']} of {len(DECOUPLE_CONTROL_SEEDS)} seeds)"
+    from qkvlab.repro.common import pending
+
+    waiting = pending(diff["n"], len(DECOUPLE_CONTROL_SEEDS))
+    if waiting:
+        return waiting
     if diff["mean"] < -delta and diff["wins"] == 0:
         return "lower"
     if diff["mean"] > delta and diff["wins"] == diff["n"]:
