@@ -87,6 +87,32 @@ def test_sweep_guard_refuses_other_settings_and_resumes_with_more_seeds(corpus, 
     assert "holds runs made with other settings" in err and "lr" in err and len(err.strip().splitlines()) == 1
 
 
+def test_settings_no_run_trained_with_are_replaced_and_others_refused_by_key(tmp_path) -> None:
+    """A command stopped by a mistake in its settings (a model too large, say) leaves settings.json and
+    run folders holding only run.json and locks: the corrected command may use the folder. Once a run has
+    trained, other settings are refused, naming the nested keys that differ, not the whole dict."""
+    from qkvlab.grid.runner import guard_settings
+
+    out = tmp_path / "grid"
+    wrong = {"overrides": {"lr": 1e-3, "model.n_head": "5000000", "max_steps": 10}, "config": None}
+    right = {"overrides": {"lr": 1e-3, "model.n_head": 4, "max_steps": 10}, "config": None}
+    guard_settings(out, wrong)
+    run = out / "runs" / "lr=1e-3,seed=0"
+    run.mkdir(parents=True)
+    for name in ("run.json", ".lock", ".cell.lock"):
+        (run / name).write_text("{}")
+    guard_settings(out, right)  # nothing trained with the wrong ones: replaced
+    assert json.loads((out / "settings.json").read_text()) == right
+    (run / "config.json").write_text("{}")  # now a run has started with the right ones
+    with pytest.raises(
+        UserError, match=r"other settings \(overrides.model.n_head 4 -> '5000000'\); resume"
+    ) as e:
+        guard_settings(out, wrong)
+    assert "max_steps" not in str(e.value)
+    assert json.loads((out / "settings.json").read_text()) == right
+    guard_settings(out, right)  # the same settings: accepted
+
+
 @pytest.mark.parametrize("signum", [signal.SIGINT, signal.SIGTERM], ids=["ctrl-c", "sigterm"])
 def test_ctrl_c_starts_nothing_more_and_keeps_checkpoints(corpus, tmp_path, signum) -> None:
     """SIGINT (or a scheduler's SIGTERM) to a sweep of 4 runs at 2 jobs: the 2 running stop

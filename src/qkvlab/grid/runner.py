@@ -116,26 +116,51 @@ class Run:
 # -- settings guard ----------------------------------------------------------------------------
 
 
+# what a run folder holds before its worker has trained anything: its point and the locks
+_BOOKKEEPING = {"run.json", ".lock", ".cell.lock"}
+
+
+def _anything_trained(out: Path) -> bool:
+    """Whether any run under ``OUT/runs`` got past its start (a folder holding more than its run.json)."""
+    runs = out / "runs"
+    return runs.is_dir() and any(
+        folder.is_dir() and any(f.name not in _BOOKKEEPING for f in folder.iterdir())
+        for folder in runs.iterdir()
+    )
+
+
+def _changes(before: Mapping[str, Any], now: Mapping[str, Any], prefix: str = "") -> list[str]:
+    """The settings that differ, one level into nested mappings (an overrides dict names its keys)."""
+    found = []
+    for key in sorted({*before, *now}):
+        a, b = before.get(key), now.get(key)
+        if a == b:
+            continue
+        if isinstance(a, Mapping) and isinstance(b, Mapping):
+            found += _changes(a, b, f"{prefix}{key}.")
+        else:
+            found.append(f"{prefix}{key} {a!r} -> {b!r}")
+    return found
+
+
 def guard_settings(out: Path, settings: Mapping[str, Any]) -> None:
-    """Write ``OUT/settings.json``, or refuse if it already holds other settings."""
+    """Write ``OUT/settings.json``, or refuse if it already holds other settings that some run trained
+    with. Settings that no run got past its start with (a command stopped by a mistake in them, say) are
+    replaced, so that correcting the mistake does not need a new folder."""
     out.mkdir(parents=True, exist_ok=True)
     path = out / "settings.json"
     recorded = json.loads(json.dumps(dict(settings)))  # as JSON would give it back (tuples → lists)
     if path.is_file():
-        before = json.loads(path.read_text())
-        changed = {
-            k: (before.get(k), recorded.get(k))
-            for k in {*before, *recorded}
-            if before.get(k) != recorded.get(k)
-        }
-        if changed:
-            described = ", ".join(f"{k} {a!r} -> {b!r}" for k, (a, b) in sorted(changed.items()))
+        changed = _changes(json.loads(path.read_text()), recorded)
+        if not changed:
+            return
+        if _anything_trained(out):
+            shown = ", ".join(changed[:6]) + (f", and {len(changed) - 6} more" if len(changed) > 6 else "")
             raise UserError(
-                f"{out} holds runs made with other settings ({described}); "
+                f"{out} holds runs made with other settings ({shown}); "
                 "resume with the same settings or use another --out"
             )
-    else:
-        write_atomic(path, json.dumps(recorded, indent=1, sort_keys=True))
+    write_atomic(path, json.dumps(recorded, indent=1, sort_keys=True))
 
 
 # -- running -----------------------------------------------------------------------------------
