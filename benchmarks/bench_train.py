@@ -90,10 +90,9 @@ def qkvlab_train(steps: int, spectra_every: int = 0) -> tuple[float, float, dict
         )
         result = train(config)
         final = json.loads((result.run_dir / "final.json").read_text())
-        rates = [
-            json.loads(line)["tokens_per_s"]
-            for line in (result.run_dir / "metrics.jsonl").read_text().splitlines()
-        ]
+        records = map(json.loads, (result.run_dir / "metrics.jsonl").read_text().splitlines())
+        # the training windows only: with the monitor on, eval and logit lines sit between them
+        rates = [r["tokens_per_s"] for r in records if r.get("split") == "train" and "tokens_per_s" in r]
     windows = rates[WARM // 10 :]  # each window is 10 steps of 32 × 128 tokens
     steady = len(windows) / sum(1 / r for r in windows)  # total tokens / total time
     return steady, steps * 32 * 128 / result.wall_seconds, final
