@@ -1076,7 +1076,13 @@ def test_a_run_checkpointed_by_the_code_before_the_layout_change_resumes_bit_ide
     """tests/fixtures/resume-ff7a232 holds two runs stopped at step 6 of 12 by the code at commit ff7a232
     (before issue 31 moved the trainer, the optimisers and the config into parts), as that code wrote them
     (only the older checkpoint and the stale .lock were left out). Resumed by today's code they must end
-    exactly where a straight run of today's code ends."""
+    exactly where a straight run of today's code ends, on a CPU that computes the fixture's first six steps
+    bit for bit. Another CPU (AVX-512 against AVX2, another BLAS path) rounds them differently (on an AMD
+    EPYC: 1.3e-7 in AdamW's weights at step 6, 2.7e-4 in Muon's, whose Newton–Schulz in bf16 amplifies it),
+    so there the continuation is held to the straight run within what that difference explains: every
+    logged loss within 1e-4 nats (measured there: 2.4e-7 and 1.1e-5) and every weight within 2% of its
+    tensor's largest entry (1.7e-6 and 6.8e-3). A resume that lost the optimiser's moments misses both
+    by far (measured: losses off by 0.021 and 0.028 nats, weights by 17% and 10%)."""
     shutil.copytree(FIXTURE, tmp_path, dirs_exist_ok=True)
     monkeypatch.chdir(tmp_path)  # the runs name their data and folder relative to it, as written
     settings = json.loads((tmp_path / name / "config.json").read_text())
@@ -1087,17 +1093,19 @@ def test_a_run_checkpointed_by_the_code_before_the_layout_change_resumes_bit_ide
         **{k: str(settings[k]) for k in ("seq_len", "batch_size", "max_steps", "warmup_steps", "lr")},
         **{f"model.{k}": str(settings["model"][k]) for k in ("n_layer", "n_head", "d_model", "dropout")},
         **{k: str(settings[k]) for k in ("log_every", "eval_every", "eval_batches", "spectra_every")},
-        "checkpoint_every": "4",
+        "checkpoint_every": "6",
+        "keep_checkpoints": "2",
         "optimizer": settings["optimizer"],
         "progress": "false",
         "tensorboard": "false",
         "out": "straight",
     }
     assert train(load_config(None, straight)).complete
+    half = load_file(str(tmp_path / "straight" / "checkpoint-00000006" / "model.safetensors"))
+    fixture_half = load_file(str(FIXTURE / name / "checkpoint-00000006" / "model.safetensors"))
+    same_cpu = half.keys() == fixture_half.keys() and all(torch.equal(half[k], fixture_half[k]) for k in half)
     a, b = _weights(tmp_path / "straight"), _weights(tmp_path / name)
     assert a.keys() == b.keys()
-    for key in a:
-        assert torch.equal(a[key], b[key]), key
 
     def lines(run: str, file: str) -> list[dict]:
         return [json.loads(x) for x in (tmp_path / run / file).read_text().splitlines()]
@@ -1105,9 +1113,18 @@ def test_a_run_checkpointed_by_the_code_before_the_layout_change_resumes_bit_ide
     def losses(run: str) -> list[tuple[int, float]]:
         return [(r["step"], r["loss"]) for r in lines(run, "metrics.jsonl") if "loss" in r]
 
-    assert losses("straight") == losses(name) and losses(name)[-1][0] == 12
-    for x, y in zip(lines("straight", "spectra.jsonl"), lines(name, "spectra.jsonl"), strict=True):
-        assert x["step"] == y["step"] and x["heads"] == y["heads"]
+    assert [s for s, _ in losses("straight")] == [s for s, _ in losses(name)] and losses(name)[-1][0] == 12
+    if same_cpu:
+        for key in a:
+            assert torch.equal(a[key], b[key]), key
+        assert losses("straight") == losses(name)
+        for x, y in zip(lines("straight", "spectra.jsonl"), lines(name, "spectra.jsonl"), strict=True):
+            assert x["step"] == y["step"] and x["heads"] == y["heads"]
+    else:
+        for (_, x), (_, y) in zip(losses("straight"), losses(name), strict=True):
+            assert abs(x - y) <= 1e-4
+        for key in a:
+            assert (a[key] - b[key]).abs().max() <= 0.02 * a[key].abs().max(), key
 
 
 def test_an_optimiser_is_one_registered_module_and_adam_is_adam_l2(corpus, tmp_path, monkeypatch) -> None:
