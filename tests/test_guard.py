@@ -376,7 +376,7 @@ def test_loss_at_rank_interpolates_between_the_bracketing_fixed_runs() -> None:
     assert loss_at_rank([(3.0, 1.5)], 3.0) is None  # one run brackets nothing
 
 
-def test_repro_rank_guard_against_a_fixed_grid(tmp_path, capsys) -> None:
+def test_repro_rank_guard_against_a_fixed_grid(tmp_path, capsys, monkeypatch) -> None:
     from qkvlab.cli import main
 
     corpus = tmp_path / "austen.txt"
@@ -482,7 +482,14 @@ def test_repro_rank_guard_against_a_fixed_grid(tmp_path, capsys) -> None:
     assert main([*args, "--targets", "nope"]) == 2
     assert "accepted: a subset of mild, medium, strong" in capsys.readouterr().err
     assert main([*args, "--reference", str(tmp_path / "nowhere")]) == 2
-    assert "holds no runs" in capsys.readouterr().err
+    err = capsys.readouterr().err
+    assert "holds no runs;" in err and "relative to" not in err  # an absolute path needs no hint
+    monkeypatch.chdir(tmp_path)
+    assert main([*args, "--reference", "nowhere"]) == 2  # a relative one says where it was looked for
+    assert (
+        f"--reference nowhere holds no runs (it is relative to this folder, {tmp_path})"
+        in capsys.readouterr().err
+    )
 
 
 def test_the_guards_lambdas_reach_tensorboard(tmp_path) -> None:

@@ -352,7 +352,9 @@ def _main(args: Any) -> int:
     reference = Path(args.reference)
     if not (reference / "runs").is_dir():
         raise UserError(
-            f"--reference {reference} holds no runs; accepted: a repro wd-rank or decouple folder"
+            f"--reference {reference} holds no runs"
+            + (f" (it is relative to this folder, {Path.cwd()})" if not reference.is_absolute() else "")
+            + "; accepted: a repro wd-rank or decouple folder"
         )
     from qkvlab.repro.paper000.claim import SETTING_KEYS, is_gpt_folder
 
