@@ -116,15 +116,15 @@ class Run:
 # -- settings guard ----------------------------------------------------------------------------
 
 
-# what a run folder holds before its worker has trained anything: its point and the locks
-_BOOKKEEPING = {"run.json", ".lock", ".cell.lock"}
-
-
 def _anything_trained(out: Path) -> bool:
-    """Whether any run under ``OUT/runs`` got past its start (a folder holding more than its run.json)."""
+    """Whether any run under ``OUT/runs`` got past its start: a folder holding more than its point
+    (run.json) and the locks (the trainer's .lock and the grid's cell lock)."""
+    from qkvlab.train.lock import CELL_LOCK
+
+    bookkeeping = {"run.json", ".lock", CELL_LOCK}
     runs = out / "runs"
     return runs.is_dir() and any(
-        folder.is_dir() and any(f.name not in _BOOKKEEPING for f in folder.iterdir())
+        folder.is_dir() and any(f.name not in bookkeeping for f in folder.iterdir())
         for folder in runs.iterdir()
     )
 
