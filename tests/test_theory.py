@@ -300,3 +300,26 @@ def test_bad_options_exit_2_with_one_line(argv, message, capsys) -> None:
 def test_toy_time_is_eta_times_steps(short_toy) -> None:
     assert short_toy["t_end"] == pytest.approx(SHORT.steps * SHORT.lr)
     assert math.isclose(short_toy["decay_rate_predicted_discrete"][2], -math.log(1 - 2 * 0.02 * 0.5) / 0.02)
+
+
+def test_cli_pretrained_reads_each_model_once(tiny_bert, tmp_path, monkeypatch, capsys) -> None:
+    """The command opens every --model before any part runs, to refuse a bad name early; the part reuses that
+    opened source rather than reading the weights a second time."""
+    import qkvlab.attention as attention
+
+    opened: list[str] = []
+    real = attention.load_source
+
+    def counting(source):
+        opened.append(str(source))
+        return real(source)
+
+    monkeypatch.setattr(attention, "load_source", counting)
+    out = tmp_path / "theory.json"
+    assert (
+        main(["theory", "--parts", "pretrained", "--model", str(tiny_bert), "--json", str(out), "--quiet"])
+        == 0
+    )
+    assert opened == [str(tiny_bert)]
+    rows = json.loads(out.read_text())["pretrained"][0]["layers"]
+    assert len(rows) == 2 and all(row["qk_relative_gap"] > 0 for row in rows)

@@ -17,8 +17,8 @@ from __future__ import annotations
 import math
 import os
 import statistics
-from collections.abc import Callable, Sequence
-from typing import Any
+from collections.abc import Callable, Mapping, Sequence
+from typing import TYPE_CHECKING, Any
 
 import torch
 
@@ -45,6 +45,9 @@ from qkvlab.theory import (
     random_orthogonal,
     train_factors,
 )
+
+if TYPE_CHECKING:
+    from qkvlab.attention import TensorSource
 
 __all__ = ["KIND", "PARTS", "SCHEMA_VERSION", "TOY_TARGET", "TheorySettings", "run_theory"]
 
@@ -393,7 +396,9 @@ def run_completion(settings: TheorySettings) -> dict[str, Any]:
     return out
 
 
-def run_pretrained(source: str | os.PathLike[str] | torch.nn.Module, seed: int = 0) -> dict[str, Any]:
+def run_pretrained(
+    source: str | os.PathLike[str] | torch.nn.Module | TensorSource, seed: int = 0
+) -> dict[str, Any]:
     """Fig. 4: per layer, Σ_h ½(‖A‖² + ‖B‖²) against Σ_h ‖ABᵀ‖_* for QK and OV, with references.
 
     ``random_relative_gap`` is the same ratio for Gaussian factors with each head's norms: how
@@ -403,9 +408,9 @@ def run_pretrained(source: str | os.PathLike[str] | torch.nn.Module, seed: int =
     bounds; with rotary embeddings ``qk_plane_relative_imbalance`` is the mean over planes and groups of
     |Σ_h‖Q^(p)‖² − ‖K^(p)‖²| / (Σ_h‖Q^(p)‖² + ‖K^(p)‖²), the balance that survives the rotation.
     """
-    from qkvlab.attention import AttentionFactors, load_source
+    from qkvlab.attention import AttentionFactors, TensorSource, load_source
 
-    tensors = load_source(source)
+    tensors = source if isinstance(source, TensorSource) else load_source(source)
     factors = AttentionFactors(tensors)
     gen = torch.Generator().manual_seed(seed)
     layers = []
@@ -442,8 +447,15 @@ def run_pretrained(source: str | os.PathLike[str] | torch.nn.Module, seed: int =
     return {"source": tensors.name, "architecture": info.to_dict(), "seed": seed, "layers": layers}
 
 
-def run_theory(settings: TheorySettings, progress: Callable[[str], None] | None = None) -> dict[str, Any]:
-    """Every requested part; the gradient-descent toy's keys sit at the top level (issue 9's schema)."""
+def run_theory(
+    settings: TheorySettings,
+    progress: Callable[[str], None] | None = None,
+    opened: Mapping[str, TensorSource] | None = None,
+) -> dict[str, Any]:
+    """Every requested part; the gradient-descent toy's keys sit at the top level (issue 9's schema).
+
+    ``opened`` maps names in ``settings.models`` to sources the caller has already opened (the command
+    opens them first to refuse a bad name before any part runs), so no model is read twice."""
     say = progress or (lambda _message: None)
     result: dict[str, Any] = {"schema_version": SCHEMA_VERSION, "kind": KIND, "settings": settings.to_dict()}
     result["convention"] = {
@@ -468,5 +480,5 @@ def run_theory(settings: TheorySettings, progress: Callable[[str], None] | None 
         result["pretrained"] = []
         for source in settings.models:
             say(f"pretrained balance: {source}")
-            result["pretrained"].append(run_pretrained(source, settings.seeds[0]))
+            result["pretrained"].append(run_pretrained((opened or {}).get(source, source), settings.seeds[0]))
     return result

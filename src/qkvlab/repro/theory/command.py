@@ -91,15 +91,14 @@ def _main(args: argparse.Namespace) -> int:
     if "pretrained" in settings.parts:  # a model that cannot be read is refused before any part runs
         from qkvlab.attention import load_source
 
-        for model in settings.models:
-            load_source(model)
+        opened = {model: load_source(model) for model in settings.models}
     start = time.perf_counter()
 
     def progress(message: str) -> None:
         if not args.quiet:
             print(f"[{time.perf_counter() - start:5.1f} s] {message}", file=sys.stderr, flush=True)
 
-    result = run_theory(settings, progress)
+    result = run_theory(settings, progress, opened if "pretrained" in settings.parts else None)
     result["command"] = settings.command()
     result["seconds"] = round(time.perf_counter() - start, 2)
     written = []
