@@ -25,6 +25,16 @@ def test_the_pilot_picks_the_largest_rate_within_tolerance_and_tau_from_adamws_p
     assert claim.tau_from(23.46) == 12.0 and claim.tau_from(7.77) == 3.9
 
 
+def test_a_ladder_grows_only_while_its_rate_could_become_the_common_one() -> None:
+    top = {"adamw": 8e-3, "muon": 8e-3}
+    assert claim.ladders_to_grow({"adamw": 8e-3, "muon": 8e-3}, top) == ["adamw", "muon"]  # both at the edge
+    assert claim.ladders_to_grow({"adamw": 4e-3, "muon": 8e-3}, top) == []  # AdamW's 4e-3 is the common rate
+    assert claim.ladders_to_grow({"adamw": 8e-3, "muon": 2e-3}, top) == []
+    # Muon settled at 16e-3 after one growth: AdamW at its edge of 8e-3 could still be the common rate
+    assert claim.ladders_to_grow({"adamw": 8e-3, "muon": 16e-3}, {"adamw": 8e-3, "muon": 32e-3}) == ["adamw"]
+    assert claim.ladders_to_grow({"adamw": 2e-3, "muon": 2e-3}, top) == []
+
+
 def test_a_spike_is_a_loss_above_the_factor_times_the_median_of_the_window_before_it() -> None:
     calm = [2.0] * 15
     assert claim.loss_spikes(calm) == 0
@@ -188,3 +198,59 @@ def test_the_readings_follow_the_rules_fixed_before_any_run() -> None:
     assert waiting[("QK-clip changes QK rank", "muon", 1.0)] == "pending (2 of 3 seeds)"
     assert waiting[("needs clipping", None, 1.0)] == "pending (2 of 3 seeds)"
     assert waiting[("decay against QK-clip", "adamw", 1.0)] == "as low as QK-clip or lower"  # all ended
+
+
+def test_a_stopped_run_is_never_dropped_from_a_seed_paired_reading() -> None:
+    """A run that stopped on a non-finite value has no final measures; the readings must not pair the
+    other seeds as if it had not run (issue 34's design: stopped runs are counted, never dropped)."""
+
+    def finished(peak: float, rank: float = 20.0) -> dict:
+        return {"measures": {"logit_peak": peak, "qk_effective_rank": rank, "val_loss": 1.5}}
+
+    stopped = {"stopped": "loss is nan at step 900", "logit_max": [40.0]}
+    tau = 10.0
+    grid = {
+        ("adamw", 0.0, False): {0: finished(20), 1: finished(21), 2: finished(22)},
+        ("adamw", 0.0, True): {0: finished(11), 1: finished(11), 2: finished(11)},
+        ("adamw", 1.0, False): {0: finished(9), 1: finished(10), 2: stopped},  # lower on 2, stopped on 1
+        ("adamw", 1.0, True): {0: finished(11, 19), 1: finished(11, 19), 2: finished(11, 19)},
+        ("muon", 0.0, False): {0: finished(30), 1: finished(30), 2: finished(30)},
+        ("muon", 0.0, True): {0: stopped, 1: finished(11), 2: finished(11)},
+        ("muon", 1.0, False): {0: finished(9), 1: finished(9), 2: finished(9)},
+        ("muon", 1.0, True): {0: finished(9), 1: finished(9), 2: finished(9)},
+    }
+    cells = [
+        {
+            "optimizer": o,
+            "budget": b,
+            "clip": tau if c else 0.0,
+            "seeds": sorted(s for s, r in runs.items() if "stopped" not in r),
+            "stopped": sorted(s for s, r in runs.items() if "stopped" in r),
+            "seeds_over_tau": sum(
+                r["measures"]["logit_peak"] > tau for r in runs.values() if "measures" in r
+            ),
+        }
+        for (o, b, c), runs in grid.items()
+    ]
+    found = claim.readings(cells, tau, lambda o, b, c: grid.get((o, b, c), {}))
+    decay = {r["optimizer"]: r["reading"] for r in found if r["question"] == "decay against QK-clip"}
+    # AdamW: two finished seeds lower than the clip, but seed 2 diverged without it: not "as low"
+    assert decay["adamw"] == "mixed"
+    # Muon: the decay run finished under τ on every seed, while the clipped seed 0 diverged: as low
+    assert decay["muon"] == "as low as QK-clip or lower"
+    rank = {
+        (r["optimizer"], r["budget"]): r["reading"]
+        for r in found
+        if r["question"] == "QK-clip changes QK rank"
+    }
+    assert rank[("adamw", 1.0)] == "no verdict (seed 2 stopped)"  # not a verdict from seeds 0 and 1
+    assert rank[("muon", 0.0)] == "no verdict (seed 0 stopped)"
+    assert rank[("muon", 1.0)] == "within seed noise"
+    versus = [r for r in found if r["question"] == "Muon against AdamW" and r["budget"] == 0.0 and r["clip"]]
+    assert versus[0]["stopped"] == {"muon": [0], "adamw": []} and versus[0]["logit_peak"]["n"] == 2
+    # and when every seed of the decay run diverged, it is higher than the clip on every seed
+    grid[("adamw", 1.0, False)] = {s: stopped for s in range(3)}
+    cells[2].update(seeds=[], stopped=[0, 1, 2], seeds_over_tau=0)
+    found = claim.readings(cells, tau, lambda o, b, c: grid.get((o, b, c), {}))
+    decay = {r["optimizer"]: r["reading"] for r in found if r["question"] == "decay against QK-clip"}
+    assert decay["adamw"] == "higher than QK-clip on every seed"

@@ -9,7 +9,9 @@ factors bounds the largest logit through the nuclear norm (docs/logits.md).
 Everything below was fixed before any run of this experiment, and is kept in code so the command
 reproduces it. (A first version was revised after a review, still before any run: one common rate
 for both optimisers, a tighter loss tolerance, the logit measured on every step of every run, decay
-on W_Q and W_K only, the readings below, and stopped runs counted.)
+on W_Q and W_K only, the readings below, and stopped runs counted. A second review, still before any
+run, found the seed-paired readings dropping a stopped run: they now count it, see Readings; and the
+pilot no longer grows a ladder whose rate cannot become the common one.)
 
 **Setting.** The Shakespeare GPT of ``repro wd-rank`` and ``repro optimizer-rank`` (4 layers, 4 heads of
 d_head 32, 2,000 steps, cosine schedule, gradient clipping 1.0), Muon with ``muon_adjust_lr=
@@ -25,7 +27,9 @@ largest on its ladder whose pilot finishes without a non-finite stop and ends wi
 (``LOSS_TOLERANCE``) of its best pilot validation loss: the most aggressive rate a user would still
 pick, where logits grow most. If that is the ladder's top, the ladder grows by a factor of 2 past it, at
 most twice, and the rate is reported as at the edge. **Both optimisers then run at one common rate**,
-the smaller of the two usable rates, so that the optimiser comparison is never a comparison of rates.
+the smaller of the two usable rates, so that the optimiser comparison is never a comparison of rates;
+so a ladder grows only while its rate could still be the common one (not when the other optimiser's
+usable rate is lower and settled), and its rate is then reported as at the edge too.
 
 **τ, fixed from the pilot before any study run.** τ = ½ × the largest logit (every step, any head) of
 the AdamW pilot at the common rate, to two significant digits (``TAU_FRACTION``), the same for both
@@ -58,12 +62,14 @@ verdict from the seeds that happen to be done (added before any run):
 
 - *Decay against QK-clip, per optimiser and Σηλ > 0*: the peak logit with decay and no clip minus the
   peak with QK-clip and no decay. Decay holds logits down as well as QK-clip where it is ≤ 0 on every
-  seed. Its cost beside clipping's: the same difference in validation loss and QK effective rank.
+  seed; a seed whose decay run stopped (and whose clipped run did not) counts as higher, the reverse
+  as lower, both stopped as neither. A clipped run's peak is τ plus its largest one-step overshoot
+  (measured before the clip), so "as low" means at or under that ceiling, not under τ. Its cost beside clipping's: the same difference in validation loss and QK effective rank.
 - *Does QK-clip change rank*: QK effective rank with the clip minus without, per optimiser and Σηλ.
   Predicted before any run: the clip scales a whole head's W_Q and W_K by scalars, which leaves that
   head's effective rank unchanged, so a change can only come through the training after it. Read as
   lower or higher where every seed agrees and the mean is at least 0.1 (``RANK_FLOOR``, of 32),
-  otherwise within seed noise.
+  otherwise within seed noise; "no verdict" where a compared run stopped (it has no final weights).
 - *Does an optimiser need clipping*, per Σηλ without the clip: yes where a majority of the seeds (2
   of 3) pass τ or stop. Muon needs clipping where AdamW with decay does not when that holds for Muon and not for
   AdamW at the same Σηλ.
@@ -87,7 +93,16 @@ from qkvlab.repro.optimizer_rank.claim import ATTENTION, VARIANTS, decay_for
 from qkvlab.repro.paper000.claim import GPT_BASE
 from qkvlab.repro.registry import Experiment, register
 
-__all__ = ["OPTIMIZERS", "choose_lr", "loss_jump", "loss_spikes", "readings", "run_experiment", "tau_from"]
+__all__ = [
+    "OPTIMIZERS",
+    "choose_lr",
+    "ladders_to_grow",
+    "loss_jump",
+    "loss_spikes",
+    "readings",
+    "run_experiment",
+    "tau_from",
+]
 
 OPTIMIZERS = ("adamw", "muon")
 SEEDS = (0, 1, 2)  # the design's reported seeds: a reading waits for this many in each compared cell
@@ -248,6 +263,14 @@ def choose_lr(losses: dict[float, float]) -> float:
     return max(lr for lr, loss in finite.items() if loss <= best + LOSS_TOLERANCE)
 
 
+def ladders_to_grow(usable: dict[str, float], tops: dict[str, float]) -> list[str]:
+    """The optimisers whose ladder grows: those whose usable rate is their ladder's top and could still be
+    the common (smallest) rate, that is, no optimiser whose rate is settled (below its top) is lower."""
+    edge = {o: usable[o] == tops[o] for o in usable}
+    settled = {o: usable[o] for o in usable if not edge[o]}
+    return [o for o in usable if edge[o] and all(usable[o] <= u for p, u in settled.items() if p != o)]
+
+
 def tau_from(peak: float) -> float:
     """TAU_FRACTION × the AdamW pilot's largest logit, to two significant digits."""
     value = TAU_FRACTION * peak
@@ -295,19 +318,25 @@ def pilot(out: Path, settings: dict[str, Any], jobs: int = 1, echo: Any = print)
         }
         if any(r is None for by_lr in results.values() for r in by_lr.values()):
             return None
-        grown = False
-        for o in OPTIMIZERS:
-            usable = choose_lr({lr: _loss(r) for lr, r in results[o].items()})
-            if extension < MAX_EXTENSIONS and usable == ladders[o][-1]:
-                ladders[o].append(usable * 2)
-                grown = True
-        if not grown:
+        usable = {o: choose_lr({lr: _loss(r) for lr, r in results[o].items()}) for o in OPTIMIZERS}
+        grow = (
+            ladders_to_grow(usable, {o: ladders[o][-1] for o in OPTIMIZERS})
+            if extension < MAX_EXTENSIONS
+            else []
+        )
+        for o in grow:
+            ladders[o].append(usable[o] * 2)
+        if not grow:
             break
     usable = {o: choose_lr({lr: _loss(r) for lr, r in results[o].items()}) for o in OPTIMIZERS}
     common = min(usable.values())
     at_common = {o: results[o][common] for o in OPTIMIZERS}
-    if any("stopped" in r for r in at_common.values()):
-        raise RuntimeError(f"a pilot run at the common rate {common:g} stopped; the design has no τ for it")
+    if (
+        "stopped" in at_common["adamw"]
+    ):  # τ comes from this run's peak; a stopped Muon run only loses its ratio
+        raise RuntimeError(
+            f"AdamW's pilot run at the common rate {common:g} stopped; the design has no τ for it"
+        )
     record: dict[str, Any] = {
         o: {
             "usable": usable[o],
@@ -331,7 +360,9 @@ def pilot(out: Path, settings: dict[str, Any], jobs: int = 1, echo: Any = print)
         {
             "lr": common,
             "tau": tau,
-            "muon_peak_over_tau": at_common["muon"]["measures"]["logit_peak"] / tau,
+            "muon_peak_over_tau": None
+            if "stopped" in at_common["muon"]
+            else at_common["muon"]["measures"]["logit_peak"] / tau,
             "adamw_growth": growth,
             "informative": growth is not None and growth >= GROWTH_INFORMATIVE,
         }
@@ -466,13 +497,31 @@ def _pending(*groups: Sized) -> str | None:
     return pending(min(len(g) for g in groups), len(SEEDS))
 
 
-def _against_clip(peak: dict[str, Any] | None) -> str:
-    """Decay's peak logit against QK-clip's, seed-paired (decay − clip)."""
-    if peak and peak["wins"] == 0:
+def _stopped(results: dict[int, dict[str, Any]]) -> set[int]:
+    return {s for s, r in results.items() if "stopped" in r}
+
+
+def _against_clip(peak: dict[str, Any] | None, decay: dict[int, Any], clip: dict[int, Any]) -> str:
+    """Decay's peak logit against QK-clip's, seed-paired (decay − clip). A seed whose decay run stopped on a
+    non-finite value and whose clipped run did not counts as higher (it did not hold its logits down), the
+    reverse as lower; a seed where both stopped as neither, so it blocks "every seed"."""
+    higher = (peak["wins"] if peak else 0) + len(_stopped(decay) - _stopped(clip))
+    lower = (peak["n"] - peak["wins"] if peak else 0) + len(_stopped(clip) - _stopped(decay))
+    seeds = len(set(decay) & set(clip))
+    if lower == seeds:
         return "as low as QK-clip or lower"
-    if peak and peak["wins"] == peak["n"]:
+    if higher == seeds:
         return "higher than QK-clip on every seed"
     return "mixed"
+
+
+def _no_final(*groups: dict[int, dict[str, Any]]) -> str | None:
+    """For a reading of final weights or loss: "no verdict (seeds … stopped)" where a compared run stopped on a
+    non-finite value, since a seed-paired verdict over the others would drop it silently."""
+    stopped = sorted(set().union(*(_stopped(g) for g in groups)))
+    if not stopped:
+        return None
+    return f"no verdict (seed{'s' if len(stopped) > 1 else ''} {', '.join(map(str, stopped))} stopped)"
 
 
 def _needs(needs: dict[str, bool]) -> str:
@@ -509,14 +558,14 @@ def readings(cells: list[dict[str, Any]], tau: float, found: Any) -> list[dict[s
                     "peak": peak,
                     "val_loss": diff("val_loss", decay, clip_only),
                     "qk_effective_rank": diff("qk_effective_rank", decay, clip_only),
-                    "reading": _pending(decay, clip_only) or _against_clip(peak),
+                    "reading": _pending(decay, clip_only) or _against_clip(peak, decay, clip_only),
                 }
             )
     for o in OPTIMIZERS:
         for b in budgets:
             clipped, plain = found(o, b, True), found(o, b, False)
             rank = diff("qk_effective_rank", clipped, plain)
-            if rank is not None:
+            if clipped and plain:
                 out.append(
                     {
                         "question": "QK-clip changes QK rank",
@@ -524,7 +573,7 @@ def readings(cells: list[dict[str, Any]], tau: float, found: Any) -> list[dict[s
                         "budget": b,
                         "qk_effective_rank": rank,
                         "ov_effective_rank": diff("ov_effective_rank", clipped, plain),
-                        "reading": _pending(clipped, plain) or _sign(rank),
+                        "reading": _pending(clipped, plain) or _no_final(clipped, plain) or _sign(rank),
                     }
                 )
     for b in budgets:
@@ -554,6 +603,7 @@ def readings(cells: list[dict[str, Any]], tau: float, found: Any) -> list[dict[s
                         "budget": b,
                         "clip": tau if clipped else 0.0,
                         **{n: diff(n, muon, adamw) for n in ("logit_peak", "qk_effective_rank", "val_loss")},
+                        "stopped": {"muon": sorted(_stopped(muon)), "adamw": sorted(_stopped(adamw))},
                     }
                 )
     return out
@@ -606,8 +656,13 @@ def tables(summary: dict[str, Any]) -> str:
     lines = [
         f"Pilot (seed {SELECT_SEED}, not reported; no decay, no clipping): each optimiser's usable rate is the "
         f"largest within {LOSS_TOLERANCE:g} nats of its best loss; both run at the smaller, {record['lr']:g}. "
-        f"τ = {record['tau']:g} is half of AdamW's largest pilot logit there; Muon's pilot peaks at "
-        f"{record['muon_peak_over_tau']:.2f} τ. AdamW's logit growth at that rate: "
+        f"τ = {record['tau']:g} is half of AdamW's largest pilot logit there; "
+        + (
+            "Muon's pilot at that rate stopped on a non-finite value. "
+            if record["muon_peak_over_tau"] is None
+            else f"Muon's pilot peaks at {record['muon_peak_over_tau']:.2f} τ. "
+        )
+        + "AdamW's logit growth at that rate: "
         + ("—" if growth is None else f"{growth:.2f}×")
         + (
             ""
@@ -743,13 +798,15 @@ def tables(summary: dict[str, Any]) -> str:
         (
             "Muon against AdamW",
             "Muon against AdamW in the same cell, seed-paired (Muon − AdamW):",
-            ["Σηλ", "QK-clip", "Δ peak logit", "Δ QK erank", "Δ val loss"],
+            ["Σηλ", "QK-clip", "Δ peak logit", "Δ QK erank", "Δ val loss", "stopped (not in Δ)"],
             lambda r: [
                 f"{r['budget']:g}",
                 clip(r),
                 d(r["logit_peak"]),
                 d(r["qk_effective_rank"]),
                 d(r["val_loss"], 4),
+                "; ".join(f"{o} seeds {', '.join(map(str, v))}" for o, v in r.get("stopped", {}).items() if v)
+                or "none",
             ],
         ),
     )
