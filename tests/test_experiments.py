@@ -741,6 +741,49 @@ def test_decouple_contrasts_read_each_comparison_by_the_rule_fixed_in_code() -> 
     assert decouple_contrasts(_losses({(0.1, 0.1): [1.7] * 3, (0.0, 0.1): [1.69] * 3})) == []
 
 
+def test_decouple_figure_draws_every_cell_and_contrast_and_skips_a_single_rest(tmp_path) -> None:
+    import numpy as np
+    from PIL import Image
+
+    from qkvlab.grid.runner import mean_std
+    from qkvlab.repro.paper000.claim import decouple_contrasts
+    from qkvlab.repro.paper000.render import plot_decouple
+
+    losses = {
+        (0.0, 0.0): [1.54, 1.541, 1.539],
+        (0.3, 0.0): [1.55, 1.549, 1.551],
+        (1.0, 0.0): [1.57, 1.572, 1.571],
+        (0.0, 0.3): [1.536, 1.537, 1.538],
+        (0.3, 0.3): [1.540, 1.541, 1.539],
+        (1.0, 0.3): [1.569, 1.57, 1.571],
+    }
+    cells = [
+        {
+            "attn_weight_decay": a,
+            "rest_weight_decay": r,
+            "eta_sum": 4.38,
+            "seeds": [0, 1, 2],
+            "val": {"loss": mean_std(v)},
+        }
+        for (a, r), v in losses.items()
+    ]
+    runs_of = {key: [{"val": {"loss": x}} for x in v] for key, v in losses.items()}
+    summary = {"cells": cells, "contrasts": decouple_contrasts(_losses(losses))}
+    assert len(summary["contrasts"]) == 5  # C1, C2, swap, C3 at λ = 0.3 and C3 against the best cell
+    (path,) = plot_decouple(summary, runs_of, tmp_path / "plots")  # QKVLAB_CHECK_FIGURES: no overlaps
+    assert path.name == "decouple_val_loss.png"
+    with Image.open(path) as image:
+        width, height = image.size
+        pixels = np.asarray(image.convert("L"))
+    assert width > 1000 and height > 400 and (pixels < 128).mean() > 0.01  # drawn, not blank
+    # without the control, one panel; with one λ_rest, no figure (that is wd-rank's)
+    (alone,) = plot_decouple({"cells": cells}, runs_of, tmp_path / "alone")
+    with Image.open(alone) as image:
+        assert image.size[0] < width
+    one = [c for c in cells if c["rest_weight_decay"] == 0.3]
+    assert plot_decouple({"cells": one}, runs_of, tmp_path / "one") == []
+
+
 def _lock_probe_worker(run_dir: Path, point: dict, seed: int, settings: dict) -> None:
     """Writes whether this run's cell lock could be taken again while the worker runs (it must not)."""
     from qkvlab.errors import UserError

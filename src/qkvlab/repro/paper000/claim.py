@@ -687,12 +687,13 @@ def _decouple_arguments(parser: Any) -> None:
     )
 
 
-def _finish(out: Path, args: Any, render: Any, rests: list[float]) -> int:
-    """Pack the spectra, read every run once, print ``render(summary)``, write summary.json and the figures."""
+def _finish(out: Path, args: Any, render: Any, rests: list[float], decouple: bool = False) -> int:
+    """Pack the spectra, read every run once, print ``render(summary)``, write summary.json and the figures
+    (the wd-rank figures of each of ``rests``; with ``decouple``, Table 1's)."""
     from qkvlab.files import write_atomic
     from qkvlab.grid.training import pack_spectra
     from qkvlab.repro.paper000.icl_gd import write_alignments
-    from qkvlab.repro.paper000.render import plot_wd_rank
+    from qkvlab.repro.paper000.render import plot_decouple, plot_wd_rank
 
     pack_spectra(out)
     write_alignments(out)
@@ -705,6 +706,9 @@ def _finish(out: Path, args: Any, render: Any, rests: list[float]) -> int:
     if args.plot:
         for rest in rests:
             for written in plot_wd_rank(summary, runs_by_cell(summary, numbers), rest, Path(args.plot)):
+                print(f"wrote {written}")
+        if decouple:
+            for written in plot_decouple(summary, runs_by_cell(summary, numbers), Path(args.plot)):
                 print(f"wrote {written}")
     return 0
 
@@ -783,7 +787,7 @@ def _decouple_main(args: Any) -> int:
         cells = [(a, r) for r in rest for a in attn]
         cells += [(r, r) for r in rest if (r, r) not in cells]  # the coupled reference of every row
         run_gpt_grid(out, cells, seeds, jobs=args.jobs, changes=changes)
-    return _finish(out, args, decouple_table, [])
+    return _finish(out, args, decouple_table, [], decouple=True)
 
 
 def is_gpt_folder(folder: Path) -> bool:
@@ -796,7 +800,7 @@ def _report(folder: Path, figures: Path) -> list[Any]:
     """Sections for ``qkvlab report``: the wd-rank tables and figures of every λ_rest with several λ_attn,
     and the decoupling table when the folder holds several λ_rest."""
     from qkvlab.render.page import Figure, Markdown, Section
-    from qkvlab.repro.paper000.render import decouple_table, plot_wd_rank, wd_rank_tables
+    from qkvlab.repro.paper000.render import decouple_table, plot_decouple, plot_wd_rank, wd_rank_tables
 
     numbers = load_numbers(folder)
     summary = aggregate(folder, numbers)
@@ -815,9 +819,13 @@ def _report(folder: Path, figures: Path) -> list[Any]:
             Section(f"Weight decay and attention rank ({folder.name}, λ_rest = {rest:g})", blocks)
         )
     if len(rests) > 1:
-        sections.append(
-            Section(f"Decoupled attention weight decay ({folder.name})", [Markdown(decouple_table(summary))])
-        )
+        figures.mkdir(parents=True, exist_ok=True)
+        decoupled: list[Any] = [Markdown(decouple_table(summary))]
+        decoupled += [
+            Figure(p, "validation loss over λ_attn × λ_rest, and the control's contrasts")
+            for p in plot_decouple(summary, runs_by_cell(summary, numbers), figures)
+        ]
+        sections.append(Section(f"Decoupled attention weight decay ({folder.name})", decoupled))
     return sections
 
 

@@ -13,7 +13,7 @@ from typing import Any
 from qkvlab.conventions import PRODUCT_NAMES
 from qkvlab.render.tables import diff_text, markdown_table, pm
 
-__all__ = ["decouple_table", "plot_wd_rank", "wd_rank_tables"]
+__all__ = ["decouple_table", "plot_decouple", "plot_wd_rank", "wd_rank_tables"]
 
 _NAMES = {"effective_rank": "erank", "stable_rank": "stable rank", "rank": "rank", "nuclear_norm": "‖·‖_*"}
 
@@ -575,3 +575,80 @@ def plot_wd_rank(
         )
         written.append(save(fig, folder / f"gram_norms_over_time_rest{rest:g}.png"))
     return written
+
+
+def plot_decouple(
+    summary: dict[str, Any], runs_of: dict[tuple[float, float], list[dict[str, Any]]], folder: Path
+) -> list[Path]:
+    """Paper 000's Table 1 as a figure: validation loss against λ_attn, one line per λ_rest (mean ± std,
+    every seed a dot), and beside it the control's seed-paired contrasts (mean ± std, with the ±δ band
+    inside which a contrast reads as noise). Nothing where the folder holds a single λ_rest."""
+    from qkvlab.report.figures import pyplot, save
+
+    rests = sorted({c["rest_weight_decay"] for c in summary["cells"]})
+    if len(rests) < 2:
+        return []
+    plt = pyplot()
+    contrasts = summary.get("contrasts") or []
+    fig, axes = plt.subplots(1, 2 if contrasts else 1, figsize=(12 if contrasts else 6.5, 4.2), squeeze=False)
+    ax = axes[0][0]
+    colours = plt.rcParams["axes.prop_cycle"].by_key()["color"]
+    eta = summary["cells"][0]["eta_sum"]
+    lams = sorted({c["attn_weight_decay"] for c in summary["cells"]})
+    for k, rest in enumerate(rests):
+        cells = [c for c in _cells(summary, rest) if "loss" in c["val"]]
+        if not cells:
+            continue
+        colour = colours[k % len(colours)]
+        x = [eta * c["attn_weight_decay"] for c in cells]
+        ax.errorbar(
+            x,
+            [c["val"]["loss"]["mean"] for c in cells],
+            yerr=[c["val"]["loss"]["std"] for c in cells],
+            color=colour,
+            marker="o",
+            capsize=3,
+            label=f"λ_rest = {rest:g}",
+        )
+        for c in cells:
+            seeds = [r["val"]["loss"] for r in runs_of[_key(c)] if "loss" in r["val"]]
+            ax.scatter([eta * c["attn_weight_decay"]] * len(seeds), seeds, color=colour, s=9, alpha=0.45)
+        coupled = [c for c in cells if c["attn_weight_decay"] == rest]
+        if coupled:  # the coupled reference of this row: an open ring
+            ax.scatter(
+                [eta * rest], [coupled[0]["val"]["loss"]["mean"]], s=110, facecolors="none", edgecolors=colour
+            )
+    _lambda_axis(ax, eta, lams)
+    ax.set_xlabel(f"Σₜηₜ·λ_attn  (Σₜηₜ = {eta:.3g})")
+    ax.set_ylabel("validation loss (nats/char)")
+    ax.set_title("Validation loss (rings: coupled, λ_attn = λ_rest; dots: seeds)", fontsize=9)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    if contrasts:
+        ax = axes[0][1]
+        delta = contrasts[0]["delta"]
+        ax.axvspan(-delta, delta, color="grey", alpha=0.15, lw=0, label=f"±δ = {delta:g} nats: noise")
+        ax.axvline(0, color="grey", lw=1)
+        labels = []
+        for i, c in enumerate(contrasts):
+            diff = c["val_loss"]
+            y = len(contrasts) - 1 - i
+            ax.errorbar([diff["mean"]], [y], xerr=[diff["std"]], color="k", marker="s", capsize=3)
+            labels.append(
+                f"{c['contrast'].split(':')[0]} at λ = {c['lambda']:g}: "
+                + "({:g}, {:g}) − ({:g}, {:g})".format(*c["a"], *c["b"])
+                + f"\n{c['reading']}"
+            )
+        ax.set_yticks(range(len(contrasts)), labels[::-1], fontsize=7)
+        ax.set_ylabel("contrast, and its reading")
+        ax.set_xlabel("seed-paired Δ validation loss, a − b (nats); (λ_attn, λ_rest)")
+        ax.set_title("The control's contrasts (mean ± std over seeds)", fontsize=9)
+        ax.grid(alpha=0.3, axis="x")
+        ax.legend(fontsize=7, loc="upper left")
+    seeds = sorted({s for c in summary["cells"] for s in c["seeds"]})
+    fig.suptitle(
+        f"Attention weight decay apart from the MLP's (paper 000, Table 1); seeds {', '.join(map(str, seeds))}",
+        fontsize=10,
+    )
+    folder.mkdir(parents=True, exist_ok=True)
+    return [save(fig, folder / "decouple_val_loss.png")]
