@@ -563,7 +563,7 @@ def stubbed_work(monkeypatch):
     def encode(*args, **kwargs):  # finetune: model, tokenizer, data and targets all passed
         raise _Reached
 
-    def run_theory(settings, progress=None):
+    def run_theory(settings, progress=None, opened=None):
         assert settings.steps > 0 and math.isfinite(settings.lr) and settings.lr > 0
         raise _Reached
 
