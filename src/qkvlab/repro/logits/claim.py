@@ -326,14 +326,12 @@ def pilot(out: Path, settings: dict[str, Any], jobs: int = 1, echo: Any = print)
         )
         for o in grow:
             ladders[o].append(usable[o] * 2)
-        if not grow:
+        if not grow:  # the last pass's usable rates are final
             break
-    usable = {o: choose_lr({lr: _loss(r) for lr, r in results[o].items()}) for o in OPTIMIZERS}
     common = min(usable.values())
     at_common = {o: results[o][common] for o in OPTIMIZERS}
-    if (
-        "stopped" in at_common["adamw"]
-    ):  # τ comes from this run's peak; a stopped Muon run only loses its ratio
+    # τ comes from AdamW's run at the common rate; a stopped Muon run there only loses its ratio to τ
+    if "stopped" in at_common["adamw"]:
         raise RuntimeError(
             f"AdamW's pilot run at the common rate {common:g} stopped; the design has no τ for it"
         )
@@ -455,7 +453,7 @@ def aggregate(out: Path) -> dict[str, Any]:
                     "lr": lr,
                     "lambda": decay_for(base, o, budget, lr),
                     "seeds": sorted(done),
-                    "stopped": sorted(s for s, r in results.items() if "stopped" in r),
+                    "stopped": sorted(_stopped(results)),
                     "stopped_peaks": {
                         str(s): max(r["logit_max"], default=math.nan)
                         for s, r in results.items()

@@ -704,11 +704,12 @@ def _finish(out: Path, args: Any, render: Any, rests: list[float], decouple: boo
     write_atomic(path, json.dumps(summary, indent=1))
     print(f"\nwrote {path}")
     if args.plot:
+        runs_of = runs_by_cell(summary, numbers)
         for rest in rests:
-            for written in plot_wd_rank(summary, runs_by_cell(summary, numbers), rest, Path(args.plot)):
+            for written in plot_wd_rank(summary, runs_of, rest, Path(args.plot)):
                 print(f"wrote {written}")
         if decouple:
-            for written in plot_decouple(summary, runs_by_cell(summary, numbers), Path(args.plot)):
+            for written in plot_decouple(summary, runs_of, Path(args.plot)):
                 print(f"wrote {written}")
     return 0
 
@@ -805,25 +806,22 @@ def _report(folder: Path, figures: Path) -> list[Any]:
     numbers = load_numbers(folder)
     summary = aggregate(folder, numbers)
     rests = sorted({c["rest_weight_decay"] for c in summary["cells"]})
+    runs_of = runs_by_cell(summary, numbers)
     sections = []
     for rest in rests:
         if sum(c["rest_weight_decay"] == rest for c in summary["cells"]) < 2:
             continue
         figures.mkdir(parents=True, exist_ok=True)
         blocks: list[Any] = [Markdown(wd_rank_tables(summary, rest))]
-        blocks += [
-            Figure(p, p.stem.replace("_", " "))
-            for p in plot_wd_rank(summary, runs_by_cell(summary, numbers), rest, figures)
-        ]
+        blocks += [Figure(p, p.stem.replace("_", " ")) for p in plot_wd_rank(summary, runs_of, rest, figures)]
         sections.append(
             Section(f"Weight decay and attention rank ({folder.name}, λ_rest = {rest:g})", blocks)
         )
     if len(rests) > 1:
-        figures.mkdir(parents=True, exist_ok=True)
         decoupled: list[Any] = [Markdown(decouple_table(summary))]
         decoupled += [
             Figure(p, "validation loss over λ_attn × λ_rest, and the control's contrasts")
-            for p in plot_decouple(summary, runs_by_cell(summary, numbers), figures)
+            for p in plot_decouple(summary, runs_of, figures)
         ]
         sections.append(Section(f"Decoupled attention weight decay ({folder.name})", decoupled))
     return sections

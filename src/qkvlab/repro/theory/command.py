@@ -88,6 +88,7 @@ def _main(args: argparse.Namespace) -> int:
         completion_lambdas=number_list(args.completion_lambdas, "--completion-lambdas"),
         models=tuple(args.model) if args.model else TheorySettings().models,
     )
+    opened = {}
     if "pretrained" in settings.parts:  # a model that cannot be read is refused before any part runs
         from qkvlab.attention import load_source
 
@@ -98,7 +99,7 @@ def _main(args: argparse.Namespace) -> int:
         if not args.quiet:
             print(f"[{time.perf_counter() - start:5.1f} s] {message}", file=sys.stderr, flush=True)
 
-    result = run_theory(settings, progress, opened if "pretrained" in settings.parts else None)
+    result = run_theory(settings, progress, opened)
     result["command"] = settings.command()
     result["seconds"] = round(time.perf_counter() - start, 2)
     written = []
