@@ -226,6 +226,58 @@ def test_qk_clip_in_the_engine_holds_logits_down_logs_its_work_and_resumes_bit_i
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
 
 
+@pytest.mark.parametrize("per_head", ["", "q,k"], ids=["muon", "muon-per-head"])
+def test_qk_clip_with_muon_clips_and_resumes_bit_identically(corpus, tmp_path, per_head) -> None:
+    from safetensors.torch import load_file
+
+    from qkvlab.config import load_config
+    from qkvlab.files import latest_checkpoint
+    from qkvlab.train import train
+
+    # Muon's logits reach about 0.25 in these 12 steps: τ = 0.1 binds from step 3
+    clip = {"lr": "0.05", "spectra_every": "4", "warmup_steps": "1", "optimizer": "muon", "qk_clip": "0.1"}
+    if per_head:
+        clip["muon_per_head"] = per_head
+    train(load_config(None, tiny_gpt_settings(corpus, tmp_path / "whole", **clip)))
+    lines = [json.loads(x) for x in (tmp_path / "whole" / "metrics.jsonl").read_text().splitlines()]
+    assert sum(x["qk_clipped_heads"] for x in lines if x["split"] == "train") > 0
+    train(load_config(None, tiny_gpt_settings(corpus, tmp_path / "split", **clip, stop_at=6)))
+    train(load_config(None, tiny_gpt_settings(corpus, tmp_path / "split", **clip)), resume=tmp_path / "split")
+    a = load_file(latest_checkpoint(tmp_path / "whole") / "model.safetensors")
+    b = load_file(latest_checkpoint(tmp_path / "split") / "model.safetensors")
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_a_run_that_stops_logs_the_largest_logit_of_the_step_that_went_wrong(corpus, tmp_path, monkeypatch):
+    import qkvlab.errors
+    from qkvlab.config import load_config
+    from qkvlab.train import loop as trainer
+    from qkvlab.train import train
+
+    every = {"lr": "0.05", "warmup_steps": "1", "logit_every": "1"}
+    train(load_config(None, tiny_gpt_settings(corpus, tmp_path / "whole", **every)))
+    real, calls = trainer.nonfinite_step, {"n": 0}
+
+    def bad_at_five(loss, grad_norm, ddp):
+        calls["n"] += 1
+        return "gradient norm is not finite" if calls["n"] == 5 else real(loss, grad_norm, ddp)
+
+    monkeypatch.setattr(trainer, "nonfinite_step", bad_at_five)
+    with pytest.raises(qkvlab.errors.TrainingStopped, match="step 5"):
+        train(load_config(None, tiny_gpt_settings(corpus, tmp_path / "stopped", **every)))
+    whole, stopped = (
+        {
+            x["step"]: x
+            for x in map(json.loads, (tmp_path / run / "metrics.jsonl").read_text().splitlines())
+            if x["split"] == "train"
+        }
+        for run in ("whole", "stopped")
+    )
+    assert sorted(stopped) == [1, 2, 3, 4, 5] and "loss" not in stopped[5]
+    # the same weights and batch up to step 5: its logits are the full run's step 5
+    assert stopped[5]["logit_max"] == pytest.approx(whole[5]["logit_max"], rel=1e-6)
+
+
 def test_logit_every_measures_between_monitor_firings_without_clipping(corpus, tmp_path) -> None:
     from qkvlab.config import load_config
     from qkvlab.errors import UserError
@@ -352,6 +404,11 @@ def test_families_whose_scores_are_not_the_projections_products_get_no_ceiling_a
     from conftest import tiny_hf_model
 
     assert "relative position" in LogitCeiling(tiny_hf_model("t5")).reason
+    unscaled = tf.GPT2LMHeadModel(
+        tf.GPT2Config(n_embd=16, n_head=2, n_layer=1, vocab_size=32, scale_attn_weights=False)
+    )
+    assert "scale_attn_weights=False" in LogitCeiling(unscaled).reason
+    assert LogitCeiling(tiny_hf_model("gpt2")).reason == ""
     linear = build_model(
         ModelConfig(kind="gpt", vocab_size=30, seq_len=8, n_layer=1, d_model=16, n_head=2, attention="linear")
     )

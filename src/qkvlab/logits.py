@@ -287,6 +287,9 @@ class LogitCeiling:
             ),
             "",
         )
+        config = getattr(model, "config", None)
+        if not self.reason and getattr(config, "scale_attn_weights", True) is False:  # GPT-2's option
+            self.reason = "scale_attn_weights=False: the scores are q·k, not q·k/√d_head"
         if not self.reason and any(getattr(m, "kind", None) == "linear" for m in model.modules()):
             self.reason = (
                 "linear attention: its scores are q·k/t with no softmax, not the logits bounded here"

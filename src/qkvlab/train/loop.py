@@ -266,7 +266,16 @@ def _train(config: TrainConfig, resume: Path | None, run_dir: Path, command: str
             else:
                 bad_steps += 1
                 where = f"step {step + 1}: {bad}"
+                if measuring:  # the logits of the step that went wrong are the ones a reader wants most
+                    logits.reduce()
+                    reached = logits.scalars().get("max", -math.inf)
+                    if math.isfinite(reached):
+                        clip_window["max"] = max(clip_window["max"], reached)
+                    else:
+                        where += f" (its largest attention logit: {reached})"
                 if bad_steps > config.max_bad_steps:
+                    if math.isfinite(clip_window["max"]):  # the logits measured since the last line
+                        logger.log(step + 1, "train", {"logit_max": clip_window["max"]}, note=bad)
                     logger.close()
                     raise TrainingStopped(stopped_message(last_good, where, config.max_bad_steps))
                 logger.log(step + 1, "skipped", {"bad_steps": bad_steps}, note=bad)

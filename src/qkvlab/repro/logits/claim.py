@@ -11,7 +11,9 @@ reproduces it. (A first version was revised after a review, still before any run
 for both optimisers, a tighter loss tolerance, the logit measured on every step of every run, decay
 on W_Q and W_K only, the readings below, and stopped runs counted. A second review, still before any
 run, found the seed-paired readings dropping a stopped run: they now count it, see Readings; and the
-pilot no longer grows a ladder whose rate cannot become the common one.)
+pilot no longer grows a ladder whose rate cannot become the common one. A third, still before any run:
+the grid is not run where the pilot finds no logit growth, and ``--set`` refuses the keys the design
+fixes.)
 
 **Setting.** The Shakespeare GPT of ``repro wd-rank`` and ``repro optimizer-rank`` (4 layers, 4 heads of
 d_head 32, 2,000 steps, cosine schedule, gradient clipping 1.0), Muon with ``muon_adjust_lr=
@@ -36,8 +38,10 @@ the AdamW pilot at the common rate, to two significant digits (``TAU_FRACTION``)
 optimisers: clipping then binds for AdamW without decay by construction, and whether decay or Muon
 keeps a run under it is a result. The Muon pilot's peak over τ is reported beside it. The pilot's logit
 growth is the largest logit over its last 100 steps over that over the 100 steps after warm-up; if
-AdamW's is below 1.5 (``GROWTH_INFORMATIVE``), logits do not grow in this setting and the study is
-reported as saying little about logit growth.
+AdamW's is below 1.5 (``GROWTH_INFORMATIVE``), logits do not grow in this setting at a rate a user
+would pick: that is reported as the finding, and the grid below is not run (a third review, before any
+run: the questions are about logits that grow, and 36 runs of a setting where they do not would answer
+none of them).
 
 **The grid.** {AdamW, Muon} × decay on W_Q, W_K with Σₜη_tλ_t ∈ {0, 1, 3} (λ = budget / Σₜη_t, as in
 ``repro optimizer-rank``) × QK-clip {off, τ} × seeds {0, 1, 2}: 36 runs.
@@ -227,7 +231,7 @@ def read_run(run_dir: Path) -> dict[str, Any] | None:
     final_step = int(result["final"]["step"])
     warmup = int(result["config"].get("warmup_steps", 0))
     logits = [(x["step"], x["logit_max"]) for x in train if "logit_max" in x]
-    losses = [x["loss"] for x in train]
+    losses = [x["loss"] for x in train if "loss" in x]
     skip = sum(1 for x in train if x["step"] <= warmup) + SPIKE_WINDOW  # windows wholly after warm-up
     tail = train_tail(train, final_step, TAIL_STEPS)
     measures = final_measures(result)
@@ -286,6 +290,48 @@ def logit_growth(result: dict[str, Any]) -> float | None:
     early = [v for s, v in pairs if warmup < s <= warmup + TAIL_STEPS]
     late = [v for s, v in pairs if s > last - TAIL_STEPS]
     return max(late) / max(early) if early and late and max(early) > 0 else None
+
+
+# Keys the design fixes for every run (``overrides`` would replace them silently), and the measuring
+# cadence every reading counts on: a train line per step, each with that step's largest logit.
+_DESIGN_KEYS = {
+    "optimizer": "both optimisers run, by design",
+    "lr": "the pilot picks the rate",
+    "weight_decay": "decay is set per grid point, on W_Q and W_K only (--budgets)",
+    "overrides": "decay is set per grid point, on W_Q and W_K only (--budgets)",
+    "qk_clip": "τ comes from the pilot",
+    "qk_clip_roles": "QK-clip scales W_Q and W_K, by design",
+    "muon_adjust_lr": "one η must mean the same for both optimisers (match_rms_adamw)",
+    "muon_per_head": "the design runs Muon on whole matrices",
+}
+_EVERY_STEP = ("log_every", "logit_every")
+
+
+def refuse_design_keys(changes: dict[str, Any]) -> None:
+    """A UserError for a ``--set`` that the design overrides per run or that would break its readings."""
+    from qkvlab.errors import UserError
+    from qkvlab.grid.training import refuse_run_keys
+
+    refuse_run_keys(changes, "--set")
+    for key, why in _DESIGN_KEYS.items():
+        if key in changes:
+            raise UserError(f"--set {key}={changes[key]} would be ignored: {why}")
+    for key in _EVERY_STEP:
+        if key in changes and str(changes[key]) != "1":
+            raise UserError(
+                f"--set {key}={changes[key]}: the readings count steps, so every step must log its largest "
+                f"logit; accepted: {key}=1"
+            )
+    if "spectra_every" in changes:
+        try:
+            every = int(changes["spectra_every"])
+        except (TypeError, ValueError):
+            every = 0
+        if every < 1:
+            raise UserError(
+                f"--set spectra_every={changes['spectra_every']}: the study reads the monitor's per-head logits "
+                "and final spectra; accepted: a whole number ≥ 1"
+            )
 
 
 def shared_settings(changes: dict[str, Any] | None = None) -> dict[str, Any]:
@@ -388,9 +434,8 @@ def run_experiment(
 ) -> bool:
     """Both stages into ``out`` (resumable); False while the pilot is unfinished (a run failed)."""
     from qkvlab.config import load_config
-    from qkvlab.grid.training import refuse_run_keys
 
-    refuse_run_keys(changes or {}, "--set")
+    refuse_design_keys(changes or {})
     settings = shared_settings(changes)
     load_config(None, settings["overrides"])  # a bad --set fails here, before any run
     record = pilot(out, settings, jobs, echo)
@@ -405,6 +450,14 @@ def run_experiment(
         )
         + f"; both run at {record['lr']:g}; τ = {record['tau']:g}"
     )
+    if not record["informative"]:
+        growth = record["adamw_growth"]
+        echo(
+            f"AdamW's largest logit grows {'—' if growth is None else f'{growth:.2f}×'} at that rate, below "
+            f"{GROWTH_INFORMATIVE:g}×: logits do not grow here, so the study's grid is not run "
+            "(the pilot's finding is the result; see the summary)"
+        )
+        return True
     _grid(out, main_runs(record, list(budgets or BUDGETS), seeds), settings, jobs, echo, "main")
     return True
 
@@ -665,7 +718,8 @@ def tables(summary: dict[str, Any]) -> str:
         + (
             ""
             if record["informative"]
-            else f" (below {GROWTH_INFORMATIVE:g}×: logits barely grow here, so the study says little about logit growth)"
+            else f" (below {GROWTH_INFORMATIVE:g}×: logits do not grow in this setting at a usable rate, so the "
+            "study's grid was not run: that is the finding)"
         )
         + ".",
         "",
