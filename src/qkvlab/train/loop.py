@@ -254,25 +254,23 @@ def _train(config: TrainConfig, resume: Path | None, run_dir: Path, command: str
                 )
             grad_norm = full(grad_norm)  # FSDP: a DTensor
             bad = nonfinite_step(loss, grad_norm, ddp)  # one sync per step; the same answer on every rank
+            reached = None
+            if measuring:  # every rank: the max over all ranks' slices, good step or not
+                logits.reduce()
+                reached = logits.scalars().get("max")
+                if reached is not None and math.isfinite(reached):
+                    clip_window["max"] = max(clip_window["max"], reached)
             if bad is None:
                 optimizer.step()
-                if measuring:  # every rank scales alike, from the max over all ranks' slices
-                    logits.reduce()
-                    if config.qk_clip:
-                        clip_window["heads"] += qk_clip(logits, config.qk_clip, config.qk_clip_roles)
-                    clip_window["max"] = max(clip_window["max"], logits.scalars().get("max", -math.inf))
+                if measuring and config.qk_clip:  # every rank scales alike
+                    clip_window["heads"] += qk_clip(logits, config.qk_clip, config.qk_clip_roles)
                 if monitor is not None:
                     monitor.accumulate()  # with this step's lr, before the scheduler moves it
             else:
                 bad_steps += 1
                 where = f"step {step + 1}: {bad}"
-                if measuring:  # the logits of the step that went wrong are the ones a reader wants most
-                    logits.reduce()
-                    reached = logits.scalars().get("max", -math.inf)
-                    if math.isfinite(reached):
-                        clip_window["max"] = max(clip_window["max"], reached)
-                    else:
-                        where += f" (its largest attention logit: {reached})"
+                if reached is not None and not math.isfinite(reached):
+                    where += f" (its largest attention logit: {reached})"
                 if bad_steps > config.max_bad_steps:
                     if math.isfinite(clip_window["max"]):  # the logits measured since the last line
                         logger.log(step + 1, "train", {"logit_max": clip_window["max"]}, note=bad)
