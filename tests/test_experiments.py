@@ -816,3 +816,25 @@ def test_every_local_run_holds_its_cell_lock_and_a_held_run_is_not_run_twice(tmp
     assert [(tmp_path / "g" / "runs" / f"i={i},seed=0" / "done").read_text() for i in (0, 1)] == ["held"] * 2
     assert not (tmp_path / "g" / "runs" / "i=2,seed=0" / "done").exists()  # not run beside its holder
     assert [r["status"].startswith("failed") for r in results] == [False, False, True]
+
+
+def _broken_worker(run_dir: Path, point: dict, seed: int, settings: dict) -> None:
+    raise RuntimeError("a bug in the worker")
+
+
+def test_a_repro_command_whose_runs_fail_prints_its_summary_then_exits_1(
+    tmp_path, monkeypatch, capsys
+) -> None:
+    from qkvlab.repro.logits import claim
+
+    monkeypatch.setattr(claim, "worker", _broken_worker)
+    out = tmp_path / "logits"
+    assert main(["repro", "logits", "--out", str(out), "--jobs", "1"]) == 1
+    printed = capsys.readouterr()
+    assert f"wrote {out / 'summary.json'}" in printed.out  # the summary of what there is comes first
+    assert "RuntimeError: a bug in the worker" in printed.err  # our bug keeps its traceback
+    assert f"qkvlab repro logits: {2 * len(claim.LR_LADDER)} run(s) failed" in printed.err
+    assert "run the same command again" in printed.err
+    # the failures belong to the call that ran them: a later call that runs nothing exits 0
+    assert main(["repro", "logits", "--out", str(out), "--summary-only"]) == 0
+    assert "failed" not in capsys.readouterr().err

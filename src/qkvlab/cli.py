@@ -289,8 +289,30 @@ def _build_parser() -> argparse.ArgumentParser:
             else argparse.HelpFormatter,
         )
         experiment.add_arguments(claim)
-        claim.set_defaults(handler=experiment.main)
+        claim.set_defaults(handler=_failing_runs_exit(experiment.main))
     return parser
+
+
+def _failing_runs_exit(handler: Callable[[argparse.Namespace], int]) -> Callable[[argparse.Namespace], int]:
+    """A repro command whose grid ended with failed runs still prints what it has, then exits 1, as
+    ``sweep`` does (a job script or a Slurm dependency sees that the study is not finished)."""
+
+    def run(args: argparse.Namespace) -> int:
+        from qkvlab.grid.runner import track_failures
+
+        with track_failures() as failed:
+            code = handler(args)
+        if failed and code == 0:
+            shown = ", ".join(str(folder) for folder in failed[:3]) + (" …" if len(failed) > 3 else "")
+            print(
+                f"qkvlab repro {args.claim}: {len(failed)} run(s) failed (their logs are in their folders: "
+                f"{shown}); run the same command again to retry them",
+                file=sys.stderr,
+            )
+            return 1
+        return code
+
+    return run
 
 
 def _tqdm_progress(iterable, total):  # type: ignore[no-untyped-def]

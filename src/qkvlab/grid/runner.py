@@ -65,10 +65,24 @@ __all__ = [
     "paired",
     "run_grid",
     "run_stage",
+    "track_failures",
     "use_executor",
 ]
 
 _EXECUTOR: dict[str, Any] = {"name": "local", "options": None}
+_TRACKERS: list[list[Path]] = []
+
+
+@contextmanager
+def track_failures() -> Iterator[list[Path]]:
+    """Within the block, the folder of every run that ``run_grid`` ends as failed is appended to the
+    list it yields (a command whose grids are nested in its own code reads its exit status from it)."""
+    failed: list[Path] = []
+    _TRACKERS.append(failed)
+    try:
+        yield failed
+    finally:
+        _TRACKERS.remove(failed)
 
 
 @contextmanager
@@ -278,6 +292,9 @@ def run_grid(
 
     def show(run: Run, result: dict[str, Any]) -> None:
         results[run] = result
+        if result["status"].startswith("failed"):
+            for failed in _TRACKERS:
+                failed.append(run.folder(out))
         seconds = f"  {result['seconds']:.0f} s" if "seconds" in result else ""
         echo(f"  {result['status']:<22} {run.name}{seconds}")
         if result["status"] != "skipped (complete)":  # each run that ends is in grid.json at once
