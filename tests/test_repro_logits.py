@@ -45,11 +45,8 @@ def test_a_spike_is_a_loss_above_the_factor_times_the_median_of_the_window_befor
     assert claim.loss_jump([9.0] * 5 + calm, skip=15) == pytest.approx(1.0)
 
 
-def test_the_grid_runs_pilot_then_decay_by_clip_and_clipping_binds_where_the_rule_says(
-    tmp_path, monkeypatch
-) -> None:
-    # 8 steps are too few for logits to grow 1.5×: the floor is lowered so that the grid runs
-    monkeypatch.setattr(claim, "GROWTH_INFORMATIVE", 0.0)
+def _tiny_sets(tmp_path: Path) -> list[str]:
+    """--set pairs for a study of 8-step runs of a one-layer GPT on a small text."""
     corpus = tmp_path / "austen.txt"
     corpus.write_text(TEXT)
     changes = {
@@ -69,8 +66,16 @@ def test_the_grid_runs_pilot_then_decay_by_clip_and_clipping_binds_where_the_rul
         "checkpoint_every": 4,
         "log_every": 1,
     }
+    return [x for k, v in changes.items() for x in ("--set", f"{k}={v}")]
+
+
+def test_the_grid_runs_pilot_then_decay_by_clip_and_clipping_binds_where_the_rule_says(
+    tmp_path, monkeypatch
+) -> None:
+    # 8 steps are too few for logits to grow 1.5×: the floor is lowered so that the grid runs
+    monkeypatch.setattr(claim, "GROWTH_INFORMATIVE", 0.0)
     out = tmp_path / "logits"
-    sets = [x for k, v in changes.items() for x in ("--set", f"{k}={v}")]
+    sets = _tiny_sets(tmp_path)
     assert main(["repro", "logits", "--out", str(out), "--seeds", "0", "--budgets", "0,1", *sets]) == 0
 
     pilot = json.loads((out / "pilot.json").read_text())
@@ -301,3 +306,94 @@ def test_a_set_that_the_design_fixes_is_refused_in_one_line(tmp_path, capsys, ch
         and len(err.splitlines()) == 1
         and not (tmp_path / "x" / "runs").exists()
     )
+
+
+def _pilot_record(informative: bool) -> dict:
+    def run(peak: float, growth: float) -> dict:
+        return {"val_loss": 1.6, "logit_peak": peak, "logit_growth": growth}
+
+    ladder = {"0.001": run(70.0, 6.3), "0.002": run(103.1, 4.6), "0.004": run(52.0, 1.4), "0.008": None}
+    return {
+        "adamw": {"usable": 4e-3, "at_edge": False, "runs": ladder},
+        "muon": {
+            "usable": 4e-3,
+            "at_edge": False,
+            "runs": {"0.002": run(80.0, 2.0), "0.004": run(40.0, 1.1)},
+        },
+        "lr": 4e-3,
+        "tau": 26.0,
+        "muon_peak_over_tau": 40.0 / 26.0,
+        "adamw_growth": 1.4,
+        "informative": informative,
+    }
+
+
+def test_a_post_hoc_rate_runs_the_grid_there_with_tau_by_the_same_rule_and_says_so(
+    tmp_path, monkeypatch
+) -> None:
+    from qkvlab.errors import UserError
+
+    record = _pilot_record(informative=False)
+    monkeypatch.setattr(claim, "pilot", lambda *a, **k: record)
+    grids: list[tuple[str, list]] = []
+    monkeypatch.setattr(
+        claim, "_grid", lambda out, runs, settings, jobs, echo, stage: grids.append((stage, runs))
+    )
+    said: list[str] = []
+    assert claim.run_experiment(tmp_path, [0, 1, 2], echo=said.append, rate=2e-3) is True
+    ((stage, runs),) = grids
+    assert stage == "post hoc" and "post hoc" in said[-1] and "4.60×" in said[-1]
+    chosen = json.loads((tmp_path / claim.POSTHOC_FILE).read_text())
+    assert chosen["lr"] == 2e-3 and chosen["tau"] == claim.tau_from(103.1) == 52.0
+    assert chosen["muon_peak_over_tau"] == pytest.approx(80.0 / 52.0) and chosen["design_lr"] == 4e-3
+    assert len(runs) == 2 * 3 * 2 * 3  # the design's grid, whole
+    assert {r.point["lr"] for r in runs} == {2e-3} and {r.point["qk_clip"] for r in runs} == {0.0, 52.0}
+    # the same rate again resumes; another rate, a rate with no AdamW run to take τ from, or a stopped one
+    # is refused in one line, as is a post-hoc rate where the design found growth
+    assert claim.run_experiment(tmp_path, [0], echo=said.append, rate=2e-3) is True
+    for rate, why in [(1e-3, "already holds the post-hoc grid at 0.002"), (3e-3, "has no run there")]:
+        with pytest.raises(UserError, match=why):
+            claim.run_experiment(tmp_path, [0], echo=said.append, rate=rate)
+    with pytest.raises(
+        UserError, match=r"stopped on a non-finite value; accepted: one of 0\.001, 0\.002, 0\.004"
+    ):
+        claim.run_experiment(tmp_path / "other", [0], echo=said.append, rate=8e-3)
+    monkeypatch.setattr(claim, "pilot", lambda *a, **k: _pilot_record(informative=True))
+    with pytest.raises(UserError, match="runs the design's grid"):
+        claim.run_experiment(tmp_path / "grows", [0], echo=said.append, rate=2e-3)
+    assert len(grids) == 2
+    assert main(["repro", "logits", "--out", str(tmp_path / "x"), "--rate", "-1"]) == 2
+
+
+def test_a_post_hoc_summary_reads_the_grid_at_its_rate_and_labels_every_table(tmp_path) -> None:
+    record = _pilot_record(informative=False)
+    (tmp_path / "pilot.json").write_text(json.dumps(record))
+    (tmp_path / "settings.json").write_text(json.dumps(claim.shared_settings()))
+    summary = claim.aggregate(tmp_path)
+    assert summary["posthoc"] is None and claim.grid_rate(summary) == (26.0, 4e-3)
+    text = claim.tables(summary)
+    assert "Post hoc" not in text and "not run: that is the finding" in text
+    claim.posthoc(tmp_path, record, 2e-3)
+    summary = claim.aggregate(tmp_path)
+    assert claim.grid_rate(summary) == (52.0, 2e-3)
+    assert "**Post hoc.** Every table below is of the grid at lr 0.002" in claim.tables(summary)
+    assert "the design's rule chose 0.004 and ran no grid" in claim.tables(summary)
+
+
+def test_a_post_hoc_grid_runs_at_its_rate_end_to_end(tmp_path, monkeypatch) -> None:
+    monkeypatch.setattr(claim, "GROWTH_INFORMATIVE", math.inf)  # the design's rule finds no growth
+    out = tmp_path / "logits"
+    sets = _tiny_sets(tmp_path)
+    assert main(["repro", "logits", "--out", str(out), "--seeds", "0", "--budgets", "0", *sets]) == 0
+    pilot = json.loads((out / "pilot.json").read_text())
+    assert not pilot["informative"] and not (out / "runs" / "adamw,sum=0,lr=0.001,noclip,seed=0").exists()
+    rate = next(float(lr) for lr, r in pilot["adamw"]["runs"].items() if r and float(lr) != pilot["lr"])
+    args = ["repro", "logits", "--out", str(out), "--seeds", "0", "--budgets", "0", "--rate", f"{rate:g}"]
+    assert main([*args, *sets]) == 0
+    summary = json.loads((out / "summary.json").read_text())
+    tau = claim.tau_from(pilot["adamw"]["runs"][f"{rate:g}"]["logit_peak"])
+    assert summary["posthoc"]["lr"] == rate and summary["posthoc"]["tau"] == tau
+    assert {(c["optimizer"], c["lr"], c["clip"]) for c in summary["cells"]} == {
+        (o, rate, clip) for o in claim.OPTIMIZERS for clip in (0.0, tau)
+    }
+    assert all(c["seeds"] == [0] for c in summary["cells"])

@@ -81,6 +81,12 @@ verdict from the seeds that happen to be done (added before any run):
 
 If decay at Σηλ = 3 does not bring the unclipped peak down to τ, the loss cost of decay *at equal
 logit control* cannot be read off the grid, and the write-up says so.
+
+**A rate given after the pilot (``--rate``, post hoc).** Added after the pilot had run, and not part of
+the design above: ``--rate LR`` runs the same grid at LR, a rate of AdamW's pilot ladder, with τ by the
+same rule from AdamW's pilot run at LR, where the design's pilot found no growth at its common rate (a
+folder whose pilot found growth runs the design's grid and refuses it). The choice is recorded in
+``OUT/posthoc.json`` (one rate per folder), and every table of the summary says that the grid is post hoc.
 """
 
 from __future__ import annotations
@@ -103,6 +109,7 @@ __all__ = [
     "ladders_to_grow",
     "loss_jump",
     "loss_spikes",
+    "posthoc",
     "readings",
     "run_experiment",
     "tau_from",
@@ -124,6 +131,7 @@ TAIL_STEPS = 100
 RANK_FLOOR = 0.1  # a change in effective rank (of d_head = 32) smaller than this reads as none
 DECAYED_ROLES = ("q", "k")
 STOPPED_FILE = "stopped.json"
+POSTHOC_FILE = "posthoc.json"
 
 BASE: dict[str, Any] = {
     **GPT_BASE,
@@ -415,6 +423,50 @@ def pilot(out: Path, settings: dict[str, Any], jobs: int = 1, echo: Any = print)
     return record
 
 
+def posthoc(out: Path, record: dict[str, Any], lr: float) -> dict[str, Any]:
+    """The grid's rate and τ given after the pilot (``--rate``; see the module), written to
+    OUT/posthoc.json; a UserError for a rate the pilot cannot give a τ for, for a folder whose pilot found
+    growth (it runs the design's grid), or for a second rate in one folder."""
+    from qkvlab.errors import UserError
+    from qkvlab.files import write_atomic
+
+    if record["informative"]:
+        raise UserError(
+            f"--rate {lr:g}: this folder's pilot found logits that grow at the design's rate {record['lr']:g}, so "
+            "it runs the design's grid; accepted: no --rate here"
+        )
+    key = f"{lr:g}"
+    adamw = record["adamw"]["runs"]
+    if key not in adamw or adamw[key] is None:
+        finished = ", ".join(k for k, r in adamw.items() if r is not None)
+        raise UserError(
+            f"--rate {key}: τ comes from AdamW's pilot run at the grid's rate, and "
+            + ("that run stopped on a non-finite value" if key in adamw else "the pilot has no run there")
+            + f"; accepted: one of {finished}"
+        )
+    path = out / POSTHOC_FILE
+    if path.is_file():
+        earlier = json.loads(path.read_text())
+        if earlier["lr"] != lr:
+            raise UserError(
+                f"--rate {key}: {out} already holds the post-hoc grid at {earlier['lr']:g}; accepted: --rate "
+                f"{earlier['lr']:g}, or another --out"
+            )
+        return earlier
+    muon = record["muon"]["runs"].get(key)
+    tau = tau_from(adamw[key]["logit_peak"])
+    chosen = {
+        "lr": lr,
+        "tau": tau,
+        "adamw_growth": adamw[key]["logit_growth"],
+        "muon_peak_over_tau": None if muon is None else muon["logit_peak"] / tau,
+        "design_lr": record["lr"],
+        "why": "given with --rate after the pilot, where the design's rule found no logit growth (post hoc)",
+    }
+    write_atomic(path, json.dumps(chosen, indent=1))
+    return chosen
+
+
 def main_runs(pilot_record: dict[str, Any], budgets: list[float], seeds: list[int]) -> list[Run]:
     """Stage 2 at the common rate, seed by seed (an interrupted grid holds whole seeds first)."""
     tau, lr = pilot_record["tau"], pilot_record["lr"]
@@ -431,8 +483,10 @@ def run_experiment(
     changes: dict[str, Any] | None = None,
     jobs: int = 1,
     echo: Any = print,
+    rate: float | None = None,
 ) -> bool:
-    """Both stages into ``out`` (resumable); False while the pilot is unfinished (a run failed)."""
+    """Both stages into ``out`` (resumable); False while the pilot is unfinished (a run failed). ``rate``
+    runs the grid there instead, post hoc (:func:`posthoc`)."""
     from qkvlab.config import load_config
 
     refuse_design_keys(changes or {})
@@ -450,12 +504,21 @@ def run_experiment(
         )
         + f"; both run at {record['lr']:g}; τ = {record['tau']:g}"
     )
+    if rate is not None:
+        chosen = posthoc(out, record, rate)
+        echo(
+            f"post hoc (--rate): the grid runs at {rate:g} with τ = {chosen['tau']:g}, not at the design's "
+            f"{record['lr']:g}; AdamW's pilot logit growth there: "
+            + ("—" if chosen["adamw_growth"] is None else f"{chosen['adamw_growth']:.2f}×")
+        )
+        _grid(out, main_runs(chosen, list(budgets or BUDGETS), seeds), settings, jobs, echo, "post hoc")
+        return True
     if not record["informative"]:
         growth = record["adamw_growth"]
         echo(
             f"AdamW's largest logit grows {'—' if growth is None else f'{growth:.2f}×'} at that rate, below "
             f"{GROWTH_INFORMATIVE:g}×: logits do not grow here, so the study's grid is not run "
-            "(the pilot's finding is the result; see the summary)"
+            "(the pilot's finding is the result; see the summary; --rate runs it post hoc at a rate of the ladder)"
         )
         return True
     _grid(out, main_runs(record, list(budgets or BUDGETS), seeds), settings, jobs, echo, "main")
@@ -480,7 +543,9 @@ def aggregate(out: Path) -> dict[str, Any]:
         return summary
     record = json.loads(path.read_text())
     summary["pilot"] = record
-    tau, lr = record["tau"], record["lr"]
+    chosen = out / POSTHOC_FILE
+    summary["posthoc"] = json.loads(chosen.read_text()) if chosen.is_file() else None
+    tau, lr = grid_rate(summary)
     runs = load_runs(out, read_run)
     base = json.loads((out / "settings.json").read_text())["overrides"]
     budgets = sorted({float(dict(key)["budget"]) for key in runs})
@@ -522,6 +587,12 @@ def aggregate(out: Path) -> dict[str, Any]:
                 summary["cells"].append(cell)
     summary["readings"] = readings(summary["cells"], tau, lambda o, b, c: found(o, b, tau if c else 0.0))
     return summary
+
+
+def grid_rate(summary: dict[str, Any]) -> tuple[float, float]:
+    """The grid's (τ, lr): the post-hoc choice where there is one, else the design's."""
+    chosen = summary.get("posthoc") or summary["pilot"]
+    return chosen["tau"], chosen["lr"]
 
 
 def _measure(results: dict[int, dict[str, Any]], name: str) -> dict[int, float]:
@@ -729,6 +800,23 @@ def tables(summary: dict[str, Any]) -> str:
         ),
     ]
     cells = summary["cells"]
+    tau, lr = grid_rate(summary)
+    chosen = summary.get("posthoc")
+    if chosen is not None:
+        growth = chosen["adamw_growth"]
+        lines += [
+            "",
+            f"**Post hoc.** Every table below is of the grid at lr {lr:g}, given with `--rate` after the pilot "
+            f"(the design's rule chose {chosen['design_lr']:g} and ran no grid): τ = {tau:g}, half of AdamW's "
+            "largest pilot logit at that rate, where AdamW's pilot logit growth is "
+            + ("—" if growth is None else f"{growth:.2f}×")
+            + (
+                ""
+                if chosen["muon_peak_over_tau"] is None
+                else f" and Muon's pilot peaks at {chosen['muon_peak_over_tau']:.2f} τ"
+            )
+            + ".",
+        ]
     if not cells:
         return "\n".join(lines)
 
@@ -839,7 +927,7 @@ def tables(summary: dict[str, Any]) -> str:
         ),
         (
             "needs clipping",
-            f"Without the clip, does an optimiser pass τ = {record['tau']:g} (on at least 2 of 3 seeds, a stop counted as passing)?",
+            f"Without the clip, does an optimiser pass τ = {tau:g} (on at least 2 of 3 seeds, a stop counted as passing)?",
             ["Σηλ", *OPTIMIZERS, "reading"],
             lambda r: [
                 f"{r['budget']:g}",
@@ -891,6 +979,14 @@ def _arguments(parser: Any) -> None:
         default=",".join(f"{b:g}" for b in BUDGETS),
         help="Σₜ η_t λ_t on the attention matrices (default %(default)s)",
     )
+    parser.add_argument(
+        "--rate",
+        type=float,
+        default=None,
+        metavar="LR",
+        help="post hoc: where the pilot found no logit growth at the design's rate, run the grid at LR, a rate "
+        "of AdamW's pilot ladder (τ by the same rule); recorded in OUT/posthoc.json, labelled in every table",
+    )
 
 
 def _main(args: Any) -> int:
@@ -901,8 +997,10 @@ def _main(args: Any) -> int:
     if SELECT_SEED in seeds:
         raise UserError(f"seed {SELECT_SEED} is the pilot's; accepted: --seeds without it")
     budgets = nonnegative_list(args.budgets, "--budgets")
+    if args.rate is not None and not (math.isfinite(args.rate) and args.rate > 0):
+        raise UserError(f"--rate {args.rate:g}; accepted: a learning rate of the pilot's ladder, > 0")
     if not args.summary_only:
-        run_experiment(out, seeds, budgets=budgets, changes=changes, jobs=args.jobs)
+        run_experiment(out, seeds, budgets=budgets, changes=changes, jobs=args.jobs, rate=args.rate)
     return finish(out, args.plot)
 
 

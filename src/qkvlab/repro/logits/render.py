@@ -21,7 +21,8 @@ def plot_logits(summary: dict[str, Any], folder: Path) -> list[Path]:
     folder.mkdir(parents=True, exist_ok=True)
     optimizers = list(dict.fromkeys(c["optimizer"] for c in cells))
     budgets = sorted({c["budget"] for c in cells})
-    tau = summary["pilot"]["tau"]
+    tau = (summary.get("posthoc") or summary["pilot"])["tau"]
+    posthoc = f" (post hoc: lr {summary['posthoc']['lr']:g})" if summary.get("posthoc") else ""
     colours = {b: f"C{i}" for i, b in enumerate(budgets)}
     written = []
 
@@ -38,7 +39,7 @@ def plot_logits(summary: dict[str, Any], folder: Path) -> list[Path]:
         ax.axhline(tau, color="grey", ls=":", lw=1, label=f"τ = {tau:g}")
         ax.set_xlabel("step")
         ax.set_ylabel("largest logit of any head (q·k/√d_head)")
-        ax.set_title(f"{optimizer}: mean ± std over seeds")
+        ax.set_title(f"{optimizer}: mean ± std over seeds" + posthoc)
         ax.grid(alpha=0.3)
         ax.legend(fontsize=7)
     written.append(save(fig, folder / "largest_logit_over_training.png"))
