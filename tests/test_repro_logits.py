@@ -104,6 +104,7 @@ def test_the_grid_runs_pilot_then_decay_by_clip_and_clipping_binds_where_the_rul
 
     config = json.loads((run_dir("muon", 1.0, pilot["tau"]) / "config.json").read_text())
     assert config["optimizer"] == "muon" and config["qk_clip"] == pilot["tau"] and config["logit_every"] == 1
+    assert config["muon_ns_dtype"] == "float32"  # the design's, for cost on CPUs without native bfloat16
     decays = {role: config["overrides"][role]["weight_decay"] for role in ("q", "k", "v", "o", "embed")}
     assert decays["q"] == decays["k"] > 0 and decays["v"] == decays["o"] == decays["embed"] == 0
     # every step of an unclipped run is measured as a clipped run's is: the peak is the largest logged
