@@ -363,7 +363,30 @@ def test_a_post_hoc_rate_runs_the_grid_there_with_tau_by_the_same_rule_and_says_
     with pytest.raises(UserError, match="runs the design's grid"):
         claim.run_experiment(tmp_path / "grows", [0], echo=said.append, rate=2e-3)
     assert len(grids) == 2
-    assert main(["repro", "logits", "--out", str(tmp_path / "x"), "--rate", "-1"]) == 2
+    for bad in ("-1", "nan", "fast"):
+        assert main(["repro", "logits", "--out", str(tmp_path / "x"), "--rate", bad]) == 2
+
+
+def test_rate_growing_is_the_largest_ladder_rate_whose_adamw_logits_grow_by_the_designs_floor(
+    tmp_path,
+) -> None:
+    from qkvlab.errors import UserError
+
+    record = _pilot_record(informative=False)  # growth 6.3×, 4.6×, 1.4× at 1, 2, 4e-3; 8e-3 stopped
+    assert claim.growing_rate(record) == 2e-3
+    chosen = claim.posthoc(tmp_path, record, "growing")
+    assert chosen["lr"] == 2e-3 and chosen["tau"] == 52.0 and "grow at least 1.5×" in chosen["rule"]
+    assert claim.posthoc(tmp_path, record, "growing") == chosen  # resumes
+    assert "grow at least 1.5×" in claim.tables(
+        claim.aggregate(tmp_path) | {"pilot": record, "posthoc": chosen}
+    )
+    flat = record | {
+        "adamw": record["adamw"]
+        | {"runs": {"0.001": {"val_loss": 1.6, "logit_peak": 9.0, "logit_growth": 1.2}}}
+    }
+    assert claim.growing_rate(flat) is None
+    with pytest.raises(UserError, match="no rate of AdamW's pilot ladder has logits that grow"):
+        claim.posthoc(tmp_path / "flat", flat, "growing")
 
 
 def test_a_post_hoc_summary_reads_the_grid_at_its_rate_and_labels_every_table(tmp_path) -> None:

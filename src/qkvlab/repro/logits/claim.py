@@ -94,6 +94,9 @@ the design above: ``--rate LR`` runs the same grid at LR, a rate of AdamW's pilo
 same rule from AdamW's pilot run at LR, where the design's pilot found no growth at its common rate (a
 folder whose pilot found growth runs the design's grid and refuses it). The choice is recorded in
 ``OUT/posthoc.json`` (one rate per folder), and every table of the summary says that the grid is post hoc.
+``--rate growing`` names the rule stated before that grid ran: the largest rate of AdamW's pilot ladder
+whose logits grow at least 1.5× (``GROWTH_INFORMATIVE``, the design's own floor), which is the issue's "a
+learning rate high enough that logits grow".
 """
 
 from __future__ import annotations
@@ -113,6 +116,7 @@ from qkvlab.repro.registry import Experiment, register
 __all__ = [
     "OPTIMIZERS",
     "choose_lr",
+    "growing_rate",
     "ladders_to_grow",
     "loss_jump",
     "loss_spikes",
@@ -431,13 +435,36 @@ def pilot(out: Path, settings: dict[str, Any], jobs: int = 1, echo: Any = print)
     return record
 
 
-def posthoc(out: Path, record: dict[str, Any], lr: float) -> dict[str, Any]:
+def growing_rate(record: dict[str, Any]) -> float | None:
+    """The largest rate of AdamW's pilot ladder whose logits grow at least GROWTH_INFORMATIVE× (finished
+    runs only), or None."""
+    rates = [
+        float(lr)
+        for lr, r in record["adamw"]["runs"].items()
+        if r is not None and r["logit_growth"] is not None and r["logit_growth"] >= GROWTH_INFORMATIVE
+    ]
+    return max(rates, default=None)
+
+
+def posthoc(out: Path, record: dict[str, Any], lr: float | str) -> dict[str, Any]:
     """The grid's rate and τ given after the pilot (``--rate``; see the module), written to
-    OUT/posthoc.json; a UserError for a rate the pilot cannot give a τ for, for a folder whose pilot found
-    growth (it runs the design's grid), or for a second rate in one folder."""
+    OUT/posthoc.json; ``lr="growing"`` is :func:`growing_rate`. A UserError for a rate the pilot cannot give
+    a τ for, for a folder whose pilot found growth (it runs the design's grid), or for a second rate in one
+    folder."""
     from qkvlab.errors import UserError
     from qkvlab.files import write_atomic
 
+    rule = None
+    if lr == "growing":
+        rule = f"the largest rate of AdamW's pilot ladder whose logits grow at least {GROWTH_INFORMATIVE:g}×"
+        found = growing_rate(record)
+        if found is None:
+            raise UserError(
+                f"--rate growing: no rate of AdamW's pilot ladder has logits that grow {GROWTH_INFORMATIVE:g}× or "
+                "more; accepted: a rate of the ladder"
+            )
+        lr = found
+    lr = float(lr)
     if record["informative"]:
         raise UserError(
             f"--rate {lr:g}: this folder's pilot found logits that grow at the design's rate {record['lr']:g}, so "
@@ -470,6 +497,7 @@ def posthoc(out: Path, record: dict[str, Any], lr: float) -> dict[str, Any]:
         "muon_peak_over_tau": None if muon is None else muon["logit_peak"] / tau,
         "design_lr": record["lr"],
         "why": "given with --rate after the pilot, where the design's rule found no logit growth (post hoc)",
+        "rule": rule,
     }
     write_atomic(path, json.dumps(chosen, indent=1))
     return chosen
@@ -491,7 +519,7 @@ def run_experiment(
     changes: dict[str, Any] | None = None,
     jobs: int = 1,
     echo: Any = print,
-    rate: float | None = None,
+    rate: float | str | None = None,
 ) -> bool:
     """Both stages into ``out`` (resumable); False while the pilot is unfinished (a run failed). ``rate``
     runs the grid there instead, post hoc (:func:`posthoc`)."""
@@ -515,7 +543,9 @@ def run_experiment(
     if rate is not None:
         chosen = posthoc(out, record, rate)
         echo(
-            f"post hoc (--rate): the grid runs at {rate:g} with τ = {chosen['tau']:g}, not at the design's "
+            f"post hoc (--rate): the grid runs at {chosen['lr']:g}"
+            + (f" ({chosen['rule']})" if chosen.get("rule") else "")
+            + f" with τ = {chosen['tau']:g}, not at the design's "
             f"{record['lr']:g}; AdamW's pilot logit growth there: "
             + ("—" if chosen["adamw_growth"] is None else f"{chosen['adamw_growth']:.2f}×")
         )
@@ -814,7 +844,9 @@ def tables(summary: dict[str, Any]) -> str:
         growth = chosen["adamw_growth"]
         lines += [
             "",
-            f"**Post hoc.** Every table below is of the grid at lr {lr:g}, given with `--rate` after the pilot "
+            f"**Post hoc.** Every table below is of the grid at lr {lr:g}"
+            + (f", {chosen['rule']}," if chosen.get("rule") else "")
+            + " given with `--rate` after the pilot "
             f"(the design's rule chose {chosen['design_lr']:g} and ran no grid): τ = {tau:g}, half of AdamW's "
             "largest pilot logit at that rate, where AdamW's pilot logit growth is "
             + ("—" if growth is None else f"{growth:.2f}×")
@@ -989,11 +1021,11 @@ def _arguments(parser: Any) -> None:
     )
     parser.add_argument(
         "--rate",
-        type=float,
         default=None,
         metavar="LR",
         help="post hoc: where the pilot found no logit growth at the design's rate, run the grid at LR, a rate "
-        "of AdamW's pilot ladder (τ by the same rule); recorded in OUT/posthoc.json, labelled in every table",
+        "of AdamW's pilot ladder (τ by the same rule), or 'growing': the largest such rate whose logits grow "
+        f"{GROWTH_INFORMATIVE:g}× or more; recorded in OUT/posthoc.json, labelled in every table",
     )
 
 
@@ -1005,10 +1037,18 @@ def _main(args: Any) -> int:
     if SELECT_SEED in seeds:
         raise UserError(f"seed {SELECT_SEED} is the pilot's; accepted: --seeds without it")
     budgets = nonnegative_list(args.budgets, "--budgets")
-    if args.rate is not None and not (math.isfinite(args.rate) and args.rate > 0):
-        raise UserError(f"--rate {args.rate:g}; accepted: a learning rate of the pilot's ladder, > 0")
+    rate = args.rate
+    if rate is not None and rate != "growing":
+        try:
+            rate = float(rate)
+        except ValueError:
+            rate = math.nan
+        if not (math.isfinite(rate) and rate > 0):
+            raise UserError(
+                f"--rate {args.rate}; accepted: a learning rate of the pilot's ladder (> 0), or 'growing'"
+            )
     if not args.summary_only:
-        run_experiment(out, seeds, budgets=budgets, changes=changes, jobs=args.jobs, rate=args.rate)
+        run_experiment(out, seeds, budgets=budgets, changes=changes, jobs=args.jobs, rate=rate)
     return finish(out, args.plot)
 
 
