@@ -13,6 +13,7 @@ def plot_logits(summary: dict[str, Any], folder: Path) -> list[Path]:
     steps, mean ± std over seeds, τ dotted) and ``logits_per_head.png`` (every head of every layer, one
     seed, a panel per cell)."""
     from qkvlab.report.figures import pyplot, save
+    from qkvlab.repro.logits.claim import grid_rate
 
     cells = [c for c in summary["cells"] if c.get("trajectory")]
     if not cells:
@@ -21,8 +22,8 @@ def plot_logits(summary: dict[str, Any], folder: Path) -> list[Path]:
     folder.mkdir(parents=True, exist_ok=True)
     optimizers = list(dict.fromkeys(c["optimizer"] for c in cells))
     budgets = sorted({c["budget"] for c in cells})
-    tau = (summary.get("posthoc") or summary["pilot"])["tau"]
-    posthoc = f" (post hoc: lr {summary['posthoc']['lr']:g})" if summary.get("posthoc") else ""
+    tau, lr = grid_rate(summary)
+    posthoc = f" (post hoc: lr {lr:g})" if summary.get("posthoc") else ""
     colours = {b: f"C{i}" for i, b in enumerate(budgets)}
     written = []
 
