@@ -1004,7 +1004,7 @@ def finish(out: Path, plot: str | None) -> int:
     summary = aggregate(out)
     from qkvlab.repro.logits.render import plot_logits
 
-    return publish(out, summary, tables(summary), plot, plot_logits)
+    return publish(out, summary, tables(summary), plot, lambda s, f: plot_logits(s, f, *grid_rate(s)))
 
 
 # -- `qkvlab repro logits` -----------------------------------------------------------------------

@@ -8,12 +8,11 @@ from typing import Any
 __all__ = ["plot_logits"]
 
 
-def plot_logits(summary: dict[str, Any], folder: Path) -> list[Path]:
+def plot_logits(summary: dict[str, Any], folder: Path, tau: float, lr: float) -> list[Path]:
     """``largest_logit_over_training.png`` (per optimiser: each cell's largest logit of any head per 10
     steps, mean ± std over seeds, τ dotted) and ``logits_per_head.png`` (every head of every layer, one
-    seed, a panel per cell)."""
+    seed, a panel per cell). ``tau`` and ``lr`` are the grid's, from ``claim.grid_rate``."""
     from qkvlab.report.figures import pyplot, save
-    from qkvlab.repro.logits.claim import grid_rate
 
     cells = [c for c in summary["cells"] if c.get("trajectory")]
     if not cells:
@@ -22,7 +21,6 @@ def plot_logits(summary: dict[str, Any], folder: Path) -> list[Path]:
     folder.mkdir(parents=True, exist_ok=True)
     optimizers = list(dict.fromkeys(c["optimizer"] for c in cells))
     budgets = sorted({c["budget"] for c in cells})
-    tau, lr = grid_rate(summary)
     posthoc = f" (post hoc: lr {lr:g})" if summary.get("posthoc") else ""
     colours = {b: f"C{i}" for i, b in enumerate(budgets)}
     written = []
