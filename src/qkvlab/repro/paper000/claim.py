@@ -566,10 +566,23 @@ def decouple_contrasts(numbers: dict[tuple, dict[int, dict[str, Any]]]) -> list[
 
 
 def _balance(runs: dict[int, dict[str, Any]]) -> dict[str, Any]:
-    """Paper 000's Fig. 2 in numbers: how far apart the factors' Gram norms are, at init and at the end.
+    """Paper 000's Fig. 2 in numbers: how far from balanced the factors are, at init and at the end.
 
-    Per product, mean over layers of |‖AᵀA‖_F − ‖BᵀB‖_F| / (½(‖AᵀA‖_F + ‖BᵀB‖_F)) (0 when balanced),
-    mean ± std over the seeds whose runs recorded the Gram norms (older runs did not), listed in "seeds".
+    Per product and layer, with A_h, B_h head h's factors (W_K, W_Q for QK; P, W_V for OV) and ⟨·⟩ the
+    mean over the layer's heads:
+
+    - ``{product}_init`` / ``{product}_end``: the relative imbalance ⟨‖A_hᵀA_h − B_hᵀB_h‖_F⟩ /
+      ½(⟨‖A_hᵀA_h‖_F⟩ + ⟨‖B_hᵀB_h‖_F⟩), the quantity that gradient flow with weight decay λ shrinks as
+      e^(−2λt) (0 when balanced);
+    - ``{product}_norm_init`` / ``{product}_norm_end``: the Gram-norm mismatch |⟨‖A_hᵀA_h‖_F⟩ −
+      ⟨‖B_hᵀB_h‖_F⟩| / the same mean, which only asks whether the two factors have equal size. It is a
+      lower bound of the imbalance (‖X − Y‖ ≥ |‖X‖ − ‖Y‖|), and can be 0 for factors far from balance;
+    - ``{product}_ratio``: ⟨‖A_hᵀA_h − B_hᵀB_h‖_F⟩ at the end over the same at init, the theorem's own
+      test, not relative to the factors' size: gradient flow keeps it at 1 without decay (the loss's
+      gradient conserves A_hᵀA_h − B_hᵀB_h) and brings it to e^(−2Σηλ) with decay.
+
+    Each is the mean over layers, then mean ± std over the seeds whose runs recorded the Gram norms (older
+    runs did not), listed in "seeds".
     """
     from qkvlab.grid.runner import mean_std
 
@@ -577,15 +590,39 @@ def _balance(runs: dict[int, dict[str, Any]]) -> dict[str, Any]:
     if not runs:
         return {}
 
-    def relative(record: dict[str, Any], product: str) -> float:
-        pairs = zip(record[product]["left_gram"], record[product]["right_gram"], strict=True)
-        return _model_mean([abs(a - b) / (0.5 * (a + b)) if a + b > 0 else 0.0 for a, b in pairs])
+    def relative(record: dict[str, Any], product: str, norm_only: bool) -> float:
+        layers = zip(
+            record[product]["left_gram"],
+            record[product]["right_gram"],
+            record[product]["imbalance"],
+            strict=True,
+        )
+        return _model_mean(
+            [
+                (abs(a - b) if norm_only else imbalance) / (0.5 * (a + b)) if a + b > 0 else 0.0
+                for a, b, imbalance in layers
+            ]
+        )
+
+    def ratio(run: dict[str, Any], product: str) -> float:
+        pairs = zip(
+            run["trajectory"][0][product]["imbalance"],
+            run["trajectory"][-1][product]["imbalance"],
+            strict=True,
+        )
+        return _model_mean([end / start if start > 0 else math.inf for start, end in pairs])
 
     out: dict[str, Any] = {"seeds": sorted(runs)}
     for product in PRODUCTS:
-        out[f"{product}_end"] = mean_std(relative(r["trajectory"][-1], product) for r in runs.values())
-        starts = [relative(r["trajectory"][0], product) for r in runs.values() if r["steps"][0] == 0]
-        out[f"{product}_init"] = mean_std(starts) if starts else None
+        ratios = [ratio(r, product) for r in runs.values() if r["steps"][0] == 0]
+        out[f"{product}_ratio"] = mean_std(ratios) if ratios else None
+        for suffix, norm_only in (("", False), ("_norm", True)):
+            ends = [relative(r["trajectory"][-1], product, norm_only) for r in runs.values()]
+            out[f"{product}{suffix}_end"] = mean_std(ends)
+            starts = [
+                relative(r["trajectory"][0], product, norm_only) for r in runs.values() if r["steps"][0] == 0
+            ]
+            out[f"{product}{suffix}_init"] = mean_std(starts) if starts else None
     return out
 
 

@@ -57,15 +57,18 @@ def _early_table(cells: list[dict[str, Any]]) -> list[str]:
 
 
 def _balance_table(cells: list[dict[str, Any]]) -> list[str]:
-    """Fig. 2: relative difference of the two factors' Gram norms, at the initialisation and at the end."""
+    """Fig. 2: the factors' relative imbalance and Gram-norm mismatch, at the initialisation and at the end."""
     rows = [c for c in cells if c.get("balance")]
     if not rows:
         return []
     lines = [
         "",
-        "Factor balance (paper 000, Fig. 2): |‖AᵀA‖_F − ‖BᵀB‖_F| / mean of the two, per head, mean over heads "
-        "and layers, mean ± std over the seeds that recorded it (0 = balanced; A, B = W_K, W_Q for QK and P, W_V "
-        "for OV). e^(−2Σηλ) is the factor by which gradient flow with this decay shrinks ‖AᵀA − BᵀB‖_F.",
+        "Factor balance (paper 000, Fig. 2). A, B = W_K, W_Q for QK and P, W_V for OV; ⟨·⟩ is the mean over a "
+        "layer's heads; every number is the mean over layers, then mean ± std over the seeds that recorded it. "
+        "end/init: ⟨‖AᵀA − BᵀB‖_F⟩ at the end over at init, which gradient flow keeps at 1 without decay and "
+        "brings to e^(−2Σηλ) with it. relative: ⟨‖AᵀA − BᵀB‖_F⟩ / ½(⟨‖AᵀA‖_F⟩ + ⟨‖BᵀB‖_F⟩), init → end (0 = "
+        "balanced), and in brackets the Gram-norm mismatch |⟨‖AᵀA‖_F⟩ − ⟨‖BᵀB‖_F⟩| / the same mean at the end, "
+        "which asks only whether the two factors are the same size (a lower bound of the relative imbalance).",
         "",
     ]
     headers = [
@@ -73,26 +76,29 @@ def _balance_table(cells: list[dict[str, Any]]) -> list[str]:
         "Σηλ_attn",
         "seeds",
         "e^(−2Σηλ)",
-        "QK at init",
-        "QK at end",
-        "OV at init",
-        "OV at end",
+        "QK end/init",
+        "OV end/init",
+        "QK relative",
+        "OV relative",
     ]
-    table = []
-    for c in rows:
-        b = c["balance"]
-        table.append(
-            [
-                f"{c['attn_weight_decay']:g}",
-                f"{c['eta_lambda_attn']:.3g}",
-                len(b["seeds"]),
-                f"{math.exp(-2 * c['eta_lambda_attn']):.3g}",
-                pm(b["qk_init"], 3),
-                pm(b["qk_end"], 3),
-                pm(b["ov_init"], 3),
-                pm(b["ov_end"], 3),
-            ]
-        )
+
+    def relative(b: dict[str, Any], product: str) -> str:
+        start = pm(b[f"{product}_init"], 3)
+        return f"{start} → {pm(b[f'{product}_end'], 3)} ({pm(b[f'{product}_norm_end'], 3)})"
+
+    table = [
+        [
+            f"{c['attn_weight_decay']:g}",
+            f"{c['eta_lambda_attn']:.3g}",
+            len(c["balance"]["seeds"]),
+            f"{math.exp(-2 * c['eta_lambda_attn']):.3g}",
+            pm(c["balance"]["qk_ratio"], 3),
+            pm(c["balance"]["ov_ratio"], 3),
+            relative(c["balance"], "qk"),
+            relative(c["balance"], "ov"),
+        ]
+        for c in rows
+    ]
     return lines + markdown_table(headers, table)
 
 
