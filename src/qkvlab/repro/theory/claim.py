@@ -181,8 +181,10 @@ def run_toy(settings: TheorySettings, rotated: bool = False) -> dict[str, Any]:
         "gap_decay_rate_measured_std": [],
         "gap_decay_rate_predicted": [predicted_gap_rate(TOY_TARGET, x) for x in lambdas],
         "gap_decay_rate_predicted_discrete": [predicted_gap_rate(TOY_TARGET, x, eta) for x in lambdas],
-        "fit_window": [],
+        "fit_window": [],  # seed 0's, the one the figure draws
         "gap_fit_window": [],
+        "fit_windows_per_seed": [],
+        "gap_fit_windows_per_seed": [],
         "imbalance_relative_drift": [],
         "final_relative_gap": [],
         "balanced_max_product_error": float((balanced.full() - traj.left @ traj.right.mT).abs().max()),
@@ -210,6 +212,8 @@ def run_toy(settings: TheorySettings, rotated: bool = False) -> dict[str, Any]:
         out["imbalance_relative_drift"].append(None if x > 0 else _mean_std(drift[rows].tolist())[0])
         out["fit_window"].append(_window(imb_fits[i][0]) if x > 0 else None)
         out["gap_fit_window"].append(_window(gap_fits[i][0]) if x > 0 else None)
+        out["fit_windows_per_seed"].append([_window(f) for f in imb_fits[i]] if x > 0 else None)
+        out["gap_fit_windows_per_seed"].append([_window(f) for f in gap_fits[i]] if x > 0 else None)
         out["final_relative_gap"].append(_mean_std(relative_gap[rows].tolist())[0])
     return out
 

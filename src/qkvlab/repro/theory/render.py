@@ -188,7 +188,8 @@ def theory_tables(result: dict[str, Any]) -> str:
         blocks.append(
             "Rates: least-squares slope of ln(curve) against t over the last 40% of the decades the curve falls "
             "before float64 rounding (1e-13 of ½(‖A‖²+‖B‖²) for the imbalance; 1e-26 for the gap, computed as a "
-            "sum of squares); the JSON keeps each window and the slopes of its two halves."
+            "sum of squares); the JSON keeps every seed's window and the slopes of its two halves "
+            "(fit_windows_per_seed; the figure draws seed 0's)."
         )
         blocks.append(_toy_table(result, with_values=True))
     if "rotated" in result:
