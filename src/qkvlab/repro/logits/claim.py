@@ -1039,11 +1039,13 @@ def _main(args: Any) -> int:
     budgets = nonnegative_list(args.budgets, "--budgets")
     rate = args.rate
     if rate is not None and rate != "growing":
+        from qkvlab.args import POSITIVE
+
         try:
             rate = float(rate)
         except ValueError:
             rate = math.nan
-        if not (math.isfinite(rate) and rate > 0):
+        if not POSITIVE[0](rate):
             raise UserError(
                 f"--rate {args.rate}; accepted: a learning rate of the pilot's ladder (> 0), or 'growing'"
             )
