@@ -19,7 +19,14 @@ import torch
 import transformers as tf
 from peft import LoraConfig, get_peft_model
 
-from qkvlab.finetune import load_labelled, model_path, target_modules
+from qkvlab.finetune import (
+    load_kwargs,
+    load_labelled,
+    model_path,
+    pad_like_decoders,
+    plain_model,
+    target_modules,
+)
 from qkvlab.finetune.metrics import classification_metrics, regression_metrics
 from qkvlab.hf import SpectraCallback, create_optimizer
 
@@ -53,9 +60,13 @@ def main(argv: list[str] | None = None) -> tf.Trainer:
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
     data = load_labelled(args.data)
-    path = model_path(args.model)
-    tokenizer = tf.AutoTokenizer.from_pretrained(path)
-    model = tf.AutoModelForSequenceClassification.from_pretrained(path, num_labels=data.num_labels)
+    folder, source = load_kwargs(model_path(args.model))  # a HF folder, or a GGUF file (smollm2-135m …)
+    tokenizer = tf.AutoTokenizer.from_pretrained(folder, gguf_file=source.get("gguf_file"))
+    model = tf.AutoModelForSequenceClassification.from_pretrained(
+        folder, num_labels=data.num_labels, **source
+    )
+    model = plain_model(model)  # a GGUF checkpoint's dequantised model, made an ordinary (saveable) one
+    pad_like_decoders(tokenizer, model)  # decoders ship no pad token: pad with EOS
     # LoRA on the q and v projections, whatever this architecture calls them (query/value, q_proj/v_proj, …)
     modules = target_modules(model, {"q", "v"})
     model = get_peft_model(model, LoraConfig(r=8, lora_alpha=16, target_modules=modules, task_type="SEQ_CLS"))

@@ -262,3 +262,83 @@ def tiny_gqa_llama(seed: int = 0, heads: int = 4, kv_heads: int = 2, d_model: in
         head_dim=d_head,
     )
     return tf.LlamaForCausalLM(config)
+
+
+def _byte_alphabet() -> list[str]:
+    """GPT-2's byte-level alphabet: the 256 characters a byte-level BPE vocabulary spells bytes with."""
+    printable = [
+        *range(ord("!"), ord("~") + 1),
+        *range(ord("¡"), ord("¬") + 1),
+        *range(ord("®"), ord("ÿ") + 1),
+    ]
+    codes, extra = {b: b for b in printable}, 0
+    for byte in range(256):
+        if byte not in codes:
+            codes[byte], extra = 256 + extra, extra + 1
+    return [chr(codes[byte]) for byte in range(256)]
+
+
+def write_tiny_gguf_llama(path: Path, seed: int = 0):  # type: ignore[no-untyped-def]
+    """``tiny_gqa_llama`` written as llama.cpp's converter writes a LLaMA: a whole GGUF file with the
+    model's metadata, float32 tensors under llama.cpp's names (q and k rows permuted) and a byte-level
+    BPE tokenizer (SmolLM2's kind) whose only special token, ``<|endoftext|>``, is BOS and EOS with no
+    pad token. Returns the HF model it was written from."""
+    import gguf
+    import numpy as np
+
+    heads, kv_heads, d_head = 4, 2, 8
+    tokens = ["<|endoftext|>", *_byte_alphabet(), "he", "ll"]
+    model = tiny_gqa_llama(seed, heads, kv_heads, 32, d_head)
+    model.resize_token_embeddings(len(tokens))
+
+    def permute(weight: np.ndarray, n: int) -> np.ndarray:  # llama.cpp's LlamaModel.permute
+        return weight.reshape(n, 2, weight.shape[0] // n // 2, -1).swapaxes(1, 2).reshape(weight.shape)
+
+    state = {k: v.detach().numpy() for k, v in model.state_dict().items()}
+    tensors = {
+        "token_embd.weight": state["model.embed_tokens.weight"],
+        "output_norm.weight": state["model.norm.weight"],
+        "output.weight": state["lm_head.weight"],
+    }
+    names = {
+        "attn_v": "self_attn.v_proj",
+        "attn_output": "self_attn.o_proj",
+        "attn_norm": "input_layernorm",
+        "ffn_norm": "post_attention_layernorm",
+        "ffn_gate": "mlp.gate_proj",
+        "ffn_up": "mlp.up_proj",
+        "ffn_down": "mlp.down_proj",
+    }
+    for i in range(model.config.num_hidden_layers):
+        hf = f"model.layers.{i}."
+        tensors[f"blk.{i}.attn_q.weight"] = permute(state[hf + "self_attn.q_proj.weight"], heads)
+        tensors[f"blk.{i}.attn_k.weight"] = permute(state[hf + "self_attn.k_proj.weight"], kv_heads)
+        for ours, theirs in names.items():
+            tensors[f"blk.{i}.{ours}.weight"] = state[hf + theirs + ".weight"]
+    writer = gguf.GGUFWriter(str(path), "llama")
+    writer.add_block_count(model.config.num_hidden_layers)
+    writer.add_head_count(heads)
+    writer.add_head_count_kv(kv_heads)
+    writer.add_embedding_length(32)
+    writer.add_key_length(d_head)
+    writer.add_value_length(d_head)
+    writer.add_context_length(64)
+    writer.add_feed_forward_length(model.config.intermediate_size)
+    writer.add_layer_norm_rms_eps(model.config.rms_norm_eps)
+    writer.add_rope_dimension_count(d_head)
+    writer.add_rope_freq_base(10000.0)
+    writer.add_vocab_size(len(tokens))
+    writer.add_tokenizer_model("gpt2")
+    writer.add_tokenizer_pre("default")
+    writer.add_token_list(tokens)
+    writer.add_token_types([gguf.TokenType.CONTROL, *[gguf.TokenType.NORMAL] * (len(tokens) - 1)])
+    writer.add_token_merges(["h e", "l l"])
+    writer.add_bos_token_id(0)
+    writer.add_eos_token_id(0)
+    for name, array in tensors.items():
+        writer.add_tensor(name, np.ascontiguousarray(array, dtype=np.float32))
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+    return model

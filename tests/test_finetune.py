@@ -429,3 +429,66 @@ def test_every_family_fine_tunes_q_v_and_its_head(kind, method, tiny_bert, tiny_
         assert result["lora_modules"] and all(
             m.endswith(("q", "v", "q_proj", "v_proj", "q_lin", "v_lin")) for m in result["lora_modules"]
         )
+
+
+@pytest.mark.parametrize("method", ["full", "lora"])
+def test_a_gguf_decoder_fine_tunes_q_v_with_its_own_tokenizer_padded_with_eos(
+    method, tiny_csv, tmp_path, capsys
+) -> None:
+    """A LLaMA GGUF (q and k permuted as llama.cpp writes them; a byte-level tokenizer with no pad token,
+    as SmolLM2's) fine-tunes as a HF folder does: its tokenizer comes from the file, batches pad with EOS,
+    exactly q, v and the head train, and the saved model is the file's model with only q and v moved."""
+    from conftest import write_tiny_gguf_llama
+
+    original = write_tiny_gguf_llama(tmp_path / "tiny.gguf")
+    result = finetune(
+        _config(tmp_path / "tiny.gguf", tiny_csv, tmp_path, method=method, rank=2, save_model=True),
+        progress=False,
+    )
+    assert "GGUF tensors" not in capsys.readouterr().err  # quiet: not even transformers' GGUF bar
+    assert result["checkpoint"] == "gguf" and result["pad_token_added"] == "<|endoftext|>"
+    assert {g["role"] for g in result["groups"]} == {"q", "v", "head"}
+    saved = tf.LlamaForSequenceClassification.from_pretrained(
+        tmp_path / "run" / "model", use_safetensors=True
+    )
+    for mine, theirs in zip(saved.model.layers, original.model.layers, strict=True):
+        # k came back un-permuted and untouched; q and v moved
+        assert torch.equal(mine.self_attn.k_proj.weight, theirs.self_attn.k_proj.weight)
+        assert not torch.equal(mine.self_attn.q_proj.weight, theirs.self_attn.q_proj.weight)
+        assert not torch.equal(mine.self_attn.v_proj.weight, theirs.self_attn.v_proj.weight)
+    # padded with EOS, the classifier reads each text's own last token: a short text scores the same
+    # alone and beside a longer one
+    tokenizer = tf.AutoTokenizer.from_pretrained(tmp_path / "run" / "model")
+    saved.eval()
+    with torch.no_grad():
+        both = saved(
+            **tokenizer(["good film", "a long and rather dull film"], padding=True, return_tensors="pt")
+        )
+        alone = saved(**tokenizer(["good film"], return_tensors="pt"))
+    torch.testing.assert_close(both.logits[0], alone.logits[0], rtol=1e-5, atol=1e-5)
+
+
+def test_a_gguf_transformers_cannot_load_is_one_line_exit_2(tiny_csv, tmp_path, capsys) -> None:
+    import gguf
+    import numpy as np
+
+    writer = gguf.GGUFWriter(str(tmp_path / "rwkv.gguf"), "rwkv6")
+    writer.add_tensor("blk.0.time_mix_key.weight", np.ones((4, 4), np.float32))
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+    rc = main(
+        [
+            "finetune",
+            "--model",
+            str(tmp_path / "rwkv.gguf"),
+            "--data",
+            f"csv:{tiny_csv}",
+            "--quiet",
+            "--no-save",
+        ]
+    )
+    err = capsys.readouterr().err
+    assert rc == 2 and len(err.strip().splitlines()) == 1, err
+    assert "architecture 'rwkv6', which transformers cannot load" in err and "llama" in err

@@ -193,7 +193,8 @@ def _build_parser() -> argparse.ArgumentParser:
     ft.add_argument(
         "--model",
         default="minilm",
-        help="a packaged name (minilm, mpnet), a local HF model folder, or a cached Hub name",
+        help="a packaged name (minilm, mpnet, or the GGUF decoders smollm2-135m, gemma3-270m, qwen2.5-0.5b), "
+        "a local HF model folder, a .gguf file, or a cached Hub name",
     )
     ft.add_argument(
         "--data", default="rotten-tomatoes", help="; ".join(f"{k}: {v}" for k, v in FINETUNE_DATA.items())

@@ -26,7 +26,15 @@ from qkvlab.finetune.data import LabelledData, load_labelled
 from qkvlab.finetune.metrics import classification_metrics, regression_metrics, steps_to_fraction_of_best
 from qkvlab.optim import optimizer_settings, param_groups, roles
 
-__all__ = ["FinetuneConfig", "finetune", "model_path", "target_modules"]
+__all__ = [
+    "FinetuneConfig",
+    "finetune",
+    "load_kwargs",
+    "model_path",
+    "pad_like_decoders",
+    "plain_model",
+    "target_modules",
+]
 
 TARGET_ROLES = ("q", "k", "v", "o")
 
@@ -105,20 +113,28 @@ class FinetuneConfig:
 
 
 def model_path(name: str) -> Path:
-    """The HF folder of ``name``: a packaged name (``minilm``, ``mpnet``), a folder, or a Hub name already in
-    the local cache; a UserError saying what is accepted otherwise (pickled weights are never read)."""
+    """The checkpoint of ``name``: a packaged name (``minilm``, ``mpnet``, ``smollm2-135m`` …), a HF folder, a
+    ``.gguf`` file, or a Hub name already in the local cache; a UserError saying what is accepted otherwise
+    (pickled weights are never read). A GGUF checkpoint comes back as its file, a HF one as its folder:
+    ``load_kwargs`` turns either into ``from_pretrained``'s arguments."""
+    from qkvlab.attention.gguf import is_gguf
     from qkvlab.attention.sources import PACKAGED_MODELS, resolve_packaged
 
     if name in PACKAGED_MODELS:
-        return resolve_packaged(name)
-    path = Path(name).expanduser()
-    if not path.exists():
-        from qkvlab.attention.sources import _hub_cache_folder
+        path = resolve_packaged(name)
+    else:
+        path = Path(name).expanduser()
+        if not path.exists():
+            from qkvlab.attention.sources import _hub_cache_folder
 
-        path = _hub_cache_folder(name) or path  # a Hub name already in the local cache; never a download
+            path = _hub_cache_folder(name) or path  # a Hub name already in the local cache; never a download
+    if path.is_file() and is_gguf(path):
+        _check_gguf_loadable(name, path)
+        return path
     if not (path / "config.json").is_file():
         raise UserError(
-            f"--model {name}: not a packaged name ({', '.join(PACKAGED_MODELS)}) nor a HF model folder with config.json"
+            f"--model {name}: not a packaged name ({', '.join(PACKAGED_MODELS)}), a HF model folder with "
+            "config.json, nor a GGUF file"
         )
     from qkvlab.attention.sources import _read_safetensors_header, _weight_files
 
@@ -127,6 +143,75 @@ def model_path(name: str) -> Path:
     for file in _weight_files(path):
         _read_safetensors_header(file)
     return path
+
+
+def _check_gguf_loadable(name: str, path: Path) -> None:
+    """A GGUF file transformers can turn into a model: its architecture is one transformers' GGUF loader
+    maps (``qkvlab inspect`` reads more of them than transformers can train)."""
+    from transformers.modeling_gguf_pytorch_utils import GGUF_SUPPORTED_ARCHITECTURES
+
+    from qkvlab.attention.gguf import GGUFSource
+
+    loadable = set(GGUF_SUPPORTED_ARCHITECTURES) - {"general", "tokenizer"}  # its metadata sections
+    architecture = GGUFSource(path).architecture
+    if architecture not in loadable:
+        raise UserError(
+            f"--model {name}: a GGUF file of architecture {architecture or '(none)'!r}, which transformers "
+            f"cannot load to fine-tune; accepted: {', '.join(sorted(loadable))} "
+            f"(`qkvlab inspect` still reads it)"
+        )
+
+
+def _silence_gguf_bar() -> None:
+    """transformers' GGUF loader draws its own tqdm bar, which ``disable_progress_bar`` does not reach;
+    like that switch, this holds for the rest of the process."""
+    import functools
+
+    import transformers.modeling_gguf_pytorch_utils as gguf_loader
+    from tqdm.auto import tqdm
+
+    if hasattr(gguf_loader, "tqdm"):
+        gguf_loader.tqdm = functools.partial(tqdm, disable=True)
+
+
+def load_kwargs(path: Path) -> tuple[Path, dict[str, Any]]:
+    """``from_pretrained``'s folder and keywords for a checkpoint ``model_path`` returned: a GGUF file is
+    read by transformers' GGUF loader (dequantised to float, llama.cpp's Q/K permutation undone), a folder
+    from safetensors only (never unpickled: a ``.bin`` can run code when loaded)."""
+    if path.is_file():
+        from transformers import GgufConfig
+
+        # dense float weights to train, never GGUF blocks kept packed (transformers keeps them packed
+        # where its `kernels` package is installed, and such a model cannot train)
+        return path.parent, {"gguf_file": path.name, "quantization_config": GgufConfig(dequantize=True)}
+    return path, {"use_safetensors": True}
+
+
+def plain_model(model: Any) -> Any:
+    """A model loaded from GGUF with its weights dequantised, made an ordinary float model: transformers
+    keeps the GGUF loader on it as a "quantizer", which refuses ``save_pretrained`` although nothing is
+    quantised any more. Any other model is returned as it is."""
+    quantizer = getattr(model, "hf_quantizer", None)
+    if quantizer is not None and getattr(quantizer.quantization_config, "dequantize", False):
+        quantizer.remove_quantization_config(model)
+    return model
+
+
+def pad_like_decoders(tokenizer: Any, model: Any) -> str | None:
+    """Give a tokenizer without a pad token (GPT-2, LLaMA, SmolLM2, Qwen …) its EOS token as the pad, as
+    HF's run_glue does for GPT-2, and tell the model: a decoder's classifier reads the last token that is
+    not the pad, so with right padding it reads each text's own last token. Returns the token chosen, or
+    None where the tokenizer had a pad already."""
+    if tokenizer.pad_token is not None:
+        if getattr(model.config, "pad_token_id", None) is None:
+            model.config.pad_token_id = tokenizer.pad_token_id
+        return None
+    fallback = tokenizer.eos_token or tokenizer.unk_token
+    if fallback is None:
+        raise UserError("the model's tokenizer has no pad, EOS or unknown token to pad batches with")
+    tokenizer.pad_token = fallback
+    model.config.pad_token_id = tokenizer.pad_token_id
+    return fallback
 
 
 def _write_error(exc: Exception, where: Path) -> Exception:
@@ -278,6 +363,7 @@ def finetune(config: FinetuneConfig, *, progress: bool = True) -> dict[str, Any]
     hf_logging.set_verbosity_error()
     if not progress:  # --quiet: no loading/saving bars either
         hf_logging.disable_progress_bar()
+        _silence_gguf_bar()
     # PEFT calls a transformers method that transformers has deprecated; nothing the user can act on
     warnings.filterwarnings("ignore", message=r".*is_gradient_checkpointing.*", category=FutureWarning)
     device = _device(config.device)
@@ -287,23 +373,27 @@ def finetune(config: FinetuneConfig, *, progress: bool = True) -> dict[str, Any]
         raise UserError(
             f"--batch-size {config.batch_size} is larger than the {n_train} training examples; accepted: ≤ {n_train}"
         )
-    path = model_path(config.model)
+    folder, source = load_kwargs(model_path(config.model))
     torch.manual_seed(config.seed)
     np_rng = np.random.default_rng(config.seed)
     try:
-        tokenizer = AutoTokenizer.from_pretrained(path, trust_remote_code=False)
+        tokenizer = AutoTokenizer.from_pretrained(
+            folder, trust_remote_code=False, gguf_file=source.get("gguf_file")
+        )
     except (OSError, ValueError) as exc:
         raise UserError(
             f"--model {config.model}: no usable tokenizer there ({str(exc).splitlines()[0]})"
         ) from None
     model = AutoModelForSequenceClassification.from_pretrained(
-        path,
-        use_safetensors=True,  # never unpickle: a .bin can run code when loaded
+        folder,
         trust_remote_code=False,
         num_labels=data.num_labels,
         problem_type="regression" if data.regression else "single_label_classification",
-        dtype=torch.float32,  # train in float32 whatever the checkpoint's storage dtype
+        dtype=torch.float32,  # train in float32 whatever the checkpoint's storage dtype (GGUF: dequantised)
+        **source,
     )
+    model = plain_model(model)
+    pad_token = pad_like_decoders(tokenizer, model)
     targets = set(config.targets)
     split_modules: list[str] = []
     if targets != {"all"} and "qkv" in roles(model).values():
@@ -487,6 +577,8 @@ def finetune(config: FinetuneConfig, *, progress: bool = True) -> dict[str, Any]
         ],
         "lora_modules": lora_modules,
         "split_modules": split_modules,
+        "checkpoint": "gguf" if "gguf_file" in source else "safetensors",
+        "pad_token_added": pad_token,  # the EOS token a decoder without a pad token was padded with
         "total_parameters": total,
         "seconds_per_step": train_seconds / max_steps,
         **_peak_memory(device, rss_reset),
