@@ -66,7 +66,7 @@ def main(argv: list[str] | None = None) -> tf.Trainer:
         folder, num_labels=data.num_labels, **source
     )
     model = plain_model(model)  # a GGUF checkpoint's dequantised model, made an ordinary (saveable) one
-    pad_like_decoders(tokenizer, model)  # decoders ship no pad token: pad with EOS
+    pad_like_decoders(tokenizer, model)  # a tokenizer with no pad token (GPT-2 …) pads with EOS
     # LoRA on the q and v projections, whatever this architecture calls them (query/value, q_proj/v_proj, …)
     modules = target_modules(model, {"q", "v"})
     model = get_peft_model(model, LoraConfig(r=8, lora_alpha=16, target_modules=modules, task_type="SEQ_CLS"))

@@ -278,16 +278,17 @@ def _byte_alphabet() -> list[str]:
     return [chr(codes[byte]) for byte in range(256)]
 
 
-def write_tiny_gguf_llama(path: Path, seed: int = 0):  # type: ignore[no-untyped-def]
+def write_tiny_gguf_llama(path: Path, seed: int = 0, pad: bool = False):  # type: ignore[no-untyped-def]
     """``tiny_gqa_llama`` written as llama.cpp's converter writes a LLaMA: a whole GGUF file with the
-    model's metadata, float32 tensors under llama.cpp's names (q and k rows permuted) and a byte-level
-    BPE tokenizer (SmolLM2's kind) whose only special token, ``<|endoftext|>``, is BOS and EOS with no
-    pad token. Returns the HF model it was written from."""
+    model's metadata, tensors under llama.cpp's names (q and k rows permuted; the attention outputs
+    quantised to Q8_0, the rest float32) and a byte-level BPE tokenizer (SmolLM2's kind) whose special
+    token ``<|endoftext|>`` is BOS and EOS, with no pad token, or with ``<pad>`` as the pad where
+    ``pad``. Returns the HF model it was written from (its o_proj before quantisation)."""
     import gguf
     import numpy as np
 
     heads, kv_heads, d_head = 4, 2, 8
-    tokens = ["<|endoftext|>", *_byte_alphabet(), "he", "ll"]
+    tokens = ["<|endoftext|>", *_byte_alphabet(), "he", "ll", *(["<pad>"] if pad else [])]
     model = tiny_gqa_llama(seed, heads, kv_heads, 32, d_head)
     model.resize_token_embeddings(len(tokens))
 
@@ -331,12 +332,22 @@ def write_tiny_gguf_llama(path: Path, seed: int = 0):  # type: ignore[no-untyped
     writer.add_tokenizer_model("gpt2")
     writer.add_tokenizer_pre("default")
     writer.add_token_list(tokens)
-    writer.add_token_types([gguf.TokenType.CONTROL, *[gguf.TokenType.NORMAL] * (len(tokens) - 1)])
+    types = [gguf.TokenType.NORMAL] * len(tokens)
+    types[0] = gguf.TokenType.CONTROL
+    if pad:
+        types[-1] = gguf.TokenType.CONTROL
+        writer.add_pad_token_id(len(tokens) - 1)
+    writer.add_token_types(types)
     writer.add_token_merges(["h e", "l l"])
     writer.add_bos_token_id(0)
     writer.add_eos_token_id(0)
     for name, array in tensors.items():
-        writer.add_tensor(name, np.ascontiguousarray(array, dtype=np.float32))
+        array = np.ascontiguousarray(array, dtype=np.float32)
+        if name.endswith("attn_output.weight"):
+            q8 = gguf.GGMLQuantizationType.Q8_0
+            writer.add_tensor(name, gguf.quants.quantize(array, q8), raw_dtype=q8)
+        else:
+            writer.add_tensor(name, array)
     writer.write_header_to_file()
     writer.write_kv_data_to_file()
     writer.write_tensors_to_file()

@@ -431,34 +431,51 @@ def test_every_family_fine_tunes_q_v_and_its_head(kind, method, tiny_bert, tiny_
         )
 
 
-@pytest.mark.parametrize("method", ["full", "lora"])
-def test_a_gguf_decoder_fine_tunes_q_v_with_its_own_tokenizer_padded_with_eos(
-    method, tiny_csv, tmp_path, capsys
+@pytest.mark.parametrize(("method", "pad"), [("full", False), ("lora", False), ("full", True)])
+def test_a_gguf_decoder_fine_tunes_q_v_with_its_own_tokenizer_and_pad(
+    method, pad, tiny_csv, tmp_path, monkeypatch, capsys
 ) -> None:
-    """A LLaMA GGUF (q and k permuted as llama.cpp writes them; a byte-level tokenizer with no pad token,
-    as SmolLM2's) fine-tunes as a HF folder does: its tokenizer comes from the file, batches pad with EOS,
-    exactly q, v and the head train, and the saved model is the file's model with only q and v moved."""
+    """A LLaMA GGUF (q and k permuted as llama.cpp writes them, o in Q8_0; a byte-level tokenizer with no
+    pad token, as GPT-2's, or with one, as the packaged decoders') fine-tunes as a HF folder does: the
+    tokenizer comes from the file, batches pad with EOS where it has no pad, exactly q, v and the head
+    train, and the saved model is the file's model (o dequantised) with only q and v moved. It is read
+    from its own path, not from a file of the same name in the working folder."""
+    import gguf
+
     from conftest import write_tiny_gguf_llama
 
-    original = write_tiny_gguf_llama(tmp_path / "tiny.gguf")
+    (tmp_path / "model").mkdir()
+    (tmp_path / "elsewhere").mkdir()
+    original = write_tiny_gguf_llama(tmp_path / "model" / "tiny.gguf", pad=pad)
+    write_tiny_gguf_llama(tmp_path / "elsewhere" / "tiny.gguf", seed=1, pad=pad)  # a decoy
+    monkeypatch.chdir(tmp_path / "elsewhere")
     result = finetune(
-        _config(tmp_path / "tiny.gguf", tiny_csv, tmp_path, method=method, rank=2, save_model=True),
+        _config(tmp_path / "model" / "tiny.gguf", tiny_csv, tmp_path, method=method, rank=2, save_model=True),
         progress=False,
     )
     assert "GGUF tensors" not in capsys.readouterr().err  # quiet: not even transformers' GGUF bar
-    assert result["checkpoint"] == "gguf" and result["pad_token_added"] == "<|endoftext|>"
+    assert result["checkpoint"] == "gguf"
+    assert result["pad_token_added"] == (None if pad else "<|endoftext|>")
     assert {g["role"] for g in result["groups"]} == {"q", "v", "head"}
     saved = tf.LlamaForSequenceClassification.from_pretrained(
         tmp_path / "run" / "model", use_safetensors=True
     )
+    tokenizer = tf.AutoTokenizer.from_pretrained(tmp_path / "run" / "model")
+    assert tokenizer.pad_token == ("<pad>" if pad else "<|endoftext|>")
+    assert saved.config.pad_token_id == tokenizer.pad_token_id
+    q8 = gguf.GGMLQuantizationType.Q8_0
     for mine, theirs in zip(saved.model.layers, original.model.layers, strict=True):
-        # k came back un-permuted and untouched; q and v moved
+        # k came back un-permuted and untouched (and from the file asked for); q and v moved
         assert torch.equal(mine.self_attn.k_proj.weight, theirs.self_attn.k_proj.weight)
         assert not torch.equal(mine.self_attn.q_proj.weight, theirs.self_attn.q_proj.weight)
         assert not torch.equal(mine.self_attn.v_proj.weight, theirs.self_attn.v_proj.weight)
-    # padded with EOS, the classifier reads each text's own last token: a short text scores the same
-    # alone and beside a longer one
-    tokenizer = tf.AutoTokenizer.from_pretrained(tmp_path / "run" / "model")
+        # o is the Q8_0 block's dequantised value, not the float32 it was made from
+        o = theirs.self_attn.o_proj.weight.detach().numpy()
+        grid = torch.from_numpy(gguf.quants.dequantize(gguf.quants.quantize(o, q8), q8))
+        assert torch.equal(mine.self_attn.o_proj.weight, grid.reshape(o.shape))
+        assert not torch.equal(mine.self_attn.o_proj.weight, theirs.self_attn.o_proj.weight)
+    # the classifier reads each text's own last token: a short text scores the same alone and padded
+    # beside a longer one
     saved.eval()
     with torch.no_grad():
         both = saved(
@@ -468,12 +485,31 @@ def test_a_gguf_decoder_fine_tunes_q_v_with_its_own_tokenizer_padded_with_eos(
     torch.testing.assert_close(both.logits[0], alone.logits[0], rtol=1e-5, atol=1e-5)
 
 
-def test_a_gguf_transformers_cannot_load_is_one_line_exit_2(tiny_csv, tmp_path, capsys) -> None:
+@pytest.mark.parametrize(
+    ("architecture", "message"),
+    [
+        ("rwkv6", "transformers cannot read this GGUF file of architecture 'rwkv6'"),
+        ("mamba", "architecture 'mamba', which transformers reads as mamba but has no sequence classifier"),
+    ],
+)
+def test_a_gguf_transformers_cannot_classify_with_is_one_line_exit_2(
+    architecture, message, tiny_csv, tmp_path, capsys
+) -> None:
     import gguf
     import numpy as np
 
-    writer = gguf.GGUFWriter(str(tmp_path / "rwkv.gguf"), "rwkv6")
-    writer.add_tensor("blk.0.time_mix_key.weight", np.ones((4, 4), np.float32))
+    from conftest import _byte_alphabet
+
+    tokens = ["<|endoftext|>", *_byte_alphabet(), "he"]
+    writer = gguf.GGUFWriter(str(tmp_path / "model.gguf"), architecture)
+    writer.add_block_count(1)
+    writer.add_embedding_length(16)
+    writer.add_context_length(64)
+    writer.add_tokenizer_model("gpt2")
+    writer.add_token_list(tokens)
+    writer.add_token_types([gguf.TokenType.CONTROL, *[gguf.TokenType.NORMAL] * (len(tokens) - 1)])
+    writer.add_token_merges(["h e"])
+    writer.add_tensor("token_embd.weight", np.ones((len(tokens), 16), np.float32))
     writer.write_header_to_file()
     writer.write_kv_data_to_file()
     writer.write_tensors_to_file()
@@ -482,7 +518,7 @@ def test_a_gguf_transformers_cannot_load_is_one_line_exit_2(tiny_csv, tmp_path, 
         [
             "finetune",
             "--model",
-            str(tmp_path / "rwkv.gguf"),
+            str(tmp_path / "model.gguf"),
             "--data",
             f"csv:{tiny_csv}",
             "--quiet",
@@ -491,4 +527,4 @@ def test_a_gguf_transformers_cannot_load_is_one_line_exit_2(tiny_csv, tmp_path, 
     )
     err = capsys.readouterr().err
     assert rc == 2 and len(err.strip().splitlines()) == 1, err
-    assert "architecture 'rwkv6', which transformers cannot load" in err and "llama" in err
+    assert message in err, err

@@ -146,19 +146,30 @@ def model_path(name: str) -> Path:
 
 
 def _check_gguf_loadable(name: str, path: Path) -> None:
-    """A GGUF file transformers can turn into a model: its architecture is one transformers' GGUF loader
-    maps (``qkvlab inspect`` reads more of them than transformers can train)."""
-    from transformers.modeling_gguf_pytorch_utils import GGUF_SUPPORTED_ARCHITECTURES
+    """A GGUF file transformers can build a sequence classifier from: its config reads (transformers'
+    GGUF loader knows the architecture under llama.cpp's name, ``qwen2moe`` included) and maps to a
+    ``*ForSequenceClassification`` (mamba and lfm2 load, but have none). ``qkvlab inspect`` reads more."""
+    from transformers import AutoConfig
+    from transformers.models.auto.modeling_auto import MODEL_FOR_SEQUENCE_CLASSIFICATION_MAPPING
 
     from qkvlab.attention.gguf import GGUFSource
 
-    loadable = set(GGUF_SUPPORTED_ARCHITECTURES) - {"general", "tokenizer"}  # its metadata sections
-    architecture = GGUFSource(path).architecture
-    if architecture not in loadable:
+    architecture = GGUFSource(path).architecture or "(none)"
+    try:
+        hf_config = AutoConfig.from_pretrained(
+            path.parent, gguf_file=str(path.resolve()), trust_remote_code=False
+        )
+    except Exception as exc:  # transformers refuses an unknown architecture with a ValueError, a KeyError …
+        reason = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
         raise UserError(
-            f"--model {name}: a GGUF file of architecture {architecture or '(none)'!r}, which transformers "
-            f"cannot load to fine-tune; accepted: {', '.join(sorted(loadable))} "
-            f"(`qkvlab inspect` still reads it)"
+            f"--model {name}: transformers cannot read this GGUF file of architecture {architecture!r} "
+            f"({reason}); `qkvlab inspect` still reads it"
+        ) from None
+    if type(hf_config) not in MODEL_FOR_SEQUENCE_CLASSIFICATION_MAPPING:
+        raise UserError(
+            f"--model {name}: a GGUF file of architecture {architecture!r}, which transformers reads as "
+            f"{hf_config.model_type} but has no sequence classifier for; accepted: decoders with one "
+            "(llama, mistral, qwen2, qwen3, gemma2, gemma3, phi3, …)"
         )
 
 
@@ -179,18 +190,32 @@ def load_kwargs(path: Path) -> tuple[Path, dict[str, Any]]:
     read by transformers' GGUF loader (dequantised to float, llama.cpp's Q/K permutation undone), a folder
     from safetensors only (never unpickled: a ``.bin`` can run code when loaded)."""
     if path.is_file():
-        from transformers import GgufConfig
+        try:
+            from transformers import GgufConfig
+        except ImportError:
+            import transformers
 
-        # dense float weights to train, never GGUF blocks kept packed (transformers keeps them packed
-        # where its `kernels` package is installed, and such a model cannot train)
-        return path.parent, {"gguf_file": path.name, "quantization_config": GgufConfig(dequantize=True)}
+            raise UserError(
+                f"fine-tuning a GGUF file needs transformers with GgufConfig (tested with 5.23.0); "
+                f"this one is {transformers.__version__}"
+            ) from None
+        # the file by its absolute path: transformers looks a bare name up in the working folder
+        # first, so a file of the same name there would give the weights. Dense float weights to train,
+        # never GGUF blocks kept packed (transformers keeps them packed where its `kernels` package is
+        # installed, and such a model cannot train)
+        return path.parent, {
+            "gguf_file": str(path.resolve()),
+            "quantization_config": GgufConfig(dequantize=True),
+        }
     return path, {"use_safetensors": True}
 
 
 def plain_model(model: Any) -> Any:
-    """A model loaded from GGUF with its weights dequantised, made an ordinary float model: transformers
-    keeps the GGUF loader on it as a "quantizer", which refuses ``save_pretrained`` although nothing is
-    quantised any more. Any other model is returned as it is."""
+    """A model loaded from GGUF with its weights dequantised, made an ordinary float model where
+    transformers left its GGUF loader on it as a "quantizer", which refuses ``save_pretrained`` although
+    nothing is quantised any more. transformers 5.23 leaves it when it chose to dequantise by itself
+    (no ``GgufConfig`` given) and removes it when ``dequantize=True`` is asked for, as ``load_kwargs``
+    does; this is for the first case and for other versions. Any other model is returned as it is."""
     quantizer = getattr(model, "hf_quantizer", None)
     if quantizer is not None and getattr(quantizer.quantization_config, "dequantize", False):
         quantizer.remove_quantization_config(model)
@@ -201,17 +226,19 @@ def pad_like_decoders(tokenizer: Any, model: Any) -> str | None:
     """Give a tokenizer without a pad token (GPT-2, LLaMA, SmolLM2, Qwen …) its EOS token as the pad, as
     HF's run_glue does for GPT-2, and tell the model: a decoder's classifier reads the last token that is
     not the pad, so with right padding it reads each text's own last token. Returns the token chosen, or
-    None where the tokenizer had a pad already."""
-    if tokenizer.pad_token is not None:
-        if getattr(model.config, "pad_token_id", None) is None:
-            model.config.pad_token_id = tokenizer.pad_token_id
-        return None
-    fallback = tokenizer.eos_token or tokenizer.unk_token
-    if fallback is None:
-        raise UserError("the model's tokenizer has no pad, EOS or unknown token to pad batches with")
-    tokenizer.pad_token = fallback
+    None where the tokenizer had a pad already. Either way the model's pad id becomes the tokenizer's,
+    which does the padding (a config whose own pad id differs would count pads as text)."""
+    added = None
+    if tokenizer.pad_token is None:
+        added = tokenizer.eos_token or tokenizer.unk_token
+        if added is None:
+            raise UserError("the model's tokenizer has no pad, EOS or unknown token to pad batches with")
+        tokenizer.pad_token = added
+    # the classifier reads the text config's pad id (a composite model's differs from its top config)
     model.config.pad_token_id = tokenizer.pad_token_id
-    return fallback
+    if hasattr(model.config, "get_text_config"):
+        model.config.get_text_config().pad_token_id = tokenizer.pad_token_id
+    return added
 
 
 def _write_error(exc: Exception, where: Path) -> Exception:
@@ -380,10 +407,11 @@ def finetune(config: FinetuneConfig, *, progress: bool = True) -> dict[str, Any]
         tokenizer = AutoTokenizer.from_pretrained(
             folder, trust_remote_code=False, gguf_file=source.get("gguf_file")
         )
-    except (OSError, ValueError) as exc:
-        raise UserError(
-            f"--model {config.model}: no usable tokenizer there ({str(exc).splitlines()[0]})"
-        ) from None
+    except Exception as exc:  # a GGUF tokenizer that transformers cannot build fails in any way
+        if not isinstance(exc, (OSError, ValueError)) and "gguf_file" not in source:
+            raise
+        reason = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+        raise UserError(f"--model {config.model}: no usable tokenizer there ({reason})") from None
     model = AutoModelForSequenceClassification.from_pretrained(
         folder,
         trust_remote_code=False,
