@@ -556,3 +556,29 @@ def test_step_is_recorded_in_the_json_of_one_checkpoint(tiny_bert, tmp_path, cap
     assert json.loads(out.read_text())["step"] == 5
     assert main(["inspect", str(tiny_bert), "--step", "5"]) == 2  # nowhere to record it
     assert "accepted: one SOURCE with --json" in capsys.readouterr().err
+
+
+def test_the_layer_bar_shows_on_a_terminal_only(capsys, monkeypatch) -> None:
+    """A slow checkpoint draws its layer bar on a terminal, never into a log, a pipe or CI, where its
+    residue would break a user mistake's one line (it did, on a loaded machine)."""
+    import io
+    import time
+
+    from qkvlab.cli import _tqdm_progress
+
+    def slow(n):  # type: ignore[no-untyped-def]
+        for i in range(n):
+            time.sleep(0.4)  # past the bar's 0.5 s delay
+            yield i
+
+    list(_tqdm_progress(slow(2), 2))
+    assert "layers" not in capsys.readouterr().err
+
+    class Terminal(io.StringIO):
+        def isatty(self) -> bool:
+            return True
+
+    terminal = Terminal()
+    monkeypatch.setattr("sys.stderr", terminal)
+    list(_tqdm_progress(slow(2), 2))
+    assert "layers" in terminal.getvalue()

@@ -319,8 +319,18 @@ def _failing_runs_exit(handler: Callable[[argparse.Namespace], int]) -> Callable
 def _tqdm_progress(iterable, total):  # type: ignore[no-untyped-def]
     from tqdm.auto import tqdm
 
-    # delay: the bar only appears when a checkpoint takes more than a moment.
-    return tqdm(iterable, total=total, desc="layers", unit="layer", delay=0.5, leave=False, file=sys.stderr)
+    # delay: the bar only appears when a checkpoint takes more than a moment; disable=None: and only on a
+    # terminal, so a log, a pipe or CI gets the results and the one-line errors without a bar's residue
+    return tqdm(
+        iterable,
+        total=total,
+        desc="layers",
+        unit="layer",
+        delay=0.5,
+        leave=False,
+        file=sys.stderr,
+        disable=None,
+    )
 
 
 def _non_negative_int(text: str) -> int:
