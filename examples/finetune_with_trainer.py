@@ -19,14 +19,7 @@ import torch
 import transformers as tf
 from peft import LoraConfig, get_peft_model
 
-from qkvlab.finetune import (
-    load_kwargs,
-    load_labelled,
-    model_path,
-    pad_like_decoders,
-    plain_model,
-    target_modules,
-)
+from qkvlab.finetune import load_classifier, load_labelled, target_modules
 from qkvlab.finetune.metrics import classification_metrics, regression_metrics
 from qkvlab.hf import SpectraCallback, create_optimizer
 
@@ -60,13 +53,8 @@ def main(argv: list[str] | None = None) -> tf.Trainer:
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
     data = load_labelled(args.data)
-    folder, source = load_kwargs(model_path(args.model))  # a HF folder, or a GGUF file (smollm2-135m …)
-    tokenizer = tf.AutoTokenizer.from_pretrained(folder, gguf_file=source.get("gguf_file"))
-    model = tf.AutoModelForSequenceClassification.from_pretrained(
-        folder, num_labels=data.num_labels, **source
-    )
-    model = plain_model(model)  # a GGUF checkpoint's dequantised model, made an ordinary (saveable) one
-    pad_like_decoders(tokenizer, model)  # a tokenizer with no pad token (GPT-2 …) pads with EOS
+    # a HF folder or a GGUF file (smollm2-135m …): GGUF weights dequantised, EOS as the pad where there is none
+    tokenizer, model, _ = load_classifier(args.model, data.num_labels)
     # LoRA on the q and v projections, whatever this architecture calls them (query/value, q_proj/v_proj, …)
     modules = target_modules(model, {"q", "v"})
     model = get_peft_model(model, LoraConfig(r=8, lora_alpha=16, target_modules=modules, task_type="SEQ_CLS"))

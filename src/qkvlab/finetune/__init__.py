@@ -8,10 +8,8 @@ _WHERE = {
     "load_labelled": "qkvlab.finetune.data",
     "FinetuneConfig": "qkvlab.finetune.run",
     "finetune": "qkvlab.finetune.run",
-    "load_kwargs": "qkvlab.finetune.run",
+    "load_classifier": "qkvlab.finetune.run",
     "model_path": "qkvlab.finetune.run",
-    "pad_like_decoders": "qkvlab.finetune.run",
-    "plain_model": "qkvlab.finetune.run",
     "target_modules": "qkvlab.finetune.run",
 }
 __all__ = sorted(_WHERE)

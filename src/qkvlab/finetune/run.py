@@ -26,15 +26,7 @@ from qkvlab.finetune.data import LabelledData, load_labelled
 from qkvlab.finetune.metrics import classification_metrics, regression_metrics, steps_to_fraction_of_best
 from qkvlab.optim import optimizer_settings, param_groups, roles
 
-__all__ = [
-    "FinetuneConfig",
-    "finetune",
-    "load_kwargs",
-    "model_path",
-    "pad_like_decoders",
-    "plain_model",
-    "target_modules",
-]
+__all__ = ["FinetuneConfig", "finetune", "load_classifier", "model_path", "target_modules"]
 
 TARGET_ROLES = ("q", "k", "v", "o")
 
@@ -116,7 +108,7 @@ def model_path(name: str) -> Path:
     """The checkpoint of ``name``: a packaged name (``minilm``, ``mpnet``, ``smollm2-135m`` …), a HF folder, a
     ``.gguf`` file, or a Hub name already in the local cache; a UserError saying what is accepted otherwise
     (pickled weights are never read). A GGUF checkpoint comes back as its file, a HF one as its folder:
-    ``load_kwargs`` turns either into ``from_pretrained``'s arguments."""
+    ``load_classifier`` loads either."""
     from qkvlab.attention.gguf import is_gguf
     from qkvlab.attention.sources import PACKAGED_MODELS, resolve_packaged
 
@@ -154,7 +146,9 @@ def _check_gguf_loadable(name: str, path: Path) -> None:
 
     from qkvlab.attention.gguf import GGUFSource
 
-    architecture = GGUFSource(path).architecture or "(none)"
+    def architecture() -> str:  # the file's own name for it, read again only for a refusal
+        return GGUFSource(path).architecture or "(none)"
+
     try:
         hf_config = AutoConfig.from_pretrained(
             path.parent, gguf_file=str(path.resolve()), trust_remote_code=False
@@ -162,12 +156,12 @@ def _check_gguf_loadable(name: str, path: Path) -> None:
     except Exception as exc:  # transformers refuses an unknown architecture with a ValueError, a KeyError …
         reason = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
         raise UserError(
-            f"--model {name}: transformers cannot read this GGUF file of architecture {architecture!r} "
+            f"--model {name}: transformers cannot read this GGUF file of architecture {architecture()!r} "
             f"({reason}); `qkvlab inspect` still reads it"
         ) from None
     if type(hf_config) not in MODEL_FOR_SEQUENCE_CLASSIFICATION_MAPPING:
         raise UserError(
-            f"--model {name}: a GGUF file of architecture {architecture!r}, which transformers reads as "
+            f"--model {name}: a GGUF file of architecture {architecture()!r}, which transformers reads as "
             f"{hf_config.model_type} but has no sequence classifier for; accepted: decoders with one "
             "(llama, mistral, qwen2, qwen3, gemma2, gemma3, phi3, …)"
         )
@@ -185,7 +179,7 @@ def _silence_gguf_bar() -> None:
         gguf_loader.tqdm = functools.partial(tqdm, disable=True)
 
 
-def load_kwargs(path: Path) -> tuple[Path, dict[str, Any]]:
+def _load_kwargs(path: Path) -> tuple[Path, dict[str, Any]]:
     """``from_pretrained``'s folder and keywords for a checkpoint ``model_path`` returned: a GGUF file is
     read by transformers' GGUF loader (dequantised to float, llama.cpp's Q/K permutation undone), a folder
     from safetensors only (never unpickled: a ``.bin`` can run code when loaded)."""
@@ -210,11 +204,11 @@ def load_kwargs(path: Path) -> tuple[Path, dict[str, Any]]:
     return path, {"use_safetensors": True}
 
 
-def plain_model(model: Any) -> Any:
+def _plain_model(model: Any) -> Any:
     """A model loaded from GGUF with its weights dequantised, made an ordinary float model where
     transformers left its GGUF loader on it as a "quantizer", which refuses ``save_pretrained`` although
     nothing is quantised any more. transformers 5.23 leaves it when it chose to dequantise by itself
-    (no ``GgufConfig`` given) and removes it when ``dequantize=True`` is asked for, as ``load_kwargs``
+    (no ``GgufConfig`` given) and removes it when ``dequantize=True`` is asked for, as ``_load_kwargs``
     does; this is for the first case and for other versions. Any other model is returned as it is."""
     quantizer = getattr(model, "hf_quantizer", None)
     if quantizer is not None and getattr(quantizer.quantization_config, "dequantize", False):
@@ -222,7 +216,7 @@ def plain_model(model: Any) -> Any:
     return model
 
 
-def pad_like_decoders(tokenizer: Any, model: Any) -> str | None:
+def _pad_like_decoders(tokenizer: Any, model: Any) -> str | None:
     """Give a tokenizer without a pad token (GPT-2, LLaMA, SmolLM2, Qwen …) its EOS token as the pad, as
     HF's run_glue does for GPT-2, and tell the model: a decoder's classifier reads the last token that is
     not the pad, so with right padding it reads each text's own last token. Returns the token chosen, or
@@ -239,6 +233,32 @@ def pad_like_decoders(tokenizer: Any, model: Any) -> str | None:
     if hasattr(model.config, "get_text_config"):
         model.config.get_text_config().pad_token_id = tokenizer.pad_token_id
     return added
+
+
+def load_classifier(name: str, num_labels: int, **model_kwargs: Any) -> tuple[Any, Any, dict[str, Any]]:
+    """The tokenizer and sequence classifier of ``name`` (anything ``model_path`` accepts), ready to
+    train: a GGUF file's weights dequantised into an ordinary float model, and a pad token where the
+    tokenizer had none. ``model_kwargs`` go to ``from_pretrained`` (``dtype``, ``problem_type`` …).
+    Returns them with ``{"checkpoint": "gguf" | "safetensors", "pad_token_added": EOS token or None}``."""
+    from transformers import AutoModelForSequenceClassification, AutoTokenizer
+
+    folder, source = _load_kwargs(model_path(name))
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(
+            folder, trust_remote_code=False, gguf_file=source.get("gguf_file")
+        )
+    except Exception as exc:  # a GGUF tokenizer that transformers cannot build fails in any way
+        if not isinstance(exc, (OSError, ValueError)) and "gguf_file" not in source:
+            raise
+        reason = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+        raise UserError(f"--model {name}: no usable tokenizer there ({reason})") from None
+    model = AutoModelForSequenceClassification.from_pretrained(
+        folder, trust_remote_code=False, num_labels=num_labels, **model_kwargs, **source
+    )
+    model = _plain_model(model)
+    added = _pad_like_decoders(tokenizer, model)
+    checkpoint = "gguf" if "gguf_file" in source else "safetensors"
+    return tokenizer, model, {"checkpoint": checkpoint, "pad_token_added": added}
 
 
 def _write_error(exc: Exception, where: Path) -> Exception:
@@ -384,7 +404,6 @@ def finetune(config: FinetuneConfig, *, progress: bool = True) -> dict[str, Any]
     """Run one fine-tuning job; returns (and writes to ``out/result.json``) its summary."""
     config.validate()
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
-    from transformers import AutoModelForSequenceClassification, AutoTokenizer
     from transformers.utils import logging as hf_logging
 
     hf_logging.set_verbosity_error()
@@ -400,28 +419,14 @@ def finetune(config: FinetuneConfig, *, progress: bool = True) -> dict[str, Any]
         raise UserError(
             f"--batch-size {config.batch_size} is larger than the {n_train} training examples; accepted: ≤ {n_train}"
         )
-    folder, source = load_kwargs(model_path(config.model))
-    torch.manual_seed(config.seed)
+    torch.manual_seed(config.seed)  # before the model: the new classifier head is drawn from it
     np_rng = np.random.default_rng(config.seed)
-    try:
-        tokenizer = AutoTokenizer.from_pretrained(
-            folder, trust_remote_code=False, gguf_file=source.get("gguf_file")
-        )
-    except Exception as exc:  # a GGUF tokenizer that transformers cannot build fails in any way
-        if not isinstance(exc, (OSError, ValueError)) and "gguf_file" not in source:
-            raise
-        reason = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
-        raise UserError(f"--model {config.model}: no usable tokenizer there ({reason})") from None
-    model = AutoModelForSequenceClassification.from_pretrained(
-        folder,
-        trust_remote_code=False,
-        num_labels=data.num_labels,
+    tokenizer, model, loaded = load_classifier(
+        config.model,
+        data.num_labels,
         problem_type="regression" if data.regression else "single_label_classification",
         dtype=torch.float32,  # train in float32 whatever the checkpoint's storage dtype (GGUF: dequantised)
-        **source,
     )
-    model = plain_model(model)
-    pad_token = pad_like_decoders(tokenizer, model)
     targets = set(config.targets)
     split_modules: list[str] = []
     if targets != {"all"} and "qkv" in roles(model).values():
@@ -605,8 +610,7 @@ def finetune(config: FinetuneConfig, *, progress: bool = True) -> dict[str, Any]
         ],
         "lora_modules": lora_modules,
         "split_modules": split_modules,
-        "checkpoint": "gguf" if "gguf_file" in source else "safetensors",
-        "pad_token_added": pad_token,  # the EOS token a decoder without a pad token was padded with
+        **loaded,  # checkpoint (gguf | safetensors) and pad_token_added (the EOS token padded with, or None)
         "total_parameters": total,
         "seconds_per_step": train_seconds / max_steps,
         **_peak_memory(device, rss_reset),
