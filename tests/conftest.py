@@ -264,18 +264,20 @@ def tiny_gqa_llama(seed: int = 0, heads: int = 4, kv_heads: int = 2, d_model: in
     return tf.LlamaForCausalLM(config)
 
 
-def _byte_alphabet() -> list[str]:
+def byte_alphabet() -> list[str]:
     """GPT-2's byte-level alphabet: the 256 characters a byte-level BPE vocabulary spells bytes with."""
-    printable = [
-        *range(ord("!"), ord("~") + 1),
-        *range(ord("¡"), ord("¬") + 1),
-        *range(ord("®"), ord("ÿ") + 1),
-    ]
-    codes, extra = {b: b for b in printable}, 0
-    for byte in range(256):
-        if byte not in codes:
-            codes[byte], extra = 256 + extra, extra + 1
-    return [chr(codes[byte]) for byte in range(256)]
+    from transformers.convert_slow_tokenizer import bytes_to_unicode
+
+    return list(bytes_to_unicode().values())
+
+
+def llama_cpp_permute(weight, n_head: int):  # type: ignore[no-untyped-def]
+    """llama.cpp's convert_hf_to_gguf ``LlamaModel.permute``, as that converter writes q and k."""
+    return (
+        weight.reshape(n_head, 2, weight.shape[0] // n_head // 2, *weight.shape[1:])
+        .swapaxes(1, 2)
+        .reshape(weight.shape)
+    )
 
 
 def write_tiny_gguf_llama(path: Path, seed: int = 0, pad: bool = False):  # type: ignore[no-untyped-def]
@@ -288,12 +290,9 @@ def write_tiny_gguf_llama(path: Path, seed: int = 0, pad: bool = False):  # type
     import numpy as np
 
     heads, kv_heads, d_head = 4, 2, 8
-    tokens = ["<|endoftext|>", *_byte_alphabet(), "he", "ll", *(["<pad>"] if pad else [])]
+    tokens = ["<|endoftext|>", *byte_alphabet(), "he", "ll", *(["<pad>"] if pad else [])]
     model = tiny_gqa_llama(seed, heads, kv_heads, 32, d_head)
     model.resize_token_embeddings(len(tokens))
-
-    def permute(weight: np.ndarray, n: int) -> np.ndarray:  # llama.cpp's LlamaModel.permute
-        return weight.reshape(n, 2, weight.shape[0] // n // 2, -1).swapaxes(1, 2).reshape(weight.shape)
 
     state = {k: v.detach().numpy() for k, v in model.state_dict().items()}
     tensors = {
@@ -312,8 +311,8 @@ def write_tiny_gguf_llama(path: Path, seed: int = 0, pad: bool = False):  # type
     }
     for i in range(model.config.num_hidden_layers):
         hf = f"model.layers.{i}."
-        tensors[f"blk.{i}.attn_q.weight"] = permute(state[hf + "self_attn.q_proj.weight"], heads)
-        tensors[f"blk.{i}.attn_k.weight"] = permute(state[hf + "self_attn.k_proj.weight"], kv_heads)
+        tensors[f"blk.{i}.attn_q.weight"] = llama_cpp_permute(state[hf + "self_attn.q_proj.weight"], heads)
+        tensors[f"blk.{i}.attn_k.weight"] = llama_cpp_permute(state[hf + "self_attn.k_proj.weight"], kv_heads)
         for ours, theirs in names.items():
             tensors[f"blk.{i}.{ours}.weight"] = state[hf + theirs + ".weight"]
     writer = gguf.GGUFWriter(str(path), "llama")

@@ -498,9 +498,9 @@ def test_a_gguf_transformers_cannot_classify_with_is_one_line_exit_2(
     import gguf
     import numpy as np
 
-    from conftest import _byte_alphabet
+    from conftest import byte_alphabet
 
-    tokens = ["<|endoftext|>", *_byte_alphabet(), "he"]
+    tokens = ["<|endoftext|>", *byte_alphabet(), "he"]
     writer = gguf.GGUFWriter(str(tmp_path / "model.gguf"), architecture)
     writer.add_block_count(1)
     writer.add_embedding_length(16)

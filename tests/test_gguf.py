@@ -14,22 +14,13 @@ from qkvlab.attention.gguf import GGUFSource, undo_rope_permutation
 from qkvlab.cli import main
 from qkvlab.inspection import InspectReport, inspect
 
-from conftest import tiny_gqa_llama
+from conftest import llama_cpp_permute, tiny_gqa_llama
 
 H, G, D, DH, LAYERS = 4, 2, 32, 8, 2
 
 
 def _llama(seed: int = 0):  # type: ignore[no-untyped-def]
     return tiny_gqa_llama(seed, H, G, D, DH)
-
-
-def _llama_cpp_permute(weight: np.ndarray, n_head: int) -> np.ndarray:
-    """llama.cpp's convert_hf_to_gguf ``LlamaModel.permute``, as that converter writes q and k."""
-    return (
-        weight.reshape(n_head, 2, weight.shape[0] // n_head // 2, *weight.shape[1:])
-        .swapaxes(1, 2)
-        .reshape(weight.shape)
-    )
 
 
 def _write(path, arch: str, tensors: dict[str, np.ndarray], qtype=gguf.GGMLQuantizationType.F32) -> None:  # type: ignore[no-untyped-def]
@@ -57,8 +48,8 @@ def _gguf_tensors(model, permute: bool) -> dict[str, np.ndarray]:  # type: ignor
     for i, layer in enumerate(model.model.layers):
         attn = layer.self_attn
         q, k = attn.q_proj.weight.detach().numpy(), attn.k_proj.weight.detach().numpy()
-        out[f"blk.{i}.attn_q.weight"] = _llama_cpp_permute(q, H) if permute else q
-        out[f"blk.{i}.attn_k.weight"] = _llama_cpp_permute(k, G) if permute else k
+        out[f"blk.{i}.attn_q.weight"] = llama_cpp_permute(q, H) if permute else q
+        out[f"blk.{i}.attn_k.weight"] = llama_cpp_permute(k, G) if permute else k
         out[f"blk.{i}.attn_v.weight"] = attn.v_proj.weight.detach().numpy()
         out[f"blk.{i}.attn_output.weight"] = attn.o_proj.weight.detach().numpy()
         out[f"blk.{i}.attn_norm.weight"] = layer.input_layernorm.weight.detach().numpy()
@@ -86,7 +77,7 @@ def test_a_llama_gguf_reads_back_hf_weights_and_spectra_with_the_permutation_und
     for name, module in (("q", attn.q_proj), ("k", attn.k_proj), ("v", attn.v_proj), ("output", attn.o_proj)):
         assert torch.equal(source.get(f"blk.1.attn_{name}.weight"), module.weight.detach()), name
     # read without undoing, the rows of each head are in llama.cpp's order: same products, other planes
-    raw = torch.from_numpy(_llama_cpp_permute(attn.q_proj.weight.detach().numpy(), H))
+    raw = torch.from_numpy(llama_cpp_permute(attn.q_proj.weight.detach().numpy(), H))
     assert not torch.equal(raw, attn.q_proj.weight) and torch.equal(
         undo_rope_permutation(raw, H), attn.q_proj.weight
     )
