@@ -404,6 +404,15 @@ def test_a_post_hoc_summary_reads_the_grid_at_its_rate_and_labels_every_table(tm
     assert "the design's rule chose 0.004 and ran no grid" in claim.tables(summary)
 
 
+def test_a_summary_with_plots_before_the_pilot_has_finished_says_so_and_draws_nothing(
+    tmp_path, capsys
+) -> None:
+    (tmp_path / "settings.json").write_text(json.dumps(claim.shared_settings()))
+    assert claim.finish(tmp_path, str(tmp_path / "plots")) == 0
+    out = capsys.readouterr().out
+    assert "wrote" in out and ".png" not in out and not (tmp_path / "plots").exists()
+
+
 def test_a_post_hoc_grid_runs_at_its_rate_end_to_end(tmp_path, monkeypatch) -> None:
     monkeypatch.setattr(claim, "GROWTH_INFORMATIVE", math.inf)  # the design's rule finds no growth
     out = tmp_path / "logits"

@@ -1004,7 +1004,10 @@ def finish(out: Path, plot: str | None) -> int:
     summary = aggregate(out)
     from qkvlab.repro.logits.render import plot_logits
 
-    return publish(out, summary, tables(summary), plot, lambda s, f: plot_logits(s, f, *grid_rate(s)))
+    def draw(s: dict[str, Any], folder: Path) -> list[Path]:  # no figure before the pilot has chosen τ
+        return plot_logits(s, folder, *grid_rate(s)) if s.get("pilot") else []
+
+    return publish(out, summary, tables(summary), plot, draw)
 
 
 # -- `qkvlab repro logits` -----------------------------------------------------------------------
