@@ -60,6 +60,7 @@ def test_trainer_with_qkvlab_optimizer_and_spectra_callback(tmp_path) -> None:
     trainer = tf.Trainer(model=model, args=args, train_dataset=_Toy(), optimizers=(optimizer, None))
     SpectraCallback.install(trainer, every_n_steps=2)
     trainer.train()
+    assert not any(m._forward_pre_hooks for m in model.modules())  # the logit ceiling's, removed at the end
 
     assert torch.equal(model.bert.encoder.layer[0].attention.self.key.weight, key_before)
     assert not torch.equal(model.bert.encoder.layer[0].attention.self.query.weight, query_before)

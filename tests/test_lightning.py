@@ -68,7 +68,9 @@ def _series(path) -> list[dict]:
 
 
 def test_spectra_callback_logs_the_series_and_every_layer_to_the_loggers(tmp_path) -> None:
-    _fit(tmp_path, 6, [SpectraCallback(every_n_steps=2)])
+    trainer = _fit(tmp_path, 6, [SpectraCallback(every_n_steps=2)])
+    # the logit ceiling's hooks are removed when training ends
+    assert not any(m._forward_pre_hooks for m in trainer.lightning_module.modules())
     records = _series(tmp_path / "spectra.jsonl")
     assert [r["step"] for r in records] == [2, 4, 6]
     assert all(r["series_version"] == 1 for r in records)

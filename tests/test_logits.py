@@ -83,8 +83,11 @@ def test_measured_logits_are_those_formed_by_hand_and_the_output_is_unchanged() 
     assert 0 < scalars["L0/entropy_mean"] < math.log(12)
 
 
+# scores per block: one batch element (3 heads × 12 × 12), one head of it, 3 query rows of one head,
+# and less than one row (one row of one head at a time)
+@pytest.mark.parametrize("chunk", [432, 144, 36, 5])
 @pytest.mark.parametrize("entropy", [False, True])
-def test_a_reading_leaves_the_step_bit_identical_and_slices_the_batch(entropy, monkeypatch) -> None:
+def test_a_reading_leaves_the_step_bit_identical_and_slices_the_scores(entropy, chunk, monkeypatch) -> None:
     from qkvlab.models import transformer
 
     torch.manual_seed(0)
@@ -98,8 +101,7 @@ def test_a_reading_leaves_the_step_bit_identical_and_slices_the_batch(entropy, m
     fused.sum().backward()
     grads = [p.grad.clone() for p in model.parameters()]
     model.zero_grad()
-    # one batch element's scores at a time (3 heads × 12 × 12 = 432 elements per element)
-    monkeypatch.setattr(transformer, "SCORE_CHUNK", 432)
+    monkeypatch.setattr(transformer, "SCORE_CHUNK", chunk)
     with measure_logits(model, entropy=entropy) as reading:
         measured = model(x)["logits"]
     measured.sum().backward()
@@ -117,6 +119,61 @@ def test_a_reading_leaves_the_step_bit_identical_and_slices_the_batch(entropy, m
     record, scalars = reading.to_dict(), reading.scalars()
     assert len(record["max"]) == 2 and len(record["entropy"]) == (2 if entropy else 0)
     assert "max" in scalars and any(k.endswith("entropy_mean") for k in scalars) == entropy
+
+
+def test_under_bf16_autocast_the_logits_are_measured_in_float32() -> None:
+    torch.manual_seed(3)
+    cfg = ModelConfig(kind="gpt", vocab_size=30, seq_len=12, n_layer=1, d_model=32, n_head=2, dropout=0.0)
+    model = build_model(cfg).eval()
+    with torch.no_grad():  # logits near 45, where bf16's spacing is 0.25
+        model.blocks[0].attn.q_proj.weight.mul_(30)
+        model.blocks[0].attn.k_proj.weight.mul_(30)
+    attn, seen = model.blocks[0].attn, {}
+    hooks = [
+        attn.q_proj.register_forward_hook(lambda _m, _a, out: seen.__setitem__("q", out.detach())),
+        attn.k_proj.register_forward_hook(lambda _m, _a, out: seen.__setitem__("k", out.detach())),
+    ]
+    x = torch.randint(0, 30, (4, 12))
+    with torch.autocast("cpu", dtype=torch.bfloat16), measure_logits(model) as reading:
+        model(x)
+    for hook in hooks:
+        hook.remove()
+    assert (
+        seen["q"].dtype == torch.bfloat16
+    )  # the projections ran in bf16; their products are measured exactly
+    q, k = (seen[r].double().view(4, 12, 2, 16).transpose(1, 2) for r in ("q", "k"))
+    top = (q @ k.transpose(-1, -2) / 4.0).amax(dim=(0, 2, 3))
+    assert float(top.max()) > 32
+    torch.testing.assert_close(reading.layers[0].max.double(), top, rtol=1e-6, atol=1e-6)
+
+
+def test_measure_logits_on_a_model_without_qkvlabs_attention_says_so_in_one_line() -> None:
+    from qkvlab.errors import UserError
+
+    from conftest import tiny_hf_model
+
+    with pytest.raises(UserError, match="logit_ceiling"), measure_logits(tiny_hf_model("gpt2")):
+        pass
+    linear = build_model(
+        ModelConfig(kind="gpt", vocab_size=30, seq_len=8, n_layer=1, d_model=16, n_head=2, attention="linear")
+    )
+    with measure_logits(linear) as reading:  # qkvlab's, but no softmax: nothing to measure
+        linear(torch.randint(0, 30, (2, 8)))
+    assert reading.layers == [] and not reading.measured
+
+
+def test_qk_clip_leaves_a_shared_key_and_a_head_without_a_finite_logit_alone() -> None:
+    from qkvlab.logits import LayerLogits, LogitReading
+
+    model, _ = _big_logits_model(bias=False)
+    attn = model.blocks[0].attn  # 4 heads of d_head 6; its key made one projection shared by every head
+    attn.k_proj = torch.nn.Linear(24, 6, bias=False)
+    q_before, k_before = attn.q_proj.weight.detach().clone(), attn.k_proj.weight.detach().clone()
+    stats = LayerLogits(max=torch.tensor([10.0, 2.0, float("inf"), float("nan")]))
+    assert qk_clip(LogitReading([stats], [attn]), 5.0, ["q", "k"]) == 1
+    assert torch.equal(attn.k_proj.weight, k_before)
+    gamma = torch.tensor([0.5, 1.0, 1.0, 1.0]).repeat_interleave(6)[:, None]  # γ on the query side alone
+    torch.testing.assert_close(attn.q_proj.weight, q_before * gamma, rtol=0, atol=0)
 
 
 def test_two_forward_passes_keep_the_max_and_average_the_entropy() -> None:
@@ -224,6 +281,30 @@ def test_qk_clip_in_the_engine_holds_logits_down_logs_its_work_and_resumes_bit_i
     a = load_file(latest_checkpoint(tmp_path / "clipped") / "model.safetensors")
     b = load_file(latest_checkpoint(tmp_path / "split") / "model.safetensors")
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_a_resume_between_two_train_lines_logs_them_as_an_unbroken_run_would(corpus, tmp_path) -> None:
+    from qkvlab.config import load_config
+    from qkvlab.train import train
+
+    # a train line every 5 steps, checkpoints every 4; a crash after step 8 whose checkpoint-8 is damaged
+    # resumes from checkpoint-4, and the line at 5 covers steps 1–5 either way
+    clip = {"lr": "0.05", "spectra_every": "4", "warmup_steps": "1", "qk_clip": "1.0", "log_every": "5"}
+    train(load_config(None, tiny_gpt_settings(corpus, tmp_path / "whole", **clip)))
+    split = tmp_path / "split"
+    train(load_config(None, tiny_gpt_settings(corpus, split, **clip, stop_at=8)))
+    (split / "checkpoint-00000008" / "model.safetensors").write_bytes(b"damaged")
+    train(load_config(None, tiny_gpt_settings(corpus, split, **clip)), resume=split)
+
+    def lines(run: str) -> list[dict]:
+        rows = [json.loads(x) for x in (tmp_path / run / "metrics.jsonl").read_text().splitlines()]
+        keep = ("step", "loss", "logit_max", "qk_clipped_heads")
+        return [{k: x[k] for k in keep} for x in rows if x["split"] == "train"]
+
+    whole = lines("whole")
+    assert [x["step"] for x in whole] == [5, 10, 12]
+    assert whole[0]["qk_clipped_heads"] > 0 and whole[1]["qk_clipped_heads"] > 0
+    assert lines("split") == whole
 
 
 @pytest.mark.parametrize("per_head", ["", "q,k"], ids=["muon", "muon-per-head"])
@@ -380,6 +461,30 @@ def test_the_monitor_ceiling_holds_every_heads_logits_in_hf_models(kind, monkeyp
     assert monitor.ceiling.read() is None  # the inputs are forgotten once read
 
 
+def test_the_ceiling_window_survives_a_resume_and_close_removes_its_hooks() -> None:
+    from qkvlab.monitor import Monitor
+
+    torch.manual_seed(5)
+    cfg = ModelConfig(kind="gpt", vocab_size=30, seq_len=10, n_layer=2, d_model=16, n_head=2, dropout=0.0)
+    model = build_model(cfg)
+    with torch.no_grad():  # a large input norm for one pass, then the LayerNorm's usual one
+        model.blocks[0].ln_attn.weight.mul_(5)
+    first = Monitor(model, every=10)
+    model(torch.randint(0, 30, (2, 10)))
+    state = json.loads(json.dumps(first.state_dict()))  # what a checkpoint keeps
+    big = state["input_norms"][0]
+    first.close()
+    assert not any(m._forward_pre_hooks for m in model.modules())
+    with torch.no_grad():
+        model.blocks[0].ln_attn.weight.div_(5)
+    resumed = Monitor(model, every=10)
+    resumed.load_state_dict(state)
+    model(torch.randint(0, 30, (2, 10)))
+    read = resumed.ceiling.read()
+    assert read["input_norm_max"][0] == pytest.approx(big) and big > 2 * read["input_norm_max"][1]
+    resumed.close()
+
+
 def test_families_whose_scores_are_not_the_projections_products_get_no_ceiling_and_the_reason() -> None:
     import transformers as tf
 
@@ -408,6 +513,13 @@ def test_families_whose_scores_are_not_the_projections_products_get_no_ceiling_a
         tf.GPT2Config(n_embd=16, n_head=2, n_layer=1, vocab_size=32, scale_attn_weights=False)
     )
     assert "scale_attn_weights=False" in LogitCeiling(unscaled).reason
+
+    class Holder(torch.nn.Module):  # a LightningModule or a user's module holding the HF model
+        def __init__(self) -> None:
+            super().__init__()
+            self.model = unscaled
+
+    assert "scale_attn_weights=False" in LogitCeiling(Holder()).reason
     assert LogitCeiling(tiny_hf_model("gpt2")).reason == ""
     linear = build_model(
         ModelConfig(kind="gpt", vocab_size=30, seq_len=8, n_layer=1, d_model=16, n_head=2, attention="linear")

@@ -274,6 +274,8 @@ class SpectraCallback(_LogsNext, ExportableState):
 
     def on_train_begin(self, args, state, control, model=None, optimizer=None, **kwargs):  # type: ignore[no-untyped-def]
         if model is not None and state.is_world_process_zero:
+            if self.monitor is not None:
+                self.monitor.close()  # a second train(): the old monitor's hooks off the model
             self.monitor = Monitor(
                 model,
                 every=self.every_n_steps,
@@ -289,6 +291,11 @@ class SpectraCallback(_LogsNext, ExportableState):
             self.monitor.accumulate()  # this step's lr, before the Trainer's scheduler moves it
         return control
 
+    def on_train_end(self, args, state, control, **kwargs):  # type: ignore[no-untyped-def]
+        if self.monitor is not None:
+            self.monitor.close()  # the logit ceiling's hooks off the model, which may go on to inference
+        return control
+
     def on_step_end(self, args, state, control, model=None, **kwargs):  # type: ignore[no-untyped-def]
         if model is None or state.global_step % self.every_n_steps:
             return control
@@ -296,6 +303,8 @@ class SpectraCallback(_LogsNext, ExportableState):
         if not state.is_world_process_zero:
             return control
         if self.monitor is None or self.monitor.model is not model:  # a Trainer driven without on_train_begin
+            if self.monitor is not None:
+                self.monitor.close()
             self.monitor = Monitor(
                 model, every=self.every_n_steps, out=Path(args.output_dir) / self.filename, rtol=self.rtol
             )

@@ -71,9 +71,15 @@ class _Fires(pl.Callback):
         raise NotImplementedError
 
     def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        if self.monitor is not None:
+            self.monitor.close()  # a second fit(): the old monitor's hooks off the model
         self.monitor = self._build(trainer, pl_module)
         self.monitor.load_state_dict(self._restored)
         self._fired_at = trainer.global_step
+
+    def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        if self.monitor is not None:
+            self.monitor.close()  # the logit ceiling's hooks off the model, which may go on to inference
 
     def on_before_optimizer_step(
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, optimizer: Any

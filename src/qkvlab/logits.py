@@ -10,9 +10,10 @@ for uniform attention over t keys, 0 for attention on one key.
 
 Measuring needs the scores themselves, which a fused (flash) kernel never forms. While
 :func:`measure_logits` is active, qkvlab's attention layers keep the fused kernel for the attention
-itself and form S beside it without gradients, a slice of the batch at a time
-(``qkvlab.models.transformer.observe_logits``): the step's numbers are the unmeasured step's, bit for
-bit, and the cost is one more q·kᵀ (and, for the entropy, one softmax) per layer. With
+itself and form S beside it without gradients, in float32 (under bf16 autocast too), a block of
+queries × heads × batch at a time (``qkvlab.models.transformer.observe_logits``): the step's numbers are
+the unmeasured step's, bit for bit, and the cost is one more q·kᵀ (and, for the entropy, one softmax) per
+layer. With
 ``entropy=False`` only the max is taken. The engine measures both on each spectral-monitor step, and
 the max only on the other steps it measures (every step with QK-clip, every ``logit_every``-th with
 that key).
@@ -20,8 +21,11 @@ that key).
 **QK-clip** (``qk_clip=τ`` in the engine; Kimi K2's MuonClip without its Muon): after each optimiser step,
 every head whose S_max^h on that step's forward pass exceeded τ has its query and key rows (weights and
 biases) scaled so that the same inputs' largest logit becomes τ: with γ_h = τ/S_max^h, by √γ_h each
-(``qk_clip_roles=[q, k]``, the default), or by γ_h on one side (``[q]`` or ``[k]``). Under DDP the max is
-over every rank's slice, so every rank scales alike. The optimiser's state is left as it is, as in Kimi K2.
+(``qk_clip_roles=[q, k]``, the default), or by γ_h on one side (``[q]`` or ``[k]``). A layer whose key
+projection is shared by several query heads (grouped-query attention) has its key rows left alone and
+each head's query rows scaled by γ_h, as Kimi K2 does for its shared key. A head whose largest logit is
+not finite is left alone (γ would be 0: its rows would be erased). Under DDP the max is over every rank's
+slice, so every rank scales alike. The optimiser's state is left as it is, as in Kimi K2.
 """
 
 from __future__ import annotations
@@ -59,7 +63,7 @@ KEYS: dict[str, Key] = {
     ),
     "qk_clip_roles": (
         "QK-clip: which factors take the scale, [q, k] (√γ each, Kimi K2's) | [q] | [k] (γ on one)",
-        (lambda v: bool(v) and set(v) <= {"q", "k"}, "[q, k], [q] or [k]"),
+        (lambda v: bool(v) and set(v) <= {"q", "k"} and len(set(v)) == len(v), "[q, k], [q] or [k]"),
     ),
     "logit_every": (
         "steps between logit measurements beside the monitor's (the largest logit, formed beside the fused kernel; the train "
@@ -91,20 +95,13 @@ class LayerLogits:
 
     max_only: bool = False  # the scores go to observe_max alone: no softmax, no entropy
 
-    @torch.no_grad()
-    def observe_max(self, scores: torch.Tensor) -> None:
-        """``scores``: (batch, heads, queries, keys) scaled logits before the mask (a slice of the batch)."""
-        top = scores.float().amax(dim=(0, 2, 3))
+    def add(self, top: torch.Tensor, entropy_sum: torch.Tensor | None, rows: int) -> None:
+        """One forward pass: each head's largest logit, and its entropy summed over ``rows`` query rows
+        (None when only the max is measured); ``observe_logits`` forms them."""
         self.max = top if self.max is None else torch.maximum(self.max, top)
-
-    @torch.no_grad()
-    def observe(self, scores: torch.Tensor, probs: torch.Tensor) -> None:
-        """``scores``: (batch, heads, queries, keys) scaled logits before the mask; ``probs``: softmax after it."""
-        top = scores.detach().float().amax(dim=(0, 2, 3))
-        entropy = -torch.special.xlogy(probs.detach().float(), probs.detach().float()).sum(-1).sum(dim=(0, 2))
-        self.max = top if self.max is None else torch.maximum(self.max, top)
-        self.entropy_sum = entropy if self.entropy_sum is None else self.entropy_sum + entropy
-        self.rows += scores.shape[0] * scores.shape[2]
+        if entropy_sum is not None:
+            self.entropy_sum = entropy_sum if self.entropy_sum is None else self.entropy_sum + entropy_sum
+            self.rows += rows
 
 
 @dataclass
@@ -173,7 +170,13 @@ def measure_logits(model: nn.Module, entropy: bool = True) -> Iterator[LogitRead
     ``entropy=False``: the largest logit only, without the softmax the entropy needs."""
     from qkvlab.models.transformer import Attention
 
-    layers = [m for m in model.modules() if isinstance(m, Attention) and m.kind == "softmax"]
+    attention = [m for m in model.modules() if isinstance(m, Attention)]
+    if not attention:
+        raise UserError(
+            f"measure_logits: {type(model).__name__} has none of qkvlab's attention layers, whose logits it "
+            "reads; for any other model, qkvlab.Monitor's logit_ceiling bounds them from the weights"
+        )
+    layers = [m for m in attention if m.kind == "softmax"]  # linear attention has no softmax logits
     reading = LogitReading([LayerLogits(max_only=not entropy) for _ in layers], layers)
     for layer, stats in zip(layers, reading.layers, strict=True):
         layer.probe = stats
@@ -193,14 +196,17 @@ def qk_clip(reading: LogitReading, tau: float, roles: tuple[str, ...] | list[str
     for layer, stats in zip(reading.modules, reading.layers, strict=True):
         if stats.max is None:
             continue
-        over = stats.max > tau
+        over = torch.isfinite(stats.max) & (stats.max > tau)
         if not bool(over.any()):
             continue
         clipped += int(over.sum())
         gamma = torch.where(over, tau / stats.max.clamp_min(tau), torch.ones_like(stats.max))
-        share = gamma.sqrt() if len(set(roles)) == 2 else gamma
+        # a key projection with fewer rows than the query's is shared by several heads (GQA): queries only
+        shared_key = layer.k_proj.weight.shape[0] != layer.q_proj.weight.shape[0]
+        sides = {"q"} if shared_key else set(roles)
+        share = gamma.sqrt() if len(sides) == 2 else gamma
         rows = share.repeat_interleave(layer.d_head)  # one factor per row of that head
-        for role in set(roles):
+        for role in sides:
             proj = layer.q_proj if role == "q" else layer.k_proj
             for param in (proj.weight, proj.bias):
                 if param is not None:
@@ -287,8 +293,10 @@ class LogitCeiling:
             ),
             "",
         )
-        config = getattr(model, "config", None)
-        if not self.reason and getattr(config, "scale_attn_weights", True) is False:  # GPT-2's option
+        # GPT-2's option, read from the model's HF config wherever it sits (a LightningModule, DDP or PEFT
+        # wrapper holds it below)
+        config = getattr(factors.source, "config", None) or {}
+        if not self.reason and config.get("scale_attn_weights", True) is False:
             self.reason = "scale_attn_weights=False: the scores are q·k, not q·k/√d_head"
         if not self.reason and any(getattr(m, "kind", None) == "linear" for m in model.modules()):
             self.reason = (
@@ -314,7 +322,7 @@ class LogitCeiling:
             x = args[0] if args else next(iter(kwargs.values()), None)
             if not isinstance(x, torch.Tensor) or x.numel() == 0:
                 return
-            top = x.detach().float().norm(dim=-1).max()
+            top = torch.linalg.vector_norm(x.detach(), dim=-1, dtype=torch.float32).amax()
             seen = self._norms[index]
             self._norms[index] = top if seen is None else torch.maximum(seen, top)
 
@@ -335,6 +343,20 @@ class LogitCeiling:
     def forget(self) -> None:
         """Start a new window of inputs (what :meth:`read` does after reading)."""
         self._norms = [None] * len(self._norms)
+
+    def state(self) -> list[float | None]:
+        """Each layer's largest input norm in the window so far (JSON-able), for a checkpoint: a resumed run
+        bounds, at its first read, the inputs of the passes before the checkpoint too."""
+        return [None if norm is None else float(norm) for norm in self._norms]
+
+    def restore(self, norms: list[float | None] | None) -> None:
+        """:meth:`state`'s output (None: an empty window, as a checkpoint from before it was kept)."""
+        if not norms or len(norms) != len(self._norms):
+            return
+        device = next(self.model.parameters()).device
+        self._norms = [
+            None if v is None else torch.tensor(v, dtype=torch.float32, device=device) for v in norms
+        ]
 
     def read(self) -> dict[str, Any] | None:
         """Per layer, the inputs' largest norm and each head's ceiling, for the passes since the last read
@@ -368,7 +390,7 @@ class LogitCeiling:
             "ceiling": ceilings,
             "form": "(σ₁(W_Q)·M + ‖b_q‖)(σ₁(W_K)·M + ‖b_k‖)/√d_head"
             if self.rotary
-            else "σ₁(W_KᵀW_Q)·M² + (‖W_Q b_k‖ + ‖W_K b_q‖)·M + |b_qᵀb_k|, over √d_head",
+            else "σ₁(W_KᵀW_Q)·M² + (‖W_Qᵀb_k‖ + ‖W_Kᵀb_q‖)·M + |b_qᵀb_k|, over √d_head",
         }
 
     def close(self) -> None:

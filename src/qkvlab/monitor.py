@@ -231,7 +231,9 @@ class Monitor:
 
     def state_dict(self) -> dict[str, Any]:
         """What a checkpoint keeps so that a resumed run predicts and measures exactly as an uninterrupted
-        one: the 2·η_t·λ_t accumulated since the last firing and that firing's per-head values (JSON-able)."""
+        one: the 2·η_t·λ_t accumulated since the last firing, that firing's per-head values, and the logit
+        ceiling's largest attention-input norms since it (JSON-able; under ``torch.distributed`` call
+        ``self.ceiling.reduce()`` on every rank first, so that rank 0's state covers every rank's inputs)."""
         previous = None
         if self._previous is not None:
             previous = {
@@ -244,6 +246,8 @@ class Monitor:
             "steps": self._steps,
             "previous_step": self._previous_step,
             "previous": previous,
+            # the logit ceiling's window: the attention inputs' largest norms since the last firing
+            "input_norms": self.ceiling.state() if self.ceiling is not None else None,
         }
 
     def load_state_dict(self, state: Mapping[str, Any] | None) -> None:
@@ -251,12 +255,21 @@ class Monitor:
         if not state:
             return
         self._sum, self._steps = dict(state.get("sum", {})), int(state.get("steps", 0))
+        if self.ceiling is not None:
+            self.ceiling.restore(state.get("input_norms"))
         if state.get("previous") is not None:
             self._previous_step = state["previous_step"]
             self._previous = {
                 name: {(int(layer), product): list(values) for layer, product, values in rows}
                 for name, rows in state["previous"].items()
             }
+
+    def close(self) -> None:
+        """Remove the logit ceiling's forward hooks (each Monitor adds one per attention layer, which every
+        later forward pass runs, inference too); the series and the state stay readable. Call it when
+        training ends, and before building another Monitor for the same model."""
+        if self.ceiling is not None:
+            self.ceiling.close()
 
     # -- the parts -------------------------------------------------------------------------------------
 

@@ -63,22 +63,37 @@ SCORE_CHUNK = 1 << 26
 
 @torch.no_grad()
 def observe_logits(q: torch.Tensor, k: torch.Tensor, causal: bool, probe: Any) -> None:
-    """Show ``probe`` (a qkvlab.logits.LayerLogits) the scores S = q kᵀ/√d_head before the mask
-    (``probe.observe_max``) and, unless it measures the max only, the softmax after the mask
-    (``probe.observe``): what ``F.scaled_dot_product_attention`` computes, formed a slice of the batch
-    at a time (at most SCORE_CHUNK elements) and outside autograd, so the step's numbers do not change."""
+    """Show ``probe`` (a qkvlab.logits.LayerLogits) each head's largest score S = q kᵀ/√d_head before the
+    mask and, unless it measures the max only, the summed entropy of the softmax after the mask: what
+    ``F.scaled_dot_product_attention`` computes, formed in float32 whatever the autocast (a bf16 score near
+    τ = 52 would be off by up to 0.25), outside autograd (the step's numbers do not change), and a block
+    of queries × heads × batch at a time, at most SCORE_CHUNK scores (one query row of one head when a
+    row alone is longer)."""
     b, h, t, d = q.shape
     s = k.shape[-2]
-    step = max(1, SCORE_CHUNK // max(1, h * t * s))
+    queries = max(1, min(t, SCORE_CHUNK // max(1, s)))
+    heads = max(1, min(h, SCORE_CHUNK // max(1, queries * s)))
+    batch = max(1, SCORE_CHUNK // max(1, heads * queries * s))
     scale = 1.0 / math.sqrt(d)
-    future = torch.ones(t, s, dtype=torch.bool, device=q.device).triu(1) if causal else None
-    for start in range(0, b, step):
-        scores = (q[start : start + step] @ k[start : start + step].transpose(-1, -2)) * scale
-        if probe.max_only:
-            probe.observe_max(scores)
-            continue
-        masked = scores if future is None else scores.masked_fill(future, float("-inf"))
-        probe.observe(scores, torch.softmax(masked.float(), dim=-1))
+    top = torch.full((h,), -math.inf, dtype=torch.float32, device=q.device)
+    entropy = None if probe.max_only else torch.zeros(h, dtype=torch.float32, device=q.device)
+    with torch.autocast(q.device.type, enabled=False):
+        for i in range(0, t, queries):
+            rows = min(queries, t - i)
+            # the causal mask of query rows i … i+rows−1 (top-left aligned, as is_causal=True is)
+            future = torch.ones(rows, s, dtype=torch.bool, device=q.device).triu(i + 1) if causal else None
+            for j in range(0, h, heads):
+                for n in range(0, b, batch):
+                    scores = q[n : n + batch, j : j + heads, i : i + rows].float()
+                    scores = (scores @ k[n : n + batch, j : j + heads].float().transpose(-1, -2)) * scale
+                    top[j : j + heads] = torch.maximum(top[j : j + heads], scores.amax(dim=(0, 2, 3)))
+                    if entropy is None:
+                        continue
+                    if future is not None:
+                        scores = scores.masked_fill(future, float("-inf"))
+                    p = torch.softmax(scores, dim=-1)
+                    entropy[j : j + heads] -= torch.special.xlogy(p, p).sum(-1).sum(dim=(0, 2))
+    probe.add(top, entropy, b * t)
 
 
 class MLP(nn.Module):

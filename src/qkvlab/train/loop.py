@@ -223,6 +223,12 @@ def _train(config: TrainConfig, resume: Path | None, run_dir: Path, command: str
     step = start_step
     bad_steps = 0
     clip_window = {"heads": 0, "max": -math.inf}  # QK-clip since the last train line
+    if resume is not None and state.get("clip_window"):  # a checkpoint between two train lines
+        saved = state["clip_window"]
+        clip_window = {
+            "heads": int(saved["heads"]),
+            "max": -math.inf if saved["max"] is None else saved["max"],
+        }
     # SIGTERM (what schedulers send) and SIGINT finish the current step, write a checkpoint and stop
     # with TrainingInterrupted (the CLI exits 143 / 130); a second signal stops at once.
     signals = GracefulStop(ddp.main)
@@ -346,6 +352,8 @@ def _train(config: TrainConfig, resume: Path | None, run_dir: Path, command: str
                         stopped_message(last_good, f"step {step}: parameter {broken} is not finite", 0)
                     )
                 weights, moments = gathered_state(model, optimizer) if sharded else (model, optimizer)
+                if monitor is not None and monitor.ceiling is not None:
+                    monitor.ceiling.reduce()  # every rank's inputs into the state rank 0 saves
                 if ddp.main:
                     last_good = save_checkpoint(
                         run_dir,
@@ -357,6 +365,11 @@ def _train(config: TrainConfig, resume: Path | None, run_dir: Path, command: str
                             "data_position": {"step": step},
                             "wall_seconds": earlier_wall + time.perf_counter() - started,
                             **({"monitor": monitor.state_dict()} if monitor else {}),
+                            # the logits measured since the last train line, which the next one reports
+                            "clip_window": {
+                                "heads": clip_window["heads"],
+                                "max": clip_window["max"] if math.isfinite(clip_window["max"]) else None,
+                            },
                         },
                         model_cfg.hf_config(),
                         keep=config.keep_checkpoints,
@@ -375,6 +388,8 @@ def _train(config: TrainConfig, resume: Path | None, run_dir: Path, command: str
                 )
     finally:
         signals.restore()
+        if monitor is not None:
+            monitor.close()  # the logit ceiling's hooks off the model; the monitor's numbers stay
     if bar is not None:
         bar.close()
     session_wall = time.perf_counter() - started
