@@ -130,9 +130,11 @@ class LogitReading:
             dist.all_reduce(layer.max, op=dist.ReduceOp.MAX)
             if layer.entropy_sum is None:  # measured for the max only
                 continue
-            counted = torch.cat([layer.entropy_sum, layer.entropy_sum.new_tensor([layer.rows])])
+            # in float64: a float32 row count is exact only up to 2²⁴ rows
+            summed = layer.entropy_sum.double()
+            counted = torch.cat([summed, summed.new_tensor([layer.rows])])
             dist.all_reduce(counted)
-            layer.entropy_sum, layer.rows = counted[:-1], int(counted[-1].item())
+            layer.entropy_sum, layer.rows = counted[:-1].float(), int(counted[-1].item())
 
     def to_dict(self) -> dict[str, Any]:
         """``{"max": [[per head] per layer], "entropy": [[...]], "convention": ...}`` (JSON-able)."""
