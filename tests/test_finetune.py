@@ -485,6 +485,47 @@ def test_a_gguf_decoder_fine_tunes_q_v_with_its_own_tokenizer_and_pad(
     torch.testing.assert_close(both.logits[0], alone.logits[0], rtol=1e-5, atol=1e-5)
 
 
+def test_load_classifier_reads_a_gguf_files_config_once_and_builds_what_from_pretrained_does(
+    tmp_path, monkeypatch
+) -> None:
+    """transformers' GGUF loader reads a file's whole metadata for its config (a minute for SmolLM2 on a
+    busy machine): the check's config is handed on, so the model does not read it again, and the model is
+    the one from_pretrained builds from the file with the same keywords."""
+    import transformers.modeling_gguf_pytorch_utils as loader
+
+    from qkvlab.finetune import load_classifier
+
+    from conftest import write_tiny_gguf_llama
+
+    path = tmp_path / "tiny.gguf"
+    write_tiny_gguf_llama(path)
+    real, reads = loader.load_gguf_checkpoint, []
+
+    def counting(*args, **kwargs):
+        reads.append(kwargs.get("return_tensors", False))
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(loader, "load_gguf_checkpoint", counting)
+    keywords = {"problem_type": "single_label_classification", "dtype": torch.float64}
+    torch.manual_seed(0)
+    _, model, info = load_classifier(str(path), 3, **keywords)
+    assert reads.count(False) == 2  # the check's and the tokenizer's, not the model's as well
+    assert info["checkpoint"] == "gguf" and model.dtype == torch.float64
+    torch.manual_seed(0)
+    reference = tf.AutoModelForSequenceClassification.from_pretrained(
+        tmp_path,
+        gguf_file=str(path),
+        num_labels=3,
+        quantization_config=tf.GgufConfig(dequantize=True),
+        **keywords,
+    )
+    mine, theirs = model.config.to_dict(), reference.config.to_dict()
+    assert mine == {**theirs, "pad_token_id": mine["pad_token_id"]}  # the pad id is set on ours after
+    assert model.config.num_labels == 3 and model.config.problem_type == "single_label_classification"
+    for (name, a), (_, b) in zip(model.state_dict().items(), reference.state_dict().items(), strict=True):
+        assert torch.equal(a, b), name
+
+
 @pytest.mark.parametrize(
     ("architecture", "message"),
     [

@@ -109,6 +109,13 @@ def model_path(name: str) -> Path:
     ``.gguf`` file, or a Hub name already in the local cache; a UserError saying what is accepted otherwise
     (pickled weights are never read). A GGUF checkpoint comes back as its file, a HF one as its folder:
     ``load_classifier`` loads either."""
+    return _checked(name)[0]
+
+
+def _checked(name: str) -> tuple[Path, Any]:
+    """:func:`model_path`, and for a GGUF file the HF config its check read (None for a folder): reading
+    it again costs transformers' GGUF loader as long as the first time (a minute for SmolLM2 on a busy
+    2-core machine)."""
     from qkvlab.attention.gguf import is_gguf
     from qkvlab.attention.sources import PACKAGED_MODELS, resolve_packaged
 
@@ -121,8 +128,7 @@ def model_path(name: str) -> Path:
 
             path = _hub_cache_folder(name) or path  # a Hub name already in the local cache; never a download
     if path.is_file() and is_gguf(path):
-        _check_gguf_loadable(name, path)
-        return path
+        return path, _check_gguf_loadable(name, path)
     if not (path / "config.json").is_file():
         raise UserError(
             f"--model {name}: not a packaged name ({', '.join(PACKAGED_MODELS)}), a HF model folder with "
@@ -134,13 +140,14 @@ def model_path(name: str) -> Path:
     # the name (a pickle renamed, a truncated download) is named before transformers reads it
     for file in _weight_files(path):
         _read_safetensors_header(file)
-    return path
+    return path, None
 
 
-def _check_gguf_loadable(name: str, path: Path) -> None:
+def _check_gguf_loadable(name: str, path: Path) -> Any:
     """A GGUF file transformers can build a sequence classifier from: its config reads (transformers'
     GGUF loader knows the architecture under llama.cpp's name, ``qwen2moe`` included) and maps to a
-    ``*ForSequenceClassification`` (mamba and lfm2 load, but have none). ``qkvlab inspect`` reads more."""
+    ``*ForSequenceClassification`` (mamba and lfm2 load, but have none). ``qkvlab inspect`` reads more.
+    Returns that config."""
     from transformers import AutoConfig
     from transformers.models.auto.modeling_auto import MODEL_FOR_SEQUENCE_CLASSIFICATION_MAPPING
 
@@ -165,6 +172,7 @@ def _check_gguf_loadable(name: str, path: Path) -> None:
             f"{hf_config.model_type} but has no sequence classifier for; accepted: decoders with one "
             "(llama, mistral, qwen2, qwen3, gemma2, gemma3, phi3, …)"
         )
+    return hf_config
 
 
 def _silence_gguf_bar() -> None:
@@ -242,7 +250,8 @@ def load_classifier(name: str, num_labels: int, **model_kwargs: Any) -> tuple[An
     Returns them with ``{"checkpoint": "gguf" | "safetensors", "pad_token_added": EOS token or None}``."""
     from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
-    folder, source = _load_kwargs(model_path(name))
+    path, gguf_config = _checked(name)
+    folder, source = _load_kwargs(path)
     try:
         tokenizer = AutoTokenizer.from_pretrained(
             folder, trust_remote_code=False, gguf_file=source.get("gguf_file")
@@ -252,8 +261,17 @@ def load_classifier(name: str, num_labels: int, **model_kwargs: Any) -> tuple[An
             raise
         reason = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
         raise UserError(f"--model {name}: no usable tokenizer there ({reason})") from None
+    model_kwargs = {"num_labels": num_labels, **model_kwargs}
+    if gguf_config is not None:
+        # the config the check read, given the keywords as from_pretrained would give them (num_labels,
+        # problem_type … onto the config; dtype and the rest to the model), so the file's metadata is not
+        # read a third time (the tokenizer reads it too)
+        config, model_kwargs = type(gguf_config).from_dict(
+            gguf_config.to_dict(), return_unused_kwargs=True, **model_kwargs
+        )
+        model_kwargs["config"] = config
     model = AutoModelForSequenceClassification.from_pretrained(
-        folder, trust_remote_code=False, num_labels=num_labels, **model_kwargs, **source
+        folder, trust_remote_code=False, **model_kwargs, **source
     )
     model = _plain_model(model)
     added = _pad_like_decoders(tokenizer, model)
