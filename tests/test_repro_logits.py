@@ -35,6 +35,16 @@ def test_a_ladder_grows_only_while_its_rate_could_become_the_common_one() -> Non
     assert claim.ladders_to_grow({"adamw": 2e-3, "muon": 2e-3}, top) == []
 
 
+def test_top_heads_are_the_heads_with_the_largest_logit_at_any_firing() -> None:
+    per_head = [  # [firing][layer][head]
+        [[1.0, 9.0], [2.0, 3.0]],
+        [[4.0, 1.0], [8.5, 3.5]],
+        [[2.0, 2.0], [7.0, 9.5]],
+    ]
+    assert claim.top_heads(per_head, 3) == [[1, 1, 9.5], [0, 1, 9.0], [1, 0, 8.5]]
+    assert claim.top_heads([], 3) == []
+
+
 def test_a_spike_is_a_loss_above_the_factor_times_the_median_of_the_window_before_it() -> None:
     calm = [2.0] * 15
     assert claim.loss_spikes(calm) == 0

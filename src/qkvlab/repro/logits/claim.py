@@ -567,6 +567,7 @@ def run_experiment(
 
 COMPARED = ("logit_peak", "logit_final", "qk_effective_rank", "ov_effective_rank", "val_loss", "train_tail")
 WINDOW = 10  # steps per point of the stored trajectory (the largest logit of each window)
+TOP_HEADS = 3  # heads named per seed in "which heads carry the peak" (a description, not a reading)
 
 
 def aggregate(out: Path) -> dict[str, Any]:
@@ -787,7 +788,20 @@ def _trajectories(done: dict[int, dict[str, Any]]) -> dict[str, Any]:
     return {
         "trajectory": {"steps": steps, "mean": [x["mean"] for x in stats], "std": [x["std"] for x in stats]},
         "per_head": {"seed": first, "steps": done[first]["steps"], "max": done[first]["per_head"]},
+        "top_heads": {seed: top_heads(r["per_head"]) for seed, r in sorted(done.items())},
     }
+
+
+def top_heads(per_head: list[list[list[float]]], n: int = TOP_HEADS) -> list[list[float]]:
+    """The ``n`` heads with the largest logit at any of the monitor's firings (``per_head``: [firing][layer]
+    [head]), largest first, as ``[layer, head, logit]``: which heads carry a run's peak."""
+    best: dict[tuple[int, int], float] = {}
+    for firing in per_head:
+        for layer, heads in enumerate(firing):
+            for index, value in enumerate(heads):
+                best[layer, index] = max(best.get((layer, index), -math.inf), value)
+    ranked = sorted(best.items(), key=lambda item: -item[1])[:n]
+    return [[layer, index, value] for (layer, index), value in ranked]
 
 
 def tables(summary: dict[str, Any]) -> str:
@@ -936,6 +950,35 @@ def tables(summary: dict[str, Any]) -> str:
             ],
         ),
     ]
+    unclipped = [c for c in cells if not c["clip"] and c.get("top_heads")]
+    if unclipped:
+        seeds = sorted({int(seed) for c in unclipped for seed in c["top_heads"]})
+        lines += [
+            "",
+            f"Which heads carry the largest logit, without the clip: per seed, the {TOP_HEADS} heads whose "
+            "logit was largest at any of the monitor's firings (every `spectra_every` steps), as "
+            "L{layer}H{head} logit. A description added after seeds 0 and 1 had run, not one of the readings.",
+            "",
+            *markdown_table(
+                ["optimiser", "Σηλ", *(f"seed {seed}" for seed in seeds)],
+                [
+                    [
+                        c["optimizer"],
+                        f"{c['budget']:g}",
+                        *(
+                            ", ".join(
+                                f"L{layer}H{index} {value:.1f}"
+                                for layer, index, value in c["top_heads"].get(seed)
+                                or c["top_heads"].get(str(seed), [])
+                            )
+                            or "—"
+                            for seed in seeds
+                        ),
+                    ]
+                    for c in unclipped
+                ],
+            ),
+        ]
     found = summary.get("readings") or []
     d = diff_text
     clip = lambda r: f"τ={r['clip']:g}" if r["clip"] else "off"  # noqa: E731
