@@ -81,8 +81,15 @@ MUON = {
     "rank_guard_max": "100",
     "lr": "0.02",
 }
-# with QK-clip at a τ below the initial logits, so sharded query and key rows are scaled from step 1
-ADAM_L2 = {"optimizer": "adam-l2", "weight_decay": "0.5", "qk_clip": "0.05"}
+# with QK-clip at a τ below the initial logits, so sharded query and key rows are scaled from step 1, each
+# head by its own γ; 3 heads over d_model 24 again, so head 1's rows straddle the two shards
+ADAM_L2 = {
+    "optimizer": "adam-l2",
+    "weight_decay": "0.5",
+    "qk_clip": "0.05",
+    "model.d_model": "24",
+    "model.n_head": "3",
+}
 
 
 @pytest.mark.parametrize("extra", [MUON, ADAM_L2], ids=["muon-per-head-guard", "adam-l2-qk-clip"])
