@@ -524,6 +524,17 @@ def test_load_classifier_reads_a_gguf_files_config_once_and_builds_what_from_pre
     assert model.config.num_labels == 3 and model.config.problem_type == "single_label_classification"
     for (name, a), (_, b) in zip(model.state_dict().items(), reference.state_dict().items(), strict=True):
         assert torch.equal(a, b), name
+    _, auto, _ = load_classifier(str(path), 3, dtype="auto")  # resolved by the model, as from_pretrained does
+    assert (
+        auto.dtype
+        == tf.AutoModelForSequenceClassification.from_pretrained(
+            tmp_path,
+            gguf_file=str(path),
+            num_labels=3,
+            dtype="auto",
+            quantization_config=tf.GgufConfig(dequantize=True),
+        ).dtype
+    )
 
 
 @pytest.mark.parametrize(

@@ -355,10 +355,8 @@ class LogitCeiling:
         """:meth:`state`'s output (None: an empty window, as a checkpoint from before it was kept)."""
         if not norms or len(norms) != len(self._norms):
             return
-        device = next(self.model.parameters()).device
-        self._norms = [
-            None if v is None else torch.tensor(v, dtype=torch.float32, device=device) for v in norms
-        ]
+        # 0-dim CPU tensors: each mixes with its layer's norms on whatever device that layer sits
+        self._norms = [None if v is None else torch.tensor(v, dtype=torch.float32) for v in norms]
 
     def read(self) -> dict[str, Any] | None:
         """Per layer, the inputs' largest norm and each head's ceiling, for the passes since the last read

@@ -266,10 +266,12 @@ def load_classifier(name: str, num_labels: int, **model_kwargs: Any) -> tuple[An
         # the config the check read, given the keywords as from_pretrained would give them (num_labels,
         # problem_type … onto the config; dtype and the rest to the model), so the file's metadata is not
         # read a third time (the tokenizer reads it too)
-        config, model_kwargs = type(gguf_config).from_dict(
-            gguf_config.to_dict(), return_unused_kwargs=True, **model_kwargs
-        )
-        model_kwargs["config"] = config
+        # as the auto class does: dtype "auto" is resolved by the model, never set on the config, and a
+        # given dtype goes on to the model too; the labels follow num_labels
+        dtypes = {k: model_kwargs.pop(k) for k in ("dtype", "torch_dtype") if k in model_kwargs}
+        as_dict = {k: v for k, v in gguf_config.to_dict().items() if k not in ("id2label", "label2id")}
+        config, model_kwargs = type(gguf_config).from_dict(as_dict, return_unused_kwargs=True, **model_kwargs)
+        model_kwargs.update(config=config, **dtypes)
     model = AutoModelForSequenceClassification.from_pretrained(
         folder, trust_remote_code=False, **model_kwargs, **source
     )
