@@ -263,11 +263,9 @@ def load_classifier(name: str, num_labels: int, **model_kwargs: Any) -> tuple[An
         raise UserError(f"--model {name}: no usable tokenizer there ({reason})") from None
     model_kwargs = {"num_labels": num_labels, **model_kwargs}
     if gguf_config is not None:
-        # the config the check read, given the keywords as from_pretrained would give them (num_labels,
-        # problem_type … onto the config; dtype and the rest to the model), so the file's metadata is not
-        # read a third time (the tokenizer reads it too)
-        # as the auto class does: dtype "auto" is resolved by the model, never set on the config, and a
-        # given dtype goes on to the model too; the labels follow num_labels
+        # the config the check read, so the file's metadata is not read a third time (the tokenizer reads
+        # it too), given the keywords as the auto class gives them: num_labels, problem_type … onto the
+        # config (the labels follow num_labels); dtype to the model alone ("auto" is resolved there)
         dtypes = {k: model_kwargs.pop(k) for k in ("dtype", "torch_dtype") if k in model_kwargs}
         as_dict = {k: v for k, v in gguf_config.to_dict().items() if k not in ("id2label", "label2id")}
         config, model_kwargs = type(gguf_config).from_dict(as_dict, return_unused_kwargs=True, **model_kwargs)

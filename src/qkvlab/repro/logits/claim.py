@@ -788,7 +788,9 @@ def _trajectories(done: dict[int, dict[str, Any]]) -> dict[str, Any]:
     return {
         "trajectory": {"steps": steps, "mean": [x["mean"] for x in stats], "std": [x["std"] for x in stats]},
         "per_head": {"seed": first, "steps": done[first]["steps"], "max": done[first]["per_head"]},
-        "top_heads": {seed: top_heads(r["per_head"]) for seed, r in sorted(done.items())},
+        "top_heads": {
+            str(seed): top_heads(r["per_head"]) for seed, r in sorted(done.items())
+        },  # as JSON keys
     }
 
 
@@ -968,8 +970,7 @@ def tables(summary: dict[str, Any]) -> str:
                         *(
                             ", ".join(
                                 f"L{layer}H{index} {value:.1f}"
-                                for layer, index, value in c["top_heads"].get(seed)
-                                or c["top_heads"].get(str(seed), [])
+                                for layer, index, value in c["top_heads"].get(str(seed), [])
                             )
                             or "—"
                             for seed in seeds
